@@ -1,0 +1,37 @@
+# sentilens: `make demo` and `make test` each create/refresh .venv, install torch (CPU build
+# unless a torch is already there), install the project, then run.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# torch goes in first so that no later requirement pulls the CUDA build on a CPU machine.
+# Override for a GPU machine: make TORCH_SPEC="torch==2.13.0" TORCH_PIP_ARGS="--index-url <cuda index>"
+TORCH_SPEC ?= torch==2.13.0
+TORCH_PIP_ARGS ?=
+DEMO_OUT ?= demo-out
+DEMO_SIZE ?= full
+
+.PHONY: install demo test lint clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+
+$(VENV)/.installed: pyproject.toml | $(PY)
+	@$(PY) -c "import torch" 2>/dev/null && echo "keeping the torch already installed" || \
+		$(PY) -m pip install -q $(TORCH_PIP_ARGS) "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(VENV)/bin/sentilens demo --out $(DEMO_OUT) --size $(DEMO_SIZE)
+
+test: install
+	$(PY) -m pytest -q
+
+lint: install
+	$(VENV)/bin/ruff check src tests benchmarks
+
+clean:
+	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache

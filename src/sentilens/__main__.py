@@ -1,0 +1,3 @@
+from sentilens.cli import main
+
+main()

@@ -1,0 +1,142 @@
+"""The command line: parse, call the library, print (design.md, "CLI").
+
+Every command prints a human table by default and JSON with ``--json``. A user mistake
+(:class:`SentilensError`) prints one line on stderr and exits with code 2.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from sentilens.errors import SentilensError
+
+app = typer.Typer(help="sentilens: sentiment and informativeness of image + text posts.",
+                  no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
+data_app = typer.Typer(help="Prepare manifests from raw datasets, or make the synthetic set.", no_args_is_help=True)
+train_app = typer.Typer(help="Train a model of either family.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+app.add_typer(train_app, name="train")
+
+out = Console()
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for machines instead of a table.")]
+RunOpt = Annotated[Path, typer.Option("--run", help="Run directory made by 'sentilens train'.")]
+DataOpt = Annotated[Path, typer.Option("--data", help="Manifest folder made by 'sentilens data prepare'.")]
+SplitOpt = Annotated[str, typer.Option("--split", help="Split to use: train, val or test.")]
+KeepRatioOpt = Annotated[
+    float | None, typer.Option("--keep-ratio", help="MLLM runs: fraction of visual tokens kept, in (0, 1].")
+]
+
+
+def emit(obj: object, as_json: bool, title: str | None = None) -> None:
+    """Print ``obj`` as JSON, or as a two-column table of its top-level scalar fields."""
+    if as_json:
+        sys.stdout.write(json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+        return
+    if isinstance(obj, dict):
+        table = Table(title=title, show_header=False)
+        for key, value in obj.items():
+            if isinstance(value, float):
+                value = f"{value:.4f}"
+            if not isinstance(value, (dict, list)):
+                table.add_row(str(key), str(value))
+        out.print(table)
+    else:
+        out.print(obj)
+
+
+def metrics_table(metrics: dict, title: str) -> Table:
+    """Accuracy / F1 summary followed by the per-class rows."""
+    table = Table(title=title)
+    for col in ("label", "precision", "recall", "f1", "support"):
+        table.add_column(col, justify="left" if col == "label" else "right")
+    for label, row in metrics["per_class"].items():
+        table.add_row(label, f"{row['precision']:.4f}", f"{row['recall']:.4f}", f"{row['f1']:.4f}", str(row["support"]))
+    table.caption = (f"n={metrics['n']}  accuracy={metrics['accuracy']:.4f}  "
+                     f"weighted F1={metrics['weighted_f1']:.4f}  macro F1={metrics['macro_f1']:.4f}")
+    return table
+
+
+@app.command("eval")
+def eval_cmd(run: RunOpt, data: DataOpt, split: SplitOpt = "test", keep_ratio: KeepRatioOpt = None,
+             as_json: JsonOpt = False) -> None:
+    """Evaluate a run on a split; writes RUN/metrics-SPLIT.json."""
+    from sentilens.data.records import read_split
+    from sentilens.predict import check_keep_ratio, evaluate, load_predictor
+    from sentilens.runs import save_metrics
+
+    check_keep_ratio(keep_ratio)
+    predictor = load_predictor(run)
+    metrics = evaluate(predictor, read_split(data, split), keep_ratio=keep_ratio)
+    suffix = split if keep_ratio is None else f"{split}-r{keep_ratio:g}"
+    save_metrics(run, suffix, metrics)
+    if as_json:
+        emit(metrics, True)
+    else:
+        out.print(metrics_table(metrics, f"{run} on {split}"))
+
+
+@app.command("predict")
+def predict_cmd(
+    run: RunOpt,
+    image: Annotated[Path | None, typer.Option("--image", help="Image of a single post.")] = None,
+    text: Annotated[str | None, typer.Option("--text", help="Text of a single post.")] = None,
+    input: Annotated[Path | None, typer.Option("--input", help="JSONL of posts {id, text, image}.")] = None,
+    output: Annotated[Path | None, typer.Option("--output", help="Where to write predictions (JSONL).")] = None,
+    keep_ratio: KeepRatioOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Predict one post (--image/--text) or a file of posts (--input/--output)."""
+    from sentilens.data.records import Post, read_posts
+    from sentilens.predict import check_keep_ratio, load_predictor
+
+    check_keep_ratio(keep_ratio)
+    if input is None and image is None and text is None:
+        raise SentilensError("give --image and/or --text for one post, or --input posts.jsonl")
+    if input is not None and (image is not None or text is not None):
+        raise SentilensError("give either --input or --image/--text, not both")
+    if input is not None and output is None:
+        raise SentilensError("--input needs --output for the predictions file")
+    posts = read_posts(input) if input is not None else [
+        Post(id="post", text=text or "", image=str(image) if image else None)]
+    predictor = load_predictor(run)
+    predictions = predictor.predict(posts, keep_ratio=keep_ratio)
+    rows = [{"id": p.id, **pred.to_dict()} for p, pred in zip(posts, predictions, strict=True)]
+    if output is not None:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        with output.open("w", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    if as_json:
+        emit(rows if input is not None else rows[0], True)
+        return
+    table = Table(title=f"predictions of {run}")
+    for col in ("id", "label", *predictor.labels, "kept tokens"):
+        table.add_column(col)
+    for row in rows[:50]:
+        probs = [f"{row['probabilities'][label]:.3f}" for label in predictor.labels]
+        table.add_row(row["id"], row["label"], *probs, "" if row["kept_tokens"] is None else str(row["kept_tokens"]))
+    out.print(table)
+    if output is not None:
+        out.print(f"{len(rows)} predictions written to {output}")
+
+
+def main() -> None:
+    try:
+        app()
+    except SentilensError as err:
+        Console(stderr=True).print(f"[red]error:[/red] {err}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

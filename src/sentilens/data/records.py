@@ -1,0 +1,159 @@
+"""Post records and the manifest folder (design.md, "Manifest").
+
+A manifest folder holds ``train.jsonl``, ``val.jsonl``, ``test.jsonl`` and ``stats.json``.
+A row is ``{"id", "text", "image", "label", "meta"}``; ``image`` is a path, absolute or
+relative to the manifest folder, or null for a text-only post; labels are words.
+``stats.json`` holds the label order, counts per split x label, and every dropped item
+with its reason.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sentilens.errors import SentilensError
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class Post:
+    """One social-media post: a text, an optional image path, and (for labelled data) a label."""
+
+    id: str
+    text: str
+    image: str | None = None
+    label: str | None = None
+    meta: dict = field(default_factory=dict)
+
+    def to_row(self, relative_to: Path | None = None) -> dict:
+        image = self.image
+        if image is not None and relative_to is not None:
+            try:
+                image = str(Path(image).resolve().relative_to(relative_to.resolve()))
+            except ValueError:
+                image = str(Path(image).resolve())
+        return {"id": self.id, "text": self.text, "image": image, "label": self.label, "meta": self.meta}
+
+
+@dataclass(frozen=True)
+class Dropped:
+    """An item a reader skipped, and why (kept in ``stats.json``)."""
+
+    id: str
+    reason: str
+    source: str = ""
+
+
+def post_from_row(row: object, path: Path, line: int, base: Path) -> Post:
+    """Validate one JSON row; image paths are resolved against ``base``."""
+    if not isinstance(row, dict):
+        raise SentilensError("a row must be a JSON object", path, line)
+    for key in ("id", "text"):
+        if key not in row:
+            raise SentilensError(f"missing field '{key}'", path, line)
+    text, image, label = row["text"], row.get("image"), row.get("label")
+    if not isinstance(text, str):
+        raise SentilensError("'text' must be a string", path, line)
+    if image is not None and not isinstance(image, str):
+        raise SentilensError("'image' must be a path string or null", path, line)
+    if label is not None and not isinstance(label, str):
+        raise SentilensError("'label' must be a word or null", path, line)
+    meta = row.get("meta") or {}
+    if not isinstance(meta, dict):
+        raise SentilensError("'meta' must be an object", path, line)
+    if image:
+        image = str(Path(image) if Path(image).is_absolute() else (base / image))
+    return Post(id=str(row["id"]), text=text, image=image or None, label=label, meta=meta)
+
+
+def read_posts(path: str | Path) -> list[Post]:
+    """Read a JSONL file of posts (a manifest split or a user's ``posts.jsonl``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise SentilensError("no such file", path)
+    posts = []
+    with path.open(encoding="utf-8") as f:
+        for line_no, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise SentilensError(f"not valid JSON ({err.msg})", path, line_no) from None
+            posts.append(post_from_row(row, path, line_no, path.parent))
+    return posts
+
+
+def read_split(manifest_dir: str | Path, split: str) -> list[Post]:
+    """Read one split of a manifest folder; every label must be in ``stats.json``'s label list."""
+    manifest_dir = Path(manifest_dir)
+    if split not in SPLITS:
+        raise SentilensError(f"unknown split '{split}' (choose from {', '.join(SPLITS)})")
+    labels = read_labels(manifest_dir)
+    path = manifest_dir / f"{split}.jsonl"
+    posts = read_posts(path)
+    for i, post in enumerate(posts, start=1):
+        if post.label is not None and post.label not in labels:
+            raise SentilensError(f"label '{post.label}' is not one of {labels}", path, i)
+    return posts
+
+
+def read_manifest(manifest_dir: str | Path) -> dict[str, list[Post]]:
+    """All three splits of a manifest folder."""
+    return {split: read_split(manifest_dir, split) for split in SPLITS}
+
+
+def read_stats(manifest_dir: str | Path) -> dict:
+    path = Path(manifest_dir) / "stats.json"
+    if not path.is_file():
+        raise SentilensError("no stats.json here: is this a manifest folder made by 'sentilens data prepare'?",
+                             Path(manifest_dir))
+    try:
+        stats = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise SentilensError(f"not valid JSON ({err.msg})", path, err.lineno) from None
+    if not isinstance(stats, dict) or not isinstance(stats.get("labels"), list):
+        raise SentilensError("missing the 'labels' list", path)
+    return stats
+
+
+def read_labels(manifest_dir: str | Path) -> list[str]:
+    """The fixed label order of a manifest folder."""
+    return list(read_stats(manifest_dir)["labels"])
+
+
+def write_manifest(
+    out_dir: str | Path,
+    splits: dict[str, Sequence[Post]],
+    labels: Sequence[str],
+    dropped: Iterable[Dropped] = (),
+    source: dict | None = None,
+) -> dict:
+    """Write the three split files and ``stats.json``; returns the stats written.
+
+    Image paths are stored relative to ``out_dir`` where they lie below it, else absolute.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    labels = list(labels)
+    counts = {}
+    for split in SPLITS:
+        posts = splits.get(split, [])
+        with (out_dir / f"{split}.jsonl").open("w", encoding="utf-8") as f:
+            for post in posts:
+                f.write(json.dumps(post.to_row(out_dir), ensure_ascii=False) + "\n")
+        counts[split] = {label: sum(p.label == label for p in posts) for label in labels}
+    dropped = list(dropped)
+    stats = {
+        "labels": labels,
+        "counts": counts,
+        "totals": {split: sum(c.values()) for split, c in counts.items()},
+        "dropped": [{"id": d.id, "reason": d.reason, "source": d.source} for d in dropped],
+        "source": source or {},
+    }
+    (out_dir / "stats.json").write_text(json.dumps(stats, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return stats
