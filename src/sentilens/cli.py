@@ -64,6 +64,36 @@ def metrics_table(metrics: dict, title: str) -> Table:
     return table
 
 
+@data_app.command("synth")
+def synth_cmd(
+    out_dir: Annotated[Path, typer.Option("--out", help="Folder for the manifest and its images.")],
+    n: Annotated[int, typer.Option("--n", help="Number of posts.")] = 600,
+    seed: Annotated[int, typer.Option("--seed", help="Random seed: same seed, same files.")] = 0,
+    as_json: JsonOpt = False,
+) -> None:
+    """Make the synthetic image + text set whose labels need both modalities."""
+    from sentilens.data.records import SPLITS
+    from sentilens.data.synth import KINDS, make_synthetic
+
+    stats = make_synthetic(out_dir, n=n, seed=seed)
+    if as_json:
+        emit(stats, True)
+        return
+    source = stats["source"]
+    for title, rows, columns in (("posts per split x label", stats["counts"], stats["labels"]),
+                                 ("posts per split x kind", source["kind_counts"], KINDS)):
+        table = Table(title=title)
+        table.add_column("split")
+        for col in columns:
+            table.add_column(col, justify="right")
+        for split in SPLITS:
+            table.add_row(split, *(str(rows[split][col]) for col in columns))
+        out.print(table)
+    ceilings = source["ceilings"]
+    out.print(f"{n} posts written to {out_dir}; best accuracy by construction: text only "
+              f"{ceilings['text_only']:.0%}, image only {ceilings['image_only']:.0%}, both {ceilings['both']:.0%}")
+
+
 @app.command("eval")
 def eval_cmd(run: RunOpt, data: DataOpt, split: SplitOpt = "test", keep_ratio: KeepRatioOpt = None,
              as_json: JsonOpt = False) -> None:
