@@ -42,7 +42,9 @@ with storm clouds, rain and lightning, or a frowning grey face in the rain; neut
 two everyday objects (cup, box, chair, book, lamp) in muted colours on a grey-beige wall.
 Nuisance variation keeps classes from being single images: positions, sizes, colour jitter,
 smooth blotches and fine grain. The split is stratified per (kind, text, image) cell, 8:1:1,
-so every split keeps the mix above and each class is split 8:1:1. Same seed, same bytes.
+so every split keeps the mix above and each class is split 8:1:1 (exactly when n is a multiple
+of 200). Same seed, same bytes: every image has its own seed derived from the set's seed and
+its index, and PNG encoding is deterministic.
 """
 
 from __future__ import annotations
