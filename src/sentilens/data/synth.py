@@ -51,7 +51,7 @@ from __future__ import annotations
 
 import random
 from collections import Counter, defaultdict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -107,17 +107,19 @@ def modality_ceilings(fractions: Mapping[str, float] = KIND_FRACTIONS) -> dict[s
 
     A one-modality model cannot tell apart posts whose visible modality has the same surface
     sentiment (their contents are drawn from the same pool), so the best it can do in each
-    surface group is to answer the group's majority label.
+    surface group is to answer the group's majority label. A model seeing both sees the
+    (text, image) pair, and each pair has a single label.
     """
     cells = kind_cells(fractions)
 
-    def ceiling(surface: str) -> float:
-        groups: dict[str, Counter] = defaultdict(Counter)
+    def ceiling(seen: Callable[[Cell], object]) -> float:
+        groups: dict[object, Counter] = defaultdict(Counter)
         for cell in cells:
-            groups[getattr(cell, surface)][cell.label] += cell.share
+            groups[seen(cell)][cell.label] += cell.share
         return float(sum(max(counts.values()) for counts in groups.values()))
 
-    return {"text_only": ceiling("text_sentiment"), "image_only": ceiling("image_sentiment"), "both": 1.0}
+    return {"text_only": ceiling(lambda c: c.text_sentiment), "image_only": ceiling(lambda c: c.image_sentiment),
+            "both": ceiling(lambda c: (c.text_sentiment, c.image_sentiment))}
 
 
 def cell_counts(n: int, fractions: Mapping[str, float] = KIND_FRACTIONS) -> list[tuple[Cell, int]]:
