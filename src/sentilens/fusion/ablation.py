@@ -1,0 +1,85 @@
+"""The fusion paper's ablation (Section 5, its ablation table): every variant on the same cached features.
+
+Rows follow the paper's order: the text branch without a prompt ("simple GPT"), the prompted text
+branch, the image branch, plain concatenation, contextual attention without routing, and the full
+model. Features are computed (or read from the cache) once and shared by all rows; the prompt-less
+row only adds the text features of its own template. Each row is a complete run directory under
+``out/<row>``, so any of them can be evaluated, served or compared later.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from sentilens.data.records import read_manifest
+from sentilens.errors import SentilensError
+from sentilens.fusion.cache import FeatureCache, PostFeatures, featurize
+from sentilens.fusion.config import VARIANT_DESCRIPTIONS, FusionConfig
+from sentilens.fusion.encoders import TextEncoder, build_encoders
+from sentilens.fusion.predictor import default_device
+from sentilens.fusion.train import featurize_splits, train_fusion
+from sentilens.runs import write_json
+
+NO_PROMPT = "text-noprompt"
+ROWS: tuple[str, ...] = (NO_PROMPT, "text", "image", "concat", "attention", "full")
+ROW_DESCRIPTIONS = {NO_PROMPT: "text only, the post without a prompt (the paper's 'simple GPT')",
+                    **VARIANT_DESCRIPTIONS}
+
+
+def markdown(ablation: dict) -> str:
+    """The ablation table in markdown: one row per variant, accuracy and weighted F1 on the test split."""
+    lines = [f"# Fusion ablation ({ablation['split']} split of {ablation['data']})", "",
+             f"Encoders: image {ablation['image_encoder']}, text {ablation['text_encoder']} "
+             f"with prompt '{ablation['prompt']}'. Fractions in [0, 1].", "",
+             "| variant | description | accuracy | weighted F1 | macro F1 | best epoch |",
+             "|---|---|---:|---:|---:|---:|"]
+    for row in ablation["variants"]:
+        lines.append(f"| {row['variant']} | {row['description']} | {row['accuracy']:.4f} | {row['weighted_f1']:.4f} "
+                     f"| {row['macro_f1']:.4f} | {row['best_epoch']} |")
+    return "\n".join(lines) + "\n"
+
+
+def ablate(config: FusionConfig, data_dir: str | Path, out_dir: str | Path, rows: Sequence[str] = ROWS,
+           cache: FeatureCache | None = None, device: str | None = None) -> dict:
+    """Train one run per row under ``out_dir`` and write ``ablation.json`` and ``ablation.md``."""
+    unknown = [row for row in rows if row not in ROW_DESCRIPTIONS]
+    if unknown:
+        raise SentilensError(f"unknown ablation rows {unknown} (choose from {', '.join(ROWS)})")
+    data_dir, out_dir = Path(data_dir), Path(out_dir)
+    device = device or default_device()
+    splits = read_manifest(data_dir)
+    split = "test" if splits["test"] and all(p.label is not None for p in splits["test"]) else "val"
+    if not splits[split]:
+        raise SentilensError("the ablation needs a labelled test or val split", data_dir)
+    shared = config.model_copy(update={"variant": "full"})
+    text_encoder, image_encoder = build_encoders(shared, device)
+    features, stats = featurize_splits(splits, shared, (text_encoder, image_encoder), cache)
+    results = []
+    for row in rows:
+        variant = "text" if row == NO_PROMPT else row
+        row_config = config.model_copy(update={"variant": variant, "prompt": "none" if row == NO_PROMPT
+                                               else config.prompt})
+        row_text, row_features = text_encoder, features
+        if row == NO_PROMPT or config.fine_tune_text:
+            row_text = TextEncoder(row_config.text_encoder, row_config.prompt_template, row_config.max_text_tokens,
+                                   trainable=row_config.fine_tune_text, device=device)
+        if row == NO_PROMPT and not config.fine_tune_text:
+            row_features = {}
+            for name, posts in splits.items():
+                plain, _ = featurize(posts, row_text, None, cache)
+                row_features[name] = [PostFeatures(text=plain_f.text, image=f.image)
+                                      for plain_f, f in zip(plain, features[name], strict=True)]
+        summary = train_fusion(row_config, data_dir, out_dir / row, cache=cache, encoders=(row_text, image_encoder),
+                               features=row_features, device=device)
+        metrics = summary[split]
+        results.append({"variant": row, "description": ROW_DESCRIPTIONS[row], "accuracy": metrics["accuracy"],
+                        "weighted_f1": metrics["weighted_f1"], "macro_f1": metrics["macro_f1"],
+                        "val_weighted_f1": summary["val"]["weighted_f1"] if "val" in summary else None,
+                        "best_epoch": summary["best_epoch"], "run": row, "seconds": summary["seconds"]})
+    ablation = {"data": str(data_dir), "split": split,
+                "text_encoder": config.text_encoder, "image_encoder": config.image_encoder, "prompt": config.prompt,
+                "epochs": config.epochs, "seed": config.seed, "cache": stats.to_dict(), "variants": results}
+    write_json(out_dir / "ablation.json", ablation)
+    (out_dir / "ablation.md").write_text(markdown(ablation), encoding="utf-8")
+    return ablation

@@ -1,0 +1,144 @@
+"""The fusion run's configuration: encoders, prompt, variant, head sizes and training recipe.
+
+One pydantic model is saved as the run's ``config.json`` and is enough to rebuild the model
+(design.md, "Run directory"). Defaults follow the fusion paper's Section 4 (AdamW, lr 1e-3,
+batch 32, dropout 0.5, cross-entropy); where the paper is silent (hidden width, capsule count,
+epochs, text fine-tuning rate) the choice and its reason sit next to the field.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from sentilens.errors import SentilensError
+
+Variant = Literal["text", "image", "concat", "attention", "full"]
+VARIANTS: tuple[str, ...] = ("text", "image", "concat", "attention", "full")
+
+VARIANT_DESCRIPTIONS = {
+    "text": "text only: prompted LM branch, attention over its tokens",
+    "image": "image only: CNN branch, attention over its regions",
+    "concat": "both pooled vectors side by side, no attention, no routing",
+    "attention": "contextual cross-modal attention, no dynamic routing",
+    "full": "contextual attention + dynamic routing (the paper's model)",
+}
+
+EMBEDDED_TEXT = "all-MiniLM-L6-v2"
+EMBEDDED_IMAGE = "efficientnet-lite0"
+
+PROMPTS = {
+    "none": "{text}",
+    "sentiment": 'Social media post: "{text}"\nThe feelings and the sentiment this post expresses are',
+    "informative": ('Tweet written during a natural disaster: "{text}"\n'
+                    "Does it report damage, casualties, needs or rescue, and how urgent is it? The tweet is"),
+}
+"""Named prompt templates. The paper does not publish its prompts (its Section 3.1 only says they
+are "sentiment-relevant"), so these ask for the same things: the post's sentiment, and for
+CrisisMMD its urgency and crisis content. ``none`` is the paper's "simple GPT" ablation row.
+The template ends open so a causal LM's last token summarises the answer it is about to give."""
+
+
+def resolve_prompt(prompt: str) -> str:
+    """The template of a named prompt, or ``prompt`` itself when it is a template with ``{text}``."""
+    if prompt in PROMPTS:
+        return PROMPTS[prompt]
+    if "{text}" not in prompt:
+        raise SentilensError(f"prompt '{prompt}' is neither a known name ({', '.join(PROMPTS)}) "
+                             "nor a template containing {text}")
+    return prompt
+
+
+class FusionConfig(BaseModel):
+    """Everything a fusion run needs to be rebuilt; saved as ``config.json`` with ``family: fusion``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    family: Literal["fusion"] = "fusion"
+    variant: Variant = "full"
+    text_encoder: str = EMBEDDED_TEXT
+    image_encoder: str = EMBEDDED_IMAGE
+    prompt: str = "sentiment"
+    max_text_tokens: int = Field(128, ge=8)
+    image_size: int = Field(224, ge=32)
+    fine_tune_text: bool = False
+    text_dim: int | None = None
+    image_dim: int | None = None
+    hidden: int = Field(256, ge=8)
+    """Common width of both modalities after projection; the paper only says features are aligned."""
+    capsules: int = Field(4, ge=1)
+    """Output capsules of the routing layer = steps of the RNN; as many as the input capsules."""
+    routing_iterations: int = Field(3, ge=1)
+    """Routing-by-agreement iterations, 3 as in Sabour et al. (2017) whose routing the paper cites."""
+    rnn: Literal["gru", "lstm"] = "gru"
+    dropout: float = Field(0.5, ge=0.0, lt=1.0)
+    lr: float = Field(1e-3, gt=0.0)
+    text_lr: float = Field(2e-5, gt=0.0)
+    """Learning rate of the text encoder when it is fine-tuned: 1e-3 would wreck a pretrained LM."""
+    weight_decay: float = Field(0.01, ge=0.0)
+    batch_size: int = Field(32, ge=1)
+    epochs: int = Field(20, ge=1)
+    """The paper trains "100 iterations"; on frozen cached features the head converges well before."""
+    seed: int = 0
+    labels: list[str] = Field(default_factory=list)
+
+    @field_validator("prompt")
+    @classmethod
+    def _known_prompt(cls, value: str) -> str:
+        resolve_prompt(value)
+        return value
+
+    @property
+    def prompt_template(self) -> str:
+        return resolve_prompt(self.prompt)
+
+    @property
+    def feature_dims(self) -> tuple[int, int]:
+        """(text, image) feature sizes the head reads; 1 stands for a modality the variant ignores."""
+        return self.text_dim or 1, self.image_dim or 1
+
+    @property
+    def uses_text(self) -> bool:
+        return self.variant != "image"
+
+    @property
+    def uses_image(self) -> bool:
+        return self.variant != "text"
+
+
+def config_error(err: ValidationError, path: Path | None = None) -> SentilensError:
+    """A one-line user error for the first problem pydantic found."""
+    first = err.errors()[0]
+    where = ".".join(str(p) for p in first["loc"]) or "config"
+    return SentilensError(f"{where}: {first['msg']}", path)
+
+
+def load_recipe(path: str | Path) -> dict:
+    """The fields of a YAML recipe (e.g. ``configs/fusion_crisismmd.yaml``), validated."""
+    path = Path(path)
+    if not path.is_file():
+        raise SentilensError("no such file", path)
+    try:
+        fields = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        raise SentilensError(f"not valid YAML ({getattr(err, 'problem', err)})", path,
+                             None if mark is None else mark.line + 1) from None
+    if not isinstance(fields, dict):
+        raise SentilensError("a recipe must be a mapping of field: value", path)
+    fields.pop("family", None)
+    try:
+        FusionConfig(**fields)
+    except ValidationError as err:
+        raise config_error(err, path) from None
+    return fields
+
+
+def make_config(fields: dict, path: Path | None = None) -> FusionConfig:
+    try:
+        return FusionConfig(**fields)
+    except ValidationError as err:
+        raise config_error(err, path) from None

