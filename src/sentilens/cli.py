@@ -23,6 +23,8 @@ data_app = typer.Typer(help="Prepare manifests from raw datasets, or make the sy
 train_app = typer.Typer(help="Train a model of either family.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 app.add_typer(train_app, name="train")
+ablate_app = typer.Typer(help="Ablation studies: every variant of a family on the same data.", no_args_is_help=True)
+app.add_typer(ablate_app, name="ablate")
 
 out = Console()
 
@@ -92,6 +94,111 @@ def synth_cmd(
     ceilings = source["ceilings"]
     out.print(f"{n} posts written to {out_dir}; best accuracy by construction: text only "
               f"{ceilings['text_only']:.0%}, image only {ceilings['image_only']:.0%}, both {ceilings['both']:.0%}")
+
+
+# ----------------------------------------------------------------------------- fusion family
+
+RecipeOpt = Annotated[Path | None, typer.Option("--config", help="YAML recipe, e.g. configs/fusion_crisismmd.yaml; "
+                                                                 "options given here override it.")]
+TextEncoderOpt = Annotated[str | None, typer.Option(
+    "--text-encoder", help="HF causal LM id or folder (e.g. gpt2); default: the embedded all-MiniLM-L6-v2.")]
+ImageEncoderOpt = Annotated[str | None, typer.Option(
+    "--image-encoder", help="HF vision backbone id or folder (e.g. microsoft/resnet-50); default: the embedded "
+                            "efficientnet-lite0.")]
+PromptOpt = Annotated[str | None, typer.Option(
+    "--prompt", help="Prompt name (sentiment, informative, none) or a template containing {text}.")]
+EpochsOpt = Annotated[int | None, typer.Option("--epochs", help="Training epochs.")]
+SeedOpt = Annotated[int | None, typer.Option("--seed", help="Random seed (same seed, same run on a CPU).")]
+ImageSizeOpt = Annotated[int | None, typer.Option("--image-size", help="Square side images are resized to.")]
+CacheOpt = Annotated[Path | None, typer.Option("--cache", help="Feature cache folder (default ~/.cache/sentilens).")]
+NoCacheOpt = Annotated[bool, typer.Option("--no-cache", help="Encode everything, read and write no cache.")]
+DeviceOpt = Annotated[str | None, typer.Option("--device", help="cpu, cuda, cuda:1...; default: cuda if available.")]
+
+
+def _fusion_cache(cache: Path | None, no_cache: bool):
+    from sentilens.fusion.cache import FeatureCache, default_cache_dir
+
+    return None if no_cache else FeatureCache(cache or default_cache_dir())
+
+
+@train_app.command("fusion")
+def train_fusion_cmd(
+    data: DataOpt,
+    out_dir: Annotated[Path, typer.Option("--out", help="Run directory to create (or continue with --resume).")],
+    recipe: RecipeOpt = None,
+    variant: Annotated[str | None, typer.Option("--variant", help="full, attention, concat, text or image.")] = None,
+    text_encoder: TextEncoderOpt = None,
+    image_encoder: ImageEncoderOpt = None,
+    prompt: PromptOpt = None,
+    epochs: EpochsOpt = None,
+    batch_size: Annotated[int | None, typer.Option("--batch-size", help="Posts per step.")] = None,
+    lr: Annotated[float | None, typer.Option("--lr", help="AdamW learning rate of the fusion head.")] = None,
+    seed: SeedOpt = None,
+    image_size: ImageSizeOpt = None,
+    rnn: Annotated[str | None, typer.Option("--rnn", help="gru or lstm.")] = None,
+    fine_tune_text: Annotated[bool, typer.Option("--fine-tune-text", help="Fine-tune the text encoder too "
+                                                 "(its features are then not cached).")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its checkpoint.")] = False,
+    cache: CacheOpt = None,
+    no_cache: NoCacheOpt = False,
+    device: DeviceOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Train a fusion model (CNN + prompted LM, contextual attention, dynamic routing, FC + RNN)."""
+    from sentilens.fusion.config import recipe_config
+    from sentilens.fusion.train import resume_fusion, train_fusion
+
+    feature_cache = _fusion_cache(cache, no_cache)
+    if resume:
+        summary = resume_fusion(out_dir, data, epochs=epochs, cache=feature_cache, device=device)
+    else:
+        config = recipe_config(recipe, {
+            "variant": variant, "text_encoder": text_encoder, "image_encoder": image_encoder, "prompt": prompt,
+            "epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed, "image_size": image_size,
+            "rnn": rnn, "fine_tune_text": fine_tune_text or None})
+        summary = train_fusion(config, data, out_dir, cache=feature_cache, device=device)
+    if as_json:
+        emit(summary, True)
+        return
+    for split in ("val", "test"):
+        if split in summary:
+            out.print(metrics_table(summary[split], f"{out_dir} on {split} (best epoch {summary['best_epoch']})"))
+    c = summary["cache"]
+    out.print(f"features: {c['text_hits'] + c['image_hits']} from the cache, "
+              f"{c['text_encoded'] + c['image_encoded']} encoded; run saved in {out_dir}")
+
+
+@ablate_app.command("fusion")
+def ablate_fusion_cmd(
+    data: DataOpt,
+    out_dir: Annotated[Path, typer.Option("--out", help="Folder for one run per variant and ablation.md/json.")],
+    recipe: RecipeOpt = None,
+    variants: Annotated[str | None, typer.Option(
+        "--variants", help="Comma-separated rows (default: text-noprompt,text,image,concat,attention,full).")] = None,
+    text_encoder: TextEncoderOpt = None,
+    image_encoder: ImageEncoderOpt = None,
+    prompt: PromptOpt = None,
+    epochs: EpochsOpt = None,
+    seed: SeedOpt = None,
+    image_size: ImageSizeOpt = None,
+    cache: CacheOpt = None,
+    no_cache: NoCacheOpt = False,
+    device: DeviceOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Train every fusion variant on the same cached features; writes the paper's ablation table."""
+    from sentilens.fusion.ablation import ROWS, ablate, markdown
+    from sentilens.fusion.config import recipe_config
+
+    config = recipe_config(recipe, {"text_encoder": text_encoder, "image_encoder": image_encoder, "prompt": prompt,
+                                    "epochs": epochs, "seed": seed, "image_size": image_size})
+    rows = ROWS if variants is None else [v.strip() for v in variants.split(",") if v.strip()]
+    ablation = ablate(config, data, out_dir, rows, cache=_fusion_cache(cache, no_cache), device=device)
+    if as_json:
+        emit(ablation, True)
+    else:
+        out.print(markdown(ablation))
+        out.print(f"written to {out_dir / 'ablation.md'} and {out_dir / 'ablation.json'}")
 
 
 @app.command("eval")

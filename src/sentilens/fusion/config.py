@@ -142,3 +142,10 @@ def make_config(fields: dict, path: Path | None = None) -> FusionConfig:
         return FusionConfig(**fields)
     except ValidationError as err:
         raise config_error(err, path) from None
+
+
+def recipe_config(recipe: str | Path | None, overrides: dict) -> FusionConfig:
+    """A config from an optional YAML recipe, with the options a user gave (non-``None``) on top."""
+    fields = load_recipe(recipe) if recipe is not None else {}
+    fields.update({k: v for k, v in overrides.items() if v is not None})
+    return make_config(fields, None if recipe is None else Path(recipe))
