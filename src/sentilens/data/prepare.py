@@ -1,0 +1,159 @@
+"""``sentilens data prepare``: raw dataset -> manifest folder (issue 2; design.md, "Manifest").
+
+Three steps, the same for every format:
+
+1. a reader (``mvsa``, ``crisismmd``, ``table``) parses the raw files into labelled posts,
+   dropping the items it cannot use (label conflicts, malformed rows, missing text) with a
+   reason; it also gives the label order and, where the source fixes it, each post's split;
+2. every referenced image is opened with :func:`sentilens.data.images.load_image`, the one
+   image loader, so a missing, truncated or non-image file is found now, not mid-training:
+   such a post is dropped with the loader's reason and the rest are kept;
+3. the posts are split (the source's split, else :func:`sentilens.data.splits.stratified_split`,
+   seeded 8:1:1 per class) and written with :func:`sentilens.data.records.write_manifest`.
+
+A dropped item's reason reads ``"<kind>: <detail>"`` (``"label conflict: text positive,
+image negative"``); :func:`reason_counts` tallies the kinds for the summary table.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sentilens.data.images import ImageError, load_image
+from sentilens.data.records import SPLITS, Dropped, Post, write_manifest
+from sentilens.data.splits import stratified_split
+from sentilens.errors import SentilensError
+
+FORMATS = ("mvsa-single", "mvsa-multiple", "crisismmd", "table")
+
+
+@dataclass
+class RawDataset:
+    """What a reader returns: labelled posts (images not yet opened), what it dropped, the label order.
+
+    ``fixed_split`` maps a post id to its split where the source fixes it (CrisisMMD's official
+    files, a table's ``split`` column); ``group_of`` keeps posts of one group (one tweet's
+    images) in the same split when sentilens splits; ``source`` is provenance for ``stats.json``.
+    """
+
+    labels: list[str]
+    posts: list[Post]
+    dropped: list[Dropped]
+    fixed_split: dict[str, str] | None = None
+    group_of: Callable[[Post], str] | None = None
+    source: dict = field(default_factory=dict)
+
+
+def read_raw(fmt: str, root: str | Path, task: str | None = None, agreed_only: bool = False) -> RawDataset:
+    """Run the reader of ``fmt`` on ``root`` (a folder, or for ``table`` the CSV/JSONL file)."""
+    if fmt not in FORMATS:
+        raise SentilensError(f"unknown format '{fmt}' (choose from {', '.join(FORMATS)})")
+    if fmt != "crisismmd" and (task is not None or agreed_only):
+        raise SentilensError("--task and --agreed-only apply to --format crisismmd only")
+    root = Path(root)
+    if fmt == "mvsa-single":
+        from sentilens.data.mvsa import read_mvsa_single
+
+        return read_mvsa_single(root)
+    if fmt == "mvsa-multiple":
+        from sentilens.data.mvsa import read_mvsa_multiple
+
+        return read_mvsa_multiple(root)
+    if fmt == "crisismmd":
+        from sentilens.data.crisismmd import read_crisismmd
+
+        return read_crisismmd(root, task=task or "informative", agreed_only=agreed_only)
+    from sentilens.data.table import read_table
+
+    return read_table(root)
+
+
+def check_image(post: Post) -> Dropped | None:
+    """Open the post's image with the one loader; a :class:`Dropped` saying why if it is unusable."""
+    if post.image is None:
+        return None
+    if not Path(post.image).is_file():
+        return Dropped(post.id, "image missing: file not found", post.image)
+    try:
+        load_image(post.image)
+    except ImageError as err:
+        return Dropped(post.id, f"image unreadable: {err.problem}", post.image)
+    return None
+
+
+def check_images(posts: Sequence[Post], show_progress: bool = True) -> tuple[list[Post], list[Dropped]]:
+    """Split ``posts`` into those whose image (if any) opens, and a :class:`Dropped` for each other.
+
+    Images are decoded in a thread pool (Pillow releases the GIL while decoding); order is kept.
+    """
+    from sentilens.progress import progress_bar
+
+    kept: list[Post] = []
+    dropped: list[Dropped] = []
+    workers = max(1, min(8, os.cpu_count() or 1))
+    with ThreadPoolExecutor(max_workers=workers) as pool, progress_bar() as progress:
+        task = progress.add_task("checking images", total=len(posts), unit="img", status="",
+                                 visible=show_progress)
+        for post, problem in zip(posts, pool.map(check_image, posts), strict=True):
+            if problem is None:
+                kept.append(post)
+            else:
+                dropped.append(problem)
+                progress.update(task, status=f"{len(dropped)} dropped")
+            progress.advance(task)
+    return kept, dropped
+
+
+def prepare(
+    fmt: str,
+    root: str | Path,
+    out_dir: str | Path,
+    seed: int = 0,
+    task: str | None = None,
+    agreed_only: bool = False,
+    show_progress: bool = True,
+) -> dict:
+    """Read ``root`` in format ``fmt``, check its images, split, and write the manifest to ``out_dir``.
+
+    Returns the ``stats.json`` written. Raises :class:`SentilensError` only for problems that make
+    the whole input unusable; bad single items are dropped and listed in the stats.
+    """
+    raw = read_raw(fmt, root, task=task, agreed_only=agreed_only)
+    kept, image_dropped = check_images(raw.posts, show_progress=show_progress)
+    dropped = [*raw.dropped, *image_dropped]
+    if not kept:
+        first = f" (first: {dropped[0].id}: {dropped[0].reason})" if dropped else ""
+        raise SentilensError(f"no usable posts: all {len(dropped)} items were dropped{first}", root)
+    if raw.fixed_split is not None:
+        splits = {split: [p for p in kept if raw.fixed_split[p.id] == split] for split in SPLITS}
+        split_rule = "given by the source"
+    else:
+        splits = stratified_split(kept, seed=seed, group_of=raw.group_of)
+        split_rule = "seeded 8:1:1 per class" + (" (groups kept together)" if raw.group_of else "")
+    source = {
+        "format": fmt,
+        "root": str(Path(root).resolve()),
+        "seed": seed,
+        "split": split_rule,
+        **raw.source,
+        "read": len(raw.posts) + len(raw.dropped),
+        "kept": len(kept),
+        "dropped_by_reason": reason_counts(dropped),
+    }
+    return write_manifest(out_dir, splits, raw.labels, dropped, source)
+
+
+def reason_kind(reason: str) -> str:
+    """The kind of a drop reason: the part before the first ``": "``."""
+    return reason.split(": ", 1)[0]
+
+
+def reason_counts(dropped: Iterable[Dropped | dict]) -> dict[str, int]:
+    """How many items were dropped for each reason kind (most frequent first)."""
+    kinds = Counter(reason_kind(d["reason"] if isinstance(d, dict) else d.reason) for d in dropped)
+    return dict(kinds.most_common())
