@@ -66,6 +66,48 @@ def metrics_table(metrics: dict, title: str) -> Table:
     return table
 
 
+@data_app.command("prepare")
+def prepare_cmd(
+    fmt: Annotated[str, typer.Option("--format", help="mvsa-single, mvsa-multiple, crisismmd or table.")],
+    root: Annotated[Path, typer.Option("--root", help="Raw dataset folder; for 'table', the CSV/TSV/JSONL file.")],
+    out_dir: Annotated[Path, typer.Option("--out", help="Folder for train/val/test.jsonl and stats.json.")],
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the 8:1:1 split: same seed, same split.")] = 0,
+    task: Annotated[str | None, typer.Option("--task", help="CrisisMMD: informative (default) or humanitarian.")]
+    = None,
+    agreed_only: Annotated[bool, typer.Option("--agreed-only", help="CrisisMMD: keep rows whose text and image "
+                                                                    "annotations agree.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Turn a raw dataset into a manifest folder; lists every skipped item and why."""
+    from sentilens.data.prepare import prepare, reason_counts
+    from sentilens.data.records import SPLITS
+
+    stats = prepare(fmt, root, out_dir, seed=seed, task=task, agreed_only=agreed_only, show_progress=not as_json)
+    if as_json:
+        emit(stats, True)
+        return
+    for item in stats["dropped"]:
+        out.print(f"skipped {item['id']}: {item['reason']} ({item['source']})", highlight=False, soft_wrap=True)
+    table = Table(title=f"posts per split x label in {out_dir}")
+    table.add_column("split")
+    for label in stats["labels"]:
+        table.add_column(label, justify="right")
+    table.add_column("total", justify="right")
+    for split in SPLITS:
+        counts = stats["counts"][split]
+        table.add_row(split, *(str(counts[label]) for label in stats["labels"]), str(stats["totals"][split]))
+    out.print(table)
+    dropped = reason_counts(stats["dropped"])
+    if dropped:
+        reasons = Table(title="dropped per reason")
+        reasons.add_column("reason")
+        reasons.add_column("posts", justify="right")
+        for reason, count in dropped.items():
+            reasons.add_row(reason, str(count))
+        out.print(reasons)
+    out.print(f"{sum(stats['totals'].values())} posts kept, {len(stats['dropped'])} dropped")
+
+
 @data_app.command("synth")
 def synth_cmd(
     out_dir: Annotated[Path, typer.Option("--out", help="Folder for the manifest and its images.")],
