@@ -2,16 +2,20 @@
 
 import io
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
+from typer.testing import CliRunner
 
+from sentilens.cli import app
 from sentilens.data.crisismmd import read_crisismmd
 from sentilens.data.mvsa import majority_label, merge_labels, read_mvsa_multiple, read_mvsa_single
 from sentilens.data.prepare import prepare, reason_counts
-from sentilens.data.records import SPLITS, read_manifest
+from sentilens.data.records import SPLITS, read_manifest, read_stats
 from sentilens.data.table import label_order, read_table
 from sentilens.data.text import decode_text
 from sentilens.errors import SentilensError
@@ -440,3 +444,76 @@ def test_table_errors(tmp_path):
     with pytest.raises(SentilensError, match="missing column.s. text") as err:
         read_table(tmp_path / "t.csv")
     assert err.value.line == 1
+
+
+# ---------------------------------------------------------------- Table 2 end to end, and the CLI
+
+# MVSA-Single's 4,869 label pairs, composed so that the merge rule leaves the paper's 2,683 positive,
+# 470 neutral and 1,358 negative posts and drops 358 positive/negative conflicts
+MVSA_SINGLE_PAIRS = {("positive", "positive"): 1200, ("positive", "neutral"): 800, ("neutral", "positive"): 683,
+                     ("neutral", "neutral"): 470, ("negative", "negative"): 600, ("negative", "neutral"): 400,
+                     ("neutral", "negative"): 358, ("positive", "negative"): 200, ("negative", "positive"): 158}
+
+
+@pytest.fixture(scope="module")
+def mvsa_single_full(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mvsa_full")
+    (root / "data").mkdir()
+    image = jpeg_bytes(size=(4, 4))
+    lines = ["ID\ttext,image"]
+    post_id = 0
+    for (text_label, image_label), n in MVSA_SINGLE_PAIRS.items():
+        for _ in range(n):
+            post_id += 1
+            lines.append(f"{post_id}\t{text_label},{image_label}")
+            (root / "data" / f"{post_id}.txt").write_bytes(b"t")
+            (root / "data" / f"{post_id}.jpg").write_bytes(image)
+    (root / "labelResultAll.txt").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def test_prepare_mvsa_single_gives_table_2(mvsa_single_full, tmp_path):
+    assert sum(MVSA_SINGLE_PAIRS.values()) == 4869
+    stats = prepare("mvsa-single", mvsa_single_full, tmp_path / "out", seed=0, show_progress=False)
+    assert stats["counts"] == {
+        "train": {"positive": 2146, "neutral": 376, "negative": 1086},
+        "val": {"positive": 268, "neutral": 47, "negative": 136},
+        "test": {"positive": 269, "neutral": 47, "negative": 136},
+    }
+    assert sum(stats["totals"].values()) == 4511
+    assert reason_counts(stats["dropped"]) == {"label conflict": 358}
+
+
+def test_cli_prepare_prints_counts_reasons_and_skipped_items(tmp_path):
+    root = write_mvsa_single(tmp_path / "MVSA_Single")
+    runner = CliRunner()
+    result = runner.invoke(app, ["data", "prepare", "--format", "mvsa-single", "--root", str(root),
+                                 "--out", str(tmp_path / "out"), "--seed", "4"])
+    assert result.exit_code == 0, result.output
+    assert "skipped 3: label conflict: text positive, image negative" in result.output
+    assert "skipped 7: image unreadable: corrupt or truncated image" in result.output
+    for word in ("positive", "neutral", "negative", "train", "val", "test", "dropped per reason", "label conflict",
+                 "4 posts kept, 7 dropped"):
+        assert word in result.output
+    result = runner.invoke(app, ["data", "prepare", "--format", "mvsa-single", "--root", str(root),
+                                 "--out", str(tmp_path / "json"), "--seed", "4", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output) == read_stats(tmp_path / "json")
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--format", "mvsa-single", "--root", "{tmp}/nowhere"], "{tmp}/nowhere: no such folder"),
+    (["--format", "mvsa-double", "--root", "{tmp}"], "unknown format 'mvsa-double'"),
+    (["--format", "table", "--root", "{tmp}/p.csv", "--task", "humanitarian"], "--task and --agreed-only apply"),
+    (["--format", "crisismmd", "--root", "{tmp}", "--task", "damage"], "unknown CrisisMMD task 'damage'"),
+    (["--format", "mvsa-single", "--root", "{tmp}"], "{tmp}/labelResultAll.txt: missing labelResultAll.txt"),
+])
+def test_cli_prepare_user_errors_exit_2_with_one_line(tmp_path, args, message):
+    args = [arg.format(tmp=tmp_path) for arg in args]
+    (tmp_path / "data").mkdir()
+    result = subprocess.run([sys.executable, "-m", "sentilens", "data", "prepare", *args, "--out",
+                             str(tmp_path / "out")], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr
+    assert message.format(tmp=tmp_path) in lines[0]
