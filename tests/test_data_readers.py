@@ -269,7 +269,7 @@ def test_crisismmd_official_splits_keep_the_given_split(tmp_path):
                          "label_image": "not_informative"}
     drops = drops_by_id(stats)
     assert drops == {
-        "102_0": "unknown label: 'maybe' in 'label' is not a informative label",
+        "102_0": "unknown label: 'maybe' in 'label' is not a label of the informative task",
         "103_0": "malformed row: 10 fields, header has 9",
         "201_0": "image missing: file not found",
         "100_0": "duplicate id: first listed at " + str(root / "crisismmd_datasplit_all" /

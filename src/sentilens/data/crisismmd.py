@@ -124,8 +124,8 @@ def _read_tsv(path: Path, required: tuple[str, ...]) -> tuple[dict[str, int], li
     return columns, rows
 
 
-class _Rows:
-    """Rows of one TSV file turned into posts; collects what it drops."""
+class _Collector:
+    """Turns TSV rows into posts and collects what it drops, for one reading of the data set."""
 
     def __init__(self, root: Path, task: Task, task_name: str):
         self.root, self.task, self.task_name = root, task, task_name
@@ -138,7 +138,7 @@ class _Rows:
         index = columns.get(name)
         return row[index].strip() if index is not None and index < len(row) else ""
 
-    def start(self, row: list[str], columns: dict[str, int], required: tuple[str, ...], where: str) -> str | None:
+    def accept_row(self, row: list[str], columns: dict[str, int], required: tuple[str, ...], where: str) -> str | None:
         """The row's image id if the row is well-formed and new, else None (and the row is dropped)."""
         image_id = self.cell(row, columns, "image_id") or where
         short = any(columns[name] >= len(row) for name in required)
@@ -157,8 +157,8 @@ class _Rows:
             self.dropped.append(Dropped(image_id, f"missing label: '{column}' is empty", where))
             return False
         if label not in self.task.labels:
-            self.dropped.append(Dropped(image_id, f"unknown label: '{label}' in '{column}' is not a "
-                                                  f"{self.task_name} label", where))
+            self.dropped.append(Dropped(image_id, f"unknown label: '{label}' in '{column}' is not a label of "
+                                                  f"the {self.task_name} task", where))
             return False
         return True
 
@@ -179,7 +179,7 @@ class _Rows:
 
 def _read_split_files(root: Path, files: dict[str, Path], task: Task, task_name: str,
                       agreed_only: bool) -> RawDataset:
-    rows_out = _Rows(root, task, task_name)
+    rows_out = _Collector(root, task, task_name)
     fixed_split: dict[str, str] = {}
     required = ("tweet_id", "image_id", "tweet_text", "image", "label")
     if agreed_only:
@@ -188,7 +188,7 @@ def _read_split_files(root: Path, files: dict[str, Path], task: Task, task_name:
         columns, rows = _read_tsv(path, required)
         for line_no, row in rows:
             where = f"{path}:{line_no}"
-            image_id = rows_out.start(row, columns, required, where)
+            image_id = rows_out.accept_row(row, columns, required, where)
             if image_id is None:
                 continue
             label = rows_out.cell(row, columns, "label")
@@ -211,14 +211,14 @@ def _read_split_files(root: Path, files: dict[str, Path], task: Task, task_name:
 
 
 def _read_annotations(root: Path, files: list[Path], task: Task, task_name: str, agreed_only: bool) -> RawDataset:
-    rows_out = _Rows(root, task, task_name)
+    rows_out = _Collector(root, task, task_name)
     required = ("tweet_id", "image_id", "tweet_text", "image_path", task.text_column, task.image_column)
     for path in files:
         event = path.stem.removesuffix("_final_data")
         columns, rows = _read_tsv(path, required)
         for line_no, row in rows:
             where = f"{path}:{line_no}"
-            image_id = rows_out.start(row, columns, required, where)
+            image_id = rows_out.accept_row(row, columns, required, where)
             if image_id is None:
                 continue
             text_label = rows_out.cell(row, columns, task.text_column)

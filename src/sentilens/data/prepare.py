@@ -28,6 +28,7 @@ from sentilens.data.images import ImageError, load_image
 from sentilens.data.records import SPLITS, Dropped, Post, write_manifest
 from sentilens.data.splits import stratified_split
 from sentilens.errors import SentilensError
+from sentilens.progress import progress_bar
 
 FORMATS = ("mvsa-single", "mvsa-multiple", "crisismmd", "table")
 
@@ -91,8 +92,6 @@ def check_images(posts: Sequence[Post], show_progress: bool = True) -> tuple[lis
 
     Images are decoded in a thread pool (Pillow releases the GIL while decoding); order is kept.
     """
-    from sentilens.progress import progress_bar
-
     kept: list[Post] = []
     dropped: list[Dropped] = []
     workers = max(1, min(8, os.cpu_count() or 1))
