@@ -60,13 +60,13 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from sentilens.data.records import SPLITS, Post, write_manifest
+from sentilens.data.splits import split_sizes
 from sentilens.errors import SentilensError
 
 LABELS = ["positive", "neutral", "negative"]
 KINDS = ("text_only", "image_only", "sarcasm", "agree", "neutral")
 KIND_FRACTIONS: dict[str, float] = {"text_only": 0.30, "image_only": 0.30, "sarcasm": 0.15, "agree": 0.10,
                                     "neutral": 0.15}
-SPLIT_FRACTIONS = {"train": Fraction(8, 10), "val": Fraction(1, 10), "test": Fraction(1, 10)}
 MIN_IMAGE_SIZE = 32
 
 
@@ -333,10 +333,7 @@ def synth_image(sentiment: str, size: int, seed: int) -> tuple[Image.Image, str]
 
 
 def _split_cell(posts: list[Post]) -> dict[str, list[Post]]:
-    n = len(posts)
-    n_val = int(SPLIT_FRACTIONS["val"] * n + Fraction(1, 2))
-    n_test = int(SPLIT_FRACTIONS["test"] * n + Fraction(1, 2))
-    n_train = n - n_val - n_test
+    n_train, n_val, _ = split_sizes(len(posts))
     return {"train": posts[:n_train], "val": posts[n_train:n_train + n_val], "test": posts[n_train + n_val:]}
 
 
