@@ -1,0 +1,94 @@
+"""Encoders through the real loading paths: tiny GPT-2 / ResNet saved and reloaded, the embedded defaults."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fusion_helpers import save_tiny_gpt2, save_tiny_resnet
+from sentilens.errors import SentilensError
+from sentilens.fusion.encoders import IMAGENET_MEAN, IMAGENET_STD, ImageEncoder, TextEncoder, pixel_batch
+
+
+@pytest.fixture(scope="module")
+def gpt2_dir(tmp_path_factory):
+    return save_tiny_gpt2(tmp_path_factory.mktemp("gpt2"))
+
+
+def test_causal_lm_pools_the_last_real_token_of_the_prompt(gpt2_dir):
+    encoder = TextEncoder(str(gpt2_dir), template="Post: {text} feels", max_tokens=64)
+    assert encoder.causal and encoder.tokenizer.pad_token == encoder.tokenizer.eos_token
+    texts = ["great day", "worst day ever, so sad and awful"]
+    features = encoder.encode(texts)
+    for text, feats in zip(texts, features, strict=True):
+        ids = encoder.tokenizer(f"Post: {text} feels", return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            alone = encoder.model(input_ids=ids).last_hidden_state[0]
+        assert feats["states"].shape == alone.shape  # the prompt's tokens, no padding
+        assert torch.allclose(feats["states"], alone, atol=1e-5)
+        assert torch.allclose(feats["pooled"], alone[-1], atol=1e-5)
+
+
+def test_no_prompt_template_feeds_the_bare_post(gpt2_dir):
+    bare, prompted = TextEncoder(str(gpt2_dir), "{text}"), TextEncoder(str(gpt2_dir), "Post: {text} feels")
+    n_bare = bare.encode(["great day"])[0]["states"].shape[0]
+    assert n_bare == len(bare.tokenizer("great day")["input_ids"])
+    assert prompted.encode(["great day"])[0]["states"].shape[0] > n_bare
+    assert bare.fingerprint != prompted.fingerprint
+    assert bare.fingerprint == TextEncoder(str(gpt2_dir), "{text}").fingerprint
+
+
+def test_embedded_minilm_mean_pools_its_tokens():
+    encoder = TextEncoder()
+    assert not encoder.causal and encoder.dim == 384
+    short, long = encoder.encode(["happy", "a much longer post about a rainy commute to the office"])
+    ids = encoder.tokenizer("happy", return_tensors="pt")
+    with torch.no_grad():
+        alone = encoder.model(**ids).last_hidden_state[0]
+    assert torch.allclose(short["states"], alone, atol=1e-5)
+    assert torch.allclose(short["pooled"], alone.mean(0), atol=1e-5)
+    assert long["states"].shape[0] > short["states"].shape[0]
+
+
+def test_pixels_are_imagenet_normalised_without_torchvision():
+    rgb = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    pixels = pixel_batch([Image.fromarray(rgb)], 32)
+    expected = (rgb.astype(np.float32) / 255 - IMAGENET_MEAN) / IMAGENET_STD
+    assert torch.allclose(pixels[0], torch.from_numpy(expected).permute(2, 0, 1), atol=1e-6)
+    wide = pixel_batch([Image.new("RGB", (90, 30), (255, 0, 0))], 32)
+    assert wide.shape == (1, 3, 32, 32)
+
+
+def test_embedded_efficientnet_regions_are_its_last_feature_map():
+    encoder = ImageEncoder(image_size=64)
+    images = [Image.new("RGB", (80, 64), (200, 120, 40)), Image.new("RGB", (64, 64), (20, 30, 90))]
+    features = encoder.encode(images)
+    with torch.no_grad():
+        grid = encoder.model.extract_features(pixel_batch(images, 64))
+    assert grid.shape == (2, 1280, 2, 2)
+    for i, feats in enumerate(features):
+        assert feats["states"].shape == (4, encoder.dim)
+        assert torch.allclose(feats["states"], grid[i].flatten(1).T, atol=1e-5)
+        assert torch.allclose(feats["pooled"], grid[i].mean(dim=(1, 2)), atol=1e-5)
+    assert not torch.allclose(features[0]["pooled"], features[1]["pooled"])
+
+
+def test_hf_resnet_backbone_through_from_pretrained(tmp_path):
+    folder = save_tiny_resnet(tmp_path / "resnet")
+    encoder = ImageEncoder(str(folder), image_size=64)
+    assert encoder.dim == 16
+    image = Image.new("RGB", (64, 64), (10, 200, 30))
+    (feats,) = encoder.encode([image])
+    with torch.no_grad():
+        grid = encoder.model(pixel_values=pixel_batch([image], 64)).last_hidden_state[0]
+    assert grid.shape == (16, 8, 8)  # stem stride 4, one stride-2 stage
+    assert torch.allclose(feats["states"], grid.flatten(1).T, atol=1e-6)
+    assert torch.allclose(feats["pooled"], feats["states"].mean(0), atol=1e-5)
+    assert encoder.fingerprint != ImageEncoder(str(folder), image_size=96).fingerprint
+
+
+def test_unloadable_models_are_user_errors(tmp_path):
+    with pytest.raises(SentilensError, match="cannot load"):
+        TextEncoder(str(tmp_path / "no-such-model"))
+    with pytest.raises(SentilensError, match="cannot"):
+        ImageEncoder(str(tmp_path / "no-such-model")).fingerprint  # noqa: B018
