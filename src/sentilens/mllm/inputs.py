@@ -1,0 +1,202 @@
+"""The language model's input, built from per-image visual features: the one place training,
+label scoring, generation and token filtering assemble a LLaVA input.
+
+LLaVA-1.5 (and the paper's Figure 2) turns an image into visual tokens in three steps, which
+are done here one by one instead of inside ``LlavaForConditionalGeneration.forward`` so that a
+*reducer* can sit between them:
+
+1. :func:`encode_images`: the frozen vision tower's hidden state at ``config.vision_feature_layer``
+   (-2 for LLaVA-1.5), CLS dropped under the "default" selection strategy: ``(B, N, Dv)``;
+2. a reducer ``reduce(features, pixel_values) -> list[(k_i, Dv)]`` keeps some rows per image
+   (the paper's CLS-attention token filtering, :mod:`sentilens.mllm.pruning`); none = all N rows;
+3. the multimodal projector maps each kept set to the language model's width.
+
+:func:`assemble` then writes each post's sequence with its image placeholder repeated exactly
+``k_i`` times (``k_i`` may differ inside a batch), pads it (right for training, left for
+scoring and generation), and scatters the projected rows into the placeholder embeddings.
+With no reducer this reproduces the logits of HF's ``model(input_ids, pixel_values=...,
+attention_mask=...)`` (tested to 1e-5).
+
+A reducer may also have ``capture(llava)``, a context manager entered around the vision
+tower's forward pass, so it can record what it needs (the CLS query and keys of every layer)
+from the very pass that produces the features, instead of running the tower twice.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+Reducer = Callable[[Tensor, Tensor], list[Tensor]]
+"""``reduce(features (B, N, Dv), pixel_values (B, 3, H, W)) -> [kept rows (k_i, Dv) for each image]``."""
+
+
+@dataclass
+class MllmBatch:
+    """Posts ready for the model: token ids with at most one image placeholder each.
+
+    ``image_index[i]`` is the row of post ``i`` in ``pixel_values``, or None for a text-only
+    post; ``targets`` (training only) align with ``token_ids`` and hold -100 where no loss is taken.
+    """
+
+    token_ids: list[list[int]]
+    pixel_values: Tensor | None
+    image_index: list[int | None]
+    targets: list[list[int]] | None = None
+
+    def to(self, device: torch.device | str, **_) -> MllmBatch:
+        pixels = None if self.pixel_values is None else self.pixel_values.to(device)
+        return MllmBatch(self.token_ids, pixels, self.image_index, self.targets)
+
+
+@dataclass
+class LmInputs:
+    """A padded batch for the language model; ``image_tokens[i]`` visual tokens sit in post ``i``."""
+
+    input_ids: Tensor
+    inputs_embeds: Tensor
+    attention_mask: Tensor
+    position_ids: Tensor
+    targets: Tensor | None
+    image_tokens: list[int]
+
+
+def encode_images(llava, pixel_values: Tensor) -> Tensor:
+    """Vision-tower features LLaVA projects: hidden state at ``vision_feature_layer``, CLS dropped if "default".
+
+    Several feature layers (a list in the config) are concatenated along the feature axis, as
+    LLaVA does. The tower is frozen, so this runs without gradients.
+    """
+    config = llava.config
+    tower = llava.model.vision_tower
+    layers = config.vision_feature_layer
+    layers = [layers] if isinstance(layers, int) else list(layers)
+    with torch.no_grad():
+        out = tower(pixel_values.to(device=tower.device, dtype=tower.dtype), output_hidden_states=True)
+        states = [out.hidden_states[layer] for layer in layers]
+        if config.vision_feature_select_strategy == "default":
+            states = [s[:, 1:] for s in states]
+        return torch.cat(states, dim=-1)
+
+
+def visual_tokens(llava, pixel_values: Tensor, reducer: Reducer | None = None) -> list[Tensor]:
+    """Projected visual tokens of each image, ``(k_i, D_lm)``: encode, reduce, project."""
+    capture = getattr(reducer, "capture", None)
+    with capture(llava) if capture is not None else nullcontext():
+        features = encode_images(llava, pixel_values)
+    kept = list(features) if reducer is None else list(reducer(features, pixel_values))
+    if len(kept) != features.shape[0] or any(k.ndim != 2 or k.shape[1] != features.shape[2] for k in kept):
+        raise ValueError(f"a reducer must return one (k, {features.shape[2]}) tensor per image, "
+                         f"got {[tuple(k.shape) for k in kept]} for {features.shape[0]} images")
+    projector = llava.model.multi_modal_projector
+    rows = torch.cat(kept).to(dtype=projector.linear_1.weight.dtype)
+    return list(torch.split(projector(rows), [k.shape[0] for k in kept]))
+
+
+def assemble(
+    llava,
+    token_ids: Sequence[Sequence[int]],
+    visual: Sequence[Tensor | None],
+    targets: Sequence[Sequence[int]] | None = None,
+    padding_side: str = "right",
+) -> LmInputs:
+    """Pad the posts into one batch, each image placeholder widened to its post's visual tokens.
+
+    Positions count real tokens only (0 at each post's first token, whatever the padding), so
+    a post gets the same positions alone and in a batch.
+    """
+    config = llava.config
+    image_id = config.image_token_id
+    pad_id = config.text_config.pad_token_id
+    pad_id = 0 if pad_id is None else pad_id
+    rows, target_rows = [], []
+    for i, ids in enumerate(token_ids):
+        ids = list(ids)
+        tgt = list(targets[i]) if targets is not None else None
+        count = ids.count(image_id)
+        k = 0 if visual[i] is None else visual[i].shape[0]
+        if count != (visual[i] is not None):
+            raise ValueError(f"post {i} has {count} image placeholders but {'an' if k else 'no'} image")
+        if count:
+            at = ids.index(image_id)
+            ids = ids[:at] + [image_id] * k + ids[at + 1:]
+            if tgt is not None:
+                tgt = tgt[:at] + [-100] * k + tgt[at + 1:]
+        rows.append(ids)
+        target_rows.append(tgt)
+    width = max(len(r) for r in rows)
+    device = llava.lm_head.weight.device
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    tgt_tensor = torch.full((len(rows), width), -100, dtype=torch.long) if targets is not None else None
+    for i, ids in enumerate(rows):
+        span = slice(0, len(ids)) if padding_side == "right" else slice(width - len(ids), width)
+        input_ids[i, span] = torch.tensor(ids)
+        mask[i, span] = 1
+        if tgt_tensor is not None:
+            tgt_tensor[i, span] = torch.tensor(target_rows[i])
+    positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+    input_ids, mask, positions = input_ids.to(device), mask.to(device), positions.to(device)
+    embeds = llava.get_input_embeddings()(input_ids)
+    kept = [v for v in visual if v is not None]
+    if kept:
+        features = torch.cat(kept).to(device=embeds.device, dtype=embeds.dtype)
+        slots = (input_ids == image_id) & mask.bool()
+        embeds = embeds.masked_scatter(slots.unsqueeze(-1), features)
+    return LmInputs(
+        input_ids=input_ids,
+        inputs_embeds=embeds,
+        attention_mask=mask,
+        position_ids=positions,
+        targets=None if tgt_tensor is None else tgt_tensor.to(device),
+        image_tokens=[0 if v is None else v.shape[0] for v in visual],
+    )
+
+
+def build_inputs(llava, batch: MllmBatch, reducer: Reducer | None = None, padding_side: str = "right") -> LmInputs:
+    """Encode, reduce and project the batch's images, then :func:`assemble` the language model input."""
+    visual: list[Tensor | None] = [None] * len(batch.token_ids)
+    if batch.pixel_values is not None:
+        tokens = visual_tokens(llava, batch.pixel_values, reducer)
+        for i, row in enumerate(batch.image_index):
+            if row is not None:
+                visual[i] = tokens[row]
+    return assemble(llava, batch.token_ids, visual, batch.targets, padding_side)
+
+
+def language_model_hidden(llava, inputs: LmInputs, attention_mask: Tensor | None = None, **kwargs):
+    """Run the language model on assembled inputs; returns its output (``last_hidden_state``, cache)."""
+    return llava.model.language_model(
+        inputs_embeds=inputs.inputs_embeds,
+        attention_mask=inputs.attention_mask if attention_mask is None else attention_mask,
+        position_ids=inputs.position_ids,
+        **kwargs,
+    )
+
+
+def make_batch(builder, posts: Sequence, with_targets: bool = False) -> MllmBatch:
+    """Posts to a batch: prompts (and for training, prompt + answer with targets) and preprocessed images.
+
+    Images go through the one safe loader (:func:`sentilens.data.images.load_image`) and the
+    checkpoint's own image processor.
+    """
+    from sentilens.data.images import load_image
+
+    token_ids, targets, images, index = [], [], [], []
+    for post in posts:
+        has_image = post.image is not None
+        if with_targets:
+            ids, tgt = builder.training_ids(post.text, has_image, post.label)
+            targets.append(tgt)
+        else:
+            ids = builder.prompt_ids(post.text, has_image)
+        token_ids.append(ids)
+        index.append(len(images) if has_image else None)
+        if has_image:
+            images.append(load_image(post.image))
+    pixels = builder.processor.image_processor(images, return_tensors="pt")["pixel_values"] if images else None
+    return MllmBatch(token_ids, pixels, index, targets if with_targets else None)

@@ -1,0 +1,261 @@
+"""Loading LLaVA for fine-tuning: any ``LlavaForConditionalGeneration`` checkpoint, frozen vision tower,
+trainable projector + language model (the paper's "Training Setup"), LoRA/QLoRA, and a tiny model.
+
+- A checkpoint is an HF id (``llava-hf/llava-1.5-7b-hf``, the paper's model) or a local folder,
+  loaded with its processor by ``from_pretrained`` / ``AutoProcessor``.
+- Modes: ``full`` (the paper: projector + whole language model trained), ``lora`` (LoRA on the
+  language model's attention and MLP projections, projector trained fully; our choice of
+  LLaVA-1.5's own LoRA recipe, r=128, alpha=256), ``qlora`` (the same on a 4-bit NF4 base via
+  bitsandbytes; CUDA only). The vision tower never trains: ``requires_grad`` off and eval mode.
+- Precision: float32 on CPU. On CUDA, full fine-tuning keeps float32 weights and trains under
+  bf16 autocast (bf16 weights would round away most 2e-5 updates); LoRA loads the frozen base
+  in bf16 and keeps adapters in float32; inference runs in bf16.
+- ``tiny`` (:func:`build_tiny`): a small random LLaVA for tests and the demo, built from configs
+  (CLIP ViT with a CLS token, Llama LM, a byte-level BPE tokenizer trained offline, a CLIP image
+  processor, the LLaVA-1.5 chat template), saved with ``save_pretrained`` and loaded back through
+  the same path as a real checkpoint.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, Field
+from torch import Tensor, nn
+
+from sentilens.errors import SentilensError
+from sentilens.mllm.inputs import MllmBatch, build_inputs, language_model_hidden
+from sentilens.mllm.prompt import LLAVA15_CHAT_TEMPLATE, LLAVA15_SYSTEM, TASK_QUESTIONS
+
+Mode = Literal["full", "lora", "qlora"]
+TINY = "tiny"
+LM_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class LoraSettings(BaseModel):
+    """LoRA on the language model's linear projections (LLaVA-1.5's LoRA recipe by default)."""
+
+    r: int = Field(128, gt=0)
+    alpha: int = Field(256, gt=0)
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    target_modules: list[str] = Field(default_factory=lambda: list(LM_PROJECTIONS))
+
+
+class TinySpec(BaseModel):
+    """Shapes of the tiny random LLaVA (a 96-px image is 6 x 6 = 36 patches + CLS)."""
+
+    image_size: int = 96
+    patch_size: int = 16
+    vision_hidden: int = 64
+    vision_layers: int = 3
+    vision_heads: int = 4
+    text_hidden: int = 64
+    text_layers: int = 2
+    text_heads: int = 4
+    text_kv_heads: int = 2
+    vocab_size: int = 1024
+
+
+def build_tiny(out_dir: str | Path, corpus: Iterable[str] = (), seed: int = 0, spec: TinySpec | None = None) -> Path:
+    """Write a small random LLaVA checkpoint + processor to ``out_dir`` (loadable by :func:`load_checkpoint`).
+
+    The tokenizer is a byte-level BPE trained on the instruction strings plus ``corpus`` (e.g. the
+    training texts), so it encodes any text; ``<s>`` is prepended like Llama's tokenizer does.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import (
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+        PreTrainedTokenizerFast,
+    )
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    spec = spec or TinySpec()
+    out_dir = Path(out_dir)
+    specials = ["<s>", "</s>", "<pad>", "<image>"]
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=spec.vocab_size, special_tokens=specials, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    instructions = [LLAVA15_SYSTEM, *TASK_QUESTIONS.values(), "USER: ASSISTANT: Answer with one of:",
+                    "positive neutral negative informative not informative"]
+    bpe.train_from_iterator([*instructions, *corpus], trainer)
+    bpe.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                       special_tokens=[("<s>", bpe.token_to_id("<s>"))])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                        extra_special_tokens={"image_token": "<image>"}, model_max_length=4096)
+    size = spec.image_size
+    image_processor = CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=spec.patch_size,
+                               vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                               chat_template=LLAVA15_CHAT_TEMPLATE)
+    vision = CLIPVisionConfig(hidden_size=spec.vision_hidden, intermediate_size=4 * spec.vision_hidden,
+                              num_hidden_layers=spec.vision_layers, num_attention_heads=spec.vision_heads,
+                              image_size=size, patch_size=spec.patch_size, projection_dim=spec.vision_hidden)
+    text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=spec.text_hidden, intermediate_size=2 * spec.text_hidden,
+                       num_hidden_layers=spec.text_layers, num_attention_heads=spec.text_heads,
+                       num_key_value_heads=spec.text_kv_heads, max_position_embeddings=4096,
+                       pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                       eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False)
+    config = LlavaConfig(vision_config=vision, text_config=text,
+                         image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+                         image_seq_length=(size // spec.patch_size) ** 2, vision_feature_layer=-2,
+                         vision_feature_select_strategy="default")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlavaForConditionalGeneration(config)
+    model.save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
+    return out_dir
+
+
+def load_checkpoint(source: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                    four_bit: bool = False):
+    """(LlavaForConditionalGeneration, processor) from an HF id or a local folder."""
+    from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    source = str(source)
+    try:
+        config = AutoConfig.from_pretrained(source)
+    except (OSError, ValueError) as err:
+        raise SentilensError(f"cannot load the model '{source}': {str(err).splitlines()[0]}") from None
+    if config.model_type != "llava":
+        raise SentilensError(f"'{source}' is a '{config.model_type}' checkpoint; the MLLM family needs a "
+                             "LlavaForConditionalGeneration (model_type 'llava') checkpoint")
+    kwargs: dict = {"dtype": dtype}
+    if four_bit:
+        kwargs.update(quantization_config=_four_bit_config(), device_map={"": torch.device(device)})
+    try:
+        processor = AutoProcessor.from_pretrained(source)
+        llava = LlavaForConditionalGeneration.from_pretrained(source, **kwargs)
+    except (OSError, ValueError) as err:
+        raise SentilensError(f"cannot load the model '{source}': {str(err).splitlines()[0]}") from None
+    if not four_bit:
+        llava.to(device)
+    if not hasattr(processor, "image_token") or not hasattr(processor, "image_processor"):
+        raise SentilensError(f"'{source}' has no LLaVA processor (image processor + tokenizer with an image token)")
+    return llava, processor
+
+
+def _four_bit_config():
+    if not torch.cuda.is_available():
+        raise SentilensError("QLoRA needs a CUDA GPU (bitsandbytes 4-bit); use --lora or full fine-tuning on CPU")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise SentilensError("QLoRA needs bitsandbytes: pip install 'sentilens[gpu]'") from None
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=torch.bfloat16,
+                              llm_int8_skip_modules=["vision_tower", "multi_modal_projector", "lm_head"])
+
+
+def num_image_tokens(llava, processor) -> int:
+    """Visual tokens one image becomes before filtering (576 for LLaVA-1.5 at 336 px)."""
+    vision = llava.config.vision_config
+    tokens = (vision.image_size // vision.patch_size) ** 2 + int(getattr(processor, "num_additional_image_tokens", 0))
+    return tokens - (1 if llava.config.vision_feature_select_strategy == "default" else 0)
+
+
+class MllmModel(nn.Module):
+    """A LLaVA (possibly with LoRA adapters) whose ``forward`` is the label-only training loss.
+
+    Everything a training step touches runs inside ``forward``, so DDP and DeepSpeed wrap one module.
+    """
+
+    def __init__(self, net: nn.Module, processor, mode: Mode):
+        super().__init__()
+        self.net = net
+        self.processor = processor
+        self.mode = mode
+
+    @property
+    def llava(self):
+        """The underlying ``LlavaForConditionalGeneration`` (LoRA layers live inside it)."""
+        from peft import PeftModel
+
+        return self.net.get_base_model() if isinstance(self.net, PeftModel) else self.net
+
+    def train(self, mode: bool = True) -> MllmModel:
+        super().train(mode)
+        self.llava.model.vision_tower.eval()
+        return self
+
+    def forward(self, batch: MllmBatch) -> Tensor:
+        """Mean cross-entropy of the answer tokens (Eq. 1's label likelihood), other targets ignored."""
+        llava = self.llava
+        inputs = build_inputs(llava, batch, padding_side="right")
+        hidden = language_model_hidden(llava, inputs, use_cache=False).last_hidden_state
+        targets = inputs.targets[:, 1:]
+        scored = targets != -100
+        logits = llava.lm_head(hidden[:, :-1][scored]).float()
+        loss = nn.functional.cross_entropy(logits, targets[scored])
+        if batch.pixel_values is None:
+            # a text-only batch leaves the projector out of the graph; DDP needs every trainable parameter in it
+            loss = loss + 0.0 * sum(p.sum() for p in llava.model.multi_modal_projector.parameters())
+        return loss
+
+    def trainable_state(self) -> dict[str, Tensor]:
+        """Every trainable tensor by name: projector + language model (full), projector + adapters (LoRA)."""
+        return {name: p for name, p in self.net.named_parameters() if p.requires_grad}
+
+    def load_trainable_state(self, state: dict[str, Tensor], source: str | Path = "") -> None:
+        params = dict(self.net.named_parameters())
+        expected = {name for name, p in params.items() if p.requires_grad}
+        if set(state) != expected:
+            missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
+            raise SentilensError(f"weights do not match the model (missing {missing[:3]}, unexpected {extra[:3]})",
+                                 source or None)
+        with torch.no_grad():
+            for name, tensor in state.items():
+                params[name].copy_(tensor.to(params[name].device, params[name].dtype))
+
+
+def prepare_model(source: str | Path, mode: Mode = "full", lora: LoraSettings | None = None,
+                  device: str | torch.device = "cpu", training: bool = True,
+                  gradient_checkpointing: bool = False) -> MllmModel:
+    """Load a checkpoint and set up what trains: the projector and the language model or its adapters."""
+    if mode not in ("full", "lora", "qlora"):
+        raise SentilensError(f"unknown fine-tuning mode '{mode}' (full, lora or qlora)")
+    cuda = torch.device(device).type == "cuda"
+    four_bit = mode == "qlora" and (training or cuda)
+    dtype = torch.bfloat16 if cuda and (mode != "full" or not training) else torch.float32
+    llava, processor = load_checkpoint(source, dtype=dtype, device=device, four_bit=four_bit)
+    llava.config.use_cache = False
+    for p in llava.parameters():
+        p.requires_grad_(False)
+    if mode == "full":
+        for module in (llava.model.multi_modal_projector, llava.model.language_model, llava.lm_head):
+            module.requires_grad_(True)
+        net: nn.Module = llava
+    else:
+        net = _with_lora(llava, lora or LoraSettings(), four_bit, gradient_checkpointing)
+        llava.model.multi_modal_projector.requires_grad_(True)
+    if gradient_checkpointing:
+        llava.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = MllmModel(net, processor, mode)
+    model.train(training)
+    return model
+
+
+def _with_lora(llava, lora: LoraSettings, four_bit: bool, gradient_checkpointing: bool):
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if four_bit:
+        llava = prepare_model_for_kbit_training(llava, use_gradient_checkpointing=gradient_checkpointing)
+    names = "|".join(lora.target_modules)
+    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                        target_modules=rf".*language_model\..*\.({names})")
+    return get_peft_model(llava, config)

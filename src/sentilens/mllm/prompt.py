@@ -1,0 +1,224 @@
+"""The instruction format of the paper's Table 1, and the label-only training target (Eq. 1).
+
+One single-turn conversation per post::
+
+    X_system <STOP> USER: X_v <STOP> X_t <STOP> X_p ASSISTANT: Y_s <STOP>
+
+``X_v`` is the image (one ``<image>`` placeholder here; the model input builder in
+:mod:`sentilens.mllm.inputs` widens it to one position per visual token), ``X_t`` the post
+text, ``X_p`` the question ("What is the sentiment of the given text?" for sentiment, a
+per-task question for CrisisMMD) followed by the label words, and ``Y_s`` the label word.
+
+Choices where the paper is silent, and why:
+
+- The conversation is rendered by the checkpoint's own chat template (LLaVA-1.5 checkpoints
+  ship one); a checkpoint without one gets :data:`LLAVA15_CHAT_TEMPLATE`, the Vicuna-v1
+  format LLaVA-1.5 was trained with, which is also what ``--model tiny`` ships.
+- The answer is ``answer_prefix + label`` (underscores read as spaces: "not informative")
+  followed by the end-of-turn token, by default the tokenizer's end-of-sequence token
+  (``</s>`` after the answer is exactly LLaVA-1.5's turn separator). Its tokens are the ones
+  the tokenizer gives after a real generation prompt, computed once per label, and are the
+  same sequences in training, label scoring and generation.
+- The loss covers the answer tokens and the end token only; every other target is -100.
+- A post without an image gets no placeholder at all (not a blank image): the language model
+  sees only text, which is what LLaVA does for text-only turns, and no visual tokens are spent.
+- ``max_length`` counts the full visual-token count of an image (before any token filtering,
+  so a post is truncated the same way whatever the keep ratio) and the longest answer; only
+  the post text is shortened (at a token boundary), never the placeholder, question or label.
+- Special-token strings typed inside a post (``<image>``, ``</s>``...) are defused by a space
+  after their ``<`` so that user text can never add placeholders or end a turn.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+from sentilens.errors import SentilensError
+
+LLAVA15_SYSTEM = (
+    "A chat between a curious human and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the human's questions."
+)
+
+LLAVA15_CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'system' -%}"
+    "{{- (message['content'] if message['content'] is string else message['content'][0]['text']) + ' ' -}}"
+    "{%- else -%}"
+    "{{- message['role'].upper() + ': ' -}}"
+    "{%- for part in message['content'] -%}"
+    "{%- if part['type'] == 'image' -%}{{- '<image>\\n' -}}"
+    "{%- else -%}{{- part['text'] + ('\\n' if not loop.last else '') -}}{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if message['role'] == 'assistant' -%}{{- eos_token -}}{%- else -%}{{- ' ' -}}{%- endif -%}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- 'ASSISTANT:' -}}{%- endif -%}"
+)
+"""LLaVA-1.5's conversation format (Vicuna v1): ``SYSTEM USER: <image>\\ntext\\nquestion ASSISTANT: label</s>``."""
+
+Task = Literal["sentiment", "informative", "humanitarian", "custom"]
+
+TASK_QUESTIONS: dict[str, str] = {
+    "sentiment": "What is the sentiment of the given text?",
+    "informative": "Is this post informative for humanitarian aid?",
+    "humanitarian": "Which humanitarian category does this post belong to?",
+    "custom": "Which label fits this post?",
+}
+"""Table 1's X_p for sentiment (the paper's wording) and our questions for CrisisMMD's two tasks."""
+
+SENTIMENT_LABELS = {"positive", "neutral", "negative"}
+HUMANITARIAN_LABELS = {
+    "affected_individuals", "infrastructure_and_utility_damage", "injured_or_dead_people",
+    "missing_or_found_people", "rescue_volunteering_or_donation_effort", "vehicle_damage",
+    "other_relevant_information", "not_humanitarian",
+}
+
+
+class PromptSettings(BaseModel):
+    """Everything that shapes the instruction; saved in a run's config so scoring rebuilds it exactly."""
+
+    task: Task = "sentiment"
+    system: str = LLAVA15_SYSTEM
+    question: str | None = Field(None, description="X_p; None = the task's question")
+    answer_prefix: str = " "
+    end_token: str | None = Field(None, description="end-of-turn token; None = the tokenizer's eos token")
+    max_length: int = Field(2048, gt=0, description="tokens, visual tokens and answer included")
+
+
+def infer_task(labels: Sequence[str]) -> Task:
+    """The task a label set belongs to: MVSA sentiment, CrisisMMD informative or humanitarian, else custom."""
+    names = {label.lower() for label in labels}
+    if names <= SENTIMENT_LABELS:
+        return "sentiment"
+    if names == {"informative", "not_informative"}:
+        return "informative"
+    if names <= HUMANITARIAN_LABELS:
+        return "humanitarian"
+    return "custom"
+
+
+def label_text(label: str) -> str:
+    """How a label is written in the answer: underscores as spaces."""
+    return label.replace("_", " ")
+
+
+def full_question(settings: PromptSettings, labels: Sequence[str]) -> str:
+    """X_p followed by the label words, e.g. "... text? Answer with one of: positive, neutral, negative."."""
+    question = settings.question or TASK_QUESTIONS[settings.task]
+    return f"{question} Answer with one of: {', '.join(label_text(x) for x in labels)}."
+
+
+class PromptBuilder:
+    """Token ids of prompts and answers for one processor, one label list and one setting.
+
+    ``num_image_tokens`` is the count of visual tokens one image becomes (used for
+    ``max_length``); prompts carry a single image placeholder that the input builder widens.
+    """
+
+    def __init__(self, processor, settings: PromptSettings, labels: Sequence[str], num_image_tokens: int):
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.settings = settings
+        self.labels = list(labels)
+        if len(set(self.labels)) != len(self.labels) or not self.labels:
+            raise SentilensError(f"labels must be distinct and non-empty, got {self.labels}")
+        self.num_image_tokens = num_image_tokens
+        self.image_token = processor.image_token
+        self.image_token_id = self.tokenizer.convert_tokens_to_ids(self.image_token)
+        self.chat_template = getattr(processor, "chat_template", None) or LLAVA15_CHAT_TEMPLATE
+        self.question = full_question(settings, self.labels)
+        end = settings.end_token or self.tokenizer.eos_token
+        if end is None:
+            raise SentilensError("the tokenizer has no end-of-sequence token: set the prompt's end_token")
+        self.end_token_id = self.tokenizer.convert_tokens_to_ids(end)
+        self._specials = [t for t in self.tokenizer.all_special_tokens if t.startswith("<")]
+        if self.image_token not in self._specials:
+            self._specials.append(self.image_token)
+        probe = self._encode(self.render("", has_image=False))
+        self.answer_ids = {label: self._answer_tokens(probe, label) + [self.end_token_id] for label in self.labels}
+        self.max_answer_length = max(len(ids) for ids in self.answer_ids.values())
+
+    def render(self, text: str, has_image: bool) -> str:
+        """The prompt string up to and including the assistant's generation prompt."""
+        content = [{"type": "image"}] if has_image else []
+        content += [{"type": "text", "text": self._defuse(text)}, {"type": "text", "text": self.question}]
+        messages = [
+            {"role": "system", "content": [{"type": "text", "text": self.settings.system}]},
+            {"role": "user", "content": content},
+        ]
+        return self.processor.apply_chat_template(
+            messages, chat_template=self.chat_template, add_generation_prompt=True, tokenize=False
+        )
+
+    def prompt_ids(self, text: str, has_image: bool) -> list[int]:
+        """Prompt token ids (one image placeholder if ``has_image``), the text truncated to fit ``max_length``."""
+        budget = self.settings.max_length - self.max_answer_length - (self.num_image_tokens if has_image else 0)
+        ids = self._encode(self.render(text, has_image))
+        if self._length(ids, has_image) <= budget:
+            return self._checked(ids, has_image)
+        empty = self._encode(self.render("", has_image))
+        if self._length(empty, has_image) > budget:
+            raise SentilensError(
+                f"max_length {self.settings.max_length} is too small: the instruction alone takes "
+                f"{self._length(empty, has_image) + self.max_answer_length + self.num_image_tokens * has_image} tokens"
+            )
+        text = self._defuse(text)
+        offsets = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+        keep = max(len(offsets) - (self._length(ids, has_image) - budget), 0)
+        while True:
+            cut = text[: offsets[keep - 1][1]] if keep > 0 else ""
+            ids = self._encode(self.render(cut, has_image))
+            if self._length(ids, has_image) <= budget:
+                return self._checked(ids, has_image)
+            keep -= 1
+
+    def training_ids(self, text: str, has_image: bool, label: str) -> tuple[list[int], list[int]]:
+        """(input ids, targets): the prompt then the answer; targets are -100 except answer and end token."""
+        if label not in self.answer_ids:
+            raise SentilensError(f"label '{label}' is not one of {self.labels}")
+        prompt = self.prompt_ids(text, has_image)
+        answer = self.answer_ids[label]
+        return prompt + answer, [-100] * len(prompt) + answer
+
+    def parse(self, answer: str) -> str | None:
+        """The label a generated answer names, or None: case, spaces/underscores and final punctuation ignored."""
+        wanted = " ".join(answer.strip().strip(".!,;:'\"").lower().replace("_", " ").split())
+        for label in self.labels:
+            if " ".join(label_text(label).lower().split()) == wanted:
+                return label
+        return None
+
+    def _answer_tokens(self, probe: list[int], label: str) -> list[int]:
+        """The tokens ``answer_prefix + label`` adds after a generation prompt (the tokenizer's own split there)."""
+        answer = self.settings.answer_prefix + label_text(label)
+        full = self._encode(self.render("", has_image=False) + answer)
+        if full[: len(probe)] == probe and len(full) > len(probe):
+            return full[len(probe):]
+        return self.tokenizer(answer, add_special_tokens=False)["input_ids"]
+
+    def _encode(self, prompt: str) -> list[int]:
+        bos = self.tokenizer.bos_token
+        add_special = not (bos and prompt.startswith(bos))
+        return list(self.tokenizer(prompt, add_special_tokens=add_special)["input_ids"])
+
+    def _length(self, ids: list[int], has_image: bool) -> int:
+        return len(ids) - (1 if has_image else 0)
+
+    def _checked(self, ids: list[int], has_image: bool) -> list[int]:
+        found = ids.count(self.image_token_id)
+        if found != int(has_image):
+            raise SentilensError(
+                f"the chat template produced {found} image placeholders for a post with "
+                f"{'an image' if has_image else 'no image'}; it must produce exactly {int(has_image)}"
+            )
+        return ids
+
+    def _defuse(self, text: str) -> str:
+        for token in self._specials:
+            if token in text:
+                text = text.replace(token, "< " + token[1:])
+        return text
