@@ -1,0 +1,198 @@
+"""Training the fusion family end to end on the synthetic set, through the CLI where a user would.
+
+One module-level ablation (text, image, full) fills a feature cache that the other tests reuse.
+Images are drawn at 64 px and encoded at 64 px so the whole module stays within seconds on a CPU.
+"""
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from typer.testing import CliRunner
+
+from fusion_helpers import EncoderCalls, save_tiny_gpt2, save_tiny_resnet, subset_manifest
+from sentilens.cli import app
+from sentilens.data.records import read_manifest, read_split, read_stats
+from sentilens.data.synth import make_synthetic
+from sentilens.errors import SentilensError
+from sentilens.fusion.cache import FeatureCache
+from sentilens.fusion.config import FusionConfig
+from sentilens.fusion.model import FusionModel
+from sentilens.fusion.predictor import FusionPredictor
+from sentilens.fusion.train import CHECKPOINT, resume_fusion, train_fusion
+from sentilens.predict import evaluate, load_predictor
+from sentilens.runs import load_weights, read_json
+
+SIZE = 64
+runner = CliRunner()
+
+
+@pytest.fixture(autouse=True)
+def quiet(monkeypatch):
+    monkeypatch.setenv("SENTILENS_QUIET", "1")
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("synth")
+    make_synthetic(folder, n=400, seed=0, image_size=SIZE)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def ablation(synth, tmp_path_factory):
+    """``sentilens ablate fusion`` on text, image and full, with encoder calls counted."""
+    out, cache = tmp_path_factory.mktemp("ablation"), tmp_path_factory.mktemp("cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SENTILENS_QUIET", "1")
+        calls = EncoderCalls(mp)
+        result = runner.invoke(app, ["ablate", "fusion", "--data", str(synth), "--out", str(out), "--variants",
+                                     "text,image,full", "--image-size", str(SIZE), "--epochs", "8",
+                                     "--cache", str(cache), "--json"])
+    assert result.exit_code == 0, result.output
+    return {"out": out, "cache": cache, "calls": calls, "json": json.loads(result.stdout)}
+
+
+def test_full_beats_each_modality_by_the_margin_the_synthetic_set_guarantees(synth, ablation):
+    ceilings = read_stats(synth)["source"]["ceilings"]
+    accuracy = {row["variant"]: row["accuracy"] for row in ablation["json"]["variants"]}
+    # By construction one modality reaches at most 55 % (text) / 70 % (image) and both 100 %: a 30-point gap.
+    # Half of it is required, leaving room for a 40-post test split and a short training.
+    margin = (ceilings["both"] - max(ceilings["text_only"], ceilings["image_only"])) / 2
+    assert accuracy["full"] >= max(accuracy["text"], accuracy["image"]) + margin, accuracy
+    assert accuracy["full"] >= ceilings["image_only"] + margin, accuracy
+
+
+def test_ablation_writes_the_table_and_one_run_per_variant(ablation):
+    out, table = ablation["out"], ablation["json"]
+    assert read_json(out / "ablation.json") == table
+    assert [row["variant"] for row in table["variants"]] == ["text", "image", "full"]
+    markdown = (out / "ablation.md").read_text()
+    for row in table["variants"]:
+        assert f"| {row['variant']} |" in markdown and f"{row['accuracy']:.4f}" in markdown
+        metrics = read_json(out / row["run"] / "metrics-test.json")
+        assert metrics["accuracy"] == row["accuracy"]
+        assert read_json(out / row["run"] / "config.json")["variant"] == row["variant"]
+
+
+def test_ablation_encodes_each_content_once(synth, ablation):
+    posts = [p for split in read_manifest(synth).values() for p in split]
+    calls = ablation["calls"]
+    assert calls.text == len({p.text for p in posts})  # duplicates encoded once, then shared by every variant
+    assert calls.image == len(posts)
+    assert ablation["json"]["cache"] == {"text_hits": 0, "text_encoded": calls.text, "image_hits": 0,
+                                         "image_encoded": calls.image}
+
+
+def test_a_second_run_reads_every_feature_from_the_cache(synth, ablation, tmp_path, monkeypatch):
+    calls = EncoderCalls(monkeypatch)
+    summary = train_fusion(FusionConfig(variant="concat", image_size=SIZE, epochs=1), synth, tmp_path / "run",
+                           cache=FeatureCache(ablation["cache"]), device="cpu")
+    assert (calls.text, calls.image) == (0, 0)
+    n = sum(len(split) for split in read_manifest(synth).values())
+    assert summary["cache"] == {"text_hits": n, "text_encoded": 0, "image_hits": n, "image_encoded": 0}
+
+
+def test_interrupted_then_resumed_run_equals_an_uninterrupted_one(synth, ablation, tmp_path, monkeypatch):
+    cache = FeatureCache(ablation["cache"])
+    config = FusionConfig(variant="full", image_size=SIZE, epochs=3, seed=7)
+    straight = train_fusion(config, synth, tmp_path / "straight", cache=cache, device="cpu")
+
+    forward, calls = FusionModel.forward, {"n": 0}
+
+    def interrupted(model, batch):
+        calls["n"] += 1
+        if calls["n"] == 16:  # epoch 2 of 3: 10 training batches + 1 validation batch per epoch
+            raise KeyboardInterrupt
+        return forward(model, batch)
+
+    monkeypatch.setattr(FusionModel, "forward", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train_fusion(config, synth, tmp_path / "resumed", cache=cache, device="cpu")
+    monkeypatch.setattr(FusionModel, "forward", forward)
+    assert not (tmp_path / "resumed" / "metrics-test.json").exists()
+    with safe_open(str(tmp_path / "resumed" / CHECKPOINT), framework="pt") as f:
+        assert json.loads(f.metadata()["state"])["epoch"] == 1
+    with pytest.raises(SentilensError, match="--resume"):
+        train_fusion(config, synth, tmp_path / "resumed", cache=cache, device="cpu")
+    resumed = resume_fusion(tmp_path / "resumed", synth, cache=cache, device="cpu")
+
+    for name in ("metrics-val.json", "metrics-test.json"):
+        assert read_json(tmp_path / "resumed" / name) == read_json(tmp_path / "straight" / name)
+    assert resumed["best_epoch"] == straight["best_epoch"]
+    a = load_weights(tmp_path / "straight" / "model.safetensors")
+    b = load_weights(tmp_path / "resumed" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    a, b = load_weights(tmp_path / "straight" / CHECKPOINT), load_weights(tmp_path / "resumed" / CHECKPOINT)
+    assert any(k.startswith("optimizer.") for k in a)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_eval_and_predict_through_the_cli_use_the_run_directory(synth, ablation, tmp_path):
+    run = ablation["out"] / "full"
+    result = runner.invoke(app, ["eval", "--run", str(run), "--data", str(synth), "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["confusion"] == read_json(run / "metrics-test.json")["confusion"]
+
+    posts = read_split(synth, "test")[:5]
+    (tmp_path / "posts.jsonl").write_text("".join(json.dumps({"id": p.id, "text": p.text, "image": p.image}) + "\n"
+                                                  for p in posts))
+    result = runner.invoke(app, ["predict", "--run", str(run), "--input", str(tmp_path / "posts.jsonl"),
+                                 "--output", str(tmp_path / "preds.jsonl"), "--json"])
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in (tmp_path / "preds.jsonl").read_text().splitlines()]
+    direct = load_predictor(run, device="cpu").predict(posts)
+    assert [r["id"] for r in rows] == [p.id for p in posts]
+    for row, pred in zip(rows, direct, strict=True):
+        assert row["label"] == pred.label == max(row["probabilities"], key=row["probabilities"].get)
+        assert sum(row["probabilities"].values()) == pytest.approx(1.0)
+        assert row["kept_tokens"] is None
+
+    result = runner.invoke(app, ["eval", "--run", str(run), "--data", str(synth), "--keep-ratio", "0.5"])
+    assert isinstance(result.exception, SentilensError) and "MLLM" in str(result.exception)
+
+
+def test_a_text_only_manifest_trains_and_evaluates(synth, ablation, tmp_path, monkeypatch):
+    data = subset_manifest(synth, tmp_path / "text-only", drop_images=True)
+    calls = EncoderCalls(monkeypatch)
+    result = runner.invoke(app, ["train", "fusion", "--data", str(data), "--out", str(tmp_path / "run"),
+                                 "--epochs", "2", "--image-size", str(SIZE), "--cache", str(ablation["cache"]),
+                                 "--json"])
+    assert result.exit_code == 0, result.output
+    assert calls.image == 0 and calls.text == 0  # texts are the synthetic set's, already cached
+    summary = json.loads(result.stdout)
+    assert summary["cache"]["image_hits"] == summary["cache"]["image_encoded"] == 0
+    result = runner.invoke(app, ["eval", "--run", str(tmp_path / "run"), "--data", str(data), "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["n"] == len(read_split(data, "test"))
+    (prediction,) = load_predictor(tmp_path / "run", device="cpu").predict(read_split(data, "test")[:1])
+    assert prediction.label in read_stats(data)["labels"]
+
+
+def test_fine_tuned_gpt2_and_resnet_from_local_folders(synth, tmp_path, monkeypatch):
+    gpt2, resnet = save_tiny_gpt2(tmp_path / "gpt2"), save_tiny_resnet(tmp_path / "resnet")
+    data = subset_manifest(synth, tmp_path / "small", {"train": 48, "val": 16, "test": 16})
+    calls = EncoderCalls(monkeypatch)
+    config = FusionConfig(text_encoder=str(gpt2), image_encoder=str(resnet), image_size=SIZE, prompt="sentiment",
+                          fine_tune_text=True, epochs=2, batch_size=16)
+    summary = train_fusion(config, data, tmp_path / "run", cache=FeatureCache(tmp_path / "cache"), device="cpu")
+    assert calls.text == 0 and calls.image == 64 + 16  # the fine-tuned text encoder runs live, never cached
+    saved = read_json(tmp_path / "run" / "config.json")
+    assert saved["family"] == "fusion" and saved["text_dim"] == 32 and saved["image_dim"] == 16
+    weights = load_weights(tmp_path / "run" / "model.safetensors")
+    pretrained = load_weights(gpt2 / "model.safetensors")
+    tuned = {k.removeprefix("text_encoder."): v for k, v in weights.items() if k.startswith("text_encoder.")}
+    assert tuned and not torch.equal(tuned["h.0.attn.c_attn.weight"], pretrained["transformer.h.0.attn.c_attn.weight"])
+    predictor = FusionPredictor.from_run(tmp_path / "run", device="cpu")
+    metrics = evaluate(predictor, read_split(data, "test"))
+    assert metrics["confusion"] == summary["test"]["confusion"]
+
+
+def test_the_papers_recipe_is_a_valid_config():
+    from sentilens.fusion.config import PROMPTS, recipe_config
+
+    config = recipe_config("configs/fusion_crisismmd.yaml", {"epochs": 3})
+    assert (config.image_encoder, config.text_encoder, config.variant) == ("microsoft/resnet-50", "gpt2", "full")
+    assert config.prompt_template == PROMPTS["informative"]
+    assert (config.lr, config.batch_size, config.dropout, config.epochs) == (1e-3, 32, 0.5, 3)
