@@ -243,17 +243,82 @@ def ablate_fusion_cmd(
         out.print(f"written to {out_dir / 'ablation.md'} and {out_dir / 'ablation.json'}")
 
 
+# ----------------------------------------------------------------------------- MLLM family
+
+DecodeOpt = Annotated[str | None, typer.Option(
+    "--decode", help="MLLM runs: score (label scoring, the default) or generate (greedy decoding, parsed).")]
+
+
+def _set_decode(predictor, decode: str | None) -> None:
+    if decode is None:
+        return
+    if predictor.family != "mllm":
+        raise SentilensError("--decode applies to MLLM runs only")
+    if decode not in ("score", "generate"):
+        raise SentilensError(f"--decode must be score or generate, got '{decode}'")
+    predictor.decode = decode
+
+
+@train_app.command("mllm")
+def train_mllm_cmd(
+    data: Annotated[Path | None, typer.Option("--data", help="Manifest folder ('sentilens data prepare').")] = None,
+    out_dir: Annotated[Path | None, typer.Option("--out", help="Run directory to create (or continue).")] = None,
+    model: Annotated[str | None, typer.Option(
+        "--model", help="LLaVA checkpoint: HF id (llava-hf/llava-1.5-7b-hf), local folder, or 'tiny'.")] = None,
+    recipe: RecipeOpt = None,
+    lora: Annotated[bool, typer.Option("--lora", help="LoRA on the language model, projector trained fully.")] = False,
+    qlora: Annotated[bool, typer.Option("--qlora", help="LoRA on a 4-bit base (CUDA + bitsandbytes).")] = False,
+    lora_r: Annotated[int | None, typer.Option("--lora-r", help="LoRA rank (default 128).")] = None,
+    epochs: EpochsOpt = None,
+    lr: Annotated[float | None, typer.Option("--lr", help="Peak learning rate (default 2e-5, LoRA 2e-4).")] = None,
+    batch_size: Annotated[int | None, typer.Option("--batch-size", help="Posts per device per step.")] = None,
+    grad_accum: Annotated[int | None, typer.Option("--grad-accum", help="Micro-batches per optimizer step.")] = None,
+    max_length: Annotated[int | None, typer.Option("--max-length", help="Tokens per post, visual tokens "
+                                                   "included; longer texts are truncated.")] = None,
+    task: Annotated[str | None, typer.Option("--task", help="sentiment, informative, humanitarian or custom "
+                                             "(default: from the labels).")] = None,
+    gradient_checkpointing: Annotated[bool, typer.Option("--gradient-checkpointing",
+                                                         help="Recompute activations to save memory.")] = False,
+    seed: SeedOpt = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out after its last epoch.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Instruction-fine-tune LLaVA to answer the label (runs under 'accelerate launch' too)."""
+    from sentilens.mllm.train import make_config, train_mllm
+    from sentilens.predict import is_main_process
+
+    if lora and qlora:
+        raise SentilensError("give --lora or --qlora, not both")
+    mode = "qlora" if qlora else "lora" if lora else None
+    options = {"data": data, "out": out_dir, "base_model": model, "mode": mode, "epochs": epochs, "lr": lr,
+               "batch_size": batch_size, "grad_accum": grad_accum, "max_length": max_length, "task": task,
+               "gradient_checkpointing": gradient_checkpointing or None, "seed": seed, "resume": resume or None,
+               "lora": None if lora_r is None else {"r": lora_r, "alpha": 2 * lora_r}}
+    summary = train_mllm(make_config(options, recipe))
+    if not is_main_process():
+        return
+    if as_json:
+        emit(summary, True)
+    elif summary["val"] is not None:
+        out.print(metrics_table(summary["val"], f"{summary['run']} on val (best epoch {summary['best_epoch']})"))
+    else:
+        out.print(f"run saved in {summary['run']} (no val split: last epoch kept)")
+
+
 @app.command("eval")
 def eval_cmd(run: RunOpt, data: DataOpt, split: SplitOpt = "test", keep_ratio: KeepRatioOpt = None,
-             as_json: JsonOpt = False) -> None:
+             decode: DecodeOpt = None, as_json: JsonOpt = False) -> None:
     """Evaluate a run on a split; writes RUN/metrics-SPLIT.json."""
     from sentilens.data.records import read_split
-    from sentilens.predict import check_keep_ratio, evaluate, load_predictor
+    from sentilens.predict import check_keep_ratio, evaluate, is_main_process, load_predictor
     from sentilens.runs import save_metrics
 
     check_keep_ratio(keep_ratio)
     predictor = load_predictor(run)
+    _set_decode(predictor, decode)
     metrics = evaluate(predictor, read_split(data, split), keep_ratio=keep_ratio)
+    if not is_main_process():
+        return
     suffix = split if keep_ratio is None else f"{split}-r{keep_ratio:g}"
     save_metrics(run, suffix, metrics)
     if as_json:
@@ -270,11 +335,12 @@ def predict_cmd(
     input: Annotated[Path | None, typer.Option("--input", help="JSONL of posts {id, text, image}.")] = None,
     output: Annotated[Path | None, typer.Option("--output", help="Where to write predictions (JSONL).")] = None,
     keep_ratio: KeepRatioOpt = None,
+    decode: DecodeOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Predict one post (--image/--text) or a file of posts (--input/--output)."""
+    """Predict one post (--image/--text) or a file of posts (--input/--output); shards under 'accelerate launch'."""
     from sentilens.data.records import Post, read_posts
-    from sentilens.predict import check_keep_ratio, load_predictor
+    from sentilens.predict import check_keep_ratio, is_main_process, load_predictor, predict_distributed
 
     check_keep_ratio(keep_ratio)
     if input is None and image is None and text is None:
@@ -286,7 +352,10 @@ def predict_cmd(
     posts = read_posts(input) if input is not None else [
         Post(id="post", text=text or "", image=str(image) if image else None)]
     predictor = load_predictor(run)
-    predictions = predictor.predict(posts, keep_ratio=keep_ratio)
+    _set_decode(predictor, decode)
+    predictions = predict_distributed(lambda shard: predictor.predict(shard, keep_ratio=keep_ratio), posts)
+    if not is_main_process():
+        return
     rows = [{"id": p.id, **pred.to_dict()} for p, pred in zip(posts, predictions, strict=True)]
     if output is not None:
         output.parent.mkdir(parents=True, exist_ok=True)

@@ -8,7 +8,8 @@
 from __future__ import annotations
 
 import importlib
-from collections.abc import Sequence
+import os
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Protocol, runtime_checkable
@@ -68,9 +69,43 @@ def evaluate(predictor: Predictor, posts: Sequence[Post], keep_ratio: float | No
     unlabelled = [p.id for p in posts if p.label is None]
     if unlabelled:
         raise SentilensError(f"{len(unlabelled)} posts have no label (first: {unlabelled[0]})")
-    predictions = predictor.predict(posts, keep_ratio=keep_ratio)
+    predictions = predict_distributed(lambda shard: predictor.predict(shard, keep_ratio=keep_ratio), posts)
     metrics = classification_metrics([p.label for p in posts], [p.label for p in predictions], predictor.labels)
     kept = [p.kept_tokens for p in predictions if p.kept_tokens is not None]
     if kept:
         metrics["mean_kept_tokens"] = sum(kept) / len(kept)
+    if any("parsed" in p.extra for p in predictions):
+        metrics["unparsable"] = sum(not p.extra.get("parsed", True) for p in predictions)
     return metrics
+
+
+def is_main_process() -> bool:
+    """False in every process but the first under ``accelerate launch`` (only the first writes outputs)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def predict_distributed(predict: Callable[[Sequence[Post]], list[Prediction]],
+                        posts: Sequence[Post]) -> list[Prediction]:
+    """``predict(posts)``; under ``accelerate launch`` with several processes, sharded and merged.
+
+    Each process predicts an interleaved shard of equal size (the last shards are filled by
+    repeating posts from the start, so every process runs the same number of batches, as
+    DeepSpeed ZeRO-3 needs); every process returns all predictions, in input order.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not posts:
+        return predict(posts)
+    from accelerate import PartialState
+    from accelerate.utils import gather_object
+
+    state = PartialState()
+    world, rank = state.num_processes, state.process_index
+    if not state.is_main_process:
+        os.environ["SENTILENS_QUIET"] = "1"
+    per_process = -(-len(posts) // world)
+    padded = [posts[i % len(posts)] for i in range(per_process * world)]
+    mine = predict(padded[rank::world])
+    gathered = gather_object(list(mine))
+    merged: list[Prediction] = [None] * len(padded)  # type: ignore[list-item]
+    for r in range(world):
+        merged[r::world] = gathered[r * per_process:(r + 1) * per_process]
+    return merged[: len(posts)]

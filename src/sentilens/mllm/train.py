@@ -1,0 +1,343 @@
+"""Instruction fine-tuning of LLaVA on a manifest (the paper's "Training Setup"), under accelerate.
+
+Paper defaults: lr 2e-5, batch 16, 10 epochs, frozen vision encoder, projector + language model
+trained, the best epoch chosen on validation. Where the paper is silent we follow LLaVA-1.5's
+fine-tuning recipe: AdamW without weight decay, cosine schedule with 3 % linear warm-up,
+gradient clipping at 1.0; LoRA runs default to lr 2e-4 (LLaVA-1.5's LoRA recipe).
+
+- Effective batch = ``batch_size x grad_accum x processes`` (16 = 4 x 4 on one device).
+- Each epoch is a fixed permutation of the training posts (seeded by seed and epoch) cut
+  into micro-batches dealt round-robin to the processes; every process gets the same number
+  of micro-batches, a multiple of ``grad_accum`` (the last few posts of the permutation are
+  followed by the first ones to fill the last step), so no accumulation spills over an
+  epoch and a resumed run sees exactly the batches an uninterrupted one would.
+- After every epoch: label scoring on val (sharded over the processes), weighted F1; the
+  best epoch's trainable weights go to ``model.safetensors`` (projector + language model,
+  or projector + LoRA adapters), its metrics to ``metrics-val.json``.
+- ``--resume`` continues after the last finished epoch from ``RUN/resume/`` (trainable
+  weights, AdamW moments, schedule, history), all safetensors + JSON; the folder is deleted
+  when training ends. DeepSpeed shards the optimizer state, so resuming is refused there.
+- One process, multi-GPU DDP, and DeepSpeed ZeRO-2/3 through ``accelerate launch`` and the
+  configs in ``configs/``; multi-process also runs on CPU (gloo). Only the main process writes
+  files and draws progress bars.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from sentilens.data.records import Post, read_labels, read_split
+from sentilens.errors import SentilensError
+from sentilens.metrics import classification_metrics
+from sentilens.mllm.inputs import make_batch
+from sentilens.mllm.model import TINY, LoraSettings, MllmModel, Mode, build_tiny, num_image_tokens, prepare_model
+from sentilens.mllm.prompt import PromptBuilder, PromptSettings, Task, infer_task
+from sentilens.mllm.scoring import predict_posts
+from sentilens.predict import predict_distributed
+from sentilens.progress import progress_bar
+from sentilens.runs import (
+    load_config,
+    load_weights,
+    read_json,
+    save_config,
+    save_labels,
+    save_metrics,
+    save_weights,
+    write_json,
+)
+
+BASE_DIR = "base-model"
+RESUME_DIR = "resume"
+WEIGHTS = "model.safetensors"
+
+
+class MllmTrainConfig(BaseModel):
+    """Everything ``sentilens train mllm`` takes (CLI options, or a YAML recipe under ``configs/``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    data: Path
+    out: Path
+    base_model: str = Field(TINY, description="HF id, local folder, or 'tiny'")
+    mode: Mode = "full"
+    lora: LoraSettings = Field(default_factory=LoraSettings)
+    epochs: int = Field(10, gt=0)
+    lr: float | None = Field(None, gt=0, description="None: 2e-5 for full fine-tuning, 2e-4 for (Q)LoRA")
+    batch_size: int = Field(4, gt=0, description="per device")
+    grad_accum: int = Field(4, gt=0)
+    warmup_ratio: float = Field(0.03, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    task: Task | None = Field(None, description="None: inferred from the labels")
+    system: str | None = None
+    question: str | None = None
+    max_length: int = Field(2048, gt=0)
+    eval_batch_size: int = Field(8, gt=0)
+    gradient_checkpointing: bool = False
+    seed: int = 0
+    resume: bool = False
+
+    @property
+    def learning_rate(self) -> float:
+        return self.lr if self.lr is not None else (2e-5 if self.mode == "full" else 2e-4)
+
+
+def load_recipe(path: str | Path) -> dict:
+    """Options from a YAML recipe (keys as in :class:`MllmTrainConfig`)."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise SentilensError("no such recipe file", path)
+    try:
+        recipe = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        raise SentilensError(f"not valid YAML ({getattr(err, 'problem', err)})", path,
+                             None if mark is None else mark.line + 1) from None
+    if not isinstance(recipe, dict):
+        raise SentilensError("a recipe must be a mapping of option: value", path)
+    return recipe
+
+
+def make_config(options: dict, recipe: str | Path | None = None) -> MllmTrainConfig:
+    """Recipe values overridden by the options given on the command line (None = not given)."""
+    merged = {**(load_recipe(recipe) if recipe else {}), **{k: v for k, v in options.items() if v is not None}}
+    try:
+        return MllmTrainConfig(**merged)
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = ".".join(str(x) for x in first["loc"])
+        raise SentilensError(f"option '{where}': {first['msg']}", recipe) from None
+
+
+def epoch_batches(n: int, batch_size: int, grad_accum: int, world: int, rank: int, seed: int,
+                  epoch: int) -> list[list[int]]:
+    """This process's micro-batches (indices into the training posts) for one epoch."""
+    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    order = torch.randperm(n, generator=generator).tolist()
+    per_process = math.ceil(math.ceil(n / batch_size) / world)
+    per_process = math.ceil(per_process / grad_accum) * grad_accum
+    total = per_process * world * batch_size
+    order = [order[i % n] for i in range(total)]
+    batches = [order[i:i + batch_size] for i in range(0, total, batch_size)]
+    return batches[rank::world]
+
+
+def cosine_with_warmup(optimizer: torch.optim.Optimizer, total_steps: int, warmup_ratio: float):
+    """Linear warm-up over ``warmup_ratio`` of the steps, then cosine decay to 0."""
+    from transformers import get_cosine_schedule_with_warmup
+
+    return get_cosine_schedule_with_warmup(optimizer, math.ceil(warmup_ratio * total_steps), total_steps)
+
+
+def train_mllm(cfg: MllmTrainConfig) -> dict:
+    """Fine-tune, keep the best epoch by validation weighted F1; returns a summary of the run."""
+    from accelerate import Accelerator, PartialState
+    from accelerate.utils import set_seed
+
+    labels = read_labels(cfg.data)
+    train_posts, val_posts = read_split(cfg.data, "train"), read_split(cfg.data, "val")
+    _check_labelled(train_posts, cfg.data / "train.jsonl", required=True)
+    _check_labelled(val_posts, cfg.data / "val.jsonl", required=False)
+    out = cfg.out
+    _check_run_dir(out, cfg)
+
+    state = PartialState()
+    cuda = state.device.type == "cuda"
+    accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision="bf16" if cuda else "no")
+    main = accelerator.is_main_process
+    if not main:
+        os.environ["SENTILENS_QUIET"] = "1"
+    deepspeed = accelerator.state.deepspeed_plugin is not None
+    if deepspeed and cfg.resume:
+        raise SentilensError("--resume is not available under DeepSpeed (its optimizer state is sharded)")
+    set_seed(cfg.seed)
+
+    base = _base_model(cfg, out, train_posts, accelerator)
+    model = prepare_model(base, cfg.mode, cfg.lora, device=accelerator.device, training=True,
+                          gradient_checkpointing=cfg.gradient_checkpointing)
+    settings = PromptSettings(task=cfg.task or infer_task(labels), max_length=cfg.max_length,
+                              **{k: v for k, v in (("system", cfg.system), ("question", cfg.question)) if v})
+    builder = PromptBuilder(model.processor, settings, labels, num_image_tokens(model.llava, model.processor))
+    run_config = {
+        "family": "mllm",
+        "base_model": BASE_DIR if cfg.base_model == TINY else _stored_source(cfg.base_model),
+        "mode": cfg.mode,
+        "lora": cfg.lora.model_dump() if cfg.mode != "full" else None,
+        "prompt": settings.model_dump(),
+        "labels": labels,
+        "weights": WEIGHTS,
+        "num_image_tokens": builder.num_image_tokens,
+        "decode": "score",
+        "predict_batch_size": cfg.eval_batch_size,
+        "best_epoch": None,
+        "training": cfg.model_dump(mode="json"),
+    }
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    world, rank = accelerator.num_processes, accelerator.process_index
+    steps_per_epoch = len(epoch_batches(len(train_posts), cfg.batch_size, cfg.grad_accum, world, rank, cfg.seed, 0))
+    steps_per_epoch //= cfg.grad_accum
+    scheduler = cosine_with_warmup(optimizer, cfg.epochs * steps_per_epoch, cfg.warmup_ratio)
+
+    history: list[dict] = []
+    best: dict | None = None
+    start_epoch = 0
+    if cfg.resume:
+        start_epoch, history, best, run_config["best_epoch"] = _load_resume(out, model, optimizer, scheduler)
+    elif main:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(out, run_config)
+        save_labels(out, labels)
+    if deepspeed:
+        accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.batch_size
+    model, optimizer = accelerator.prepare(model, optimizer)
+    core: MllmModel = accelerator.unwrap_model(model)
+
+    for epoch in range(start_epoch, cfg.epochs):
+        started = time.perf_counter()
+        loss = _train_epoch(accelerator, model, optimizer, scheduler, builder, train_posts, cfg, epoch)
+        core.eval()
+        predictions = predict_distributed(
+            lambda posts: predict_posts(core.llava, builder, posts, cfg.eval_batch_size, description="val"),
+            val_posts)
+        core.train()
+        record = {"epoch": epoch + 1, "train_loss": loss, "seconds": round(time.perf_counter() - started, 2)}
+        metrics = None
+        if val_posts:
+            metrics = classification_metrics([p.label for p in val_posts], [p.label for p in predictions], labels)
+            record["val"] = {k: metrics[k] for k in ("accuracy", "weighted_f1", "macro_f1")}
+        history.append(record)
+        improved = metrics is None or best is None or metrics["weighted_f1"] > best["weighted_f1"]
+        if improved:
+            best = metrics
+            run_config["best_epoch"] = epoch + 1
+        keep_resume = not deepspeed and epoch + 1 < cfg.epochs
+        state_dict = _trainable_state(accelerator, model) if improved or keep_resume else None
+        if main:
+            if improved:
+                save_weights(out / WEIGHTS, state_dict)
+                if metrics is not None:
+                    save_metrics(out, "val", metrics)
+                save_config(out, run_config)
+            write_json(out / "history.json", history)
+            if keep_resume:
+                _save_resume(out, state_dict, optimizer, scheduler, epoch + 1, history, best, run_config)
+        accelerator.wait_for_everyone()
+    if main and (out / RESUME_DIR).exists():
+        shutil.rmtree(out / RESUME_DIR)
+    accelerator.wait_for_everyone()
+    return {"run": str(out), "best_epoch": run_config["best_epoch"], "val": best, "history": history}
+
+
+def _train_epoch(accelerator, model, optimizer, scheduler, builder: PromptBuilder, posts: list[Post],
+                 cfg: MllmTrainConfig, epoch: int) -> float:
+    world, rank = accelerator.num_processes, accelerator.process_index
+    batches = epoch_batches(len(posts), cfg.batch_size, cfg.grad_accum, world, rank, cfg.seed, epoch)
+    params = [p for p in model.parameters() if p.requires_grad]
+    model.train()
+    total, count = 0.0, 0
+    with progress_bar() as progress:
+        task = progress.add_task(f"epoch {epoch + 1}/{cfg.epochs}", total=len(batches) * cfg.batch_size * world,
+                                 unit="posts", status="")
+        for indices in batches:
+            batch = make_batch(builder, [posts[i] for i in indices], with_targets=True).to(accelerator.device)
+            with accelerator.accumulate(model):
+                loss = model(batch)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+                optimizer.step()
+                if accelerator.sync_gradients:
+                    scheduler.step()
+                optimizer.zero_grad()
+            total, count = total + loss.item(), count + 1
+            progress.update(task, advance=len(indices) * world,
+                            status=f"loss {total / count:.4f} lr {scheduler.get_last_lr()[0]:.2e}")
+    mean = torch.tensor([total / max(count, 1)], device=accelerator.device)
+    return float(accelerator.reduce(mean, reduction="mean").item())
+
+
+def _check_labelled(posts: list[Post], path: Path, required: bool) -> None:
+    if required and not posts:
+        raise SentilensError("no training posts", path)
+    missing = [p.id for p in posts if p.label is None]
+    if missing:
+        raise SentilensError(f"{len(missing)} posts have no label (first: {missing[0]})", path)
+
+
+def _check_run_dir(out: Path, cfg: MllmTrainConfig) -> None:
+    if cfg.resume:
+        if not (out / RESUME_DIR / "state.json").is_file():
+            raise SentilensError("nothing to resume here (no resume/state.json: the run finished or never started)",
+                                 out)
+        saved = load_config(out)["training"]
+        for key in ("base_model", "mode", "data", "batch_size", "grad_accum", "epochs", "seed"):
+            if str(saved[key]) != str(getattr(cfg, key)):
+                raise SentilensError(f"--resume with a different {key} ({getattr(cfg, key)} vs {saved[key]})", out)
+    elif (out / "config.json").exists():
+        raise SentilensError("already a run directory: pick another --out, or --resume", out)
+
+
+def _stored_source(source: str) -> str:
+    """A local checkpoint folder is stored as an absolute path, an HF id as it is."""
+    path = Path(source)
+    return str(path.resolve()) if path.exists() else source
+
+
+def _base_model(cfg: MllmTrainConfig, out: Path, posts: list[Post], accelerator) -> str:
+    """The checkpoint to fine-tune; ``tiny`` is built inside the run directory so the run is self-contained."""
+    if cfg.base_model != TINY:
+        return cfg.base_model
+    folder = out / BASE_DIR
+    if accelerator.is_main_process and not (folder / "config.json").is_file():
+        build_tiny(folder, corpus=[p.text for p in posts], seed=cfg.seed)
+    accelerator.wait_for_everyone()
+    return str(folder)
+
+
+def _trainable_state(accelerator, model) -> dict[str, torch.Tensor] | None:
+    """Trainable tensors by name on the main process (gathered from all processes under ZeRO-3)."""
+    core: MllmModel = accelerator.unwrap_model(model)
+    names = set(core.trainable_state())
+    if accelerator.state.deepspeed_plugin is not None:
+        full = accelerator.get_state_dict(model)
+        return None if full is None else {k[len("net."):]: v for k, v in full.items() if k[len("net."):] in names}
+    return core.trainable_state() if accelerator.is_main_process else None
+
+
+def _save_resume(out: Path, trainable: dict, optimizer, scheduler, epochs_done: int, history: list, best: dict | None,
+                 run_config: dict) -> None:
+    folder = out / RESUME_DIR
+    save_weights(folder / "trainable.safetensors", trainable)
+    opt = optimizer.state_dict()
+    tensors = {f"{idx}.{key}": value for idx, slots in opt["state"].items() for key, value in slots.items()
+               if isinstance(value, torch.Tensor)}
+    save_weights(folder / "optimizer.safetensors", tensors)
+    sched = {k: v for k, v in scheduler.state_dict().items() if k != "_lr_lambdas"}
+    write_json(folder / "state.json", {"epochs_done": epochs_done, "history": history, "best": best,
+                                       "best_epoch": run_config["best_epoch"], "param_groups": opt["param_groups"],
+                                       "scheduler": sched})
+
+
+def _load_resume(out: Path, model: MllmModel, optimizer, scheduler) -> tuple[int, list, dict | None, int | None]:
+    folder = out / RESUME_DIR
+    state = read_json(folder / "state.json")
+    model.load_trainable_state(load_weights(folder / "trainable.safetensors"), folder / "trainable.safetensors")
+    slots: dict[int, dict] = {}
+    for key, value in load_weights(folder / "optimizer.safetensors").items():
+        idx, name = key.split(".", 1)
+        slots.setdefault(int(idx), {})[name] = value
+    optimizer.load_state_dict({"state": slots, "param_groups": state["param_groups"]})
+    scheduler.load_state_dict({**state["scheduler"], "_lr_lambdas": [None] * len(optimizer.param_groups)})
+    return state["epochs_done"], state["history"], state["best"], state["best_epoch"]
+
