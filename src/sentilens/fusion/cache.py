@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -113,15 +114,16 @@ def _lookup(keys: dict[int, str], cache: FeatureCache | None, encode: Callable[[
         else:
             found.update({i: cached for i in indices})
     hits = len(keys) - sum(len(by_key[k]) for k in todo)
-    if todo:
-        with progress_bar() as bar:
-            task = bar.add_task(description, total=len(todo), unit=unit, status="")
-            for start in range(0, len(todo), ENCODE_BATCH):
-                chunk = todo[start:start + ENCODE_BATCH]
-                for key, features in zip(chunk, encode([by_key[k][0] for k in chunk]), strict=True):
-                    if cache is not None:
-                        cache.put(key, features)
-                    found.update({i: features for i in by_key[key]})
+    # A bar only for work longer than one batch: a single post predicted by the server prints nothing.
+    with progress_bar() if len(todo) > ENCODE_BATCH else nullcontext() as bar:
+        task = bar.add_task(description, total=len(todo), unit=unit, status="") if bar else None
+        for start in range(0, len(todo), ENCODE_BATCH):
+            chunk = todo[start:start + ENCODE_BATCH]
+            for key, features in zip(chunk, encode([by_key[k][0] for k in chunk]), strict=True):
+                if cache is not None:
+                    cache.put(key, features)
+                found.update({i: features for i in by_key[key]})
+            if bar:
                 bar.advance(task, len(chunk))
     return found, hits, len(todo)
 
