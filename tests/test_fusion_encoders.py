@@ -90,5 +90,7 @@ def test_hf_resnet_backbone_through_from_pretrained(tmp_path):
 def test_unloadable_models_are_user_errors(tmp_path):
     with pytest.raises(SentilensError, match="cannot load"):
         TextEncoder(str(tmp_path / "no-such-model"))
-    with pytest.raises(SentilensError, match="cannot"):
+    with pytest.raises(SentilensError, match="cannot load vision model"):
+        ImageEncoder(str(tmp_path / "no-such-model")).dim  # noqa: B018
+    with pytest.raises(SentilensError, match="not a local folder"):
         ImageEncoder(str(tmp_path / "no-such-model")).fingerprint  # noqa: B018

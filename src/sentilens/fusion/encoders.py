@@ -99,7 +99,10 @@ class ImageEncoder:
         if self._dim is None:
             from transformers import AutoConfig
 
-            config = AutoConfig.from_pretrained(self.name)
+            try:
+                config = AutoConfig.from_pretrained(self.name)
+            except (OSError, ValueError) as err:
+                raise SentilensError(f"cannot load vision model '{self.name}' ({str(err).splitlines()[0]})") from None
             sizes = getattr(config, "hidden_sizes", None)
             self._dim = int(sizes[-1]) if sizes else int(getattr(config, "hidden_size", 0))
             if not self._dim:

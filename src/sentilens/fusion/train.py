@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 
 from sentilens.data.records import SPLITS, Post, read_labels, read_manifest
 from sentilens.errors import SentilensError
@@ -94,8 +95,6 @@ def save_checkpoint(run_dir: Path, model: FusionModel, text_encoder: TextEncoder
 def load_checkpoint(run_dir: Path, model: FusionModel, text_encoder: TextEncoder | None,
                     optimizer: torch.optim.Optimizer) -> dict:
     """Restore what :func:`save_checkpoint` wrote; returns the scalar state."""
-    from safetensors import safe_open
-
     path = run_dir / CHECKPOINT
     tensors = load_weights(path)
     with safe_open(str(path), framework="pt") as f:
@@ -122,7 +121,8 @@ def load_checkpoint(run_dir: Path, model: FusionModel, text_encoder: TextEncoder
 
 def _train_epoch(model: FusionModel, optimizer: torch.optim.Optimizer, posts: Sequence[Post],
                  features: Sequence[PostFeatures], config: FusionConfig, epoch: int, live_text: TextEncoder | None,
-                 device: str, on_batch) -> float:
+                 device: str, on_batch: Callable[[int, float], None]) -> float:
+    """One pass over the training posts in this epoch's seeded order; returns the mean loss."""
     label_index = {label: i for i, label in enumerate(config.labels)}
     model.train()
     if live_text is not None:
