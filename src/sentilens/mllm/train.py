@@ -13,7 +13,8 @@ gradient clipping at 1.0; LoRA runs default to lr 2e-4 (LLaVA-1.5's LoRA recipe)
   epoch and a resumed run sees exactly the batches an uninterrupted one would.
 - After every epoch: label scoring on val (sharded over the processes), weighted F1; the
   best epoch's trainable weights go to ``model.safetensors`` (projector + language model,
-  or projector + LoRA adapters), its metrics to ``metrics-val.json``.
+  or projector + LoRA adapters), its metrics to ``metrics-val.json`` and its predictions to
+  ``predictions-val.jsonl``; ``history.json`` has every epoch's loss and val scores.
 - ``--resume`` continues after the last finished epoch from ``RUN/resume/`` (trainable
   weights, AdamW moments, schedule, history), all safetensors + JSON; the folder is deleted
   when training ends. DeepSpeed shards the optimizer state, so resuming is refused there.
@@ -24,6 +25,7 @@ gradient clipping at 1.0; LoRA runs default to lr 2e-4 (LLaVA-1.5's LoRA recipe)
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
@@ -228,6 +230,7 @@ def train_mllm(cfg: MllmTrainConfig) -> dict:
                 save_weights(out / WEIGHTS, state_dict)
                 if metrics is not None:
                     save_metrics(out, "val", metrics)
+                    _save_predictions(out / "predictions-val.jsonl", val_posts, predictions)
                 save_config(out, run_config)
             write_json(out / "history.json", history)
             if keep_resume:
@@ -265,6 +268,13 @@ def _train_epoch(accelerator, model, optimizer, scheduler, builder: PromptBuilde
                             status=f"loss {total / count:.4f} lr {scheduler.get_last_lr()[0]:.2e}")
     mean = torch.tensor([total / max(count, 1)], device=accelerator.device)
     return float(accelerator.reduce(mean, reduction="mean").item())
+
+
+def _save_predictions(path: Path, posts: list[Post], predictions: list) -> None:
+    """The best epoch's val predictions, one JSON row per post (for error analysis, and to check a reload)."""
+    with path.open("w", encoding="utf-8") as f:
+        for post, pred in zip(posts, predictions, strict=True):
+            f.write(json.dumps({"id": post.id, **pred.to_dict()}, ensure_ascii=False) + "\n")
 
 
 def _check_labelled(posts: list[Post], path: Path, required: bool) -> None:
