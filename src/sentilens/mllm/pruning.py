@@ -1,0 +1,364 @@
+"""Visual token filtering by CLS attention (paper, "Reduction of Redundant Visual Features", eq. 2-3).
+
+Each ViT patch is scored by the attention the CLS query pays to it (eq. 3,
+``softmax(q_CLS K^T / sqrt(d_k))``), averaged over heads and over every encoder layer of the
+vision tower (the paper's rule); only the ``ceil(r * N)`` best patches reach the language model,
+in their original spatial order.
+
+How the scores are obtained. ``output_attentions=True`` would force eager attention and
+materialise every ``T x T`` map of every layer. Instead, forward hooks on each scored layer's
+``q_proj`` and ``k_proj`` capture the projections the tower computes anyway, and a hook on the
+attention module turns the CLS row of ``q`` and all of ``K`` into the ``1 x T`` CLS attention row
+per head: ``O(T * D)`` extra work per layer against the layer's ``O(T * D^2)``, and the tower keeps
+running its own attention kernel (SDPA). The softmax runs over all ``T`` keys (the CLS key
+included, exactly as in the eager map); the CLS-to-CLS entry is then dropped, without
+renormalising, so the scores are the eager map's row 0, columns 1..T-1, averaged.
+
+Which layers. ``"all"`` (default, the paper): every encoder layer, including the last, which
+LLaVA-1.5 does not need for its features (it reads ``vision_feature_layer = -2``); the HF LLaVA
+tower runs all its layers anyway, so the all-layer mean costs no extra layer there. ``"feature"``
+scores only the layer that produces LLaVA's features (the ``-2`` layer, as FasterVLM does), so a
+tower cut after that layer still has everything it needs. ``"last"``, ``"A:B"`` (a Python slice
+over the encoder layers) and ``"K"`` (one layer) are also accepted. Hidden state ``h`` is produced
+by encoder layer ``h - 1``; for a negative ``vision_feature_layer`` ``f`` that is layer ``L + f``.
+
+Towers without a CLS token (SigLIP, where LLaVA-style models use all patches). The paper's score
+does not exist there; the fallback is the attention each patch *receives*, averaged over all
+queries, heads and the chosen layers (``mean_i softmax(q_i K^T / sqrt(d))_j``). It is computed
+from the captured ``Q`` and ``K`` in chunks of queries, so no full map is ever held; it costs one
+extra ``QK^T`` per scored layer (about ``T / (4D + 2M + 2T)`` of the layer, ~5 % for SigLIP-so400m).
+Any other tower is refused with a :class:`SentilensError`.
+
+Beyond the paper, ``merge`` (after VisionZip): instead of discarding the low-score patches, the
+same token budget ``k = ceil(r * N)`` is split into ``k - k // 6`` dominant patches (top scores,
+spatial order) and ``k // 6`` contextual tokens (VisionZip keeps 54 + 10 of 64, about 1/6). The
+contextual tokens summarise every other patch: ``k // 6`` targets are taken evenly spaced (in
+spatial order) among the non-dominant patches, each remaining non-dominant patch joins the target
+whose key (from the feature layer's attention, heads concatenated) is most cosine-similar, and a
+contextual token is the mean of its group's features. They follow the dominant tokens, in their
+targets' spatial order. With ``k < 6`` there are no contextual tokens and merge equals discard.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from sentilens.errors import SentilensError
+
+CONTEXT_SHARE = 6
+"""One contextual token per this many kept tokens under ``merge`` (VisionZip's 10 of 64)."""
+
+QUERY_CHUNK_ELEMENTS = 1 << 24
+"""Largest attention block (batch x heads x queries x keys) the no-CLS fallback holds at once."""
+
+NO_CLS_MODEL_TYPES = ("siglip_vision_model",)
+
+
+@dataclass(frozen=True)
+class FilterSpec:
+    """Which layers score the patches and what happens to the dropped ones.
+
+    Parsed from ``LAYERS`` or ``LAYERS+merge``, where ``LAYERS`` is ``all`` (the paper),
+    ``feature`` (LLaVA's feature layer, FasterVLM), ``last``, ``A:B`` or ``K``.
+    """
+
+    layers: str = "all"
+    merge: bool = False
+
+    @classmethod
+    def parse(cls, text: str) -> FilterSpec:
+        layers, _, suffix = text.strip().partition("+")
+        if suffix not in ("", "merge"):
+            raise SentilensError(f"unknown filtering strategy '{text}': expected LAYERS or LAYERS+merge")
+        spec = cls(layers=layers or "all", merge=suffix == "merge")
+        spec.layer_indices(num_layers=1 << 20, vision_feature_layer=-2)  # syntax check only
+        return spec
+
+    def __str__(self) -> str:
+        return self.layers + ("+merge" if self.merge else "")
+
+    def layer_indices(self, num_layers: int, vision_feature_layer: int | Sequence[int] = -2) -> list[int]:
+        """The 0-based encoder layers whose attention is averaged."""
+        name = self.layers
+        if name == "all":
+            return list(range(num_layers))
+        if name == "last":
+            return [num_layers - 1]
+        if name == "feature":
+            feature_layers = [vision_feature_layer] if isinstance(vision_feature_layer, int) else vision_feature_layer
+            return sorted({feature_layer_index(f, num_layers) for f in feature_layers})
+        try:
+            if ":" in name:
+                start, stop = (int(part) if part.strip() else None for part in name.split(":", 1))
+                chosen = list(range(num_layers)[slice(start, stop)])
+            else:
+                chosen = [range(num_layers)[int(name)]]
+        except (ValueError, IndexError):
+            raise SentilensError(
+                f"bad scoring layers '{name}': use all, feature, last, a layer K or a slice A:B "
+                f"(the tower has {num_layers} layers)") from None
+        if not chosen:
+            raise SentilensError(f"scoring layers '{name}' select no layer of a {num_layers}-layer tower")
+        return chosen
+
+
+def feature_layer_index(vision_feature_layer: int, num_layers: int) -> int:
+    """The encoder layer whose output is ``hidden_states[vision_feature_layer]``."""
+    hidden = vision_feature_layer if vision_feature_layer >= 0 else num_layers + 1 + vision_feature_layer
+    if not 1 <= hidden <= num_layers:
+        raise SentilensError(f"vision_feature_layer {vision_feature_layer} is not the output of an attention layer "
+                             f"of a {num_layers}-layer tower")
+    return hidden - 1
+
+
+def tower_name(tower: nn.Module) -> str:
+    return getattr(getattr(tower, "config", None), "model_type", None) or type(tower).__name__
+
+
+def encoder_layers(tower: nn.Module) -> nn.ModuleList:
+    """The tower's attention layers, checked to have the ``self_attn.q_proj`` / ``k_proj`` the hooks need."""
+    layers = getattr(getattr(tower, "encoder", None), "layers", None)
+    usable = getattr(tower, "embeddings", None) is not None and isinstance(layers, nn.ModuleList) and len(layers) > 0
+    if not usable or not all(isinstance(getattr(getattr(layer, "self_attn", None), name, None), nn.Linear)
+                             for layer in layers for name in ("q_proj", "k_proj")):
+        supported = ", ".join(NO_CLS_MODEL_TYPES)
+        raise SentilensError(f"vision tower '{tower_name(tower)}' is not supported for token filtering: supported "
+                             f"are CLIP-style towers (CLS token) and SigLIP-style towers ({supported})")
+    return layers
+
+
+def has_cls_token(tower: nn.Module) -> bool:
+    """True for CLIP-style towers (CLS first), False for SigLIP-style ones; refuses anything else."""
+    encoder_layers(tower)
+    if isinstance(getattr(tower.embeddings, "class_embedding", None), nn.Parameter):
+        return True
+    if tower_name(tower) in NO_CLS_MODEL_TYPES:
+        return False
+    raise SentilensError(f"vision tower '{tower_name(tower)}' has no CLS token and is not a known SigLIP-style "
+                         f"tower; token filtering supports CLIP-style and {', '.join(NO_CLS_MODEL_TYPES)} towers")
+
+
+class AttentionScorer:
+    """Scores patches from the projections the tower computes anyway (see the module docstring).
+
+    Use :meth:`capture` around any forward of ``tower`` (yours or someone else's), or
+    :meth:`score` to run the tower itself. After a captured forward, ``scores`` is ``(B, N)``
+    (patches only, float32) and, when ``keep_keys_of`` is set, ``keys`` is that layer's
+    ``(B, N, D)`` patch keys.
+    """
+
+    def __init__(self, tower: nn.Module, layers: Sequence[int], keep_keys_of: int | None = None):
+        self.tower = tower
+        self.cls = has_cls_token(tower)
+        self.layers = sorted(set(layers))
+        self.keep_keys_of = keep_keys_of
+        self.scores: torch.Tensor | None = None
+        self.keys: torch.Tensor | None = None
+        self.pixel_values: torch.Tensor | None = None
+        self._sum: torch.Tensor | None = None
+        self._pending: dict[int, dict[str, torch.Tensor]] = {}
+
+    @contextmanager
+    def capture(self) -> Iterator[AttentionScorer]:
+        """Hooks installed for the duration: every tower forward inside refreshes the scores."""
+        handles = [self.tower.register_forward_pre_hook(self._start, with_kwargs=True)]
+        all_layers = encoder_layers(self.tower)
+        for index in sorted(set(self.layers) | ({self.keep_keys_of} - {None})):
+            attn = all_layers[index].self_attn
+            handles.append(attn.q_proj.register_forward_hook(self._stash(index, "q")))
+            handles.append(attn.k_proj.register_forward_hook(self._stash(index, "k")))
+            handles.append(attn.register_forward_hook(self._layer_done(index)))
+        handles.append(self.tower.register_forward_hook(self._finish))
+        try:
+            yield self
+        finally:
+            for handle in handles:
+                handle.remove()
+            self._pending.clear()
+            self._sum = None
+
+    @torch.no_grad()
+    def score(self, pixel_values: torch.Tensor, **tower_kwargs) -> torch.Tensor:
+        """Run the tower on ``pixel_values`` and return the ``(B, N)`` patch scores."""
+        with self.capture():
+            self.tower(pixel_values, **tower_kwargs)
+        return self.scores
+
+    def _start(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        self._sum = None
+        self.keys = None
+        self.scores = None
+        self.pixel_values = args[0] if args else kwargs.get("pixel_values")
+
+    def _stash(self, index: int, name: str):
+        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+            self._pending.setdefault(index, {})[name] = output.detach()
+        return hook
+
+    def _layer_done(self, index: int):
+        def hook(module: nn.Module, args: tuple, output: object) -> None:
+            captured = self._pending.pop(index)
+            q, k = captured["q"], captured["k"]
+            if index == self.keep_keys_of:
+                self.keys = k[:, 1:] if self.cls else k
+            if index in self.layers:
+                layer_scores = (cls_attention(q[:, 0], k, module.num_heads, module.scale) if self.cls
+                                else mean_received_attention(q, k, module.num_heads, module.scale))
+                self._sum = layer_scores if self._sum is None else self._sum + layer_scores
+        return hook
+
+    def _finish(self, module: nn.Module, args: tuple, output: object) -> None:
+        if self._sum is None:
+            raise RuntimeError("the vision tower ran without reaching the scored layers")
+        self.scores = self._sum / len(self.layers)
+        self._sum = None
+
+
+def cls_attention(q_cls: torch.Tensor, keys: torch.Tensor, num_heads: int, scale: float) -> torch.Tensor:
+    """Eq. 3 for one layer: the CLS row of the attention map, mean over heads, patch columns only.
+
+    ``q_cls``: ``(B, D)``; ``keys``: ``(B, T, D)`` with the CLS key first. Returns ``(B, T - 1)``.
+    """
+    batch, tokens, dim = keys.shape
+    head_dim = dim // num_heads
+    q = q_cls.float().view(batch, num_heads, 1, head_dim)
+    k = keys.float().view(batch, tokens, num_heads, head_dim).transpose(1, 2)
+    weights = torch.softmax((q @ k.transpose(-1, -2)) * scale, dim=-1)  # (B, H, 1, T)
+    return weights[:, :, 0, 1:].mean(dim=1)
+
+
+def mean_received_attention(queries: torch.Tensor, keys: torch.Tensor, num_heads: int, scale: float) -> torch.Tensor:
+    """No-CLS fallback for one layer: attention each token receives, mean over queries and heads.
+
+    ``queries``, ``keys``: ``(B, T, D)``. The map is built a chunk of queries at a time. Returns ``(B, T)``.
+    """
+    batch, tokens, dim = keys.shape
+    head_dim = dim // num_heads
+    q = queries.float().view(batch, tokens, num_heads, head_dim).transpose(1, 2)
+    k = keys.float().view(batch, tokens, num_heads, head_dim).transpose(1, 2)
+    chunk = max(1, QUERY_CHUNK_ELEMENTS // (batch * num_heads * tokens))
+    received = torch.zeros(batch, tokens, dtype=torch.float32, device=keys.device)
+    for start in range(0, tokens, chunk):
+        weights = torch.softmax((q[:, :, start:start + chunk] @ k.transpose(-1, -2)) * scale, dim=-1)
+        received += weights.sum(dim=(1, 2))
+    return received / (tokens * num_heads)
+
+
+def keep_count(num_patches: int, keep_ratio: float) -> int:
+    """``ceil(r * N)``, at least 1. ``r * N`` is rounded to 9 decimals first so that a product
+    that is an integer in exact arithmetic (0.2 * 5) is not pushed up by float error."""
+    if not 0.0 < keep_ratio <= 1.0:
+        raise SentilensError(f"keep ratio must be in (0, 1], got {keep_ratio}")
+    return max(1, min(num_patches, math.ceil(round(keep_ratio * num_patches, 9))))
+
+
+def top_patches(scores: torch.Tensor, count: int) -> torch.Tensor:
+    """Indices of the ``count`` highest ``scores`` (1-D), in increasing (spatial) order.
+
+    Ties go to the earlier patch: a stable descending sort keeps equal scores in index order.
+    """
+    order = torch.sort(scores, descending=True, stable=True).indices
+    return torch.sort(order[:count]).values
+
+
+def merge_context(features: torch.Tensor, keys: torch.Tensor, dominant: torch.Tensor, count: int) -> torch.Tensor:
+    """``count`` contextual tokens summarising the non-dominant patches (rule in the module docstring).
+
+    ``features``: ``(N, Dv)``; ``keys``: ``(N, Dk)``; ``dominant``: kept indices. Returns ``(count, Dv)``.
+    """
+    is_rest = torch.ones(features.shape[0], dtype=torch.bool, device=features.device)
+    is_rest[dominant] = False
+    rest = torch.nonzero(is_rest).flatten()
+    count = min(count, rest.numel())
+    if count == 0:
+        return features.new_zeros(0, features.shape[1])
+    target_pos = torch.div(torch.arange(count, device=rest.device) * rest.numel(), count, rounding_mode="floor")
+    unit = nn.functional.normalize(keys[rest].float(), dim=-1)
+    group = (unit @ unit[target_pos].T).argmax(dim=-1)  # each non-dominant patch -> most similar target
+    group[target_pos] = torch.arange(count, device=rest.device)  # a target always stays in its own group
+    sums = torch.zeros(count, features.shape[1], dtype=torch.float32, device=features.device)
+    sums.index_add_(0, group, features[rest].float())
+    sizes = torch.bincount(group, minlength=count).unsqueeze(1)
+    return (sums / sizes).to(features.dtype)
+
+
+@dataclass
+class Selection:
+    """What the filter did to one image: the reduced features and the patches kept."""
+
+    features: torch.Tensor
+    kept: torch.Tensor
+    scores: torch.Tensor
+
+
+def reduce_image(features: torch.Tensor, scores: torch.Tensor, keep_ratio: float, keys: torch.Tensor | None = None,
+                 merge: bool = False) -> Selection:
+    """Filter one image's ``(N, Dv)`` features by its ``(N,)`` scores to ``ceil(r * N)`` tokens."""
+    total = keep_count(features.shape[0], keep_ratio)
+    n_context = total // CONTEXT_SHARE if merge and total < features.shape[0] else 0
+    kept = top_patches(scores, total - n_context)
+    reduced = features[kept]
+    if n_context:
+        reduced = torch.cat([reduced, merge_context(features, keys, kept, n_context)])
+    return Selection(features=reduced, kept=kept, scores=scores)
+
+
+class TokenFilter:
+    """The reducer of :mod:`sentilens.mllm.inputs`: ``filter(features, pixel_values) -> [(k_i, Dv), ...]``.
+
+    :func:`sentilens.mllm.inputs.visual_tokens` enters :meth:`capture` around the tower forward
+    that produces ``features``, so the scores come from that very pass; called on pixels the
+    tower did not just see, the filter runs the tower itself once. ``last`` keeps each image's
+    :class:`Selection` of the latest call (kept patches and scores, for heatmaps).
+    """
+
+    def __init__(self, tower: nn.Module, keep_ratio: float, spec: FilterSpec | str = FilterSpec(),
+                 vision_feature_layer: int | Sequence[int] = -2):
+        self.spec = FilterSpec.parse(spec) if isinstance(spec, str) else spec
+        keep_count(1, keep_ratio)
+        self.keep_ratio = keep_ratio
+        num_layers = len(encoder_layers(tower))
+        layers = self.spec.layer_indices(num_layers, vision_feature_layer)
+        key_layer = None
+        if self.spec.merge:
+            first = vision_feature_layer if isinstance(vision_feature_layer, int) else vision_feature_layer[-1]
+            key_layer = feature_layer_index(first, num_layers)
+        self.scorer = AttentionScorer(tower, layers, keep_keys_of=key_layer)
+        self.last: list[Selection] = []
+
+    @contextmanager
+    def capture(self, llava: nn.Module | None = None) -> Iterator[TokenFilter]:
+        """Score during the caller's own tower forward (no second tower pass)."""
+        with self.scorer.capture():
+            yield self
+
+    @torch.no_grad()
+    def __call__(self, features: torch.Tensor, pixel_values: torch.Tensor) -> list[torch.Tensor]:
+        scorer = self.scorer
+        seen = scorer.pixel_values
+        fresh = (scorer.scores is not None and seen is not None and seen.shape == pixel_values.shape
+                 and torch.equal(seen, pixel_values.to(device=seen.device, dtype=seen.dtype)))
+        if not fresh:
+            tower = scorer.tower
+            scorer.score(pixel_values.to(device=tower.device, dtype=tower.dtype))
+        scores = scorer.scores
+        if scores.shape != features.shape[:2]:
+            raise ValueError(f"features {tuple(features.shape)} do not match patch scores {tuple(scores.shape)}")
+        self.last = [
+            reduce_image(features[i], scores[i], self.keep_ratio,
+                         None if scorer.keys is None else scorer.keys[i], self.spec.merge)
+            for i in range(features.shape[0])
+        ]
+        return [selection.features for selection in self.last]
+
+
+def make_reducer(llava: nn.Module, keep_ratio: float, strategy: str = "all") -> TokenFilter:
+    """The filter for a ``LlavaForConditionalGeneration`` (the ``pruning`` section of an MLLM run config)."""
+    return TokenFilter(llava.model.vision_tower, keep_ratio, FilterSpec.parse(strategy),
+                       llava.config.vision_feature_layer)

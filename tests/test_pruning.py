@@ -1,0 +1,233 @@
+"""CLS-attention token filtering (paper eq. 3): scores against eager attention maps, selection, merge, refusal."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from transformers import (
+    CLIPVisionConfig,
+    CLIPVisionModel,
+    SiglipVisionConfig,
+    SiglipVisionModel,
+    ViTConfig,
+    ViTModel,
+)
+
+from sentilens.errors import SentilensError
+from sentilens.mllm import pruning
+from sentilens.mllm.pruning import (
+    AttentionScorer,
+    FilterSpec,
+    TokenFilter,
+    keep_count,
+    merge_context,
+    reduce_image,
+    top_patches,
+)
+
+LAYERS = 4
+TOWER = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=LAYERS, num_attention_heads=4,
+             image_size=32, patch_size=8, initializer_factor=6.0)  # a large init gives peaked attention maps
+
+
+def saved_pair(cls, config, folder):
+    """The same random tower loaded twice through from_pretrained: SDPA (the default) and eager."""
+    torch.manual_seed(0)
+    cls(config).save_pretrained(folder)
+    sdpa = cls.from_pretrained(folder).eval()
+    eager = cls.from_pretrained(folder, attn_implementation="eager").eval()
+    return sdpa, eager
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory):
+    return saved_pair(CLIPVisionModel, CLIPVisionConfig(**TOWER), tmp_path_factory.mktemp("clip"))
+
+
+@pytest.fixture(scope="module")
+def siglip(tmp_path_factory):
+    config = SiglipVisionConfig(**{k: v for k, v in TOWER.items() if k != "initializer_factor"})
+    sdpa, eager = saved_pair(SiglipVisionModel, config, tmp_path_factory.mktemp("siglip"))
+    with torch.no_grad():  # SigLIP's init ignores initializer_factor: sharpen its attention by hand
+        for tower in (sdpa, eager):
+            for layer in tower.encoder.layers:
+                layer.self_attn.q_proj.weight.mul_(6.0)
+    return sdpa, eager
+
+
+def pixels(n=3, seed=1):
+    return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+
+
+def eager_maps(tower, x):
+    with torch.no_grad():
+        maps = tower(x, output_attentions=True).attentions
+    assert len(maps) == LAYERS and maps[0].shape == (x.shape[0], 4, 17 if hasattr(tower.embeddings, "class_embedding")
+                                                      else 16, maps[0].shape[-1])
+    return maps
+
+
+@pytest.mark.parametrize("layers, expected", [("all", [0, 1, 2, 3]), ("last", [3]), ("feature", [2]),
+                                              ("1:3", [1, 2]), ("-3:", [1, 2, 3]), ("0", [0])])
+def test_cls_scores_equal_eager_attention_maps(clip, layers, expected):
+    sdpa, eager = clip
+    x = pixels()
+    maps = eager_maps(eager, x)
+    reference = torch.stack([maps[i][:, :, 0, 1:].mean(dim=1) for i in expected]).mean(dim=0)
+    assert FilterSpec(layers).layer_indices(LAYERS, -2) == expected
+    scorer = AttentionScorer(sdpa, FilterSpec(layers).layer_indices(LAYERS, -2))
+    scores = scorer.score(x)
+    assert sdpa.config._attn_implementation == "sdpa"
+    assert scores.shape == (3, 16)
+    assert reference.max() / reference.min() > 3, "the reference maps are too flat to test anything"
+    torch.testing.assert_close(scores, reference, atol=1e-5, rtol=0)
+
+
+def test_scoring_leaves_the_tower_output_unchanged(clip):
+    sdpa, _ = clip
+    x = pixels()
+    with torch.no_grad():
+        plain = sdpa(x, output_hidden_states=True).hidden_states
+        scorer = AttentionScorer(sdpa, range(LAYERS))
+        with scorer.capture():
+            hooked = sdpa(x, output_hidden_states=True).hidden_states
+    assert all(torch.equal(a, b) for a, b in zip(plain, hooked, strict=True))
+    assert scorer.scores is not None
+    # hooks are gone after the block: a further forward leaves the scores alone
+    before = scorer.scores.clone()
+    with torch.no_grad():
+        sdpa(pixels(seed=5))
+    assert torch.equal(scorer.scores, before)
+
+
+@pytest.mark.parametrize("chunk_elements", [1 << 24, 40])  # one block; 40 elements = one query per block
+def test_siglip_falls_back_to_mean_received_attention(siglip, monkeypatch, chunk_elements):
+    monkeypatch.setattr(pruning, "QUERY_CHUNK_ELEMENTS", chunk_elements)
+    sdpa, eager = siglip
+    x = pixels()
+    maps = eager_maps(eager, x)
+    reference = torch.stack([m.mean(dim=(1, 2)) for m in maps]).mean(dim=0)  # mean over heads and queries
+    scorer = AttentionScorer(sdpa, range(LAYERS))
+    assert not scorer.cls
+    scores = scorer.score(x)
+    assert scores.shape == (3, 16)
+    assert reference.max() / reference.min() > 1.5
+    torch.testing.assert_close(scores, reference, atol=1e-5, rtol=0)
+
+
+def test_unsupported_towers_are_refused(tmp_path):
+    vit = ViTModel(ViTConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                             image_size=32, patch_size=8))
+    with pytest.raises(SentilensError, match="'vit' is not supported"):
+        TokenFilter(vit, 0.5)
+    clip_no_cls = CLIPVisionModel(CLIPVisionConfig(**TOWER))
+    del clip_no_cls.embeddings.class_embedding
+    with pytest.raises(SentilensError, match="no CLS token"):
+        TokenFilter(clip_no_cls, 0.5)
+
+
+@pytest.mark.parametrize("text", ["all+drop", "first", "9:12", "2:2"])
+def test_bad_strategies_are_refused(clip, text):
+    with pytest.raises(SentilensError):
+        TokenFilter(clip[0], 0.5, text)
+
+
+@pytest.mark.parametrize("n, ratio, expected", [
+    (576, 1.0, 576), (576, 0.8, 461), (576, 0.6, 346), (576, 0.4, 231), (576, 0.2, 116), (576, 0.05, 29),
+    (5, 0.2, 1), (10, 0.3, 3), (16, 0.01, 1), (7, 0.5, 4),
+])
+def test_keep_count_is_ceil_of_ratio_times_patches(n, ratio, expected):
+    assert keep_count(n, ratio) == expected
+
+
+@pytest.mark.parametrize("ratio", [0.0, -0.1, 1.5])
+def test_keep_ratio_outside_unit_interval_is_refused(ratio):
+    with pytest.raises(SentilensError, match="keep ratio"):
+        keep_count(10, ratio)
+
+
+def test_top_patches_keep_spatial_order_and_break_ties_by_position():
+    scores = torch.tensor([0.1, 0.5, 0.5, 0.2, 0.5, 0.9, 0.2])
+    assert top_patches(scores, 3).tolist() == [1, 2, 5]
+    assert top_patches(scores, 4).tolist() == [1, 2, 4, 5]
+    assert top_patches(scores, 5).tolist() == [1, 2, 3, 4, 5]
+    generator = torch.Generator().manual_seed(3)
+    for _ in range(20):
+        s = torch.randint(0, 4, (30,), generator=generator).float()  # many ties
+        k = int(torch.randint(1, 31, (1,), generator=generator))
+        expected = sorted(sorted(range(30), key=lambda i: (-s[i].item(), i))[:k])
+        assert top_patches(s, k).tolist() == expected
+
+
+def test_filter_keeps_ceil_r_n_top_patches_in_order_from_the_same_tower_pass(clip):
+    sdpa, eager = clip
+    x = pixels(4)
+    maps = eager_maps(eager, x)
+    reference = torch.stack([m[:, :, 0, 1:].mean(dim=1) for m in maps]).mean(dim=0)
+    runs = []
+    handle = sdpa.register_forward_hook(lambda *_: runs.append(1))
+    try:
+        for ratio in (1.0, 0.6, 0.25, 0.05):
+            reducer = TokenFilter(sdpa, ratio, "all", vision_feature_layer=-2)
+            with torch.no_grad(), reducer.capture():
+                features = sdpa(x, output_hidden_states=True).hidden_states[-2][:, 1:]
+            runs.clear()
+            kept = reducer(features, x)
+            assert not runs, "the filter ran the tower again although it saw these pixels"
+            for i, rows in enumerate(kept):
+                k = math.ceil(ratio * 16)
+                order = top_patches(reference[i], k)
+                assert rows.shape == (k, 32)
+                assert reducer.last[i].kept.tolist() == order.tolist()
+                assert torch.equal(rows, features[i, order])
+            if ratio == 1.0:
+                assert all(torch.equal(rows, features[i]) for i, rows in enumerate(kept))
+        # pixels the tower has not just seen: the filter scores them itself, once
+        other = pixels(4, seed=9)
+        runs.clear()
+        reducer(features, other)
+        assert len(runs) == 1
+    finally:
+        handle.remove()
+
+
+def test_merge_context_averages_groups_by_key_similarity():
+    features = torch.arange(8, dtype=torch.float32).unsqueeze(1).repeat(1, 2)  # row i = (i, i)
+    up, right = torch.tensor([0.1, 1.0]), torch.tensor([1.0, 0.2])
+    keys = torch.stack([up, right, up, right, right, up, right, up])
+    dominant = torch.tensor([0, 3])
+    # non-dominant patches 1 2 4 5 6 7; two targets evenly spaced among them (positions 0, 3): patch 1 (right)
+    # and patch 5 (up); right-keyed patches 4, 6 join patch 1, up-keyed patches 2, 7 join patch 5
+    context = merge_context(features, keys, dominant, 2)
+    expected = torch.tensor([[(1 + 4 + 6) / 3] * 2, [(2 + 5 + 7) / 3] * 2])
+    torch.testing.assert_close(context, expected)
+    assert merge_context(features, keys, torch.arange(8), 2).shape == (0, 2)  # nothing left to merge
+
+
+def test_merge_keeps_the_token_budget_and_the_dominant_patches():
+    generator = torch.Generator().manual_seed(0)
+    features, keys = torch.randn(40, 6, generator=generator), torch.randn(40, 5, generator=generator)
+    scores = torch.rand(40, generator=generator)
+    for ratio in (1.0, 0.8, 0.5, 0.3, 0.1):
+        total = keep_count(40, ratio)
+        merged = reduce_image(features, scores, ratio, keys, merge=True)
+        n_context = total // 6 if total < 40 else 0
+        assert merged.features.shape == (total, 6)
+        assert merged.kept.tolist() == top_patches(scores, total - n_context).tolist()
+        assert torch.equal(merged.features[:total - n_context], features[merged.kept])
+        if ratio == 1.0:
+            assert torch.equal(merged.features, features)
+
+
+def test_merge_strategy_through_the_tower(clip):
+    sdpa, _ = clip
+    x = pixels(2)
+    reducer = TokenFilter(sdpa, 0.75, "feature+merge", vision_feature_layer=-2)
+    with torch.no_grad(), reducer.capture():
+        features = sdpa(x, output_hidden_states=True).hidden_states[-2][:, 1:]
+    kept = reducer(features, x)
+    assert [rows.shape[0] for rows in kept] == [12, 12]  # ceil(0.75 * 16): 10 dominant + 2 contextual
+    assert all(sel.kept.numel() == 10 for sel in reducer.last)
+    assert reducer.scorer.keys.shape == (2, 16, 32)
