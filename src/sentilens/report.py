@@ -1,0 +1,207 @@
+"""The report a person reads: markdown tables in the papers' layouts, and plots (matplotlib).
+
+Sections: data counts per split x label; model comparison in the layout of the LLaVA paper's
+Table 3 (accuracy, weighted F1 per model); the fusion ablation in the layout of the fusion
+paper's ablation; token filtering in the layout of the LLaVA paper's Table 4 with the sweep
+plot; confusion matrices; Figure-3-style heatmaps; environment and stage timings. The papers'
+own numbers appear only in columns labelled as the papers' numbers.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from sentilens.runs import load_config, read_json  # noqa: E402
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """A GitHub-flavoured markdown table; floats printed with 4 decimals."""
+    def cell(value: object) -> str:
+        if isinstance(value, float):
+            return f"{value:.4f}"
+        return "" if value is None else str(value)
+
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def data_section(stats: dict) -> str:
+    labels = stats["labels"]
+    rows = [[split, *(stats["counts"][split][label] for label in labels), stats["totals"][split]]
+            for split in stats["counts"]]
+    dropped = len(stats.get("dropped", []))
+    return "## Data\n\nPosts per split x label.\n\n" + markdown_table(["split", *labels, "total"], rows) + (
+        f"\n\n{dropped} items were dropped while preparing (reasons in stats.json).\n" if dropped else "\n")
+
+
+def run_name(run_dir: Path, config: dict) -> str:
+    return config.get("name") or run_dir.name
+
+
+def describe_model(config: dict) -> str:
+    """A short description of a run's model from its config."""
+    if config["family"] == "mllm":
+        mode = config.get("mode", "full")
+        return f"LLaVA ({config.get('model_name') or config.get('base_model', '?')}, {mode})"
+    encoders = f"{config.get('image_encoder', '?')} + {config.get('text_encoder', '?')}"
+    return f"fusion {config.get('variant', '?')} ({encoders})"
+
+
+def comparison_section(run_dirs: Sequence[Path], split: str = "test") -> tuple[str, list[dict]]:
+    """Table 3 layout: one row per run with accuracy and weighted F1 on ``split``."""
+    rows, records = [], []
+    for run_dir in run_dirs:
+        config = load_config(run_dir)
+        metrics_path = run_dir / f"metrics-{split}.json"
+        if not metrics_path.is_file():
+            continue
+        metrics = read_json(metrics_path)
+        name = run_name(run_dir, config)
+        records.append({"run": str(run_dir), "name": name, "metrics": metrics})
+        rows.append([name, describe_model(config), metrics["accuracy"], metrics["weighted_f1"], metrics["macro_f1"]])
+    text = (f"## Model comparison\n\nLayout of the LLaVA paper's Table 3, on the {split} split "
+            "(our runs; fractions in [0, 1]).\n\n"
+            + markdown_table(["model", "description", "accuracy", "weighted F1", "macro F1"], rows) + "\n")
+    return text, records
+
+
+def ablation_section(ablation: dict) -> str:
+    """The fusion paper's ablation layout: accuracy and weighted F1 per variant."""
+    rows = [[v["variant"], v.get("description", ""), v["accuracy"], v["weighted_f1"]] for v in ablation["variants"]]
+    return ("## Fusion ablation\n\nLayout of the fusion paper's ablation (text only, image only, concatenation, "
+            "attention without routing, full model), our runs on the same cached features.\n\n"
+            + markdown_table(["variant", "description", "accuracy", "weighted F1"], rows) + "\n")
+
+
+def sweep_section(sweep: dict, plot: Path | None, out_dir: Path) -> str:
+    """The LLaVA paper's Table 4 layout for one run, with the paper's speedups beside ours."""
+    paper = {round(float(row["ratio"]), 2): row["speedup"] for row in sweep.get("paper_table4", [])}
+    rows = []
+    for row in sweep["rows"]:
+        paper_speedup = paper.get(round(float(row["ratio"]), 2))
+        rows.append([row["ratio"], row.get("strategy", ""), row["kept_tokens"], row["accuracy"], row["weighted_f1"],
+                     row["latency_ms_per_post"], row["speedup"], "" if paper_speedup is None else paper_speedup])
+    text = ("## Token filtering\n\nLayout of the LLaVA paper's Table 4: visual tokens kept by CLS attention at "
+            "each retention ratio, per scoring strategy (`all`: the paper's mean over every ViT layer; `feature`: "
+            "LLaVA's feature layer only; `+merge`: dropped patches merged into context tokens). The last column is "
+            "the paper's number (LLaVA-1.5-7B on a GPU), not ours.\n\n"
+            + markdown_table(["ratio", "strategy", "kept tokens", "accuracy", "weighted F1", "latency ms/post",
+                              "speedup", "paper's speedup"], rows) + "\n")
+    if plot is not None and plot.is_file():
+        text += f"\n![retention sweep]({os.path.relpath(plot, out_dir)})\n"
+    return text
+
+
+def plot_confusion(metrics: dict, path: Path, title: str) -> Path:
+    """A confusion-matrix heat plot with counts in the cells."""
+    labels, matrix = metrics["labels"], metrics["confusion"]
+    fig, ax = plt.subplots(figsize=(1.2 * len(labels) + 2, 1.2 * len(labels) + 1.5))
+    ax.imshow(matrix, cmap="Blues")
+    ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right")
+    ax.set_yticks(range(len(labels)), labels)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    top = max(max(r) for r in matrix) or 1
+    for i, row in enumerate(matrix):
+        for j, count in enumerate(row):
+            ax.text(j, i, str(count), ha="center", va="center", color="white" if count > top / 2 else "black")
+    ax.set_title(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def confusion_section(records: Sequence[dict], out_dir: Path) -> str:
+    text = "## Confusion matrices\n\n"
+    for record in records:
+        safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in record["name"])
+        path = plot_confusion(record["metrics"], out_dir / "plots" / f"confusion-{safe}.png", record["name"])
+        text += f"![confusion {record['name']}]({os.path.relpath(path, out_dir)})\n"
+    return text
+
+
+def heatmap_section(heatmaps: Sequence[dict], out_dir: Path) -> str:
+    """Figure 3 style: each heatmap with its post text, true label and prediction."""
+    text = "## CLS-attention heatmaps\n\nLeft: attention of the ViT's CLS token over the patches (mean over layers); " \
+           "right: the patches kept at the run's keep ratio.\n\n"
+    for item in heatmaps:
+        text += (f"**{item.get('id', '')}** — \"{item.get('text', '')}\" — true: {item.get('label', '?')}, "
+                 f"predicted: {item['predicted']}\n\n![heatmap]({os.path.relpath(item['path'], out_dir)})\n\n")
+    return text
+
+
+def environment() -> dict:
+    import torch
+    import transformers
+
+    return {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available()
+        else f"CPU ({platform.processor() or platform.machine()})",
+        "threads": torch.get_num_threads(),
+        "cpus": os.cpu_count(),
+    }
+
+
+def environment_section(stage_seconds: dict[str, float] | None = None) -> str:
+    env = environment()
+    text = "## Environment\n\n" + markdown_table(["what", "value"], list(env.items())) + "\n"
+    if stage_seconds:
+        rows = [[stage, f"{seconds:.1f}"] for stage, seconds in stage_seconds.items()]
+        text += "\nTime per stage (seconds):\n\n" + markdown_table(["stage", "seconds"], rows) + "\n"
+    return text
+
+
+def build_report(
+    out_dir: str | Path,
+    run_dirs: Sequence[str | Path],
+    *,
+    stats: dict | None = None,
+    ablation: dict | None = None,
+    heatmaps: Sequence[dict] = (),
+    stage_seconds: dict[str, float] | None = None,
+    split: str = "test",
+) -> Path:
+    """Write ``out_dir/report.md`` (+ ``plots/``) comparing ``run_dirs``; returns the report path.
+
+    Sections without material (no sweep.json in any run, no ablation) are left out.
+    """
+    out_dir = Path(out_dir)
+    (out_dir / "plots").mkdir(parents=True, exist_ok=True)
+    run_dirs = [Path(r) for r in run_dirs]
+    parts = ["# sentilens report\n"]
+    if stats is not None:
+        parts.append(data_section(stats))
+    comparison, records = comparison_section(run_dirs, split)
+    parts.append(comparison)
+    if ablation is not None:
+        parts.append(ablation_section(ablation))
+    for run_dir in run_dirs:
+        if (run_dir / "sweep.json").is_file():
+            plot = run_dir / "plots" / "sweep.png"
+            if plot.is_file():
+                plot = Path(shutil.copyfile(plot, out_dir / "plots" / f"sweep-{run_dir.name}.png"))
+            parts.append(sweep_section(read_json(run_dir / "sweep.json"), plot, out_dir))
+    if records:
+        parts.append(confusion_section(records, out_dir))
+    if heatmaps:
+        parts.append(heatmap_section(heatmaps, out_dir))
+    parts.append(environment_section(stage_seconds))
+    path = out_dir / "report.md"
+    path.write_text("\n".join(parts), encoding="utf-8")
+    return path
