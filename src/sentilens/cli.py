@@ -376,6 +376,77 @@ def predict_cmd(
         out.print(f"{len(rows)} predictions written to {output}")
 
 
+StrategyOpt = Annotated[str, typer.Option(
+    "--strategy", help="Token filtering: all (the paper: CLS attention averaged over all layers), feature (the "
+                       "layer LLaVA reads, as FasterVLM), last, or a layer slice A:B; add +merge to merge the "
+                       "dropped patches into contextual tokens (VisionZip-style). sweep takes a comma list.")]
+
+
+@app.command("sweep")
+def sweep_cmd(
+    run: RunOpt,
+    data: DataOpt,
+    split: SplitOpt = "test",
+    ratios: Annotated[str, typer.Option("--ratios", help="Keep ratios, comma-separated.")] = "1,0.8,0.6,0.4,0.2,0.05",
+    strategy: StrategyOpt = "all",
+    repeats: Annotated[int, typer.Option("--repeats", help="Timed passes per ratio (the fastest is kept).")] = 3,
+    as_json: JsonOpt = False,
+) -> None:
+    """The paper's Table 4: accuracy, F1, latency and speedup per keep ratio; writes RUN/sweep.json + plot."""
+    from sentilens.data.records import read_split
+    from sentilens.mllm.sweep import parse_ratios, parse_strategies, run_sweep, write_sweep
+    from sentilens.predict import load_predictor
+
+    ratio_list, strategies = parse_ratios(ratios), parse_strategies(strategy)
+    posts = read_split(data, split)
+    predictor = load_predictor(run)
+    result = {"run": str(run), "split": split, **run_sweep(predictor, posts, ratio_list, strategies, repeats)}
+    json_path, plot_path = write_sweep(run, result)
+    if as_json:
+        emit(result, True)
+        return
+    table = Table(title=f"{run} on {split}: visual token filtering ({result['n']} posts)")
+    for col in ("strategy", "ratio", "kept tokens", "accuracy", "weighted F1", "ms / post", "speedup"):
+        table.add_column(col, justify="left" if col == "strategy" else "right")
+    for row in result["rows"]:
+        table.add_row(row["strategy"], f"{row['ratio']:g}", f"{row['kept_tokens']}/{row['image_tokens']}",
+                      f"{row['accuracy']:.4f}", f"{row['weighted_f1']:.4f}", f"{row['latency_ms_per_post']:.1f}",
+                      f"{row['speedup']:.2f}x")
+    out.print(table)
+    out.print(f"written to {json_path} and {plot_path}")
+
+
+@app.command("explain")
+def explain_cmd(
+    run: RunOpt,
+    image: Annotated[Path, typer.Option("--image", help="Image of the post.")],
+    out_path: Annotated[Path, typer.Option("--out", help="PNG to write: heatmap and kept-patch mask.")],
+    text: Annotated[str, typer.Option("--text", help="Text of the post.")] = "",
+    keep_ratio: Annotated[float | None, typer.Option(
+        "--keep-ratio", help="Fraction of visual tokens kept, in (0, 1] (default 0.4).")] = None,
+    strategy: Annotated[str, typer.Option("--strategy", help="Layers scoring the patches: all, feature, last, "
+                                          "A:B (optionally +merge).")] = "all",
+    as_json: JsonOpt = False,
+) -> None:
+    """The paper's Figure 3: the CLS-attention heatmap of a post's image and the patches kept."""
+    from sentilens.mllm.explain import explain
+    from sentilens.mllm.sweep import parse_strategies, use_strategy
+    from sentilens.predict import load_predictor
+
+    specs = parse_strategies(strategy)
+    if len(specs) != 1:
+        raise SentilensError("--strategy takes one strategy here")
+    predictor = load_predictor(run)
+    if predictor.family == "mllm":
+        use_strategy(predictor, specs[0])
+    result = explain(predictor, image, text, keep_ratio, out_path)
+    if as_json:
+        emit(result, True)
+    else:
+        out.print(f"{result['label']}: kept {result['kept_patches']} of {result['patches']} patches "
+                  f"(r = {result['keep_ratio']:g}); heatmap written to {result['out']}")
+
+
 def main() -> None:
     try:
         app()

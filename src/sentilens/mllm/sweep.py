@@ -1,0 +1,142 @@
+"""The retention sweep: the paper's Table 4 for one MLLM run.
+
+For each filtering strategy and each keep ratio ``r``, the run predicts the split with only
+``ceil(r * N)`` visual tokens per image (:mod:`sentilens.mllm.pruning`), through the shared
+predictor and :func:`sentilens.predict.evaluate`; a row holds the ratio, the kept tokens,
+accuracy, weighted F1, the wall-clock latency per post and the speedup against ``r = 1`` of
+the same strategy (measured in the same process, so both share the machine's conditions;
+each ratio timed ``repeats`` times round-robin, its fastest pass kept).
+``r = 1`` is always measured, as the reference, and goes through the same filtering code
+(scoring included), so a speedup counts the scoring's cost too. Latency is the whole
+``predict`` call (image loading and preprocessing included) divided by the posts, after one
+warm-up batch. Results go to ``RUN/sweep.json`` and ``RUN/plots/sweep.png``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from sentilens.data.records import Post
+from sentilens.errors import SentilensError
+from sentilens.mllm.pruning import FilterSpec, keep_count
+from sentilens.predict import Predictor, check_keep_ratio, evaluate
+from sentilens.runs import write_json
+
+DEFAULT_RATIOS = (1.0, 0.8, 0.6, 0.4, 0.2, 0.05)
+
+PAPER_TABLE4 = [
+    {"ratio": 1.00, "accuracy": 0.933, "weighted_f1": 0.937, "speedup": 1.00},
+    {"ratio": 0.80, "accuracy": 0.938, "weighted_f1": 0.940, "speedup": 1.15},
+    {"ratio": 0.60, "accuracy": 0.933, "weighted_f1": 0.938, "speedup": 1.40},
+    {"ratio": 0.40, "accuracy": 0.933, "weighted_f1": 0.934, "speedup": 1.75},
+    {"ratio": 0.20, "accuracy": 0.893, "weighted_f1": 0.896, "speedup": 2.33},
+    {"ratio": 0.05, "accuracy": 0.823, "weighted_f1": 0.817, "speedup": 3.16},
+]
+"""The paper's Table 4 (LLaVA-1.5-7B on MVSA-Single), stored beside ours for comparison."""
+
+
+def parse_ratios(text: str) -> list[float]:
+    """``"1,0.8,0.6"`` -> ``[1.0, 0.8, 0.6]``, each checked to lie in (0, 1]."""
+    try:
+        ratios = [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise SentilensError(f"--ratios must be comma-separated numbers in (0, 1], got '{text}'") from None
+    if not ratios:
+        raise SentilensError("--ratios lists no ratio")
+    for ratio in ratios:
+        check_keep_ratio(ratio)
+    return list(dict.fromkeys(ratios))
+
+
+def parse_strategies(text: str) -> list[FilterSpec]:
+    specs = [FilterSpec.parse(part) for part in text.split(",") if part.strip()]
+    if not specs:
+        raise SentilensError("--strategy lists no strategy")
+    return list(dict.fromkeys(specs))
+
+
+def use_strategy(predictor: Predictor, spec: FilterSpec) -> None:
+    """Make the predictor filter with ``spec`` (the ``pruning`` section its reducer is built from)."""
+    predictor.config = {**predictor.config, "pruning": {"strategy": str(spec)}}
+
+
+def run_sweep(predictor: Predictor, posts: Sequence[Post], ratios: Sequence[float] = DEFAULT_RATIOS,
+              strategies: Sequence[FilterSpec] = (FilterSpec(),), repeats: int = 3) -> dict:
+    """Table 4 rows for every strategy x ratio (``r = 1`` first, as each strategy's reference).
+
+    Each strategy's ratios are timed ``repeats`` times, round-robin (a slow spell of a shared
+    machine then hits every ratio alike), and a ratio's latency is its fastest pass; the
+    metrics come from the first pass (predictions are deterministic).
+    """
+    if predictor.family != "mllm":
+        raise SentilensError(f"a token-filtering sweep needs an MLLM run, this one is '{predictor.family}'")
+    if not posts:
+        raise SentilensError("the split has no posts to sweep over")
+    if repeats < 1:
+        raise SentilensError(f"--repeats must be at least 1, got {repeats}")
+    image_tokens = int(predictor.config["num_image_tokens"])
+    ordered = [1.0] + [r for r in ratios if r != 1.0]
+    rows = []
+    for spec in strategies:
+        use_strategy(predictor, spec)
+        predictor.predict(list(posts[:1]), keep_ratio=1.0)  # warm-up: first-call allocations stay out of the timings
+        metrics: dict[float, dict] = {}
+        latency = dict.fromkeys(ordered, float("inf"))
+        for _ in range(repeats):
+            for ratio in ordered:
+                started = time.perf_counter()
+                if ratio in metrics:
+                    predictor.predict(posts, keep_ratio=ratio)
+                else:
+                    metrics[ratio] = evaluate(predictor, posts, keep_ratio=ratio)
+                latency[ratio] = min(latency[ratio], (time.perf_counter() - started) / len(posts))
+        for ratio in ordered:
+            rows.append({
+                "strategy": str(spec), "ratio": ratio, "kept_tokens": keep_count(image_tokens, ratio),
+                "image_tokens": image_tokens, "accuracy": metrics[ratio]["accuracy"],
+                "weighted_f1": metrics[ratio]["weighted_f1"], "macro_f1": metrics[ratio]["macro_f1"],
+                "latency_ms_per_post": 1000 * latency[ratio], "speedup": latency[1.0] / latency[ratio],
+                "reference_run": ratio not in ratios,
+            })
+    return {"n": len(posts), "image_tokens": image_tokens, "strategies": [str(s) for s in strategies],
+            "ratios": list(ratios), "repeats": repeats, "rows": rows, "paper_table4": PAPER_TABLE4}
+
+
+def plot_sweep(result: dict, path: Path) -> Path:
+    """Accuracy / weighted F1 (left) and speedup (right) against the keep ratio, one line per strategy."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (quality, speed) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for strategy in result["strategies"]:
+        rows = sorted((r for r in result["rows"] if r["strategy"] == strategy), key=lambda r: r["ratio"])
+        ratios = [r["ratio"] for r in rows]
+        line = quality.plot(ratios, [r["accuracy"] for r in rows], marker="o", label=f"{strategy}: accuracy")[0]
+        quality.plot(ratios, [r["weighted_f1"] for r in rows], marker="s", linestyle="--", color=line.get_color(),
+                     label=f"{strategy}: weighted F1")
+        speed.plot(ratios, [r["speedup"] for r in rows], marker="o", color=line.get_color(), label=strategy)
+    paper = result["paper_table4"]
+    speed.plot([r["ratio"] for r in paper], [r["speedup"] for r in paper], color="grey", linestyle=":", marker="x",
+               label="paper (LLaVA-1.5-7B)")
+    quality.set(xlabel="visual tokens kept (ratio)", ylabel="score", title=f"quality on {result['n']} posts")
+    speed.set(xlabel="visual tokens kept (ratio)", ylabel="speedup vs r = 1 (x)", title="inference speedup")
+    for axis in (quality, speed):
+        axis.invert_xaxis()
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def write_sweep(run_dir: Path, result: dict) -> tuple[Path, Path]:
+    """``RUN/sweep.json`` and ``RUN/plots/sweep.png``."""
+    json_path = Path(run_dir) / "sweep.json"
+    write_json(json_path, result)
+    return json_path, plot_sweep(result, Path(run_dir) / "plots" / "sweep.png")

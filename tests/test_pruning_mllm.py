@@ -1,0 +1,147 @@
+"""Token filtering inside the MLLM predictor (tiny LLaVA runs): r = 1 identity, the kept features reaching
+the language model, batched = one by one, LoRA runs, and the `sweep` / `explain` commands."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from mllm_helpers import small_manifest
+from sentilens.cli import app
+from sentilens.data.records import read_split
+from sentilens.mllm.inputs import build_inputs, encode_images, language_model_hidden, make_batch
+from sentilens.mllm.pruning import make_reducer, top_patches
+from sentilens.mllm.train import make_config, train_mllm
+from sentilens.predict import load_predictor
+
+TINY_RUN = {"base_model": "tiny", "lr": 3e-3, "batch_size": 8, "grad_accum": 1, "eval_batch_size": 8, "epochs": 1}
+PATCHES = 36  # the tiny LLaVA: 96 px / 16 px patches
+
+
+@pytest.fixture(scope="module")
+def manifest(tmp_path_factory):
+    return small_manifest(tmp_path_factory.mktemp("data"), n_train=8, n_val=4, n_test=8)
+
+
+@pytest.fixture(scope="module")
+def full_run(manifest, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "full"
+    train_mllm(make_config({"data": manifest, "out": out, **TINY_RUN}))
+    return out
+
+
+@pytest.fixture(scope="module")
+def lora_run(manifest, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "lora"
+    train_mllm(make_config({"data": manifest, "out": out, "mode": "lora", "lora": {"r": 4, "alpha": 8}, **TINY_RUN}))
+    return out
+
+
+def logits_of(predictor, posts, reducer):
+    llava = predictor.model.llava
+    with torch.no_grad():
+        inputs = build_inputs(llava, make_batch(predictor.builder, posts), reducer=reducer, padding_side="left")
+        return inputs, llava.lm_head(language_model_hidden(llava, inputs).last_hidden_state)
+
+
+@pytest.mark.parametrize("run", ["full_run", "lora_run"])
+def test_keep_ratio_one_reproduces_the_unfiltered_logits_exactly(run, manifest, request):
+    predictor = load_predictor(request.getfixturevalue(run))
+    posts = read_split(manifest, "test")
+    plain_inputs, plain = logits_of(predictor, posts, None)
+    kept_inputs, kept = logits_of(predictor, posts, make_reducer(predictor.model.llava, 1.0))
+    assert kept_inputs.image_tokens == plain_inputs.image_tokens
+    assert torch.equal(kept_inputs.inputs_embeds, plain_inputs.inputs_embeds)
+    assert torch.equal(kept, plain)
+    assert [p.probabilities for p in predictor.predict(posts, keep_ratio=1.0)] == [
+        p.probabilities for p in predictor.predict(posts)]
+
+
+def test_the_language_model_sees_exactly_the_top_patches_of_the_eager_reference(full_run, manifest):
+    predictor = load_predictor(full_run)
+    llava = predictor.model.llava
+    posts = [p for p in read_split(manifest, "test") if p.image][:3]
+    batch = make_batch(predictor.builder, posts)
+    eager = copy.deepcopy(llava.model.vision_tower)
+    eager.set_attn_implementation("eager")
+    with torch.no_grad():
+        maps = eager(batch.pixel_values, output_attentions=True).attentions
+    reference = torch.stack([m[:, :, 0, 1:].mean(dim=1) for m in maps]).mean(dim=0)
+    features = encode_images(llava, batch.pixel_values)
+    count = math.ceil(0.3 * PATCHES)
+
+    def by_reference(feats, pixel_values):
+        return [feats[i, top_patches(reference[i], count)] for i in range(feats.shape[0])]
+
+    ref_inputs, ref_logits = logits_of(predictor, posts, by_reference)
+    inputs, logits = logits_of(predictor, posts, make_reducer(llava, 0.3))
+    assert inputs.image_tokens == [count] * 3
+    assert (inputs.input_ids == llava.config.image_token_id).sum(dim=1).tolist() == [count] * 3
+    torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=1e-5)
+    assert features.shape == (3, PATCHES, 64)
+
+
+@pytest.mark.parametrize("strategy", ["all", "feature", "all+merge"])
+@pytest.mark.parametrize("run", ["full_run", "lora_run"])
+def test_filtered_batches_equal_one_by_one(run, strategy, manifest, request):
+    predictor = load_predictor(request.getfixturevalue(run))
+    predictor.config = {**predictor.config, "pruning": {"strategy": strategy}}
+    posts = read_split(manifest, "test")
+    assert {p.id for p in posts} >= {"long", "text-only"}
+    batched = predictor.predict(posts, keep_ratio=0.3)
+    predictor.batch_size = 1
+    alone = predictor.predict(posts, keep_ratio=0.3)
+    assert [p.kept_tokens for p in batched] == [0 if p.image is None else math.ceil(0.3 * PATCHES) for p in posts]
+    assert [p.kept_tokens for p in alone] == [p.kept_tokens for p in batched]
+    for a, b in zip(batched, alone, strict=True):
+        assert a.label == b.label
+        assert all(abs(a.probabilities[k] - b.probabilities[k]) <= 1e-5 for k in a.probabilities)
+
+
+def test_training_never_filters(full_run):
+    config = json.loads((full_run / "config.json").read_text())
+    assert "pruning" not in config  # the run is trained and evaluated on every visual token
+
+
+def test_sweep_writes_table_4_and_the_plot(full_run, manifest):
+    result = CliRunner().invoke(app, ["sweep", "--run", str(full_run), "--data", str(manifest), "--ratios",
+                                      "0.5,0.05", "--strategy", "all,feature+merge", "--repeats", "1", "--json"])
+    assert result.exit_code == 0, result.output
+    sweep = json.loads((full_run / "sweep.json").read_text())
+    rows = sweep["rows"]
+    assert [(r["strategy"], r["ratio"]) for r in rows] == [
+        ("all", 1.0), ("all", 0.5), ("all", 0.05), ("feature+merge", 1.0), ("feature+merge", 0.5),
+        ("feature+merge", 0.05)]
+    assert [r["kept_tokens"] for r in rows] == [36, 18, 2] * 2
+    assert [r["reference_run"] for r in rows] == [True, False, False] * 2
+    assert all(r["speedup"] == 1.0 for r in rows if r["ratio"] == 1.0)
+    assert all(0 <= r["accuracy"] <= 1 and r["latency_ms_per_post"] > 0 for r in rows)
+    assert sweep["n"] == 8 and sweep["split"] == "test"
+    with Image.open(full_run / "plots" / "sweep.png") as plot:
+        assert plot.size == (1100, 420)
+
+
+def test_sweep_rejects_bad_ratios(full_run, manifest):
+    result = CliRunner().invoke(app, ["sweep", "--run", str(full_run), "--data", str(manifest), "--ratios", "0.5,1.5"])
+    assert result.exit_code != 0
+    assert "keep ratio must be in (0, 1]" in str(result.exception)
+
+
+def test_explain_draws_heatmap_and_mask_with_the_predicted_label(full_run, manifest, tmp_path):
+    post = next(p for p in read_split(manifest, "test") if p.image)
+    out = tmp_path / "heat.png"
+    result = CliRunner().invoke(app, ["explain", "--run", str(full_run), "--image", post.image, "--text", post.text,
+                                      "--out", str(out), "--keep-ratio", "0.25", "--json"])
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.stdout)
+    assert info["kept_patches"] == 9 and info["patches"] == PATCHES
+    expected = load_predictor(full_run).predict([post], keep_ratio=0.25)[0]
+    assert info["label"] == expected.label
+    with Image.open(out) as png:
+        assert png.size == (1000, 500)
