@@ -3,12 +3,29 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
-from sentilens.data.records import SPLITS, Post, read_manifest, write_manifest
+import torch
+
+from sentilens.data.records import Post, read_manifest, write_manifest
 from sentilens.data.synth import LABELS, make_synthetic
 from sentilens.mllm.model import build_tiny, num_image_tokens, prepare_model
 from sentilens.mllm.prompt import PromptBuilder, PromptSettings
+
+
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """One intra-op thread: on tensors this small, more threads only add synchronisation (and on a busy
+    machine, spinning), which made the training tests ten times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
 
 LONG_TEXT = " ".join(["what a long and winding story about the weather this week"] * 4)
 
@@ -23,15 +40,16 @@ def tiny_model(folder: Path, mode: str = "full", training: bool = False):
 
 
 def small_manifest(folder: Path, n_train: int = 32, n_val: int = 8, n_test: int = 8) -> Path:
-    """A manifest cut from the synthetic set; the test split also gets a long post and a text-only post."""
+    """A manifest cut from the synthetic set (made once per folder); the test split also gets a long
+    post and a text-only post. With ``n_val=0`` there is no val split, so training keeps its last epoch."""
     source = folder / "synth"
-    make_synthetic(source, n=200, seed=3)
+    if not (source / "stats.json").is_file():
+        make_synthetic(source, n=200, seed=3)
     full = read_manifest(source)
     test = full["test"][: n_test - 2]
     test.append(dataclasses.replace(full["test"][n_test - 2], id="long", text=LONG_TEXT))
     test.append(Post(id="text-only", text="worst day ever, everything went wrong", image=None, label="negative"))
     splits = {"train": full["train"][:n_train], "val": full["val"][:n_val], "test": test}
-    out = folder / "manifest"
+    out = folder / f"manifest-{n_train}-{n_val}-{n_test}"
     write_manifest(out, splits, LABELS, source={"name": "synthetic subset"})
-    assert all(len(splits[s]) for s in SPLITS)
     return out

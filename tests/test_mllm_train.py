@@ -1,0 +1,219 @@
+"""Fine-tuning the tiny LLaVA end to end: fitting, scoring vs generation, batching, the run directory,
+LoRA runs, resuming, and the 2-process CPU accelerate run (train and sharded predict)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from mllm_helpers import one_thread, small_manifest
+from sentilens.cli import app
+from sentilens.data.records import read_split
+from sentilens.errors import SentilensError
+from sentilens.mllm import train as train_module
+from sentilens.mllm.train import make_config, train_mllm
+from sentilens.predict import evaluate, load_predictor
+from sentilens.runs import load_config, load_weights
+
+REPO = Path(__file__).resolve().parents[1]
+FAST = {"base_model": "tiny", "lr": 3e-3, "batch_size": 8, "grad_accum": 1, "eval_batch_size": 8}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    with one_thread():
+        yield
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("data")
+
+
+@pytest.fixture(scope="module")
+def manifest(data_dir):
+    return small_manifest(data_dir)
+
+
+@pytest.fixture(scope="module")
+def fit_run(data_dir, tmp_path_factory):
+    """20 epochs on 32 posts with no val split: the last epoch is kept."""
+    data = small_manifest(data_dir, n_val=0)
+    out = tmp_path_factory.mktemp("runs") / "fit"
+    train_mllm(make_config({"data": data, "out": out, "epochs": 20, **FAST, "lr": 5e-3}))
+    return out, data
+
+
+@pytest.fixture(scope="module")
+def three_epochs(manifest, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "three"
+    summary = train_mllm(make_config({"data": manifest, "out": out, "epochs": 3, **FAST}))
+    return out, summary
+
+
+def read_rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def assert_same_predictions(a, b, atol=1e-5):
+    assert [p.label for p in a] == [p.label for p in b]
+    assert [p.kept_tokens for p in a] == [p.kept_tokens for p in b]
+    for x, y in zip(a, b, strict=True):
+        assert x.probabilities.keys() == y.probabilities.keys()
+        assert all(abs(x.probabilities[k] - y.probabilities[k]) <= atol for k in x.probabilities)
+
+
+def test_tiny_model_fits_32_synthetic_posts(fit_run):
+    out, data = fit_run
+    train = read_split(data, "train")
+    assert len(train) == 32
+    metrics = evaluate(load_predictor(out), train)
+    assert metrics["accuracy"] >= 0.95
+    assert metrics["mean_kept_tokens"] == 36
+    assert load_config(out)["best_epoch"] == 20 and not (out / "metrics-val.json").exists()
+
+
+def test_label_scoring_agrees_with_greedy_generation(fit_run):
+    out, data = fit_run
+    predictor = load_predictor(out)
+    posts = read_split(data, "train") + read_split(data, "test")
+    scored = predictor.predict(posts)
+    predictor.decode = "generate"
+    generated = predictor.predict(posts)
+    assert all(p.extra["parsed"] for p in generated)
+    assert [p.label for p in scored] == [p.label for p in generated]
+    assert evaluate(predictor, posts)["unparsable"] == 0
+
+
+def test_batched_predictions_equal_one_by_one(fit_run):
+    out, data = fit_run
+    predictor = load_predictor(out)
+    posts = read_split(data, "test")
+    assert {p.id for p in posts} >= {"long", "text-only"}
+    batched = predictor.predict(posts)
+    predictor.batch_size = 1
+    alone = predictor.predict(posts)
+    assert_same_predictions(batched, alone)
+    assert [p.kept_tokens for p in batched] == [0 if p.image is None else 36 for p in posts]
+
+
+def test_run_directory_rebuilds_the_best_epoch(three_epochs, manifest):
+    out, summary = three_epochs
+    config = load_config(out)
+    assert config["family"] == "mllm" and config["mode"] == "full" and config["base_model"] == "base-model"
+    assert (out / "base-model" / "config.json").is_file() and not (out / "resume").exists()
+    history = json.loads((out / "history.json").read_text())
+    assert len(history) == 3 and history[-1]["train_loss"] < history[0]["train_loss"]
+    best = max(history, key=lambda h: h["val"]["weighted_f1"])
+    assert config["best_epoch"] == summary["best_epoch"] == best["epoch"]
+    assert json.loads((out / "metrics-val.json").read_text())["weighted_f1"] == best["val"]["weighted_f1"]
+    names = set(load_weights(out / "model.safetensors"))
+    assert not any("vision_tower" in n for n in names)
+    assert any("multi_modal_projector" in n for n in names) and any("language_model" in n for n in names)
+    saved = read_rows(out / "predictions-val.jsonl")
+    reloaded = load_predictor(out).predict(read_split(manifest, "val"))
+    assert [r["label"] for r in saved] == [p.label for p in reloaded]
+    for row, pred in zip(saved, reloaded, strict=True):
+        assert all(abs(row["probabilities"][k] - pred.probabilities[k]) < 1e-6 for k in pred.probabilities)
+
+
+def test_lora_run_saves_adapters_and_projector_and_reloads_identically(manifest, tmp_path):
+    out = tmp_path / "lora"
+    train_mllm(make_config({"data": manifest, "out": out, "epochs": 2, "mode": "lora",
+                            "lora": {"r": 8, "alpha": 16, "dropout": 0.0}, **FAST}))
+    weights = load_weights(out / "model.safetensors")
+    assert all("lora_" in n or "multi_modal_projector" in n for n in weights)
+    assert any("lora_B" in n and v.abs().sum() > 0 for n, v in weights.items()), "adapters trained"
+    config = load_config(out)
+    assert config["mode"] == "lora" and config["lora"]["r"] == 8
+    saved = read_rows(out / "predictions-val.jsonl")
+    reloaded = load_predictor(out).predict(read_split(manifest, "val"))
+    for row, pred in zip(saved, reloaded, strict=True):
+        assert row["label"] == pred.label
+        assert all(abs(row["probabilities"][k] - pred.probabilities[k]) < 1e-6 for k in pred.probabilities)
+
+
+def test_resume_continues_exactly_like_an_uninterrupted_run(manifest, three_epochs, tmp_path, monkeypatch):
+    straight_dir, _ = three_epochs
+    options = {"data": manifest, "epochs": 3, **FAST}
+    original = train_module._train_epoch
+
+    def interrupted(*args):
+        if args[-1] == 1:
+            raise KeyboardInterrupt
+        return original(*args)
+
+    monkeypatch.setattr(train_module, "_train_epoch", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train_mllm(make_config({**options, "out": tmp_path / "resumed"}))
+    assert json.loads((tmp_path / "resumed" / "resume" / "state.json").read_text())["epochs_done"] == 1
+    monkeypatch.setattr(train_module, "_train_epoch", original)
+    train_mllm(make_config({**options, "out": tmp_path / "resumed", "resume": True}))
+
+    straight = json.loads((straight_dir / "history.json").read_text())
+    resumed = json.loads((tmp_path / "resumed" / "history.json").read_text())
+    assert [h["train_loss"] for h in resumed] == pytest.approx([h["train_loss"] for h in straight], abs=1e-6)
+    a, b = load_weights(straight_dir / "model.safetensors"), load_weights(tmp_path / "resumed" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    with pytest.raises(SentilensError, match="nothing to resume"):
+        train_mllm(make_config({**options, "out": tmp_path / "resumed", "resume": True}))
+
+
+def test_train_command_refuses_user_mistakes(manifest, tmp_path):
+    runner = CliRunner()
+    result = runner.invoke(app, ["train", "mllm", "--data", str(manifest), "--out", str(tmp_path / "r"),
+                                 "--model", "tiny", "--lora", "--qlora"])
+    assert isinstance(result.exception, SentilensError) and "not both" in str(result.exception)
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "config.json").write_text('{"family": "mllm"}')
+    result = runner.invoke(app, ["train", "mllm", "--data", str(manifest), "--out", str(tmp_path / "r"),
+                                 "--model", "tiny"])
+    assert isinstance(result.exception, SentilensError) and "already a run directory" in str(result.exception)
+    result = runner.invoke(app, ["train", "mllm", "--out", str(tmp_path / "s"), "--model", "tiny"])
+    assert isinstance(result.exception, SentilensError) and "'data'" in str(result.exception)
+
+
+def test_paper_recipe_is_a_valid_config(tmp_path):
+    config = make_config({"data": tmp_path, "out": tmp_path / "run"}, REPO / "configs" / "mvsa_single_llava15_7b.yaml")
+    assert config.base_model == "llava-hf/llava-1.5-7b-hf" and config.mode == "full"
+    assert (config.learning_rate, config.epochs, config.batch_size * config.grad_accum) == (2e-5, 10, 16)
+    assert config.data == tmp_path, "command-line options override the recipe"
+
+
+def accelerate(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "SENTILENS_QUIET": "1", "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "accelerate.commands.launch", *args]
+    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_two_process_cpu_accelerate_run(manifest, fit_run, tmp_path):
+    out = tmp_path / "ddp"
+    done = accelerate("--cpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+                      "--dynamo_backend", "no", "-m", "sentilens", "train", "mllm", "--data", str(manifest),
+                      "--out", str(out), "--model", "tiny", "--epochs", "2", "--batch-size", "4", "--grad-accum", "2",
+                      "--lr", "3e-3", "--json", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads(done.stdout)
+    assert summary["best_epoch"] in (1, 2) and len(summary["history"]) == 2
+    assert sorted(p.name for p in out.iterdir()) == ["base-model", "config.json", "history.json", "labels.json",
+                                                    "metrics-val.json", "model.safetensors", "predictions-val.jsonl"]
+
+    run, _ = fit_run
+    posts = manifest / "test.jsonl"
+    done = accelerate("--config_file", str(REPO / "configs" / "accelerate_cpu.yaml"), "-m", "sentilens", "predict",
+                      "--run", str(run), "--input", str(posts), "--output", str(tmp_path / "preds.jsonl"),
+                      cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    sharded = read_rows(tmp_path / "preds.jsonl")
+    single = load_predictor(run).predict(read_split(manifest, "test"))
+    assert [r["id"] for r in sharded] == [p.id for p in read_split(manifest, "test")]
+    assert [r["label"] for r in sharded] == [p.label for p in single]
+    for row, pred in zip(sharded, single, strict=True):
+        assert all(abs(row["probabilities"][k] - pred.probabilities[k]) < 1e-5 for k in pred.probabilities)
