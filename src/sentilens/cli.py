@@ -447,6 +447,51 @@ def explain_cmd(
                   f"(r = {result['keep_ratio']:g}); heatmap written to {result['out']}")
 
 
+@app.command("demo")
+def demo_cmd(
+    out_dir: Annotated[Path, typer.Option("--out", help="Folder for data, runs, plots, report.")] = Path("demo-out"),
+    size: Annotated[str, typer.Option("--size", help="full (15 min on 2 cores) or smoke (3 min).")] = "full",
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the data and every run.")] = 0,
+    as_json: JsonOpt = False,
+) -> None:
+    """The whole job on the embedded defaults: data, fusion ablation, tiny LLaVA, sweep, heatmaps, report."""
+    from sentilens.demo import run_demo
+
+    result = run_demo(out_dir, size=size, seed=seed)
+    if as_json:
+        emit(result, True)
+        return
+    table = Table(title="demo stages")
+    table.add_column("stage")
+    table.add_column("seconds", justify="right")
+    for stage, seconds in result["stage_seconds"].items():
+        table.add_row(stage, f"{seconds:.1f}")
+    out.print(table)
+    out.print(f"report: {result['report']}")
+
+
+@app.command("report")
+def report_cmd(
+    runs: Annotated[list[Path], typer.Option("--runs", help="A run directory; repeat for several.")],
+    out_dir: Annotated[Path, typer.Option("--out", help="Folder for report.md and plots/.")],
+    data: Annotated[Path | None, typer.Option("--data", help="Manifest folder: adds its counts table.")] = None,
+    ablation: Annotated[Path | None, typer.Option("--ablation", help="ablation.json of 'ablate fusion'.")] = None,
+    split: SplitOpt = "test",
+) -> None:
+    """The papers' tables (Table 3 layout, ablation, Table 4 layout) and plots for any runs."""
+    from sentilens.data.records import read_stats
+    from sentilens.report import build_report
+    from sentilens.runs import read_json
+
+    missing = [r for r in runs if not (r / f"metrics-{split}.json").is_file()]
+    if missing:
+        raise SentilensError(f"no metrics-{split}.json: run 'sentilens eval --run {missing[0]} --split {split}' first",
+                             missing[0])
+    path = build_report(out_dir, runs, stats=read_stats(data) if data else None,
+                        ablation=read_json(ablation) if ablation else None, split=split)
+    out.print(f"report: {path}")
+
+
 def main() -> None:
     try:
         app()
