@@ -155,7 +155,9 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(manifest, three_epoc
         train_mllm(make_config({**options, "out": tmp_path / "resumed"}))
     assert json.loads((tmp_path / "resumed" / "resume" / "state.json").read_text())["epochs_done"] == 1
     monkeypatch.setattr(train_module, "_train_epoch", original)
-    train_mllm(make_config({**options, "out": tmp_path / "resumed", "resume": True}))
+    with pytest.raises(SentilensError, match="different epochs"):
+        train_mllm(make_config({"out": tmp_path / "resumed", "resume": True, "epochs": 4}))
+    train_mllm(make_config({"out": tmp_path / "resumed", "resume": True}))  # the rest comes from the run
 
     straight = json.loads((straight_dir / "history.json").read_text())
     resumed = json.loads((tmp_path / "resumed" / "history.json").read_text())

@@ -110,8 +110,16 @@ def load_recipe(path: str | Path) -> dict:
 
 
 def make_config(options: dict, recipe: str | Path | None = None) -> MllmTrainConfig:
-    """Recipe values overridden by the options given on the command line (None = not given)."""
-    merged = {**(load_recipe(recipe) if recipe else {}), **{k: v for k, v in options.items() if v is not None}}
+    """Recipe values overridden by the options given on the command line (None = not given).
+
+    With ``resume``, the run's saved options come first, so only what is given again is compared.
+    """
+    given = {k: v for k, v in options.items() if v is not None}
+    merged = load_recipe(recipe) if recipe else {}
+    out = given.get("out")
+    if given.get("resume") and out is not None and (Path(out) / "config.json").is_file():
+        merged.update(load_config(out).get("training", {}))
+    merged.update(given)
     try:
         return MllmTrainConfig(**merged)
     except ValidationError as err:
@@ -292,8 +300,11 @@ def _check_run_dir(out: Path, cfg: MllmTrainConfig) -> None:
                                  out)
         saved = load_config(out)["training"]
         for key in ("base_model", "mode", "data", "batch_size", "grad_accum", "epochs", "seed"):
-            if str(saved[key]) != str(getattr(cfg, key)):
-                raise SentilensError(f"--resume with a different {key} ({getattr(cfg, key)} vs {saved[key]})", out)
+            now, then = getattr(cfg, key), saved[key]
+            if key == "data":
+                now, then = Path(now).resolve(), Path(then).resolve()
+            if str(now) != str(then):
+                raise SentilensError(f"--resume with a different {key} ({now}, the run has {then})", out)
     elif (out / "config.json").exists():
         raise SentilensError("already a run directory: pick another --out, or --resume", out)
 
