@@ -55,8 +55,8 @@ def test_contextual_attention_matches_hand_computation():
 
 
 def reference_routing(u_hat: torch.Tensor, iterations: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sabour et al.'s Procedure 1 with explicit loops, for one example: u_hat is n_in x n_out x d."""
-    n_in, n_out, _ = u_hat.shape
+    """Sabour et al.'s Procedure 1 with explicit loops (agreement scaled by 1/sqrt(d)): u_hat is n_in x n_out x d."""
+    n_in, n_out, d = u_hat.shape
     b = [[0.0] * n_out for _ in range(n_in)]
     for it in range(iterations):
         c = [torch.softmax(torch.tensor(b[i]), dim=0) for i in range(n_in)]
@@ -68,7 +68,7 @@ def reference_routing(u_hat: torch.Tensor, iterations: int) -> tuple[torch.Tenso
         if it < iterations - 1:
             for i in range(n_in):
                 for j in range(n_out):
-                    b[i][j] += float(u_hat[i, j] @ v[j])
+                    b[i][j] += float(u_hat[i, j] @ v[j]) / d ** 0.5
     return torch.stack(v), torch.stack(c)
 
 

@@ -11,7 +11,7 @@ import torch
 from safetensors import safe_open
 from typer.testing import CliRunner
 
-from fusion_helpers import EncoderCalls, save_tiny_gpt2, save_tiny_resnet, subset_manifest
+from fusion_helpers import EncoderCalls, one_torch_thread, save_tiny_gpt2, save_tiny_resnet, subset_manifest  # noqa: F401
 from sentilens.cli import app
 from sentilens.data.records import read_manifest, read_split, read_stats
 from sentilens.data.synth import make_synthetic
@@ -26,6 +26,8 @@ from sentilens.runs import load_weights, read_json
 
 SIZE = 64
 runner = CliRunner()
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(autouse=True)
@@ -96,27 +98,28 @@ def test_a_second_run_reads_every_feature_from_the_cache(synth, ablation, tmp_pa
 
 def test_interrupted_then_resumed_run_equals_an_uninterrupted_one(synth, ablation, tmp_path, monkeypatch):
     cache = FeatureCache(ablation["cache"])
+    data = subset_manifest(synth, tmp_path / "small", {"train": 96, "val": 40, "test": 40})
     config = FusionConfig(variant="full", image_size=SIZE, epochs=3, seed=7)
-    straight = train_fusion(config, synth, tmp_path / "straight", cache=cache, device="cpu")
+    straight = train_fusion(config, data, tmp_path / "straight", cache=cache, device="cpu")
 
     forward, calls = FusionModel.forward, {"n": 0}
 
     def interrupted(model, batch):
         calls["n"] += 1
-        if calls["n"] == 16:  # epoch 2 of 3: 10 training batches + 1 validation batch per epoch
+        if calls["n"] == 6:  # in epoch 2 of 3: 3 training batches + 1 validation batch per epoch
             raise KeyboardInterrupt
         return forward(model, batch)
 
     monkeypatch.setattr(FusionModel, "forward", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        train_fusion(config, synth, tmp_path / "resumed", cache=cache, device="cpu")
+        train_fusion(config, data, tmp_path / "resumed", cache=cache, device="cpu")
     monkeypatch.setattr(FusionModel, "forward", forward)
     assert not (tmp_path / "resumed" / "metrics-test.json").exists()
     with safe_open(str(tmp_path / "resumed" / CHECKPOINT), framework="pt") as f:
         assert json.loads(f.metadata()["state"])["epoch"] == 1
     with pytest.raises(SentilensError, match="--resume"):
-        train_fusion(config, synth, tmp_path / "resumed", cache=cache, device="cpu")
-    resumed = resume_fusion(tmp_path / "resumed", synth, cache=cache, device="cpu")
+        train_fusion(config, data, tmp_path / "resumed", cache=cache, device="cpu")
+    resumed = resume_fusion(tmp_path / "resumed", data, cache=cache, device="cpu")
 
     for name in ("metrics-val.json", "metrics-test.json"):
         assert read_json(tmp_path / "resumed" / name) == read_json(tmp_path / "straight" / name)
@@ -154,7 +157,7 @@ def test_eval_and_predict_through_the_cli_use_the_run_directory(synth, ablation,
 
 
 def test_a_text_only_manifest_trains_and_evaluates(synth, ablation, tmp_path, monkeypatch):
-    data = subset_manifest(synth, tmp_path / "text-only", drop_images=True)
+    data = subset_manifest(synth, tmp_path / "text-only", {"train": 96, "val": 40, "test": 40}, drop_images=True)
     calls = EncoderCalls(monkeypatch)
     result = runner.invoke(app, ["train", "fusion", "--data", str(data), "--out", str(tmp_path / "run"),
                                  "--epochs", "2", "--image-size", str(SIZE), "--cache", str(ablation["cache"]),
