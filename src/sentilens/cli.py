@@ -325,6 +325,8 @@ def eval_cmd(run: RunOpt, data: DataOpt, split: SplitOpt = "test", keep_ratio: K
         emit(metrics, True)
     else:
         out.print(metrics_table(metrics, f"{run} on {split}"))
+        if "unparsable" in metrics:
+            out.print(f"{metrics['unparsable']} of {metrics['n']} generated answers named no label")
 
 
 @app.command("predict")

@@ -165,7 +165,8 @@ def _four_bit_config():
 def num_image_tokens(llava, processor) -> int:
     """Visual tokens one image becomes before filtering (576 for LLaVA-1.5 at 336 px)."""
     vision = llava.config.vision_config
-    tokens = (vision.image_size // vision.patch_size) ** 2 + int(getattr(processor, "num_additional_image_tokens", 0))
+    extra = 1 if "clip" in vision.model_type else int(getattr(processor, "num_additional_image_tokens", 0))
+    tokens = (vision.image_size // vision.patch_size) ** 2 + extra  # CLIP towers prepend a CLS token
     return tokens - (1 if llava.config.vision_feature_select_strategy == "default" else 0)
 
 

@@ -17,7 +17,8 @@ favoured, and argmax agrees with greedy generation whenever the model is confide
 ``decode="generate"`` is the paper's setting: greedy decoding (with a KV cache) until the end
 token, the text parsed into a label. An answer naming no label is counted as unparsable
 (``extra["parsed"] = False``) and falls back to the label sharing the longest token prefix
-with it (the label the decoder started to write); its probabilities are 1 for that label.
+with it (the label the decoder started to write; ties go to the first label in order). Greedy
+decoding gives no distribution: the probabilities are 1 for the returned label, 0 elsewhere.
 
 Batches are left-padded with positions counting real tokens only, so a post scores the same
 alone and in any batch.
