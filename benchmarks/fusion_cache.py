@@ -7,7 +7,8 @@
 2. Prediction throughput (posts/s) of the embedded defaults (EfficientNet-Lite0 224 px +
    all-MiniLM-L6-v2, no cache) through ``FusionPredictor``, the path ``eval``/``predict``/``serve`` use.
 
-Usage: ``python benchmarks/fusion_cache.py [--n 600] [--out benchmarks/results/fusion_cache.json]``.
+Usage: ``python benchmarks/fusion_cache.py [--n 600] [--threads N] [--out benchmarks/results/fusion_cache.json]``.
+The machine's load average is recorded with the numbers: on a CPU shared with other jobs they vary.
 """
 
 from __future__ import annotations
@@ -49,8 +50,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=600)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "fusion_cache.json")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = parser.parse_args()
     os.environ.setdefault("SENTILENS_QUIET", "1")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         make_synthetic(tmp / "data", n=args.n, seed=0)
@@ -84,7 +89,8 @@ def main() -> None:
         "predictor_load_seconds": round(load_s, 2),
         "machine": {"cpu": cpu_name(), "cores": os.cpu_count(),
                     "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-                    "python": platform.python_version()},
+                    "python": platform.python_version(),
+                    "load_average_1min_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)]},
     }
     write_json(args.out, result)
     for key in ("cold_seconds", "warm_seconds", "cold_over_warm", "predict_posts_per_second"):
