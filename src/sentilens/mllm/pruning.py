@@ -349,7 +349,9 @@ class TokenFilter:
             scorer.score(pixel_values.to(device=tower.device, dtype=tower.dtype))
         scores = scorer.scores
         if scores.shape != features.shape[:2]:
-            raise ValueError(f"features {tuple(features.shape)} do not match patch scores {tuple(scores.shape)}")
+            raise SentilensError(f"token filtering scores {scores.shape[1]} patches per image but the features have "
+                                 f"{features.shape[1]} rows (a CLIP tower needs vision_feature_select_strategy "
+                                 f"'default', which drops the CLS feature)")
         self.last = [
             reduce_image(features[i], scores[i], self.keep_ratio,
                          None if scorer.keys is None else scorer.keys[i], self.spec.merge)
