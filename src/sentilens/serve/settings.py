@@ -1,0 +1,58 @@
+"""Limits and batching settings of ``sentilens serve``, one pydantic model.
+
+Every limit bounds what one client can make the server hold or compute: the request body is cut
+off while it is read (``max_upload_bytes``), images are refused on their header before any
+decoding (``max_pixels``), texts and batches are counted (``max_text_chars``, ``max_posts``),
+and at most ``queue_size`` requests wait for the model; past that the server answers 503.
+Defaults fit a single-user machine; the CLI exposes each one.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+
+from sentilens.data.images import DEFAULT_MAX_PIXELS
+from sentilens.errors import SentilensError
+
+
+class ServeSettings(BaseModel):
+    """What ``create_app`` needs besides the run directory."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_upload_bytes: int = Field(10 * 2**20, ge=1024)
+    """Bytes of one request body (multipart or JSON, base64 included); 413 past it."""
+    max_pixels: int = Field(20_000_000, ge=1, le=DEFAULT_MAX_PIXELS)
+    """Pixels (width x height) of one image, checked on its header before decoding; 413 past it.
+    At most the loader's own cap, since the predictor decodes the stored upload again."""
+    max_text_chars: int = Field(5000, ge=1)
+    """Characters of one post's text; 422 past it."""
+    max_posts: int = Field(32, ge=1)
+    """Posts in one ``/v1/predict/batch`` request; 422 past it."""
+    max_batch: int = Field(8, ge=1)
+    """Posts the worker gathers from waiting requests into one model call."""
+    max_wait_ms: float = Field(5.0, ge=0.0)
+    """How long the worker waits for more requests once it holds one (latency traded for batching)."""
+    queue_size: int = Field(64, ge=1)
+    """Requests waiting for the model; one more gets 503 with Retry-After."""
+    retry_after_s: int = Field(1, ge=1)
+    """Retry-After of a 503."""
+    api_key: SecretStr | None = None
+    """When set, every /v1 request must carry it (X-API-Key or Authorization: Bearer)."""
+    device: str | None = None
+    """Where the model runs (cpu, cuda, cuda:1); default: the predictor's own choice."""
+
+    def limits(self) -> dict[str, int]:
+        """The limits a client may want to know (shown by ``GET /v1/model``)."""
+        return {"max_upload_bytes": self.max_upload_bytes, "max_pixels": self.max_pixels,
+                "max_text_chars": self.max_text_chars, "max_posts": self.max_posts}
+
+
+def make_settings(options: dict) -> ServeSettings:
+    """Settings from command-line options (None: the default); a value out of range is a user error."""
+    try:
+        return ServeSettings(**{key: value for key, value in options.items() if value is not None})
+    except ValidationError as err:
+        first = err.errors()[0]
+        option = "--" + str(first["loc"][0]).replace("_", "-") if first["loc"] else "serve"
+        raise SentilensError(f"{option}: {first['msg']}") from None
