@@ -494,6 +494,55 @@ def report_cmd(
     out.print(f"report: {path}")
 
 
+@app.command("serve")
+def serve_cmd(
+    run: RunOpt,
+    host: Annotated[str, typer.Option("--host", help="Address to bind; the default serves this machine only.")]
+    = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", help="TCP port (0: any free port, printed at start).")] = 8000,
+    api_key_env: Annotated[str | None, typer.Option(
+        "--api-key-env", help="Name of an environment variable holding an API key that every /v1 request must "
+                              "send (X-API-Key or Authorization: Bearer); /healthz and the page stay open.")] = None,
+    max_batch: Annotated[int | None, typer.Option("--max-batch", help="Posts per model call gathered from "
+                                                  "waiting requests (default 8).")] = None,
+    max_wait_ms: Annotated[float | None, typer.Option("--max-wait-ms", help="How long a batch waits for more "
+                                                      "requests (default 5).")] = None,
+    queue_size: Annotated[int | None, typer.Option("--queue-size", help="Requests waiting for the model; beyond, "
+                                                   "503 with Retry-After (default 64).")] = None,
+    max_upload_bytes: Annotated[int | None, typer.Option("--max-upload-bytes", help="Bytes of one request body "
+                                                         "(default 10 MiB).")] = None,
+    max_pixels: Annotated[int | None, typer.Option("--max-pixels", help="Pixels of one image (default 20 million).")]
+    = None,
+    max_text_chars: Annotated[int | None, typer.Option("--max-text-chars", help="Characters of one post's text "
+                                                       "(default 5000).")] = None,
+    max_posts: Annotated[int | None, typer.Option("--max-posts", help="Posts in one batch request (default 32).")]
+    = None,
+    device: DeviceOpt = None,
+) -> None:
+    """Serve a run over HTTP: JSON API (/v1/predict, /v1/predict/batch, /v1/explain, /v1/model) and a web page."""
+    import os
+
+    import uvicorn
+
+    from sentilens.serve.app import create_app
+    from sentilens.serve.settings import make_settings
+
+    api_key = None
+    if api_key_env is not None:
+        api_key = os.environ.get(api_key_env, "")
+        if not api_key:
+            raise SentilensError(f"--api-key-env: the environment variable {api_key_env} is not set or empty")
+    settings = make_settings({"max_batch": max_batch, "max_wait_ms": max_wait_ms, "queue_size": queue_size,
+                              "max_upload_bytes": max_upload_bytes, "max_pixels": max_pixels,
+                              "max_text_chars": max_text_chars, "max_posts": max_posts, "api_key": api_key,
+                              "device": device})
+    application = create_app(run, settings)
+    if api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
+        Console(stderr=True).print(f"[yellow]warning:[/yellow] serving on {host} without --api-key-env: anyone who "
+                                   "can reach this address can use the model", highlight=False)
+    uvicorn.run(application, host=host, port=port, log_level="info")
+
+
 def main() -> None:
     try:
         app()
