@@ -11,10 +11,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from sentilens.errors import SentilensError
+from sentilens.recipes import read_recipe
 
 Variant = Literal["text", "image", "concat", "attention", "full"]
 VARIANTS: tuple[str, ...] = ("text", "image", "concat", "attention", "full")
@@ -118,17 +118,7 @@ def config_error(err: ValidationError, path: Path | None = None) -> SentilensErr
 
 def load_recipe(path: str | Path) -> dict:
     """The fields of a YAML recipe (e.g. ``configs/fusion_crisismmd.yaml``), validated."""
-    path = Path(path)
-    if not path.is_file():
-        raise SentilensError("no such file", path)
-    try:
-        fields = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        raise SentilensError(f"not valid YAML ({getattr(err, 'problem', err)})", path,
-                             None if mark is None else mark.line + 1) from None
-    if not isinstance(fields, dict):
-        raise SentilensError("a recipe must be a mapping of field: value", path)
+    fields = read_recipe(path)
     fields.pop("family", None)
     try:
         FusionConfig(**fields)

@@ -44,6 +44,7 @@ from sentilens.mllm.prompt import PromptBuilder, PromptSettings, Task, infer_tas
 from sentilens.mllm.scoring import predict_posts
 from sentilens.predict import predict_distributed
 from sentilens.progress import progress_bar
+from sentilens.recipes import read_recipe
 from sentilens.runs import (
     load_config,
     load_weights,
@@ -91,31 +92,13 @@ class MllmTrainConfig(BaseModel):
         return self.lr if self.lr is not None else (2e-5 if self.mode == "full" else 2e-4)
 
 
-def load_recipe(path: str | Path) -> dict:
-    """Options from a YAML recipe (keys as in :class:`MllmTrainConfig`)."""
-    import yaml
-
-    path = Path(path)
-    if not path.is_file():
-        raise SentilensError("no such recipe file", path)
-    try:
-        recipe = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        raise SentilensError(f"not valid YAML ({getattr(err, 'problem', err)})", path,
-                             None if mark is None else mark.line + 1) from None
-    if not isinstance(recipe, dict):
-        raise SentilensError("a recipe must be a mapping of option: value", path)
-    return recipe
-
-
 def make_config(options: dict, recipe: str | Path | None = None) -> MllmTrainConfig:
     """Recipe values overridden by the options given on the command line (None = not given).
 
     With ``resume``, the run's saved options come first, so only what is given again is compared.
     """
     given = {k: v for k, v in options.items() if v is not None}
-    merged = load_recipe(recipe) if recipe else {}
+    merged = read_recipe(recipe) if recipe else {}
     out = given.get("out")
     if given.get("resume") and out is not None and (Path(out) / "config.json").is_file():
         merged.update(load_config(out).get("training", {}))
