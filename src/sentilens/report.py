@@ -51,10 +51,10 @@ def run_name(run_dir: Path, config: dict) -> str:
 def describe_model(config: dict) -> str:
     """A short description of a run's model from its config."""
     if config["family"] == "mllm":
-        mode = config.get("mode", "full")
-        return f"LLaVA ({config.get('model_name') or config.get('base_model', '?')}, {mode})"
+        base = config.get("training", {}).get("base_model") or config.get("base_model", "?")
+        return f"LLaVA ({base}, {config.get('mode', 'full')} fine-tuning)"
     encoders = f"{config.get('image_encoder', '?')} + {config.get('text_encoder', '?')}"
-    return f"fusion {config.get('variant', '?')} ({encoders})"
+    return f"fusion {config.get('variant', '?')} ({encoders}, prompt {config.get('prompt', '?')})"
 
 
 def comparison_section(run_dirs: Sequence[Path], split: str = "test") -> tuple[str, list[dict]]:
@@ -176,6 +176,7 @@ def build_report(
     heatmaps: Sequence[dict] = (),
     stage_seconds: dict[str, float] | None = None,
     split: str = "test",
+    notes: str | None = None,
 ) -> Path:
     """Write ``out_dir/report.md`` (+ ``plots/``) comparing ``run_dirs``; returns the report path.
 
@@ -185,6 +186,8 @@ def build_report(
     (out_dir / "plots").mkdir(parents=True, exist_ok=True)
     run_dirs = [Path(r) for r in run_dirs]
     parts = ["# sentilens report\n"]
+    if notes:
+        parts.append(notes.strip() + "\n")
     if stats is not None:
         parts.append(data_section(stats))
     comparison, records = comparison_section(run_dirs, split)

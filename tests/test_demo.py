@@ -1,0 +1,84 @@
+"""`sentilens demo --size smoke`: every stage runs, the report has every section, a rerun reuses the work."""
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SECTIONS = ["## Data", "## Model comparison", "## Fusion ablation", "## Token filtering", "## Confusion matrices",
+            "## CLS-attention heatmaps", "## Environment"]
+FUSION_ROWS = ["text-noprompt", "text", "image", "concat", "attention", "full"]
+
+
+def run_demo(out: Path) -> dict:
+    result = subprocess.run([sys.executable, "-m", "sentilens", "demo", "--out", str(out), "--size", "smoke",
+                             "--json"], capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout)
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    first = run_demo(out)
+    return out, first
+
+
+def table_rows(report: str, section: str) -> list[list[str]]:
+    body = report.split(section, 1)[1].split("\n## ", 1)[0]
+    rows = [line.strip("|").split("|") for line in body.splitlines() if line.startswith("|")]
+    return [[cell.strip() for cell in row] for row in rows[2:]]  # header and rule left out
+
+
+def test_report_has_every_section_and_tables_in_range(demo):
+    out, first = demo
+    report = Path(first["report"]).read_text()
+    for section in SECTIONS:
+        assert section in report, section
+    comparison = table_rows(report, "## Model comparison")
+    assert [row[0] for row in comparison] == [*FUSION_ROWS, "llava-tiny"]
+    ablation = table_rows(report, "## Fusion ablation")
+    assert [row[0] for row in ablation] == FUSION_ROWS
+    sweep = table_rows(report, "## Token filtering")
+    assert [float(row[0]) for row in sweep] == [1.0, 0.6, 0.2]
+    for row in comparison:
+        assert all(0.0 <= float(v) <= 1.0 for v in row[2:5]), row
+    for row in ablation:
+        assert all(0.0 <= float(v) <= 1.0 for v in row[2:4]), row
+    for row in sweep:
+        assert all(0.0 <= float(v) <= 1.0 for v in row[3:5]), row
+    # kept tokens follow ceil(r * N) of the tiny tower's 36 patches
+    assert [int(row[2]) for row in sweep] == [36, 22, 8]
+    # the full fusion model must beat both single-modality rows (the set's ceilings: 55 % / 70 %)
+    accuracy = {row[0]: float(row[2]) for row in ablation}
+    assert accuracy["full"] > max(accuracy["text"], accuracy["image"])
+
+
+def test_plots_exist_as_non_trivial_pngs(demo):
+    out, first = demo
+    report = Path(first["report"]).read_text()
+    images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report)
+    assert sum("heatmap" in p for p in images) == 4
+    assert sum("confusion" in p for p in images) == len(FUSION_ROWS) + 1
+    assert any("sweep" in p for p in images)
+    for rel in images:
+        data = (out / rel).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5_000, rel
+
+
+def test_second_run_reuses_every_stage_and_a_lost_output_is_rebuilt(demo):
+    out, first = demo
+    assert first["reused"] == []
+    weights = out / "runs" / "llava-tiny" / "model.safetensors"
+    stamp = weights.stat().st_mtime_ns
+    second = run_demo(out)
+    assert second["reused"] == list(first["stage_seconds"])
+    assert weights.stat().st_mtime_ns == stamp
+    (out / "runs" / "llava-tiny" / "sweep.json").unlink()
+    third = run_demo(out)
+    assert "token-filtering sweep" not in third["reused"]
+    assert set(third["reused"]) == set(first["stage_seconds"]) - {"token-filtering sweep"}
+    assert (out / "runs" / "llava-tiny" / "sweep.json").is_file()
