@@ -506,7 +506,7 @@ def serve_cmd(
     max_batch: Annotated[int | None, typer.Option("--max-batch", help="Posts per model call gathered from "
                                                   "waiting requests (default 8).")] = None,
     max_wait_ms: Annotated[float | None, typer.Option("--max-wait-ms", help="How long a batch waits for more "
-                                                      "requests (default 5).")] = None,
+                                                      "requests (default 0: takes those already waiting).")] = None,
     queue_size: Annotated[int | None, typer.Option("--queue-size", help="Requests waiting for the model; beyond, "
                                                    "503 with Retry-After (default 64).")] = None,
     max_upload_bytes: Annotated[int | None, typer.Option("--max-upload-bytes", help="Bytes of one request body "

@@ -31,8 +31,10 @@ class ServeSettings(BaseModel):
     """Posts in one ``/v1/predict/batch`` request; 422 past it."""
     max_batch: int = Field(8, ge=1)
     """Posts the worker gathers from waiting requests into one model call."""
-    max_wait_ms: float = Field(5.0, ge=0.0)
-    """How long the worker waits for more requests once it holds one (latency traded for batching)."""
+    max_wait_ms: float = Field(0.0, ge=0.0)
+    """How long the worker waits for more requests once it holds one. 0: it takes only those already
+    waiting; under load requests pile up while the model runs, so batches form without delaying a lone
+    request; benchmarks/serve_load.py measures both policies."""
     queue_size: int = Field(64, ge=1)
     """Requests waiting for the model; one more gets 503 with Retry-After."""
     retry_after_s: int = Field(1, ge=1)
