@@ -135,8 +135,8 @@ def test_healthz_and_model_describe_the_served_run(client, mllm_run):
     assert info["labels"] == json.loads((mllm_run / "labels.json").read_text())
     assert info["base_model"] == "base-model" and info["supports_keep_ratio"] and info["supports_explain"]
     assert info["config"]["mode"] == "full" and info["config"]["num_image_tokens"] == PATCHES
-    assert info["limits"] == {"max_upload_bytes": MAX_UPLOAD, "max_pixels": MAX_PIXELS, "max_text_chars": MAX_TEXT,
-                              "max_posts": MAX_POSTS}
+    assert info["limits"] == {"max_upload_bytes": MAX_UPLOAD, "max_pixels": MAX_PIXELS, "max_aspect_ratio": 20,
+                              "max_text_chars": MAX_TEXT, "max_posts": MAX_POSTS}
 
 
 def test_multipart_and_json_predictions_equal_the_library_predictor(client, posts, mllm_predictor, mllm_run):
@@ -239,6 +239,8 @@ def test_the_page_and_its_assets_are_served(client):
     ({"files": {"image": ("big.png", b"\0" * (MAX_UPLOAD + 1), "image/png")}}, "/v1/predict", 413,
      "payload_too_large", None),
     ({"files": {"image": ("wide.png", png_bytes(200, 200), "image/png")}}, "/v1/predict", 413, "too_many_pixels",
+     "image"),
+    ({"files": {"image": ("strip.png", png_bytes(400, 4), "image/png")}}, "/v1/predict", 422, "extreme_aspect_ratio",
      "image"),
     ({"files": {"image": ("notes.png", b"just some text, not a picture", "image/png")}}, "/v1/predict", 415,
      "unsupported_image", "image"),

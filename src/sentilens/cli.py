@@ -513,6 +513,8 @@ def serve_cmd(
                                                          "(default 10 MiB).")] = None,
     max_pixels: Annotated[int | None, typer.Option("--max-pixels", help="Pixels of one image (default 20 million).")]
     = None,
+    max_aspect_ratio: Annotated[float | None, typer.Option("--max-aspect-ratio", help="Long over short side of "
+                                                           "one image (default 20).")] = None,
     max_text_chars: Annotated[int | None, typer.Option("--max-text-chars", help="Characters of one post's text "
                                                        "(default 5000).")] = None,
     max_posts: Annotated[int | None, typer.Option("--max-posts", help="Posts in one batch request (default 32).")]
@@ -534,8 +536,8 @@ def serve_cmd(
             raise SentilensError(f"--api-key-env: the environment variable {api_key_env} is not set or empty")
     settings = make_settings({"max_batch": max_batch, "max_wait_ms": max_wait_ms, "queue_size": queue_size,
                               "max_upload_bytes": max_upload_bytes, "max_pixels": max_pixels,
-                              "max_text_chars": max_text_chars, "max_posts": max_posts, "api_key": api_key,
-                              "device": device})
+                              "max_aspect_ratio": max_aspect_ratio, "max_text_chars": max_text_chars,
+                              "max_posts": max_posts, "api_key": api_key, "device": device})
     application = create_app(run, settings)
     if api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
         Console(stderr=True).print(f"[yellow]warning:[/yellow] serving on {host} without --api-key-env: anyone who "

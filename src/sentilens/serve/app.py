@@ -123,8 +123,8 @@ class Service:
     async def check_images(self, posts: Sequence[tuple[str, str, bytes | None]], fields: Sequence[str]) -> None:
         for (_, _, image), field in zip(posts, fields, strict=True):
             if image is not None:
-                await anyio.to_thread.run_sync(check_image, image, self.settings.max_pixels, f"{field}image",
-                                               limiter=self.decoders)
+                await anyio.to_thread.run_sync(check_image, image, self.settings.max_pixels,
+                                               self.settings.max_aspect_ratio, f"{field}image", limiter=self.decoders)
 
     async def run(self, posts: Sequence[tuple[str, str, bytes | None]], fields: Sequence[str],
                   keep_ratio: float | None, explain=None):

@@ -125,7 +125,8 @@ class ModelInfo(BaseModel):
     supports_keep_ratio: bool
     supports_explain: bool
     config: dict[str, str | int | float | bool | None] = Field(description="The run config's top-level settings.")
-    limits: dict[str, int] = Field(description="max_upload_bytes, max_pixels, max_text_chars, max_posts.")
+    limits: dict[str, int | float] = Field(
+        description="max_upload_bytes, max_pixels, max_aspect_ratio, max_text_chars, max_posts.")
 
 
 class Health(BaseModel):

@@ -2,9 +2,10 @@
 
 Every limit bounds what one client can make the server hold or compute: the request body is cut
 off while it is read (``max_upload_bytes``), images are refused on their header before any
-decoding (``max_pixels``), texts and batches are counted (``max_text_chars``, ``max_posts``),
-and at most ``queue_size`` requests wait for the model; past that the server answers 503.
-Defaults fit a single-user machine; the CLI exposes each one.
+decoding (``max_pixels``) and on their shape once decoded (``max_aspect_ratio``), texts and
+batches are counted (``max_text_chars``, ``max_posts``), and at most ``queue_size`` requests wait
+for the model; past that the server answers 503. Defaults fit a single-user machine; the CLI
+exposes each one.
 """
 
 from __future__ import annotations
@@ -25,6 +26,10 @@ class ServeSettings(BaseModel):
     max_pixels: int = Field(20_000_000, ge=1, le=DEFAULT_MAX_PIXELS)
     """Pixels (width x height) of one image, checked on its header before decoding; 413 past it.
     At most the loader's own cap, since the predictor decodes the stored upload again."""
+    max_aspect_ratio: float = Field(20.0, ge=1.0)
+    """Long side over short side of one image; 422 past it. The models resize the short side, so a
+    1 x 20000 strip (a tiny PNG within any pixel cap) would become a 96 x 1.9 million tensor (measured:
+    2.3 GB and 9 s for the tiny LLaVA's 96-px tower, several times more at LLaVA-1.5's 336 px)."""
     max_text_chars: int = Field(5000, ge=1)
     """Characters of one post's text; 422 past it."""
     max_posts: int = Field(32, ge=1)
@@ -44,10 +49,11 @@ class ServeSettings(BaseModel):
     device: str | None = None
     """Where the model runs (cpu, cuda, cuda:1); default: the predictor's own choice."""
 
-    def limits(self) -> dict[str, int]:
+    def limits(self) -> dict[str, int | float]:
         """The limits a client may want to know (shown by ``GET /v1/model``)."""
         return {"max_upload_bytes": self.max_upload_bytes, "max_pixels": self.max_pixels,
-                "max_text_chars": self.max_text_chars, "max_posts": self.max_posts}
+                "max_aspect_ratio": self.max_aspect_ratio, "max_text_chars": self.max_text_chars,
+                "max_posts": self.max_posts}
 
 
 def make_settings(options: dict) -> ServeSettings:

@@ -5,7 +5,9 @@ a private folder (``mkdtemp``: readable by this user only) under a random name, 
 when its request ends, answered or not. Before that, :func:`check_image` decodes it through
 :func:`sentilens.data.images.load_image` with the server's pixel cap; a refusal gets the status
 that fits, decided on the image header (the loader's message is for people, not for code):
-413 over the pixel cap, 415 for a format Pillow does not know, 422 for a corrupt file.
+413 over the pixel cap, 415 for a format Pillow does not know, 422 for a corrupt file. A decoded
+image whose long side passes ``max_aspect_ratio`` times its short side is refused too (422): the
+models scale the short side up to their input size, so a thin strip would become enormous.
 """
 
 from __future__ import annotations
@@ -24,12 +26,15 @@ from sentilens.data.records import Post
 from sentilens.serve.errors import ApiError
 
 
-def check_image(data: bytes, max_pixels: int, field: str) -> None:
+def check_image(data: bytes, max_pixels: int, max_aspect_ratio: float, field: str) -> None:
     """Decode ``data`` fully (as the predictor will); raise the fitting :class:`ApiError` if it cannot be used."""
     try:
-        load_image(data, max_pixels)
+        width, height = load_image(data, max_pixels).size
     except ImageError as err:
         raise refusal(data, max_pixels, f"{field}: {err.problem}", field) from None
+    if max(width, height) > max_aspect_ratio * min(width, height):
+        raise ApiError(422, "extreme_aspect_ratio", f"{field}: a {width}x{height} image; the long side may be at most "
+                       f"{max_aspect_ratio:g} times the short side (models enlarge the short side)", field)
 
 
 def refusal(data: bytes, max_pixels: int, message: str, field: str) -> ApiError:
