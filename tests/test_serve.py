@@ -71,9 +71,16 @@ def mllm_server(mllm_run, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def fusion_server(fusion_run, tmp_path_factory):
+def fusion_temp(tmp_path_factory):
+    """The fusion server's TMPDIR, where it keeps the uploads of requests in flight."""
+    return tmp_path_factory.mktemp("server-tmp")
+
+
+@pytest.fixture(scope="module")
+def fusion_server(fusion_run, fusion_temp, tmp_path_factory):
     server = Server(fusion_run, tmp_path_factory.mktemp("logs") / "fusion.log",
-                    ["--api-key-env", "SENTILENS_TEST_KEY", "--max-batch", "8"], env={"SENTILENS_TEST_KEY": KEY})
+                    ["--api-key-env", "SENTILENS_TEST_KEY", "--max-batch", "8"],
+                    env={"SENTILENS_TEST_KEY": KEY, "TMPDIR": str(fusion_temp)})
     yield server
     server.stop()
 
@@ -368,6 +375,17 @@ def test_a_fusion_run_predicts_and_refuses_keep_ratio_and_heatmaps(fusion_server
         assert_error(http.post("/v1/predict/batch", json={"posts": [{"text": "hi"}], "keep_ratio": 0.5}), 422,
                      "keep_ratio_unsupported", "keep_ratio")
         assert_error(http.post("/v1/explain", **multipart(post)), 422, "explain_unsupported")
+
+
+def test_uploads_are_private_files_deleted_with_their_request(fusion_server, fusion_temp, posts):
+    body = {"posts": [{"text": p.text, "image": b64(p.image)} for p in posts]}
+    with httpx.Client(base_url=fusion_server.url, timeout=60, headers={"X-API-Key": KEY}) as http:
+        assert http.post("/v1/predict", **multipart(posts[0])).status_code == 200
+        assert http.post("/v1/predict/batch", json=body).status_code == 200
+        assert http.post("/v1/predict", files={"image": ("x.png", b"not an image", "image/png")}).status_code == 415
+    (folder,) = fusion_temp.glob("sentilens-serve-*")
+    assert folder.stat().st_mode & 0o777 == 0o700
+    assert list(folder.iterdir()) == []
 
 
 # ----------------------------------------------------------------------------- CLI

@@ -20,10 +20,11 @@ from __future__ import annotations
 import hmac
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import asynccontextmanager
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import anyio
 from fastapi import Depends, FastAPI, Request, Security
@@ -35,6 +36,7 @@ from pydantic.json_schema import models_json_schema
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from sentilens import __version__
+from sentilens.data.records import Post
 from sentilens.errors import SentilensError
 from sentilens.predict import Prediction, Predictor, load_predictor
 from sentilens.serve.batching import Batcher, QueueFull
@@ -127,7 +129,7 @@ class Service:
                                                self.settings.max_aspect_ratio, f"{field}image", limiter=self.decoders)
 
     async def run(self, posts: Sequence[tuple[str, str, bytes | None]], fields: Sequence[str],
-                  keep_ratio: float | None, explain=None):
+                  keep_ratio: float | None, explain: Callable[[Predictor, Post], Any] | None = None) -> Any:
         """Check ``posts``, store their images, and await the worker: predictions, or ``explain(predictor, post)``."""
         self.check_posts(posts, fields)
         if self.batcher.pending >= self.batcher.capacity:  # refuse before spending time on decoding
