@@ -38,7 +38,7 @@ class DemoSize:
 SIZES = {
     "smoke": DemoSize(posts=200, fusion_epochs=6, fusion_image_size=128, mllm_epochs=5, ratios=(1.0, 0.6, 0.2),
                       strategies=("all",)),
-    "full": DemoSize(posts=600, fusion_epochs=20, fusion_image_size=224, mllm_epochs=8,
+    "full": DemoSize(posts=600, fusion_epochs=10, fusion_image_size=224, mllm_epochs=8,
                      ratios=(1.0, 0.8, 0.6, 0.4, 0.2, 0.05), strategies=("all", "feature", "all+merge")),
 }
 MLLM_LR = 5e-3
