@@ -73,13 +73,3 @@ class EncoderCalls:
 
         monkeypatch.setattr(TextEncoder, "encode", count_text)
         monkeypatch.setattr(ImageEncoder, "encode", count_image)
-
-
-@pytest.fixture(scope="module")
-def one_torch_thread():
-    """Run a module's torch work on one thread: on 2 cores shared with other jobs, two OpenMP threads
-    spin against each other (measured: the ablation fixture took 116 s with 2 threads, 18 s with 1)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)

@@ -3,29 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
-
-import torch
 
 from sentilens.data.records import Post, read_manifest, write_manifest
 from sentilens.data.synth import LABELS, make_synthetic
 from sentilens.mllm.model import build_tiny, num_image_tokens, prepare_model
 from sentilens.mllm.prompt import PromptBuilder, PromptSettings
-
-
-@contextmanager
-def one_thread() -> Iterator[None]:
-    """One intra-op thread: on tensors this small, more threads only add synchronisation (and on a busy
-    machine, spinning), which made the training tests ten times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
 
 LONG_TEXT = " ".join(["what a long and winding story about the weather this week"] * 4)
 

@@ -4,13 +4,11 @@ import pytest
 import torch
 from PIL import Image
 
-from fusion_helpers import EncoderCalls, one_torch_thread, save_tiny_gpt2  # noqa: F401
+from fusion_helpers import EncoderCalls, save_tiny_gpt2  # noqa: F401
 from sentilens.data.images import ImageError
 from sentilens.data.records import Post
 from sentilens.fusion.cache import FeatureCache, featurize
 from sentilens.fusion.encoders import ImageEncoder, TextEncoder
-
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

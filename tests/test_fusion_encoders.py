@@ -5,11 +5,9 @@ import pytest
 import torch
 from PIL import Image
 
-from fusion_helpers import one_torch_thread, save_tiny_gpt2, save_tiny_resnet  # noqa: F401
+from fusion_helpers import save_tiny_gpt2, save_tiny_resnet  # noqa: F401
 from sentilens.errors import SentilensError
 from sentilens.fusion.encoders import IMAGENET_MEAN, IMAGENET_STD, ImageEncoder, TextEncoder, pixel_batch
-
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

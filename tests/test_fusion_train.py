@@ -11,7 +11,7 @@ import torch
 from safetensors import safe_open
 from typer.testing import CliRunner
 
-from fusion_helpers import EncoderCalls, one_torch_thread, save_tiny_gpt2, save_tiny_resnet, subset_manifest  # noqa: F401
+from fusion_helpers import EncoderCalls, save_tiny_gpt2, save_tiny_resnet, subset_manifest  # noqa: F401
 from sentilens.cli import app
 from sentilens.data.records import read_manifest, read_split, read_stats
 from sentilens.data.synth import make_synthetic
@@ -27,7 +27,6 @@ from sentilens.runs import load_weights, read_json
 SIZE = 64
 runner = CliRunner()
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(autouse=True)

@@ -10,16 +10,10 @@ import pytest
 import torch
 from PIL import Image
 
-from mllm_helpers import one_thread, tiny_model
+from mllm_helpers import tiny_model
 from sentilens.data.records import Post
 from sentilens.mllm.inputs import build_inputs, encode_images, language_model_hidden, make_batch
 from sentilens.mllm.scoring import label_log_probs
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    with one_thread():
-        yield
 
 
 @pytest.fixture(scope="module")

@@ -8,17 +8,11 @@ import pytest
 import torch
 from PIL import Image
 
-from mllm_helpers import one_thread, tiny_model
+from mllm_helpers import tiny_model
 from sentilens.data.records import Post
 from sentilens.errors import SentilensError
 from sentilens.mllm.inputs import make_batch
 from sentilens.mllm.model import build_tiny, load_checkpoint, prepare_model
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    with one_thread():
-        yield
 
 
 @pytest.fixture(scope="module")

@@ -4,15 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from mllm_helpers import LONG_TEXT, one_thread, tiny_model
+from mllm_helpers import LONG_TEXT, tiny_model
 from sentilens.errors import SentilensError
 from sentilens.mllm.prompt import PromptBuilder, PromptSettings, infer_task
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    with one_thread():
-        yield
 
 
 @pytest.fixture(scope="module")

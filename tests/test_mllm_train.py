@@ -13,7 +13,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from mllm_helpers import one_thread, small_manifest
+from mllm_helpers import small_manifest
 from sentilens.cli import app
 from sentilens.data.records import read_split
 from sentilens.errors import SentilensError
@@ -24,12 +24,6 @@ from sentilens.runs import load_config, load_weights
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = {"base_model": "tiny", "lr": 3e-3, "batch_size": 8, "grad_accum": 1, "eval_batch_size": 8}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    with one_thread():
-        yield
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 from fusion_helpers import save_tiny_gpt2, save_tiny_resnet, subset_manifest
-from mllm_helpers import one_thread, small_manifest
+from mllm_helpers import small_manifest
 from sentilens.cli import main
 from sentilens.data.records import Post, read_split
 from sentilens.fusion.config import FusionConfig
@@ -44,9 +44,8 @@ def data(tmp_path_factory):
 @pytest.fixture(scope="module")
 def mllm_run(data, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "tiny-mllm"
-    with one_thread():
-        train_mllm(make_config({"data": data, "out": out, "base_model": "tiny", "lr": 3e-3, "batch_size": 8,
-                                "grad_accum": 1, "eval_batch_size": 8, "epochs": 1}))
+    train_mllm(make_config({"data": data, "out": out, "base_model": "tiny", "lr": 3e-3, "batch_size": 8,
+                            "grad_accum": 1, "eval_batch_size": 8, "epochs": 1}))
     return out
 
 
@@ -56,8 +55,7 @@ def fusion_run(data, tmp_path_factory):
     manifest = subset_manifest(data, folder / "data", {"train": 8, "val": 4, "test": 4})
     config = FusionConfig(text_encoder=str(save_tiny_gpt2(folder / "gpt2")),
                           image_encoder=str(save_tiny_resnet(folder / "resnet")), image_size=64, epochs=1, batch_size=8)
-    with one_thread():
-        train_fusion(config, manifest, folder / "tiny-fusion", device="cpu")
+    train_fusion(config, manifest, folder / "tiny-fusion", device="cpu")
     return folder / "tiny-fusion"
 
 
