@@ -210,7 +210,8 @@ class AttentionScorer:
             if index in self.layers:
                 layer_scores = (cls_attention(q[:, 0], k, module.num_heads, module.scale) if self.cls
                                 else mean_received_attention(q, k, module.num_heads, module.scale))
-                self._sum = layer_scores if self._sum is None else self._sum + layer_scores
+                # a tower split over devices (device_map) sums its layers on the first one
+                self._sum = layer_scores if self._sum is None else self._sum + layer_scores.to(self._sum.device)
         return hook
 
     def _finish(self, module: nn.Module, args: tuple, output: object) -> None:

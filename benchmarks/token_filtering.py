@@ -1,0 +1,251 @@
+"""Speed contract of CLS-attention token filtering (paper Table 4), measured in one run.
+
+1. Scoring overhead: the vision tower with the hook-based scorer (CLS attention averaged over
+   all layers, :mod:`sentilens.mllm.pruning`) / the tower alone; target <= 1.10. For comparison,
+   the ``output_attentions=True`` route (eager attention, every map materialised) / the tower alone.
+2. End-to-end speedup at each keep ratio r: the prediction path of ``MllmPredictor`` (encode
+   images with scoring, filter, project, assemble, one-pass label scoring) at r against r = 1
+   through the same path, beside the ideal speedup implied by the FLOPs at that token count
+   (from the layer shapes and sequence lengths, :func:`flops`); target: measured >= 0.85 x ideal.
+
+Models have random weights (speed does not depend on them) and are built from configs:
+- CPU proxy: the CLIP ViT-L/14-336 tower shape (577 tokens, width 1024, 16 heads, MLP 4096) with
+  fewer layers than its 24 (``--vision-layers``, default 4: 2 shared cores) and a small Llama-style
+  LM (width 1024, ``--lm-layers`` layers, MLP 2816, 16 heads); batch 1 and 8; float32.
+- GPU (only when CUDA is present): the LLaVA-1.5-7B architecture (CLIP ViT-L/14-336, 24 layers +
+  Llama-2-7B: 32 layers, width 4096, MLP 11008) in bf16; batch 1 and 16. The paper reports
+  1.15x / 1.40x / 1.75x / 2.33x / 3.16x at r = 0.8 / 0.6 / 0.4 / 0.2 / 0.05.
+Each post has ``--text-tokens`` prompt tokens around its image and three 2-token labels, as in a
+label-scoring prediction. Timings interleave the variants round-robin over ``--repeats`` passes
+(every other pass in reverse order); a ratio of two times (speedup, overhead) is the median over
+passes of the ratio within one pass, whose two times are taken moments apart, so a shared
+machine's slow spells hit both alike; latencies are each variant's fastest pass. The CPU
+part runs on ``--threads`` threads (1 by default: on a shared 2-core machine, another job
+stalls a 2-thread kernel at every barrier, which swamps the differences being measured).
+
+Usage: ``python benchmarks/token_filtering.py [--repeats 5] [--threads 1] [--out FILE.json]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from sentilens.mllm.inputs import MllmBatch, build_inputs
+from sentilens.mllm.pruning import FilterSpec, TokenFilter, keep_count, make_reducer
+from sentilens.mllm.scoring import label_log_probs
+from sentilens.runs import write_json
+
+RATIOS = (1.0, 0.8, 0.6, 0.4, 0.2, 0.05)
+PAPER_SPEEDUP = {1.0: 1.00, 0.8: 1.15, 0.6: 1.40, 0.4: 1.75, 0.2: 2.33, 0.05: 3.16}
+ANSWERS = [[11, 12], [13, 14], [15, 16]]  # three labels of two tokens each (label + end of turn)
+
+
+@dataclass(frozen=True)
+class Shape:
+    name: str
+    vision_layers: int
+    lm_hidden: int
+    lm_layers: int
+    lm_heads: int
+    lm_kv_heads: int
+    lm_mlp: int
+    vocab: int
+    vision_hidden: int = 1024
+    vision_heads: int = 16
+    vision_mlp: int = 4096
+    image_size: int = 336
+    patch_size: int = 14
+
+
+def build_llava(shape: Shape, dtype: torch.dtype, device: str):
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    vision = CLIPVisionConfig(hidden_size=shape.vision_hidden, intermediate_size=shape.vision_mlp,
+                              num_hidden_layers=shape.vision_layers, num_attention_heads=shape.vision_heads,
+                              image_size=shape.image_size, patch_size=shape.patch_size, projection_dim=768,
+                              hidden_act="quick_gelu")
+    text = LlamaConfig(hidden_size=shape.lm_hidden, intermediate_size=shape.lm_mlp, num_hidden_layers=shape.lm_layers,
+                       num_attention_heads=shape.lm_heads, num_key_value_heads=shape.lm_kv_heads,
+                       vocab_size=shape.vocab, max_position_embeddings=4096, pad_token_id=0)
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=shape.vocab - 1,
+                         vision_feature_layer=-2, vision_feature_select_strategy="default")
+    with torch.device(device):
+        llava = LlavaForConditionalGeneration(config).to(dtype)
+    return llava.eval().requires_grad_(False)
+
+
+def flops(shape: Shape, kept: int, text_tokens: int, answers: list[list[int]]) -> float:
+    """Floating-point operations (2 per multiply-add) of one post's prediction with ``kept`` visual tokens.
+
+    Vision tower (all layers run; patch embedding, projections, MLP, both attention matmuls),
+    the CLS scores of every layer, the projector on the kept rows, and the language model on
+    ``text_tokens + kept + answer tokens`` positions (projections, MLP, attention), plus the LM
+    head on the answer positions. Norms, softmax and element-wise work are left out.
+    """
+    t, d, m = (shape.image_size // shape.patch_size) ** 2 + 1, shape.vision_hidden, shape.vision_mlp
+    vision = 2 * (t - 1) * 3 * shape.patch_size ** 2 * d
+    vision += shape.vision_layers * (2 * t * (4 * d * d + 2 * d * m) + 4 * t * t * d)
+    scoring = shape.vision_layers * 2 * t * d
+    projector = 2 * kept * (d * shape.lm_hidden + shape.lm_hidden * shape.lm_hidden)
+    answer_tokens = sum(len(a) for a in answers)
+    s, h = text_tokens + kept + answer_tokens, shape.lm_hidden
+    head_dim = h // shape.lm_heads
+    per_token = 2 * (2 * h * shape.lm_heads * head_dim + 2 * h * shape.lm_kv_heads * head_dim + 3 * h * shape.lm_mlp)
+    language = shape.lm_layers * (s * per_token + 4 * s * s * shape.lm_heads * head_dim)
+    head = 2 * answer_tokens * h * shape.vocab
+    return float(vision + scoring + projector + language + head)
+
+
+def synchronize(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed_passes(fns: dict, repeats: int, device: str) -> dict[object, list[float]]:
+    """Wall times of each callable in ``repeats`` passes (after one warm-up pass); odd passes run in reverse order."""
+    times: dict[object, list[float]] = {key: [] for key in fns}
+    for rep in range(repeats + 1):
+        for key in list(fns) if rep % 2 == 0 else list(reversed(fns)):
+            synchronize(device)
+            start = time.perf_counter()
+            fns[key]()
+            synchronize(device)
+            if rep:  # pass 0 warms up
+                times[key].append(time.perf_counter() - start)
+    return times
+
+
+def paired_ratio(times: dict, numerator: object, denominator: object) -> float:
+    """Median over passes of ``time[numerator] / time[denominator]`` within the same pass.
+
+    Both times of a pair are taken moments apart, so a slow spell of a shared machine hits them alike.
+    """
+    return statistics.median(a / b for a, b in zip(times[numerator], times[denominator], strict=True))
+
+
+def measure(shape: Shape, batch: int, device: str, dtype: torch.dtype, text_tokens: int, repeats: int) -> dict:
+    torch.manual_seed(0)
+    llava = build_llava(shape, dtype, device)
+    tower = llava.model.vision_tower
+    pixels = torch.randn(batch, 3, shape.image_size, shape.image_size, device=device, dtype=dtype)
+    eager = copy.deepcopy(tower)
+    eager.set_attn_implementation("eager")
+    scorer = TokenFilter(tower, 1.0, FilterSpec("all")).scorer
+
+    def scored():
+        with scorer.capture():
+            tower(pixels, output_hidden_states=True)
+
+    def eager_maps():
+        eager(pixels, output_hidden_states=True, output_attentions=True)
+
+    with torch.no_grad():
+        tower_times = timed_passes({"alone": lambda: tower(pixels, output_hidden_states=True), "scored": scored,
+                                    "eager": eager_maps}, repeats, device)
+    eager = None  # free the copy before the end-to-end timings
+
+    image_id = llava.config.image_token_id
+    ids = [1] + [100 + i for i in range(text_tokens // 2)] + [image_id] + [
+        200 + i for i in range(text_tokens - 1 - text_tokens // 2)]
+    posts = MllmBatch(token_ids=[ids] * batch, pixel_values=pixels, image_index=list(range(batch)))
+    n = (shape.image_size // shape.patch_size) ** 2
+
+    def predict(ratio: float):
+        reducer = make_reducer(llava, ratio)
+        return lambda: label_log_probs(llava, build_inputs(llava, posts, reducer, padding_side="left"), ANSWERS)
+
+    with torch.no_grad():
+        times = timed_passes({ratio: predict(ratio) for ratio in RATIOS}, repeats, device)
+    base_flops = flops(shape, n, text_tokens, ANSWERS)
+    rows = []
+    for ratio in RATIOS:
+        kept = keep_count(n, ratio)
+        speedup = paired_ratio(times, 1.0, ratio)
+        ideal = base_flops / flops(shape, kept, text_tokens, ANSWERS)
+        rows.append({"ratio": ratio, "kept_tokens": kept, "latency_ms_per_post": 1000 * min(times[ratio]) / batch,
+                     "speedup": speedup, "ideal_speedup": ideal, "speedup_of_ideal": speedup / ideal,
+                     "paper_speedup": PAPER_SPEEDUP[ratio]})
+    return {
+        "device": device, "model_shape": asdict(shape), "shape_name": shape.name, "batch": batch,
+        "dtype": str(dtype).replace("torch.", ""), "text_tokens": text_tokens,
+        "tower_ms": 1000 * min(tower_times["alone"]), "tower_scored_ms": 1000 * min(tower_times["scored"]),
+        "tower_eager_attentions_ms": 1000 * min(tower_times["eager"]),
+        "scoring_overhead": paired_ratio(tower_times, "scored", "alone"),
+        "eager_attention_overhead": paired_ratio(tower_times, "eager", "alone"),
+        "ratios": rows,
+    }
+
+
+def report(setting: dict) -> None:
+    print(f"\n[{setting['device']}] {setting['shape_name']}, batch {setting['batch']}, {setting['dtype']}")
+    print(f"  vision tower {setting['tower_ms']:.1f} ms; with scoring x{setting['scoring_overhead']:.3f} "
+          f"(target <= 1.10); output_attentions=True route x{setting['eager_attention_overhead']:.3f}")
+    print(f"  {'ratio':>6} {'kept':>5} {'ms/post':>9} {'speedup':>8} {'ideal':>7} {'of ideal':>9} {'paper':>6}")
+    for row in setting["ratios"]:
+        print(f"  {row['ratio']:>6g} {row['kept_tokens']:>5} {row['latency_ms_per_post']:>9.1f} {row['speedup']:>7.2f}x"
+              f" {row['ideal_speedup']:>6.2f}x {row['speedup_of_ideal']:>9.2f} {row['paper_speedup']:>5.2f}x")
+
+
+def cpu_name() -> str:
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--vision-layers", type=int, default=4, help="CPU proxy: tower layers (ViT-L has 24)")
+    parser.add_argument("--lm-layers", type=int, default=4, help="CPU proxy: language model layers")
+    parser.add_argument("--text-tokens", type=int, default=96, help="prompt tokens per post besides the image")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="CPU threads (1: a shared machine's other jobs slow it evenly instead of stalling "
+                             "multi-threaded kernels)")
+    parser.add_argument("--cpu-batches", default="1,8")
+    parser.add_argument("--gpu-batches", default="1,16")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "token_filtering.json")
+    args = parser.parse_args()
+    os.environ.setdefault("SENTILENS_QUIET", "1")
+    torch.set_num_threads(args.threads)
+    load_before = list(os.getloadavg())
+    settings = []
+    proxy = Shape(name=f"CLIP ViT-L/14-336 shape ({args.vision_layers} of 24 layers) + Llama-style LM "
+                       f"(1024 wide, {args.lm_layers} layers)", vision_layers=args.vision_layers, lm_hidden=1024,
+                  lm_layers=args.lm_layers, lm_heads=16, lm_kv_heads=16, lm_mlp=2816, vocab=32064)
+    for batch in (int(b) for b in args.cpu_batches.split(",")):
+        settings.append(measure(proxy, batch, "cpu", torch.float32, args.text_tokens, args.repeats))
+        report(settings[-1])
+    if torch.cuda.is_available():
+        llava7b = Shape(name="LLaVA-1.5-7B (CLIP ViT-L/14-336, 24 layers + Llama-2-7B)", vision_layers=24,
+                        lm_hidden=4096, lm_layers=32, lm_heads=32, lm_kv_heads=32, lm_mlp=11008, vocab=32064)
+        for batch in (int(b) for b in args.gpu_batches.split(",")):
+            settings.append(measure(llava7b, batch, "cuda", torch.bfloat16, args.text_tokens, args.repeats))
+            report(settings[-1])
+        gpu = torch.cuda.get_device_name()
+    else:
+        gpu = None
+        print("\nno CUDA device here: the LLaVA-1.5-7B (bf16, batch 1 and 16) part was skipped")
+    write_json(args.out, {
+        "machine": {"cpu": cpu_name(), "cpu_threads": torch.get_num_threads(), "gpu": gpu,
+                    "torch": torch.__version__, "load_average_before": load_before,
+                    "load_average_after": list(os.getloadavg())},
+        "targets": {"scoring_overhead_max": 1.10, "speedup_of_ideal_min": 0.85},
+        "repeats": args.repeats, "settings": settings,
+    })
+    print(f"\nwritten to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
