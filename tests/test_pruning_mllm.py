@@ -104,9 +104,28 @@ def test_filtered_batches_equal_one_by_one(run, strategy, manifest, request):
         assert all(abs(a.probabilities[k] - b.probabilities[k]) <= 1e-5 for k in a.probabilities)
 
 
-def test_training_never_filters(full_run):
-    config = json.loads((full_run / "config.json").read_text())
-    assert "pruning" not in config  # the run is trained and evaluated on every visual token
+@pytest.mark.parametrize("train_keep_ratio, tokens", [(None, 36), (0.5, 18)])
+def test_training_filters_only_when_the_flag_says_so(manifest, tmp_path, monkeypatch, train_keep_ratio, tokens):
+    from sentilens.mllm import model as model_module
+    from sentilens.mllm import scoring as scoring_module
+
+    seen = {"train": [], "val": []}
+
+    def recording(stage, build):
+        def wrapper(*args, **kwargs):
+            inputs = build(*args, **kwargs)
+            seen[stage].extend(inputs.image_tokens)
+            return inputs
+        return wrapper
+
+    monkeypatch.setattr(model_module, "build_inputs", recording("train", model_module.build_inputs))
+    monkeypatch.setattr(scoring_module, "build_inputs", recording("val", scoring_module.build_inputs))
+    out = tmp_path / "run"
+    train_mllm(make_config({"data": manifest, "out": out, **TINY_RUN, "train_keep_ratio": train_keep_ratio}))
+    for stage in ("train", "val"):
+        assert seen[stage] and set(seen[stage]) <= {0, tokens}, (stage, seen[stage])
+        assert tokens in seen[stage]
+    assert json.loads((out / "config.json").read_text())["training"]["train_keep_ratio"] == train_keep_ratio
 
 
 def test_sweep_writes_table_4_and_the_plot(full_run, manifest):

@@ -279,6 +279,9 @@ def train_mllm_cmd(
                                              "(default: from the labels).")] = None,
     gradient_checkpointing: Annotated[bool, typer.Option("--gradient-checkpointing",
                                                          help="Recompute activations to save memory.")] = False,
+    train_keep_ratio: Annotated[float | None, typer.Option(
+        "--train-keep-ratio", help="Also filter visual tokens in training and on val (the paper filters at "
+                                   "inference only).")] = None,
     seed: SeedOpt = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out after its last epoch.")] = False,
     as_json: JsonOpt = False,
@@ -293,6 +296,7 @@ def train_mllm_cmd(
     options = {"data": data, "out": out_dir, "base_model": model, "mode": mode, "epochs": epochs, "lr": lr,
                "batch_size": batch_size, "grad_accum": grad_accum, "max_length": max_length, "task": task,
                "gradient_checkpointing": gradient_checkpointing or None, "seed": seed, "resume": resume or None,
+               "train_keep_ratio": train_keep_ratio,
                "lora": None if lora_r is None else {"r": lora_r, "alpha": 2 * lora_r}}
     summary = train_mllm(make_config(options, recipe))
     if not is_main_process():

@@ -27,7 +27,7 @@ from pydantic import BaseModel, Field
 from torch import Tensor, nn
 
 from sentilens.errors import SentilensError
-from sentilens.mllm.inputs import MllmBatch, build_inputs, language_model_hidden
+from sentilens.mllm.inputs import MllmBatch, Reducer, build_inputs, language_model_hidden
 from sentilens.mllm.prompt import LLAVA15_CHAT_TEMPLATE, LLAVA15_SYSTEM, TASK_QUESTIONS
 
 Mode = Literal["full", "lora", "qlora"]
@@ -181,6 +181,7 @@ class MllmModel(nn.Module):
         self.net = net
         self.processor = processor
         self.mode = mode
+        self.reducer: Reducer | None = None  # visual-token filter in training (--train-keep-ratio); None: all tokens
 
     @property
     def llava(self):
@@ -197,7 +198,7 @@ class MllmModel(nn.Module):
     def forward(self, batch: MllmBatch) -> Tensor:
         """Mean cross-entropy of the answer tokens (Eq. 1's label likelihood), other targets ignored."""
         llava = self.llava
-        inputs = build_inputs(llava, batch, padding_side="right")
+        inputs = build_inputs(llava, batch, reducer=self.reducer, padding_side="right")
         hidden = language_model_hidden(llava, inputs, use_cache=False).last_hidden_state
         targets = inputs.targets[:, 1:]
         scored = targets != -100

@@ -84,6 +84,8 @@ class MllmTrainConfig(BaseModel):
     max_length: int = Field(2048, gt=0)
     eval_batch_size: int = Field(8, gt=0)
     gradient_checkpointing: bool = False
+    train_keep_ratio: float | None = Field(None, gt=0, le=1, description="also filter visual tokens in training "
+                                           "and on val (None: the paper, which filters at inference only)")
     seed: int = 0
     resume: bool = False
 
@@ -157,6 +159,10 @@ def train_mllm(cfg: MllmTrainConfig) -> dict:
     base = _base_model(cfg, out, train_posts, accelerator)
     model = prepare_model(base, cfg.mode, cfg.lora, device=accelerator.device, training=True,
                           gradient_checkpointing=cfg.gradient_checkpointing)
+    if cfg.train_keep_ratio is not None:
+        from sentilens.mllm.pruning import make_reducer
+
+        model.reducer = make_reducer(model.llava, cfg.train_keep_ratio)
     settings = PromptSettings(task=cfg.task or infer_task(labels), max_length=cfg.max_length,
                               **{k: v for k, v in (("system", cfg.system), ("question", cfg.question)) if v})
     builder = PromptBuilder(model.processor, settings, labels, num_image_tokens(model.llava, model.processor))
@@ -201,7 +207,8 @@ def train_mllm(cfg: MllmTrainConfig) -> dict:
         loss = _train_epoch(accelerator, model, optimizer, scheduler, builder, train_posts, cfg, epoch)
         core.eval()
         predictions = predict_distributed(
-            lambda posts: predict_posts(core.llava, builder, posts, cfg.eval_batch_size, description="val"),
+            lambda posts: predict_posts(core.llava, builder, posts, cfg.eval_batch_size, reducer=core.reducer,
+                                        description="val"),
             val_posts)
         core.train()
         record = {"epoch": epoch + 1, "train_loss": loss, "seconds": round(time.perf_counter() - started, 2)}
