@@ -117,6 +117,18 @@ def test_siglip_falls_back_to_mean_received_attention(siglip, monkeypatch, chunk
     torch.testing.assert_close(scores, reference, atol=1e-5, rtol=0)
 
 
+def test_filter_on_a_siglip_tower_keeps_the_most_attended_patches(siglip):
+    sdpa, eager = siglip
+    x = pixels()
+    reference = torch.stack([m.mean(dim=(1, 2)) for m in eager_maps(eager, x)]).mean(dim=0)
+    reducer = TokenFilter(sdpa, 0.5, "all", vision_feature_layer=-1)
+    with torch.no_grad(), reducer.capture():
+        features = sdpa(x, output_hidden_states=True).hidden_states[-1]  # no CLS: every row is a patch
+    kept = reducer(features, x)
+    for i, rows in enumerate(kept):
+        assert torch.equal(rows, features[i, top_patches(reference[i], 8)])
+
+
 def test_unsupported_towers_are_refused(tmp_path):
     vit = ViTModel(ViTConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                              image_size=32, patch_size=8))
