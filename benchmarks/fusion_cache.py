@@ -28,16 +28,8 @@ from sentilens.fusion.cache import FeatureCache
 from sentilens.fusion.config import FusionConfig
 from sentilens.fusion.predictor import FusionPredictor
 from sentilens.fusion.train import train_fusion
+from sentilens.machine import cpu_name
 from sentilens.runs import write_json
-
-
-def cpu_name() -> str:
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
 
 
 def timed(fn):

@@ -25,20 +25,12 @@ import torch
 
 from sentilens.data.records import read_manifest
 from sentilens.data.synth import make_synthetic
+from sentilens.machine import cpu_name
 from sentilens.mllm.predictor import MllmPredictor
 from sentilens.mllm.prompt import PromptBuilder, PromptSettings
 from sentilens.mllm.scoring import predict_posts
 from sentilens.mllm.train import make_config, train_mllm
 from sentilens.runs import write_json
-
-
-def cpu_name() -> str:
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
 
 
 def throughput(llava, builder: PromptBuilder, posts: list, batch_size: int, decode: str) -> tuple[float, list]:

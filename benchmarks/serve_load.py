@@ -19,7 +19,6 @@ import argparse
 import asyncio
 import math
 import os
-import platform
 import re
 import statistics
 import subprocess
@@ -32,6 +31,7 @@ import httpx
 
 from sentilens.data.records import read_manifest
 from sentilens.data.synth import make_synthetic
+from sentilens.machine import cpu_name
 from sentilens.mllm.train import make_config, train_mllm
 from sentilens.runs import write_json
 
@@ -148,7 +148,7 @@ def main() -> None:
     result = {
         "benchmark": "sentilens serve under concurrent load on loopback (POST /v1/predict, multipart image + text)",
         "model": "tiny LLaVA (96 px CLIP ViT, 36 visual tokens; 2-layer Llama), CPU",
-        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+        "machine": {"cpu": cpu_name(), "cores": os.cpu_count(),
                     "load_average_1min_at_end": round(os.getloadavg()[0], 2)},
         "requests_per_client": args.requests,
         "max_seconds": args.max_seconds,

@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import platform
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -39,6 +38,7 @@ from pathlib import Path
 
 import torch
 
+from sentilens.machine import cpu_name
 from sentilens.mllm.inputs import MllmBatch, build_inputs
 from sentilens.mllm.pruning import FilterSpec, TokenFilter, keep_count, make_reducer
 from sentilens.mllm.scoring import label_log_probs
@@ -193,15 +193,6 @@ def report(setting: dict) -> None:
     for row in setting["ratios"]:
         print(f"  {row['ratio']:>6g} {row['kept_tokens']:>5} {row['latency_ms_per_post']:>9.1f} {row['speedup']:>7.2f}x"
               f" {row['ideal_speedup']:>6.2f}x {row['speedup_of_ideal']:>9.2f} {row['paper_speedup']:>5.2f}x")
-
-
-def cpu_name() -> str:
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
 
 
 def main() -> None:

@@ -10,7 +10,6 @@ own numbers appear only in columns labelled as the papers' numbers.
 from __future__ import annotations
 
 import os
-import platform
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,6 +19,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from sentilens.machine import environment  # noqa: E402
 from sentilens.runs import load_config, read_json  # noqa: E402
 
 
@@ -140,22 +140,6 @@ def heatmap_section(heatmaps: Sequence[dict], out_dir: Path) -> str:
         text += (f"**{item.get('id', '')}** — \"{item.get('text', '')}\" — true: {item.get('label', '?')}, "
                  f"predicted: {item['predicted']}\n\n![heatmap]({os.path.relpath(item['path'], out_dir)})\n\n")
     return text
-
-
-def environment() -> dict:
-    import torch
-    import transformers
-
-    return {
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available()
-        else f"CPU ({platform.processor() or platform.machine()})",
-        "threads": torch.get_num_threads(),
-        "cpus": os.cpu_count(),
-    }
 
 
 def environment_section(stage_seconds: dict[str, float] | None = None) -> str:
