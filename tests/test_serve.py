@@ -446,3 +446,27 @@ def test_the_page_shows_label_bars_and_the_heatmap_with_the_kept_patches(mllm_se
         assert browser.find_element(By.ID, "error").get_attribute("hidden") is not None
     finally:
         browser.quit()
+
+
+def test_connection_cap_answers_503_while_a_slow_upload_holds_the_only_slot(fusion_run, tmp_path):
+    """--max-connections bounds requests still being read too (a slow client cannot pile up sockets)."""
+    server = Server(fusion_run, tmp_path / "capped.log", ["--max-connections", "2"])
+    try:
+        with httpx.Client(base_url=server.url, timeout=30) as http:
+            assert http.get("/healthz").status_code == 200
+            slow = socket.create_connection(("127.0.0.1", server.port))
+            try:
+                slow.sendall(b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                             b"Content-Length: 1000\r\n\r\n{\"text\": ")
+                with httpx.Client(base_url=server.url, timeout=30) as other:
+                    assert other.get("/healthz").status_code == 503
+            finally:
+                slow.close()
+        with httpx.Client(base_url=server.url, timeout=30) as http:
+            for _ in range(50):  # the server notices the closed socket on its next loop turn
+                if http.get("/healthz").status_code == 200:
+                    break
+            else:
+                pytest.fail("the slot was not freed after the slow client left")
+    finally:
+        server.stop()

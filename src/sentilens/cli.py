@@ -523,6 +523,8 @@ def serve_cmd(
                                                        "(default 5000).")] = None,
     max_posts: Annotated[int | None, typer.Option("--max-posts", help="Posts in one batch request (default 32).")]
     = None,
+    max_connections: Annotated[int, typer.Option("--max-connections", min=1, help="Open connections, requests "
+                                                 "still uploading included; beyond, uvicorn answers 503.")] = 128,
     device: DeviceOpt = None,
 ) -> None:
     """Serve a run over HTTP: JSON API (/v1/predict, /v1/predict/batch, /v1/explain, /v1/model) and a web page."""
@@ -546,7 +548,7 @@ def serve_cmd(
     if api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
         Console(stderr=True).print(f"[yellow]warning:[/yellow] serving on {host} without --api-key-env: anyone who "
                                    "can reach this address can use the model", highlight=False)
-    uvicorn.run(application, host=host, port=port, log_level="info")
+    uvicorn.run(application, host=host, port=port, log_level="info", limit_concurrency=max_connections)
 
 
 def main() -> None:
