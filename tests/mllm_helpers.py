@@ -13,6 +13,10 @@ from sentilens.mllm.prompt import PromptBuilder, PromptSettings
 LONG_TEXT = " ".join(["what a long and winding story about the weather this week"] * 4)
 
 
+FAST_TINY = {"base_model": "tiny", "lr": 3e-3, "batch_size": 8, "grad_accum": 1, "eval_batch_size": 8}
+"""Training options of the tiny LLaVA in tests: a random model needs a large step and small batches."""
+
+
 def tiny_model(folder: Path, mode: str = "full", training: bool = False):
     """(MllmModel, PromptBuilder) of a freshly built tiny LLaVA, loaded through ``from_pretrained``."""
     if not (folder / "config.json").is_file():

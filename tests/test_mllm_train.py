@@ -13,7 +13,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from mllm_helpers import small_manifest
+from mllm_helpers import FAST_TINY, small_manifest
 from sentilens.cli import app
 from sentilens.data.records import read_split
 from sentilens.errors import SentilensError
@@ -23,7 +23,6 @@ from sentilens.predict import evaluate, load_predictor
 from sentilens.runs import load_config, load_weights
 
 REPO = Path(__file__).resolve().parents[1]
-FAST = {"base_model": "tiny", "lr": 3e-3, "batch_size": 8, "grad_accum": 1, "eval_batch_size": 8}
 
 
 @pytest.fixture(scope="module")
@@ -41,14 +40,14 @@ def fit_run(data_dir, tmp_path_factory):
     """20 epochs on 32 posts with no val split: the last epoch is kept."""
     data = small_manifest(data_dir, n_val=0)
     out = tmp_path_factory.mktemp("runs") / "fit"
-    train_mllm(make_config({"data": data, "out": out, "epochs": 20, **FAST, "lr": 5e-3}))
+    train_mllm(make_config({"data": data, "out": out, "epochs": 20, **FAST_TINY, "lr": 5e-3}))
     return out, data
 
 
 @pytest.fixture(scope="module")
 def three_epochs(manifest, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "three"
-    summary = train_mllm(make_config({"data": manifest, "out": out, "epochs": 3, **FAST}))
+    summary = train_mllm(make_config({"data": manifest, "out": out, "epochs": 3, **FAST_TINY}))
     return out, summary
 
 
@@ -121,7 +120,7 @@ def test_run_directory_rebuilds_the_best_epoch(three_epochs, manifest):
 def test_lora_run_saves_adapters_and_projector_and_reloads_identically(manifest, tmp_path):
     out = tmp_path / "lora"
     train_mllm(make_config({"data": manifest, "out": out, "epochs": 2, "mode": "lora",
-                            "lora": {"r": 8, "alpha": 16, "dropout": 0.0}, **FAST}))
+                            "lora": {"r": 8, "alpha": 16, "dropout": 0.0}, **FAST_TINY}))
     weights = load_weights(out / "model.safetensors")
     assert all("lora_" in n or "multi_modal_projector" in n for n in weights)
     assert any("lora_B" in n and v.abs().sum() > 0 for n, v in weights.items()), "adapters trained"
@@ -136,7 +135,7 @@ def test_lora_run_saves_adapters_and_projector_and_reloads_identically(manifest,
 
 def test_resume_continues_exactly_like_an_uninterrupted_run(manifest, three_epochs, tmp_path, monkeypatch):
     straight_dir, _ = three_epochs
-    options = {"data": manifest, "epochs": 3, **FAST}
+    options = {"data": manifest, "epochs": 3, **FAST_TINY}
     original = train_module._train_epoch
 
     def interrupted(*args):

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from mllm_helpers import small_manifest
+from mllm_helpers import FAST_TINY, small_manifest
 from sentilens.cli import app
 from sentilens.data.records import read_split
 from sentilens.mllm.inputs import build_inputs, encode_images, language_model_hidden, make_batch
@@ -20,7 +20,7 @@ from sentilens.mllm.pruning import make_reducer, top_patches
 from sentilens.mllm.train import make_config, train_mllm
 from sentilens.predict import load_predictor
 
-TINY_RUN = {"base_model": "tiny", "lr": 3e-3, "batch_size": 8, "grad_accum": 1, "eval_batch_size": 8, "epochs": 1}
+TINY_RUN = {**FAST_TINY, "epochs": 1}
 PATCHES = 36  # the tiny LLaVA: 96 px / 16 px patches
 
 

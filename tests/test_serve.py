@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 from fusion_helpers import save_tiny_gpt2, save_tiny_resnet, subset_manifest
-from mllm_helpers import small_manifest
+from mllm_helpers import FAST_TINY, small_manifest
 from sentilens.cli import main
 from sentilens.data.records import Post, read_split
 from sentilens.fusion.config import FusionConfig
@@ -44,8 +44,7 @@ def data(tmp_path_factory):
 @pytest.fixture(scope="module")
 def mllm_run(data, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "tiny-mllm"
-    train_mllm(make_config({"data": data, "out": out, "base_model": "tiny", "lr": 3e-3, "batch_size": 8,
-                            "grad_accum": 1, "eval_batch_size": 8, "epochs": 1}))
+    train_mllm(make_config({"data": data, "out": out, **FAST_TINY, "epochs": 1}))
     return out
 
 
