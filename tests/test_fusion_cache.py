@@ -7,7 +7,7 @@ from PIL import Image
 from fusion_helpers import EncoderCalls, save_tiny_gpt2  # noqa: F401
 from sentilens.data.images import ImageError
 from sentilens.data.records import Post
-from sentilens.fusion.cache import FeatureCache, featurize
+from sentilens.fusion.cache import FeatureCache, cache_key, featurize
 from sentilens.fusion.encoders import ImageEncoder, TextEncoder
 
 
@@ -61,10 +61,14 @@ def test_prompt_image_bytes_and_damaged_files_invalidate_entries(gpt2_dir, posts
     featurize(moved, None, image, cache)
     assert calls.image == 1  # the renamed copy hits
 
-    damaged = sorted(cache.root.rglob("*.safetensors"))[0]
+    # Damage an entry the next call must read: the text features of "worst day" under the first prompt.
+    # (Any entry picked by file name could be one the next call never reads, e.g. the edited image's old one.)
+    prompt = TextEncoder(str(gpt2_dir), "Post: {text}")
+    damaged = cache.path(cache_key(prompt.fingerprint, posts[1].text.encode()))
+    assert damaged.is_file()
     damaged.write_bytes(b"not a safetensors file")
-    featurize(posts, TextEncoder(str(gpt2_dir), "Post: {text}"), image, cache)
-    assert calls.text + calls.image == 3 + 1 + 1  # the damaged entry is recomputed...
+    featurize(posts, prompt, image, cache)
+    assert (calls.text, calls.image) == (3 + 1, 1)  # the damaged entry is recomputed...
     assert cache.get(damaged.stem) is not None  # ...and rewritten
 
 
