@@ -78,7 +78,7 @@ def test_label_scoring_agrees_with_greedy_generation(fit_run):
     predictor = load_predictor(out)
     posts = read_split(data, "train") + read_split(data, "test")
     scored = predictor.predict(posts)
-    predictor.decode = "generate"
+    predictor = predictor.with_options(decode="generate")
     generated = predictor.predict(posts)
     assert all(p.extra["parsed"] for p in generated)
     assert [p.label for p in scored] == [p.label for p in generated]

@@ -90,8 +90,7 @@ def test_the_language_model_sees_exactly_the_top_patches_of_the_eager_reference(
 @pytest.mark.parametrize("strategy", ["all", "feature", "all+merge"])
 @pytest.mark.parametrize("run", ["full_run", "lora_run"])
 def test_filtered_batches_equal_one_by_one(run, strategy, manifest, request):
-    predictor = load_predictor(request.getfixturevalue(run))
-    predictor.config = {**predictor.config, "pruning": {"strategy": strategy}}
+    predictor = load_predictor(request.getfixturevalue(run)).with_options(strategy=strategy)
     posts = read_split(manifest, "test")
     assert {p.id for p in posts} >= {"long", "text-only"}
     batched = predictor.predict(posts, keep_ratio=0.3)

@@ -249,16 +249,6 @@ DecodeOpt = Annotated[str | None, typer.Option(
     "--decode", help="MLLM runs: score (label scoring, the default) or generate (greedy decoding, parsed).")]
 
 
-def _set_decode(predictor, decode: str | None) -> None:
-    if decode is None:
-        return
-    if predictor.family != "mllm":
-        raise SentilensError("--decode applies to MLLM runs only")
-    if decode not in ("score", "generate"):
-        raise SentilensError(f"--decode must be score or generate, got '{decode}'")
-    predictor.decode = decode
-
-
 @train_app.command("mllm")
 def train_mllm_cmd(
     data: Annotated[Path | None, typer.Option("--data", help="Manifest folder ('sentilens data prepare').")] = None,
@@ -318,8 +308,7 @@ def eval_cmd(run: RunOpt, data: DataOpt, split: SplitOpt = "test", keep_ratio: K
     from sentilens.runs import save_metrics
 
     check_keep_ratio(keep_ratio)
-    predictor = load_predictor(run)
-    _set_decode(predictor, decode)
+    predictor = load_predictor(run).with_options(decode=decode)
     metrics = evaluate(predictor, read_split(data, split), keep_ratio=keep_ratio)
     if not is_main_process():
         return
@@ -357,8 +346,7 @@ def predict_cmd(
         raise SentilensError("--input needs --output for the predictions file")
     posts = read_posts(input) if input is not None else [
         Post(id="post", text=text or "", image=str(image) if image else None)]
-    predictor = load_predictor(run)
-    _set_decode(predictor, decode)
+    predictor = load_predictor(run).with_options(decode=decode)
     predictions = predict_distributed(lambda shard: predictor.predict(shard, keep_ratio=keep_ratio), posts)
     if not is_main_process():
         return
@@ -436,15 +424,13 @@ def explain_cmd(
 ) -> None:
     """The paper's Figure 3: the CLS-attention heatmap of a post's image and the patches kept."""
     from sentilens.mllm.explain import explain
-    from sentilens.mllm.sweep import parse_strategies, use_strategy
     from sentilens.predict import load_predictor
 
-    specs = parse_strategies(strategy)
-    if len(specs) != 1:
+    if "," in strategy:
         raise SentilensError("--strategy takes one strategy here")
     predictor = load_predictor(run)
-    if predictor.family == "mllm":
-        use_strategy(predictor, specs[0])
+    if predictor.capabilities.strategies:
+        predictor = predictor.with_options(strategy=strategy)
     result = explain(predictor, image, text, keep_ratio, out_path)
     if as_json:
         emit(result, True)

@@ -1,8 +1,11 @@
 """One predictor interface for both model families (design.md, "Predictor").
 
-``load_predictor(run_dir)`` reads ``config.json``'s ``family`` and returns an object with
-``predict(posts, keep_ratio=None) -> list[Prediction]``. ``eval``, ``predict``, ``sweep``,
-``serve`` and ``demo`` all go through it, so each behaviour exists once.
+``load_predictor(run_dir)`` reads ``config.json``'s ``family`` and returns a :class:`Predictor`.
+``eval``, ``predict``, ``sweep``, ``explain``, ``serve`` and ``demo`` all go through it, so each
+behaviour exists once. A predictor says what it can do (:class:`Capabilities`), describes
+itself (:meth:`Predictor.describe`) and returns configured copies of itself
+(:meth:`Predictor.with_options`), so no caller outside a family package asks which family it
+is: a new family registers itself in :data:`FAMILIES` and implements the protocol.
 """
 
 from __future__ import annotations
@@ -12,17 +15,27 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from sentilens.data.records import Post
 from sentilens.errors import SentilensError
 from sentilens.metrics import classification_metrics
 from sentilens.runs import load_config
 
+if TYPE_CHECKING:
+    import torch
+
 FAMILIES = {
     "fusion": "sentilens.fusion.predictor:FusionPredictor",
     "mllm": "sentilens.mllm.predictor:MllmPredictor",
 }
+"""Model family -> ``module:class`` of its predictor (imported only when a run of that family is loaded)."""
+
+RUN_DESCRIBERS = {
+    "fusion": "sentilens.fusion.config:describe_run",
+    "mllm": "sentilens.mllm.config:describe_run",
+}
+"""Model family -> ``module:function`` describing a run from its ``config.json`` alone (no model loaded)."""
 
 
 @dataclass
@@ -38,25 +51,93 @@ class Prediction:
         return asdict(self)
 
 
+@dataclass(frozen=True)
+class Capabilities:
+    """What a predictor can do beyond ``predict(posts)``; callers check these, never the family."""
+
+    supports_keep_ratio: bool = False
+    """``predict(..., keep_ratio=r)`` filters visual tokens (the LLaVA paper's retention ratio)."""
+    supports_explain: bool = False
+    """:meth:`Predictor.explain` draws where the model looks (the LLaVA paper's Figure 3)."""
+    decodings: tuple[str, ...] = ("score",)
+    """Values ``with_options(decode=...)`` accepts; the first is the default."""
+    strategies: bool = False
+    """``with_options(strategy=...)`` picks the layers that score visual tokens (``all``, ``feature``, ``A:B``...)."""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Explanation:
+    """One post's prediction and the patches its image kept: the data of a Figure-3 heatmap."""
+
+    prediction: Prediction
+    picture: torch.Tensor
+    """(H, W, 3) in [0, 1]: the image as the vision tower sees it."""
+    scores: torch.Tensor
+    """(g, g) patch scores."""
+    kept: torch.Tensor
+    """(g, g) bool: the patches that reach the language model."""
+    score_name: str
+    strategy: str
+
+
 @runtime_checkable
 class Predictor(Protocol):
+    """What every family's predictor offers (``sentilens.mllm.predictor``, ``sentilens.fusion.predictor``)."""
+
     family: str
     labels: list[str]
-    config: dict
+    capabilities: Capabilities
 
     def predict(self, posts: Sequence[Post], keep_ratio: float | None = None) -> list[Prediction]: ...
+
+    def describe(self) -> dict:
+        """``{"family", "labels", "base_model", "description", "config"}``: for reports and ``/v1/model``.
+
+        ``config`` holds the run config's scalar fields only."""
+        ...
+
+    def with_options(self, *, decode: str | None = None, strategy: str | None = None) -> Predictor:
+        """A predictor sharing this one's model, configured with the options given (``None``: unchanged).
+
+        An option this predictor's capabilities lack is a :class:`SentilensError`."""
+        ...
+
+    def explain(self, post: Post, keep_ratio: float) -> Explanation:
+        """Prediction and patch selection of one post with an image (only when ``supports_explain``)."""
+        ...
+
+
+def _family_entry(registry: dict[str, str], config: dict, run_dir: str | Path):
+    family = config["family"]
+    if family not in registry:
+        raise SentilensError(f"unknown model family '{family}' (known: {', '.join(registry)})",
+                             Path(run_dir) / "config.json")
+    module_name, name = registry[family].split(":")
+    return getattr(importlib.import_module(module_name), name)
 
 
 def load_predictor(run_dir: str | Path, device: str | None = None) -> Predictor:
     """The predictor of a run directory, whichever family trained it."""
-    config = load_config(run_dir)
-    family = config["family"]
-    if family not in FAMILIES:
-        raise SentilensError(f"unknown model family '{family}' (known: {', '.join(FAMILIES)})",
-                             Path(run_dir) / "config.json")
-    module_name, class_name = FAMILIES[family].split(":")
-    cls = getattr(importlib.import_module(module_name), class_name)
+    cls = _family_entry(FAMILIES, load_config(run_dir), run_dir)
     return cls.from_run(Path(run_dir), device=device)
+
+
+def describe_run(run_dir: str | Path) -> dict:
+    """What :meth:`Predictor.describe` says of a run, read from its ``config.json`` without loading the model."""
+    config = load_config(run_dir)
+    return _family_entry(RUN_DESCRIBERS, config, run_dir)(config, Path(run_dir))
+
+
+def config_summary(config: dict) -> dict:
+    """The scalar fields of a run config (what ``describe()["config"]`` shows)."""
+    return {k: v for k, v in config.items() if isinstance(v, (str, int, float, bool)) or v is None}
+
+
+def unsupported(option: str, predictor: Predictor) -> SentilensError:
+    return SentilensError(f"{option} is not supported by this {predictor.family} run")
 
 
 def check_keep_ratio(keep_ratio: float | None) -> None:

@@ -20,6 +20,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from sentilens.machine import environment  # noqa: E402
+from sentilens.predict import describe_run  # noqa: E402
 from sentilens.runs import load_config, read_json  # noqa: E402
 
 
@@ -48,15 +49,6 @@ def run_name(run_dir: Path, config: dict) -> str:
     return config.get("name") or run_dir.name
 
 
-def describe_model(config: dict) -> str:
-    """A short description of a run's model from its config."""
-    if config["family"] == "mllm":
-        base = config.get("training", {}).get("base_model") or config.get("base_model", "?")
-        return f"LLaVA ({base}, {config.get('mode', 'full')} fine-tuning)"
-    encoders = f"{config.get('image_encoder', '?')} + {config.get('text_encoder', '?')}"
-    return f"fusion {config.get('variant', '?')} ({encoders}, prompt {config.get('prompt', '?')})"
-
-
 def comparison_section(run_dirs: Sequence[Path], split: str = "test") -> tuple[str, list[dict]]:
     """Table 3 layout: one row per run with accuracy and weighted F1 on ``split``."""
     rows, records = [], []
@@ -68,7 +60,8 @@ def comparison_section(run_dirs: Sequence[Path], split: str = "test") -> tuple[s
         metrics = read_json(metrics_path)
         name = run_name(run_dir, config)
         records.append({"run": str(run_dir), "name": name, "metrics": metrics})
-        rows.append([name, describe_model(config), metrics["accuracy"], metrics["weighted_f1"], metrics["macro_f1"]])
+        rows.append([name, describe_run(run_dir)["description"], metrics["accuracy"], metrics["weighted_f1"],
+                     metrics["macro_f1"]])
     text = (f"## Model comparison\n\nLayout of the LLaVA paper's Table 3, on the {split} split "
             "(our runs; fractions in [0, 1]).\n\n"
             + markdown_table(["model", "description", "accuracy", "weighted F1", "macro F1"], rows) + "\n")

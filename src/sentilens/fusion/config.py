@@ -139,3 +139,18 @@ def recipe_config(recipe: str | Path | None, overrides: dict) -> FusionConfig:
     fields = load_recipe(recipe) if recipe is not None else {}
     fields.update({k: v for k, v in overrides.items() if v is not None})
     return make_config(fields, None if recipe is None else Path(recipe))
+
+
+def describe_run(config: dict, run_dir: Path | None = None) -> dict:
+    """The fusion run's self-description (the predictor's ``describe()``), from its ``config.json`` alone."""
+    from sentilens.predict import config_summary
+
+    settings = make_config(config, None if run_dir is None else run_dir / "config.json")
+    return {
+        "family": settings.family,
+        "labels": list(settings.labels),
+        "base_model": f"{settings.text_encoder} + {settings.image_encoder}",
+        "description": f"fusion {settings.variant} ({settings.image_encoder} + {settings.text_encoder}, "
+                       f"prompt {settings.prompt})",
+        "config": config_summary(settings.model_dump()),
+    }

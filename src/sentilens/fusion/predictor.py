@@ -16,10 +16,10 @@ import torch
 from sentilens.data.records import Post
 from sentilens.errors import SentilensError
 from sentilens.fusion.cache import FeatureCache, PostFeatures, featurize
-from sentilens.fusion.config import FusionConfig, make_config
+from sentilens.fusion.config import FusionConfig, describe_run, make_config
 from sentilens.fusion.encoders import ImageEncoder, TextEncoder, build_encoders
 from sentilens.fusion.model import FusionModel, make_batch
-from sentilens.predict import Prediction
+from sentilens.predict import Capabilities, Explanation, Prediction, unsupported
 from sentilens.runs import CONFIG, WEIGHTS, load_config, load_labels, load_weights
 
 TEXT_ENCODER_PREFIX = "text_encoder."
@@ -44,6 +44,7 @@ class FusionPredictor:
     """Posts -> :class:`Prediction` with a fusion model and its encoders."""
 
     family = "fusion"
+    capabilities = Capabilities()  # label probabilities only: no token filtering, no heatmap, one decoding
 
     def __init__(self, settings: FusionConfig, model: FusionModel, text_encoder: TextEncoder | None,
                  image_encoder: ImageEncoder | None, cache: FeatureCache | None = None, device: str = "cpu"):
@@ -102,9 +103,22 @@ class FusionPredictor:
                            probabilities={label: float(p) for label, p in zip(self.labels, row.tolist(), strict=True)})
                 for row in probabilities]
 
+    def describe(self) -> dict:
+        return describe_run(self.config)
+
+    def with_options(self, *, decode: str | None = None, strategy: str | None = None) -> FusionPredictor:
+        if decode is not None and decode not in self.capabilities.decodings:
+            raise unsupported(f"--decode {decode}", self)
+        if strategy is not None:
+            raise unsupported("--strategy (visual token filtering)", self)
+        return self
+
+    def explain(self, post: Post, keep_ratio: float) -> Explanation:
+        raise unsupported("explain (a heatmap of visual tokens)", self)
+
     def predict(self, posts: Sequence[Post], keep_ratio: float | None = None) -> list[Prediction]:
         if keep_ratio is not None:
-            raise SentilensError("--keep-ratio (visual token filtering) applies to MLLM runs; this is a fusion run")
+            raise unsupported("--keep-ratio (visual token filtering, for MLLM runs)", self)
         predictions: list[Prediction] = []
         for start in range(0, len(posts), CHUNK):
             chunk = list(posts[start:start + CHUNK])

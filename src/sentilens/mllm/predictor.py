@@ -1,18 +1,21 @@
 """The MLLM run's predictor (design.md, "Predictor"): rebuilds the fine-tuned LLaVA from a run directory.
 
-``config.json`` names the base checkpoint (an HF id, an absolute folder, or ``base-model``
-inside the run for ``--model tiny``), the fine-tuning mode, LoRA settings, prompt settings
-and labels; ``model.safetensors`` holds the trained tensors (projector + language model, or
-projector + LoRA adapters), loaded onto the freshly loaded base. Nothing is unpickled.
+``config.json`` (:class:`sentilens.mllm.config.MllmRunConfig`) names the base checkpoint (an HF
+id, an absolute folder, or ``base-model`` inside the run for ``--model tiny``), the fine-tuning
+mode, LoRA settings, prompt settings and labels; ``model.safetensors`` holds the trained tensors
+(projector + language model, or projector + LoRA adapters), loaded onto the freshly loaded base.
+Nothing is unpickled.
 
-``predict(posts, keep_ratio)`` scores labels (or decodes, ``decode = "generate"``); with a
-keep ratio, the visual tokens are filtered by :mod:`sentilens.mllm.pruning`'s reducer
-(``make_reducer(llava, keep_ratio, **config.get("pruning", {}))``) before the projector.
+``predict(posts, keep_ratio)`` scores labels (or decodes, ``with_options(decode="generate")``);
+with a keep ratio, the visual tokens are filtered by :mod:`sentilens.mllm.pruning`'s reducer
+(``make_reducer(llava, keep_ratio, strategy)``, ``with_options(strategy=...)``) before the
+projector. ``explain(post, r)`` gives the patch scores and kept patches of that same reducer.
 """
 
 from __future__ import annotations
 
-import os
+import copy
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -20,16 +23,19 @@ import torch
 
 from sentilens.data.records import Post
 from sentilens.errors import SentilensError
-from sentilens.mllm.inputs import Reducer
-from sentilens.mllm.model import LoraSettings, MllmModel, num_image_tokens, prepare_model
-from sentilens.mllm.prompt import PromptBuilder, PromptSettings
-from sentilens.mllm.scoring import Decode, predict_posts
-from sentilens.predict import Prediction, check_keep_ratio
-from sentilens.runs import load_config, load_weights
+from sentilens.mllm.config import MllmRunConfig, describe_run, load_run_config
+from sentilens.mllm.inputs import Reducer, encode_images, make_batch
+from sentilens.mllm.model import MllmModel, num_image_tokens, prepare_model
+from sentilens.mllm.prompt import PromptBuilder
+from sentilens.mllm.scoring import predict_posts
+from sentilens.predict import Capabilities, Explanation, Prediction, check_keep_ratio
+from sentilens.runs import CONFIG, load_config, load_weights
 
 
 def default_device() -> torch.device:
     """This process's accelerator under ``accelerate launch``, else CUDA if present, else CPU."""
+    import os
+
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         from accelerate import PartialState
 
@@ -48,34 +54,51 @@ class MllmPredictor:
 
     family = "mllm"
 
-    def __init__(self, model: MllmModel, builder: PromptBuilder, config: dict, batch_size: int = 8,
-                 decode: Decode = "score"):
+    def __init__(self, model: MllmModel, builder: PromptBuilder, run_config: MllmRunConfig, batch_size: int = 8,
+                 decode: str | None = None, strategy: str = "all"):
+        from sentilens.mllm.config import DECODINGS
+
         self.model = model
         self.builder = builder
-        self.config = config
+        self.run_config = run_config
+        self.config = run_config.model_dump(mode="json")
         self.labels = list(builder.labels)
         self.batch_size = batch_size
-        self.decode = decode
+        self.decode = decode or run_config.decode
+        self.strategy = strategy
+        self.capabilities = Capabilities(supports_keep_ratio=True, supports_explain=True, decodings=DECODINGS,
+                                         strategies=True)
 
     @classmethod
     def from_run(cls, run_dir: str | Path, device: str | torch.device | None = None) -> MllmPredictor:
         run_dir = Path(run_dir)
-        config = load_config(run_dir)
-        for key in ("base_model", "mode", "prompt", "labels", "weights"):
-            if key not in config:
-                raise SentilensError(f"MLLM run config lacks '{key}'", run_dir / "config.json")
+        settings = load_run_config(load_config(run_dir), run_dir / CONFIG)
         device = torch.device(device) if device is not None else default_device()
-        lora = LoraSettings(**config["lora"]) if config.get("lora") else None
-        model = prepare_model(base_source(run_dir, config["base_model"]), config["mode"], lora, device=device,
+        model = prepare_model(base_source(run_dir, settings.base_model), settings.mode, settings.lora, device=device,
                               training=False)
-        weights = run_dir / config["weights"]
+        weights = run_dir / settings.weights
         model.load_trainable_state(load_weights(weights, device=device), weights)
         model.eval()
-        settings = PromptSettings(**config["prompt"])
-        builder = PromptBuilder(model.processor, settings, config["labels"],
+        builder = PromptBuilder(model.processor, settings.prompt, settings.labels,
                                 num_image_tokens(model.llava, model.processor))
-        return cls(model, builder, config, batch_size=int(config.get("predict_batch_size", 8)),
-                   decode=config.get("decode", "score"))
+        return cls(model, builder, settings, batch_size=settings.predict_batch_size)
+
+    def describe(self) -> dict:
+        return describe_run(self.config)
+
+    def with_options(self, *, decode: str | None = None, strategy: str | None = None) -> MllmPredictor:
+        """A copy sharing the loaded model, with another decoding and/or token-scoring strategy."""
+        configured = copy.copy(self)
+        if decode is not None:
+            if decode not in self.capabilities.decodings:
+                raise SentilensError(f"--decode must be one of {', '.join(self.capabilities.decodings)}, "
+                                     f"got '{decode}'")
+            configured.decode = decode
+        if strategy is not None:
+            from sentilens.mllm.pruning import FilterSpec
+
+            configured.strategy = str(FilterSpec.parse(strategy))
+        return configured
 
     def reducer(self, keep_ratio: float | None) -> Reducer | None:
         """The visual-token filter for ``keep_ratio`` (None: every visual token reaches the language model)."""
@@ -84,8 +107,41 @@ class MllmPredictor:
         check_keep_ratio(keep_ratio)
         from sentilens.mllm import pruning
 
-        return pruning.make_reducer(self.model.llava, keep_ratio, **self.config.get("pruning", {}))
+        return pruning.make_reducer(self.model.llava, keep_ratio, strategy=self.strategy)
 
     def predict(self, posts: Sequence[Post], keep_ratio: float | None = None) -> list[Prediction]:
         return predict_posts(self.model.llava, self.builder, list(posts), self.batch_size,
                              reducer=self.reducer(keep_ratio), decode=self.decode)
+
+    def explain(self, post: Post, keep_ratio: float) -> Explanation:
+        """The prediction at ``keep_ratio`` and the patch scores + kept mask of the same reducer.
+
+        The patch scores come from one extra tower pass over the image, with the reducer
+        ``predict`` builds for ``keep_ratio``, so the mask is exactly the set of patches the
+        language model sees.
+        """
+        if post.image is None:
+            raise SentilensError("a heatmap needs an image")
+        check_keep_ratio(keep_ratio)
+        prediction = self.predict([post], keep_ratio=keep_ratio)[0]
+        llava = self.model.llava
+        batch = make_batch(self.builder, [post]).to(llava.lm_head.weight.device)
+        reducer = self.reducer(keep_ratio)
+        with torch.no_grad(), reducer.capture(llava):
+            features = encode_images(llava, batch.pixel_values)
+        reducer(features, batch.pixel_values)
+        selection = reducer.last[0]
+        n = selection.scores.numel()
+        side = math.isqrt(n)
+        if side * side != n:
+            raise SentilensError(f"the vision tower's {n} patches do not form a square grid; no heatmap can be drawn")
+        kept = torch.zeros(n, dtype=torch.bool)
+        kept[selection.kept.cpu()] = True
+        processor = self.builder.processor.image_processor
+        mean = torch.tensor(processor.image_mean).view(3, 1, 1)
+        std = torch.tensor(processor.image_std).view(3, 1, 1)
+        picture = (batch.pixel_values[0].float().cpu() * std + mean).clamp(0, 1).permute(1, 2, 0)
+        name = "CLS attention" if reducer.scorer.cls else "mean attention received (no CLS token)"
+        return Explanation(prediction=prediction, picture=picture,
+                           scores=selection.scores.float().cpu().view(side, side), kept=kept.view(side, side),
+                           score_name=name, strategy=self.strategy)

@@ -57,11 +57,6 @@ def parse_strategies(text: str) -> list[FilterSpec]:
     return list(dict.fromkeys(specs))
 
 
-def use_strategy(predictor: Predictor, spec: FilterSpec) -> None:
-    """Make the predictor filter with ``spec`` (the ``pruning`` section its reducer is built from)."""
-    predictor.config = {**predictor.config, "pruning": {"strategy": str(spec)}}
-
-
 def run_sweep(predictor: Predictor, posts: Sequence[Post], ratios: Sequence[float] = DEFAULT_RATIOS,
               strategies: Sequence[FilterSpec] = (FilterSpec(),), repeats: int = 3) -> dict:
     """Table 4 rows for every strategy x ratio (``r = 1`` first, as each strategy's reference).
@@ -70,17 +65,19 @@ def run_sweep(predictor: Predictor, posts: Sequence[Post], ratios: Sequence[floa
     machine then hits every ratio alike), and a ratio's latency is its fastest pass; the
     metrics come from the first pass (predictions are deterministic).
     """
-    if predictor.family != "mllm":
-        raise SentilensError(f"a token-filtering sweep needs an MLLM run, this one is '{predictor.family}'")
+    if not predictor.capabilities.supports_keep_ratio:
+        raise SentilensError(f"a token-filtering sweep needs a run that filters visual tokens, this one is "
+                             f"'{predictor.family}'")
     if not posts:
         raise SentilensError("the split has no posts to sweep over")
     if repeats < 1:
         raise SentilensError(f"--repeats must be at least 1, got {repeats}")
-    image_tokens = int(predictor.config["num_image_tokens"])
+    image_tokens = int(predictor.describe()["config"]["num_image_tokens"])
     ordered = [1.0] + [r for r in ratios if r != 1.0]
     rows = []
+    base = predictor
     for spec in strategies:
-        use_strategy(predictor, spec)
+        predictor = base.with_options(strategy=str(spec))
         predictor.predict(list(posts[:1]), keep_ratio=1.0)  # warm-up: first-call allocations stay out of the timings
         metrics: dict[float, dict] = {}
         latency = dict.fromkeys(ordered, float("inf"))

@@ -90,10 +90,6 @@ class Service:
         self.store: UploadStore | None = None
         self.decoders: anyio.CapacityLimiter | None = None
 
-    @property
-    def is_mllm(self) -> bool:
-        return self.predictor.family == "mllm"
-
     def start(self) -> None:
         self.store = UploadStore()
         self.decoders = anyio.CapacityLimiter(DECODE_THREADS)
@@ -109,7 +105,7 @@ class Service:
                         headers={"Retry-After": str(self.settings.retry_after_s)})
 
     def check_keep_ratio(self, keep_ratio: float | None) -> None:
-        if keep_ratio is not None and not self.is_mllm:
+        if keep_ratio is not None and not self.predictor.capabilities.supports_keep_ratio:
             raise ApiError(422, "keep_ratio_unsupported", "keep_ratio (visual token filtering) applies to MLLM runs; "
                            f"this server runs a {self.predictor.family} run", "keep_ratio")
 
@@ -147,13 +143,11 @@ class Service:
             self.store.release(stored)
 
     def model_info(self) -> ModelInfo:
-        config = self.predictor.config
-        base = (str(config.get("base_model")) if self.is_mllm
-                else f"{config.get('text_encoder')} + {config.get('image_encoder')}")
-        summary = {k: v for k, v in config.items() if isinstance(v, (str, int, float, bool)) or v is None}
-        return ModelInfo(family=self.predictor.family, run=self.run_dir.resolve().name, labels=self.predictor.labels,
-                         base_model=base, supports_keep_ratio=self.is_mllm, supports_explain=self.is_mllm,
-                         config=summary, limits=self.settings.limits())
+        described, can = self.predictor.describe(), self.predictor.capabilities
+        return ModelInfo(family=described["family"], run=self.run_dir.resolve().name, labels=described["labels"],
+                         base_model=described["base_model"], supports_keep_ratio=can.supports_keep_ratio,
+                         supports_explain=can.supports_explain, config=described["config"],
+                         limits=self.settings.limits())
 
 
 def key_check(settings: ServeSettings):
@@ -256,7 +250,7 @@ def create_app(run_dir: str | Path, settings: ServeSettings | None = None) -> Fa
 
         started = time.perf_counter()
         post = await read_post(request, settings.max_text_chars)
-        if not service.is_mllm:
+        if not service.predictor.capabilities.supports_explain:
             raise ApiError(422, "explain_unsupported", "heatmaps need an MLLM run; this server runs a "
                            f"{service.predictor.family} run")
         if not post.image:

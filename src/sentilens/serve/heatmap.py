@@ -1,9 +1,10 @@
 """The web page's heatmap: the paper's Figure 3 as data (patch scores, kept mask, the tower's view).
 
-The patch scores and the kept mask come from :func:`sentilens.mllm.explain.patch_selection`,
-the same routine ``sentilens explain`` draws, so the page shows exactly the patches the language
-model sees at that keep ratio. The page colours and outlines them itself, which keeps the
-answer small (a grid of numbers and the tower-sized image) and the drawing interactive.
+The patch scores and the kept mask come from the predictor's ``explain`` (see
+:class:`sentilens.predict.Predictor`), the same routine ``sentilens explain`` draws, so the page
+shows exactly the patches the language model sees at that keep ratio. The page colours and
+outlines them itself, which keeps the answer small (a grid of numbers and the tower-sized
+image) and the drawing interactive.
 """
 
 from __future__ import annotations
@@ -19,11 +20,10 @@ from sentilens.serve.schemas import Heatmap
 
 
 def explain_post(predictor: Predictor, post: Post, keep_ratio: float) -> tuple[Prediction, Heatmap]:
-    """Prediction of ``post`` at ``keep_ratio`` and its heatmap (MLLM runs; run on the model's worker)."""
-    from sentilens.mllm.explain import patch_selection
-
-    prediction = predictor.predict([post], keep_ratio=keep_ratio)[0]
-    picture, scores, kept, score_name = patch_selection(predictor, post, keep_ratio)
+    """Prediction of ``post`` at ``keep_ratio`` and its heatmap (runs that support explain; on the model's worker)."""
+    found = predictor.explain(post, keep_ratio)
+    prediction, picture, scores, kept, score_name = (found.prediction, found.picture, found.scores, found.kept,
+                                                     found.score_name)
     low, high = float(scores.min()), float(scores.max())
     scaled = (scores - low) / (high - low) if high > low else scores * 0.0
     heatmap = Heatmap(grid=kept.shape[0], scores=[[round(v, 4) for v in row] for row in scaled.tolist()],

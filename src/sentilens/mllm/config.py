@@ -1,0 +1,65 @@
+"""The MLLM run's configuration: what ``config.json`` holds for ``family: mllm`` (design.md, "Run directory").
+
+One pydantic model, saved by :func:`sentilens.mllm.train.train_mllm` and read back by
+:class:`sentilens.mllm.predictor.MllmPredictor`: the base checkpoint, the fine-tuning mode,
+LoRA and prompt settings, the labels (the only place a run keeps them) and the training
+options it was trained with. It is enough to rebuild the model on top of the base checkpoint.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from sentilens.errors import SentilensError
+from sentilens.mllm.model import LoraSettings, Mode
+from sentilens.mllm.prompt import PromptSettings
+from sentilens.mllm.scoring import Decode
+
+DECODINGS: tuple[str, ...] = get_args(Decode)
+
+
+class MllmRunConfig(BaseModel):
+    """Everything an MLLM run needs to be rebuilt; saved as ``config.json`` with ``family: mllm``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    family: Literal["mllm"] = "mllm"
+    base_model: str = Field(description="HF id, absolute folder, or a folder inside the run (e.g. base-model)")
+    mode: Mode = "full"
+    lora: LoraSettings | None = None
+    prompt: PromptSettings = Field(default_factory=PromptSettings)
+    labels: list[str]
+    weights: str = "model.safetensors"
+    num_image_tokens: int = Field(gt=0)
+    decode: Decode = "score"
+    predict_batch_size: int = Field(8, gt=0)
+    best_epoch: int | None = None
+    training: dict[str, Any] = Field(default_factory=dict, description="the options train mllm was given")
+
+
+def load_run_config(config: dict, path: Path | None = None) -> MllmRunConfig:
+    """The typed config of ``config.json``'s mapping; a problem is a one-line user error naming ``path``."""
+    try:
+        return MllmRunConfig(**config)
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "config"
+        raise SentilensError(f"MLLM run config: {where}: {first['msg']}", path) from None
+
+
+def describe_run(config: dict, run_dir: Path | None = None) -> dict:
+    """The MLLM run's self-description (the predictor's ``describe()``), from its ``config.json`` alone."""
+    from sentilens.predict import config_summary
+
+    settings = load_run_config(config, None if run_dir is None else run_dir / "config.json")
+    base = settings.training.get("base_model") or settings.base_model
+    return {
+        "family": settings.family,
+        "labels": list(settings.labels),
+        "base_model": settings.base_model,
+        "description": f"LLaVA ({base}, {settings.mode} fine-tuning)",
+        "config": config_summary(settings.model_dump(mode="json")),
+    }

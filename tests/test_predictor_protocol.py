@@ -1,0 +1,113 @@
+"""The predictor protocol: what each family says it can do, how it describes itself, configured copies,
+and no caller outside a family package asking which family a run is."""
+
+import re
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from fusion_helpers import save_tiny_gpt2, save_tiny_resnet, subset_manifest
+from mllm_helpers import FAST_TINY, small_manifest
+from sentilens.cli import app
+from sentilens.data.records import Post, read_split
+from sentilens.errors import SentilensError
+from sentilens.fusion.config import FusionConfig
+from sentilens.fusion.train import train_fusion
+from sentilens.mllm.train import make_config, train_mllm
+from sentilens.predict import Predictor, describe_run, load_predictor
+
+SRC = Path(__file__).resolve().parent.parent / "src" / "sentilens"
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return small_manifest(tmp_path_factory.mktemp("data"), n_train=8, n_val=4, n_test=8)
+
+
+@pytest.fixture(scope="module")
+def mllm_run(data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "tiny-mllm"
+    train_mllm(make_config({"data": data, "out": out, **FAST_TINY, "epochs": 1}))
+    return out
+
+
+@pytest.fixture(scope="module")
+def fusion_run(data, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("fusion")
+    manifest = subset_manifest(data, folder / "data", {"train": 8, "val": 4, "test": 4})
+    config = FusionConfig(text_encoder=str(save_tiny_gpt2(folder / "gpt2")),
+                          image_encoder=str(save_tiny_resnet(folder / "resnet")), image_size=64, epochs=1, batch_size=8)
+    train_fusion(config, manifest, folder / "tiny-fusion", device="cpu")
+    return folder / "tiny-fusion"
+
+
+def test_no_family_checks_outside_the_family_packages():
+    offenders = []
+    for path in SRC.rglob("*.py"):
+        if path.parent.name in ("mllm", "fusion"):
+            continue
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if re.search(r"family\s*[!=]=|[!=]=\s*[\"'](mllm|fusion)[\"']", line):
+                offenders.append(f"{path.relative_to(SRC)}:{number}: {line.strip()}")
+    assert offenders == []
+
+
+def test_the_fusion_predictor_says_it_filters_no_tokens_and_refuses_those_options(fusion_run, data):
+    predictor = load_predictor(fusion_run, device="cpu")
+    assert isinstance(predictor, Predictor)
+    can = predictor.capabilities
+    assert (can.supports_keep_ratio, can.supports_explain, can.decodings, can.strategies) == (False, False,
+                                                                                              ("score",), False)
+    assert predictor.with_options() is predictor and predictor.with_options(decode="score") is predictor
+    for options in ({"decode": "generate"}, {"strategy": "feature"}):
+        with pytest.raises(SentilensError, match="not supported by this fusion run"):
+            predictor.with_options(**options)
+    post = read_split(data, "test")[0]
+    with pytest.raises(SentilensError, match="keep-ratio"):
+        predictor.predict([post], keep_ratio=0.5)
+    with pytest.raises(SentilensError, match="explain"):
+        predictor.explain(post, 0.5)
+    described = predictor.describe()
+    config = FusionConfig.model_validate_json((fusion_run / "config.json").read_text())
+    assert described["family"] == "fusion" and described["labels"] == config.labels == predictor.labels
+    assert described["base_model"] == f"{config.text_encoder} + {config.image_encoder}"
+    assert described["description"].startswith("fusion full (")
+    assert described["config"]["variant"] == "full" and "labels" not in described["config"]  # scalars only
+    assert describe_run(fusion_run) == described
+
+
+def test_the_mllm_predictor_filters_explains_and_returns_configured_copies(mllm_run, data):
+    predictor = load_predictor(mllm_run, device="cpu")
+    assert isinstance(predictor, Predictor)
+    can = predictor.capabilities
+    assert (can.supports_keep_ratio, can.supports_explain, can.strategies) == (True, True, True)
+    assert set(can.decodings) == {"score", "generate"}
+    generating = predictor.with_options(decode="generate", strategy="feature+merge")
+    assert generating is not predictor and generating.model is predictor.model  # one loaded model, two configurations
+    assert (generating.decode, generating.strategy) == ("generate", "feature+merge")
+    assert (predictor.decode, predictor.strategy) == ("score", "all")  # the original is unchanged
+    with pytest.raises(SentilensError, match="--decode must be one of score, generate"):
+        predictor.with_options(decode="beam")
+    with pytest.raises(SentilensError):
+        predictor.with_options(strategy="nonsense")
+    post = next(p for p in read_split(data, "test") if p.image)
+    found = predictor.explain(post, 0.25)
+    assert int(found.kept.sum()) == 9 and found.kept.shape == found.scores.shape == (6, 6)  # ceil(0.25 * 36)
+    assert found.prediction.kept_tokens == 9 and found.strategy == "all"
+    with pytest.raises(SentilensError, match="needs an image"):
+        predictor.explain(Post("t", "text only", None), 0.5)
+    described = predictor.describe()
+    assert described["family"] == "mllm" and described["labels"] == predictor.labels
+    assert described["base_model"] == "base-model" and described["config"]["num_image_tokens"] == 36
+    assert described["description"] == "LLaVA (tiny, full fine-tuning)"
+    assert describe_run(mllm_run) == described
+
+
+def test_cli_options_a_fusion_run_lacks_are_one_line_errors(fusion_run, data, tmp_path):
+    for args in (["eval", "--run", str(fusion_run), "--data", str(data), "--decode", "generate"],
+                 ["explain", "--run", str(fusion_run), "--image", str(read_split(data, "test")[0].image),
+                  "--out", str(tmp_path / "heat.png")]):
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code != 0 and isinstance(result.exception, SentilensError), result.output
+        assert "\n" not in str(result.exception)
