@@ -8,7 +8,6 @@ import json
 
 import pytest
 import torch
-from safetensors import safe_open
 from typer.testing import CliRunner
 
 from fusion_helpers import EncoderCalls, save_tiny_gpt2, save_tiny_resnet, subset_manifest  # noqa: F401
@@ -20,7 +19,7 @@ from sentilens.fusion.cache import FeatureCache
 from sentilens.fusion.config import FusionConfig
 from sentilens.fusion.model import FusionModel
 from sentilens.fusion.predictor import FusionPredictor
-from sentilens.fusion.train import CHECKPOINT, resume_fusion, train_fusion
+from sentilens.fusion.train import resume_fusion, train_fusion
 from sentilens.predict import evaluate, load_predictor
 from sentilens.runs import load_weights, read_json
 
@@ -114,8 +113,8 @@ def test_interrupted_then_resumed_run_equals_an_uninterrupted_one(synth, ablatio
         train_fusion(config, data, tmp_path / "resumed", cache=cache, device="cpu")
     monkeypatch.setattr(FusionModel, "forward", forward)
     assert not (tmp_path / "resumed" / "metrics-test.json").exists()
-    with safe_open(str(tmp_path / "resumed" / CHECKPOINT), framework="pt") as f:
-        assert json.loads(f.metadata()["state"])["epoch"] == 1
+    assert read_json(tmp_path / "resumed" / "resume" / "state.json")["epochs_done"] == 1
+    assert len(read_json(tmp_path / "resumed" / "history.json")) == 1
     with pytest.raises(SentilensError, match="--resume"):
         train_fusion(config, data, tmp_path / "resumed", cache=cache, device="cpu")
     resumed = resume_fusion(tmp_path / "resumed", data, cache=cache, device="cpu")
@@ -126,9 +125,13 @@ def test_interrupted_then_resumed_run_equals_an_uninterrupted_one(synth, ablatio
     a = load_weights(tmp_path / "straight" / "model.safetensors")
     b = load_weights(tmp_path / "resumed" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    a, b = load_weights(tmp_path / "straight" / CHECKPOINT), load_weights(tmp_path / "resumed" / CHECKPOINT)
-    assert any(k.startswith("optimizer.") for k in a)
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    def without_time(history):
+        return [{k: v for k, v in record.items() if k != "seconds"} for record in history]
+
+    history = read_json(tmp_path / "resumed" / "history.json")
+    assert without_time(history) == without_time(read_json(tmp_path / "straight" / "history.json"))
+    assert [r["epoch"] for r in history] == [1, 2, 3]
+    assert not (tmp_path / "resumed" / "resume").exists()  # training finished: the resume state is gone
 
 
 def test_eval_and_predict_through_the_cli_use_the_run_directory(synth, ablation, tmp_path):

@@ -197,7 +197,7 @@ def test_two_process_cpu_accelerate_run(manifest, fit_run, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads(done.stdout)
     assert summary["best_epoch"] in (1, 2) and len(summary["history"]) == 2
-    assert sorted(p.name for p in out.iterdir()) == ["base-model", "config.json", "history.json", "labels.json",
+    assert sorted(p.name for p in out.iterdir()) == ["base-model", "config.json", "history.json",
                                                     "metrics-val.json", "model.safetensors", "predictions-val.jsonl"]
 
     run, _ = fit_run

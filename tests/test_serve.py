@@ -136,7 +136,7 @@ def test_healthz_and_model_describe_the_served_run(client, mllm_run):
     assert health == {"status": "ok", "family": "mllm", "queue_pending": 0, "queue_capacity": 1}
     info = client.get("/v1/model").json()
     assert info["family"] == "mllm" and info["run"] == mllm_run.name
-    assert info["labels"] == json.loads((mllm_run / "labels.json").read_text())
+    assert info["labels"] == json.loads((mllm_run / "config.json").read_text())["labels"]
     assert info["base_model"] == "base-model" and info["supports_keep_ratio"] and info["supports_explain"]
     assert info["config"]["mode"] == "full" and info["config"]["num_image_tokens"] == PATCHES
     assert info["limits"] == {"max_upload_bytes": MAX_UPLOAD, "max_pixels": MAX_PIXELS, "max_aspect_ratio": 20,

@@ -484,6 +484,16 @@ def report_cmd(
     out.print(f"report: {path}")
 
 
+@app.command("upgrade-run")
+def upgrade_run_cmd(run: RunOpt) -> None:
+    """Convert a run directory written by an earlier sentilens to the current layout, in place."""
+    from sentilens.runs import upgrade_run
+
+    done = upgrade_run(run)
+    out.print("\n".join(done) if done else f"{run} is already in the current layout", highlight=False,
+              soft_wrap=True)
+
+
 @app.command("serve")
 def serve_cmd(
     run: RunOpt,

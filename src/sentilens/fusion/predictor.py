@@ -20,7 +20,7 @@ from sentilens.fusion.config import FusionConfig, describe_run, make_config
 from sentilens.fusion.encoders import ImageEncoder, TextEncoder, build_encoders
 from sentilens.fusion.model import FusionModel, make_batch
 from sentilens.predict import Capabilities, Explanation, Prediction, unsupported
-from sentilens.runs import CONFIG, WEIGHTS, load_config, load_labels, load_weights
+from sentilens.runs import CONFIG, MODEL_WEIGHTS, load_config, load_weights
 
 TEXT_ENCODER_PREFIX = "text_encoder."
 PREDICT_BATCH = 64
@@ -62,18 +62,16 @@ class FusionPredictor:
         run_dir = Path(run_dir)
         device = device or default_device()
         settings = make_config(load_config(run_dir), run_dir / CONFIG)
-        labels = load_labels(run_dir)
-        if labels != settings.labels:
-            raise SentilensError(f"labels {labels} differ from config.json's {settings.labels}",
-                                 run_dir / "labels.json")
-        weights = load_weights(run_dir / WEIGHTS)
+        if not settings.labels:
+            raise SentilensError("config.json lists no labels", run_dir / CONFIG)
+        weights = load_weights(run_dir / MODEL_WEIGHTS)
         text_encoder, image_encoder = build_encoders(settings, device)
         if text_encoder is not None and settings.fine_tune_text:
             encoder_weights = {k[len(TEXT_ENCODER_PREFIX):]: weights.pop(k) for k in list(weights)
                                if k.startswith(TEXT_ENCODER_PREFIX)}
-            _load_state(text_encoder.model, encoder_weights, run_dir / WEIGHTS)
+            _load_state(text_encoder.model, encoder_weights, run_dir / MODEL_WEIGHTS)
         model = FusionModel(settings, *settings.feature_dims)
-        _load_state(model, weights, run_dir / WEIGHTS)
+        _load_state(model, weights, run_dir / MODEL_WEIGHTS)
         if text_encoder is not None:
             text_encoder.model.eval()
         return cls(settings, model, text_encoder, image_encoder, device=device)

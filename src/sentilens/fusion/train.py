@@ -6,23 +6,22 @@ with the best validation weighted F1 (the paper's headline metric); with no vali
 last epoch is kept.
 
 Reproducibility: the head is initialised from ``seed``, and each epoch draws its shuffling and its
-dropout from a seed derived from ``(seed, epoch)``, so a run resumed from the checkpoint of epoch
-k continues exactly as the uninterrupted run would (bit for bit on a CPU). After every epoch one
-safetensors file, ``checkpoint.safetensors``, is replaced atomically: model (and fine-tuned text
-encoder) weights, the AdamW moments as tensors, and in its metadata a JSON of the scalar state
-(epoch, best epoch, history, optimizer hyper-parameters).
+dropout from a seed derived from ``(seed, epoch)``, so a run resumed after epoch k continues
+exactly as the uninterrupted run would (bit for bit on a CPU). The run directory is the one
+format of :mod:`sentilens.runs`: after every epoch ``history.json`` and the resume state
+(``resume/``: model and fine-tuned text encoder weights, AdamW moments, the scalar state), the
+best epoch's ``model.safetensors``; at the end ``metrics-val.json``, ``metrics-test.json``,
+``predictions-val.jsonl``, and ``resume/`` is deleted.
 """
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
 
 from sentilens.data.records import SPLITS, Post, read_labels, read_manifest
 from sentilens.errors import SentilensError
@@ -35,16 +34,22 @@ from sentilens.metrics import classification_metrics
 from sentilens.progress import progress_bar
 from sentilens.runs import (
     CONFIG,
-    WEIGHTS,
+    MODEL_WEIGHTS,
+    RESUME_DIR,
+    check_resumable,
+    clear_training_state,
     load_config,
+    load_history,
+    load_training_state,
     load_weights,
     save_config,
-    save_labels,
+    save_history,
     save_metrics,
+    save_predictions,
+    save_training_state,
     save_weights,
 )
 
-CHECKPOINT = "checkpoint.safetensors"
 Encoders = tuple[TextEncoder | None, ImageEncoder | None]
 SplitFeatures = dict[str, list[PostFeatures]]
 
@@ -81,42 +86,17 @@ def _optimizer(config: FusionConfig, model: FusionModel, text_encoder: TextEncod
     return torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
 
 
-def save_checkpoint(run_dir: Path, model: FusionModel, text_encoder: TextEncoder | None,
-                    optimizer: torch.optim.Optimizer, state: dict) -> None:
-    """One atomic safetensors file: weights, optimizer moments, and the scalar state as JSON metadata."""
-    optim = optimizer.state_dict()
-    tensors = {f"model.{k}": v for k, v in run_weights(model, text_encoder).items()}
-    tensors.update({f"optimizer.{pid}.{name}": value for pid, entry in optim["state"].items()
-                    for name, value in entry.items()})
-    state = {**state, "param_groups": optim["param_groups"]}
-    save_weights(run_dir / CHECKPOINT, tensors, metadata={"state": json.dumps(state)})
-
-
-def load_checkpoint(run_dir: Path, model: FusionModel, text_encoder: TextEncoder | None,
-                    optimizer: torch.optim.Optimizer) -> dict:
-    """Restore what :func:`save_checkpoint` wrote; returns the scalar state."""
-    path = run_dir / CHECKPOINT
-    tensors = load_weights(path)
-    with safe_open(str(path), framework="pt") as f:
-        state = json.loads((f.metadata() or {}).get("state", "null"))
-    if not isinstance(state, dict):
-        raise SentilensError("checkpoint has no training state", path)
-    weights = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+def _restore(run_dir: Path, model: FusionModel, text_encoder: TextEncoder | None,
+             optimizer: torch.optim.Optimizer) -> tuple[dict, list[dict]]:
+    """Weights and optimizer of the last finished epoch from ``resume/``; returns the scalar state and history."""
+    saved = load_training_state(run_dir)
     trained = run_weights(model, text_encoder)
-    if set(weights) != set(trained):
-        raise SentilensError("checkpoint does not match this run's model", path)
-    for name, value in weights.items():
+    if set(saved.trainable) != set(trained):
+        raise SentilensError("the resume state does not match this run's model", run_dir / RESUME_DIR)
+    for name, value in saved.trainable.items():
         trained[name].copy_(value)
-    moments: dict[int, dict[str, torch.Tensor]] = {}
-    for key, value in tensors.items():
-        if key.startswith("optimizer."):
-            _, pid, name = key.split(".", 2)
-            moments.setdefault(int(pid), {})[name] = value
-    groups = state.pop("param_groups")
-    for group in groups:
-        group["betas"] = tuple(group["betas"])
-    optimizer.load_state_dict({"state": moments, "param_groups": groups})
-    return state
+    optimizer.load_state_dict(saved.optimizer)
+    return saved.state, load_history(run_dir)
 
 
 def _train_epoch(model: FusionModel, optimizer: torch.optim.Optimizer, posts: Sequence[Post],
@@ -145,9 +125,10 @@ def _train_epoch(model: FusionModel, optimizer: torch.optim.Optimizer, posts: Se
     return total / len(posts)
 
 
-def _score(predictor: FusionPredictor, posts: Sequence[Post], features: Sequence[PostFeatures]) -> dict:
+def _score(predictor: FusionPredictor, posts: Sequence[Post], features: Sequence[PostFeatures]) -> tuple[dict, list]:
     predictions = predictor.to_predictions(predictor.probabilities(features, posts))
-    return classification_metrics([p.label for p in posts], [p.label for p in predictions], predictor.labels)
+    metrics = classification_metrics([p.label for p in posts], [p.label for p in predictions], predictor.labels)
+    return metrics, predictions
 
 
 def fit(config: FusionConfig, data_dir: str | Path, run_dir: str | Path, *, resume: bool = False,
@@ -183,35 +164,42 @@ def fit(config: FusionConfig, data_dir: str | Path, run_dir: str | Path, *, resu
     torch.manual_seed(config.seed)
     model = FusionModel(config, *config.feature_dims).to(device)
     optimizer = _optimizer(config, model, live_text)
-    state = {"epoch": 0, "best_epoch": None, "best_val_weighted_f1": None, "history": []}
+    state: dict = {"epochs_done": 0, "best_epoch": None, "best": None}
+    history: list[dict] = []
     if resume:
-        state = load_checkpoint(run_dir, model, live_text, optimizer)
-    save_config(run_dir, config.model_dump())
-    save_labels(run_dir, labels)
+        state, history = _restore(run_dir, model, live_text, optimizer)
+    save_config(run_dir, config)
     predictor = FusionPredictor(config, model, text_encoder, image_encoder, device=device)
 
     train_posts, n_train = splits["train"], len(splits["train"])
     with progress_bar() as bar:
         task = bar.add_task(f"training fusion/{config.variant}", total=config.epochs * n_train,
-                            completed=state["epoch"] * n_train, unit="post", status="")
-        for epoch in range(state["epoch"], config.epochs):
+                            completed=state["epochs_done"] * n_train, unit="post", status="")
+        for epoch in range(state["epochs_done"], config.epochs):
+            epoch_started = time.perf_counter()
+
             def on_batch(n: int, loss: float, epoch: int = epoch) -> None:
                 bar.update(task, advance=n, status=f"epoch {epoch + 1}/{config.epochs} loss {loss:.4f}")
 
             loss = _train_epoch(model, optimizer, train_posts, features["train"], config, epoch, live_text, device,
                                 on_batch)
-            val_f1 = _score(predictor, splits["val"], features["val"])["weighted_f1"] if splits["val"] else None
-            state["history"].append({"epoch": epoch + 1, "train_loss": loss, "val_weighted_f1": val_f1})
-            best = state["best_val_weighted_f1"]
-            if val_f1 is None or best is None or val_f1 > best:
-                state["best_epoch"], state["best_val_weighted_f1"] = epoch + 1, val_f1
-                save_weights(run_dir / WEIGHTS, run_weights(model, live_text))
-            state["epoch"] = epoch + 1
-            save_checkpoint(run_dir, model, live_text, optimizer, state)
+            val = _score(predictor, splits["val"], features["val"])[0] if splits["val"] else None
+            record = {"epoch": epoch + 1, "train_loss": loss, "seconds": round(time.perf_counter() - epoch_started, 2)}
+            if val is not None:
+                record["val"] = {k: val[k] for k in ("accuracy", "weighted_f1", "macro_f1")}
+            history.append(record)
+            val_f1 = None if val is None else val["weighted_f1"]
+            best = state["best"]
+            if val is None or best is None or val_f1 > best["weighted_f1"]:
+                state["best_epoch"], state["best"] = epoch + 1, record.get("val")
+                save_weights(run_dir / MODEL_WEIGHTS, run_weights(model, live_text))
+            state["epochs_done"] = epoch + 1
+            save_history(run_dir, history)
+            save_training_state(run_dir, run_weights(model, live_text), optimizer.state_dict(), state)
             bar.update(task, status=f"epoch {epoch + 1}/{config.epochs} loss {loss:.4f} val F1 "
                                     + ("-" if val_f1 is None else f"{val_f1:.4f}"))
 
-    best = load_weights(run_dir / WEIGHTS, device)
+    best = load_weights(run_dir / MODEL_WEIGHTS, device)
     trained = run_weights(model, live_text)
     for name, value in best.items():
         trained[name].copy_(value)
@@ -220,9 +208,12 @@ def fit(config: FusionConfig, data_dir: str | Path, run_dir: str | Path, *, resu
     for split in ("val", "test"):
         posts = splits[split]
         if posts and all(p.label is not None for p in posts):
-            metrics = _score(predictor, posts, features[split])
+            metrics, predictions = _score(predictor, posts, features[split])
             save_metrics(run_dir, split, metrics)
+            if split == "val":
+                save_predictions(run_dir, split, [p.id for p in posts], predictions)
             summary[split] = metrics
+    clear_training_state(run_dir)
     summary["seconds"] = time.perf_counter() - started
     return summary
 
@@ -230,17 +221,16 @@ def fit(config: FusionConfig, data_dir: str | Path, run_dir: str | Path, *, resu
 def train_fusion(config: FusionConfig, data_dir: str | Path, run_dir: str | Path, **kwargs) -> dict:
     """Train a new fusion run into ``run_dir`` (which must not hold a run already)."""
     run_dir = Path(run_dir)
-    if (run_dir / CONFIG).exists() or (run_dir / CHECKPOINT).exists():
+    if (run_dir / CONFIG).exists() or (run_dir / RESUME_DIR).exists():
         raise SentilensError("already holds a run: pass --resume to continue it, or choose another --out", run_dir)
     return fit(config, data_dir, run_dir, **kwargs)
 
 
 def resume_fusion(run_dir: str | Path, data_dir: str | Path, epochs: int | None = None, **kwargs) -> dict:
-    """Continue a run from its last checkpoint with its saved config (``epochs`` may extend it)."""
+    """Continue an interrupted run after its last finished epoch, with its saved config (``epochs`` may extend it)."""
     run_dir = Path(run_dir)
     config = make_config(load_config(run_dir), run_dir / CONFIG)
-    if not (run_dir / CHECKPOINT).is_file():
-        raise SentilensError("no checkpoint to resume from (it is written after each epoch)", run_dir)
+    check_resumable(run_dir)
     if epochs is not None:
         config = make_config({**config.model_dump(), "epochs": epochs}, run_dir / CONFIG)
     return fit(config, data_dir, run_dir, resume=True, **kwargs)

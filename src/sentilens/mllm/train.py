@@ -14,9 +14,10 @@ gradient clipping at 1.0; LoRA runs default to lr 2e-4 (LLaVA-1.5's LoRA recipe)
 - After every epoch: label scoring on val (sharded over the processes), weighted F1; the
   best epoch's trainable weights go to ``model.safetensors`` (projector + language model,
   or projector + LoRA adapters), its metrics to ``metrics-val.json`` and its predictions to
-  ``predictions-val.jsonl``; ``history.json`` has every epoch's loss and val scores.
+  ``predictions-val.jsonl``; ``history.json`` has every epoch's loss and val scores (the run
+  format of :mod:`sentilens.runs`, shared with the fusion family).
 - ``--resume`` continues after the last finished epoch from ``RUN/resume/`` (trainable
-  weights, AdamW moments, schedule, history), all safetensors + JSON; the folder is deleted
+  weights, AdamW moments, schedule), all safetensors + JSON; the folder is deleted
   when training ends. DeepSpeed shards the optimizer state, so resuming is refused there.
 - One process, multi-GPU DDP, and DeepSpeed ZeRO-2/3 through ``accelerate launch`` and the
   configs in ``configs/``; multi-process also runs on CPU (gloo). Only the main process writes
@@ -25,10 +26,8 @@ gradient clipping at 1.0; LoRA runs default to lr 2e-4 (LLaVA-1.5's LoRA recipe)
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import shutil
 import time
 from pathlib import Path
 
@@ -38,6 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from sentilens.data.records import Post, read_labels, read_split
 from sentilens.errors import SentilensError
 from sentilens.metrics import classification_metrics
+from sentilens.mllm.config import MllmRunConfig
 from sentilens.mllm.inputs import make_batch
 from sentilens.mllm.model import TINY, LoraSettings, MllmModel, Mode, build_tiny, num_image_tokens, prepare_model
 from sentilens.mllm.prompt import PromptBuilder, PromptSettings, Task, infer_task
@@ -46,19 +46,22 @@ from sentilens.predict import predict_distributed
 from sentilens.progress import progress_bar
 from sentilens.recipes import read_recipe
 from sentilens.runs import (
+    CONFIG,
+    MODEL_WEIGHTS,
+    check_resumable,
+    clear_training_state,
     load_config,
-    load_weights,
-    read_json,
+    load_history,
+    load_training_state,
     save_config,
-    save_labels,
+    save_history,
     save_metrics,
+    save_predictions,
+    save_training_state,
     save_weights,
-    write_json,
 )
 
 BASE_DIR = "base-model"
-RESUME_DIR = "resume"
-WEIGHTS = "model.safetensors"
 
 
 class MllmTrainConfig(BaseModel):
@@ -166,20 +169,19 @@ def train_mllm(cfg: MllmTrainConfig) -> dict:
     settings = PromptSettings(task=cfg.task or infer_task(labels), max_length=cfg.max_length,
                               **{k: v for k, v in (("system", cfg.system), ("question", cfg.question)) if v})
     builder = PromptBuilder(model.processor, settings, labels, num_image_tokens(model.llava, model.processor))
-    run_config = {
-        "family": "mllm",
-        "base_model": BASE_DIR if cfg.base_model == TINY else _stored_source(cfg.base_model),
-        "mode": cfg.mode,
-        "lora": cfg.lora.model_dump() if cfg.mode != "full" else None,
-        "prompt": settings.model_dump(),
-        "labels": labels,
-        "weights": WEIGHTS,
-        "num_image_tokens": builder.num_image_tokens,
-        "decode": "score",
-        "predict_batch_size": cfg.eval_batch_size,
-        "best_epoch": None,
-        "training": cfg.model_dump(mode="json"),
-    }
+    run_config = MllmRunConfig(
+        base_model=BASE_DIR if cfg.base_model == TINY else _stored_source(cfg.base_model),
+        mode=cfg.mode,
+        lora=cfg.lora if cfg.mode != "full" else None,
+        prompt=settings,
+        labels=labels,
+        weights=MODEL_WEIGHTS,
+        num_image_tokens=builder.num_image_tokens,
+        decode="score",
+        predict_batch_size=cfg.eval_batch_size,
+        best_epoch=None,
+        training=cfg.model_dump(mode="json"),
+    )
 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
@@ -192,11 +194,10 @@ def train_mllm(cfg: MllmTrainConfig) -> dict:
     best: dict | None = None
     start_epoch = 0
     if cfg.resume:
-        start_epoch, history, best, run_config["best_epoch"] = _load_resume(out, model, optimizer, scheduler)
+        start_epoch, history, best, run_config.best_epoch = _load_resume(out, model, optimizer, scheduler)
     elif main:
         out.mkdir(parents=True, exist_ok=True)
         save_config(out, run_config)
-        save_labels(out, labels)
     if deepspeed:
         accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.batch_size
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -220,24 +221,24 @@ def train_mllm(cfg: MllmTrainConfig) -> dict:
         improved = metrics is None or best is None or metrics["weighted_f1"] > best["weighted_f1"]
         if improved:
             best = metrics
-            run_config["best_epoch"] = epoch + 1
+            run_config.best_epoch = epoch + 1
         keep_resume = not deepspeed and epoch + 1 < cfg.epochs
         state_dict = _trainable_state(accelerator, model) if improved or keep_resume else None
         if main:
             if improved:
-                save_weights(out / WEIGHTS, state_dict)
+                save_weights(out / MODEL_WEIGHTS, state_dict)
                 if metrics is not None:
                     save_metrics(out, "val", metrics)
-                    _save_predictions(out / "predictions-val.jsonl", val_posts, predictions)
+                    save_predictions(out, "val", [p.id for p in val_posts], predictions)
                 save_config(out, run_config)
-            write_json(out / "history.json", history)
+            save_history(out, history)
             if keep_resume:
-                _save_resume(out, state_dict, optimizer, scheduler, epoch + 1, history, best, run_config)
+                _save_resume(out, state_dict, optimizer, scheduler, epoch + 1, best, run_config)
         accelerator.wait_for_everyone()
-    if main and (out / RESUME_DIR).exists():
-        shutil.rmtree(out / RESUME_DIR)
+    if main:
+        clear_training_state(out)
     accelerator.wait_for_everyone()
-    return {"run": str(out), "best_epoch": run_config["best_epoch"], "val": best, "history": history}
+    return {"run": str(out), "best_epoch": run_config.best_epoch, "val": best, "history": history}
 
 
 def _train_epoch(accelerator, model, optimizer, scheduler, builder: PromptBuilder, posts: list[Post],
@@ -268,13 +269,6 @@ def _train_epoch(accelerator, model, optimizer, scheduler, builder: PromptBuilde
     return float(accelerator.reduce(mean, reduction="mean").item())
 
 
-def _save_predictions(path: Path, posts: list[Post], predictions: list) -> None:
-    """The best epoch's val predictions, one JSON row per post (for error analysis, and to check a reload)."""
-    with path.open("w", encoding="utf-8") as f:
-        for post, pred in zip(posts, predictions, strict=True):
-            f.write(json.dumps({"id": post.id, **pred.to_dict()}, ensure_ascii=False) + "\n")
-
-
 def _check_labelled(posts: list[Post], path: Path, required: bool) -> None:
     if required and not posts:
         raise SentilensError("no training posts", path)
@@ -285,9 +279,7 @@ def _check_labelled(posts: list[Post], path: Path, required: bool) -> None:
 
 def _check_run_dir(out: Path, cfg: MllmTrainConfig) -> None:
     if cfg.resume:
-        if not (out / RESUME_DIR / "state.json").is_file():
-            raise SentilensError("nothing to resume here (no resume/state.json: the run finished or never started)",
-                                 out)
+        check_resumable(out)
         saved = load_config(out)["training"]
         for key in ("base_model", "mode", "data", "batch_size", "grad_accum", "epochs", "seed"):
             now, then = getattr(cfg, key), saved[key]
@@ -295,7 +287,7 @@ def _check_run_dir(out: Path, cfg: MllmTrainConfig) -> None:
                 now, then = Path(now).resolve(), Path(then).resolve()
             if str(now) != str(then):
                 raise SentilensError(f"--resume with a different {key} ({now}, the run has {then})", out)
-    elif (out / "config.json").exists():
+    elif (out / CONFIG).exists():
         raise SentilensError("already a run directory: pick another --out, or --resume", out)
 
 
@@ -326,29 +318,18 @@ def _trainable_state(accelerator, model) -> dict[str, torch.Tensor] | None:
     return core.trainable_state() if accelerator.is_main_process else None
 
 
-def _save_resume(out: Path, trainable: dict, optimizer, scheduler, epochs_done: int, history: list, best: dict | None,
-                 run_config: dict) -> None:
-    folder = out / RESUME_DIR
-    save_weights(folder / "trainable.safetensors", trainable)
-    opt = optimizer.state_dict()
-    tensors = {f"{idx}.{key}": value for idx, slots in opt["state"].items() for key, value in slots.items()
-               if isinstance(value, torch.Tensor)}
-    save_weights(folder / "optimizer.safetensors", tensors)
+def _save_resume(out: Path, trainable: dict, optimizer, scheduler, epochs_done: int, best: dict | None,
+                 run_config: MllmRunConfig) -> None:
     sched = {k: v for k, v in scheduler.state_dict().items() if k != "_lr_lambdas"}
-    write_json(folder / "state.json", {"epochs_done": epochs_done, "history": history, "best": best,
-                                       "best_epoch": run_config["best_epoch"], "param_groups": opt["param_groups"],
-                                       "scheduler": sched})
+    save_training_state(out, trainable, optimizer.state_dict(),
+                        {"epochs_done": epochs_done, "best": best, "best_epoch": run_config.best_epoch,
+                         "scheduler": sched})
 
 
 def _load_resume(out: Path, model: MllmModel, optimizer, scheduler) -> tuple[int, list, dict | None, int | None]:
-    folder = out / RESUME_DIR
-    state = read_json(folder / "state.json")
-    model.load_trainable_state(load_weights(folder / "trainable.safetensors"), folder / "trainable.safetensors")
-    slots: dict[int, dict] = {}
-    for key, value in load_weights(folder / "optimizer.safetensors").items():
-        idx, name = key.split(".", 1)
-        slots.setdefault(int(idx), {})[name] = value
-    optimizer.load_state_dict({"state": slots, "param_groups": state["param_groups"]})
-    scheduler.load_state_dict({**state["scheduler"], "_lr_lambdas": [None] * len(optimizer.param_groups)})
-    return state["epochs_done"], state["history"], state["best"], state["best_epoch"]
-
+    saved = load_training_state(out)
+    model.load_trainable_state(saved.trainable, out / "resume")
+    optimizer.load_state_dict(saved.optimizer)
+    scheduler.load_state_dict({**saved.state["scheduler"], "_lr_lambdas": [None] * len(optimizer.param_groups)})
+    state = saved.state
+    return state["epochs_done"], load_history(out), state["best"], state["best_epoch"]
