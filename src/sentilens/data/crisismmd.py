@@ -32,8 +32,7 @@ import csv
 from dataclasses import dataclass
 from pathlib import Path
 
-from sentilens.data.prepare import RawDataset
-from sentilens.data.records import Dropped, Post
+from sentilens.data.records import Dropped, Post, RawDataset
 from sentilens.data.text import read_text
 from sentilens.errors import SentilensError
 

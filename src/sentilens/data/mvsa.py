@@ -29,8 +29,7 @@ from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
-from sentilens.data.prepare import RawDataset
-from sentilens.data.records import Dropped, Post
+from sentilens.data.records import Dropped, Post, RawDataset
 from sentilens.data.text import read_text
 from sentilens.errors import SentilensError
 

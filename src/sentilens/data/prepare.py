@@ -2,7 +2,8 @@
 
 Three steps, the same for every format:
 
-1. a reader (``mvsa``, ``crisismmd``, ``table``) parses the raw files into labelled posts,
+1. the reader registered for the format in :data:`READERS` (``mvsa``, ``crisismmd``, ``table``)
+   parses the raw files into a :class:`~sentilens.data.records.RawDataset` of labelled posts,
    dropping the items it cannot use (label conflicts, malformed rows, missing text) with a
    reason; it also gives the label order and, where the source fixes it, each post's split;
 2. every referenced image is opened with :func:`sentilens.data.images.load_image`, the one
@@ -17,61 +18,58 @@ image negative"``); :func:`reason_counts` tallies the kinds for the summary tabl
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import os
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from sentilens.data.images import ImageError, load_image
-from sentilens.data.records import SPLITS, Dropped, Post, write_manifest
+from sentilens.data.records import SPLITS, Dropped, Post, RawDataset, write_manifest
 from sentilens.data.splits import stratified_split
 from sentilens.errors import SentilensError
 from sentilens.progress import progress_bar
 
-FORMATS = ("mvsa-single", "mvsa-multiple", "crisismmd", "table")
+READERS: dict[str, str] = {
+    "mvsa-single": "sentilens.data.mvsa:read_mvsa_single",
+    "mvsa-multiple": "sentilens.data.mvsa:read_mvsa_multiple",
+    "crisismmd": "sentilens.data.crisismmd:read_crisismmd",
+    "table": "sentilens.data.table:read_table",
+}
+"""``--format`` name -> ``"module:function"`` reading a raw data set into a :class:`RawDataset`.
+
+The function takes the root (folder, or file for ``table``) and, as keyword arguments, the
+format's own options (``--task``, ``--agreed-only``): the ones its signature declares. A new
+reader is one module and one line here (docs/architecture.md, "How to add a data-set reader")."""
+
+FORMATS = tuple(READERS)
 
 
-@dataclass
-class RawDataset:
-    """What a reader returns: labelled posts (images not yet opened), what it dropped, the label order.
-
-    ``fixed_split`` maps a post id to its split where the source fixes it (CrisisMMD's official
-    files, a table's ``split`` column); ``group_of`` keeps posts of one group (one tweet's
-    images) in the same split when sentilens splits; ``source`` is provenance for ``stats.json``.
-    """
-
-    labels: list[str]
-    posts: list[Post]
-    dropped: list[Dropped]
-    fixed_split: dict[str, str] | None = None
-    group_of: Callable[[Post], str] | None = None
-    source: dict = field(default_factory=dict)
-
-
-def read_raw(fmt: str, root: str | Path, task: str | None = None, agreed_only: bool = False) -> RawDataset:
-    """Run the reader of ``fmt`` on ``root`` (a folder, or for ``table`` the CSV/JSONL file)."""
-    if fmt not in FORMATS:
+def reader_of(fmt: str) -> Callable[..., RawDataset]:
+    """The reader function registered for ``fmt``."""
+    if fmt not in READERS:
         raise SentilensError(f"unknown format '{fmt}' (choose from {', '.join(FORMATS)})")
-    if fmt != "crisismmd" and (task is not None or agreed_only):
-        raise SentilensError("--task and --agreed-only apply to --format crisismmd only")
-    root = Path(root)
-    if fmt == "mvsa-single":
-        from sentilens.data.mvsa import read_mvsa_single
+    module_name, function = READERS[fmt].split(":")
+    return getattr(importlib.import_module(module_name), function)
 
-        return read_mvsa_single(root)
-    if fmt == "mvsa-multiple":
-        from sentilens.data.mvsa import read_mvsa_multiple
 
-        return read_mvsa_multiple(root)
-    if fmt == "crisismmd":
-        from sentilens.data.crisismmd import read_crisismmd
+def reader_options(fmt: str) -> list[str]:
+    """The keyword options the reader of ``fmt`` declares, in order."""
+    return list(inspect.signature(reader_of(fmt)).parameters)[1:]
 
-        return read_crisismmd(root, task=task or "informative", agreed_only=agreed_only)
-    from sentilens.data.table import read_table
 
-    return read_table(root)
+def read_raw(fmt: str, root: str | Path, **options: object) -> RawDataset:
+    """Run the reader of ``fmt`` on ``root`` with the options given (``None`` / ``False``: not given)."""
+    accepted = reader_options(fmt)
+    given = {name: value for name, value in options.items() if value is not None and value is not False}
+    if set(given) - set(accepted):
+        lacking = list(dict.fromkeys(o for f in FORMATS for o in reader_options(f) if o not in accepted))
+        takers = [f for f in FORMATS if set(given) <= set(reader_options(f))]
+        flags = " and ".join("--" + name.replace("_", "-") for name in lacking)
+        raise SentilensError(f"{flags} apply to --format {', '.join(takers)} only")
+    return reader_of(fmt)(Path(root), **given)
 
 
 def check_image(post: Post) -> Dropped | None:

@@ -10,7 +10,7 @@ with its reason.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,6 +46,23 @@ class Dropped:
     id: str
     reason: str
     source: str = ""
+
+
+@dataclass
+class RawDataset:
+    """What a reader returns: labelled posts (images not yet opened), what it dropped, the label order.
+
+    ``fixed_split`` maps a post id to its split where the source fixes it (CrisisMMD's official
+    files, a table's ``split`` column); ``group_of`` keeps posts of one group (one tweet's
+    images) in the same split when sentilens splits; ``source`` is provenance for ``stats.json``.
+    """
+
+    labels: list[str]
+    posts: list[Post]
+    dropped: list[Dropped]
+    fixed_split: dict[str, str] | None = None
+    group_of: Callable[[Post], str] | None = None
+    source: dict = field(default_factory=dict)
 
 
 def post_from_row(row: object, path: Path, line: int, base: Path) -> Post:
