@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sentilens.data.images import ImageError, load_image
+from sentilens.data.images import ImageError, ImageLimits, load_image
 
 RED, BLUE, WHITE = (255, 0, 0), (0, 0, 255), (255, 255, 255)
 
@@ -132,6 +132,71 @@ def test_non_image_bytes_and_missing_file(tmp_path):
 def test_pixel_cap_refuses_before_decoding(tmp_path):
     path = tmp_path / "big.png"
     Image.new("RGB", (30, 20), RED).save(path)
-    assert load_image(path, max_pixels=600).size == (30, 20)
+    assert load_image(path, ImageLimits(max_pixels=600)).size == (30, 20)
     with pytest.raises(ImageError, match="30x20 pixels, over the cap of 599"):
-        load_image(path, max_pixels=599)
+        load_image(path, ImageLimits(max_pixels=599))
+
+
+EPS = (b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n"
+       b"newpath 0 0 moveto 10 10 lineto stroke showpage\n%%EOF\n")
+
+
+def test_eps_named_jpg_is_refused_without_running_its_decoder(tmp_path, monkeypatch):
+    """Defect 1: Pillow identifies EPS by content and hands it to Ghostscript; only allow-listed plugins may look."""
+    from PIL import EpsImagePlugin
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("the EPS plugin was asked to read the bytes")
+
+    monkeypatch.setattr(EpsImagePlugin.EpsImageFile, "_open", forbidden)
+    monkeypatch.setattr(EpsImagePlugin, "Ghostscript", forbidden)
+    path = tmp_path / "photo.jpg"
+    path.write_bytes(EPS)
+    for source in (path, EPS):
+        with pytest.raises(ImageError, match="allowed formats: JPEG, PNG, GIF, WEBP, BMP, TIFF") as err:
+            load_image(source)
+        assert err.value.kind == "unsupported"
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF"])
+def test_every_allowed_format_opens(fmt):
+    buffer = io.BytesIO()
+    Image.new("RGB", (12, 10), RED).save(buffer, format=fmt)
+    assert load_image(buffer.getvalue()).size == (12, 10)
+
+
+@pytest.mark.parametrize("fmt", ["ICO", "PCX", "TGA", "PPM"])
+def test_formats_outside_the_allow_list_are_refused(fmt):
+    buffer = io.BytesIO()
+    Image.new("RGB", (16, 16), RED).save(buffer, format=fmt)
+    with Image.open(io.BytesIO(buffer.getvalue())) as img:  # Pillow itself would read it
+        assert img.format == fmt
+    with pytest.raises(ImageError) as err:
+        load_image(buffer.getvalue())
+    assert err.value.kind == "unsupported"
+
+
+def test_thin_strip_is_refused_on_its_header(tmp_path):
+    """Defect 4: a 143-byte 20000x1 PNG cost 4.7 GB in predict; the aspect rule is the loader's own now."""
+    path = tmp_path / "strip.png"
+    Image.new("L", (20000, 1)).save(path, optimize=True)
+    assert path.stat().st_size < 200
+    with pytest.raises(ImageError, match="20000x1 image; the long side may be at most 20 times") as err:
+        load_image(path)
+    assert err.value.kind == "extreme_aspect_ratio"
+    Image.new("RGB", (200, 10)).save(path)
+    assert load_image(path).size == (200, 10)  # exactly 20:1 is allowed
+    with pytest.raises(ImageError):
+        load_image(path, ImageLimits(max_aspect_ratio=19.9))
+
+
+def test_byte_cap_and_empty_file(tmp_path):
+    path = tmp_path / "red.png"
+    Image.new("RGB", (8, 8), RED).save(path)
+    size = path.stat().st_size
+    assert load_image(path, ImageLimits(max_bytes=size)).size == (8, 8)
+    with pytest.raises(ImageError, match=f"{size} bytes, over the cap of {size - 1}") as err:
+        load_image(path, ImageLimits(max_bytes=size - 1))
+    assert err.value.kind == "too_large"
+    with pytest.raises(ImageError, match="empty file"):
+        load_image(b"")

@@ -1,54 +1,109 @@
 """The one safe image loader: everything in sentilens that reads an image calls ``load_image``.
 
-It opens a file path or raw bytes, refuses decompression bombs before decoding (a pixel cap
-checked on the header), decodes fully (so a truncated file fails here, not later in a batch),
-takes the first frame of an animation, applies the EXIF orientation, and converts every mode
-met in the wild to RGB: palette and LA/RGBA images are composited on white so transparent
-areas do not turn black, CMYK goes through Pillow's conversion, and 16/32-bit greyscale is
-scaled down to 8 bits rather than clipped.
+It opens a file path or raw bytes and refuses, before decoding any pixel:
+
+- a format outside the allow-list (JPEG, PNG, GIF, WebP, BMP, TIFF). Pillow can identify
+  dozens of formats and hands some to outside programs (EPS and PDF go to Ghostscript): only
+  the allow-listed plugins are ever asked to identify the bytes, whatever the file is named;
+- a file over ``max_bytes`` (checked on the file size, before reading);
+- an image over ``max_pixels`` (width x height read from the header: a decompression bomb);
+- an image whose long side passes ``max_aspect_ratio`` times its short side: the models scale
+  the short side up to their input size, so a 143-byte 20000 x 1 PNG would become a tensor of
+  gigabytes (measured: 4.7 GB in ``predict``; 1 x 60000 was a ``MemoryError``).
+
+Then it decodes fully (so a truncated file fails here, not later in a batch), takes the first
+frame of an animation, applies the EXIF orientation, and converts every mode met in the wild to
+RGB: palette and LA/RGBA images are composited on white so transparent areas do not turn black,
+CMYK goes through Pillow's conversion, and 16/32-bit greyscale is scaled down to 8 bits rather
+than clipped. Every refusal is an :class:`ImageError` whose ``kind`` says which rule refused it
+(the server maps it to an HTTP status without opening the bytes again).
 """
 
 from __future__ import annotations
 
 import io
+from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from sentilens.errors import SentilensError
 
+ALLOWED_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF")
+"""Pillow plugins allowed to identify and decode an image; no other decoder is ever run."""
 DEFAULT_MAX_PIXELS = 40_000_000
 """Pixel cap (width x height): about a 6300 x 6300 photo, far above any social-media upload."""
+DEFAULT_MAX_BYTES = 50 * 2**20
+"""File-size cap: a 40-megapixel JPEG is about 15 MB; 50 MiB leaves room for PNG and TIFF."""
+DEFAULT_MAX_ASPECT_RATIO = 20.0
+"""Long side over short side: panoramas and tall infographics stay under 10."""
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    """What one image may be; the same rules everywhere, the server passes its own values."""
+
+    max_bytes: int = DEFAULT_MAX_BYTES
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    max_aspect_ratio: float = DEFAULT_MAX_ASPECT_RATIO
 
 
 class ImageError(SentilensError):
-    """An image that cannot be used: missing, not an image, corrupt, or too large."""
+    """An image that cannot be used. ``kind``: missing, too_large, too_many_pixels, unsupported,
+    extreme_aspect_ratio or corrupt."""
+
+    def __init__(self, problem: str, path: str | Path | None = None, kind: str = "corrupt"):
+        super().__init__(problem, path)
+        self.kind = kind
 
 
-def load_image(source: str | Path | bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+def load_image(source: str | Path | bytes, limits: ImageLimits | None = None) -> Image.Image:
     """Open ``source`` (a path or the file's bytes) and return an 8-bit RGB image.
 
     Raises :class:`ImageError` naming the file and the problem for anything else.
     """
+    limits = limits or ImageLimits()
     name = "<upload>" if isinstance(source, bytes) else str(source)
-    if not isinstance(source, bytes) and not Path(source).is_file():
-        raise ImageError("image file not found", name)
+    if isinstance(source, bytes):
+        size = len(source)
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise ImageError("image file not found", name, "missing")
+        size = path.stat().st_size
+    if size == 0:
+        raise ImageError("empty file (0 bytes)", name, "corrupt")
+    if size > limits.max_bytes:
+        raise ImageError(f"image file has {size} bytes, over the cap of {limits.max_bytes}", name, "too_large")
     try:
-        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as img:
-            width, height = img.size
-            if width * height > max_pixels:
-                raise ImageError(f"image has {width}x{height} pixels, over the cap of {max_pixels}", name)
+        fp = io.BytesIO(source) if isinstance(source, bytes) else source
+        with Image.open(fp, formats=ALLOWED_FORMATS) as img:
+            check_shape(img.size, limits, name)
             img.seek(0)
             img.load()
             return _to_rgb(ImageOps.exif_transpose(img))
     except ImageError:
         raise
     except UnidentifiedImageError:
-        raise ImageError("not a readable image (unknown format)", name) from None
+        raise ImageError(f"not a readable image (allowed formats: {', '.join(ALLOWED_FORMATS)})", name,
+                         "unsupported") from None
     except Image.DecompressionBombError as err:
-        raise ImageError(f"refused as a decompression bomb ({err})", name) from None
-    except (OSError, SyntaxError, ValueError) as err:
-        raise ImageError(f"corrupt or truncated image ({err})", name) from None
+        raise ImageError(f"refused as a decompression bomb ({err})", name, "too_many_pixels") from None
+    except (OSError, SyntaxError, ValueError, MemoryError) as err:
+        raise ImageError(f"corrupt or truncated image ({err})", name, "corrupt") from None
+
+
+def check_shape(size: tuple[int, int], limits: ImageLimits, name: str) -> None:
+    """The pixel and aspect-ratio rules, on the size the header declares."""
+    width, height = size
+    if width < 1 or height < 1:
+        raise ImageError(f"image has {width}x{height} pixels", name, "corrupt")
+    if width * height > limits.max_pixels:
+        raise ImageError(f"image has {width}x{height} pixels, over the cap of {limits.max_pixels}", name,
+                         "too_many_pixels")
+    if max(width, height) > limits.max_aspect_ratio * min(width, height):
+        raise ImageError(f"a {width}x{height} image; the long side may be at most {limits.max_aspect_ratio:g} "
+                         "times the short side (models enlarge the short side)", name, "extreme_aspect_ratio")
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:

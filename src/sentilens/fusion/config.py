@@ -63,7 +63,9 @@ class FusionConfig(BaseModel):
     image_encoder: str = EMBEDDED_IMAGE
     prompt: str = "sentiment"
     max_text_tokens: int = Field(128, ge=8)
-    image_size: int = Field(224, ge=32)
+    image_size: int = Field(224, ge=32, le=1024)
+    """Square side images are resized to; at most 1024 (4.7x the CNNs' 224): 100000 was accepted and the OOM
+    killer ended the run (a batch of 32 would need 3.8 TB)."""
     fine_tune_text: bool = False
     text_dim: int | None = None
     image_dim: int | None = None

@@ -3,54 +3,35 @@
 Predictors read ``Post.image`` as a path, so each accepted upload is written, as received, to
 a private folder (``mkdtemp``: readable by this user only) under a random name, and deleted
 when its request ends, answered or not. Before that, :func:`check_image` decodes it through
-:func:`sentilens.data.images.load_image` with the server's pixel cap; a refusal gets the status
-that fits, decided on the image header (the loader's message is for people, not for code):
-413 over the pixel cap, 415 for a format Pillow does not know, 422 for a corrupt file. A decoded
-image whose long side passes ``max_aspect_ratio`` times its short side is refused too (422): the
-models scale the short side up to their input size, so a thin strip would become enormous.
+:func:`sentilens.data.images.load_image` with the server's limits.  The loader
+says which rule refused an image (``ImageError.kind``): 413 over the byte or pixel cap, 415 for a
+format outside the allow-list, 422 for an extreme aspect ratio or a corrupt (or empty) file.
 """
 
 from __future__ import annotations
 
-import io
 import shutil
 import tempfile
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
-from PIL import Image, UnidentifiedImageError
-
-from sentilens.data.images import ImageError, load_image
+from sentilens.data.images import ImageError, ImageLimits, load_image
 from sentilens.data.records import Post
 from sentilens.serve.errors import ApiError
 
+STATUS = {"too_large": (413, "payload_too_large"), "too_many_pixels": (413, "too_many_pixels"),
+          "unsupported": (415, "unsupported_image"), "extreme_aspect_ratio": (422, "extreme_aspect_ratio")}
+"""HTTP status and error code of each kind of loader refusal; any other kind is a corrupt image (422)."""
 
-def check_image(data: bytes, max_pixels: int, max_aspect_ratio: float, field: str) -> None:
+
+def check_image(data: bytes, limits: ImageLimits, field: str) -> None:
     """Decode ``data`` fully (as the predictor will); raise the fitting :class:`ApiError` if it cannot be used."""
     try:
-        width, height = load_image(data, max_pixels).size
+        load_image(data, limits)
     except ImageError as err:
-        raise refusal(data, max_pixels, f"{field}: {err.problem}", field) from None
-    if max(width, height) > max_aspect_ratio * min(width, height):
-        raise ApiError(422, "extreme_aspect_ratio", f"{field}: a {width}x{height} image; the long side may be at most "
-                       f"{max_aspect_ratio:g} times the short side (models enlarge the short side)", field)
-
-
-def refusal(data: bytes, max_pixels: int, message: str, field: str) -> ApiError:
-    """The status of an image the loader refused, from what its header says."""
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            width, height = img.size
-    except Image.DecompressionBombError:
-        return ApiError(413, "too_many_pixels", message, field)
-    except UnidentifiedImageError:
-        return ApiError(415, "unsupported_image", message, field)
-    except (OSError, SyntaxError, ValueError):
-        return ApiError(422, "corrupt_image", message, field)
-    if width * height > max_pixels:
-        return ApiError(413, "too_many_pixels", message, field)
-    return ApiError(422, "corrupt_image", message, field)
+        status, code = STATUS.get(err.kind, (422, "corrupt_image"))
+        raise ApiError(status, code, f"{field}: {err.problem}", field) from None
 
 
 class UploadStore:
