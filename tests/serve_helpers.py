@@ -87,3 +87,18 @@ def chromium(profile: Path):
     for flag in (*CHROMIUM_FLAGS, f"--user-data-dir={profile}"):
         options.add_argument(flag)
     return webdriver.Chrome(service=Service(executable_path=driver), options=options)
+
+
+def train_tiny_fusion(folder: Path) -> Path:
+    """A one-epoch fusion run on tiny saved encoders (GPT-2, ResNet): a real run that loads in seconds."""
+    from fusion_helpers import save_tiny_gpt2, save_tiny_resnet, subset_manifest
+    from mllm_helpers import small_manifest
+    from sentilens.fusion.config import FusionConfig
+    from sentilens.fusion.train import train_fusion
+
+    data = small_manifest(folder / "source", n_train=8, n_val=4, n_test=8)
+    manifest = subset_manifest(data, folder / "data", {"train": 8, "val": 4, "test": 4})
+    config = FusionConfig(text_encoder=str(save_tiny_gpt2(folder / "gpt2")),
+                          image_encoder=str(save_tiny_resnet(folder / "resnet")), image_size=64, epochs=1, batch_size=8)
+    train_fusion(config, manifest, folder / "tiny-fusion", device="cpu")
+    return folder / "tiny-fusion"

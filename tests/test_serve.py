@@ -301,9 +301,9 @@ def test_an_oversized_body_is_refused_while_it_arrives(mllm_server):
     """The body never ends (no last chunk; a Content-Length never met): only a cap enforced while reading answers."""
     chunk = b"a" * 32768
     chunks = [b"%x\r\n%s\r\n" % (len(chunk), chunk)] * (MAX_UPLOAD // len(chunk) + 1)
-    chunked = raw_request(mllm_server.port, b"POST /v1/predict HTTP/1.1\r\nHost: test\r\nContent-Type: "
+    chunked = raw_request(mllm_server.port, b"POST /v1/predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: "
                           b"application/json\r\nTransfer-Encoding: chunked\r\n\r\n", chunks)
-    declared = raw_request(mllm_server.port, b"POST /v1/predict HTTP/1.1\r\nHost: test\r\nContent-Type: "
+    declared = raw_request(mllm_server.port, b"POST /v1/predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: "
                            b"application/json\r\nContent-Length: 1000000000\r\n\r\n")
     for answer in (chunked, declared):
         assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
@@ -447,23 +447,30 @@ def test_the_page_shows_label_bars_and_the_heatmap_with_the_kept_patches(mllm_se
         browser.quit()
 
 
-def test_connection_cap_answers_503_while_a_slow_upload_holds_the_only_slot(fusion_run, tmp_path):
-    """--max-connections bounds requests still being read too (a slow client cannot pile up sockets)."""
-    server = Server(fusion_run, tmp_path / "capped.log", ["--max-connections", "2"])
+def test_connection_cap_answers_json_503_while_a_slow_upload_holds_the_only_slot(fusion_run, tmp_path):
+    """--max-connections bounds requests still being read too; the refusal is the API's JSON error (defect 13),
+    and /healthz is answered all the while (defect 3: slow clients made every probe 503)."""
+    server = Server(fusion_run, tmp_path / "capped.log", ["--max-connections", "1"])
     try:
         with httpx.Client(base_url=server.url, timeout=30) as http:
             assert http.get("/healthz").status_code == 200
             slow = socket.create_connection(("127.0.0.1", server.port))
             try:
-                slow.sendall(b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                slow.sendall(b"POST /v1/predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                              b"Content-Length: 1000\r\n\r\n{\"text\": ")
                 with httpx.Client(base_url=server.url, timeout=30) as other:
-                    assert other.get("/healthz").status_code == 503
+                    for _ in range(50):  # the slow request reaches the app on the server's next loop turn
+                        refused = other.post("/v1/predict", json={"text": "hello"})
+                        if refused.status_code == 503:
+                            break
+                    assert_error(refused, 503, "overloaded")
+                    assert refused.headers["retry-after"] == "1"
+                    assert other.get("/healthz").status_code == 200
             finally:
                 slow.close()
         with httpx.Client(base_url=server.url, timeout=30) as http:
             for _ in range(50):  # the server notices the closed socket on its next loop turn
-                if http.get("/healthz").status_code == 200:
+                if http.post("/v1/predict", json={"text": "hello"}).status_code == 200:
                     break
             else:
                 pytest.fail("the slot was not freed after the slow client left")

@@ -13,6 +13,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from sentilens.errors import SentilensError
@@ -26,7 +27,9 @@ app.add_typer(train_app, name="train")
 ablate_app = typer.Typer(help="Ablation studies: every variant of a family on the same data.", no_args_is_help=True)
 app.add_typer(ablate_app, name="ablate")
 
-out = Console()
+out = Console(markup=False)
+"""Standard output. Markup off: what it prints holds user data (ids, labels, texts, paths), in which rich would
+read ``[bold]`` as a style (and drop it) and ``[/x]`` as a closing tag (and crash)."""
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for machines instead of a table.")]
 RunOpt = Annotated[Path, typer.Option("--run", help="Run directory made by 'sentilens train'.")]
@@ -35,6 +38,28 @@ SplitOpt = Annotated[str, typer.Option("--split", help="Split to use: train, val
 KeepRatioOpt = Annotated[
     float | None, typer.Option("--keep-ratio", help="MLLM runs: fraction of visual tokens kept, in (0, 1].")
 ]
+
+
+
+def folder_path(path: Path | None) -> Path | None:
+    """An ``--out`` folder: refused in one line when it, or a folder above it, is a file (typer callback)."""
+    if path is not None:
+        for place in (path, *path.parents):
+            if place.exists() and not place.is_dir():
+                raise SentilensError("--out must name a folder, and this is a file", place)
+    return path
+
+
+def file_path(path: Path | None) -> Path | None:
+    """An output file (``--output``, explain's ``--out``): refused in one line when it is a folder, or a folder
+    above it is a file (typer callback)."""
+    if path is not None:
+        if path.is_dir():
+            raise SentilensError("names a folder; give the path of a file to write", path)
+        for place in path.parents:
+            if place.exists() and not place.is_dir():
+                raise SentilensError("is a file, so it cannot hold the output", place)
+    return path
 
 
 def emit(obj: object, as_json: bool, title: str | None = None) -> None:
@@ -70,7 +95,8 @@ def metrics_table(metrics: dict, title: str) -> Table:
 def prepare_cmd(
     fmt: Annotated[str, typer.Option("--format", help="mvsa-single, mvsa-multiple, crisismmd or table.")],
     root: Annotated[Path, typer.Option("--root", help="Raw dataset folder; for 'table', the CSV/TSV/JSONL file.")],
-    out_dir: Annotated[Path, typer.Option("--out", help="Folder for train/val/test.jsonl and stats.json.")],
+    out_dir: Annotated[Path, typer.Option("--out", help="Folder for train/val/test.jsonl and stats.json.",
+        callback=folder_path)],
     seed: Annotated[int, typer.Option("--seed", help="Seed of the 8:1:1 split: same seed, same split.")] = 0,
     task: Annotated[str | None, typer.Option("--task", help="CrisisMMD: informative (default) or humanitarian.")]
     = None,
@@ -110,7 +136,8 @@ def prepare_cmd(
 
 @data_app.command("synth")
 def synth_cmd(
-    out_dir: Annotated[Path, typer.Option("--out", help="Folder for the manifest and its images.")],
+    out_dir: Annotated[Path, typer.Option("--out", help="Folder for the manifest and its images.",
+        callback=folder_path)],
     n: Annotated[int, typer.Option("--n", help="Number of posts.")] = 600,
     seed: Annotated[int, typer.Option("--seed", help="Random seed: same seed, same files.")] = 0,
     as_json: JsonOpt = False,
@@ -166,7 +193,8 @@ def _fusion_cache(cache: Path | None, no_cache: bool):
 @train_app.command("fusion")
 def train_fusion_cmd(
     data: DataOpt,
-    out_dir: Annotated[Path, typer.Option("--out", help="Run directory to create (or continue with --resume).")],
+    out_dir: Annotated[Path, typer.Option("--out", help="Run directory to create (or continue with --resume).",
+        callback=folder_path)],
     recipe: RecipeOpt = None,
     variant: Annotated[str | None, typer.Option("--variant", help="full, attention, concat, text or image.")] = None,
     text_encoder: TextEncoderOpt = None,
@@ -213,7 +241,8 @@ def train_fusion_cmd(
 @ablate_app.command("fusion")
 def ablate_fusion_cmd(
     data: DataOpt,
-    out_dir: Annotated[Path, typer.Option("--out", help="Folder for one run per variant and ablation.md/json.")],
+    out_dir: Annotated[Path, typer.Option("--out", help="Folder for one run per variant and ablation.md/json.",
+        callback=folder_path)],
     recipe: RecipeOpt = None,
     variants: Annotated[str | None, typer.Option(
         "--variants", help="Comma-separated rows (default: text-noprompt,text,image,concat,attention,full).")] = None,
@@ -252,7 +281,8 @@ DecodeOpt = Annotated[str | None, typer.Option(
 @train_app.command("mllm")
 def train_mllm_cmd(
     data: Annotated[Path | None, typer.Option("--data", help="Manifest folder ('sentilens data prepare').")] = None,
-    out_dir: Annotated[Path | None, typer.Option("--out", help="Run directory to create (or continue).")] = None,
+    out_dir: Annotated[Path | None, typer.Option("--out", help="Run directory to create (or continue).",
+        callback=folder_path)] = None,
     model: Annotated[str | None, typer.Option(
         "--model", help="LLaVA checkpoint: HF id (llava-hf/llava-1.5-7b-hf), local folder, or 'tiny'.")] = None,
     recipe: RecipeOpt = None,
@@ -328,7 +358,8 @@ def predict_cmd(
     image: Annotated[Path | None, typer.Option("--image", help="Image of a single post.")] = None,
     text: Annotated[str | None, typer.Option("--text", help="Text of a single post.")] = None,
     input: Annotated[Path | None, typer.Option("--input", help="JSONL of posts {id, text, image}.")] = None,
-    output: Annotated[Path | None, typer.Option("--output", help="Where to write predictions (JSONL).")] = None,
+    output: Annotated[Path | None, typer.Option("--output", help="Where to write predictions (JSONL).",
+        callback=file_path)] = None,
     keep_ratio: KeepRatioOpt = None,
     decode: DecodeOpt = None,
     as_json: JsonOpt = False,
@@ -414,7 +445,8 @@ def sweep_cmd(
 def explain_cmd(
     run: RunOpt,
     image: Annotated[Path, typer.Option("--image", help="Image of the post.")],
-    out_path: Annotated[Path, typer.Option("--out", help="PNG to write: heatmap and kept-patch mask.")],
+    out_path: Annotated[Path, typer.Option("--out", help="PNG to write: heatmap and kept-patch mask.",
+        callback=file_path)],
     text: Annotated[str, typer.Option("--text", help="Text of the post.")] = "",
     keep_ratio: Annotated[float | None, typer.Option(
         "--keep-ratio", help="Fraction of visual tokens kept, in (0, 1] (default 0.4).")] = None,
@@ -441,7 +473,8 @@ def explain_cmd(
 
 @app.command("demo")
 def demo_cmd(
-    out_dir: Annotated[Path, typer.Option("--out", help="Folder for data, runs, plots, report.")] = Path("demo-out"),
+    out_dir: Annotated[Path, typer.Option("--out", help="Folder for data, runs, plots, report.",
+        callback=folder_path)] = Path("demo-out"),
     size: Annotated[str, typer.Option("--size", help="full (15 min on 2 cores) or smoke (3 min).")] = "full",
     seed: Annotated[int, typer.Option("--seed", help="Seed of the data and every run.")] = 0,
     as_json: JsonOpt = False,
@@ -465,7 +498,7 @@ def demo_cmd(
 @app.command("report")
 def report_cmd(
     runs: Annotated[list[Path], typer.Option("--runs", help="A run directory; repeat for several.")],
-    out_dir: Annotated[Path, typer.Option("--out", help="Folder for report.md and plots/.")],
+    out_dir: Annotated[Path, typer.Option("--out", help="Folder for report.md and plots/.", callback=folder_path)],
     data: Annotated[Path | None, typer.Option("--data", help="Manifest folder: adds its counts table.")] = None,
     ablation: Annotated[Path | None, typer.Option("--ablation", help="ablation.json of 'ablate fusion'.")] = None,
     split: SplitOpt = "test",
@@ -519,17 +552,25 @@ def serve_cmd(
                                                        "(default 5000).")] = None,
     max_posts: Annotated[int | None, typer.Option("--max-posts", help="Posts in one batch request (default 32).")]
     = None,
-    max_connections: Annotated[int, typer.Option("--max-connections", min=1, help="Open connections, requests "
-                                                 "still uploading included; beyond, uvicorn answers 503.")] = 128,
+    max_connections: Annotated[int | None, typer.Option("--max-connections", help="Requests handled at once, "
+                                                        "uploads still arriving included; beyond, 503 (/healthz "
+                                                        "is always answered; default 128).")] = None,
+    header_timeout: Annotated[float | None, typer.Option("--header-timeout", help="Seconds a connection may take "
+                                                         "to send a request's headers (default 10).")] = None,
+    body_timeout: Annotated[float | None, typer.Option("--body-timeout", help="Seconds a request may take to send "
+                                                       "its body (default 30); then 408.")] = None,
+    allowed_host: Annotated[list[str] | None, typer.Option("--allowed-host", help="A Host header name to accept "
+                                                           "besides 127.0.0.1, localhost, ::1 and --host; repeat "
+                                                           "for several (refusing others stops DNS rebinding).")]
+    = None,
     device: DeviceOpt = None,
 ) -> None:
     """Serve a run over HTTP: JSON API (/v1/predict, /v1/predict/batch, /v1/explain, /v1/model) and a web page."""
     import os
 
-    import uvicorn
-
+    from sentilens.runs import load_config
     from sentilens.serve.app import create_app
-    from sentilens.serve.settings import make_settings
+    from sentilens.serve.settings import ServeSettings, make_settings
 
     api_key = None
     if api_key_env is not None:
@@ -539,19 +580,53 @@ def serve_cmd(
     settings = make_settings({"max_batch": max_batch, "max_wait_ms": max_wait_ms, "queue_size": queue_size,
                               "max_upload_bytes": max_upload_bytes, "max_pixels": max_pixels,
                               "max_aspect_ratio": max_aspect_ratio, "max_text_chars": max_text_chars,
-                              "max_posts": max_posts, "api_key": api_key, "device": device})
+                              "max_posts": max_posts, "api_key": api_key, "device": device,
+                              "max_connections": max_connections, "header_timeout_s": header_timeout,
+                              "body_timeout_s": body_timeout,
+                              "allowed_hosts": [*ServeSettings().allowed_hosts, host, *(allowed_host or [])]})
+    load_config(run)  # a wrong --run is named before anything else
+    check_port(host, port)  # before loading the model: a port clash fails at once, in one line
     application = create_app(run, settings)
     if api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
-        Console(stderr=True).print(f"[yellow]warning:[/yellow] serving on {host} without --api-key-env: anyone who "
-                                   "can reach this address can use the model", highlight=False)
-    uvicorn.run(application, host=host, port=port, log_level="info", limit_concurrency=max_connections)
+        Console(stderr=True).print(f"[yellow]warning:[/yellow] serving on {escape(host)} without --api-key-env: "
+                                   "anyone who can reach this address can use the model", highlight=False)
+    run_server(application, host, port, settings)
+
+
+def check_port(host: str, port: int) -> None:
+    """A one-line error when ``host:port`` cannot be listened on (in use, unknown address); binds as uvicorn does."""
+    import socket
+
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((host, port))
+            probe.listen(1)
+    except OSError as err:
+        raise SentilensError(f"--host {host} --port {port}: cannot listen there ({err.strerror or err})") from None
+
+
+def run_server(application, host: str, port: int, settings) -> None:
+    """uvicorn with the guarded protocol (header deadline, socket cap: sentilens.serve.guard)."""
+    import uvicorn
+
+    from sentilens.serve.guard import guarded_protocol, socket_cap
+
+    protocol = guarded_protocol(settings.header_timeout_s, socket_cap(settings.max_connections))
+    uvicorn.run(application, host=host, port=port, log_level="info", http=protocol, timeout_keep_alive=5)
 
 
 def main() -> None:
     try:
         app()
     except SentilensError as err:
-        Console(stderr=True).print(f"[red]error:[/red] {err}", highlight=False, soft_wrap=True)
+        Console(stderr=True).print(f"[red]error:[/red] {escape(str(err))}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except (IsADirectoryError, NotADirectoryError, FileExistsError, PermissionError) as err:
+        # A file or folder of the user's in the way (or not writable): theirs to fix, so one line, no traceback.
+        where = f"{err.filename}: " if err.filename else ""
+        Console(stderr=True).print(f"[red]error:[/red] {escape(where + (err.strerror or str(err)))}", highlight=False,
+                                   soft_wrap=True)
         sys.exit(2)
     except KeyboardInterrupt:
         sys.exit(130)

@@ -50,7 +50,7 @@ def progress_bar() -> Iterator[Progress]:
         TimeElapsedColumn(),
         TextColumn("ETA"),
         TimeRemainingColumn(),
-        TextColumn("{task.fields[status]}"),
+        TextColumn("{task.fields[status]}", markup=False),
     )
     with Progress(*columns, console=console, disable=_quiet(), transient=False) as progress:
         yield progress

@@ -28,12 +28,11 @@ and ``humanitarian`` (the eight v2.0 categories).
 
 from __future__ import annotations
 
-import csv
 from dataclasses import dataclass
 from pathlib import Path
 
 from sentilens.data.records import Dropped, Post, RawDataset
-from sentilens.data.text import read_text
+from sentilens.data.text import csv_records, read_text
 from sentilens.errors import SentilensError
 
 SPLIT_DIR = "crisismmd_datasplit_all"
@@ -110,16 +109,23 @@ def _find_split_files(root: Path, task: str) -> dict[str, Path] | None:
 
 def _read_tsv(path: Path, required: tuple[str, ...]) -> tuple[dict[str, int], list[tuple[int, list[str]]]]:
     """Header column positions (by lower-cased name) and the data rows with their line numbers."""
-    reader = csv.reader(read_text(path).splitlines(), delimiter="\t")
-    header = next(reader, None)
+    records = csv_records(read_text(path), "\t")
+    line_no, header = next(records, (1, None))
     if header is None:
         raise SentilensError("empty file (expected a header line)", path, 1)
+    if isinstance(header, str):
+        raise SentilensError(f"header line: {header}", path, line_no)
     columns = {name.strip().lower(): i for i, name in enumerate(header)}
     missing = [name for name in required if name not in columns]
     if missing:
         raise SentilensError(f"missing column(s) {', '.join(missing)} in the header "
                              f"(found: {', '.join(columns)})", path, 1)
-    rows = [(reader.line_num, row) for row in reader if any(field.strip() for field in row)]
+    rows = []
+    for line_no, row in records:
+        if isinstance(row, str):
+            raise SentilensError(row, path, line_no)
+        if any(field.strip() for field in row):
+            rows.append((line_no, row))
     return columns, rows
 
 

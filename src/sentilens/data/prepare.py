@@ -126,12 +126,13 @@ def prepare(
     if not kept:
         first = f" (first: {dropped[0].id}: {dropped[0].reason})" if dropped else ""
         raise SentilensError(f"no usable posts: all {len(dropped)} items were dropped{first}", root)
-    if raw.fixed_split is not None:
-        splits = {split: [p for p in kept if raw.fixed_split[p.id] == split] for split in SPLITS}
-        split_rule = "given by the source"
-    else:
-        splits = stratified_split(kept, seed=seed, group_of=raw.group_of)
-        split_rule = "seeded 8:1:1 per class" + (" (groups kept together)" if raw.group_of else "")
+    fixed = raw.fixed_split or {}
+    free = [p for p in kept if p.id not in fixed]  # posts the source gives no split: sentilens splits them
+    splits = stratified_split(free, seed=seed, group_of=raw.group_of) if free else {split: [] for split in SPLITS}
+    splits = {split: [p for p in kept if fixed.get(p.id) == split] + splits[split] for split in SPLITS}
+    seeded = "seeded 8:1:1 per class" + (" (groups kept together)" if raw.group_of else "")
+    split_rule = ("given by the source" if not free else seeded if len(free) == len(kept)
+                  else f"given by the source for {len(kept) - len(free)} posts, {seeded} for the other {len(free)}")
     source = {
         "format": fmt,
         "root": str(Path(root).resolve()),

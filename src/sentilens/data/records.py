@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sentilens.data.text import read_table_text
 from sentilens.errors import SentilensError
 
 SPLITS = ("train", "val", "test")
@@ -93,15 +94,14 @@ def read_posts(path: str | Path) -> list[Post]:
     if not path.is_file():
         raise SentilensError("no such file", path)
     posts = []
-    with path.open(encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise SentilensError(f"not valid JSON ({err.msg})", path, line_no) from None
-            posts.append(post_from_row(row, path, line_no, path.parent))
+    for line_no, line in enumerate(read_table_text(path).split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise SentilensError(f"not valid JSON ({err.msg})", path, line_no) from None
+        posts.append(post_from_row(row, path, line_no, path.parent))
     return posts
 
 

@@ -5,23 +5,27 @@
 - ``.jsonl``: one JSON object per line with the same keys (a ``meta`` object is merged in).
 
 ``image`` is a path, absolute or relative to the table's folder; empty or absent means a
-text-only post (``image: null``). If the table has a ``split`` column its values
-(``train``, ``val`` or ``dev``, ``test``) are kept, else sentilens splits 8:1:1 per class,
-seeded. Label order: the sentiment trio's order (positive, neutral, negative) when every
-label is one of those, else the order of first appearance in the file.
+text-only post (``image: null``). A row's ``split`` value (``train``, ``val`` or ``dev``,
+``test``) is kept; rows without one (no such column, an empty cell, a JSONL row without the
+key) are split by sentilens, 8:1:1 per class, seeded. Label order: the sentiment trio's order
+(positive, neutral, negative) when every label is one of those, else the order of first
+appearance in the file. Labels differing only in case are one label; a rare near-spelling of a
+frequent label is a suspected typo (see :func:`reconcile_labels`).
 
-A bad row (missing id or label, unknown split, invalid JSON, wrong field count, repeated id)
-is dropped with a reason; only a file with no usable row is an error.
+A bad row (missing id or label, unknown split, invalid JSON, wrong field count, a record the
+csv module refuses, repeated id, suspected label typo) is dropped with a reason; only a file
+with no usable row is an error.
 """
 
 from __future__ import annotations
 
-import csv
 import json
+from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 from sentilens.data.records import Dropped, Post, RawDataset
-from sentilens.data.text import read_text
+from sentilens.data.text import csv_records, read_table_text
 from sentilens.errors import SentilensError
 
 SENTIMENTS = ("positive", "neutral", "negative")
@@ -54,7 +58,7 @@ def read_table(path: str | Path) -> RawDataset:
     for line_no, row in rows:
         where = f"{path}:{line_no}"
         try:
-            post, split = _post(row, path.parent, has_split)
+            post, split = _post(row, path.parent)
         except _BadRow as err:
             first_error = first_error or (line_no, str(err))
             row_id = row.get("id") if isinstance(row, dict) else None
@@ -72,9 +76,72 @@ def read_table(path: str | Path) -> RawDataset:
         if first_error is None:
             raise SentilensError("no rows", path)
         raise SentilensError(f"no usable row; first problem: {first_error[1]}", path, first_error[0])
-    source = {"table": str(path), "split_column": has_split}
+    posts, merged, suspects = reconcile_labels(posts)
+    for post, usual in suspects:
+        dropped.append(Dropped(post.id, f"suspect label: '{post.label}' looks like a misspelling of '{usual}' (fix "
+                                        "the row to keep it)", f"{path}:{seen[post.id]}"))
+    if not posts:
+        raise SentilensError("no usable row: every label looks like a misspelling of another", path)
+    kept_ids = {post.id for post in posts}
+    fixed_split = {post_id: split for post_id, split in fixed_split.items() if post_id in kept_ids}
+    source = {"table": str(path), "split_column": has_split, "labels_merged": merged}
     return RawDataset(labels=label_order([p.label for p in posts]), posts=posts, dropped=dropped,
-                      fixed_split=fixed_split if has_split else None, source=source)
+                      fixed_split=fixed_split or None, source=source)
+
+
+def normal(label: str) -> str:
+    return " ".join(label.split()).casefold()
+
+
+def reconcile_labels(posts: list[Post]) -> tuple[list[Post], dict[str, str], list[tuple[Post, str]]]:
+    """Labels that differ only in case or spaces are one label, spelled as most rows spell it
+    ("Positive" joins "positive"); a label one edit (two, for labels over five letters) from a label at
+    least four times as frequent ("postive" beside "positive") is a suspected typo: its posts come back
+    apart, with the label they probably meant, to be dropped with a reason instead of silently becoming a
+    class of their own.
+
+    Returns the kept posts (labels merged), ``{label as written: label used}`` for the merged spellings,
+    and ``(post, probable label)`` for the suspects.
+    """
+    counts = Counter(post.label for post in posts)
+    groups: dict[str, Counter] = {}
+    for label, count in counts.items():
+        groups.setdefault(normal(label), Counter())[label] = count
+    usual = {label: group.most_common(1)[0][0] for group in groups.values() for label in group}
+    totals: Counter = Counter()
+    for label, count in counts.items():
+        totals[usual[label]] += count
+    typo_of = {}
+    for label, count in totals.items():
+        near = [other for other, n in totals.items() if other != label and n >= 4 * count
+                and edit_distance(normal(label), normal(other)) <= (1 if len(other) <= 5 else 2)]
+        if near:
+            typo_of[label] = max(near, key=totals.__getitem__)
+    kept, suspects = [], []
+    for post in posts:
+        label = usual[post.label]
+        if label in typo_of:
+            suspects.append((post, typo_of[label]))
+        else:
+            kept.append(post if label == post.label else replace(post, label=label))
+    return kept, {written: used for written, used in usual.items() if written != used}, suspects
+
+
+def edit_distance(a: str, b: str) -> int:
+    """Levenshtein distance with adjacent transpositions (optimal string alignment): "postive" is 1 from
+    "positive", "psoitive" 1 too."""
+    previous2: list[int] = []
+    previous = list(range(len(b) + 1))
+    for i, char_a in enumerate(a, start=1):
+        current = [i]
+        for j, char_b in enumerate(b, start=1):
+            cost = 0 if char_a == char_b else 1
+            value = min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + cost)
+            if i > 1 and j > 1 and char_a == b[j - 2] and a[i - 2] == char_b:
+                value = min(value, previous2[j - 2] + 1)
+            current.append(value)
+        previous2, previous = previous, current
+    return previous[-1]
 
 
 def label_order(labels: list[str]) -> list[str]:
@@ -86,29 +153,33 @@ def label_order(labels: list[str]) -> list[str]:
 
 
 def _csv_rows(path: Path, delimiter: str) -> tuple[list[tuple[int, dict | str]], bool]:
-    reader = csv.reader(read_text(path).splitlines(), delimiter=delimiter)
-    header = next(reader, None)
+    records = csv_records(read_table_text(path), delimiter)
+    _, header = next(records, (1, None))
     if header is None:
         raise SentilensError("empty file (expected a header row with id, text, label)", path, 1)
+    if isinstance(header, str):
+        raise SentilensError(f"header row: {header}", path, 1)
     names = [name.strip().lower() for name in header]
     missing = [name for name in REQUIRED if name not in names]
     if missing:
         raise SentilensError(f"missing column(s) {', '.join(missing)} in the header (found: {', '.join(names)})",
                              path, 1)
     rows: list[tuple[int, dict | str]] = []
-    for fields in reader:
-        if not any(field.strip() for field in fields):
+    for line_no, fields in records:
+        if isinstance(fields, str):
+            rows.append((line_no, fields))
+        elif not any(field.strip() for field in fields):
             continue
-        if len(fields) != len(names):
-            rows.append((reader.line_num, f"{len(fields)} fields, header has {len(names)}"))
+        elif len(fields) != len(names):
+            rows.append((line_no, f"{len(fields)} fields, header has {len(names)}"))
         else:
-            rows.append((reader.line_num, dict(zip(names, fields, strict=True))))
+            rows.append((line_no, dict(zip(names, fields, strict=True))))
     return rows, "split" in names
 
 
 def _jsonl_rows(path: Path) -> tuple[list[tuple[int, dict | str]], bool]:
     rows: list[tuple[int, dict | str]] = []
-    for line_no, line in enumerate(read_text(path).splitlines(), start=1):
+    for line_no, line in enumerate(read_table_text(path).splitlines(), start=1):
         if not line.strip():
             continue
         try:
@@ -121,7 +192,7 @@ def _jsonl_rows(path: Path) -> tuple[list[tuple[int, dict | str]], bool]:
     return rows, has_split
 
 
-def _post(row: dict | str, base: Path, has_split: bool) -> tuple[Post, str | None]:
+def _post(row: dict | str, base: Path) -> tuple[Post, str | None]:
     if isinstance(row, str):
         raise _BadRow(row)
     values = {key: _word(row.get(key), key) for key in ("id", "label", "split")}
@@ -135,7 +206,7 @@ def _post(row: dict | str, base: Path, has_split: bool) -> tuple[Post, str | Non
     if image is not None and not isinstance(image, str):
         raise _BadRow("'image' must be a path or empty")
     split = None
-    if has_split:
+    if values["split"]:  # a row without one is split by sentilens, whatever the other rows say
         split = SPLIT_NAMES.get(values["split"].lower())
         if split is None:
             raise _BadRow(f"split '{values['split']}' is not train, val, dev or test")

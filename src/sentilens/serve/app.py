@@ -11,8 +11,9 @@ the model and micro-batches requests (:mod:`sentilens.serve.batching`). Endpoint
 - ``GET /healthz``: liveness and queue depth; never needs the API key, so probes work;
 - ``GET /``: the web page (``static/``).
 
-Bad input gets a JSON :class:`~sentilens.serve.schemas.ErrorResponse` with 401/413/415/422/503,
-never a 500. The server never fetches a URL: images come inside the request.
+Bad input gets a JSON :class:`~sentilens.serve.schemas.ErrorResponse` with 400/401/408/413/415/422/503,
+never a 500. :mod:`sentilens.serve.guard` and :mod:`sentilens.serve.body` keep slow or oversized
+requests from stalling the server. The server never fetches a URL: images come inside the request.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBea
 from fastapi.staticfiles import StaticFiles
 from pydantic.json_schema import models_json_schema
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from sentilens import __version__
 from sentilens.data.records import Post
@@ -42,17 +44,16 @@ from sentilens.predict import Prediction, Predictor, load_predictor
 from sentilens.serve.batching import Batcher, QueueFull
 from sentilens.serve.body import BodyLimit, read_batch, read_post
 from sentilens.serve.errors import ApiError, error_response
+from sentilens.serve.guard import RequestGuard
 from sentilens.serve.schemas import (
     BatchPrediction,
-    BatchRequest,
     BatchResponse,
     ErrorResponse,
     ExplainResponse,
     Health,
     ModelInfo,
-    PredictForm,
-    PredictRequest,
     PredictResponse,
+    request_models,
 )
 from sentilens.serve.settings import ServeSettings
 from sentilens.serve.uploads import UploadStore, check_image
@@ -63,7 +64,6 @@ STATIC = Path(__file__).parent / "static"
 DECODE_THREADS = 2
 """Uploads decoded at once (each can take up to max_pixels x 3 bytes): bounds the memory of a burst."""
 HTTP_CODES = {404: "not_found", 405: "method_not_allowed"}
-BODY_MODELS = (PredictRequest, PredictForm, BatchRequest)
 
 
 def error_docs(*statuses: int) -> dict:
@@ -111,9 +111,6 @@ class Service:
 
     def check_posts(self, posts: Sequence[tuple[str, str, bytes | None]], fields: Sequence[str]) -> None:
         for (_, text, image), field in zip(posts, fields, strict=True):
-            if len(text) > self.settings.max_text_chars:
-                raise ApiError(422, "text_too_long", f"{field}text has {len(text)} characters, over the limit of "
-                               f"{self.settings.max_text_chars}", f"{field}text")
             if not text.strip() and image is None:
                 name = field.rstrip(".")
                 raise ApiError(422, "empty_post", f"{name or 'the post'}: give a text, an image, or both", name or None)
@@ -121,8 +118,8 @@ class Service:
     async def check_images(self, posts: Sequence[tuple[str, str, bytes | None]], fields: Sequence[str]) -> None:
         for (_, _, image), field in zip(posts, fields, strict=True):
             if image is not None:
-                await anyio.to_thread.run_sync(check_image, image, self.settings.max_pixels,
-                                               self.settings.max_aspect_ratio, f"{field}image", limiter=self.decoders)
+                await anyio.to_thread.run_sync(check_image, image, self.settings.image_limits(), f"{field}image",
+                                               limiter=self.decoders)
 
     async def run(self, posts: Sequence[tuple[str, str, bytes | None]], fields: Sequence[str],
                   keep_ratio: float | None, explain: Callable[[Predictor, Post], Any] | None = None) -> Any:
@@ -193,7 +190,10 @@ def create_app(run_dir: str | Path, settings: ServeSettings | None = None) -> Fa
                   description="Sentiment / informativeness of image + text posts with a sentilens run. "
                               "Images travel in the request (base64 or a file part); the server fetches no URL.")
     app.state.service = service
-    app.add_middleware(BodyLimit, max_bytes=settings.max_upload_bytes)
+    models = app.state.request_models = request_models(settings.max_text_chars, settings.max_posts)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_upload_bytes, timeout_s=settings.body_timeout_s)
+    app.add_middleware(RequestGuard, allowed_hosts=settings.allowed_hosts, max_requests=settings.max_connections,
+                       retry_after_s=settings.retry_after_s)  # outermost: the host is checked before anything
     guarded = [Depends(key_check(settings))] if settings.api_key is not None else []
     install_error_handlers(app)
 
@@ -213,27 +213,24 @@ def create_app(run_dir: str | Path, settings: ServeSettings | None = None) -> Fa
         return service.model_info()
 
     @app.post("/v1/predict", response_model=PredictResponse, dependencies=guarded, tags=["predict"],
-              responses=error_docs(401, 413, 415, 422, 503), openapi_extra=body_doc("PredictRequest", True))
+              responses=error_docs(400, 401, 408, 413, 415, 422, 503), openapi_extra=body_doc("PredictRequest", True))
     async def predict(request: Request) -> PredictResponse:
         """Label and probabilities of one post."""
         started = time.perf_counter()
-        post = await read_post(request, settings.max_text_chars)
+        post = await read_post(request, models)
         service.check_keep_ratio(post.keep_ratio)
-        (prediction,) = await service.run([("post", post.text, post.image or None)], [""], post.keep_ratio)
+        (prediction,) = await service.run([("post", post.text, post.image)], [""], post.keep_ratio)
         return PredictResponse(**prediction_fields(prediction), keep_ratio=post.keep_ratio, model=service.model_name,
                                latency_ms=elapsed_ms(started))
 
     @app.post("/v1/predict/batch", response_model=BatchResponse, dependencies=guarded, tags=["predict"],
-              responses=error_docs(401, 413, 415, 422, 503), openapi_extra=body_doc("BatchRequest", False))
+              responses=error_docs(400, 401, 408, 413, 415, 422, 503), openapi_extra=body_doc("BatchRequest", False))
     async def predict_batch(request: Request) -> BatchResponse:
         """Labels and probabilities of up to ``max_posts`` posts, at one keep ratio."""
         started = time.perf_counter()
-        batch: BatchRequest = await read_batch(request)
-        if len(batch.posts) > settings.max_posts:
-            raise ApiError(422, "batch_too_large", f"{len(batch.posts)} posts, over the limit of {settings.max_posts}",
-                           "posts")
+        batch = await read_batch(request, models)  # at most max_posts posts: the schema says so
         service.check_keep_ratio(batch.keep_ratio)
-        posts = [(p.id if p.id is not None else str(i), p.text, p.image or None) for i, p in enumerate(batch.posts)]
+        posts = [(p.id if p.id is not None else str(i), p.text, p.image) for i, p in enumerate(batch.posts)]
         predictions = await service.run(posts, [f"posts.{i}." for i in range(len(posts))], batch.keep_ratio)
         return BatchResponse(
             predictions=[BatchPrediction(id=post_id, **prediction_fields(p))
@@ -241,7 +238,7 @@ def create_app(run_dir: str | Path, settings: ServeSettings | None = None) -> Fa
             keep_ratio=batch.keep_ratio, model=service.model_name, latency_ms=elapsed_ms(started))
 
     @app.post("/v1/explain", response_model=ExplainResponse, dependencies=guarded, tags=["predict"],
-              responses=error_docs(401, 413, 415, 422, 503), openapi_extra=body_doc("PredictRequest", True))
+              responses=error_docs(400, 401, 408, 413, 415, 422, 503), openapi_extra=body_doc("PredictRequest", True))
     async def explain(request: Request) -> ExplainResponse:
         """MLLM runs: the prediction, the CLS-attention heatmap of the image and the patches kept at the keep ratio
         (default 0.4, the paper's 40 % point)."""
@@ -249,11 +246,11 @@ def create_app(run_dir: str | Path, settings: ServeSettings | None = None) -> Fa
         from sentilens.serve.heatmap import explain_post
 
         started = time.perf_counter()
-        post = await read_post(request, settings.max_text_chars)
+        post = await read_post(request, models)
         if not service.predictor.capabilities.supports_explain:
             raise ApiError(422, "explain_unsupported", "heatmaps need an MLLM run; this server runs a "
                            f"{service.predictor.family} run")
-        if not post.image:
+        if post.image is None:
             raise ApiError(422, "image_required", "a heatmap needs an image", "image")
         ratio = DEFAULT_KEEP_RATIO if post.keep_ratio is None else post.keep_ratio
         prediction, heatmap = await service.run([("post", post.text, post.image)], [""], ratio,
@@ -280,6 +277,13 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(err.status_code, HTTP_CODES.get(err.status_code, "http_error"), str(err.detail),
                               headers=err.headers)
 
+    @app.exception_handler(ClientDisconnect)
+    async def client_left(request: Request, _: ClientDisconnect):
+        # Not an error of the server: one line, and an answer nobody will read.
+        logging.getLogger("uvicorn.error").info("%s %s: the client disconnected before sending its whole request",
+                                                request.method, request.url.path)
+        return error_response(400, "client_disconnected", "the client disconnected mid-request")
+
     @app.exception_handler(Exception)
     async def internal_error(_: Request, err: Exception):
         log.exception("internal error", exc_info=err)
@@ -290,7 +294,9 @@ def openapi_schema(app: FastAPI) -> dict:
     """FastAPI's schema plus the request-body models of the endpoints that parse their bodies themselves."""
     if app.openapi_schema is None:
         schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
-        _, definitions = models_json_schema([(model, "validation") for model in BODY_MODELS],
+        models = app.state.request_models
+        _, definitions = models_json_schema([(model, "validation") for model in (models.predict, models.form,
+                                                                                  models.batch)],
                                             ref_template="#/components/schemas/{model}")
         schema.setdefault("components", {}).setdefault("schemas", {}).update(definitions["$defs"])
         app.openapi_schema = schema

@@ -10,9 +10,10 @@ from __future__ import annotations
 import base64
 import binascii
 import re
+from dataclasses import dataclass
 from typing import Annotated
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema, create_model
 
 DATA_URL = re.compile(r"^data:[\w.+-]+/[\w.+-]+;base64,")
 
@@ -76,6 +77,29 @@ class BatchRequest(BaseModel):
 
     posts: list[BatchPost] = Field(min_length=1)
     keep_ratio: KeepRatio = None
+
+
+@dataclass(frozen=True)
+class RequestModels:
+    """The request-body models of one server: the generic ones above with its limits in the schema
+    (``maxLength`` of texts, ``maxItems`` of the batch), so validation and ``/openapi.json`` say the same."""
+
+    max_text_chars: int
+    max_posts: int
+    predict: type[BaseModel]
+    form: type[BaseModel]
+    batch: type[BaseModel]
+
+
+def request_models(max_text_chars: int, max_posts: int) -> RequestModels:
+    text = (str, Field("", max_length=max_text_chars, description="The post's text."))
+    post = create_model("BatchPost", __base__=BatchPost, __doc__=BatchPost.__doc__, text=text)
+    return RequestModels(
+        max_text_chars=max_text_chars, max_posts=max_posts,
+        predict=create_model("PredictRequest", __base__=PredictRequest, __doc__=PredictRequest.__doc__, text=text),
+        form=create_model("PredictForm", __base__=PredictForm, __doc__=PredictForm.__doc__, text=text),
+        batch=create_model("BatchRequest", __base__=BatchRequest, __doc__=BatchRequest.__doc__,
+                           posts=(list[post], Field(min_length=1, max_length=max_posts))))
 
 
 class PredictResponse(BaseModel):
