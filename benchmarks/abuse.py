@@ -187,13 +187,14 @@ async def run_scenario(name: str, server: Server, posts, args) -> dict:
     until = time.monotonic() + args.seconds
     attack: dict = {}
     tasks = [legit.clients(args.legit_clients, until), legit.probe(until)]
+    # Attacks run on their own event loop in another thread, so that sending them never delays the measuring side.
     if name == "slowloris":
-        tasks.append(slowloris(port, args.slow_connections, until))
+        tasks.append(asyncio.to_thread(asyncio.run, slowloris(port, args.slow_connections, until)))
     elif name == "oversized_list":
-        tasks.append(oversized(server.url, until))
+        tasks.append(asyncio.to_thread(asyncio.run, oversized(server.url, until)))
     elif name == "burst":
         burst_side = Legit(server.url, server.process.pid, posts)
-        tasks.append(burst(server.url, args.burst, burst_side))
+        tasks.append(asyncio.to_thread(asyncio.run, burst(server.url, args.burst, burst_side)))
     results = await asyncio.gather(*tasks)
     if len(results) > 2:
         attack = results[2]

@@ -134,12 +134,16 @@ def validated(model: type[BaseModel], data: bytes | dict) -> BaseModel:
         raise ApiError(422, code, message, field) from None
 
 
-async def parse_json(model: type[BaseModel], data: bytes, budget: int) -> BaseModel:
-    """Validate a JSON body off the event loop, after the structural budget (see module doc)."""
+def budgeted(model: type[BaseModel], data: bytes, budget: int) -> BaseModel:
     if over_budget(data, budget):
         raise ApiError(422, "malformed_body", "the JSON body has more values than any request within the limits "
                        f"needs (over {budget} of '{{', '[' and ','); check posts and text lengths")
-    return await anyio.to_thread.run_sync(validated, model, data, limiter=PARSERS)
+    return validated(model, data)
+
+
+async def parse_json(model: type[BaseModel], data: bytes, budget: int) -> BaseModel:
+    """Check the structural budget, then validate a JSON body, off the event loop (see module doc)."""
+    return await anyio.to_thread.run_sync(budgeted, model, data, budget, limiter=PARSERS)
 
 
 def media_type(request: Request) -> str:
