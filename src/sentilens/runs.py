@@ -73,6 +73,12 @@ def load_config(run_dir: str | Path) -> dict:
     config = read_json(run_dir / CONFIG)
     if not isinstance(config, dict) or "family" not in config:
         raise SentilensError("config.json does not name a model family", run_dir / CONFIG)
+    legacy_labels = run_dir / LEGACY_LABELS
+    if legacy_labels.is_file() and read_json(legacy_labels) != config.get("labels"):
+        # A run of an earlier version keeps its labels twice; when they disagree, which one the weights were
+        # trained on cannot be told (issue 15: an MLLM run silently ignored its labels.json).
+        raise SentilensError(f"labels {read_json(legacy_labels)} differ from config.json's {config.get('labels')}",
+                             legacy_labels)
     return config
 
 
@@ -160,8 +166,16 @@ def check_resumable(run_dir: str | Path) -> None:
     run_dir = Path(run_dir)
     if not has_training_state(run_dir):
         check_format(run_dir)
-        raise SentilensError("nothing to resume here (no resume/state.json: the run finished or never started)",
-                             run_dir)
+        raise SentilensError("nothing to resume here (no resume/state.json: the run finished, or stopped during its "
+                             "first epoch, which starts over: run it again without --resume)", run_dir)
+
+
+def holds_trained_run(run_dir: str | Path) -> bool:
+    """Whether ``run_dir`` holds what an epoch produced (weights or a training state), so a new run must not
+    overwrite it. A folder with only ``config.json`` is a run stopped during its first epoch: training into it
+    again starts over, losing nothing (issue 15: such a folder was refused by a rerun and by --resume alike)."""
+    run_dir = Path(run_dir)
+    return (run_dir / MODEL_WEIGHTS).exists() or (run_dir / RESUME_DIR).exists()
 
 
 def load_training_state(run_dir: str | Path) -> TrainingState:

@@ -130,4 +130,10 @@ def _load_state(module: torch.nn.Module, weights: dict[str, torch.Tensor], path:
     if missing or unexpected:
         raise SentilensError(f"weights do not match config.json (missing {missing[:3]}, unexpected {unexpected[:3]})",
                              path)
+    shapes = module.state_dict()
+    wrong = [f"{name} {tuple(tensor.shape)} (the model has {tuple(shapes[name].shape)})"
+             for name, tensor in weights.items() if tensor.shape != shapes[name].shape]
+    if wrong:
+        raise SentilensError(f"weights do not match config.json: {len(wrong)} tensors have another shape, e.g. "
+                             f"{wrong[0]}", path)
     module.load_state_dict(weights)

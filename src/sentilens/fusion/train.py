@@ -38,6 +38,7 @@ from sentilens.runs import (
     RESUME_DIR,
     check_resumable,
     clear_training_state,
+    holds_trained_run,
     load_config,
     load_history,
     load_training_state,
@@ -221,7 +222,7 @@ def fit(config: FusionConfig, data_dir: str | Path, run_dir: str | Path, *, resu
 def train_fusion(config: FusionConfig, data_dir: str | Path, run_dir: str | Path, **kwargs) -> dict:
     """Train a new fusion run into ``run_dir`` (which must not hold a run already)."""
     run_dir = Path(run_dir)
-    if (run_dir / CONFIG).exists() or (run_dir / RESUME_DIR).exists():
+    if holds_trained_run(run_dir):
         raise SentilensError("already holds a run: pass --resume to continue it, or choose another --out", run_dir)
     return fit(config, data_dir, run_dir, **kwargs)
 

@@ -138,7 +138,9 @@ def load_checkpoint(source: str | Path, dtype: torch.dtype = torch.float32, devi
         kwargs.update(quantization_config=_four_bit_config(), device_map={"": torch.device(device)})
     try:
         processor = AutoProcessor.from_pretrained(source)
-        llava = LlavaForConditionalGeneration.from_pretrained(source, **kwargs)
+        # safetensors only: a checkpoint whose weights exist only as a pickle (pytorch_model.bin) is refused,
+        # never unpickled (a pickle can run code when loaded).
+        llava = LlavaForConditionalGeneration.from_pretrained(source, use_safetensors=True, **kwargs)
     except (OSError, ValueError) as err:
         raise SentilensError(f"cannot load the model '{source}': {str(err).splitlines()[0]}") from None
     if not four_bit:
@@ -220,6 +222,11 @@ class MllmModel(nn.Module):
             missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
             raise SentilensError(f"weights do not match the model (missing {missing[:3]}, unexpected {extra[:3]})",
                                  source or None)
+        wrong = [f"{name} {tuple(tensor.shape)} (the model has {tuple(params[name].shape)})"
+                 for name, tensor in state.items() if tensor.shape != params[name].shape]
+        if wrong:
+            raise SentilensError(f"weights do not match the model: {len(wrong)} tensors have another shape, e.g. "
+                                 f"{wrong[0]}", source or None)
         with torch.no_grad():
             for name, tensor in state.items():
                 params[name].copy_(tensor.to(params[name].device, params[name].dtype))

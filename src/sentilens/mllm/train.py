@@ -46,10 +46,10 @@ from sentilens.predict import predict_distributed
 from sentilens.progress import progress_bar
 from sentilens.recipes import read_recipe
 from sentilens.runs import (
-    CONFIG,
     MODEL_WEIGHTS,
     check_resumable,
     clear_training_state,
+    holds_trained_run,
     load_config,
     load_history,
     load_training_state,
@@ -287,7 +287,7 @@ def _check_run_dir(out: Path, cfg: MllmTrainConfig) -> None:
                 now, then = Path(now).resolve(), Path(then).resolve()
             if str(now) != str(then):
                 raise SentilensError(f"--resume with a different {key} ({now}, the run has {then})", out)
-    elif (out / CONFIG).exists():
+    elif holds_trained_run(out):
         raise SentilensError("already a run directory: pick another --out, or --resume", out)
 
 
