@@ -14,7 +14,6 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sentilens.data.text import read_table_text
 from sentilens.errors import SentilensError
 
 SPLITS = ("train", "val", "test")
@@ -94,7 +93,7 @@ def read_posts(path: str | Path) -> list[Post]:
     if not path.is_file():
         raise SentilensError("no such file", path)
     posts = []
-    for line_no, line in enumerate(read_table_text(path).split("\n"), start=1):
+    for line_no, line in enumerate(_jsonl_text(path).split("\n"), start=1):
         if not line.strip():
             continue
         try:
@@ -103,6 +102,19 @@ def read_posts(path: str | Path) -> list[Post]:
             raise SentilensError(f"not valid JSON ({err.msg})", path, line_no) from None
         posts.append(post_from_row(row, path, line_no, path.parent))
     return posts
+
+
+def _jsonl_text(path: Path) -> str:
+    """A JSONL file's text: UTF-8 (JSON's encoding), or UTF-16 with its byte-order mark; anything else is a
+    one-line error naming the file, not a decoding traceback."""
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-16") if data.startswith((b"\xff\xfe", b"\xfe\xff")) else data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise SentilensError(f"not UTF-8 text (byte {err.start} cannot be decoded); save it as UTF-8", path) from None
+    if "\x00" in text[:4096]:
+        raise SentilensError("holds NUL bytes: UTF-16 without a byte-order mark, or not a text file", path)
+    return text
 
 
 def read_split(manifest_dir: str | Path, split: str) -> list[Post]:
