@@ -168,6 +168,7 @@ def test_train_command_refuses_user_mistakes(manifest, tmp_path):
     assert isinstance(result.exception, SentilensError) and "not both" in str(result.exception)
     (tmp_path / "r").mkdir()
     (tmp_path / "r" / "config.json").write_text('{"family": "mllm"}')
+    (tmp_path / "r" / "model.safetensors").write_bytes(b"")  # an epoch's output: config alone starts over (#15)
     result = runner.invoke(app, ["train", "mllm", "--data", str(manifest), "--out", str(tmp_path / "r"),
                                  "--model", "tiny"])
     assert isinstance(result.exception, SentilensError) and "already a run directory" in str(result.exception)
