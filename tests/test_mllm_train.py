@@ -4,15 +4,13 @@ LoRA runs, resuming, and the 2-process CPU accelerate run (train and sharded pre
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from typer.testing import CliRunner
 
+from launch_helpers import accelerate
 from mllm_helpers import FAST_TINY, small_manifest
 from sentilens.cli import app
 from sentilens.data.records import read_split
@@ -181,12 +179,6 @@ def test_paper_recipe_is_a_valid_config(tmp_path):
     assert config.base_model == "llava-hf/llava-1.5-7b-hf" and config.mode == "full"
     assert (config.learning_rate, config.epochs, config.batch_size * config.grad_accum) == (2e-5, 10, 16)
     assert config.data == tmp_path, "command-line options override the recipe"
-
-
-def accelerate(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "SENTILENS_QUIET": "1", "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "accelerate.commands.launch", *args]
-    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
 
 
 def test_two_process_cpu_accelerate_run(manifest, fit_run, tmp_path):

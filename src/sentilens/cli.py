@@ -215,8 +215,12 @@ def train_fusion_cmd(
     as_json: JsonOpt = False,
 ) -> None:
     """Train a fusion model (CNN + prompted LM, contextual attention, dynamic routing, FC + RNN)."""
+    from sentilens.distributed import is_main_process
     from sentilens.fusion.config import recipe_config
     from sentilens.fusion.train import resume_fusion, train_fusion
+
+    if not is_main_process():
+        return  # under 'accelerate launch' the main process trains the fusion head alone (sentilens.distributed)
 
     feature_cache = _fusion_cache(cache, no_cache)
     if resume:
@@ -258,8 +262,12 @@ def ablate_fusion_cmd(
     as_json: JsonOpt = False,
 ) -> None:
     """Train every fusion variant on the same cached features; writes the paper's ablation table."""
+    from sentilens.distributed import is_main_process
     from sentilens.fusion.ablation import ROWS, ablate, markdown
     from sentilens.fusion.config import recipe_config
+
+    if not is_main_process():
+        return  # as 'train fusion': the main process trains alone
 
     config = recipe_config(recipe, {"text_encoder": text_encoder, "image_encoder": image_encoder, "prompt": prompt,
                                     "epochs": epochs, "seed": seed, "image_size": image_size})
@@ -307,8 +315,8 @@ def train_mllm_cmd(
     as_json: JsonOpt = False,
 ) -> None:
     """Instruction-fine-tune LLaVA to answer the label (runs under 'accelerate launch' too)."""
+    from sentilens.distributed import is_main_process
     from sentilens.mllm.train import make_config, train_mllm
-    from sentilens.predict import is_main_process
 
     if lora and qlora:
         raise SentilensError("give --lora or --qlora, not both")
@@ -334,7 +342,8 @@ def eval_cmd(run: RunOpt, data: DataOpt, split: SplitOpt = "test", keep_ratio: K
              decode: DecodeOpt = None, as_json: JsonOpt = False) -> None:
     """Evaluate a run on a split; writes RUN/metrics-SPLIT.json."""
     from sentilens.data.records import read_split
-    from sentilens.predict import check_keep_ratio, evaluate, is_main_process, load_predictor
+    from sentilens.distributed import is_main_process
+    from sentilens.predict import check_keep_ratio, evaluate, load_predictor
     from sentilens.runs import save_metrics
 
     check_keep_ratio(keep_ratio)
@@ -366,7 +375,8 @@ def predict_cmd(
 ) -> None:
     """Predict one post (--image/--text) or a file of posts (--input/--output); shards under 'accelerate launch'."""
     from sentilens.data.records import Post, read_posts
-    from sentilens.predict import check_keep_ratio, is_main_process, load_predictor, predict_distributed
+    from sentilens.distributed import is_main_process, predict_sharded
+    from sentilens.predict import check_keep_ratio, load_predictor
 
     check_keep_ratio(keep_ratio)
     if input is None and image is None and text is None:
@@ -378,7 +388,7 @@ def predict_cmd(
     posts = read_posts(input) if input is not None else [
         Post(id="post", text=text or "", image=str(image) if image else None)]
     predictor = load_predictor(run).with_options(decode=decode)
-    predictions = predict_distributed(lambda shard: predictor.predict(shard, keep_ratio=keep_ratio), posts)
+    predictions = predict_sharded(lambda shard: predictor.predict(shard, keep_ratio=keep_ratio), posts)
     if not is_main_process():
         return
     rows = [{"id": p.id, **pred.to_dict()} for p, pred in zip(posts, predictions, strict=True)]

@@ -11,13 +11,13 @@ is: a new family registers itself in :data:`FAMILIES` and implements the protoco
 from __future__ import annotations
 
 import importlib
-import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from sentilens.data.records import Post
+from sentilens.distributed import predict_sharded
 from sentilens.errors import SentilensError
 from sentilens.metrics import classification_metrics
 from sentilens.runs import load_config
@@ -150,7 +150,7 @@ def evaluate(predictor: Predictor, posts: Sequence[Post], keep_ratio: float | No
     unlabelled = [p.id for p in posts if p.label is None]
     if unlabelled:
         raise SentilensError(f"{len(unlabelled)} posts have no label (first: {unlabelled[0]})")
-    predictions = predict_distributed(lambda shard: predictor.predict(shard, keep_ratio=keep_ratio), posts)
+    predictions = predict_sharded(lambda shard: predictor.predict(shard, keep_ratio=keep_ratio), posts)
     metrics = classification_metrics([p.label for p in posts], [p.label for p in predictions], predictor.labels)
     kept = [p.kept_tokens for p in predictions if p.kept_tokens is not None]
     if kept:
@@ -158,35 +158,3 @@ def evaluate(predictor: Predictor, posts: Sequence[Post], keep_ratio: float | No
     if any("parsed" in p.extra for p in predictions):
         metrics["unparsable"] = sum(not p.extra.get("parsed", True) for p in predictions)
     return metrics
-
-
-def is_main_process() -> bool:
-    """False in every process but the first under ``accelerate launch`` (only the first writes outputs)."""
-    return int(os.environ.get("RANK", "0")) == 0
-
-
-def predict_distributed(predict: Callable[[Sequence[Post]], list[Prediction]],
-                        posts: Sequence[Post]) -> list[Prediction]:
-    """``predict(posts)``; under ``accelerate launch`` with several processes, sharded and merged.
-
-    Each process predicts an interleaved shard of equal size (the last shards are filled by
-    repeating posts from the start, so every process runs the same number of batches, as
-    DeepSpeed ZeRO-3 needs); every process returns all predictions, in input order.
-    """
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not posts:
-        return predict(posts)
-    from accelerate import PartialState
-    from accelerate.utils import gather_object
-
-    state = PartialState()
-    world, rank = state.num_processes, state.process_index
-    if not state.is_main_process:
-        os.environ["SENTILENS_QUIET"] = "1"
-    per_process = -(-len(posts) // world)
-    padded = [posts[i % len(posts)] for i in range(per_process * world)]
-    mine = predict(padded[rank::world])
-    gathered = gather_object(list(mine))
-    merged: list[Prediction] = [None] * len(padded)  # type: ignore[list-item]
-    for r in range(world):
-        merged[r::world] = gathered[r * per_process:(r + 1) * per_process]
-    return merged[: len(posts)]

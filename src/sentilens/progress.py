@@ -1,4 +1,9 @@
-"""Progress display shared by every long job: what runs, done/total, rate and ETA (rich)."""
+"""Progress display shared by every long job: what runs, done/total, rate and ETA (rich).
+
+Quiet is a parameter (``progress_bar(quiet=True)``), and the rule for the rest: bars are drawn by
+the main process only (:func:`sentilens.distributed.is_main_process`), and not at all when the
+user sets ``SENTILENS_QUIET`` or CI runs without a terminal. Library code never sets the variable.
+"""
 
 from __future__ import annotations
 
@@ -19,13 +24,17 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+from sentilens.distributed import is_main_process
+
 T = TypeVar("T")
 
 console = Console(stderr=True)
 
 
-def _quiet() -> bool:
-    return bool(os.environ.get("SENTILENS_QUIET")) or not sys.stderr.isatty() and bool(os.environ.get("CI"))
+def quiet_by_default() -> bool:
+    """No bars in processes other than the main one, with ``SENTILENS_QUIET`` set, or in CI without a terminal."""
+    return (not is_main_process() or bool(os.environ.get("SENTILENS_QUIET"))
+            or not sys.stderr.isatty() and bool(os.environ.get("CI")))
 
 
 class _RateColumn(TextColumn):
@@ -39,8 +48,8 @@ class _RateColumn(TextColumn):
 
 
 @contextmanager
-def progress_bar() -> Iterator[Progress]:
-    """A rich Progress with description, bar, n/total, rate, elapsed and ETA columns, on stderr."""
+def progress_bar(quiet: bool = False) -> Iterator[Progress]:
+    """A rich Progress with description, bar, n/total, rate, elapsed and ETA columns, on stderr (none if quiet)."""
     columns = (
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -52,7 +61,7 @@ def progress_bar() -> Iterator[Progress]:
         TimeRemainingColumn(),
         TextColumn("{task.fields[status]}", markup=False),
     )
-    with Progress(*columns, console=console, disable=_quiet(), transient=False) as progress:
+    with Progress(*columns, console=console, disable=quiet or quiet_by_default(), transient=False) as progress:
         yield progress
 
 

@@ -93,9 +93,8 @@ def check_images(posts: Sequence[Post], show_progress: bool = True) -> tuple[lis
     kept: list[Post] = []
     dropped: list[Dropped] = []
     workers = max(1, min(8, os.cpu_count() or 1))
-    with ThreadPoolExecutor(max_workers=workers) as pool, progress_bar() as progress:
-        task = progress.add_task("checking images", total=len(posts), unit="img", status="",
-                                 visible=show_progress)
+    with ThreadPoolExecutor(max_workers=workers) as pool, progress_bar(quiet=not show_progress) as progress:
+        task = progress.add_task("checking images", total=len(posts), unit="img", status="")
         for post, problem in zip(posts, pool.map(check_image, posts), strict=True):
             if problem is None:
                 kept.append(post)

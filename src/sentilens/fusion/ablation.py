@@ -13,11 +13,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from sentilens.data.records import read_manifest
+from sentilens.distributed import default_device
 from sentilens.errors import SentilensError
 from sentilens.fusion.cache import FeatureCache, PostFeatures, featurize
 from sentilens.fusion.config import VARIANT_DESCRIPTIONS, FusionConfig
 from sentilens.fusion.encoders import TextEncoder, build_encoders
-from sentilens.fusion.predictor import default_device
 from sentilens.fusion.train import featurize_splits, train_fusion
 from sentilens.runs import write_json
 
@@ -47,7 +47,7 @@ def ablate(config: FusionConfig, data_dir: str | Path, out_dir: str | Path, rows
     if unknown:
         raise SentilensError(f"unknown ablation rows {unknown} (choose from {', '.join(ROWS)})")
     data_dir, out_dir = Path(data_dir), Path(out_dir)
-    device = device or default_device()
+    device = device or str(default_device())
     splits = read_manifest(data_dir)
     split = "test" if splits["test"] and all(p.label is not None for p in splits["test"]) else "val"
     if not splits[split]:

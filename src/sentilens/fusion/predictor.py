@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from sentilens.data.records import Post
+from sentilens.distributed import default_device
 from sentilens.errors import SentilensError
 from sentilens.fusion.cache import FeatureCache, PostFeatures, featurize
 from sentilens.fusion.config import FusionConfig, describe_run, make_config
@@ -26,10 +27,6 @@ TEXT_ENCODER_PREFIX = "text_encoder."
 PREDICT_BATCH = 64
 CHUNK = 512
 """Posts featurised at a time by :meth:`FusionPredictor.predict`, bounding memory on large inputs."""
-
-
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def run_weights(model: FusionModel, text_encoder: TextEncoder | None) -> dict[str, torch.Tensor]:
@@ -60,7 +57,7 @@ class FusionPredictor:
     @classmethod
     def from_run(cls, run_dir: str | Path, device: str | None = None) -> FusionPredictor:
         run_dir = Path(run_dir)
-        device = device or default_device()
+        device = device or str(default_device())
         settings = make_config(load_config(run_dir), run_dir / CONFIG)
         if not settings.labels:
             raise SentilensError("config.json lists no labels", run_dir / CONFIG)

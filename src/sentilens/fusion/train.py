@@ -24,12 +24,13 @@ import torch
 import torch.nn.functional as F
 
 from sentilens.data.records import SPLITS, Post, read_labels, read_manifest
+from sentilens.distributed import default_device
 from sentilens.errors import SentilensError
 from sentilens.fusion.cache import CacheStats, FeatureCache, PostFeatures, featurize
 from sentilens.fusion.config import FusionConfig, make_config
 from sentilens.fusion.encoders import ImageEncoder, TextEncoder, build_encoders
 from sentilens.fusion.model import FusionModel, make_batch
-from sentilens.fusion.predictor import FusionPredictor, default_device, run_weights
+from sentilens.fusion.predictor import FusionPredictor, run_weights
 from sentilens.metrics import classification_metrics
 from sentilens.progress import progress_bar
 from sentilens.runs import (
@@ -141,7 +142,7 @@ def fit(config: FusionConfig, data_dir: str | Path, run_dir: str | Path, *, resu
     """
     started = time.perf_counter()
     data_dir, run_dir = Path(data_dir), Path(run_dir)
-    device = device or default_device()
+    device = device or str(default_device())
     splits = read_manifest(data_dir)
     labels = read_labels(data_dir)
     for split in ("train", "val"):

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from sentilens.data.records import Post
+from sentilens.distributed import default_device
 from sentilens.errors import SentilensError
 from sentilens.mllm.config import MllmRunConfig, describe_run, load_run_config
 from sentilens.mllm.inputs import Reducer, encode_images, make_batch
@@ -30,17 +31,6 @@ from sentilens.mllm.prompt import PromptBuilder
 from sentilens.mllm.scoring import predict_posts
 from sentilens.predict import Capabilities, Explanation, Prediction, check_keep_ratio
 from sentilens.runs import CONFIG, load_config, load_weights
-
-
-def default_device() -> torch.device:
-    """This process's accelerator under ``accelerate launch``, else CUDA if present, else CPU."""
-    import os
-
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        from accelerate import PartialState
-
-        return PartialState().device
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def base_source(run_dir: Path, base: str) -> str:

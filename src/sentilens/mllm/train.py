@@ -27,7 +27,6 @@ gradient clipping at 1.0; LoRA runs default to lr 2e-4 (LLaVA-1.5's LoRA recipe)
 from __future__ import annotations
 
 import math
-import os
 import time
 from pathlib import Path
 
@@ -35,6 +34,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from sentilens.data.records import Post, read_labels, read_split
+from sentilens.distributed import predict_sharded
 from sentilens.errors import SentilensError
 from sentilens.metrics import classification_metrics
 from sentilens.mllm.config import MllmRunConfig
@@ -42,7 +42,6 @@ from sentilens.mllm.inputs import make_batch
 from sentilens.mllm.model import TINY, LoraSettings, MllmModel, Mode, build_tiny, num_image_tokens, prepare_model
 from sentilens.mllm.prompt import PromptBuilder, PromptSettings, Task, infer_task
 from sentilens.mllm.scoring import predict_posts
-from sentilens.predict import predict_distributed
 from sentilens.progress import progress_bar
 from sentilens.recipes import read_recipe
 from sentilens.runs import (
@@ -151,9 +150,7 @@ def train_mllm(cfg: MllmTrainConfig) -> dict:
     state = PartialState()
     cuda = state.device.type == "cuda"
     accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision="bf16" if cuda else "no")
-    main = accelerator.is_main_process
-    if not main:
-        os.environ["SENTILENS_QUIET"] = "1"
+    main = accelerator.is_main_process  # the only process that writes files (progress bars: sentilens.progress)
     deepspeed = accelerator.state.deepspeed_plugin is not None
     if deepspeed and cfg.resume:
         raise SentilensError("--resume is not available under DeepSpeed (its optimizer state is sharded)")
@@ -207,7 +204,7 @@ def train_mllm(cfg: MllmTrainConfig) -> dict:
         started = time.perf_counter()
         loss = _train_epoch(accelerator, model, optimizer, scheduler, builder, train_posts, cfg, epoch)
         core.eval()
-        predictions = predict_distributed(
+        predictions = predict_sharded(
             lambda posts: predict_posts(core.llava, builder, posts, cfg.eval_batch_size, reducer=core.reducer,
                                         description="val"),
             val_posts)
