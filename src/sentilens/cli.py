@@ -206,8 +206,9 @@ def train_fusion_cmd(
     seed: SeedOpt = None,
     image_size: ImageSizeOpt = None,
     rnn: Annotated[str | None, typer.Option("--rnn", help="gru or lstm.")] = None,
-    fine_tune_text: Annotated[bool, typer.Option("--fine-tune-text", help="Fine-tune the text encoder too "
-                                                 "(its features are then not cached).")] = False,
+    fine_tune_text: Annotated[bool | None, typer.Option("--fine-tune-text/--no-fine-tune-text", help="Fine-tune the "
+                              "text encoder too (its features are then not cached); default: the recipe's, else no.")]
+    = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its checkpoint.")] = False,
     cache: CacheOpt = None,
     no_cache: NoCacheOpt = False,
@@ -229,7 +230,7 @@ def train_fusion_cmd(
         config = recipe_config(recipe, {
             "variant": variant, "text_encoder": text_encoder, "image_encoder": image_encoder, "prompt": prompt,
             "epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed, "image_size": image_size,
-            "rnn": rnn, "fine_tune_text": fine_tune_text or None})
+            "rnn": rnn, "fine_tune_text": fine_tune_text})
         summary = train_fusion(config, data, out_dir, cache=feature_cache, device=device)
     if as_json:
         emit(summary, True)
@@ -256,6 +257,8 @@ def ablate_fusion_cmd(
     epochs: EpochsOpt = None,
     seed: SeedOpt = None,
     image_size: ImageSizeOpt = None,
+    fine_tune_text: Annotated[bool | None, typer.Option("--fine-tune-text/--no-fine-tune-text", help="Fine-tune the "
+                              "text encoder in every row; default: the recipe's, else no.")] = None,
     cache: CacheOpt = None,
     no_cache: NoCacheOpt = False,
     device: DeviceOpt = None,
@@ -270,7 +273,8 @@ def ablate_fusion_cmd(
         return  # as 'train fusion': the main process trains alone
 
     config = recipe_config(recipe, {"text_encoder": text_encoder, "image_encoder": image_encoder, "prompt": prompt,
-                                    "epochs": epochs, "seed": seed, "image_size": image_size})
+                                    "epochs": epochs, "seed": seed, "image_size": image_size,
+                                    "fine_tune_text": fine_tune_text})
     rows = ROWS if variants is None else [v.strip() for v in variants.split(",") if v.strip()]
     ablation = ablate(config, data, out_dir, rows, cache=_fusion_cache(cache, no_cache), device=device)
     if as_json:
@@ -305,13 +309,15 @@ def train_mllm_cmd(
                                                    "included; longer texts are truncated.")] = None,
     task: Annotated[str | None, typer.Option("--task", help="sentiment, informative, humanitarian or custom "
                                              "(default: from the labels).")] = None,
-    gradient_checkpointing: Annotated[bool, typer.Option("--gradient-checkpointing",
-                                                         help="Recompute activations to save memory.")] = False,
+    gradient_checkpointing: Annotated[bool | None, typer.Option(
+        "--gradient-checkpointing/--no-gradient-checkpointing", help="Recompute activations to save memory; "
+                                                                     "default: the recipe's, else no.")] = None,
     train_keep_ratio: Annotated[float | None, typer.Option(
         "--train-keep-ratio", help="Also filter visual tokens in training and on val (the paper filters at "
                                    "inference only).")] = None,
     seed: SeedOpt = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out after its last epoch.")] = False,
+    resume: Annotated[bool | None, typer.Option("--resume/--no-resume", help="Continue the run in --out after its "
+                                                "last epoch.")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Instruction-fine-tune LLaVA to answer the label (runs under 'accelerate launch' too)."""
@@ -323,7 +329,7 @@ def train_mllm_cmd(
     mode = "qlora" if qlora else "lora" if lora else None
     options = {"data": data, "out": out_dir, "base_model": model, "mode": mode, "epochs": epochs, "lr": lr,
                "batch_size": batch_size, "grad_accum": grad_accum, "max_length": max_length, "task": task,
-               "gradient_checkpointing": gradient_checkpointing or None, "seed": seed, "resume": resume or None,
+               "gradient_checkpointing": gradient_checkpointing, "seed": seed, "resume": resume,
                "train_keep_ratio": train_keep_ratio,
                "lora": None if lora_r is None else {"r": lora_r, "alpha": 2 * lora_r}}
     summary = train_mllm(make_config(options, recipe))
