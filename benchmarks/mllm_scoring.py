@@ -29,7 +29,7 @@ from sentilens.machine import cpu_name
 from sentilens.mllm.predictor import MllmPredictor
 from sentilens.mllm.prompt import PromptBuilder, PromptSettings
 from sentilens.mllm.scoring import predict_posts
-from sentilens.mllm.train import make_config, train_mllm
+from sentilens.mllm.train import mllm_train_config, train_mllm
 from sentilens.runs import write_json
 
 
@@ -66,7 +66,7 @@ def tiny_cpu(n: int, tmp: Path) -> dict:
     make_synthetic(tmp / "data", n=n, seed=0)
     options = {"data": tmp / "data", "out": tmp / "run", "base_model": "tiny", "epochs": 10, "lr": 5e-3,
                "batch_size": 8, "grad_accum": 1, "eval_batch_size": 16}
-    summary = train_mllm(make_config(options))
+    summary = train_mllm(mllm_train_config(options))
     predictor = MllmPredictor.from_run(tmp / "run", device="cpu")
     manifest = read_manifest(tmp / "data")
     posts = manifest["val"] + manifest["test"]

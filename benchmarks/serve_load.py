@@ -32,7 +32,7 @@ import httpx
 from sentilens.data.records import read_manifest
 from sentilens.data.synth import make_synthetic
 from sentilens.machine import cpu_name
-from sentilens.mllm.train import make_config, train_mllm
+from sentilens.mllm.train import mllm_train_config, train_mllm
 from sentilens.runs import write_json
 
 STARTED = re.compile(r"Uvicorn running on http://127\.0\.0\.1:(\d+)")
@@ -135,7 +135,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         tmp = Path(folder)
         make_synthetic(tmp / "data", n=200, seed=0)
-        train_mllm(make_config({"data": tmp / "data", "out": tmp / "run", "base_model": "tiny", "epochs": 1,
+        train_mllm(mllm_train_config({"data": tmp / "data", "out": tmp / "run", "base_model": "tiny", "epochs": 1,
                                 "batch_size": 8, "grad_accum": 1, "eval_batch_size": 16}))
         posts = [(Path(p.image).read_bytes(), p.text) for p in read_manifest(tmp / "data")["test"] if p.image]
         queue = ["--queue-size", "64"]

@@ -16,7 +16,7 @@ from sentilens.cli import app
 from sentilens.data.records import read_split
 from sentilens.errors import SentilensError
 from sentilens.mllm import train as train_module
-from sentilens.mllm.train import make_config, train_mllm
+from sentilens.mllm.train import mllm_train_config, train_mllm
 from sentilens.predict import evaluate, load_predictor
 from sentilens.runs import load_config, load_weights
 
@@ -38,14 +38,14 @@ def fit_run(data_dir, tmp_path_factory):
     """20 epochs on 32 posts with no val split: the last epoch is kept."""
     data = small_manifest(data_dir, n_val=0)
     out = tmp_path_factory.mktemp("runs") / "fit"
-    train_mllm(make_config({"data": data, "out": out, "epochs": 20, **FAST_TINY, "lr": 5e-3}))
+    train_mllm(mllm_train_config({"data": data, "out": out, "epochs": 20, **FAST_TINY, "lr": 5e-3}))
     return out, data
 
 
 @pytest.fixture(scope="module")
 def three_epochs(manifest, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "three"
-    summary = train_mllm(make_config({"data": manifest, "out": out, "epochs": 3, **FAST_TINY}))
+    summary = train_mllm(mllm_train_config({"data": manifest, "out": out, "epochs": 3, **FAST_TINY}))
     return out, summary
 
 
@@ -117,7 +117,7 @@ def test_run_directory_rebuilds_the_best_epoch(three_epochs, manifest):
 
 def test_lora_run_saves_adapters_and_projector_and_reloads_identically(manifest, tmp_path):
     out = tmp_path / "lora"
-    train_mllm(make_config({"data": manifest, "out": out, "epochs": 2, "mode": "lora",
+    train_mllm(mllm_train_config({"data": manifest, "out": out, "epochs": 2, "mode": "lora",
                             "lora": {"r": 8, "alpha": 16, "dropout": 0.0}, **FAST_TINY}))
     weights = load_weights(out / "model.safetensors")
     assert all("lora_" in n or "multi_modal_projector" in n for n in weights)
@@ -143,12 +143,12 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(manifest, three_epoc
 
     monkeypatch.setattr(train_module, "_train_epoch", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        train_mllm(make_config({**options, "out": tmp_path / "resumed"}))
+        train_mllm(mllm_train_config({**options, "out": tmp_path / "resumed"}))
     assert json.loads((tmp_path / "resumed" / "resume" / "state.json").read_text())["epochs_done"] == 1
     monkeypatch.setattr(train_module, "_train_epoch", original)
     with pytest.raises(SentilensError, match="different epochs"):
-        train_mllm(make_config({"out": tmp_path / "resumed", "resume": True, "epochs": 4}))
-    train_mllm(make_config({"out": tmp_path / "resumed", "resume": True}))  # the rest comes from the run
+        train_mllm(mllm_train_config({"out": tmp_path / "resumed", "resume": True, "epochs": 4}))
+    train_mllm(mllm_train_config({"out": tmp_path / "resumed", "resume": True}))  # the rest comes from the run
 
     straight = json.loads((straight_dir / "history.json").read_text())
     resumed = json.loads((tmp_path / "resumed" / "history.json").read_text())
@@ -156,7 +156,7 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(manifest, three_epoc
     a, b = load_weights(straight_dir / "model.safetensors"), load_weights(tmp_path / "resumed" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
     with pytest.raises(SentilensError, match="nothing to resume"):
-        train_mllm(make_config({**options, "out": tmp_path / "resumed", "resume": True}))
+        train_mllm(mllm_train_config({**options, "out": tmp_path / "resumed", "resume": True}))
 
 
 def test_train_command_refuses_user_mistakes(manifest, tmp_path):
@@ -175,7 +175,8 @@ def test_train_command_refuses_user_mistakes(manifest, tmp_path):
 
 
 def test_paper_recipe_is_a_valid_config(tmp_path):
-    config = make_config({"data": tmp_path, "out": tmp_path / "run"}, REPO / "configs" / "mvsa_single_llava15_7b.yaml")
+    config = mllm_train_config({"data": tmp_path, "out": tmp_path / "run"},
+                               REPO / "configs" / "mvsa_single_llava15_7b.yaml")
     assert config.base_model == "llava-hf/llava-1.5-7b-hf" and config.mode == "full"
     assert (config.learning_rate, config.epochs, config.batch_size * config.grad_accum) == (2e-5, 10, 16)
     assert config.data == tmp_path, "command-line options override the recipe"

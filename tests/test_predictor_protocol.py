@@ -14,7 +14,7 @@ from sentilens.data.records import Post, read_split
 from sentilens.errors import SentilensError
 from sentilens.fusion.config import FusionConfig
 from sentilens.fusion.train import train_fusion
-from sentilens.mllm.train import make_config, train_mllm
+from sentilens.mllm.train import mllm_train_config, train_mllm
 from sentilens.predict import Predictor, describe_run, load_predictor
 
 SRC = Path(__file__).resolve().parent.parent / "src" / "sentilens"
@@ -28,7 +28,7 @@ def data(tmp_path_factory):
 @pytest.fixture(scope="module")
 def mllm_run(data, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "tiny-mllm"
-    train_mllm(make_config({"data": data, "out": out, **FAST_TINY, "epochs": 1}))
+    train_mllm(mllm_train_config({"data": data, "out": out, **FAST_TINY, "epochs": 1}))
     return out
 
 

@@ -17,7 +17,7 @@ from sentilens.cli import app
 from sentilens.data.records import read_split
 from sentilens.mllm.inputs import build_inputs, encode_images, language_model_hidden, make_batch
 from sentilens.mllm.pruning import make_reducer, top_patches
-from sentilens.mllm.train import make_config, train_mllm
+from sentilens.mllm.train import mllm_train_config, train_mllm
 from sentilens.predict import load_predictor
 
 TINY_RUN = {**FAST_TINY, "epochs": 1}
@@ -32,14 +32,15 @@ def manifest(tmp_path_factory):
 @pytest.fixture(scope="module")
 def full_run(manifest, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "full"
-    train_mllm(make_config({"data": manifest, "out": out, **TINY_RUN}))
+    train_mllm(mllm_train_config({"data": manifest, "out": out, **TINY_RUN}))
     return out
 
 
 @pytest.fixture(scope="module")
 def lora_run(manifest, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "lora"
-    train_mllm(make_config({"data": manifest, "out": out, "mode": "lora", "lora": {"r": 4, "alpha": 8}, **TINY_RUN}))
+    train_mllm(mllm_train_config({"data": manifest, "out": out, "mode": "lora", "lora": {"r": 4, "alpha": 8},
+                                  **TINY_RUN}))
     return out
 
 
@@ -120,7 +121,7 @@ def test_training_filters_only_when_the_flag_says_so(manifest, tmp_path, monkeyp
     monkeypatch.setattr(model_module, "build_inputs", recording("train", model_module.build_inputs))
     monkeypatch.setattr(scoring_module, "build_inputs", recording("val", scoring_module.build_inputs))
     out = tmp_path / "run"
-    train_mllm(make_config({"data": manifest, "out": out, **TINY_RUN, "train_keep_ratio": train_keep_ratio}))
+    train_mllm(mllm_train_config({"data": manifest, "out": out, **TINY_RUN, "train_keep_ratio": train_keep_ratio}))
     for stage in ("train", "val"):
         assert seen[stage] and set(seen[stage]) <= {0, tokens}, (stage, seen[stage])
         assert tokens in seen[stage]

@@ -15,7 +15,7 @@ from sentilens.errors import SentilensError
 from sentilens.fusion.config import FusionConfig
 from sentilens.fusion.model import FusionModel
 from sentilens.fusion.train import resume_fusion, train_fusion
-from sentilens.mllm.train import make_config, train_mllm
+from sentilens.mllm.train import mllm_train_config, train_mllm
 from sentilens.predict import load_predictor
 from sentilens.runs import load_weights, read_json, save_weights
 
@@ -40,7 +40,7 @@ def fusion_config(encoders, epochs):
 
 def test_both_families_write_the_same_files(data, encoders, tmp_path):
     train_fusion(fusion_config(encoders, 2), data, tmp_path / "fusion", device="cpu")
-    train_mllm(make_config({"data": data, "out": tmp_path / "mllm", **FAST_TINY, "epochs": 2}))
+    train_mllm(mllm_train_config({"data": data, "out": tmp_path / "mllm", **FAST_TINY, "epochs": 2}))
     for run in ("fusion", "mllm"):
         result = runner.invoke(app, ["eval", "--run", str(tmp_path / run), "--data", str(data), "--json"])
         assert result.exit_code == 0, result.output

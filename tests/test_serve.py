@@ -22,7 +22,7 @@ from sentilens.cli import main
 from sentilens.data.records import Post, read_split
 from sentilens.fusion.config import FusionConfig
 from sentilens.fusion.train import train_fusion
-from sentilens.mllm.train import make_config, train_mllm
+from sentilens.mllm.train import mllm_train_config, train_mllm
 from sentilens.predict import load_predictor
 from serve_helpers import Server, chromium, png_bytes
 
@@ -44,7 +44,7 @@ def data(tmp_path_factory):
 @pytest.fixture(scope="module")
 def mllm_run(data, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "tiny-mllm"
-    train_mllm(make_config({"data": data, "out": out, **FAST_TINY, "epochs": 1}))
+    train_mllm(mllm_train_config({"data": data, "out": out, **FAST_TINY, "epochs": 1}))
     return out
 
 

@@ -322,7 +322,7 @@ def train_mllm_cmd(
 ) -> None:
     """Instruction-fine-tune LLaVA to answer the label (runs under 'accelerate launch' too)."""
     from sentilens.distributed import is_main_process
-    from sentilens.mllm.train import make_config, train_mllm
+    from sentilens.mllm.train import mllm_train_config, train_mllm
 
     if lora and qlora:
         raise SentilensError("give --lora or --qlora, not both")
@@ -332,7 +332,7 @@ def train_mllm_cmd(
                "gradient_checkpointing": gradient_checkpointing, "seed": seed, "resume": resume,
                "train_keep_ratio": train_keep_ratio,
                "lora": None if lora_r is None else {"r": lora_r, "alpha": 2 * lora_r}}
-    summary = train_mllm(make_config(options, recipe))
+    summary = train_mllm(mllm_train_config(options, recipe))
     if not is_main_process():
         return
     if as_json:

@@ -22,18 +22,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from sentilens.machine import environment  # noqa: E402
 from sentilens.predict import describe_run  # noqa: E402
 from sentilens.runs import load_config, read_json  # noqa: E402
-
-
-def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
-    """A GitHub-flavoured markdown table; floats printed with 4 decimals."""
-    def cell(value: object) -> str:
-        if isinstance(value, float):
-            return f"{value:.4f}"
-        return "" if value is None else str(value)
-
-    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
-    return "\n".join(lines)
+from sentilens.tables import markdown_table  # noqa: E402
 
 
 def data_section(stats: dict) -> str:

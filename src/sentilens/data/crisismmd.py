@@ -31,6 +31,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from sentilens.data.labels import merge_modality_labels
 from sentilens.data.records import Dropped, Post, RawDataset
 from sentilens.data.text import csv_records, read_text
 from sentilens.errors import SentilensError
@@ -40,7 +41,7 @@ SPLIT_FILES = {"train": "train", "dev": "val", "test": "test"}
 
 
 @dataclass(frozen=True)
-class Task:
+class CrisisTask:
     """A CrisisMMD task: its labels in order, its null class, and its raw-annotation columns."""
 
     labels: tuple[str, ...]
@@ -50,8 +51,8 @@ class Task:
 
 
 TASKS = {
-    "informative": Task(("informative", "not_informative"), "not_informative", "text_info", "image_info"),
-    "humanitarian": Task(
+    "informative": CrisisTask(("informative", "not_informative"), "not_informative", "text_info", "image_info"),
+    "humanitarian": CrisisTask(
         (
             "affected_individuals",
             "infrastructure_and_utility_damage",
@@ -86,13 +87,9 @@ def read_crisismmd(root: str | Path, task: str = "informative", agreed_only: boo
                          "nor annotations/*.tsv: is this the CrisisMMD_v2.0 folder?", root)
 
 
-def combine_labels(text_label: str, image_label: str, task: Task) -> str | None:
+def combine_labels(text_label: str, image_label: str, task: CrisisTask) -> str | None:
     """The raw-annotation rule (module doc): equal -> it; null + other -> the other; else None."""
-    if text_label == image_label:
-        return text_label
-    if task.null_label in (text_label, image_label):
-        return image_label if text_label == task.null_label else text_label
-    return None
+    return merge_modality_labels(text_label, image_label, null_label=task.null_label)
 
 
 def _find_split_files(root: Path, task: str) -> dict[str, Path] | None:
@@ -132,7 +129,7 @@ def _read_tsv(path: Path, required: tuple[str, ...]) -> tuple[dict[str, int], li
 class _Collector:
     """Turns TSV rows into posts and collects what it drops, for one reading of the data set."""
 
-    def __init__(self, root: Path, task: Task, task_name: str):
+    def __init__(self, root: Path, task: CrisisTask, task_name: str):
         self.root, self.task, self.task_name = root, task, task_name
         self.posts: list[Post] = []
         self.dropped: list[Dropped] = []
@@ -182,7 +179,7 @@ class _Collector:
         return [label for label in self.task.labels if any(p.label == label for p in self.posts)]
 
 
-def _read_split_files(root: Path, files: dict[str, Path], task: Task, task_name: str,
+def _read_split_files(root: Path, files: dict[str, Path], task: CrisisTask, task_name: str,
                       agreed_only: bool) -> RawDataset:
     rows_out = _Collector(root, task, task_name)
     fixed_split: dict[str, str] = {}
@@ -215,7 +212,7 @@ def _read_split_files(root: Path, files: dict[str, Path], task: Task, task_name:
                       fixed_split=fixed_split, source=source)
 
 
-def _read_annotations(root: Path, files: list[Path], task: Task, task_name: str, agreed_only: bool) -> RawDataset:
+def _read_annotations(root: Path, files: list[Path], task: CrisisTask, task_name: str, agreed_only: bool) -> RawDataset:
     rows_out = _Collector(root, task, task_name)
     required = ("tweet_id", "image_id", "tweet_text", "image_path", task.text_column, task.image_column)
     for path in files:

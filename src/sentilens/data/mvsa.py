@@ -29,21 +29,17 @@ from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
+from sentilens.data.labels import SENTIMENT_LABELS, merge_modality_labels
 from sentilens.data.records import Dropped, Post, RawDataset
 from sentilens.data.text import read_text
 from sentilens.errors import SentilensError
 
-SENTIMENTS = ("positive", "neutral", "negative")
 LABEL_FILE = "labelResultAll.txt"
 
 
 def merge_labels(text_label: str, image_label: str) -> str | None:
     """Xu and Mao's rule: equal -> it; neutral + polar -> the polar one; positive vs negative -> None."""
-    if text_label == image_label:
-        return text_label
-    if "neutral" in (text_label, image_label):
-        return image_label if text_label == "neutral" else text_label
-    return None
+    return merge_modality_labels(text_label, image_label, null_label="neutral")
 
 
 def majority_label(votes: Sequence[str]) -> str | None:
@@ -126,7 +122,7 @@ def _read_mvsa(root: Path, annotators: int) -> RawDataset:
             raise SentilensError("no posts listed (expected lines 'ID<TAB>text,image' after the header)", label_path)
         raise SentilensError(f"no usable row; first problem: {first_error[1]}", label_path, first_error[0])
     source = {"dataset": name, "label_file": str(label_path), "annotators": annotators}
-    return RawDataset(labels=list(SENTIMENTS), posts=posts, dropped=dropped, source=source)
+    return RawDataset(labels=list(SENTIMENT_LABELS), posts=posts, dropped=dropped, source=source)
 
 
 def _check_header(fields: list[str], annotators: int, path: Path, line_no: int) -> None:
@@ -150,8 +146,8 @@ def _parse_votes(pairs: list[str], annotators: int) -> tuple[list[str], list[str
         if len(parts) != 2:
             raise _BadRow(f"'{pair}' is not a text,image label pair")
         for part in parts:
-            if part not in SENTIMENTS:
-                raise _BadRow(f"unknown label '{part}' (expected one of {', '.join(SENTIMENTS)})")
+            if part not in SENTIMENT_LABELS:
+                raise _BadRow(f"unknown label '{part}' (expected one of {', '.join(SENTIMENT_LABELS)})")
         text_votes.append(parts[0])
         image_votes.append(parts[1])
     return text_votes, image_votes

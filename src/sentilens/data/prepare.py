@@ -72,7 +72,7 @@ def read_raw(fmt: str, root: str | Path, **options: object) -> RawDataset:
     return reader_of(fmt)(Path(root), **given)
 
 
-def check_image(post: Post) -> Dropped | None:
+def image_problem(post: Post) -> Dropped | None:
     """Open the post's image with the one loader; a :class:`Dropped` saying why if it is unusable."""
     if post.image is None:
         return None
@@ -95,7 +95,7 @@ def check_images(posts: Sequence[Post], show_progress: bool = True) -> tuple[lis
     workers = max(1, min(8, os.cpu_count() or 1))
     with ThreadPoolExecutor(max_workers=workers) as pool, progress_bar(quiet=not show_progress) as progress:
         task = progress.add_task("checking images", total=len(posts), unit="img", status="")
-        for post, problem in zip(posts, pool.map(check_image, posts), strict=True):
+        for post, problem in zip(posts, pool.map(image_problem, posts), strict=True):
             if problem is None:
                 kept.append(post)
             else:

@@ -59,11 +59,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from sentilens.data.labels import SENTIMENT_LABELS
 from sentilens.data.records import SPLITS, Post, write_manifest
 from sentilens.data.splits import split_sizes
 from sentilens.errors import SentilensError
 
-LABELS = ["positive", "neutral", "negative"]
+LABELS = list(SENTIMENT_LABELS)
 KINDS = ("text_only", "image_only", "sarcasm", "agree", "neutral")
 KIND_FRACTIONS: dict[str, float] = {"text_only": 0.30, "image_only": 0.30, "sarcasm": 0.15, "agree": 0.10,
                                     "neutral": 0.15}

@@ -24,11 +24,11 @@ from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 
+from sentilens.data.labels import SENTIMENT_LABELS
 from sentilens.data.records import Dropped, Post, RawDataset
 from sentilens.data.text import csv_records, read_table_text
 from sentilens.errors import SentilensError
 
-SENTIMENTS = ("positive", "neutral", "negative")
 REQUIRED = ("id", "text", "label")
 SPLIT_NAMES = {"train": "train", "val": "val", "dev": "val", "valid": "val", "validation": "val", "test": "test"}
 
@@ -147,8 +147,8 @@ def edit_distance(a: str, b: str) -> int:
 def label_order(labels: list[str]) -> list[str]:
     """The trio's order if every label is a sentiment word, else the order of first appearance."""
     present = list(dict.fromkeys(labels))
-    if set(present) <= set(SENTIMENTS):
-        return [label for label in SENTIMENTS if label in present]
+    if set(present) <= set(SENTIMENT_LABELS):
+        return [label for label in SENTIMENT_LABELS if label in present]
     return present
 
 

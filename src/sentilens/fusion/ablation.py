@@ -20,6 +20,7 @@ from sentilens.fusion.config import VARIANT_DESCRIPTIONS, FusionConfig
 from sentilens.fusion.encoders import TextEncoder, build_encoders
 from sentilens.fusion.train import featurize_splits, train_fusion
 from sentilens.runs import write_json
+from sentilens.tables import markdown_table
 
 NO_PROMPT = "text-noprompt"
 ROWS: tuple[str, ...] = (NO_PROMPT, "text", "image", "concat", "attention", "full")
@@ -31,12 +32,10 @@ def markdown(ablation: dict) -> str:
     """The ablation table in markdown: one row per variant, accuracy and weighted F1 on the test split."""
     lines = [f"# Fusion ablation ({ablation['split']} split of {ablation['data']})", "",
              f"Encoders: image {ablation['image_encoder']}, text {ablation['text_encoder']} "
-             f"with prompt '{ablation['prompt']}'. Fractions in [0, 1].", "",
-             "| variant | description | accuracy | weighted F1 | macro F1 | best epoch |",
-             "|---|---|---:|---:|---:|---:|"]
-    for row in ablation["variants"]:
-        lines.append(f"| {row['variant']} | {row['description']} | {row['accuracy']:.4f} | {row['weighted_f1']:.4f} "
-                     f"| {row['macro_f1']:.4f} | {row['best_epoch']} |")
+             f"with prompt '{ablation['prompt']}'. Fractions in [0, 1].", ""]
+    rows = [[row["variant"], row["description"], row["accuracy"], row["weighted_f1"], row["macro_f1"],
+             row["best_epoch"]] for row in ablation["variants"]]
+    lines.append(markdown_table(["variant", "description", "accuracy", "weighted F1", "macro F1", "best epoch"], rows))
     return "\n".join(lines) + "\n"
 
 

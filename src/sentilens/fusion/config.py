@@ -129,7 +129,7 @@ def load_recipe(path: str | Path) -> dict:
     return fields
 
 
-def make_config(fields: dict, path: Path | None = None) -> FusionConfig:
+def parse_fusion_config(fields: dict, path: Path | None = None) -> FusionConfig:
     try:
         return FusionConfig(**fields)
     except ValidationError as err:
@@ -140,14 +140,14 @@ def recipe_config(recipe: str | Path | None, overrides: dict) -> FusionConfig:
     """A config from an optional YAML recipe, with the options a user gave (non-``None``) on top."""
     fields = load_recipe(recipe) if recipe is not None else {}
     fields.update({k: v for k, v in overrides.items() if v is not None})
-    return make_config(fields, None if recipe is None else Path(recipe))
+    return parse_fusion_config(fields, None if recipe is None else Path(recipe))
 
 
 def describe_run(config: dict, run_dir: Path | None = None) -> dict:
     """The fusion run's self-description (the predictor's ``describe()``), from its ``config.json`` alone."""
     from sentilens.predict import config_summary
 
-    settings = make_config(config, None if run_dir is None else run_dir / "config.json")
+    settings = parse_fusion_config(config, None if run_dir is None else run_dir / "config.json")
     return {
         "family": settings.family,
         "labels": list(settings.labels),

@@ -77,7 +77,7 @@ def collate(features: Sequence[PostFeatures], text_dim: int, image_dim: int) -> 
     return FusionBatch(*text, *image)
 
 
-def make_batch(features: Sequence[PostFeatures], posts: Sequence[Post], text_dim: int, image_dim: int,
+def collate_features(features: Sequence[PostFeatures], posts: Sequence[Post], text_dim: int, image_dim: int,
                live_text: TextEncoder | None = None, device: str | torch.device = "cpu") -> FusionBatch:
     """The batch for ``posts``: cached features, or for a fine-tuned text encoder its live outputs.
 

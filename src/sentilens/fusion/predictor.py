@@ -17,9 +17,9 @@ from sentilens.data.records import Post
 from sentilens.distributed import default_device
 from sentilens.errors import SentilensError
 from sentilens.fusion.cache import FeatureCache, PostFeatures, featurize
-from sentilens.fusion.config import FusionConfig, describe_run, make_config
+from sentilens.fusion.config import FusionConfig, describe_run, parse_fusion_config
 from sentilens.fusion.encoders import ImageEncoder, TextEncoder, build_encoders
-from sentilens.fusion.model import FusionModel, make_batch
+from sentilens.fusion.model import FusionModel, collate_features
 from sentilens.predict import Capabilities, Explanation, Prediction, unsupported
 from sentilens.runs import CONFIG, MODEL_WEIGHTS, load_config, load_weights
 
@@ -58,7 +58,7 @@ class FusionPredictor:
     def from_run(cls, run_dir: str | Path, device: str | None = None) -> FusionPredictor:
         run_dir = Path(run_dir)
         device = device or str(default_device())
-        settings = make_config(load_config(run_dir), run_dir / CONFIG)
+        settings = parse_fusion_config(load_config(run_dir), run_dir / CONFIG)
         if not settings.labels:
             raise SentilensError("config.json lists no labels", run_dir / CONFIG)
         weights = load_weights(run_dir / MODEL_WEIGHTS)
@@ -88,7 +88,7 @@ class FusionPredictor:
         out = []
         for start in range(0, len(posts), PREDICT_BATCH):
             end = start + PREDICT_BATCH
-            batch = make_batch(features[start:end], posts[start:end], *self.settings.feature_dims, live_text,
+            batch = collate_features(features[start:end], posts[start:end], *self.settings.feature_dims, live_text,
                                self.device)
             out.append(torch.softmax(self.model(batch), dim=-1).cpu())
         return torch.cat(out) if out else torch.zeros(0, len(self.labels))

@@ -27,9 +27,9 @@ from sentilens.data.records import SPLITS, Post, read_labels, read_manifest
 from sentilens.distributed import default_device
 from sentilens.errors import SentilensError
 from sentilens.fusion.cache import CacheStats, FeatureCache, PostFeatures, featurize
-from sentilens.fusion.config import FusionConfig, make_config
+from sentilens.fusion.config import FusionConfig, parse_fusion_config
 from sentilens.fusion.encoders import ImageEncoder, TextEncoder, build_encoders
-from sentilens.fusion.model import FusionModel, make_batch
+from sentilens.fusion.model import FusionModel, collate_features
 from sentilens.fusion.predictor import FusionPredictor, run_weights
 from sentilens.metrics import classification_metrics
 from sentilens.progress import progress_bar
@@ -116,7 +116,7 @@ def _train_epoch(model: FusionModel, optimizer: torch.optim.Optimizer, posts: Se
     for start in range(0, len(order), config.batch_size):
         idx = order[start:start + config.batch_size]
         batch_posts = [posts[i] for i in idx]
-        batch = make_batch([features[i] for i in idx], batch_posts, *config.feature_dims, live_text, device)
+        batch = collate_features([features[i] for i in idx], batch_posts, *config.feature_dims, live_text, device)
         targets = torch.tensor([label_index[p.label] for p in batch_posts], device=device)
         loss = F.cross_entropy(model(batch), targets)
         optimizer.zero_grad(set_to_none=True)
@@ -231,8 +231,8 @@ def train_fusion(config: FusionConfig, data_dir: str | Path, run_dir: str | Path
 def resume_fusion(run_dir: str | Path, data_dir: str | Path, epochs: int | None = None, **kwargs) -> dict:
     """Continue an interrupted run after its last finished epoch, with its saved config (``epochs`` may extend it)."""
     run_dir = Path(run_dir)
-    config = make_config(load_config(run_dir), run_dir / CONFIG)
+    config = parse_fusion_config(load_config(run_dir), run_dir / CONFIG)
     check_resumable(run_dir)
     if epochs is not None:
-        config = make_config({**config.model_dump(), "epochs": epochs}, run_dir / CONFIG)
+        config = parse_fusion_config({**config.model_dump(), "epochs": epochs}, run_dir / CONFIG)
     return fit(config, data_dir, run_dir, resume=True, **kwargs)

@@ -36,6 +36,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
+from sentilens.data.labels import SENTIMENT_LABELS
 from sentilens.errors import SentilensError
 
 LLAVA15_SYSTEM = (
@@ -70,7 +71,6 @@ TASK_QUESTIONS: dict[str, str] = {
 }
 """Table 1's X_p for sentiment (the paper's wording) and our questions for CrisisMMD's two tasks."""
 
-SENTIMENT_LABELS = {"positive", "neutral", "negative"}
 HUMANITARIAN_LABELS = {
     "affected_individuals", "infrastructure_and_utility_damage", "injured_or_dead_people",
     "missing_or_found_people", "rescue_volunteering_or_donation_effort", "vehicle_damage",
@@ -92,7 +92,7 @@ class PromptSettings(BaseModel):
 def infer_task(labels: Sequence[str]) -> Task:
     """The task a label set belongs to: MVSA sentiment, CrisisMMD informative or humanitarian, else custom."""
     names = {label.lower() for label in labels}
-    if names <= SENTIMENT_LABELS:
+    if names <= set(SENTIMENT_LABELS):
         return "sentiment"
     if names == {"informative", "not_informative"}:
         return "informative"

@@ -96,7 +96,7 @@ class MllmTrainConfig(BaseModel):
         return self.lr if self.lr is not None else (2e-5 if self.mode == "full" else 2e-4)
 
 
-def make_config(options: dict, recipe: str | Path | None = None) -> MllmTrainConfig:
+def mllm_train_config(options: dict, recipe: str | Path | None = None) -> MllmTrainConfig:
     """Recipe values overridden by the options given on the command line (None = not given).
 
     With ``resume``, the run's saved options come first, so only what is given again is compared.
