@@ -10,7 +10,7 @@ TORCH_PIP_ARGS ?=
 DEMO_OUT ?= demo-out
 DEMO_SIZE ?= full
 
-.PHONY: install demo test lint clean browser
+.PHONY: install demo test test-fast lint clean browser
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,11 @@ browser:
 
 test: install browser
 	$(PY) -m pytest -q
+
+# The quick loop while developing (under a minute on 2 cores): everything but the tests marked `slow`,
+# which train real models (tiny LLaVA, fusion runs, the demo, 2-process launches). `make test` runs all.
+test-fast: install
+	$(PY) -m pytest -q -m "not slow"
 
 lint: install
 	$(VENV)/bin/ruff check src tests benchmarks

@@ -2,6 +2,7 @@
 (function-level ones included), resolved to sentilens modules."""
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -88,6 +89,17 @@ def test_every_import_goes_to_the_same_layer_or_below_and_families_stay_apart(gr
             if target_level > level or (level == 3 and target_level == 3 and group != target_group):
                 wrong.append(f"{module} -> {target}")
     assert wrong == []
+
+
+def test_no_family_checks_outside_the_family_packages():
+    offenders = []
+    for path in PACKAGE.rglob("*.py"):
+        if path.parent.name in ("mllm", "fusion"):
+            continue
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if re.search(r"family\s*[!=]=|[!=]=\s*[\"'](mllm|fusion)[\"']", line):
+                offenders.append(f"{path.relative_to(PACKAGE)}:{number}: {line.strip()}")
+    assert offenders == []
 
 
 def test_records_is_the_bottom_of_the_data_layer(graph):

@@ -8,6 +8,9 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # trains real models: left out of `make test-fast`, run by `make test`
+
+
 SECTIONS = ["## Data", "## Model comparison", "## Fusion ablation", "## Token filtering", "## Confusion matrices",
             "## CLS-attention heatmaps", "## Environment"]
 FUSION_ROWS = ["text-noprompt", "text", "image", "concat", "attention", "full"]

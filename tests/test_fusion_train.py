@@ -23,6 +23,9 @@ from sentilens.fusion.train import resume_fusion, train_fusion
 from sentilens.predict import evaluate, load_predictor
 from sentilens.runs import load_weights, read_json
 
+pytestmark = pytest.mark.slow  # trains real models: left out of `make test-fast`, run by `make test`
+
+
 SIZE = 64
 runner = CliRunner()
 

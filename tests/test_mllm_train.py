@@ -20,6 +20,9 @@ from sentilens.mllm.train import mllm_train_config, train_mllm
 from sentilens.predict import evaluate, load_predictor
 from sentilens.runs import load_config, load_weights
 
+pytestmark = pytest.mark.slow  # trains real models: left out of `make test-fast`, run by `make test`
+
+
 REPO = Path(__file__).resolve().parents[1]
 
 

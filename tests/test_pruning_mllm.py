@@ -20,6 +20,9 @@ from sentilens.mllm.pruning import make_reducer, top_patches
 from sentilens.mllm.train import mllm_train_config, train_mllm
 from sentilens.predict import load_predictor
 
+pytestmark = pytest.mark.slow  # trains real models: left out of `make test-fast`, run by `make test`
+
+
 TINY_RUN = {**FAST_TINY, "epochs": 1}
 PATCHES = 36  # the tiny LLaVA: 96 px / 16 px patches
 

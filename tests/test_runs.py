@@ -19,6 +19,9 @@ from sentilens.mllm.train import mllm_train_config, train_mllm
 from sentilens.predict import load_predictor
 from sentilens.runs import load_weights, read_json, save_weights
 
+pytestmark = pytest.mark.slow  # trains real models: left out of `make test-fast`, run by `make test`
+
+
 runner = CliRunner()
 
 

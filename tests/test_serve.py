@@ -26,6 +26,9 @@ from sentilens.mllm.train import mllm_train_config, train_mllm
 from sentilens.predict import load_predictor
 from serve_helpers import Server, chromium, png_bytes
 
+pytestmark = pytest.mark.slow  # trains real models: left out of `make test-fast`, run by `make test`
+
+
 MAX_UPLOAD = 256 * 1024
 MAX_PIXELS = 150 * 150
 MAX_TEXT = 300
