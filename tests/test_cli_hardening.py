@@ -12,6 +12,8 @@ from PIL import Image
 from sentilens.cli import main
 from serve_helpers import train_tiny_fusion
 
+pytestmark = pytest.mark.slow  # trains a real tiny model
+
 
 def cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
     """Run ``sentilens ARGS`` in-process through the real entry point: (exit code, stdout, stderr)."""

@@ -16,6 +16,8 @@ from schemathesis.specs.openapi.checks import response_schema_conformance
 
 from serve_helpers import Server, train_tiny_fusion
 
+pytestmark = pytest.mark.slow  # trains a real tiny model
+
 EXAMPLES = 20
 """Generated requests per operation and mode (5 operations, valid and invalid)."""
 

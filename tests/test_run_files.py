@@ -15,9 +15,11 @@ from safetensors.torch import load_file, save_file
 from mllm_helpers import FAST_TINY, small_manifest
 from sentilens.errors import SentilensError
 from sentilens.fusion.config import FusionConfig
-from sentilens.mllm.train import make_config, train_mllm
+from sentilens.mllm.train import mllm_train_config, train_mllm
 from sentilens.predict import load_predictor
 from serve_helpers import train_tiny_fusion
+
+pytestmark = pytest.mark.slow  # trains a real tiny model
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +30,7 @@ def data(tmp_path_factory):
 @pytest.fixture(scope="module")
 def mllm_run(data, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "tiny-mllm"
-    train_mllm(make_config({"data": data, "out": out, **FAST_TINY, "epochs": 1}))
+    train_mllm(mllm_train_config({"data": data, "out": out, **FAST_TINY, "epochs": 1}))
     return out
 
 
@@ -141,11 +143,11 @@ def test_an_mllm_run_stopped_in_its_first_epoch_can_be_run_again(data, tmp_path,
     with monkeypatch.context() as patch:
         interrupt(patch, "sentilens.mllm.train._train_epoch")
         with pytest.raises(KeyboardInterrupt):
-            train_mllm(make_config(options))
+            train_mllm(mllm_train_config(options))
     assert (out / "config.json").is_file() and not (out / "model.safetensors").exists()
     with pytest.raises(SentilensError, match="stopped during its first epoch, which starts over"):
-        train_mllm(make_config({**options, "resume": True}))
-    train_mllm(make_config(options))
+        train_mllm(mllm_train_config({**options, "resume": True}))
+    train_mllm(mllm_train_config(options))
     assert (out / "model.safetensors").is_file()
     with pytest.raises(SentilensError, match="already a run directory"):
-        train_mllm(make_config(options))
+        train_mllm(mllm_train_config(options))

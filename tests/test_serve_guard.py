@@ -13,6 +13,8 @@ import pytest
 from sentilens.cli import main
 from serve_helpers import Server, png_bytes, train_tiny_fusion
 
+pytestmark = pytest.mark.slow  # trains a real tiny model
+
 EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nnewpath 0 0 moveto 10 10 lineto stroke showpage\n%%EOF\n"
 HEADER_TIMEOUT_S = 1.0
 BODY_TIMEOUT_S = 2.0
