@@ -42,7 +42,7 @@ from serve_load import Server, percentile  # noqa: E402  (benchmarks/ is a folde
 from sentilens.data.records import read_manifest  # noqa: E402
 from sentilens.data.synth import make_synthetic  # noqa: E402
 from sentilens.machine import environment  # noqa: E402
-from sentilens.mllm.train import make_config, train_mllm  # noqa: E402
+from sentilens.mllm.train import mllm_train_config, train_mllm  # noqa: E402
 from sentilens.runs import write_json  # noqa: E402
 
 ANSWER_WITHIN_S = 2.0
@@ -227,7 +227,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         tmp = Path(folder)
         make_synthetic(tmp / "data", n=200, seed=0)
-        train_mllm(make_config({"data": tmp / "data", "out": tmp / "run", "base_model": "tiny", "epochs": 1,
+        train_mllm(mllm_train_config({"data": tmp / "data", "out": tmp / "run", "base_model": "tiny", "epochs": 1,
                                 "batch_size": 8, "grad_accum": 1, "eval_batch_size": 16}))
         posts = [(Path(p.image).read_bytes(), p.text) for p in read_manifest(tmp / "data")["test"] if p.image]
         server = Server(tmp / "run", tmp / "server.log", [])
