@@ -40,3 +40,11 @@ def small_manifest(folder: Path, n_train: int = 32, n_val: int = 8, n_test: int 
     out = folder / f"manifest-{n_train}-{n_val}-{n_test}"
     write_manifest(out, splits, LABELS, source={"name": "synthetic subset"})
     return out
+
+
+def train_tiny_mllm(data: Path, out: Path, epochs: int = 1) -> Path:
+    """A tiny-LLaVA run trained on ``data`` into ``out`` with the tests' recipe (FAST_TINY)."""
+    from sentilens.mllm.train import mllm_train_config, train_mllm
+
+    train_mllm(mllm_train_config({"data": data, "out": out, **FAST_TINY, "epochs": epochs}))
+    return out

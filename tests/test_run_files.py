@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from mllm_helpers import FAST_TINY, small_manifest
+from mllm_helpers import FAST_TINY, small_manifest, train_tiny_mllm
 from sentilens.errors import SentilensError
 from sentilens.fusion.config import FusionConfig
 from sentilens.mllm.train import mllm_train_config, train_mllm
@@ -29,9 +29,7 @@ def data(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def mllm_run(data, tmp_path_factory):
-    out = tmp_path_factory.mktemp("runs") / "tiny-mllm"
-    train_mllm(mllm_train_config({"data": data, "out": out, **FAST_TINY, "epochs": 1}))
-    return out
+    return train_tiny_mllm(data, tmp_path_factory.mktemp("runs") / "tiny-mllm")
 
 
 @pytest.fixture(scope="module")

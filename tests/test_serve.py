@@ -16,15 +16,11 @@ import httpx
 import pytest
 from PIL import Image
 
-from fusion_helpers import save_tiny_gpt2, save_tiny_resnet, subset_manifest
-from mllm_helpers import FAST_TINY, small_manifest
+from mllm_helpers import small_manifest, train_tiny_mllm
 from sentilens.cli import main
 from sentilens.data.records import Post, read_split
-from sentilens.fusion.config import FusionConfig
-from sentilens.fusion.train import train_fusion
-from sentilens.mllm.train import mllm_train_config, train_mllm
 from sentilens.predict import load_predictor
-from serve_helpers import Server, chromium, png_bytes
+from serve_helpers import Server, chromium, png_bytes, train_tiny_fusion
 
 pytestmark = pytest.mark.slow  # trains real models: left out of `make test-fast`, run by `make test`
 
@@ -46,19 +42,12 @@ def data(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def mllm_run(data, tmp_path_factory):
-    out = tmp_path_factory.mktemp("runs") / "tiny-mllm"
-    train_mllm(mllm_train_config({"data": data, "out": out, **FAST_TINY, "epochs": 1}))
-    return out
+    return train_tiny_mllm(data, tmp_path_factory.mktemp("runs") / "tiny-mllm")
 
 
 @pytest.fixture(scope="module")
-def fusion_run(data, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("fusion")
-    manifest = subset_manifest(data, folder / "data", {"train": 8, "val": 4, "test": 4})
-    config = FusionConfig(text_encoder=str(save_tiny_gpt2(folder / "gpt2")),
-                          image_encoder=str(save_tiny_resnet(folder / "resnet")), image_size=64, epochs=1, batch_size=8)
-    train_fusion(config, manifest, folder / "tiny-fusion", device="cpu")
-    return folder / "tiny-fusion"
+def fusion_run(tmp_path_factory):
+    return train_tiny_fusion(tmp_path_factory.mktemp("fusion"))
 
 
 @pytest.fixture(scope="module")
