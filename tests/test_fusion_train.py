@@ -141,7 +141,12 @@ def test_eval_and_predict_through_the_cli_use_the_run_directory(synth, ablation,
     run = ablation["out"] / "full"
     result = runner.invoke(app, ["eval", "--run", str(run), "--data", str(synth), "--json"])
     assert result.exit_code == 0, result.output
-    assert json.loads(result.stdout)["confusion"] == read_json(run / "metrics-test.json")["confusion"]
+    evaluated = json.loads(result.stdout)
+    assert evaluated["confusion"] == read_json(run / "metrics-test.json")["confusion"]
+    for key in ("accuracy_ci", "weighted_f1_ci"):
+        low, high = evaluated[key]
+        assert low <= evaluated[key.removesuffix("_ci")] <= high
+        assert evaluated[key] == read_json(run / "metrics-test.json")[key]
 
     posts = read_split(synth, "test")[:5]
     (tmp_path / "posts.jsonl").write_text("".join(json.dumps({"id": p.id, "text": p.text, "image": p.image}) + "\n"

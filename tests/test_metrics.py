@@ -1,10 +1,13 @@
 """Metrics against hand-computed values."""
 
 import json
+import random
 
+import numpy as np
 import pytest
+from sklearn.metrics import accuracy_score, f1_score
 
-from sentilens.metrics import classification_metrics
+from sentilens.metrics import BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, classification_metrics, positive_label
 
 LABELS = ["positive", "neutral", "negative"]
 
@@ -35,3 +38,69 @@ def test_rejects_unknown_labels_and_length_mismatch():
         classification_metrics(["happy"], ["positive"], LABELS)
     with pytest.raises(ValueError, match="predictions"):
         classification_metrics(["positive"], [], LABELS)
+
+
+def test_binary_f1_is_the_positive_class_f1_hand_computed():
+    labels = ["not_sarcastic", "sarcastic"]
+    y_true = ["sarcastic", "sarcastic", "sarcastic", "not_sarcastic", "not_sarcastic"]
+    y_pred = ["sarcastic", "not_sarcastic", "sarcastic", "sarcastic", "not_sarcastic"]
+    m = classification_metrics(y_true, y_pred, labels)
+    # sarcastic: TP 2, FP 1, FN 1 -> P = R = 2/3, F1 = 2/3
+    assert m["positive_label"] == "sarcastic"
+    assert m["binary_f1"] == pytest.approx(2 / 3)
+    assert "binary_f1" not in classification_metrics(["positive"], ["positive"], LABELS)
+
+
+@pytest.mark.parametrize(("labels", "positive"), [
+    (["not_sarcastic", "sarcastic"], "sarcastic"),
+    (["sarcastic", "not_sarcastic"], "sarcastic"),
+    (["informative", "not_informative"], "informative"),
+    (["not_informative", "informative"], "informative"),
+    (["negative", "positive"], "positive"),
+    (["cat", "dog"], "dog"),
+    (["a", "b", "c"], None),
+])
+def test_positive_label(labels, positive):
+    assert positive_label(labels) == positive
+
+
+def _random_predictions(n, seed):
+    rng = random.Random(seed)
+    y_true = [rng.choice(LABELS) for _ in range(n)]
+    # right 70 % of the time, otherwise a random label
+    y_pred = [t if rng.random() < 0.7 else rng.choice(LABELS) for t in y_true]
+    return y_true, y_pred
+
+
+def test_bootstrap_intervals_match_scikit_learn_on_the_same_resamples():
+    y_true, y_pred = _random_predictions(150, seed=3)
+    m = classification_metrics(y_true, y_pred, LABELS)
+    # Independent reference: the same seeded draws, each scored by scikit-learn.
+    draws = np.random.default_rng(BOOTSTRAP_SEED).integers(0, 150, size=(BOOTSTRAP_RESAMPLES, 150))
+    t, p = np.array(y_true), np.array(y_pred)
+    acc = [accuracy_score(t[d], p[d]) for d in draws]
+    wf1 = [f1_score(t[d], p[d], labels=LABELS, average="weighted", zero_division=0) for d in draws]
+    assert m["accuracy_ci"] == pytest.approx([np.percentile(acc, 2.5), np.percentile(acc, 97.5)])
+    assert m["weighted_f1_ci"] == pytest.approx([np.percentile(wf1, 2.5), np.percentile(wf1, 97.5)])
+    assert m["accuracy_ci"][0] < m["accuracy"] < m["accuracy_ci"][1]
+    assert m["weighted_f1_ci"][0] < m["weighted_f1"] < m["weighted_f1_ci"][1]
+
+
+def test_bootstrap_is_seeded_and_narrows_with_more_posts():
+    small = classification_metrics(*_random_predictions(100, seed=1), LABELS)
+    again = classification_metrics(*_random_predictions(100, seed=1), LABELS)
+    large = classification_metrics(*_random_predictions(4000, seed=1), LABELS)
+    assert small["accuracy_ci"] == again["accuracy_ci"] and small["weighted_f1_ci"] == again["weighted_f1_ci"]
+
+    def width(m, key):
+        return m[key][1] - m[key][0]
+
+    # the interval shrinks like 1/sqrt(n): 40x the posts, about 1/6 the width
+    assert width(large, "accuracy_ci") < width(small, "accuracy_ci") / 3
+    assert width(large, "weighted_f1_ci") < width(small, "weighted_f1_ci") / 3
+
+
+def test_perfect_predictions_have_a_point_interval():
+    y = ["positive", "neutral", "negative"] * 10
+    m = classification_metrics(y, y, LABELS)
+    assert m["accuracy_ci"] == [1.0, 1.0] and m["weighted_f1_ci"] == [1.0, 1.0]

@@ -86,8 +86,12 @@ def metrics_table(metrics: dict, title: str) -> Table:
         table.add_column(col, justify="left" if col == "label" else "right")
     for label, row in metrics["per_class"].items():
         table.add_row(label, f"{row['precision']:.4f}", f"{row['recall']:.4f}", f"{row['f1']:.4f}", str(row["support"]))
-    table.caption = (f"n={metrics['n']}  accuracy={metrics['accuracy']:.4f}  "
-                     f"weighted F1={metrics['weighted_f1']:.4f}  macro F1={metrics['macro_f1']:.4f}")
+    from sentilens.metrics import with_interval
+
+    binary = (f"  F1 of {metrics['positive_label']}={metrics['binary_f1']:.4f}" if "binary_f1" in metrics else "")
+    table.caption = (f"n={metrics['n']}  accuracy={with_interval(metrics['accuracy'], metrics.get('accuracy_ci'))}  "
+                     f"weighted F1={with_interval(metrics['weighted_f1'], metrics.get('weighted_f1_ci'))}  "
+                     f"macro F1={metrics['macro_f1']:.4f}{binary}  (95 % bootstrap intervals)")
     return table
 
 
@@ -435,6 +439,7 @@ def sweep_cmd(
 ) -> None:
     """The paper's Table 4: accuracy, F1, latency and speedup per keep ratio; writes RUN/sweep.json + plot."""
     from sentilens.data.records import read_split
+    from sentilens.metrics import with_interval
     from sentilens.mllm.sweep import parse_ratios, parse_strategies, run_sweep, write_sweep
     from sentilens.predict import load_predictor
 
@@ -451,7 +456,8 @@ def sweep_cmd(
         table.add_column(col, justify="left" if col == "strategy" else "right")
     for row in result["rows"]:
         table.add_row(row["strategy"], f"{row['ratio']:g}", f"{row['kept_tokens']}/{row['image_tokens']}",
-                      f"{row['accuracy']:.4f}", f"{row['weighted_f1']:.4f}", f"{row['latency_ms_per_post']:.1f}",
+                      with_interval(row["accuracy"], row.get("accuracy_ci")),
+                      with_interval(row["weighted_f1"], row.get("weighted_f1_ci")), f"{row['latency_ms_per_post']:.1f}",
                       f"{row['speedup']:.2f}x")
     out.print(table)
     out.print(f"written to {json_path} and {plot_path}")

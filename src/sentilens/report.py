@@ -20,6 +20,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from sentilens.machine import environment  # noqa: E402
+from sentilens.metrics import with_interval  # noqa: E402
 from sentilens.predict import describe_run  # noqa: E402
 from sentilens.runs import load_config, read_json  # noqa: E402
 from sentilens.tables import markdown_table  # noqa: E402
@@ -49,19 +50,25 @@ def comparison_section(run_dirs: Sequence[Path], split: str = "test") -> tuple[s
         metrics = read_json(metrics_path)
         name = run_name(run_dir, config)
         records.append({"run": str(run_dir), "name": name, "metrics": metrics})
-        rows.append([name, describe_run(run_dir)["description"], metrics["accuracy"], metrics["weighted_f1"],
-                     metrics["macro_f1"]])
+        rows.append([name, describe_run(run_dir)["description"],
+                     with_interval(metrics["accuracy"], metrics.get("accuracy_ci")),
+                     with_interval(metrics["weighted_f1"], metrics.get("weighted_f1_ci")), metrics["macro_f1"],
+                     metrics.get("binary_f1")])
     text = (f"## Model comparison\n\nLayout of the LLaVA paper's Table 3, on the {split} split "
-            "(our runs; fractions in [0, 1]).\n\n"
-            + markdown_table(["model", "description", "accuracy", "weighted F1", "macro F1"], rows) + "\n")
+            "(our runs; fractions in [0, 1]; 95 % bootstrap intervals in brackets; binary F1 is the positive "
+            "class's F1 for two-label tasks).\n\n"
+            + markdown_table(["model", "description", "accuracy", "weighted F1", "macro F1", "binary F1"], rows)
+            + "\n")
     return text, records
 
 
 def ablation_section(ablation: dict) -> str:
     """The fusion paper's ablation layout: accuracy and weighted F1 per variant."""
-    rows = [[v["variant"], v.get("description", ""), v["accuracy"], v["weighted_f1"]] for v in ablation["variants"]]
+    rows = [[v["variant"], v.get("description", ""), with_interval(v["accuracy"], v.get("accuracy_ci")),
+             with_interval(v["weighted_f1"], v.get("weighted_f1_ci"))] for v in ablation["variants"]]
     return ("## Fusion ablation\n\nLayout of the fusion paper's ablation (text only, image only, concatenation, "
-            "attention without routing, full model), our runs on the same cached features.\n\n"
+            "attention without routing, full model), our runs on the "
+            "same cached features; 95 % bootstrap intervals in brackets.\n\n"
             + markdown_table(["variant", "description", "accuracy", "weighted F1"], rows) + "\n")
 
 
@@ -71,7 +78,9 @@ def sweep_section(sweep: dict, plot: Path | None, out_dir: Path) -> str:
     rows = []
     for row in sweep["rows"]:
         paper_speedup = paper.get(round(float(row["ratio"]), 2))
-        rows.append([row["ratio"], row.get("strategy", ""), row["kept_tokens"], row["accuracy"], row["weighted_f1"],
+        rows.append([row["ratio"], row.get("strategy", ""), row["kept_tokens"],
+                     with_interval(row["accuracy"], row.get("accuracy_ci")),
+                     with_interval(row["weighted_f1"], row.get("weighted_f1_ci")),
                      row["latency_ms_per_post"], row["speedup"], "" if paper_speedup is None else paper_speedup])
     text = ("## Token filtering\n\nLayout of the LLaVA paper's Table 4: visual tokens kept by CLS attention at "
             "each retention ratio, per scoring strategy (`all`: the paper's mean over every ViT layer; `feature`: "

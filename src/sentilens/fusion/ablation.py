@@ -19,6 +19,7 @@ from sentilens.fusion.cache import FeatureCache, PostFeatures, featurize
 from sentilens.fusion.config import VARIANT_DESCRIPTIONS, FusionConfig
 from sentilens.fusion.encoders import TextEncoder, build_encoders
 from sentilens.fusion.train import featurize_splits, train_fusion
+from sentilens.metrics import with_interval
 from sentilens.runs import write_json
 from sentilens.tables import markdown_table
 
@@ -29,13 +30,19 @@ ROW_DESCRIPTIONS = {NO_PROMPT: "text only, the post without a prompt (the paper'
 
 
 def markdown(ablation: dict) -> str:
-    """The ablation table in markdown: one row per variant, accuracy and weighted F1 on the test split."""
+    """The ablation table in markdown: one row per variant, accuracy and F1s (with 95 % intervals) on the test split."""
+    binary = [row.get("binary_f1") for row in ablation["variants"]]
+    positive = next((row["positive_label"] for row in ablation["variants"] if "positive_label" in row), None)
     lines = [f"# Fusion ablation ({ablation['split']} split of {ablation['data']})", "",
              f"Encoders: image {ablation['image_encoder']}, text {ablation['text_encoder']} "
-             f"with prompt '{ablation['prompt']}'. Fractions in [0, 1].", ""]
-    rows = [[row["variant"], row["description"], row["accuracy"], row["weighted_f1"], row["macro_f1"],
-             row["best_epoch"]] for row in ablation["variants"]]
-    lines.append(markdown_table(["variant", "description", "accuracy", "weighted F1", "macro F1", "best epoch"], rows))
+             f"with prompt '{ablation['prompt']}'. Fractions in [0, 1]; 95 % bootstrap intervals in brackets.", ""]
+    headers = ["variant", "description", "accuracy", "weighted F1", "macro F1",
+               *([f"F1 of {positive}"] if positive else []), "best epoch"]
+    rows = [[row["variant"], row["description"], with_interval(row["accuracy"], row.get("accuracy_ci")),
+             with_interval(row["weighted_f1"], row.get("weighted_f1_ci")), row["macro_f1"],
+             *([row_binary] if positive else []), row["best_epoch"] or "-"]
+            for row, row_binary in zip(ablation["variants"], binary, strict=True)]
+    lines.append(markdown_table(headers, rows))
     return "\n".join(lines) + "\n"
 
 
@@ -74,6 +81,8 @@ def ablate(config: FusionConfig, data_dir: str | Path, out_dir: str | Path, rows
         metrics = summary[split]
         results.append({"variant": row, "description": ROW_DESCRIPTIONS[row], "accuracy": metrics["accuracy"],
                         "weighted_f1": metrics["weighted_f1"], "macro_f1": metrics["macro_f1"],
+                        **{key: metrics[key] for key in ("accuracy_ci", "weighted_f1_ci", "binary_f1", "positive_label")
+                           if key in metrics},
                         "val_weighted_f1": summary["val"]["weighted_f1"] if "val" in summary else None,
                         "best_epoch": summary["best_epoch"], "run": row, "seconds": summary["seconds"]})
     ablation = {"data": str(data_dir), "split": split,

@@ -94,6 +94,7 @@ def run_sweep(predictor: Predictor, posts: Sequence[Post], ratios: Sequence[floa
                 "strategy": str(spec), "ratio": ratio, "kept_tokens": keep_count(image_tokens, ratio),
                 "image_tokens": image_tokens, "accuracy": metrics[ratio]["accuracy"],
                 "weighted_f1": metrics[ratio]["weighted_f1"], "macro_f1": metrics[ratio]["macro_f1"],
+                "accuracy_ci": metrics[ratio]["accuracy_ci"], "weighted_f1_ci": metrics[ratio]["weighted_f1_ci"],
                 "latency_ms_per_post": 1000 * latency[ratio], "speedup": latency[1.0] / latency[ratio],
                 "reference_run": ratio not in ratios,
             })
