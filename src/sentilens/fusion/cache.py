@@ -97,8 +97,12 @@ class CacheStats:
 
 
 def _lookup(keys: dict[int, str], cache: FeatureCache | None, encode: Callable[[list[int]], list[Features]],
-            description: str, unit: str) -> tuple[dict[int, Features], int, int]:
+            description: str, unit: str, size: Callable[[int], int] | None = None
+            ) -> tuple[dict[int, Features], int, int]:
     """Features of every index in ``keys``: cached ones read, the others encoded in batches and stored.
+
+    ``size`` (e.g. a text's length) orders the encoding so each batch holds contents of similar size
+    and pads little (features are stored unpadded, whichever batch computed them).
 
     Returns the features, how many posts were served from the cache, and how many distinct contents were encoded.
     """
@@ -114,6 +118,8 @@ def _lookup(keys: dict[int, str], cache: FeatureCache | None, encode: Callable[[
         else:
             found.update({i: cached for i in indices})
     hits = len(keys) - sum(len(by_key[k]) for k in todo)
+    if size is not None:
+        todo.sort(key=lambda k: size(by_key[k][0]))
     # A bar only for work longer than one batch: a single post predicted by the server prints nothing.
     with progress_bar() if len(todo) > ENCODE_BATCH else nullcontext() as bar:
         task = bar.add_task(description, total=len(todo), unit=unit, status="") if bar else None
@@ -140,7 +146,8 @@ def featurize(posts: Sequence[Post], text_encoder: TextEncoder | None, image_enc
     if text_encoder is not None:
         keys = {i: cache_key(text_encoder.fingerprint, p.text.encode()) for i, p in enumerate(posts) if has_text(p)}
         found, stats.text_hits, stats.text_encoded = _lookup(
-            keys, cache, lambda idx: text_encoder.encode([posts[i].text for i in idx]), "encoding texts", "text")
+            keys, cache, lambda idx: text_encoder.encode([posts[i].text for i in idx]), "encoding texts", "text",
+            size=lambda i: len(posts[i].text))
         for i, features in found.items():
             result[i].text = features
     if image_encoder is not None:
