@@ -7,7 +7,15 @@ from PIL import Image
 
 from fusion_helpers import save_tiny_gpt2, save_tiny_resnet  # noqa: F401
 from sentilens.errors import SentilensError
-from sentilens.fusion.encoders import IMAGENET_MEAN, IMAGENET_STD, ImageEncoder, TextEncoder, pixel_batch
+from sentilens.fusion.config import PROMPTS, FusionConfig
+from sentilens.fusion.encoders import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    ImageEncoder,
+    TextEncoder,
+    build_encoders,
+    pixel_batch,
+)
 
 
 @pytest.fixture(scope="module")
@@ -48,6 +56,19 @@ def test_embedded_minilm_mean_pools_its_tokens():
     assert torch.allclose(short["states"], alone, atol=1e-5)
     assert torch.allclose(short["pooled"], alone.mean(0), atol=1e-5)
     assert long["states"].shape[0] > short["states"].shape[0]
+
+
+def test_auto_prompt_wraps_posts_for_a_causal_lm_only(gpt2_dir):
+    config = FusionConfig(variant="text", text_encoder=str(gpt2_dir))
+    assert config.prompt == "auto" and config.prompt_template is None
+    gpt2, _ = build_encoders(config)
+    minilm, _ = build_encoders(FusionConfig(variant="text"))
+    assert gpt2.template == PROMPTS["sentiment"]
+    assert minilm.template == "{text}"  # a sentence encoder embeds the bare post, as it was trained
+    ids = minilm.tokenizer("a sunny day at the beach", return_tensors="pt")
+    with torch.no_grad():
+        bare = minilm.model(**ids).last_hidden_state[0].mean(0)
+    assert torch.allclose(minilm.encode(["a sunny day at the beach"])[0]["pooled"], bare, atol=1e-5)
 
 
 def test_pixels_are_imagenet_normalised_without_torchvision():

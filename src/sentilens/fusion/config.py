@@ -11,15 +11,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from sentilens.errors import SentilensError
 from sentilens.recipes import read_recipe
 
-Variant = Literal["text", "image", "concat", "attention", "full"]
-VARIANTS: tuple[str, ...] = ("text", "image", "concat", "attention", "full")
+Variant = Literal["probe", "text", "image", "concat", "attention", "full"]
+VARIANTS: tuple[str, ...] = ("probe", "text", "image", "concat", "attention", "full")
 
 VARIANT_DESCRIPTIONS = {
+    "probe": "baseline: logistic regression (C chosen on val) on the frozen pooled features",
     "text": "text only: prompted LM branch, attention over its tokens",
     "image": "image only: CNN branch, attention over its regions",
     "concat": "both pooled vectors side by side, no attention, no routing",
@@ -30,6 +31,7 @@ VARIANT_DESCRIPTIONS = {
 EMBEDDED_TEXT = "all-MiniLM-L6-v2"
 EMBEDDED_IMAGE = "efficientnet-lite0"
 
+AUTO_PROMPT = "auto"
 PROMPTS = {
     "none": "{text}",
     "sentiment": 'Social media post: "{text}"\nThe feelings and the sentiment this post expresses are',
@@ -39,15 +41,23 @@ PROMPTS = {
 """Named prompt templates. The paper does not publish its prompts (its Section 3.1 only says they
 are "sentiment-relevant"), so these ask for the same things: the post's sentiment, and for
 CrisisMMD its urgency and crisis content. ``none`` is the paper's "simple GPT" ablation row.
-The template ends open so a causal LM's last token summarises the answer it is about to give."""
+The template ends open so a causal LM's last token summarises the answer it is about to give.
+
+``auto`` (the default) is ``sentiment`` for a causal LM and ``none`` for a bidirectional sentence
+encoder: the paper prompts a GPT, whose last token must be steered to the question, while a
+sentence encoder such as all-MiniLM-L6-v2 was trained to embed bare sentences and mean-pools all
+tokens, so a wrapper only dilutes the post (measured in the README's real-text table)."""
 
 
-def resolve_prompt(prompt: str) -> str:
-    """The template of a named prompt, or ``prompt`` itself when it is a template with ``{text}``."""
+def resolve_prompt(prompt: str) -> str | None:
+    """The template of a named prompt, ``prompt`` itself when it is a template with ``{text}``, or
+    ``None`` for ``auto`` (the text encoder picks, knowing whether it is a causal LM)."""
+    if prompt == AUTO_PROMPT:
+        return None
     if prompt in PROMPTS:
         return PROMPTS[prompt]
     if "{text}" not in prompt:
-        raise SentilensError(f"prompt '{prompt}' is neither a known name ({', '.join(PROMPTS)}) "
+        raise SentilensError(f"prompt '{prompt}' is neither a known name ({', '.join([AUTO_PROMPT, *PROMPTS])}) "
                              "nor a template containing {text}")
     return prompt
 
@@ -61,8 +71,9 @@ class FusionConfig(BaseModel):
     variant: Variant = "full"
     text_encoder: str = EMBEDDED_TEXT
     image_encoder: str = EMBEDDED_IMAGE
-    prompt: str = "sentiment"
-    max_text_tokens: int = Field(128, ge=8)
+    prompt: str = AUTO_PROMPT
+    max_text_tokens: int = Field(64, ge=8)
+    """Tweets are short: 99 % of MVSA-Multiple / HFM posts fit in 50 / 60 MiniLM tokens."""
     image_size: int = Field(224, ge=32, le=1024)
     """Square side images are resized to; at most 1024 (4.7x the CNNs' 224): 100000 was accepted and the OOM
     killer ended the run (a batch of 32 would need 3.8 TB)."""
@@ -93,8 +104,14 @@ class FusionConfig(BaseModel):
         resolve_prompt(value)
         return value
 
+    @model_validator(mode="after")
+    def _probe_reads_frozen_features(self) -> FusionConfig:
+        if self.variant == "probe" and self.fine_tune_text:
+            raise ValueError("the probe is a logistic regression on frozen features: it cannot fine-tune an encoder")
+        return self
+
     @property
-    def prompt_template(self) -> str:
+    def prompt_template(self) -> str | None:
         return resolve_prompt(self.prompt)
 
     @property
@@ -115,7 +132,7 @@ def config_error(err: ValidationError, path: Path | None = None) -> SentilensErr
     """A one-line user error for the first problem pydantic found."""
     first = err.errors()[0]
     where = ".".join(str(p) for p in first["loc"]) or "config"
-    return SentilensError(f"{where}: {first['msg']}", path)
+    return SentilensError(f"{where}: {first['msg'].removeprefix('Value error, ')}", path)
 
 
 def load_recipe(path: str | Path) -> dict:

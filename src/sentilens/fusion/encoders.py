@@ -29,7 +29,7 @@ import torch
 from PIL import Image
 
 from sentilens.errors import SentilensError
-from sentilens.fusion.config import EMBEDDED_IMAGE, EMBEDDED_TEXT, FusionConfig
+from sentilens.fusion.config import EMBEDDED_IMAGE, EMBEDDED_TEXT, PROMPTS, FusionConfig
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
@@ -170,13 +170,12 @@ def embedded_text_path() -> Path:
 class TextEncoder(torch.nn.Module):
     """A language model reading each post inside a prompt template: token states, mask, pooled vector."""
 
-    def __init__(self, name: str = EMBEDDED_TEXT, template: str = "{text}", max_tokens: int = 128,
+    def __init__(self, name: str = EMBEDDED_TEXT, template: str | None = "{text}", max_tokens: int = 64,
                  trainable: bool = False, device: str | torch.device = "cpu"):
         super().__init__()
         from transformers import AutoModel, AutoTokenizer
 
         self.name = name
-        self.template = template
         self.max_tokens = max_tokens
         self.trainable = trainable
         self.source = str(embedded_text_path()) if name in (EMBEDDED_TEXT, f"sentence-transformers/{EMBEDDED_TEXT}") \
@@ -189,6 +188,8 @@ class TextEncoder(torch.nn.Module):
         architectures = getattr(self.model.config, "architectures", None) or []
         self.causal = bool(getattr(self.model.config, "is_decoder", False)) or any(
             a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures)
+        # ``None`` is the ``auto`` prompt: the sentiment prompt for a causal LM, the bare post for an encoder.
+        self.template = template if template is not None else PROMPTS["sentiment" if self.causal else "none"]
         if self.tokenizer.pad_token is None:
             if self.tokenizer.eos_token is None:
                 raise SentilensError(f"text model '{name}' has neither a padding nor an end-of-text token")
