@@ -13,7 +13,7 @@ pytestmark = pytest.mark.slow  # trains real models: left out of `make test-fast
 
 SECTIONS = ["## Data", "## Model comparison", "## Fusion ablation", "## Token filtering", "## Confusion matrices",
             "## CLS-attention heatmaps", "## Environment"]
-FUSION_ROWS = ["text-noprompt", "text", "image", "concat", "attention", "full"]
+FUSION_ROWS = ["probe", "text-noprompt", "text", "image", "concat", "attention", "full"]
 
 
 def run_demo(out: Path) -> dict:

@@ -70,7 +70,7 @@ def test_full_beats_each_modality_by_the_margin_the_synthetic_set_guarantees(syn
 def test_ablation_writes_the_table_and_one_run_per_variant(ablation):
     out, table = ablation["out"], ablation["json"]
     assert read_json(out / "ablation.json") == table
-    assert [row["variant"] for row in table["variants"]] == ["text", "image", "full"]
+    assert [row["variant"] for row in table["variants"]] == ["probe", "text", "image", "full"]  # the baseline always
     markdown = (out / "ablation.md").read_text()
     for row in table["variants"]:
         assert f"| {row['variant']} |" in markdown and f"{row['accuracy']:.4f}" in markdown

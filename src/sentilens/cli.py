@@ -200,7 +200,8 @@ def train_fusion_cmd(
     out_dir: Annotated[Path, typer.Option("--out", help="Run directory to create (or continue with --resume).",
         callback=folder_path)],
     recipe: RecipeOpt = None,
-    variant: Annotated[str | None, typer.Option("--variant", help="full, attention, concat, text or image.")] = None,
+    variant: Annotated[str | None, typer.Option("--variant", help="full, attention, concat, text, image or probe (the "
+                                             "logistic-regression baseline).")] = None,
     text_encoder: TextEncoderOpt = None,
     image_encoder: ImageEncoderOpt = None,
     prompt: PromptOpt = None,
@@ -254,7 +255,8 @@ def ablate_fusion_cmd(
         callback=folder_path)],
     recipe: RecipeOpt = None,
     variants: Annotated[str | None, typer.Option(
-        "--variants", help="Comma-separated rows (default: text-noprompt,text,image,concat,attention,full).")] = None,
+        "--variants", help="Comma-separated rows (default: probe,text-noprompt,text,image,concat,attention,full; "
+                           "the probe baseline is always included).")] = None,
     text_encoder: TextEncoderOpt = None,
     image_encoder: ImageEncoderOpt = None,
     prompt: PromptOpt = None,

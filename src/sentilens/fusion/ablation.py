@@ -1,8 +1,11 @@
 """The fusion paper's ablation (Section 5, its ablation table): every variant on the same cached features.
 
-Rows follow the paper's order: the text branch without a prompt ("simple GPT"), the prompted text
-branch, the image branch, plain concatenation, contextual attention without routing, and the full
-model. Features are computed (or read from the cache) once and shared by all rows; the prompt-less
+The first row is the baseline every table must show (issue 10): the ``probe``, a logistic
+regression on the frozen pooled features, so the table says what the fusion head adds over the
+simplest model; it is always trained, whichever rows are asked for. The other rows follow the
+paper's order: the text branch without a prompt ("simple GPT"), the prompted text branch, the image
+branch, plain concatenation, contextual attention without routing, and the full model.
+Features are computed (or read from the cache) once and shared by all rows; the prompt-less
 row only adds the text features of its own template. Each row is a complete run directory under
 ``out/<row>``, so any of them can be evaluated, served or compared later.
 """
@@ -24,7 +27,8 @@ from sentilens.runs import write_json
 from sentilens.tables import markdown_table
 
 NO_PROMPT = "text-noprompt"
-ROWS: tuple[str, ...] = (NO_PROMPT, "text", "image", "concat", "attention", "full")
+BASELINE = "probe"
+ROWS: tuple[str, ...] = (BASELINE, NO_PROMPT, "text", "image", "concat", "attention", "full")
 ROW_DESCRIPTIONS = {NO_PROMPT: "text only, the post without a prompt (the paper's 'simple GPT')",
                     **VARIANT_DESCRIPTIONS}
 
@@ -52,6 +56,7 @@ def ablate(config: FusionConfig, data_dir: str | Path, out_dir: str | Path, rows
     unknown = [row for row in rows if row not in ROW_DESCRIPTIONS]
     if unknown:
         raise SentilensError(f"unknown ablation rows {unknown} (choose from {', '.join(ROWS)})")
+    rows = [BASELINE, *(row for row in rows if row != BASELINE)]
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     device = device or str(default_device())
     splits = read_manifest(data_dir)

@@ -20,6 +20,7 @@ image       capsules :math:`(\bar v, a_v)`, the text treated as absent everywher
 concat      capsules :math:`(\bar x, \bar v)`: plain concatenation, no attention
 attention   capsules :math:`(\bar x, \bar v, a_t, a_v)`, no routing
 full        dynamic routing (``layers`` Eq. (2)) of :math:`(\bar x, \bar v, a_t, a_v)`
+probe       no fusion network: a logistic regression on the pooled vectors (the baseline row)
 ==========  ===========================================================================
 """
 
@@ -163,3 +164,29 @@ class FusionModel(nn.Module):
     def forward(self, batch: FusionBatch) -> torch.Tensor:
         """Logits B x n_labels."""
         return self.head(self.capsules(batch))
+
+
+class ProbeModel(nn.Module):
+    """Standardised pooled features -> label logits (a fitted logistic regression as a torch module)."""
+
+    def __init__(self, text_dim: int, image_dim: int, n_labels: int):
+        super().__init__()
+        width = text_dim + image_dim
+        self.register_buffer("mean", torch.zeros(width))
+        self.register_buffer("scale", torch.ones(width))
+        self.linear = nn.Linear(width, n_labels)
+
+    def inputs(self, batch: FusionBatch) -> torch.Tensor:
+        """B x width: the text and image pooled vectors side by side, zeros where a post lacks one."""
+        return torch.cat([batch.text_pooled * batch.text_present[:, None],
+                          batch.image_pooled * batch.image_present[:, None]], dim=1)
+
+    def forward(self, batch: FusionBatch) -> torch.Tensor:
+        return self.linear((self.inputs(batch) - self.mean) / self.scale)
+
+
+def build_model(config: FusionConfig, text_dim: int, image_dim: int) -> nn.Module:
+    """The variant's model: the fusion network, or for ``probe`` the logistic regression (``fusion.probe``)."""
+    if config.variant == "probe":
+        return ProbeModel(text_dim, image_dim, len(config.labels))
+    return FusionModel(config, text_dim, image_dim)

@@ -19,7 +19,7 @@ from sentilens.errors import SentilensError
 from sentilens.fusion.cache import FeatureCache, PostFeatures, featurize
 from sentilens.fusion.config import FusionConfig, describe_run, parse_fusion_config
 from sentilens.fusion.encoders import ImageEncoder, TextEncoder, build_encoders
-from sentilens.fusion.model import FusionModel, collate_features
+from sentilens.fusion.model import FusionModel, build_model, collate_features
 from sentilens.predict import Capabilities, Explanation, Prediction, unsupported
 from sentilens.runs import CONFIG, MODEL_WEIGHTS, load_config, load_weights
 
@@ -67,7 +67,7 @@ class FusionPredictor:
             encoder_weights = {k[len(TEXT_ENCODER_PREFIX):]: weights.pop(k) for k in list(weights)
                                if k.startswith(TEXT_ENCODER_PREFIX)}
             _load_state(text_encoder.model, encoder_weights, run_dir / MODEL_WEIGHTS)
-        model = FusionModel(settings, *settings.feature_dims)
+        model = build_model(settings, *settings.feature_dims)
         _load_state(model, weights, run_dir / MODEL_WEIGHTS)
         if text_encoder is not None:
             text_encoder.model.eval()

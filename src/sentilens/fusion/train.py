@@ -29,8 +29,9 @@ from sentilens.errors import SentilensError
 from sentilens.fusion.cache import CacheStats, FeatureCache, PostFeatures, featurize
 from sentilens.fusion.config import FusionConfig, parse_fusion_config
 from sentilens.fusion.encoders import ImageEncoder, TextEncoder, build_encoders
-from sentilens.fusion.model import FusionModel, collate_features
+from sentilens.fusion.model import FusionModel, build_model, collate_features
 from sentilens.fusion.predictor import FusionPredictor, run_weights
+from sentilens.fusion.probe import fit_probe
 from sentilens.metrics import classification_metrics
 from sentilens.progress import progress_bar
 from sentilens.runs import (
@@ -162,6 +163,8 @@ def fit(config: FusionConfig, data_dir: str | Path, run_dir: str | Path, *, resu
     if features is None:
         features, stats = featurize_splits(splits, config, encoders, cache)
     live_text = text_encoder if config.fine_tune_text else None
+    if config.variant == "probe":
+        return _fit_probe(config, splits, features, encoders, run_dir, device, stats, started)
 
     torch.manual_seed(config.seed)
     model = FusionModel(config, *config.feature_dims).to(device)
@@ -216,6 +219,30 @@ def fit(config: FusionConfig, data_dir: str | Path, run_dir: str | Path, *, resu
                 save_predictions(run_dir, split, [p.id for p in posts], predictions)
             summary[split] = metrics
     clear_training_state(run_dir)
+    summary["seconds"] = time.perf_counter() - started
+    return summary
+
+
+def _fit_probe(config: FusionConfig, splits: dict[str, list[Post]], features: SplitFeatures, encoders: Encoders,
+               run_dir: Path, device: str, stats: CacheStats, started: float) -> dict:
+    """The ``probe`` variant: one logistic-regression fit (C chosen on val) instead of epochs of AdamW."""
+    index = {label: i for i, label in enumerate(config.labels)}
+    model = build_model(config, *config.feature_dims)
+    search = fit_probe(model, features["train"], [index[p.label] for p in splits["train"]],
+                       features["val"], [index[p.label] for p in splits["val"]], *config.feature_dims, seed=config.seed)
+    save_config(run_dir, config)
+    save_weights(run_dir / MODEL_WEIGHTS, model.state_dict())
+    predictor = FusionPredictor(config, model, *encoders, device=device)
+    summary = {"run": str(run_dir), "variant": config.variant, "epochs": None, "best_epoch": None,
+               "probe": search, "cache": stats.to_dict()}
+    for split in ("val", "test"):
+        posts = splits[split]
+        if posts and all(p.label is not None for p in posts):
+            metrics, predictions = _score(predictor, posts, features[split])
+            save_metrics(run_dir, split, metrics)
+            if split == "val":
+                save_predictions(run_dir, split, [p.id for p in posts], predictions)
+            summary[split] = metrics
     summary["seconds"] = time.perf_counter() - started
     return summary
 
