@@ -19,7 +19,7 @@ from sentilens.data.records import SPLITS, Post, read_manifest, read_split, writ
 from sentilens.data.synth import make_synthetic
 from sentilens.errors import SentilensError
 from sentilens.fusion.cache import FeatureCache, featurize
-from sentilens.fusion.config import make_config
+from sentilens.fusion.config import parse_fusion_config
 from sentilens.fusion.encoders import build_encoders
 from sentilens.fusion.probe import C_GRID
 from sentilens.predict import load_predictor
@@ -61,7 +61,7 @@ def train_probe(setup, data, out):
 
 
 def sklearn_reference(setup, data, out, c):
-    config = make_config(load_config(out))
+    config = parse_fusion_config(load_config(out))
     encoders = build_encoders(config, "cpu")
     splits = read_manifest(data)
 
