@@ -1,7 +1,21 @@
 """Suite-wide test settings."""
 
+import os
+
 import pytest
 import torch
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_cache(tmp_path_factory):
+    """Caches (fusion features, pretrained towers) go to a folder of this session, never to ~/.cache."""
+    before = os.environ.get("SENTILENS_CACHE")
+    os.environ["SENTILENS_CACHE"] = str(tmp_path_factory.mktemp("sentilens-cache"))
+    yield
+    if before is None:
+        os.environ.pop("SENTILENS_CACHE", None)
+    else:
+        os.environ["SENTILENS_CACHE"] = before
 
 
 @pytest.fixture(scope="session", autouse=True)

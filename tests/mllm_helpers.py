@@ -13,8 +13,11 @@ from sentilens.mllm.prompt import PromptBuilder, PromptSettings
 LONG_TEXT = " ".join(["what a long and winding story about the weather this week"] * 4)
 
 
-FAST_TINY = {"base_model": "tiny", "lr": 3e-3, "batch_size": 8, "grad_accum": 1, "eval_batch_size": 8}
-"""Training options of the tiny LLaVA in tests: a random model needs a large step and small batches."""
+FAST_TINY = {"base_model": "tiny", "tiny_vision": "random", "lr": 3e-3, "batch_size": 8, "grad_accum": 1,
+             "eval_batch_size": 8}
+"""Training options of the tiny LLaVA in tests: a random model needs a large step and small batches. The
+tower stays random (no pretraining first): these tests check the fine-tuning machinery, not the tower;
+tests/test_mllm_tower.py and the demo test cover the pretrained one."""
 
 
 def tiny_model(folder: Path, mode: str = "full", training: bool = False):

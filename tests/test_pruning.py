@@ -243,3 +243,67 @@ def test_merge_strategy_through_the_tower(clip):
     assert [rows.shape[0] for rows in kept] == [12, 12]  # ceil(0.75 * 16): 10 dominant + 2 contextual
     assert all(sel.kept.numel() == 10 for sel in reducer.last)
     assert reducer.scorer.keys.shape == (2, 16, 32)
+
+
+@pytest.mark.parametrize("text", ["random", "inverse"])
+def test_baseline_strategies_parse_and_print_back(text):
+    spec = FilterSpec.parse(text)
+    assert str(spec) == text and spec.select == text and not spec.merge
+    assert FilterSpec.parse(str(FilterSpec.parse("feature+merge"))) == FilterSpec("feature", merge=True)
+
+
+@pytest.mark.parametrize("text", ["random+merge", "inverse+merge", "randomly"])
+def test_baselines_with_merge_or_misspelt_are_refused(text):
+    with pytest.raises(SentilensError, match="unknown filtering strategy|bad scoring layers"):
+        FilterSpec.parse(text)
+
+
+def test_inverse_keeps_the_lowest_scored_patches_of_the_eager_reference(clip):
+    sdpa, eager = clip
+    x = pixels(4)
+    reference = torch.stack([m[:, :, 0, 1:].mean(dim=1) for m in eager_maps(eager, x)]).mean(dim=0)
+    for ratio in (0.6, 0.25):
+        reducer = TokenFilter(sdpa, ratio, "inverse", vision_feature_layer=-2)
+        with torch.no_grad(), reducer.capture():
+            features = sdpa(x, output_hidden_states=True).hidden_states[-2][:, 1:]
+        kept = reducer(features, x)
+        k = math.ceil(ratio * 16)
+        for i, rows in enumerate(kept):
+            lowest = sorted(sorted(range(16), key=lambda j: reference[i, j].item())[:k])
+            assert reducer.last[i].kept.tolist() == lowest
+            assert torch.equal(rows, features[i, lowest])
+
+
+def test_random_keeps_a_seeded_draw_of_the_same_count_per_image_without_scoring(clip):
+    sdpa, _ = clip
+    x = pixels(5)
+    features = torch.randn(5, 16, 32, generator=torch.Generator().manual_seed(4))
+    runs = []
+    handle = sdpa.register_forward_hook(lambda *_: runs.append(1))
+    try:
+        kept = {}
+        for ratio in (0.75, 0.5, 0.25):
+            reducer = TokenFilter(sdpa, ratio, "random")
+            with reducer.capture():
+                rows = reducer(features, x)
+            kept[ratio] = [s.kept.tolist() for s in reducer.last]
+            k = math.ceil(ratio * 16)
+            for i, selection in enumerate(reducer.last):
+                assert len(set(kept[ratio][i])) == k and kept[ratio][i] == sorted(kept[ratio][i])
+                assert torch.equal(rows[i], features[i, selection.kept])
+            alone = TokenFilter(sdpa, ratio, "random")
+            alone(features[2:3], x[2:3])
+            assert alone.last[0].kept.tolist() == kept[ratio][2]  # the same draw alone as in a batch
+        assert not runs, "the random baseline ran the tower"
+    finally:
+        handle.remove()
+    for i in range(5):  # a smaller ratio keeps a subset of a larger one's patches
+        assert set(kept[0.25][i]) <= set(kept[0.5][i]) <= set(kept[0.75][i])
+    assert len({tuple(k) for k in kept[0.5]}) == 5  # different images, different draws
+    # over many images every patch is about equally likely to be kept
+    many = torch.randn(400, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    reducer = TokenFilter(sdpa, 0.25, "random")
+    reducer(torch.zeros(400, 16, 32), many)
+    counts = torch.bincount(torch.cat([s.kept for s in reducer.last]), minlength=16).float()
+    assert counts.sum() == 400 * 4
+    assert (counts / 400).sub(0.25).abs().max() < 0.08

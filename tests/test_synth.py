@@ -153,17 +153,53 @@ def test_every_image_loads_and_no_two_are_the_same(synthetic):
     assert len({Path(p.image).read_bytes() for p in posts}) == N
 
 
-def test_image_sentiment_is_learnable_from_downsampled_pixels(synthetic):
-    """An independent check that the image cue is strong and global: a linear model on 8x8 thumbnails."""
+def test_every_image_records_its_cue_box_and_backdrop(synthetic):
     _, _, manifest = synthetic
+    posts = all_posts(manifest)
+    paddings = Counter()
+    for p in posts:
+        x0, y0, x1, y1 = p.meta["cue_box"]
+        side = x1 - x0
+        assert y1 - y0 == side and 0 <= x0 and 0 <= y0 and x1 <= 128 and y1 <= 128
+        assert round(128 * 0.36) <= side <= round(128 * 0.58)  # 13-34 % of the frame
+        layout = p.meta["layout"]
+        paddings[layout["padding"]] += 1
+        width = layout["padding_px"]
+        if layout["padding"] in ("bars_horizontal", "border"):  # the box never overlaps the bars
+            assert width <= y0 and y1 <= 128 - width
+        if layout["padding"] in ("bars_vertical", "border"):
+            assert width <= x0 and x1 <= 128 - width
+        assert layout["backdrop"] in synth.BACKDROPS
+    assert set(paddings) == set(synth.PADDINGS) and min(paddings.values()) >= N / 8
 
-    def features(posts):
-        return np.stack([np.asarray(load_image(p.image).resize((8, 8)), dtype=float).ravel() / 255 for p in posts])
 
+def thumbnails(posts, crop: bool):
+    """8 x 8 thumbnails of the cue box alone (``crop``) or of the frame with the box blacked out."""
+    rows = []
+    for p in posts:
+        image = load_image(p.image)
+        box = tuple(p.meta["cue_box"])
+        if crop:
+            image = image.crop(box)
+        else:
+            image = image.copy()
+            image.paste((0, 0, 0), box)
+        rows.append(np.asarray(image.resize((8, 8)), dtype=float).ravel() / 255)
+    return np.stack(rows)
+
+
+def test_the_image_cue_lies_in_the_box_and_the_background_says_nothing(synthetic):
+    """Independent checks with a linear model on 8x8 thumbnails: the box alone shows the image sentiment,
+    the frame around it (box blacked out) does no better than answering the most frequent sentiment."""
+    _, _, manifest = synthetic
     train, held_out = manifest["train"], manifest["val"] + manifest["test"]
-    clf = LogisticRegression(max_iter=2000).fit(features(train), [p.meta["image_sentiment"] for p in train])
-    accuracy = clf.score(features(held_out), [p.meta["image_sentiment"] for p in held_out])
-    assert accuracy >= 0.9
+    target = [p.meta["image_sentiment"] for p in train]
+    truth = [p.meta["image_sentiment"] for p in held_out]
+    box = LogisticRegression(max_iter=2000).fit(thumbnails(train, crop=True), target)
+    assert box.score(thumbnails(held_out, crop=True), truth) >= 0.9
+    majority = max(Counter(truth).values()) / len(truth)
+    frame = LogisticRegression(max_iter=2000).fit(thumbnails(train, crop=False), target)
+    assert frame.score(thumbnails(held_out, crop=False), truth) <= majority + 0.08
 
 
 def test_text_sentiment_is_learnable_but_sarcasm_is_not_visible_in_text(synthetic):

@@ -321,6 +321,11 @@ def train_mllm_cmd(
     train_keep_ratio: Annotated[float | None, typer.Option(
         "--train-keep-ratio", help="Also filter visual tokens in training and on val (the paper filters at "
                                    "inference only).")] = None,
+    tiny_vision: Annotated[str | None, typer.Option(
+        "--tiny-vision", help="--model tiny: 'pretrained' (default; the tower is pretrained on synthetic images "
+                              "first and cached) or 'random'.")] = None,
+    cache: Annotated[Path | None, typer.Option(
+        "--cache", help="Pretrained-tower cache folder (default ~/.cache/sentilens/towers).")] = None,
     seed: SeedOpt = None,
     resume: Annotated[bool | None, typer.Option("--resume/--no-resume", help="Continue the run in --out after its "
                                                 "last epoch.")] = None,
@@ -336,7 +341,7 @@ def train_mllm_cmd(
     options = {"data": data, "out": out_dir, "base_model": model, "mode": mode, "epochs": epochs, "lr": lr,
                "batch_size": batch_size, "grad_accum": grad_accum, "max_length": max_length, "task": task,
                "gradient_checkpointing": gradient_checkpointing, "seed": seed, "resume": resume,
-               "train_keep_ratio": train_keep_ratio,
+               "train_keep_ratio": train_keep_ratio, "tiny_vision": tiny_vision, "cache": cache,
                "lora": None if lora_r is None else {"r": lora_r, "alpha": 2 * lora_r}}
     summary = train_mllm(mllm_train_config(options, recipe))
     if not is_main_process():
@@ -426,7 +431,9 @@ def predict_cmd(
 StrategyOpt = Annotated[str, typer.Option(
     "--strategy", help="Token filtering: all (the paper: CLS attention averaged over all layers), feature (the "
                        "layer LLaVA reads, as FasterVLM), last, or a layer slice A:B; add +merge to merge the "
-                       "dropped patches into contextual tokens (VisionZip-style). sweep takes a comma list.")]
+                       "dropped patches into contextual tokens (VisionZip-style); baselines: random (a seeded "
+                       "uniform draw of the same count), inverse (the lowest-scored patches). sweep takes a comma "
+                       "list.")]
 
 
 @app.command("sweep")
@@ -454,14 +461,16 @@ def sweep_cmd(
         emit(result, True)
         return
     table = Table(title=f"{run} on {split}: visual token filtering ({result['n']} posts)")
-    for col in ("strategy", "ratio", "kept tokens", "accuracy", "weighted F1", "ms / post", "speedup"):
+    for col in ("strategy", "ratio", "kept tokens", "accuracy", "weighted F1", "ms / post", "speedup",
+                "FLOP-ideal"):
         table.add_column(col, justify="left" if col == "strategy" else "right")
     for row in result["rows"]:
         table.add_row(row["strategy"], f"{row['ratio']:g}", f"{row['kept_tokens']}/{row['image_tokens']}",
                       with_interval(row["accuracy"], row.get("accuracy_ci")),
                       with_interval(row["weighted_f1"], row.get("weighted_f1_ci")), f"{row['latency_ms_per_post']:.1f}",
-                      f"{row['speedup']:.2f}x")
+                      f"{row['speedup']:.2f}x", f"{row['ideal_speedup']:.2f}x")
     out.print(table)
+    out.print(f"the language model does {result['language_model_flop_share']:.0%} of the FLOPs at r = 1")
     out.print(f"written to {json_path} and {plot_path}")
 
 

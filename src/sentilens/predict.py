@@ -145,13 +145,22 @@ def check_keep_ratio(keep_ratio: float | None) -> None:
         raise SentilensError(f"keep ratio must be in (0, 1], got {keep_ratio}")
 
 
-def evaluate(predictor: Predictor, posts: Sequence[Post], keep_ratio: float | None = None) -> dict:
-    """Metrics of ``predictor`` on labelled ``posts`` (the shared body of ``eval`` and ``sweep``)."""
+def check_labelled(posts: Sequence[Post]) -> None:
     unlabelled = [p.id for p in posts if p.label is None]
     if unlabelled:
         raise SentilensError(f"{len(unlabelled)} posts have no label (first: {unlabelled[0]})")
+
+
+def evaluate(predictor: Predictor, posts: Sequence[Post], keep_ratio: float | None = None) -> dict:
+    """Metrics of ``predictor`` on labelled ``posts`` (the shared body of ``eval`` and ``sweep``)."""
+    check_labelled(posts)
     predictions = predict_sharded(lambda shard: predictor.predict(shard, keep_ratio=keep_ratio), posts)
-    metrics = classification_metrics([p.label for p in posts], [p.label for p in predictions], predictor.labels)
+    return prediction_metrics(posts, predictions, predictor.labels)
+
+
+def prediction_metrics(posts: Sequence[Post], predictions: Sequence[Prediction], labels: Sequence[str]) -> dict:
+    """Metrics of ``predictions`` against the labels of ``posts``, with the kept-token mean and unparsable count."""
+    metrics = classification_metrics([p.label for p in posts], [p.label for p in predictions], list(labels))
     kept = [p.kept_tokens for p in predictions if p.kept_tokens is not None]
     if kept:
         metrics["mean_kept_tokens"] = sum(kept) / len(kept)

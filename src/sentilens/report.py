@@ -73,7 +73,7 @@ def ablation_section(ablation: dict) -> str:
 
 
 def sweep_section(sweep: dict, plot: Path | None, out_dir: Path) -> str:
-    """The LLaVA paper's Table 4 layout for one run, with the paper's speedups beside ours."""
+    """The LLaVA paper's Table 4 layout for one run: measured and FLOP-ideal speedups, the paper's beside them."""
     paper = {round(float(row["ratio"]), 2): row["speedup"] for row in sweep.get("paper_table4", [])}
     rows = []
     for row in sweep["rows"]:
@@ -81,16 +81,40 @@ def sweep_section(sweep: dict, plot: Path | None, out_dir: Path) -> str:
         rows.append([row["ratio"], row.get("strategy", ""), row["kept_tokens"],
                      with_interval(row["accuracy"], row.get("accuracy_ci")),
                      with_interval(row["weighted_f1"], row.get("weighted_f1_ci")),
-                     row["latency_ms_per_post"], row["speedup"], "" if paper_speedup is None else paper_speedup])
-    text = ("## Token filtering\n\nLayout of the LLaVA paper's Table 4: visual tokens kept by CLS attention at "
-            "each retention ratio, per scoring strategy (`all`: the paper's mean over every ViT layer; `feature`: "
-            "LLaVA's feature layer only; `+merge`: dropped patches merged into context tokens). The last column is "
-            "the paper's number (LLaVA-1.5-7B on a GPU), not ours.\n\n"
+                     row["latency_ms_per_post"], row["speedup"], row.get("ideal_speedup", ""),
+                     "" if paper_speedup is None else paper_speedup])
+    text = ("## Token filtering\n\nLayout of the LLaVA paper's Table 4: visual tokens kept at each retention ratio, "
+            "per strategy (`all`: the paper's CLS attention averaged over every ViT layer; `feature`: LLaVA's feature "
+            "layer only; `+merge`: dropped patches merged into context tokens; baselines `random`: a seeded uniform "
+            "draw of the same count, `inverse`: the lowest-scored patches). Speedup is measured against r = 1 of the "
+            "same strategy; FLOP-ideal is what the same token counts would give if time followed arithmetic. The last "
+            "column is the paper's number (LLaVA-1.5-7B on a GPU), not ours.\n\n"
             + markdown_table(["ratio", "strategy", "kept tokens", "accuracy", "weighted F1", "latency ms/post",
-                              "speedup", "paper's speedup"], rows) + "\n")
+                              "speedup", "FLOP-ideal speedup", "paper's speedup"], rows) + "\n")
+    share, timing = sweep.get("language_model_flop_share"), sweep.get("timing")
+    if share is not None:
+        text += (f"\nThe language model does {share:.0%} of this model's FLOPs at r = 1 (in LLaVA-1.5-7B it does "
+                 "about 95 %): only that part shrinks with fewer visual tokens.")
+    if timing:
+        before, after = timing["load_average_before"][0], timing["load_average_after"][0]
+        text += (f" Timed on {timing['threads']} thread(s), batches of {timing['batch_size']}, {sweep['repeats']} "
+                 f"interleaved passes (median); 1-minute load average {before:.1f} before, {after:.1f} after.")
+    if share is not None or timing:
+        text += "\n"
     if plot is not None and plot.is_file():
         text += f"\n![retention sweep]({os.path.relpath(plot, out_dir)})\n"
     return text
+
+
+def cue_section(cue: dict) -> str:
+    """Where the CLS attention goes, measured: the score mass on the cue box over the box's share of the frame."""
+    return ("## Attention on the cue\n\nShare of the CLS-attention mass (mean over heads and all tower layers, the "
+            "filter's scores) that falls inside the box holding the image's cue, divided by the box's share of "
+            "the frame, averaged over the test images: 1 is what uniform attention gives, higher means the "
+            "filter's ranking favours the cue.\n\n"
+            + markdown_table(["images", "mass / area (mean)", "median", "min", "max"],
+                             [[cue["n"], cue["mass_over_area"], cue.get("median"), cue.get("min"), cue.get("max")]])
+            + "\n")
 
 
 def plot_confusion(metrics: dict, path: Path, title: str) -> Path:
@@ -126,19 +150,30 @@ def confusion_section(records: Sequence[dict], out_dir: Path) -> str:
 def heatmap_section(heatmaps: Sequence[dict], out_dir: Path) -> str:
     """Figure 3 style: each heatmap with its post text, true label and prediction."""
     text = "## CLS-attention heatmaps\n\nLeft: attention of the ViT's CLS token over the patches (mean over layers); " \
-           "right: the patches kept at the run's keep ratio.\n\n"
+           "right: the patches kept at the run's keep ratio; the cue box, where known, outlined in white.\n\n"
     for item in heatmaps:
+        on_cue = item.get("mass_over_area")
+        cue = "" if on_cue is None else f", attention mass / area on the cue box: {on_cue:.2f}"
         text += (f"**{item.get('id', '')}** — \"{item.get('text', '')}\" — true: {item.get('label', '?')}, "
-                 f"predicted: {item['predicted']}\n\n![heatmap]({os.path.relpath(item['path'], out_dir)})\n\n")
+                 f"predicted: {item['predicted']}{cue}\n\n![heatmap]({os.path.relpath(item['path'], out_dir)})\n\n")
     return text
 
 
-def environment_section(stage_seconds: dict[str, float] | None = None) -> str:
+def environment_section(stage_seconds: dict[str, float] | None = None, stage_record: dict | None = None) -> str:
+    """Versions and machine; per stage the wall time, and where recorded its CPU time and the load average."""
     env = environment()
     text = "## Environment\n\n" + markdown_table(["what", "value"], list(env.items())) + "\n"
     if stage_seconds:
-        rows = [[stage, f"{seconds:.1f}"] for stage, seconds in stage_seconds.items()]
-        text += "\nTime per stage (seconds):\n\n" + markdown_table(["stage", "seconds"], rows) + "\n"
+        record = stage_record or {}
+        rows = []
+        for stage, seconds in stage_seconds.items():
+            extra = record.get(stage, {})
+            cpu, load = extra.get("cpu_seconds"), extra.get("load_average")
+            rows.append([stage, f"{seconds:.1f}", "" if cpu is None else f"{cpu:.1f}",
+                         "" if load is None else f"{load[0]:.1f} -> {load[1]:.1f}"])
+        text += ("\nTime per stage (wall and CPU seconds of this process, all its threads; the 1-minute load "
+                 "average at the stage's start and end, to tell a shared machine's slow spell):\n\n"
+                 + markdown_table(["stage", "wall s", "CPU s", "load average"], rows) + "\n")
     return text
 
 
@@ -150,6 +185,8 @@ def build_report(
     ablation: dict | None = None,
     heatmaps: Sequence[dict] = (),
     stage_seconds: dict[str, float] | None = None,
+    stage_record: dict | None = None,
+    cue_attention: dict | None = None,
     split: str = "test",
     notes: str | None = None,
 ) -> Path:
@@ -175,11 +212,13 @@ def build_report(
             if plot.is_file():
                 plot = Path(shutil.copyfile(plot, out_dir / "plots" / f"sweep-{run_dir.name}.png"))
             parts.append(sweep_section(read_json(run_dir / "sweep.json"), plot, out_dir))
+    if cue_attention is not None:
+        parts.append(cue_section(cue_attention))
     if records:
         parts.append(confusion_section(records, out_dir))
     if heatmaps:
         parts.append(heatmap_section(heatmaps, out_dir))
-    parts.append(environment_section(stage_seconds))
+    parts.append(environment_section(stage_seconds, stage_record))
     path = out_dir / "report.md"
     path.write_text("\n".join(parts), encoding="utf-8")
     return path

@@ -35,13 +35,21 @@ share (:func:`modality_ceilings`):
 For a finite ``n`` the cell counts are rounded (largest remainder), so the ceilings of a
 generated set can differ from these by O(1/n); with n a multiple of 20 they are exact.
 
-Images (Pillow, ``image_size`` square PNG) carry a strong, mostly global cue, so that a frozen
-ImageNet CNN or even a random frozen ViT with a trained projector can read them: positive =
-a bright warm sky with a sun over hills, or a smiling yellow face; negative = a dark slate sky
-with storm clouds, rain and lightning, or a frowning grey face in the rain; neutral = one or
-two everyday objects (cup, box, chair, book, lamp) in muted colours on a grey-beige wall.
-Nuisance variation keeps classes from being single images: positions, sizes, colour jitter,
-smooth blotches and fine grain. The split is stratified per (kind, text, image) cell, 8:1:1,
+Images (Pillow, ``image_size`` square PNG) carry a strong but *local* cue, as real tweet images
+often do (a face, a sign or a photo inside a larger frame): the scene that shows the image's
+sentiment fills a square *cue box* of 36-58 % of the frame's side (13-34 % of its area), and
+everything around it is uninformative, drawn from one distribution whatever the label: a
+plain, gradient or striped backdrop of random colours, optionally cut by padding bars
+(top/bottom or left/right, black, white or grey, 6-20 % of the side each) or a border (3-10 %).
+The box is placed uniformly inside what the bars or border leave, and recorded in the row's
+``meta["cue_box"]`` as ``[x0, y0, x1, y1]`` pixels (x1, y1 exclusive), with the backdrop in
+``meta["layout"]``. So a filter that keeps the patches the cue is in loses nothing, and one
+that keeps background loses the image. The scenes: positive = a bright warm sky with a sun over
+hills, or a smiling yellow face; negative = a dark slate sky with storm clouds, rain and
+lightning, or a frowning grey face in the rain; neutral = one or two everyday objects (cup,
+box, chair, book, lamp) in muted colours on a grey-beige wall. Nuisance variation keeps
+classes from being single images: positions, sizes, colour jitter, smooth blotches and fine
+grain over the whole frame. The split is stratified per (kind, text, image) cell, 8:1:1,
 so every split keeps the mix above and each class is split 8:1:1 (exactly when n is a multiple
 of 200). Same seed, same bytes: every image has its own seed derived from the set's seed and
 its index, and PNG encoding is deterministic.
@@ -314,11 +322,80 @@ def _lamp(draw: ImageDraw.ImageDraw, cx: float, floor: float, s: float, color: C
 _OBJECTS = {"cup": _cup, "box": _box, "chair": _chair, "book": _book, "lamp": _lamp}
 _SCENES = {"positive": _positive_scene, "negative": _negative_scene, "neutral": _neutral_scene}
 
+SCENE_CLASSES = ("sunny", "smile", "storm", "frown", "objects")
+"""What a cue box shows: two positive scenes, two negative ones, and the neutral everyday objects."""
 
-def synth_image(sentiment: str, size: int, seed: int) -> tuple[Image.Image, str]:
-    """Draw one image showing ``sentiment``; returns the image and the scene name."""
+
+def scene_class(scene: str) -> str:
+    """The class of a scene name as :func:`synth_image` returns it (``"cup+lamp"`` is ``"objects"``)."""
+    return scene if scene in SCENE_CLASSES else "objects"
+
+
+CUE_BOX_SIDE = (0.36, 0.58)
+"""The cue box's side as a fraction of the frame's side (13-34 % of the area)."""
+BACKDROPS = ("plain", "gradient", "stripes")
+PADDINGS = ("none", "bars_horizontal", "bars_vertical", "border")
+BAR_SIDE = (0.06, 0.20)
+BORDER_SIDE = (0.03, 0.10)
+
+
+def _random_color(rng: random.Random) -> Color:
+    return (rng.randint(0, 255), rng.randint(0, 255), rng.randint(0, 255))
+
+
+def _backdrop(size: int, rng: random.Random) -> tuple[Image.Image, dict, tuple[int, int, int, int]]:
+    """The uninformative frame around the cue: ``(image, layout, free area [x0, y0, x1, y1])``.
+
+    Nothing here depends on the label: every colour, the backdrop kind, the padding and its
+    width are drawn from the same distribution for every image.
+    """
+    kind = rng.choice(BACKDROPS)
+    first, second = _random_color(rng), _random_color(rng)
+    if kind == "plain":
+        img = Image.new("RGB", (size, size), first)
+    elif kind == "gradient":
+        img = _gradient(size, first, second)
+        if rng.random() < 0.5:
+            img = img.transpose(Image.Transpose.ROTATE_90)
+    else:  # low-contrast wallpaper stripes
+        img = Image.new("RGB", (size, size), first)
+        draw = ImageDraw.Draw(img)
+        stripe = tuple((2 * a + b) // 3 for a, b in zip(first, second, strict=True))
+        period = max(4, round(size * rng.uniform(0.06, 0.14)))
+        vertical = rng.random() < 0.5
+        for at in range(0, size, period):
+            box = (at, 0, at + period // 2 - 1, size) if vertical else (0, at, size, at + period // 2 - 1)
+            draw.rectangle(box, fill=stripe)
+    padding = rng.choice(PADDINGS)
+    free = [0, 0, size, size]
+    layout = {"backdrop": kind, "padding": padding, "padding_px": 0}
+    if padding != "none":
+        color = rng.choice([(0, 0, 0), (255, 255, 255), _jitter((128, 128, 128), rng, 40)])
+        share = BORDER_SIDE if padding == "border" else BAR_SIDE
+        width = max(1, round(size * rng.uniform(*share)))
+        layout["padding_px"] = width
+        draw = ImageDraw.Draw(img)
+        if padding in ("bars_horizontal", "border"):
+            draw.rectangle((0, 0, size, width - 1), fill=color)
+            draw.rectangle((0, size - width, size, size), fill=color)
+            free[1], free[3] = width, size - width
+        if padding in ("bars_vertical", "border"):
+            draw.rectangle((0, 0, width - 1, size), fill=color)
+            draw.rectangle((size - width, 0, size, size), fill=color)
+            free[0], free[2] = width, size - width
+    return img, layout, (free[0], free[1], free[2], free[3])
+
+
+def synth_image(sentiment: str, size: int, seed: int) -> tuple[Image.Image, str, list[int], dict]:
+    """Draw one image whose cue box shows ``sentiment``; returns the image, the scene name, the
+    cue box ``[x0, y0, x1, y1]`` (pixels, end exclusive) and the backdrop's layout."""
     rng = random.Random(seed)
-    img, scene = _SCENES[sentiment](size, rng)
+    img, layout, (fx0, fy0, fx1, fy1) = _backdrop(size, rng)
+    side = min(round(size * rng.uniform(*CUE_BOX_SIDE)), fx1 - fx0, fy1 - fy0)
+    side = max(side, min(8, size))
+    x0, y0 = rng.randint(fx0, fx1 - side), rng.randint(fy0, fy1 - side)
+    scene_img, scene = _SCENES[sentiment](side, rng)
+    img.paste(scene_img, (x0, y0))
     noise_rng = np.random.default_rng(seed)
     coarse = max(2, size // 16)
     blotches = noise_rng.normal(0.0, 6.0, (coarse, coarse, 3))
@@ -327,7 +404,8 @@ def synth_image(sentiment: str, size: int, seed: int) -> tuple[Image.Image, str]
     grain = noise_rng.integers(-2, 3, (size, size, 3))
     gain = noise_rng.uniform(0.95, 1.05, 3)
     pixels = np.asarray(img, dtype=float) * gain + blotches + grain
-    return Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8), "RGB"), scene
+    image = Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8), "RGB")
+    return image, scene, [x0, y0, x0 + side, y0 + side], layout
 
 
 # ----------------------------------------------------------------------------- the set
@@ -359,11 +437,11 @@ def make_synthetic(out_dir: str | Path, n: int = 600, seed: int = 0, image_size:
     width = max(5, len(str(n - 1)))
     for i, cell in enumerate(plan):
         post_id = f"synth-{i:0{width}d}"
-        image, scene = synth_image(cell.image_sentiment, image_size, seed * 1_000_003 + i)
+        image, scene, box, layout = synth_image(cell.image_sentiment, image_size, seed * 1_000_003 + i)
         path = image_dir / f"{post_id}.png"
         image.save(path, format="PNG", compress_level=3)
         meta = {"kind": cell.kind, "text_sentiment": cell.text_sentiment, "image_sentiment": cell.image_sentiment,
-                "scene": scene}
+                "scene": scene, "cue_box": box, "layout": layout}
         by_cell[cell].append(Post(post_id, synth_text(cell.text_sentiment, rng), str(path), cell.label, meta))
     splits: dict[str, list[Post]] = {split: [] for split in SPLITS}
     for cell, _ in counts:

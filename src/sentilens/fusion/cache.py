@@ -11,7 +11,6 @@ same float32 values bit for bit. A file that cannot be read is treated as a miss
 from __future__ import annotations
 
 import hashlib
-import os
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from pathlib import Path
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from sentilens.cache import cache_root
 from sentilens.data.images import load_image
 from sentilens.data.records import Post
 from sentilens.fusion.encoders import Features, ImageEncoder, TextEncoder
@@ -30,10 +30,8 @@ ENCODE_BATCH = 16
 
 
 def default_cache_dir() -> Path:
-    """``$SENTILENS_CACHE``, else ``$XDG_CACHE_HOME/sentilens``, else ``~/.cache/sentilens``; then ``fusion``."""
-    root = os.environ.get("SENTILENS_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") \
-        / "sentilens"
-    return Path(root) / "fusion"
+    """``fusion`` under :func:`sentilens.cache.cache_root`."""
+    return cache_root() / "fusion"
 
 
 class FeatureCache:

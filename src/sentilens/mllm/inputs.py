@@ -198,5 +198,10 @@ def make_batch(builder, posts: Sequence, with_targets: bool = False) -> MllmBatc
         index.append(len(images) if has_image else None)
         if has_image:
             images.append(load_image(post.image))
-    pixels = builder.processor.image_processor(images, return_tensors="pt")["pixel_values"] if images else None
+    pixels = preprocess_images(builder, images) if images else None
     return MllmBatch(token_ids, pixels, index, targets if with_targets else None)
+
+
+def preprocess_images(builder, images: Sequence) -> Tensor:
+    """``(B, 3, S, S)`` pixel values of PIL images, by the checkpoint's own image processor."""
+    return builder.processor.image_processor(list(images), return_tensors="pt")["pixel_values"]

@@ -59,22 +59,43 @@ class TinySpec(BaseModel):
     vocab_size: int = 1024
 
 
-def build_tiny(out_dir: str | Path, corpus: Iterable[str] = (), seed: int = 0, spec: TinySpec | None = None) -> Path:
-    """Write a small random LLaVA checkpoint + processor to ``out_dir`` (loadable by :func:`load_checkpoint`).
+def tiny_vision_config(spec: TinySpec):
+    """The tiny LLaVA's CLIP vision tower: a ViT with a CLS token, ``(image_size / patch_size)^2`` patches."""
+    from transformers import CLIPVisionConfig
+
+    return CLIPVisionConfig(hidden_size=spec.vision_hidden, intermediate_size=4 * spec.vision_hidden,
+                            num_hidden_layers=spec.vision_layers, num_attention_heads=spec.vision_heads,
+                            image_size=spec.image_size, patch_size=spec.patch_size,
+                            projection_dim=spec.vision_hidden)
+
+
+def tiny_image_processor(spec: TinySpec):
+    """CLIP preprocessing at the tiny tower's size: shortest edge resized, centre crop, CLIP mean/std."""
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    size = spec.image_size
+    return CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+
+
+def build_tiny(out_dir: str | Path, corpus: Iterable[str] = (), seed: int = 0, spec: TinySpec | None = None,
+               vision_tower: str | Path | None = None) -> Path:
+    """Write a small LLaVA checkpoint + processor to ``out_dir`` (loadable by :func:`load_checkpoint`).
 
     The tokenizer is a byte-level BPE trained on the instruction strings plus ``corpus`` (e.g. the
     training texts), so it encodes any text; ``<s>`` is prepended like Llama's tokenizer does.
+    Every weight is random, except the vision tower's when ``vision_tower`` names a saved
+    ``CLIPVisionModel`` of the spec's shape (:mod:`sentilens.mllm.tower` pretrains one), which is
+    loaded with ``from_pretrained`` and copied in, as LLaVA starts from a pretrained CLIP.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import (
-        CLIPVisionConfig,
+        CLIPVisionModel,
         LlamaConfig,
         LlavaConfig,
         LlavaForConditionalGeneration,
         LlavaProcessor,
         PreTrainedTokenizerFast,
     )
-    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
@@ -94,13 +115,10 @@ def build_tiny(out_dir: str | Path, corpus: Iterable[str] = (), seed: int = 0, s
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
                                         extra_special_tokens={"image_token": "<image>"}, model_max_length=4096)
     size = spec.image_size
-    image_processor = CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
-    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=spec.patch_size,
-                               vision_feature_select_strategy="default", num_additional_image_tokens=1,
-                               chat_template=LLAVA15_CHAT_TEMPLATE)
-    vision = CLIPVisionConfig(hidden_size=spec.vision_hidden, intermediate_size=4 * spec.vision_hidden,
-                              num_hidden_layers=spec.vision_layers, num_attention_heads=spec.vision_heads,
-                              image_size=size, patch_size=spec.patch_size, projection_dim=spec.vision_hidden)
+    processor = LlavaProcessor(image_processor=tiny_image_processor(spec), tokenizer=tokenizer,
+                               patch_size=spec.patch_size, vision_feature_select_strategy="default",
+                               num_additional_image_tokens=1, chat_template=LLAVA15_CHAT_TEMPLATE)
+    vision = tiny_vision_config(spec)
     text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=spec.text_hidden, intermediate_size=2 * spec.text_hidden,
                        num_hidden_layers=spec.text_layers, num_attention_heads=spec.text_heads,
                        num_key_value_heads=spec.text_kv_heads, max_position_embeddings=4096,
@@ -113,6 +131,15 @@ def build_tiny(out_dir: str | Path, corpus: Iterable[str] = (), seed: int = 0, s
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = LlavaForConditionalGeneration(config)
+    if vision_tower is not None:
+        pretrained = CLIPVisionModel.from_pretrained(str(vision_tower))
+        shape = ("hidden_size", "num_hidden_layers", "num_attention_heads", "image_size", "patch_size",
+                 "intermediate_size")
+        differs = [k for k in shape if getattr(vision, k) != getattr(pretrained.config, k, None)]
+        if differs:
+            raise SentilensError(f"the pretrained vision tower does not have the tiny model's shape "
+                                 f"({', '.join(differs)} differ)", vision_tower)
+        model.model.vision_tower.load_state_dict(pretrained.state_dict())
     model.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)
     return out_dir

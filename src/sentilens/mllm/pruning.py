@@ -37,13 +37,20 @@ spatial order) among the non-dominant patches, each remaining non-dominant patch
 whose key (from the feature layer's attention, heads concatenated) is most cosine-similar, and a
 contextual token is the mean of its group's features. They follow the dominant tokens, in their
 targets' spatial order. With ``k < 6`` there are no contextual tokens and merge equals discard.
+
+Baselines, to show what CLS attention buys over chance (the paper has none): ``random`` keeps a
+uniformly random set of the same ``ceil(r * N)`` patches (seeded by the image's pixels, so an
+image gets the same draw alone or in a batch, and a smaller ratio keeps a subset of a larger
+one's patches; no scoring pass is run), and ``inverse`` keeps the ``ceil(r * N)`` *lowest*-scored
+patches under the paper's all-layer CLS scores.
 """
 
 from __future__ import annotations
 
 import math
+import zlib
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -59,28 +66,41 @@ QUERY_CHUNK_ELEMENTS = 1 << 24
 
 NO_CLS_MODEL_TYPES = ("siglip_vision_model",)
 
+RANDOM_SEED = 0
+"""Seed of the ``random`` baseline, mixed with each image's pixel checksum."""
+
+BASELINES = ("random", "inverse")
+
 
 @dataclass(frozen=True)
 class FilterSpec:
-    """Which layers score the patches and what happens to the dropped ones.
+    """Which layers score the patches, which patches are kept, and what happens to the dropped ones.
 
     Parsed from ``LAYERS`` or ``LAYERS+merge``, where ``LAYERS`` is ``all`` (the paper),
-    ``feature`` (LLaVA's feature layer, FasterVLM), ``last``, ``A:B`` or ``K``.
+    ``feature`` (LLaVA's feature layer, FasterVLM), ``last``, ``A:B`` or ``K``; or from one of
+    the baselines ``random`` (a seeded uniform draw) and ``inverse`` (the lowest all-layer scores).
     """
 
     layers: str = "all"
     merge: bool = False
+    select: str = "top"
 
     @classmethod
     def parse(cls, text: str) -> FilterSpec:
-        layers, _, suffix = text.strip().partition("+")
-        if suffix not in ("", "merge"):
-            raise SentilensError(f"unknown filtering strategy '{text}': expected LAYERS or LAYERS+merge")
+        name = text.strip()
+        if name in BASELINES:
+            return cls(layers="all", select=name)
+        layers, _, suffix = name.partition("+")
+        if suffix not in ("", "merge") or layers in BASELINES:
+            raise SentilensError(f"unknown filtering strategy '{text}': expected LAYERS, LAYERS+merge, "
+                                 f"{' or '.join(BASELINES)}")
         spec = cls(layers=layers or "all", merge=suffix == "merge")
         spec.layer_indices(num_layers=1 << 20, vision_feature_layer=-2)  # syntax check only
         return spec
 
     def __str__(self) -> str:
+        if self.select != "top":
+            return self.select
         return self.layers + ("+merge" if self.merge else "")
 
     def layer_indices(self, num_layers: int, vision_feature_layer: int | Sequence[int] = -2) -> list[int]:
@@ -298,12 +318,23 @@ class Selection:
     scores: torch.Tensor
 
 
+def random_priorities(pixel_values: torch.Tensor, count: int) -> torch.Tensor:
+    """``(B, count)`` uniform draws, each image's seeded by ``RANDOM_SEED`` and a checksum of its pixels."""
+    rows = []
+    for image in pixel_values:
+        checksum = zlib.crc32(image.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+        generator = torch.Generator().manual_seed(RANDOM_SEED * (1 << 32) + checksum)
+        rows.append(torch.rand(count, generator=generator))
+    return torch.stack(rows)
+
+
 def reduce_image(features: torch.Tensor, scores: torch.Tensor, keep_ratio: float, keys: torch.Tensor | None = None,
-                 merge: bool = False) -> Selection:
-    """Filter one image's ``(N, Dv)`` features by its ``(N,)`` scores to ``ceil(r * N)`` tokens."""
+                 merge: bool = False, lowest: bool = False) -> Selection:
+    """Filter one image's ``(N, Dv)`` features by its ``(N,)`` scores to ``ceil(r * N)`` tokens
+    (the highest scores, or with ``lowest`` the lowest ones)."""
     total = keep_count(features.shape[0], keep_ratio)
     n_context = total // CONTEXT_SHARE if merge and total < features.shape[0] else 0
-    kept = top_patches(scores, total - n_context)
+    kept = top_patches(-scores if lowest else scores, total - n_context)
     reduced = features[kept]
     if n_context:
         reduced = torch.cat([reduced, merge_context(features, keys, kept, n_context)])
@@ -335,12 +366,16 @@ class TokenFilter:
 
     @contextmanager
     def capture(self, llava: nn.Module | None = None) -> Iterator[TokenFilter]:
-        """Score during the caller's own tower forward (no second tower pass)."""
-        with self.scorer.capture():
+        """Score during the caller's own tower forward (no second tower pass; none at all for ``random``)."""
+        with nullcontext() if self.spec.select == "random" else self.scorer.capture():
             yield self
 
     @torch.no_grad()
     def __call__(self, features: torch.Tensor, pixel_values: torch.Tensor) -> list[torch.Tensor]:
+        if self.spec.select == "random":
+            priorities = random_priorities(pixel_values, features.shape[1]).to(features.device)
+            self.last = [reduce_image(features[i], priorities[i], self.keep_ratio) for i in range(features.shape[0])]
+            return [selection.features for selection in self.last]
         scorer = self.scorer
         seen = scorer.pixel_values
         fresh = (scorer.scores is not None and seen is not None and seen.shape == pixel_values.shape
@@ -353,9 +388,10 @@ class TokenFilter:
             raise SentilensError(f"token filtering scores {scores.shape[1]} patches per image but the features have "
                                  f"{features.shape[1]} rows (a CLIP tower needs vision_feature_select_strategy "
                                  f"'default', which drops the CLS feature)")
+        lowest = self.spec.select == "inverse"
         self.last = [
             reduce_image(features[i], scores[i], self.keep_ratio,
-                         None if scorer.keys is None else scorer.keys[i], self.spec.merge)
+                         None if scorer.keys is None else scorer.keys[i], self.spec.merge, lowest)
             for i in range(features.shape[0])
         ]
         return [selection.features for selection in self.last]

@@ -2,26 +2,36 @@
 
 For each filtering strategy and each keep ratio ``r``, the run predicts the split with only
 ``ceil(r * N)`` visual tokens per image (:mod:`sentilens.mllm.pruning`), through the shared
-predictor and :func:`sentilens.predict.evaluate`; a row holds the ratio, the kept tokens,
-accuracy, weighted F1, the wall-clock latency per post and the speedup against ``r = 1`` of
-the same strategy (measured in the same process, so both share the machine's conditions;
-each ratio timed ``repeats`` times round-robin, its fastest pass kept).
-``r = 1`` is always measured, as the reference, and goes through the same filtering code
-(scoring included), so a speedup counts the scoring's cost too. Latency is the whole
-``predict`` call (image loading and preprocessing included) divided by the posts, after one
-warm-up batch. Results go to ``RUN/sweep.json`` and ``RUN/plots/sweep.png``.
+predictor; a row holds the ratio, the kept tokens, accuracy, weighted F1, the wall-clock
+latency per post, the measured speedup against ``r = 1`` of the same strategy, and beside it
+the FLOP-ideal speedup (:mod:`sentilens.mllm.flops`: what the same token counts would give if
+time followed arithmetic). ``r = 1`` is always measured, as the reference, and goes through the
+same filtering code (scoring included), so a speedup counts the scoring's cost too.
+
+Timing on a shared machine: every ratio of a strategy is timed on each batch of posts in turn
+(the order rotating from batch to batch), for ``repeats`` passes after one warm-up batch, so a
+slow spell of the machine hits every ratio alike; a pass's time for a ratio is the sum over its
+batches. The speedup is the median over passes of ``time(r = 1) / time(r)`` within the pass, the
+latency the median pass divided by the posts. Latency is the whole ``predict`` call (image
+loading and preprocessing included). Predictions are deterministic: the metrics come from the
+first pass. ``RUN/sweep.json`` also records the threads, the load average before and after, and
+the language model's share of the FLOPs at ``r = 1``; the plot goes to ``RUN/plots/sweep.png``.
 """
 
 from __future__ import annotations
 
+import os
+import statistics
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import torch
+
 from sentilens.data.records import Post
 from sentilens.errors import SentilensError
 from sentilens.mllm.pruning import FilterSpec, keep_count
-from sentilens.predict import Predictor, check_keep_ratio, evaluate
+from sentilens.predict import Predictor, check_keep_ratio, check_labelled, prediction_metrics
 from sentilens.runs import write_json
 
 DEFAULT_RATIOS = (1.0, 0.8, 0.6, 0.4, 0.2, 0.05)
@@ -59,12 +69,7 @@ def parse_strategies(text: str) -> list[FilterSpec]:
 
 def run_sweep(predictor: Predictor, posts: Sequence[Post], ratios: Sequence[float] = DEFAULT_RATIOS,
               strategies: Sequence[FilterSpec] = (FilterSpec(),), repeats: int = 3) -> dict:
-    """Table 4 rows for every strategy x ratio (``r = 1`` first, as each strategy's reference).
-
-    Each strategy's ratios are timed ``repeats`` times, round-robin (a slow spell of a shared
-    machine then hits every ratio alike), and a ratio's latency is its fastest pass; the
-    metrics come from the first pass (predictions are deterministic).
-    """
+    """Table 4 rows for every strategy x ratio (``r = 1`` first, as each strategy's reference)."""
     if not predictor.capabilities.supports_keep_ratio:
         raise SentilensError(f"a token-filtering sweep needs a run that filters visual tokens, this one is "
                              f"'{predictor.family}'")
@@ -72,34 +77,56 @@ def run_sweep(predictor: Predictor, posts: Sequence[Post], ratios: Sequence[floa
         raise SentilensError("the split has no posts to sweep over")
     if repeats < 1:
         raise SentilensError(f"--repeats must be at least 1, got {repeats}")
+    posts = list(posts)
+    check_labelled(posts)
     image_tokens = int(predictor.describe()["config"]["num_image_tokens"])
     ordered = [1.0] + [r for r in ratios if r != 1.0]
+    batch = max(1, int(getattr(predictor, "batch_size", 8)))
+    chunks = [posts[i:i + batch] for i in range(0, len(posts), batch)]
+    load_before = list(os.getloadavg())
     rows = []
+    flops_at_one = None
     base = predictor
     for spec in strategies:
         predictor = base.with_options(strategy=str(spec))
-        predictor.predict(list(posts[:1]), keep_ratio=1.0)  # warm-up: first-call allocations stay out of the timings
-        metrics: dict[float, dict] = {}
-        latency = dict.fromkeys(ordered, float("inf"))
-        for _ in range(repeats):
-            for ratio in ordered:
-                started = time.perf_counter()
-                if ratio in metrics:
-                    predictor.predict(posts, keep_ratio=ratio)
-                else:
-                    metrics[ratio] = evaluate(predictor, posts, keep_ratio=ratio)
-                latency[ratio] = min(latency[ratio], (time.perf_counter() - started) / len(posts))
+        for ratio in ordered:  # warm-up: first-call allocations of every shape stay out of the timings
+            predictor.predict(chunks[0], keep_ratio=ratio)
+        predictions: dict[float, list] = {ratio: [] for ratio in ordered}
+        seconds = {ratio: [0.0] * repeats for ratio in ordered}
+        turn = 0
+        for rep in range(repeats):
+            for chunk in chunks:
+                for ratio in ordered[turn % len(ordered):] + ordered[:turn % len(ordered)]:
+                    started = time.perf_counter()
+                    predicted = predictor.predict(chunk, keep_ratio=ratio)
+                    seconds[ratio][rep] += time.perf_counter() - started
+                    if rep == 0:
+                        predictions[ratio].extend(predicted)
+                turn += 1
+        flops = {ratio: predictor.flops_per_post(posts, keep_ratio=ratio) for ratio in ordered}
+        if flops_at_one is None:
+            flops_at_one = flops[1.0]
         for ratio in ordered:
+            metrics = prediction_metrics(posts, predictions[ratio], predictor.labels)
+            speedup = statistics.median(one / this for one, this in zip(seconds[1.0], seconds[ratio], strict=True))
+            ideal = flops[1.0]["total"] / flops[ratio]["total"]
             rows.append({
                 "strategy": str(spec), "ratio": ratio, "kept_tokens": keep_count(image_tokens, ratio),
-                "image_tokens": image_tokens, "accuracy": metrics[ratio]["accuracy"],
-                "weighted_f1": metrics[ratio]["weighted_f1"], "macro_f1": metrics[ratio]["macro_f1"],
-                "accuracy_ci": metrics[ratio]["accuracy_ci"], "weighted_f1_ci": metrics[ratio]["weighted_f1_ci"],
-                "latency_ms_per_post": 1000 * latency[ratio], "speedup": latency[1.0] / latency[ratio],
+                "image_tokens": image_tokens, "accuracy": metrics["accuracy"],
+                "weighted_f1": metrics["weighted_f1"], "macro_f1": metrics["macro_f1"],
+                "accuracy_ci": metrics["accuracy_ci"], "weighted_f1_ci": metrics["weighted_f1_ci"],
+                "latency_ms_per_post": 1000 * statistics.median(seconds[ratio]) / len(posts), "speedup": speedup,
+                "ideal_speedup": ideal, "speedup_of_ideal": speedup / ideal,
+                "gflops_per_post": flops[ratio]["total"] / 1e9,
                 "reference_run": ratio not in ratios,
             })
+    language = flops_at_one["language"] + flops_at_one["head"]
     return {"n": len(posts), "image_tokens": image_tokens, "strategies": [str(s) for s in strategies],
-            "ratios": list(ratios), "repeats": repeats, "rows": rows, "paper_table4": PAPER_TABLE4}
+            "ratios": list(ratios), "repeats": repeats, "rows": rows,
+            "flops_at_full": flops_at_one, "language_model_flop_share": language / flops_at_one["total"],
+            "timing": {"threads": torch.get_num_threads(), "load_average_before": load_before,
+                       "load_average_after": list(os.getloadavg()), "batch_size": batch},
+            "paper_table4": PAPER_TABLE4}
 
 
 def plot_sweep(result: dict, path: Path) -> Path:

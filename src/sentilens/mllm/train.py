@@ -27,8 +27,10 @@ gradient clipping at 1.0; LoRA runs default to lr 2e-4 (LLaVA-1.5's LoRA recipe)
 from __future__ import annotations
 
 import math
+import shutil
 import time
 from pathlib import Path
+from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -39,9 +41,19 @@ from sentilens.errors import SentilensError
 from sentilens.metrics import classification_metrics
 from sentilens.mllm.config import MllmRunConfig
 from sentilens.mllm.inputs import make_batch
-from sentilens.mllm.model import TINY, LoraSettings, MllmModel, Mode, build_tiny, num_image_tokens, prepare_model
+from sentilens.mllm.model import (
+    TINY,
+    LoraSettings,
+    MllmModel,
+    Mode,
+    TinySpec,
+    build_tiny,
+    num_image_tokens,
+    prepare_model,
+)
 from sentilens.mllm.prompt import PromptBuilder, PromptSettings, Task, infer_task
 from sentilens.mllm.scoring import predict_posts
+from sentilens.mllm.tower import TowerRecipe
 from sentilens.progress import progress_bar
 from sentilens.recipes import read_recipe
 from sentilens.runs import (
@@ -61,6 +73,7 @@ from sentilens.runs import (
 )
 
 BASE_DIR = "base-model"
+TOWER_REPORT = "vision_pretraining.json"
 
 
 class MllmTrainConfig(BaseModel):
@@ -88,6 +101,11 @@ class MllmTrainConfig(BaseModel):
     gradient_checkpointing: bool = False
     train_keep_ratio: float | None = Field(None, gt=0, le=1, description="also filter visual tokens in training "
                                            "and on val (None: the paper, which filters at inference only)")
+    tiny: TinySpec = Field(default_factory=TinySpec, description="shapes of --model tiny")
+    tiny_vision: Literal["pretrained", "random"] = Field(
+        "pretrained", description="--model tiny: pretrain its vision tower first (cached), or leave it random")
+    tiny_tower: TowerRecipe = Field(default_factory=TowerRecipe, description="how --model tiny pretrains its tower")
+    cache: Path | None = Field(None, description="pretrained-tower cache (default ~/.cache/sentilens/towers)")
     seed: int = 0
     resume: bool = False
 
@@ -295,12 +313,23 @@ def _stored_source(source: str) -> str:
 
 
 def _base_model(cfg: MllmTrainConfig, out: Path, posts: list[Post], accelerator) -> str:
-    """The checkpoint to fine-tune; ``tiny`` is built inside the run directory so the run is self-contained."""
+    """The checkpoint to fine-tune; ``tiny`` is built inside the run directory so the run is self-contained.
+
+    Its vision tower is pretrained first (:mod:`sentilens.mllm.tower`, cached across runs) unless
+    ``tiny_vision`` is ``random``; the tower's pretraining report is kept beside the checkpoint.
+    """
     if cfg.base_model != TINY:
         return cfg.base_model
     folder = out / BASE_DIR
     if accelerator.is_main_process and not (folder / "config.json").is_file():
-        build_tiny(folder, corpus=[p.text for p in posts], seed=cfg.seed)
+        tower = None
+        if cfg.tiny_vision == "pretrained":
+            from sentilens.mllm.tower import REPORT, pretrained_tower
+
+            tower = pretrained_tower(cfg.tiny, cfg.tiny_tower, cfg.cache)
+        build_tiny(folder, corpus=[p.text for p in posts], seed=cfg.seed, spec=cfg.tiny, vision_tower=tower)
+        if tower is not None:
+            shutil.copyfile(tower / REPORT, folder / TOWER_REPORT)
     accelerator.wait_for_everyone()
     return str(folder)
 

@@ -1,0 +1,50 @@
+"""Floating-point operations of one LLaVA prediction, from the checkpoint's config: the FLOP-ideal speedup.
+
+Filtering visual tokens shortens the language model's input and leaves the vision tower's work
+as it is, so the speedup it can bring is bounded by the share of the work the language model
+does on visual tokens. The *FLOP-ideal* speedup at keep ratio ``r`` is ``flops(N) / flops(k)``
+with ``k = ceil(r N)`` kept tokens: what the filter would give if time followed arithmetic
+exactly. A measured speedup near it says the implementation wastes nothing; far below it, that
+fixed costs (Python, small kernels, preprocessing) hide the saving.
+
+Counted (2 FLOPs per multiply-add): the vision tower (patch embedding; per layer the q, k, v
+and output projections, the MLP and both attention matmuls over all ``N + 1`` tokens), the CLS
+scores of the scored layers (one ``1 x T`` attention row per layer), the projector on the kept
+rows, and the language model on ``text + kept + answer`` positions (projections, gated MLP,
+attention), plus the LM head on the answer positions that label scoring reads. Norms, softmax
+and element-wise work are left out: they are a few percent, and the same at every ratio.
+"""
+
+from __future__ import annotations
+
+
+def prediction_flops(config, kept: int, text_tokens: int, answer_tokens: int, scored_layers: int = 0) -> dict:
+    """FLOPs of one post's prediction by a ``LlavaConfig``-shaped model, by part, and ``total``.
+
+    ``kept``: visual tokens reaching the language model (0 for a post without an image: the
+    tower does not run then); ``text_tokens``: the prompt's other tokens; ``answer_tokens``: the
+    label tokens scored after the prompt (all labels' answers, side by side).
+    """
+    vision_config, text_config = config.vision_config, config.text_config
+    parts = {"vision": 0.0, "scoring": 0.0, "projector": 0.0}
+    if kept:
+        patches = (vision_config.image_size // vision_config.patch_size) ** 2
+        tokens, d, mlp = patches + 1, vision_config.hidden_size, vision_config.intermediate_size
+        per_layer = 2 * tokens * (4 * d * d + 2 * d * mlp) + 4 * tokens * tokens * d
+        parts["vision"] = float(2 * patches * 3 * vision_config.patch_size ** 2 * d
+                                + vision_config.num_hidden_layers * per_layer)
+        parts["scoring"] = float(scored_layers * 2 * tokens * d)
+        layers = config.vision_feature_layer
+        feature_width = d * (1 if isinstance(layers, int) else len(layers))
+        h = text_config.hidden_size
+        parts["projector"] = float(2 * kept * (feature_width * h + h * h))
+    h = text_config.hidden_size
+    heads, kv_heads = text_config.num_attention_heads, text_config.num_key_value_heads or text_config.num_attention_heads
+    head_dim = getattr(text_config, "head_dim", None) or h // heads
+    positions = text_tokens + kept + answer_tokens
+    per_token = 2 * (2 * h * heads * head_dim + 2 * h * kv_heads * head_dim + 3 * h * text_config.intermediate_size)
+    parts["language"] = float(text_config.num_hidden_layers * (positions * per_token
+                                                               + 4 * positions * positions * heads * head_dim))
+    parts["head"] = float(2 * answer_tokens * h * text_config.vocab_size)
+    parts["total"] = sum(parts.values())
+    return parts
