@@ -11,8 +11,8 @@ import pytest
 pytestmark = pytest.mark.slow  # trains real models: left out of `make test-fast`, run by `make test`
 
 
-SECTIONS = ["## Data", "## Model comparison", "## Fusion ablation", "## Token filtering", "## Confusion matrices",
-            "## CLS-attention heatmaps", "## Environment"]
+SECTIONS = ["## Data", "## Model comparison", "## Fusion ablation", "## Token filtering", "## Attention on the cue",
+            "## Confusion matrices", "## CLS-attention heatmaps", "## Environment"]
 FUSION_ROWS = ["probe", "text-noprompt", "text", "image", "concat", "attention", "full"]
 
 
@@ -55,18 +55,37 @@ def test_report_has_every_section_and_tables_in_range(demo):
     ablation = table_rows(report, "## Fusion ablation")
     assert [row[0] for row in ablation] == FUSION_ROWS
     sweep = table_rows(report, "## Token filtering")
-    assert [float(row[0]) for row in sweep] == [1.0, 0.6, 0.2]
+    assert [(float(row[0]), row[1]) for row in sweep] == [(r, s) for s in ("all", "random") for r in (1.0, 0.6, 0.2)]
     for row in comparison:
         assert all(0.0 <= point(v) <= 1.0 for v in row[2:5]), row
     for row in ablation:
         assert all(0.0 <= point(v) <= 1.0 for v in row[2:4]), row
     for row in sweep:
         assert all(0.0 <= point(v) <= 1.0 for v in row[3:5]), row
-    # kept tokens follow ceil(r * N) of the tiny tower's 36 patches
-    assert [int(row[2]) for row in sweep] == [36, 22, 8]
+    # kept tokens follow ceil(r * N) of the demo tower's 12 x 12 = 144 patches, for the filter and its baseline
+    assert [int(row[2]) for row in sweep] == [144, 87, 29] * 2
+    assert "What it cannot show" in report and "no real LLaVA weights" in report
     # the full fusion model must beat both single-modality rows (the set's ceilings: 55 % / 70 %)
     accuracy = {row[0]: point(row[2]) for row in ablation}
     assert accuracy["full"] > max(accuracy["text"], accuracy["image"])
+
+
+def test_the_filter_beats_chance_because_the_tower_looks_at_the_cue(demo):
+    """The paper's finding at smoke size: CLS attention sits on the cue box, so at the smallest ratio the
+    filter keeps accuracy a random choice of as many patches loses."""
+    out, _ = demo
+    cue = json.loads((out / "attention_on_cue.json").read_text())
+    test_rows = [json.loads(line) for line in (out / "data" / "test.jsonl").read_text().splitlines()]
+    assert cue["n"] == sum(row["image"] is not None for row in test_rows)
+    assert cue["mass_over_area"] >= 1.5  # uniform attention gives 1
+    sweep = json.loads((out / "runs" / "llava-tiny" / "sweep.json").read_text())
+    accuracy = {(row["strategy"], row["ratio"]): row["accuracy"] for row in sweep["rows"]}
+    assert accuracy[("all", 0.2)] > accuracy[("random", 0.2)]
+    assert accuracy[("all", 1.0)] == accuracy[("random", 1.0)]  # r = 1 keeps every patch either way
+    assert all(row["ideal_speedup"] >= 1.0 for row in sweep["rows"])
+    assert 0.5 < sweep["language_model_flop_share"] < 1.0
+    report = (out / "report.md").read_text()
+    assert f"{cue['mass_over_area']:.4f}" in report
 
 
 def test_plots_exist_as_non_trivial_pngs(demo):
@@ -85,10 +104,12 @@ def test_second_run_reuses_every_stage_and_a_lost_output_is_rebuilt(demo):
     out, first = demo
     assert first["reused"] == []
     weights = out / "runs" / "llava-tiny" / "model.safetensors"
-    stamp = weights.stat().st_mtime_ns
+    towers = list((out / "cache" / "towers").glob("*/pretraining.json"))
+    assert len(towers) == 1
+    stamps = [path.stat().st_mtime_ns for path in (weights, towers[0])]
     second = run_demo(out)
     assert second["reused"] == list(first["stage_seconds"])
-    assert weights.stat().st_mtime_ns == stamp
+    assert [path.stat().st_mtime_ns for path in (weights, towers[0])] == stamps
     (out / "runs" / "llava-tiny" / "sweep.json").unlink()
     third = run_demo(out)
     assert "token-filtering sweep" not in third["reused"]

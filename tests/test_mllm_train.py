@@ -189,7 +189,8 @@ def test_two_process_cpu_accelerate_run(manifest, fit_run, tmp_path):
     out = tmp_path / "ddp"
     done = accelerate("--cpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
                       "--dynamo_backend", "no", "-m", "sentilens", "train", "mllm", "--data", str(manifest),
-                      "--out", str(out), "--model", "tiny", "--tiny-vision", "random", "--epochs", "2", "--batch-size", "4", "--grad-accum", "2",
+                      "--out", str(out), "--model", "tiny", "--tiny-vision", "random", "--epochs", "2",
+                      "--batch-size", "4", "--grad-accum", "2",
                       "--lr", "3e-3", "--json", cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads(done.stdout)

@@ -39,7 +39,8 @@ def prediction_flops(config, kept: int, text_tokens: int, answer_tokens: int, sc
         h = text_config.hidden_size
         parts["projector"] = float(2 * kept * (feature_width * h + h * h))
     h = text_config.hidden_size
-    heads, kv_heads = text_config.num_attention_heads, text_config.num_key_value_heads or text_config.num_attention_heads
+    heads = text_config.num_attention_heads
+    kv_heads = text_config.num_key_value_heads or heads
     head_dim = getattr(text_config, "head_dim", None) or h // heads
     positions = text_tokens + kept + answer_tokens
     per_token = 2 * (2 * h * heads * head_dim + 2 * h * kv_heads * head_dim + 3 * h * text_config.intermediate_size)
