@@ -38,10 +38,12 @@ def manifest(data_dir):
 
 @pytest.fixture(scope="module")
 def fit_run(data_dir, tmp_path_factory):
-    """20 epochs on 32 posts with no val split: the last epoch is kept."""
+    """30 epochs on 32 posts with no val split: the last epoch is kept. (The images' cue is a box of 13-34 %
+    of the frame, which a random tower reads less easily than the full-frame scenes of before: 20 epochs
+    fitted 28 of 32.)"""
     data = small_manifest(data_dir, n_val=0)
     out = tmp_path_factory.mktemp("runs") / "fit"
-    train_mllm(mllm_train_config({"data": data, "out": out, "epochs": 20, **FAST_TINY, "lr": 5e-3}))
+    train_mllm(mllm_train_config({"data": data, "out": out, "epochs": 30, **FAST_TINY, "lr": 5e-3}))
     return out, data
 
 
@@ -71,7 +73,7 @@ def test_tiny_model_fits_32_synthetic_posts(fit_run):
     metrics = evaluate(load_predictor(out), train)
     assert metrics["accuracy"] >= 0.95
     assert metrics["mean_kept_tokens"] == 36
-    assert load_config(out)["best_epoch"] == 20 and not (out / "metrics-val.json").exists()
+    assert load_config(out)["best_epoch"] == 30 and not (out / "metrics-val.json").exists()
 
 
 def test_label_scoring_agrees_with_greedy_generation(fit_run):
