@@ -13,7 +13,7 @@ from sentilens.errors import SentilensError
 from sentilens.mllm import tower as tower_module
 from sentilens.mllm.model import TinySpec, build_tiny, load_checkpoint, tiny_image_processor
 from sentilens.mllm.tower import REPORT, TowerRecipe, corpus_pixels, pretrained_tower, tower_key
-from sentilens.mllm.train import TOWER_REPORT, make_config, train_mllm
+from sentilens.mllm.train import TOWER_REPORT, mllm_train_config, train_mllm
 from sentilens.runs import read_json
 
 SPEC = TinySpec()  # 96 px, 16 px patches: a 6 x 6 grid
@@ -70,7 +70,7 @@ def test_fine_tuning_starts_from_the_cached_tower_and_keeps_it_frozen(quick_towe
     data = small_manifest(tmp_path / "data", n_train=8, n_val=4, n_test=4)
     monkeypatch.setattr(tower_module, "pretrain_tower", lambda *_: pytest.fail("the cached tower was not reused"))
     options = {**FAST_TINY, "tiny_vision": "pretrained", "tiny_tower": QUICK.model_dump(), "cache": cache}
-    train_mllm(make_config({"data": data, "out": tmp_path / "run", "epochs": 1, **options}))
+    train_mllm(mllm_train_config({"data": data, "out": tmp_path / "run", "epochs": 1, **options}))
     assert read_json(tmp_path / "run" / "base-model" / TOWER_REPORT)["key"] == folder.name
     from sentilens.predict import load_predictor
 
