@@ -7,7 +7,13 @@ import numpy as np
 import pytest
 from sklearn.metrics import accuracy_score, f1_score
 
-from sentilens.metrics import BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, classification_metrics, positive_label
+from sentilens.metrics import (
+    BOOTSTRAP_RESAMPLES,
+    BOOTSTRAP_SEED,
+    classification_metrics,
+    paired_difference_interval,
+    positive_label,
+)
 
 LABELS = ["positive", "neutral", "negative"]
 
@@ -104,3 +110,18 @@ def test_perfect_predictions_have_a_point_interval():
     y = ["positive", "neutral", "negative"] * 10
     m = classification_metrics(y, y, LABELS)
     assert m["accuracy_ci"] == [1.0, 1.0] and m["weighted_f1_ci"] == [1.0, 1.0]
+
+
+def test_paired_difference_interval_matches_scikit_learn_on_the_same_resamples():
+    y_true, better = _random_predictions(120, seed=5)
+    rng = random.Random(6)
+    worse = [t if rng.random() < 0.5 else rng.choice(LABELS) for t in y_true]
+    diff = paired_difference_interval(y_true, better, worse, LABELS, resamples=200)
+    draws = np.random.default_rng(BOOTSTRAP_SEED).integers(0, 120, size=(200, 120))
+    t, a, b = np.array(y_true), np.array(better), np.array(worse)
+    wf1 = [f1_score(t[d], a[d], labels=LABELS, average="weighted", zero_division=0)
+           - f1_score(t[d], b[d], labels=LABELS, average="weighted", zero_division=0) for d in draws]
+    acc = [accuracy_score(t[d], a[d]) - accuracy_score(t[d], b[d]) for d in draws]
+    assert diff["weighted_f1_diff_ci"] == pytest.approx([np.percentile(wf1, 2.5), np.percentile(wf1, 97.5)])
+    assert diff["accuracy_diff_ci"] == pytest.approx([np.percentile(acc, 2.5), np.percentile(acc, 97.5)])
+    assert paired_difference_interval(y_true, better, better, LABELS)["weighted_f1_diff_ci"] == [0.0, 0.0]

@@ -53,14 +53,38 @@ def bootstrap_intervals(y_true: Sequence[str], y_pred: Sequence[str], labels: Se
     Each resample draws ``n`` posts with replacement (``numpy.random.default_rng(seed)``); its weighted F1
     is that of scikit-learn with ``zero_division=0`` (support-weighted per-class F1 = 2 TP / (true + predicted)).
     """
+    t, p = _indices(y_true, labels), _indices(y_pred, labels)
+    draws = np.random.default_rng(seed).integers(0, len(t), size=(resamples, len(t)))
+    accuracy, weighted = _resampled_scores(t, p, draws, len(labels))
+    return {"accuracy_ci": _percentiles(accuracy, confidence), "weighted_f1_ci": _percentiles(weighted, confidence)}
+
+
+def paired_difference_interval(y_true: Sequence[str], y_pred_a: Sequence[str], y_pred_b: Sequence[str],
+                               labels: Sequence[str], resamples: int = BOOTSTRAP_RESAMPLES, seed: int = BOOTSTRAP_SEED,
+                               confidence: float = CONFIDENCE) -> dict[str, list[float]]:
+    """Intervals of ``a - b`` in accuracy and weighted F1, both models scored on the same resamples.
+
+    Pairing removes the test set's shared noise: two models whose own intervals overlap can still
+    differ surely when the interval of their difference excludes 0.
+    """
+    t = _indices(y_true, labels)
+    draws = np.random.default_rng(seed).integers(0, len(t), size=(resamples, len(t)))
+    acc_a, wf1_a = _resampled_scores(t, _indices(y_pred_a, labels), draws, len(labels))
+    acc_b, wf1_b = _resampled_scores(t, _indices(y_pred_b, labels), draws, len(labels))
+    return {"accuracy_diff_ci": _percentiles(acc_a - acc_b, confidence),
+            "weighted_f1_diff_ci": _percentiles(wf1_a - wf1_b, confidence)}
+
+
+def _indices(y: Sequence[str], labels: Sequence[str]) -> np.ndarray:
     index = {label: i for i, label in enumerate(labels)}
-    t = np.array([index[y] for y in y_true])
-    p = np.array([index[y] for y in y_pred])
-    n, k = len(t), len(index)
-    draws = np.random.default_rng(seed).integers(0, n, size=(resamples, n))
+    return np.array([index[v] for v in y])
+
+
+def _resampled_scores(t: np.ndarray, p: np.ndarray, draws: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Accuracy and weighted F1 of each resample (row of ``draws``), counted on the confusion cells."""
+    resamples, n = draws.shape
     t_s, p_s = t[draws], p[draws]
     correct = t_s == p_s
-    accuracy = correct.mean(axis=1)
     weighted = np.zeros(resamples)
     for c in range(k):
         true_c = (t_s == c).sum(axis=1)
@@ -69,10 +93,12 @@ def bootstrap_intervals(y_true: Sequence[str], y_pred: Sequence[str], labels: Se
         denom = true_c + pred_c
         f1_c = np.divide(2.0 * tp_c, denom, out=np.zeros(resamples), where=denom > 0)
         weighted += true_c * f1_c
-    weighted /= n
+    return correct.mean(axis=1), weighted / n
+
+
+def _percentiles(values: np.ndarray, confidence: float) -> list[float]:
     tail = (1.0 - confidence) / 2 * 100
-    return {name: [float(np.percentile(values, tail)), float(np.percentile(values, 100 - tail))]
-            for name, values in (("accuracy_ci", accuracy), ("weighted_f1_ci", weighted))}
+    return [float(np.percentile(values, tail)), float(np.percentile(values, 100 - tail))]
 
 
 def classification_metrics(y_true: Sequence[str], y_pred: Sequence[str], labels: Sequence[str],
