@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from sentilens.data.images import load_image
 from sentilens.errors import SentilensError
 from sentilens.fusion.config import EMBEDDED_IMAGE, EMBEDDED_TEXT, PROMPTS, FusionConfig
 
@@ -75,11 +76,19 @@ def _square(image: Image.Image, size: int) -> Image.Image:
     return resized.crop((left, top, left + size, top + size))
 
 
+def pixel_array(image: Image.Image, size: int) -> np.ndarray:
+    """size x size x 3 float32 array, ImageNet-normalised (one image: worker threads call this)."""
+    return (np.asarray(_square(image.convert("RGB"), size), dtype=np.float32) / 255.0 - IMAGENET_MEAN) / IMAGENET_STD
+
+
+def stack_pixels(arrays: Sequence[np.ndarray]) -> torch.Tensor:
+    """B x 3 x H x W tensor from H x W x 3 arrays."""
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+
+
 def pixel_batch(images: Sequence[Image.Image], size: int) -> torch.Tensor:
     """B x 3 x size x size float tensor, ImageNet-normalised."""
-    arrays = [(np.asarray(_square(img.convert("RGB"), size), dtype=np.float32) / 255.0 - IMAGENET_MEAN)
-              / IMAGENET_STD for img in images]
-    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+    return stack_pixels([pixel_array(img, size) for img in images])
 
 
 class ImageEncoder:
@@ -93,6 +102,7 @@ class ImageEncoder:
         self._model: torch.nn.Module | None = None
         self._dim: int | None = EFFICIENTNET_LITE_DIM if self.embedded else None
         self._fingerprint: str | None = None
+        self._onnx = None  # an OnnxModule after use_onnx()
 
     @property
     def dim(self) -> int:
@@ -143,21 +153,48 @@ class ImageEncoder:
         except (OSError, ValueError) as err:
             raise SentilensError(f"cannot load vision model '{self.name}' ({str(err).splitlines()[0]})") from None
 
-    @torch.no_grad()
-    def encode(self, images: Sequence[Image.Image]) -> list[Features]:
-        """Per image: ``states`` R x D (the last feature map's cells) and ``pooled`` D."""
-        pixels = pixel_batch(images, self.image_size).to(self.device)
+    def features(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Regions B x R x D and pooled B x D of a pixel batch (the graph ONNX Runtime runs too)."""
         if self.embedded:
             grid = self.model.extract_features(pixels)
-            regions, pooled = grid.flatten(2).transpose(1, 2), grid.mean(dim=(2, 3))
-        else:
-            out = self.model(pixel_values=pixels)
-            hidden = out.last_hidden_state
-            regions = hidden.flatten(2).transpose(1, 2) if hidden.dim() == 4 else hidden
-            pooled = getattr(out, "pooler_output", None)
-            pooled = regions.mean(dim=1) if pooled is None else pooled.flatten(1)
+            return grid.flatten(2).transpose(1, 2), grid.mean(dim=(2, 3))
+        out = self.model(pixel_values=pixels)
+        hidden = out.last_hidden_state
+        regions = hidden.flatten(2).transpose(1, 2) if hidden.dim() == 4 else hidden
+        pooled = getattr(out, "pooler_output", None)
+        return regions, regions.mean(dim=1) if pooled is None else pooled.flatten(1)
+
+    def use_onnx(self, cache_dir: Path | None = None) -> bool:
+        """Run :meth:`features` on ONNX Runtime from now on, if it exports and agrees (``runtime`` module)."""
+        from sentilens.fusion.runtime import onnx_twin, weights_digest
+
+        size = self.image_size
+        generator = torch.Generator().manual_seed(0)
+        probes = [(torch.randn(n, 3, size, size, generator=generator),) for n in (2, 3)]
+        key = "image-" + weights_digest(self.model, self.name, size)
+        self._onnx = onnx_twin(self.model, self.features, probes, ["pixels"], ["regions", "pooled"],
+                               {"pixels": {0: "batch"}, "regions": {0: "batch"}, "pooled": {0: "batch"}},
+                               key, f"image encoder {self.name}", cache_dir=cache_dir)
+        return self._onnx is not None
+
+    @property
+    def runtime(self) -> str:
+        return "onnx" if self._onnx is not None else "torch"
+
+    def load_pixels(self, path: str) -> np.ndarray:
+        """One image file, decoded (JPEGs at a reduced scale still covering the input size), resized, normalised."""
+        return pixel_array(load_image(path, draft_size=self.image_size), self.image_size)
+
+    @torch.inference_mode()
+    def encode_pixels(self, pixels: torch.Tensor) -> list[Features]:
+        """Per image of a normalised pixel batch: ``states`` R x D and ``pooled`` D, on the CPU."""
+        regions, pooled = self._onnx(pixels) if self._onnx is not None else self.features(pixels.to(self.device))
         regions, pooled = regions.float().cpu(), pooled.float().cpu()
-        return [{"states": regions[i].contiguous(), "pooled": pooled[i].contiguous()} for i in range(len(images))]
+        return [{"states": regions[i].contiguous(), "pooled": pooled[i].contiguous()} for i in range(len(pixels))]
+
+    def encode(self, images: Sequence[Image.Image]) -> list[Features]:
+        """Per image: ``states`` R x D (the last feature map's cells) and ``pooled`` D."""
+        return self.encode_pixels(pixel_batch(images, self.image_size))
 
 
 def embedded_text_path() -> Path:
@@ -202,6 +239,7 @@ class TextEncoder(torch.nn.Module):
         if not trainable:
             self.model.eval()
         self._fingerprint: str | None = None
+        self._onnx = None  # an OnnxModule after use_onnx()
 
     @property
     def dim(self) -> int:
@@ -218,27 +256,75 @@ class TextEncoder(torch.nn.Module):
     def prompts(self, texts: Sequence[str]) -> list[str]:
         return [self.template.replace("{text}", t) for t in texts]
 
-    def forward(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Batched: states B x T x D, mask B x T (bool), pooled B x D; gradients flow when trainable."""
-        batch = self.tokenizer(self.prompts(texts), padding=True, truncation=True, max_length=self.max_tokens,
-                               return_tensors="pt").to(_device_of(self.model))
-        states = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
-        mask = batch["attention_mask"].bool()
+    def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
+        """Token ids of each prompted text, truncated to ``max_tokens``, unpadded."""
+        return self.tokenizer(self.prompts(texts), truncation=True, max_length=self.max_tokens)["input_ids"]
+
+    def pad(self, ids: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """input_ids and attention_mask (B x T, padded on the right to the longest)."""
+        batch = self.tokenizer.pad({"input_ids": [list(i) for i in ids]}, return_tensors="pt")
+        return batch["input_ids"], batch["attention_mask"]
+
+    def hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor]:
+        """Token states B x T x D (the graph ONNX Runtime runs too)."""
+        extra = {"use_cache": False} if self.causal else {}
+        return (self.model(input_ids=input_ids, attention_mask=attention_mask, **extra).last_hidden_state,)
+
+    def pool(self, states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         if self.causal:
             last = mask.sum(dim=1) - 1
-            pooled = states[torch.arange(states.shape[0], device=states.device), last]
-        else:
-            weights = mask.unsqueeze(-1).to(states.dtype)
-            pooled = (states * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
-        return states.float(), mask, pooled.float()
+            return states[torch.arange(states.shape[0], device=states.device), last]
+        weights = mask.unsqueeze(-1).to(states.dtype)
+        return (states * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
 
-    @torch.no_grad()
+    def forward(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Batched: states B x T x D, mask B x T (bool), pooled B x D; gradients flow when trainable."""
+        device = _device_of(self.model)
+        input_ids, attention_mask = (t.to(device) for t in self.pad(self.tokenize(texts)))
+        (states,) = self.hidden(input_ids, attention_mask)
+        mask = attention_mask.bool()
+        return states.float(), mask, self.pool(states, mask).float()
+
+    def use_onnx(self, cache_dir: Path | None = None) -> bool:
+        """Run :meth:`hidden` on ONNX Runtime from now on, if it exports and agrees (``runtime`` module)."""
+        from sentilens.fusion.runtime import onnx_twin, weights_digest
+
+        probes = [self.pad(self.tokenize(texts)) for texts in (
+            ["great day", "the worst photo of the cup at the box, ugh, sad " * 2],
+            ["a", "love the lamp", "hate the chair and the book and the lamp"])]
+
+        def valid_positions(inputs: Sequence[torch.Tensor], expected: tuple, got: tuple) -> float:
+            mask = inputs[1].bool()  # padded positions are never read
+            return float((expected[0][mask].float() - got[0][mask].float()).abs().max())
+
+        key = "text-" + weights_digest(self.model, self.name, self.causal)
+        self._onnx = onnx_twin(self.model, self.hidden, probes, ["input_ids", "attention_mask"], ["states"],
+                               {"input_ids": {0: "batch", 1: "tokens"}, "attention_mask": {0: "batch", 1: "tokens"},
+                                "states": {0: "batch", 1: "tokens"}},
+                               key, f"text encoder {self.name}", valid_positions, cache_dir)
+        return self._onnx is not None
+
+    @property
+    def runtime(self) -> str:
+        return "onnx" if self._onnx is not None else "torch"
+
+    @torch.inference_mode()
+    def encode_ids(self, ids: Sequence[Sequence[int]]) -> list[Features]:
+        """Per tokenised text: ``states`` T x D (its own tokens only) and ``pooled`` D, on the CPU."""
+        input_ids, attention_mask = self.pad(ids)
+        if self._onnx is not None:
+            (states,) = self._onnx(input_ids, attention_mask)
+        else:
+            device = _device_of(self.model)
+            (states,) = self.hidden(input_ids.to(device), attention_mask.to(device))
+        mask = attention_mask.bool().to(states.device)
+        states, pooled = states.float(), self.pool(states, mask).float()
+        states, mask, pooled = states.cpu(), mask.cpu(), pooled.cpu()
+        return [{"states": states[i, mask[i]].contiguous(), "pooled": pooled[i].contiguous()} for i in range(len(ids))]
+
     def encode(self, texts: Sequence[str]) -> list[Features]:
         """Per text: ``states`` T x D (its own tokens only) and ``pooled`` D, on the CPU."""
-        states, mask, pooled = self(texts)
-        states, mask, pooled = states.cpu(), mask.cpu(), pooled.cpu()
-        return [{"states": states[i, mask[i]].contiguous(), "pooled": pooled[i].contiguous()}
-                for i in range(len(texts))]
+        return self.encode_ids(self.tokenize(texts))
 
 
 def build_encoders(config: FusionConfig, device: str | torch.device = "cpu"

@@ -2,31 +2,48 @@
 
 ``FusionPredictor.from_run(run_dir)`` rebuilds the encoders named in ``config.json`` and the
 fusion head from ``model.safetensors`` (plus the text encoder's weights when it was fine-tuned).
-Training scores its validation and test splits through the same :meth:`probabilities`, so the
-metrics a run reports and those ``sentilens eval`` recomputes come from one code path.
+Training scores its validation and test splits through :meth:`probabilities` on cached features.
+
+Prediction (``predict``, used by ``eval``, ``predict``, ``sweep`` and ``serve``) runs the encoders
+live as a pipeline (issue 13), because at a million posts per-post overheads matter:
+
+- posts are ordered by token count and batched, so a batch pads to lengths close to its own
+  (the order is undone at the end);
+- worker threads decode and resize the images of the next batches while the encoders run on
+  this one (Pillow and numpy release the GIL); JPEGs decode at a reduced scale still covering the
+  encoder's input (:func:`sentilens.data.images.load_image`'s ``draft_size``);
+- everything runs under ``torch.inference_mode``, and on a CPU the encoders run on ONNX Runtime
+  (:mod:`sentilens.fusion.runtime`; ``runtime="torch"`` keeps eager PyTorch for comparison and GPUs).
 """
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from sentilens.data.records import Post
 from sentilens.distributed import default_device
 from sentilens.errors import SentilensError
-from sentilens.fusion.cache import FeatureCache, PostFeatures, featurize
+from sentilens.fusion.cache import PostFeatures, has_text
 from sentilens.fusion.config import FusionConfig, describe_run, parse_fusion_config
-from sentilens.fusion.encoders import ImageEncoder, TextEncoder, build_encoders
-from sentilens.fusion.model import FusionModel, build_model, collate_features
+from sentilens.fusion.encoders import ImageEncoder, TextEncoder, build_encoders, stack_pixels
+from sentilens.fusion.model import FusionModel, build_model, collate, collate_features
+from sentilens.fusion.runtime import RUNTIMES, resolve_runtime
 from sentilens.predict import Capabilities, Explanation, Prediction, unsupported
 from sentilens.runs import CONFIG, MODEL_WEIGHTS, load_config, load_weights
 
 TEXT_ENCODER_PREFIX = "text_encoder."
 PREDICT_BATCH = 64
-CHUNK = 512
-"""Posts featurised at a time by :meth:`FusionPredictor.predict`, bounding memory on large inputs."""
+"""Posts per head call when scoring cached features."""
+ENCODE_BATCH = 32
+"""Posts per encoder call in the prediction pipeline."""
+DECODE_AHEAD = 2
+"""Batches of images decoded ahead of the encoders (each by one worker thread)."""
 
 
 def run_weights(model: FusionModel, text_encoder: TextEncoder | None) -> dict[str, torch.Tensor]:
@@ -41,21 +58,42 @@ class FusionPredictor:
     """Posts -> :class:`Prediction` with a fusion model and its encoders."""
 
     family = "fusion"
-    capabilities = Capabilities()  # label probabilities only: no token filtering, no heatmap, one decoding
+    # Label probabilities only: no token filtering, no heatmap, one decoding; encoders on ONNX Runtime or PyTorch.
+    capabilities = Capabilities(runtimes=RUNTIMES)
 
     def __init__(self, settings: FusionConfig, model: FusionModel, text_encoder: TextEncoder | None,
-                 image_encoder: ImageEncoder | None, cache: FeatureCache | None = None, device: str = "cpu"):
+                 image_encoder: ImageEncoder | None, device: str = "cpu", decode_workers: int = DECODE_AHEAD):
         self.settings = settings
         self.config = settings.model_dump()
         self.labels = list(settings.labels)
         self.model = model.to(device).eval()
         self.text_encoder = text_encoder
         self.image_encoder = image_encoder
-        self.cache = cache
         self.device = device
+        self.decode_workers = decode_workers
+
+    @property
+    def runtime(self) -> str:
+        """Where the encoders run: ``onnx`` or ``torch`` (per encoder when they differ)."""
+        runtimes = {e.runtime for e in (self.text_encoder, self.image_encoder) if e is not None}
+        return runtimes.pop() if len(runtimes) == 1 else ", ".join(
+            f"{kind} {e.runtime}" for kind, e in (("text", self.text_encoder), ("image", self.image_encoder)) if e)
+
+    def use_runtime(self, runtime: str = "auto") -> str:
+        """Move the encoders to ``runtime`` (``auto``: ONNX Runtime on a CPU where installed); returns the one used."""
+        if resolve_runtime(runtime, self.device) == "onnx":
+            for encoder in (self.text_encoder, self.image_encoder):
+                if encoder is not None and encoder.runtime != "onnx":
+                    encoder.use_onnx()
+        else:
+            for encoder in (self.text_encoder, self.image_encoder):
+                if encoder is not None:
+                    encoder._onnx = None
+        return self.runtime
 
     @classmethod
-    def from_run(cls, run_dir: str | Path, device: str | None = None) -> FusionPredictor:
+    def from_run(cls, run_dir: str | Path, device: str | None = None, runtime: str = "auto") -> FusionPredictor:
+        """The run's predictor; ``runtime`` says where the encoders run (see :meth:`use_runtime`)."""
         run_dir = Path(run_dir)
         device = device or str(default_device())
         settings = parse_fusion_config(load_config(run_dir), run_dir / CONFIG)
@@ -71,12 +109,9 @@ class FusionPredictor:
         _load_state(model, weights, run_dir / MODEL_WEIGHTS)
         if text_encoder is not None:
             text_encoder.model.eval()
-        return cls(settings, model, text_encoder, image_encoder, device=device)
-
-    def features(self, posts: Sequence[Post]) -> list[PostFeatures]:
-        """Cached (frozen) features of ``posts`` for the modalities this run reads."""
-        frozen_text = None if self.settings.fine_tune_text else self.text_encoder
-        return featurize(posts, frozen_text, self.image_encoder, self.cache)[0]
+        predictor = cls(settings, model, text_encoder, image_encoder, device=device)
+        predictor.use_runtime(runtime)
+        return predictor
 
     @torch.no_grad()
     def probabilities(self, features: Sequence[PostFeatures], posts: Sequence[Post]) -> torch.Tensor:
@@ -114,11 +149,54 @@ class FusionPredictor:
     def predict(self, posts: Sequence[Post], keep_ratio: float | None = None) -> list[Prediction]:
         if keep_ratio is not None:
             raise unsupported("--keep-ratio (visual token filtering, for MLLM runs)", self)
-        predictions: list[Prediction] = []
-        for start in range(0, len(posts), CHUNK):
-            chunk = list(posts[start:start + CHUNK])
-            predictions.extend(self.to_predictions(self.probabilities(self.features(chunk), chunk)))
-        return predictions
+        return self.to_predictions(self.live_probabilities(posts))
+
+    def _decode(self, posts: Sequence[Post]) -> list[np.ndarray | None]:
+        """Normalised pixels of each post's image (``None`` without one); runs in a worker thread."""
+        return [self.image_encoder.load_pixels(p.image) if p.image else None for p in posts]
+
+    @torch.inference_mode()
+    def live_probabilities(self, posts: Sequence[Post]) -> torch.Tensor:
+        """N x n_labels label probabilities, the encoders run on the posts (the pipeline in the module doc)."""
+        self.model.eval()
+        text, image = self.text_encoder, self.image_encoder
+        result = torch.zeros(len(posts), len(self.labels))
+        if not posts:
+            return result
+        with_text = [i for i, p in enumerate(posts) if text is not None and has_text(p)]
+        ids: dict[int, list[int]] = dict(zip(with_text, text.tokenize([posts[i].text for i in with_text]),
+                                             strict=True)) if with_text else {}
+        # Batching by length: padding costs compute in every layer of the text encoder.
+        order = sorted(range(len(posts)), key=lambda i: len(ids.get(i, ())))
+        batches = [order[start:start + ENCODE_BATCH] for start in range(0, len(order), ENCODE_BATCH)]
+        pool = ThreadPoolExecutor(self.decode_workers, thread_name_prefix="sentilens-decode") \
+            if image is not None else None
+        pending: deque[Future] = deque()
+        try:
+            for index, batch in enumerate(batches):
+                while pool is not None and len(pending) < 1 + self.decode_workers \
+                        and index + len(pending) < len(batches):
+                    pending.append(pool.submit(self._decode, [posts[i] for i in batches[index + len(pending)]]))
+                features = [PostFeatures() for _ in batch]
+                rows = [j for j, i in enumerate(batch) if i in ids]
+                if rows:
+                    for j, encoded in zip(rows, text.encode_ids([ids[batch[j]] for j in rows]), strict=True):
+                        features[j].text = encoded
+                if pool is not None:
+                    pixels = pending.popleft().result()
+                    rows = [j for j, array in enumerate(pixels) if array is not None]
+                    if rows:
+                        encoded = image.encode_pixels(stack_pixels([pixels[j] for j in rows]))
+                        for j, item in zip(rows, encoded, strict=True):
+                            features[j].image = item
+                batch_input = collate(features, *self.settings.feature_dims).to(self.device)
+                result[batch] = torch.softmax(self.model(batch_input), dim=-1).float().cpu()
+        finally:
+            if pool is not None:
+                for future in pending:
+                    future.cancel()
+                pool.shutdown(wait=True)
+        return result
 
 
 def _load_state(module: torch.nn.Module, weights: dict[str, torch.Tensor], path: Path) -> None:
