@@ -39,6 +39,10 @@ KeepRatioOpt = Annotated[
     float | None, typer.Option("--keep-ratio", help="MLLM runs: fraction of visual tokens kept, in (0, 1].")
 ]
 
+RuntimeOpt = Annotated[str | None, typer.Option(
+    "--runtime", help="Fusion runs: where the encoders run: auto (ONNX Runtime on a CPU, else PyTorch), onnx or "
+                      "torch (plain PyTorch, for comparison and GPUs).")]
+
 
 
 def folder_path(path: Path | None) -> Path | None:
@@ -356,7 +360,7 @@ def train_mllm_cmd(
 
 @app.command("eval")
 def eval_cmd(run: RunOpt, data: DataOpt, split: SplitOpt = "test", keep_ratio: KeepRatioOpt = None,
-             decode: DecodeOpt = None, as_json: JsonOpt = False) -> None:
+             decode: DecodeOpt = None, runtime: RuntimeOpt = None, as_json: JsonOpt = False) -> None:
     """Evaluate a run on a split; writes RUN/metrics-SPLIT.json."""
     from sentilens.data.records import read_split
     from sentilens.distributed import is_main_process
@@ -364,7 +368,7 @@ def eval_cmd(run: RunOpt, data: DataOpt, split: SplitOpt = "test", keep_ratio: K
     from sentilens.runs import save_metrics
 
     check_keep_ratio(keep_ratio)
-    predictor = load_predictor(run).with_options(decode=decode)
+    predictor = load_predictor(run, runtime=runtime).with_options(decode=decode)
     metrics = evaluate(predictor, read_split(data, split), keep_ratio=keep_ratio)
     if not is_main_process():
         return
@@ -384,16 +388,19 @@ def predict_cmd(
     image: Annotated[Path | None, typer.Option("--image", help="Image of a single post.")] = None,
     text: Annotated[str | None, typer.Option("--text", help="Text of a single post.")] = None,
     input: Annotated[Path | None, typer.Option("--input", help="JSONL of posts {id, text, image}.")] = None,
-    output: Annotated[Path | None, typer.Option("--output", help="Where to write predictions (JSONL).",
+    output: Annotated[Path | None, typer.Option("--output", help="Where to write predictions (JSONL), as they come.",
         callback=file_path)] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Skip the posts whose ids are already in --output (an "
+                                                          "interrupted job keeps what it wrote).")] = False,
     keep_ratio: KeepRatioOpt = None,
     decode: DecodeOpt = None,
+    runtime: RuntimeOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Predict one post (--image/--text) or a file of posts (--input/--output); shards under 'accelerate launch'."""
     from sentilens.data.records import Post, read_posts
-    from sentilens.distributed import is_main_process, predict_sharded
-    from sentilens.predict import check_keep_ratio, load_predictor
+    from sentilens.distributed import is_main_process
+    from sentilens.predict import check_keep_ratio, load_predictor, predict_to_file
 
     check_keep_ratio(keep_ratio)
     if input is None and image is None and text is None:
@@ -402,30 +409,33 @@ def predict_cmd(
         raise SentilensError("give either --input or --image/--text, not both")
     if input is not None and output is None:
         raise SentilensError("--input needs --output for the predictions file")
+    if resume and input is None:
+        raise SentilensError("--resume continues an --input/--output job")
     posts = read_posts(input) if input is not None else [
         Post(id="post", text=text or "", image=str(image) if image else None)]
-    predictor = load_predictor(run).with_options(decode=decode)
-    predictions = predict_sharded(lambda shard: predictor.predict(shard, keep_ratio=keep_ratio), posts)
+    predictor = load_predictor(run, runtime=runtime).with_options(decode=decode)
+    if input is None:
+        (prediction,) = predictor.predict(posts, keep_ratio=keep_ratio)
+        rows = [{"id": "post", **prediction.to_dict()}]
+    else:
+        rows = []
+        summary = predict_to_file(predictor, posts, output, keep_ratio, resume,
+                                  on_rows=lambda chunk: rows.extend(chunk[: 50 - len(rows)]))
     if not is_main_process():
         return
-    rows = [{"id": p.id, **pred.to_dict()} for p, pred in zip(posts, predictions, strict=True)]
-    if output is not None:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        with output.open("w", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
     if as_json:
-        emit(rows if input is not None else rows[0], True)
+        emit(summary if input is not None else rows[0], True)
         return
-    table = Table(title=f"predictions of {run}")
+    table = Table(title=f"predictions of {run}" + (" (the first 50)" if len(rows) == 50 else ""))
     for col in ("id", "label", *predictor.labels, "kept tokens"):
         table.add_column(col)
-    for row in rows[:50]:
+    for row in rows:
         probs = [f"{row['probabilities'][label]:.3f}" for label in predictor.labels]
         table.add_row(row["id"], row["label"], *probs, "" if row["kept_tokens"] is None else str(row["kept_tokens"]))
     out.print(table)
-    if output is not None:
-        out.print(f"{len(rows)} predictions written to {output}")
+    if input is not None:
+        skipped = f", {summary['skipped']} already there" if summary["skipped"] else ""
+        out.print(f"{summary['predicted']} predictions written to {output}{skipped} ({summary['posts_per_s']} posts/s)")
 
 
 StrategyOpt = Annotated[str, typer.Option(
@@ -597,6 +607,7 @@ def serve_cmd(
                                                            "for several (refusing others stops DNS rebinding).")]
     = None,
     device: DeviceOpt = None,
+    runtime: RuntimeOpt = None,
 ) -> None:
     """Serve a run over HTTP: JSON API (/v1/predict, /v1/predict/batch, /v1/explain, /v1/model) and a web page."""
     import os
@@ -615,7 +626,7 @@ def serve_cmd(
                               "max_aspect_ratio": max_aspect_ratio, "max_text_chars": max_text_chars,
                               "max_posts": max_posts, "api_key": api_key, "device": device,
                               "max_connections": max_connections, "header_timeout_s": header_timeout,
-                              "body_timeout_s": body_timeout,
+                              "body_timeout_s": body_timeout, "runtime": runtime,
                               "allowed_hosts": [*ServeSettings().allowed_hosts, host, *(allowed_host or [])]})
     load_config(run)  # a wrong --run is named before anything else
     check_port(host, port)  # before loading the model: a port clash fails at once, in one line

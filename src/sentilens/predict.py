@@ -11,15 +11,18 @@ is: a new family registers itself in :data:`FAMILIES` and implements the protoco
 from __future__ import annotations
 
 import importlib
-from collections.abc import Sequence
+import json
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from sentilens.data.records import Post
-from sentilens.distributed import predict_sharded
+from sentilens.distributed import is_main_process, predict_sharded
 from sentilens.errors import SentilensError
 from sentilens.metrics import classification_metrics
+from sentilens.progress import progress_bar
 from sentilens.runs import load_config
 
 if TYPE_CHECKING:
@@ -63,6 +66,8 @@ class Capabilities:
     """Values ``with_options(decode=...)`` accepts; the first is the default."""
     strategies: bool = False
     """``with_options(strategy=...)`` picks the layers that score visual tokens (``all``, ``feature``, ``A:B``...)."""
+    runtimes: tuple[str, ...] = ()
+    """Values ``load_predictor(..., runtime=...)`` accepts: where the encoders run (fusion: auto, onnx, torch)."""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -119,10 +124,21 @@ def _family_entry(registry: dict[str, str], config: dict, run_dir: str | Path):
     return getattr(importlib.import_module(module_name), name)
 
 
-def load_predictor(run_dir: str | Path, device: str | None = None) -> Predictor:
-    """The predictor of a run directory, whichever family trained it."""
+def load_predictor(run_dir: str | Path, device: str | None = None, runtime: str | None = None) -> Predictor:
+    """The predictor of a run directory, whichever family trained it.
+
+    ``runtime``: where the encoders run, for predictors whose ``capabilities.runtimes`` list it
+    (fusion: ``auto``, the default, is ONNX Runtime on a CPU; ``onnx``; ``torch``).
+    """
     cls = _family_entry(FAMILIES, load_config(run_dir), run_dir)
-    return cls.from_run(Path(run_dir), device=device)
+    if runtime is None:
+        return cls.from_run(Path(run_dir), device=device)
+    # Checked on the class, before any model is loaded (a family may set its capabilities per instance).
+    runtimes = getattr(getattr(cls, "capabilities", None), "runtimes", ())
+    if runtime not in runtimes:
+        raise SentilensError(f"--runtime {runtime} is not supported by this {cls.family} run"
+                             + (f" (choose from {', '.join(runtimes)})" if runtimes else ""))
+    return cls.from_run(Path(run_dir), device=device, runtime=runtime)
 
 
 def describe_run(run_dir: str | Path) -> dict:
@@ -167,3 +183,64 @@ def prediction_metrics(posts: Sequence[Post], predictions: Sequence[Prediction],
     if any("parsed" in p.extra for p in predictions):
         metrics["unparsable"] = sum(not p.extra.get("parsed", True) for p in predictions)
     return metrics
+
+
+WRITE_CHUNK = 256
+"""Posts predicted (and, under ``accelerate launch``, gathered) between two writes of the output file."""
+
+
+def done_ids(output: Path) -> set[str]:
+    """Ids already in a predictions file; a last line cut off by an interruption is removed from the file."""
+    if not output.is_file():
+        return set()
+    data = output.read_bytes()
+    complete = data[: data.rfind(b"\n") + 1]
+    if len(complete) != len(data):
+        with output.open("r+b") as f:  # keep every whole row, drop the half-written one
+            f.truncate(len(complete))
+    ids = set()
+    for line_no, line in enumerate(complete.decode("utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            ids.add(str(json.loads(line)["id"]))
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise SentilensError("not a predictions row (JSON with an 'id'); cannot resume from it",
+                                 output, line_no) from None
+    return ids
+
+
+def predict_to_file(predictor: Predictor, posts: Sequence[Post], output: Path, keep_ratio: float | None = None,
+                    resume: bool = False, on_rows: Callable[[list[dict]], None] | None = None) -> dict:
+    """Predict ``posts`` into the JSONL ``output`` as it goes, with a progress bar (posts/s, ETA).
+
+    Rows are appended and flushed every :data:`WRITE_CHUNK` posts, so an interrupted job keeps
+    what it wrote; with ``resume`` the posts whose ids are already in ``output`` are skipped (else
+    ``output`` is started afresh). Under ``accelerate launch`` every chunk is sharded across the
+    processes (:func:`sentilens.distributed.predict_sharded`) and only the main process writes. ``on_rows`` sees
+    each chunk's rows. Returns the counts and the rate.
+    """
+    skip = done_ids(output) if resume else set()
+    todo = [p for p in posts if p.id not in skip]
+    main = is_main_process()
+    if main:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        if not resume:
+            output.write_bytes(b"")
+    started = time.perf_counter()
+    with progress_bar() as bar:
+        task = bar.add_task("predicting", total=len(todo), unit="post",
+                            status=f"{len(posts) - len(todo)} already in {output.name}" if skip else "")
+        for start in range(0, len(todo), WRITE_CHUNK):
+            chunk = todo[start:start + WRITE_CHUNK]
+            predictions = predict_sharded(lambda shard: predictor.predict(shard, keep_ratio=keep_ratio), chunk)
+            rows = [{"id": p.id, **pred.to_dict()} for p, pred in zip(chunk, predictions, strict=True)]
+            if main:
+                with output.open("a", encoding="utf-8") as f:
+                    f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+            if on_rows is not None:
+                on_rows(rows)
+            bar.advance(task, len(chunk))
+    seconds = time.perf_counter() - started
+    return {"output": str(output), "predicted": len(todo), "skipped": len(posts) - len(todo),
+            "seconds": round(seconds, 3), "posts_per_s": round(len(todo) / seconds, 2) if seconds > 0 else None}

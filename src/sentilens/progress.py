@@ -29,6 +29,8 @@ from sentilens.distributed import is_main_process
 T = TypeVar("T")
 
 console = Console(stderr=True)
+_active = 0
+"""Bars open now (in any thread)."""
 
 
 def quiet_by_default() -> bool:
@@ -61,8 +63,16 @@ def progress_bar(quiet: bool = False) -> Iterator[Progress]:
         TimeRemainingColumn(),
         TextColumn("{task.fields[status]}", markup=False),
     )
-    with Progress(*columns, console=console, disable=quiet or quiet_by_default(), transient=False) as progress:
-        yield progress
+    global _active
+    # One bar at a time: a job inside a job (the predictor's own batches inside `predict --input`'s
+    # file loop) gets a silent bar, and the outer one keeps the rate and ETA that matter to the user.
+    with Progress(*columns, console=console, disable=quiet or quiet_by_default() or _active > 0,
+                  transient=False) as progress:
+        _active += 1
+        try:
+            yield progress
+        finally:
+            _active -= 1
 
 
 def track(items: Iterable[T], description: str, total: int | None = None, unit: str = "it") -> Iterator[T]:

@@ -21,6 +21,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +45,25 @@ ENCODE_BATCH = 32
 """Posts per encoder call in the prediction pipeline."""
 DECODE_AHEAD = 2
 """Batches of images decoded ahead of the encoders (each by one worker thread)."""
+HEAD_THREADS = 1
+"""Torch threads for the fusion head on a CPU. Its ops are small (a batch's head is ~4 ms a post on
+one thread), and with two threads every op waits at an OpenMP barrier for the second thread to be
+scheduled: on 2 shared cores under load that made each op ~20 ms and the head ten times slower
+(measured with the profiler, load average 15)."""
+
+
+@contextmanager
+def torch_threads(n: int | None):
+    """Run the block with ``n`` torch intra-op threads (``None``: unchanged)."""
+    before = torch.get_num_threads()
+    if n is None or n == before:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def run_weights(model: FusionModel, text_encoder: TextEncoder | None) -> dict[str, torch.Tensor]:
@@ -189,8 +209,9 @@ class FusionPredictor:
                         encoded = image.encode_pixels(stack_pixels([pixels[j] for j in rows]))
                         for j, item in zip(rows, encoded, strict=True):
                             features[j].image = item
-                batch_input = collate(features, *self.settings.feature_dims).to(self.device)
-                result[batch] = torch.softmax(self.model(batch_input), dim=-1).float().cpu()
+                with torch_threads(HEAD_THREADS if torch.device(self.device).type == "cpu" else None):
+                    batch_input = collate(features, *self.settings.feature_dims).to(self.device)
+                    result[batch] = torch.softmax(self.model(batch_input), dim=-1).float().cpu()
         finally:
             if pool is not None:
                 for future in pending:

@@ -176,7 +176,7 @@ def create_app(run_dir: str | Path, settings: ServeSettings | None = None) -> Fa
     """The app serving the run in ``run_dir``; loads the model now, so a bad run fails before binding."""
     settings = settings or ServeSettings()
     run_dir = Path(run_dir)
-    service = Service(run_dir, load_predictor(run_dir, device=settings.device), settings)
+    service = Service(run_dir, load_predictor(run_dir, device=settings.device, runtime=settings.runtime), settings)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):

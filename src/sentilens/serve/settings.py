@@ -63,6 +63,8 @@ class ServeSettings(BaseModel):
     """When set, every /v1 request must carry it (X-API-Key or Authorization: Bearer)."""
     device: str | None = None
     """Where the model runs (cpu, cuda, cuda:1); default: the predictor's own choice."""
+    runtime: str | None = None
+    """Fusion runs: where the encoders run (auto, onnx, torch); default: auto."""
 
     def image_limits(self) -> ImageLimits:
         return ImageLimits(max_bytes=self.max_upload_bytes, max_pixels=self.max_pixels,
