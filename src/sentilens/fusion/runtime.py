@@ -74,10 +74,10 @@ def resolve_runtime(runtime: str, device: str | torch.device) -> str:
 
 
 def default_onnx_dir() -> Path:
-    """Exported encoders live beside the feature cache: ``<sentilens cache>/onnx``."""
-    from sentilens.fusion.cache import default_cache_dir
+    """Exported encoders live beside the feature cache: ``onnx`` under the cache root."""
+    from sentilens.cache import cache_root
 
-    return default_cache_dir().parent / "onnx"
+    return cache_root() / "onnx"
 
 
 def weights_digest(module: torch.nn.Module, *settings: object) -> str:
