@@ -15,7 +15,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from sentilens.cli import app
-from sentilens.data.images import ImageError, load_image
+from sentilens.data.images import ImageError, ImageLimits, load_image
 from sentilens.data.records import Post, read_manifest
 from sentilens.data.synth import make_synthetic
 from sentilens.errors import SentilensError
@@ -54,7 +54,7 @@ def test_draft_decoding_keeps_the_shorter_side_at_the_target_and_the_limits(tmp_
     Image.open(jpeg).save(png)
     assert load_image(png, draft_size=224).size == (1200, 900)  # only JPEGs have DCT scaling
     with pytest.raises(ImageError, match="over the cap"):
-        load_image(jpeg, max_pixels=1000, draft_size=224)
+        load_image(jpeg, ImageLimits(max_pixels=1000), draft_size=224)
     # The encoder's input from a draft decode is the full decode's, up to resampling differences.
     full, draft = pixel_array(load_image(jpeg), 224), pixel_array(load_image(jpeg, draft_size=224), 224)
     assert np.abs(full - draft).mean() < 0.05 and np.abs(full - draft).max() < 1.0
