@@ -65,7 +65,7 @@ def compare(llava, builder: PromptBuilder, posts: list, batch_sizes: tuple[int, 
 def tiny_cpu(n: int, tmp: Path) -> dict:
     make_synthetic(tmp / "data", n=n, seed=0)
     options = {"data": tmp / "data", "out": tmp / "run", "base_model": "tiny", "epochs": 10, "lr": 5e-3,
-               "batch_size": 8, "grad_accum": 1, "eval_batch_size": 16}
+               "batch_size": 8, "global_batch_size": 8, "eval_batch_size": 16}
     summary = train_mllm(mllm_train_config(options))
     predictor = MllmPredictor.from_run(tmp / "run", device="cpu")
     manifest = read_manifest(tmp / "data")

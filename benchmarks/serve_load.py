@@ -136,7 +136,7 @@ def main() -> None:
         tmp = Path(folder)
         make_synthetic(tmp / "data", n=200, seed=0)
         train_mllm(mllm_train_config({"data": tmp / "data", "out": tmp / "run", "base_model": "tiny", "epochs": 1,
-                                "batch_size": 8, "grad_accum": 1, "eval_batch_size": 16}))
+                                "batch_size": 8, "global_batch_size": 8, "eval_batch_size": 16}))
         posts = [(Path(p.image).read_bytes(), p.text) for p in read_manifest(tmp / "data")["test"] if p.image]
         queue = ["--queue-size", "64"]
         loads = {name: scenario(tmp / "run", tmp, name, [*options, *queue], posts, clients, args.requests,

@@ -105,6 +105,11 @@ def flops(shape: Shape, kept: int, text_tokens: int, answers: list[list[int]]) -
     return float(vision + scoring + projector + language + head)
 
 
+GPU_RUN = "run: LLaVA-1.5-7B shape, random weights, bf16, batches --gpu-batches"
+GPU_NOT_RUN = ("not run: no CUDA device on the machine that wrote this file; the LLaVA-1.5-7B bf16 settings are "
+               "absent, not estimated")
+
+
 def synchronize(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
@@ -232,6 +237,7 @@ def main() -> None:
         "machine": {"cpu": cpu_name(), "cpu_threads": torch.get_num_threads(), "gpu": gpu,
                     "torch": torch.__version__, "load_average_before": load_before,
                     "load_average_after": list(os.getloadavg())},
+        "gpu_part": GPU_RUN if gpu else GPU_NOT_RUN,
         "targets": {"scoring_overhead_max": 1.10, "speedup_of_ideal_min": 0.85},
         "repeats": args.repeats, "settings": settings,
     })

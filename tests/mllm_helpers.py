@@ -13,7 +13,7 @@ from sentilens.mllm.prompt import PromptBuilder, PromptSettings
 LONG_TEXT = " ".join(["what a long and winding story about the weather this week"] * 4)
 
 
-FAST_TINY = {"base_model": "tiny", "tiny_vision": "random", "lr": 3e-3, "batch_size": 8, "grad_accum": 1,
+FAST_TINY = {"base_model": "tiny", "tiny_vision": "random", "lr": 3e-3, "batch_size": 8, "global_batch_size": 8,
              "eval_batch_size": 8}
 """Training options of the tiny LLaVA in tests: a random model needs a large step and small batches. The
 tower stays random (no pretraining first): these tests check the fine-tuning machinery, not the tower;

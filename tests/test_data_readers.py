@@ -466,8 +466,10 @@ def mvsa_single_full(tmp_path_factory):
         for _ in range(n):
             post_id += 1
             lines.append(f"{post_id}\t{text_label},{image_label}")
-            (root / "data" / f"{post_id}.txt").write_bytes(b"t")
-            (root / "data" / f"{post_id}.jpg").write_bytes(image)
+            # every post its own text and image bytes (bytes after the JPEG's end marker): no near-duplicates,
+            # so the split is the plain per-post one that gives Table 2
+            (root / "data" / f"{post_id}.txt").write_bytes(f"tweet number {post_id}".encode())
+            (root / "data" / f"{post_id}.jpg").write_bytes(image + post_id.to_bytes(4, "big"))
     (root / "labelResultAll.txt").write_text("\n".join(lines) + "\n")
     return root
 
@@ -481,6 +483,7 @@ def test_prepare_mvsa_single_gives_table_2(mvsa_single_full, tmp_path):
         "test": {"positive": 269, "neutral": 47, "negative": 136},
     }
     assert sum(stats["totals"].values()) == 4511
+    assert stats["source"]["duplicates"]["groups"] == 0
     assert reason_counts(stats["dropped"]) == {"label conflict": 358}
 
 

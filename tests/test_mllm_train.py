@@ -4,6 +4,9 @@ LoRA runs, resuming, and the 2-process CPU accelerate run (train and sharded pre
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,6 +19,7 @@ from sentilens.cli import app
 from sentilens.data.records import read_split
 from sentilens.errors import SentilensError
 from sentilens.mllm import train as train_module
+from sentilens.mllm.scoring import predict_posts
 from sentilens.mllm.train import mllm_train_config, train_mllm
 from sentilens.predict import evaluate, load_predictor
 from sentilens.runs import load_config, load_weights
@@ -104,6 +108,7 @@ def test_run_directory_rebuilds_the_best_epoch(three_epochs, manifest):
     out, summary = three_epochs
     config = load_config(out)
     assert config["family"] == "mllm" and config["mode"] == "full" and config["base_model"] == "base-model"
+    assert config["batch"] == {"global": 8, "per_device": 8, "processes": 1, "grad_accum": 1}
     assert (out / "base-model" / "config.json").is_file() and not (out / "resume").exists()
     history = json.loads((out / "history.json").read_text())
     assert len(history) == 3 and history[-1]["train_loss"] < history[0]["train_loss"]
@@ -183,8 +188,25 @@ def test_paper_recipe_is_a_valid_config(tmp_path):
     config = mllm_train_config({"data": tmp_path, "out": tmp_path / "run"},
                                REPO / "configs" / "mvsa_single_llava15_7b.yaml")
     assert config.base_model == "llava-hf/llava-1.5-7b-hf" and config.mode == "full"
-    assert (config.learning_rate, config.epochs, config.batch_size * config.grad_accum) == (2e-5, 10, 16)
+    assert (config.learning_rate, config.epochs, config.global_batch_size) == (2e-5, 10, 16)
     assert config.data == tmp_path, "command-line options override the recipe"
+
+
+@pytest.mark.parametrize(("global_batch", "batch", "world", "steps"), [(16, 4, 1, 4), (16, 2, 8, 1), (16, 1, 2, 8)])
+def test_accumulation_keeps_the_global_batch_whatever_the_world_size(global_batch, batch, world, steps):
+    assert train_module.accumulation_steps(global_batch, batch, world) == steps
+    assert batch * world * steps == global_batch
+
+
+def test_a_global_batch_the_launch_cannot_divide_is_one_line_error(manifest, tmp_path):
+    with pytest.raises(SentilensError, match=r"global_batch_size 16 is not a multiple of batch_size 4 x 8 process"):
+        train_module.accumulation_steps(16, 4, 8)
+    done = subprocess.run([sys.executable, "-m", "sentilens", "train", "mllm", "--data", str(manifest), "--out",
+                           str(tmp_path / "r"), "--model", "tiny", "--batch-size", "3"],
+                          capture_output=True, text=True, env={**os.environ, "SENTILENS_QUIET": "1"}, timeout=120)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "global_batch_size 16 is not a multiple of batch_size 3 x 1 process(es) = 3" in " ".join(done.stderr.split())
+    assert not (tmp_path / "r" / "config.json").exists()
 
 
 def test_two_process_cpu_accelerate_run(manifest, fit_run, tmp_path):
@@ -192,11 +214,13 @@ def test_two_process_cpu_accelerate_run(manifest, fit_run, tmp_path):
     done = accelerate("--cpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
                       "--dynamo_backend", "no", "-m", "sentilens", "train", "mllm", "--data", str(manifest),
                       "--out", str(out), "--model", "tiny", "--tiny-vision", "random", "--epochs", "2",
-                      "--batch-size", "4", "--grad-accum", "2",
+                      "--batch-size", "4", "--global-batch-size", "16",
                       "--lr", "3e-3", "--json", cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads(done.stdout)
     assert summary["best_epoch"] in (1, 2) and len(summary["history"]) == 2
+    batch = load_config(out)["batch"]  # whatever number of processes the launcher really started
+    assert batch["global"] == 16 == batch["per_device"] * batch["processes"] * batch["grad_accum"]
     assert sorted(p.name for p in out.iterdir()) == ["base-model", "config.json", "history.json",
                                                     "metrics-val.json", "model.safetensors", "predictions-val.jsonl"]
 
@@ -212,3 +236,31 @@ def test_two_process_cpu_accelerate_run(manifest, fit_run, tmp_path):
     assert [r["label"] for r in sharded] == [p.label for p in single]
     for row, pred in zip(sharded, single, strict=True):
         assert all(abs(row["probabilities"][k] - pred.probabilities[k]) < 1e-5 for k in pred.probabilities)
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """accelerate keeps one mixed-precision setting per process: start and leave this test with none set."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state()
+    yield
+    AcceleratorState._reset_state()
+
+
+def test_validation_and_test_run_in_the_same_precision(manifest, tmp_path, fresh_accelerate_state):
+    """A run trained under bf16 autocast validates under it, saves that, and its predictor predicts the same way:
+    the saved val predictions are reproduced exactly, while float32 numerics give other probabilities."""
+    out = tmp_path / "bf16"
+    train_mllm(mllm_train_config({"data": manifest, "out": out, **FAST_TINY, "epochs": 1, "mixed_precision": "bf16"}))
+    assert load_config(out)["precision"] == {"weights": "float32", "autocast": "bfloat16"}
+    posts = read_split(manifest, "val")
+    saved = read_rows(out / "predictions-val.jsonl")
+    predictor = load_predictor(out)
+    reloaded = predictor.predict(posts)
+    for row, pred in zip(saved, reloaded, strict=True):
+        assert row["probabilities"] == pred.probabilities, "val and test ran in different numerics"
+    float32 = predict_posts(predictor.model.llava, predictor.builder, posts, 8)
+    gaps = [abs(p.probabilities[k] - q.probabilities[k]) for p, q in zip(float32, reloaded, strict=True)
+            for k in p.probabilities]
+    assert max(gaps) > 1e-4, "bf16 autocast must be visible in the probabilities for this test to mean anything"

@@ -167,3 +167,37 @@ def test_explain_draws_heatmap_and_mask_with_the_predicted_label(full_run, manif
     assert info["label"] == expected.label
     with Image.open(out) as png:
         assert png.size == (1000, 500)
+
+
+def test_explain_shows_the_padding_of_a_wide_image_as_padding(full_run, tmp_path):
+    config = json.loads((full_run / "config.json").read_text())
+    assert config["prompt"]["image_aspect"] == "pad" == config["training"]["image_aspect"], "tiny runs pad"
+    wide = tmp_path / "wide.png"
+    Image.new("RGB", (192, 96), (200, 30, 30)).save(wide)
+    out = tmp_path / "heat.png"
+    result = CliRunner().invoke(app, ["explain", "--run", str(full_run), "--image", str(wide), "--out", str(out),
+                                      "--keep-ratio", "1", "--json"])
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.stdout)
+    # 192 x 96 padded to 192 x 192, seen at 96 px: the image covers rows 24..72; patch rows 0 and 5 (16 px each)
+    # lie wholly in the padding, 2 rows x 6 patches; at r = 1 every patch is kept, padding included
+    assert info["content_box"] == [0.0, 24.0, 96.0, 72.0]
+    assert info["padding_patches"] == 12 and info["padding_patches_kept"] == 12
+    with Image.open(out) as png:
+        assert png.size == (1000, 500)
+
+
+def test_prediction_stages_are_recorded_only_when_asked(full_run, manifest):
+    from sentilens.stages import record_stages
+
+    predictor = load_predictor(full_run)
+    posts = read_split(manifest, "test")
+    with record_stages() as stages:
+        predictor.predict(posts, keep_ratio=0.5)
+    assert set(stages) == {"image", "vision", "lm"} and all(v > 0 for v in stages.values())
+    predictor.predict(posts, keep_ratio=0.5)
+    assert set(stages) == {"image", "vision", "lm"}, "nothing is recorded outside record_stages"
+    text_only = [p for p in posts if p.image is None]
+    with record_stages() as stages:
+        predictor.predict(text_only)
+    assert "vision" not in stages, "a text-only post never runs the vision tower"

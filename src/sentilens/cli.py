@@ -110,13 +110,17 @@ def prepare_cmd(
     = None,
     agreed_only: Annotated[bool, typer.Option("--agreed-only", help="CrisisMMD: keep rows whose text and image "
                                                                     "annotations agree.")] = False,
+    duplicates: Annotated[str, typer.Option(
+        "--duplicates", help="group (default): posts with the same normalised text or image bytes stay in one "
+                             "split; ignore: split post by post.")] = "group",
     as_json: JsonOpt = False,
 ) -> None:
     """Turn a raw dataset into a manifest folder; lists every skipped item and why."""
     from sentilens.data.prepare import prepare, reason_counts
     from sentilens.data.records import SPLITS
 
-    stats = prepare(fmt, root, out_dir, seed=seed, task=task, agreed_only=agreed_only, show_progress=not as_json)
+    stats = prepare(fmt, root, out_dir, seed=seed, task=task, agreed_only=agreed_only, show_progress=not as_json,
+                    duplicates=duplicates)
     if as_json:
         emit(stats, True)
         return
@@ -139,6 +143,9 @@ def prepare_cmd(
         for reason, count in dropped.items():
             reasons.add_row(reason, str(count))
         out.print(reasons)
+    dup = stats["source"]["duplicates"]
+    out.print(f"near-duplicates: {dup['groups']} groups of {dup['posts_in_groups']} posts (same text: "
+              f"{dup['same_text']}, same image: {dup['same_image']}); {dup['handling']}")
     out.print(f"{sum(stats['totals'].values())} posts kept, {len(stats['dropped'])} dropped")
 
 
@@ -314,7 +321,9 @@ def train_mllm_cmd(
     epochs: EpochsOpt = None,
     lr: Annotated[float | None, typer.Option("--lr", help="Peak learning rate (default 2e-5, LoRA 2e-4).")] = None,
     batch_size: Annotated[int | None, typer.Option("--batch-size", help="Posts per device per step.")] = None,
-    grad_accum: Annotated[int | None, typer.Option("--grad-accum", help="Micro-batches per optimizer step.")] = None,
+    global_batch_size: Annotated[int | None, typer.Option(
+        "--global-batch-size", help="Posts per optimizer step over all processes (default 16, the paper's); "
+                                    "gradient accumulation = global / (batch size x processes).")] = None,
     max_length: Annotated[int | None, typer.Option("--max-length", help="Tokens per post, visual tokens "
                                                    "included; longer texts are truncated.")] = None,
     task: Annotated[str | None, typer.Option("--task", help="sentiment, informative, humanitarian or custom "
@@ -330,6 +339,16 @@ def train_mllm_cmd(
                               "first and cached) or 'random'.")] = None,
     cache: Annotated[Path | None, typer.Option(
         "--cache", help="Pretrained-tower cache folder (default ~/.cache/sentilens/towers).")] = None,
+    label_list: Annotated[bool | None, typer.Option(
+        "--label-list/--no-label-list", help="Append 'Answer with one of: <labels>.' to the question (default), "
+                                             "or ask Table 1's bare question as the paper does.")] = None,
+    decode: DecodeOpt = None,
+    mixed_precision: Annotated[str | None, typer.Option(
+        "--mixed-precision", help="bf16 autocast in training and every evaluation: auto (bf16 on CUDA, the "
+                                  "default), no, or bf16.")] = None,
+    image_aspect: Annotated[str | None, typer.Option(
+        "--image-aspect", help="pad (pad to a square with the image mean first, LLaVA-1.5's way; the default for "
+                               "LLaVA-1.5 and tiny) or crop (the processor's resize + centre crop).")] = None,
     seed: SeedOpt = None,
     resume: Annotated[bool | None, typer.Option("--resume/--no-resume", help="Continue the run in --out after its "
                                                 "last epoch.")] = None,
@@ -343,9 +362,11 @@ def train_mllm_cmd(
         raise SentilensError("give --lora or --qlora, not both")
     mode = "qlora" if qlora else "lora" if lora else None
     options = {"data": data, "out": out_dir, "base_model": model, "mode": mode, "epochs": epochs, "lr": lr,
-               "batch_size": batch_size, "grad_accum": grad_accum, "max_length": max_length, "task": task,
+               "batch_size": batch_size, "global_batch_size": global_batch_size, "max_length": max_length, "task": task,
                "gradient_checkpointing": gradient_checkpointing, "seed": seed, "resume": resume,
                "train_keep_ratio": train_keep_ratio, "tiny_vision": tiny_vision, "cache": cache,
+               "image_aspect": image_aspect,
+               "label_list": label_list, "decode": decode, "mixed_precision": mixed_precision,
                "lora": None if lora_r is None else {"r": lora_r, "alpha": 2 * lora_r}}
     summary = train_mllm(mllm_train_config(options, recipe))
     if not is_main_process():
@@ -360,16 +381,26 @@ def train_mllm_cmd(
 
 @app.command("eval")
 def eval_cmd(run: RunOpt, data: DataOpt, split: SplitOpt = "test", keep_ratio: KeepRatioOpt = None,
-             decode: DecodeOpt = None, runtime: RuntimeOpt = None, as_json: JsonOpt = False) -> None:
+             decode: DecodeOpt = None,
+             compare_decodings: Annotated[bool, typer.Option(
+                 "--compare-decodings", help="MLLM runs: also predict with the other decoding and report both "
+                                             "decodings' scores and how often their labels agree.")] = False,
+             runtime: RuntimeOpt = None, as_json: JsonOpt = False) -> None:
     """Evaluate a run on a split; writes RUN/metrics-SPLIT.json."""
     from sentilens.data.records import read_split
     from sentilens.distributed import is_main_process
     from sentilens.predict import check_keep_ratio, evaluate, load_predictor
+    from sentilens.predict import compare_decodings as both_decodings
     from sentilens.runs import save_metrics
 
     check_keep_ratio(keep_ratio)
     predictor = load_predictor(run, runtime=runtime).with_options(decode=decode)
-    metrics = evaluate(predictor, read_split(data, split), keep_ratio=keep_ratio)
+    posts = read_split(data, split)
+    if compare_decodings:
+        headline = decode or predictor.describe()["config"].get("decode")
+        metrics = both_decodings(predictor, posts, keep_ratio=keep_ratio, headline=headline)
+    else:
+        metrics = evaluate(predictor, posts, keep_ratio=keep_ratio)
     if not is_main_process():
         return
     suffix = split if keep_ratio is None else f"{split}-r{keep_ratio:g}"
@@ -380,6 +411,12 @@ def eval_cmd(run: RunOpt, data: DataOpt, split: SplitOpt = "test", keep_ratio: K
         out.print(metrics_table(metrics, f"{run} on {split}"))
         if "unparsable" in metrics:
             out.print(f"{metrics['unparsable']} of {metrics['n']} generated answers named no label")
+        if "decodings" in metrics:
+            both = metrics["decodings"]
+            out.print(f"label scoring: accuracy {both['score']['accuracy']:.4f}, weighted F1 "
+                      f"{both['score']['weighted_f1']:.4f}; generation: accuracy {both['generate']['accuracy']:.4f}, "
+                      f"weighted F1 {both['generate']['weighted_f1']:.4f}; same label on {both['agreement']:.1%} "
+                      "of the posts")
 
 
 @app.command("predict")

@@ -153,7 +153,7 @@ def run_demo(out_dir: str | Path = "demo-out", size: str = "full", seed: int = 0
         from sentilens.mllm.train import MllmTrainConfig, train_mllm
 
         config = MllmTrainConfig(data=data_dir, out=mllm_dir, base_model="tiny", epochs=spec.mllm_epochs,
-                                 batch_size=8, grad_accum=1, lr=MLLM_LR, seed=seed, tiny=spec.tiny,
+                                 batch_size=8, global_batch_size=8, lr=MLLM_LR, seed=seed, tiny=spec.tiny,
                                  tiny_vision="pretrained", tiny_tower=spec.tower, cache=tower_cache)
         shutil.rmtree(mllm_dir, ignore_errors=True)
         summary = train_mllm(config)

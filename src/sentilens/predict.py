@@ -86,6 +86,8 @@ class Explanation:
     """(g, g) bool: the patches that reach the language model."""
     score_name: str
     strategy: str
+    content: tuple[float, float, float, float]
+    """(x0, y0, x1, y1) in ``picture`` pixels: where the post's image lies; outside it is padding."""
 
 
 @runtime_checkable
@@ -159,6 +161,35 @@ def unsupported(option: str, predictor: Predictor) -> SentilensError:
 def check_keep_ratio(keep_ratio: float | None) -> None:
     if keep_ratio is not None and not 0.0 < keep_ratio <= 1.0:
         raise SentilensError(f"keep ratio must be in (0, 1], got {keep_ratio}")
+
+
+def compare_decodings(predictor: Predictor, posts: Sequence[Post], keep_ratio: float | None = None,
+                      headline: str | None = None) -> dict:
+    """Metrics of the ``headline`` decoding (default: the first the predictor offers), plus ``"decodings"``:
+    each decoding's accuracy and F1 and ``agreement``, the fraction of posts on which every decoding gives
+    the same label (``eval --compare-decodings``)."""
+    decodings = predictor.capabilities.decodings
+    if len(decodings) < 2:
+        raise SentilensError(f"--compare-decodings needs a run with two decodings; this {predictor.family} run has "
+                             "one")
+    headline = headline or decodings[0]
+    if headline not in decodings:
+        raise SentilensError(f"--decode must be one of {', '.join(decodings)}, got '{headline}'")
+    check_labelled(posts)
+    predictions = {}
+    for decode in decodings:
+        configured = predictor.with_options(decode=decode)
+        predictions[decode] = predict_sharded(lambda shard, p=configured: p.predict(shard, keep_ratio=keep_ratio),
+                                                  posts)
+    compared: dict = {}
+    for decode, preds in predictions.items():
+        metrics = prediction_metrics(posts, preds, predictor.labels)
+        compared[decode] = {k: metrics[k] for k in ("accuracy", "weighted_f1", "macro_f1", "unparsable")
+                            if k in metrics}
+    same = [len({predictions[d][i].label for d in decodings}) == 1 for i in range(len(posts))]
+    compared["agreement"] = sum(same) / len(posts)
+    metrics = prediction_metrics(posts, predictions[headline], predictor.labels)
+    return {**metrics, "decode": headline, "decodings": compared}
 
 
 def check_labelled(posts: Sequence[Post]) -> None:

@@ -10,7 +10,8 @@ Three steps, the same for every format:
    image loader, so a missing, truncated or non-image file is found now, not mid-training:
    such a post is dropped with the loader's reason and the rest are kept;
 3. the posts are split (the source's split, else :func:`sentilens.data.splits.stratified_split`,
-   seeded 8:1:1 per class) and written with :func:`sentilens.data.records.write_manifest`.
+   seeded 8:1:1 per class, near-duplicates grouped by :mod:`sentilens.data.duplicates` so that
+   they never straddle splits) and written with :func:`sentilens.data.records.write_manifest`.
 
 A dropped item's reason reads ``"<kind>: <detail>"`` (``"label conflict: text positive,
 image negative"``); :func:`reason_counts` tallies the kinds for the summary table.
@@ -26,6 +27,7 @@ from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from sentilens.data.duplicates import group_duplicates
 from sentilens.data.images import ImageError, load_image
 from sentilens.data.records import SPLITS, Dropped, Post, RawDataset, write_manifest
 from sentilens.data.splits import stratified_split
@@ -113,25 +115,41 @@ def prepare(
     task: str | None = None,
     agreed_only: bool = False,
     show_progress: bool = True,
+    duplicates: str = "group",
 ) -> dict:
     """Read ``root`` in format ``fmt``, check its images, split, and write the manifest to ``out_dir``.
+
+    ``duplicates="group"`` (default) keeps posts with the same normalised text or image bytes in one
+    split (:mod:`sentilens.data.duplicates`); ``"ignore"`` splits post by post. Either way
+    ``stats.json``'s ``source.duplicates`` counts the groups found.
 
     Returns the ``stats.json`` written. Raises :class:`SentilensError` only for problems that make
     the whole input unusable; bad single items are dropped and listed in the stats.
     """
+    if duplicates not in ("group", "ignore"):
+        raise SentilensError(f"--duplicates must be group or ignore, got '{duplicates}'")
     raw = read_raw(fmt, root, task=task, agreed_only=agreed_only)
     kept, image_dropped = check_images(raw.posts, show_progress=show_progress)
     dropped = [*raw.dropped, *image_dropped]
     if not kept:
         first = f" (first: {dropped[0].id}: {dropped[0].reason})" if dropped else ""
         raise SentilensError(f"no usable posts: all {len(dropped)} items were dropped{first}", root)
+    found = group_duplicates(kept, raw.group_of)
+    duplicate_stats = {**found.stats(), "handling": duplicates}
     fixed = raw.fixed_split or {}
     free = [p for p in kept if p.id not in fixed]  # posts the source gives no split: sentilens splits them
-    splits = stratified_split(free, seed=seed, group_of=raw.group_of) if free else {split: [] for split in SPLITS}
+    group_of = (lambda post: found.key_of[post.id]) if duplicates == "group" else raw.group_of
+    splits = stratified_split(free, seed=seed, group_of=group_of) if free else {split: [] for split in SPLITS}
     splits = {split: [p for p in kept if fixed.get(p.id) == split] + splits[split] for split in SPLITS}
-    seeded = "seeded 8:1:1 per class" + (" (groups kept together)" if raw.group_of else "")
+    seeded = "seeded 8:1:1 per class" + (" (groups kept together)" if group_of else "")
     split_rule = ("given by the source" if not free else seeded if len(free) == len(kept)
                   else f"given by the source for {len(kept) - len(free)} posts, {seeded} for the other {len(free)}")
+    if fixed:
+        across: dict[str, set[str]] = {}
+        for post in kept:
+            if post.id in fixed:
+                across.setdefault(found.key_of[post.id], set()).add(fixed[post.id])
+        duplicate_stats["groups_across_given_splits"] = sum(len(s) > 1 for s in across.values())
     source = {
         "format": fmt,
         "root": str(Path(root).resolve()),
@@ -141,6 +159,7 @@ def prepare(
         "read": len(raw.posts) + len(raw.dropped),
         "kept": len(kept),
         "dropped_by_reason": reason_counts(dropped),
+        "duplicates": duplicate_stats,
     }
     return write_manifest(out_dir, splits, raw.labels, dropped, source)
 

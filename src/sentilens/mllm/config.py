@@ -21,6 +21,15 @@ from sentilens.mllm.scoring import Decode
 DECODINGS: tuple[str, ...] = get_args(Decode)
 
 
+class EvalPrecision(BaseModel):
+    """The numerics a run was validated in, which test and serving then use (``train.evaluation_precision``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    weights: Literal["float32", "bfloat16", "float16"] = Field(description="dtype the weights are loaded in")
+    autocast: Literal["bfloat16"] | None = Field(None, description="torch.autocast dtype, or None")
+
+
 class MllmRunConfig(BaseModel):
     """Everything an MLLM run needs to be rebuilt; saved as ``config.json`` with ``family: mllm``."""
 
@@ -37,6 +46,9 @@ class MllmRunConfig(BaseModel):
     decode: Decode = "score"
     predict_batch_size: int = Field(8, gt=0)
     best_epoch: int | None = None
+    precision: EvalPrecision | None = Field(None, description="None (runs made before it was saved): bf16 on CUDA")
+    batch: dict[str, int] | None = Field(None, description="the batch training used: global, per_device, "
+                                                           "processes, grad_accum")
     training: dict[str, Any] = Field(default_factory=dict, description="the options train mllm was given")
 
 

@@ -30,7 +30,7 @@ import torch
 from sentilens.data.records import Post
 from sentilens.errors import SentilensError
 from sentilens.mllm.inputs import preprocess_images
-from sentilens.predict import Predictor, check_keep_ratio
+from sentilens.predict import Explanation, Predictor, check_keep_ratio
 
 FIGURE_INCHES = (10.0, 5.0)
 DPI = 100
@@ -130,7 +130,21 @@ def explain(predictor: Predictor, image: str | Path, text: str = "", keep_ratio:
               "strategy": found.strategy}
     if ratio_on_cue is not None:
         result["mass_over_area"] = ratio_on_cue
+    padding = padding_patches(found)
+    result.update(content_box=list(found.content), padding_patches=int(padding.sum()),
+                  padding_patches_kept=int((padding & kept).sum()))
     return result
+
+
+def padding_patches(found: Explanation) -> torch.Tensor:
+    """(g, g) bool: the patches lying wholly in the padding (outside the original image, ``image_aspect: pad``)."""
+    grid = found.kept.shape[0]
+    size = found.picture.shape[1] / grid
+    starts = torch.arange(grid) * size
+    x0, y0, x1, y1 = found.content
+    outside_x = (starts + size <= x0) | (starts >= x1)
+    outside_y = (starts + size <= y0) | (starts >= y1)
+    return outside_y[:, None] | outside_x[None, :]
 
 
 def draw(picture: torch.Tensor, scores: torch.Tensor, kept: torch.Tensor, score_name: str, title: str,

@@ -17,6 +17,14 @@ scoring and generation), and scatters the projected rows into the placeholder em
 With no reducer this reproduces the logits of HF's ``model(input_ids, pixel_values=...,
 attention_mask=...)`` (tested to 1e-5).
 
+Images reach the tower in one of two ways (``image_aspect``, saved with the run's prompt settings):
+``pad`` (LLaVA-1.5's ``image_aspect_ratio=pad``, how its checkpoints were trained and evaluated)
+first pads the image to a square with the processor's mean colour, centred as LLaVA's
+``expand2square`` does, so the processor's resize keeps every edge and its centre crop cuts
+nothing; ``crop`` hands the image to the processor as it is (resize the short side, centre crop),
+which cuts the long side of a non-square image. Padding is done here, on the decoded image,
+not in the loader: the loader gives the image as it is and every consumer decides how to fit it.
+
 A reducer may also have ``capture(llava)``, a context manager entered around the vision
 tower's forward pass, so it can record what it needs (the CLS query and keys of every layer)
 from the very pass that produces the features, instead of running the tower twice.
@@ -27,9 +35,14 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor
+
+from sentilens.stages import stage
+
+ImageAspect = Literal["pad", "crop"]
 
 Reducer = Callable[[Tensor, Tensor], list[Tensor]]
 """``reduce(features (B, N, Dv), pixel_values (B, 3, H, W)) -> [kept rows (k_i, Dv) for each image]``."""
@@ -161,7 +174,8 @@ def build_inputs(llava, batch: MllmBatch, reducer: Reducer | None = None, paddin
     """Encode, reduce and project the batch's images, then :func:`assemble` the language model input."""
     visual: list[Tensor | None] = [None] * len(batch.token_ids)
     if batch.pixel_values is not None:
-        tokens = visual_tokens(llava, batch.pixel_values, reducer)
+        with stage("vision"):
+            tokens = visual_tokens(llava, batch.pixel_values, reducer)
         for i, row in enumerate(batch.image_index):
             if row is not None:
                 visual[i] = tokens[row]
@@ -178,11 +192,53 @@ def language_model_hidden(llava, inputs: LmInputs, attention_mask: Tensor | None
     )
 
 
+def pad_colour(image_processor) -> tuple[int, int, int]:
+    """The processor's image mean as an RGB colour (LLaVA-1.5 pads with it: it normalises to zero)."""
+    return tuple(int(channel * 255) for channel in image_processor.image_mean)
+
+
+def pad_to_square(image, colour: tuple[int, int, int]):
+    """The image centred on a square of its long side, filled with ``colour`` (LLaVA's ``expand2square``)."""
+    from PIL import Image
+
+    width, height = image.size
+    if width == height:
+        return image
+    side = max(width, height)
+    square = Image.new(image.mode, (side, side), colour)
+    square.paste(image, ((side - width) // 2, (side - height) // 2))
+    return square
+
+
+def content_box(size: tuple[int, int], aspect: ImageAspect, view: int) -> tuple[float, float, float, float]:
+    """Where the original image lies in the tower's ``view x view`` input: ``(x0, y0, x1, y1)`` in pixels.
+
+    With ``pad`` the rest is padding; with ``crop`` the box is the whole view (the crop cut the rest).
+    """
+    width, height = size
+    if aspect == "crop" or width == height:
+        return (0.0, 0.0, float(view), float(view))
+    scale = view / max(width, height)
+    x0, y0 = (max(width, height) - width) // 2 * scale, (max(width, height) - height) // 2 * scale
+    return (x0, y0, x0 + width * scale, y0 + height * scale)
+
+
+def pixel_values(image_processor, images: Sequence, aspect: ImageAspect) -> Tensor:
+    """``(B, 3, H, W)`` tower input of decoded RGB images, fitted by ``aspect`` (pad or crop)."""
+    if aspect not in ("pad", "crop"):
+        raise ValueError(f"image_aspect must be 'pad' or 'crop', got {aspect!r}")
+    if aspect == "pad":
+        colour = pad_colour(image_processor)
+        images = [pad_to_square(image, colour) for image in images]
+    return image_processor(list(images), return_tensors="pt")["pixel_values"]
+
+
 def make_batch(builder, posts: Sequence, with_targets: bool = False) -> MllmBatch:
     """Posts to a batch: prompts (and for training, prompt + answer with targets) and preprocessed images.
 
-    Images go through the one safe loader (:func:`sentilens.data.images.load_image`) and the
-    checkpoint's own image processor.
+    Images go through the one safe loader (:func:`sentilens.data.images.load_image`), are fitted
+    by the prompt settings' ``image_aspect`` (:func:`pixel_values`) and go through the checkpoint's
+    own image processor.
     """
     from sentilens.data.images import load_image
 
@@ -203,5 +259,6 @@ def make_batch(builder, posts: Sequence, with_targets: bool = False) -> MllmBatc
 
 
 def preprocess_images(builder, images: Sequence) -> Tensor:
-    """``(B, 3, S, S)`` pixel values of PIL images, by the checkpoint's own image processor."""
-    return builder.processor.image_processor(list(images), return_tensors="pt")["pixel_values"]
+    """``(B, 3, S, S)`` pixel values of PIL images, fitted by the prompt settings' ``image_aspect``
+    (:func:`pixel_values`) and the checkpoint's own image processor."""
+    return pixel_values(builder.processor.image_processor, images, builder.settings.image_aspect)

@@ -9,7 +9,10 @@ trainable projector + language model (the paper's "Training Setup"), LoRA/QLoRA,
   bitsandbytes; CUDA only). The vision tower never trains: ``requires_grad`` off and eval mode.
 - Precision: float32 on CPU. On CUDA, full fine-tuning keeps float32 weights and trains under
   bf16 autocast (bf16 weights would round away most 2e-5 updates); LoRA loads the frozen base
-  in bf16 and keeps adapters in float32; inference runs in bf16.
+  in bf16 and keeps adapters in float32. Evaluation (val in training, then test and serving)
+  runs in the numerics training validated in: the run saves them (``precision``: weights dtype
+  and autocast) and the predictor loads and predicts the same way; a run without that record
+  is predicted in bf16 on CUDA.
 - ``tiny`` (:func:`build_tiny`): a small random LLaVA for tests and the demo, built from configs
   (CLIP ViT with a CLS token, Llama LM, a byte-level BPE tokenizer trained offline, a CLIP image
   processor, the LLaVA-1.5 chat template), saved with ``save_pretrained`` and loaded back through
@@ -261,13 +264,18 @@ class MllmModel(nn.Module):
 
 def prepare_model(source: str | Path, mode: Mode = "full", lora: LoraSettings | None = None,
                   device: str | torch.device = "cpu", training: bool = True,
-                  gradient_checkpointing: bool = False) -> MllmModel:
-    """Load a checkpoint and set up what trains: the projector and the language model or its adapters."""
+                  gradient_checkpointing: bool = False, dtype: torch.dtype | None = None) -> MllmModel:
+    """Load a checkpoint and set up what trains: the projector and the language model or its adapters.
+
+    ``dtype`` overrides the weights' dtype (a run's saved evaluation precision, so test runs in the
+    numerics validation ran in); None: the rule in the module docstring.
+    """
     if mode not in ("full", "lora", "qlora"):
         raise SentilensError(f"unknown fine-tuning mode '{mode}' (full, lora or qlora)")
     cuda = torch.device(device).type == "cuda"
     four_bit = mode == "qlora" and (training or cuda)
-    dtype = torch.bfloat16 if cuda and (mode != "full" or not training) else torch.float32
+    if dtype is None:
+        dtype = torch.bfloat16 if cuda and (mode != "full" or not training) else torch.float32
     llava, processor = load_checkpoint(source, dtype=dtype, device=device, four_bit=four_bit)
     llava.config.use_cache = False
     for p in llava.parameters():

@@ -21,11 +21,12 @@ from pathlib import Path
 
 import torch
 
+from sentilens.data.images import load_image
 from sentilens.data.records import Post
 from sentilens.distributed import default_device
 from sentilens.errors import SentilensError
 from sentilens.mllm.config import MllmRunConfig, describe_run, load_run_config
-from sentilens.mllm.inputs import Reducer, encode_images, make_batch
+from sentilens.mllm.inputs import Reducer, content_box, encode_images, make_batch
 from sentilens.mllm.model import MllmModel, num_image_tokens, prepare_model
 from sentilens.mllm.prompt import PromptBuilder
 from sentilens.mllm.scoring import predict_posts
@@ -64,8 +65,9 @@ class MllmPredictor:
         run_dir = Path(run_dir)
         settings = load_run_config(load_config(run_dir), run_dir / CONFIG)
         device = torch.device(device) if device is not None else default_device()
+        precision = settings.precision
         model = prepare_model(base_source(run_dir, settings.base_model), settings.mode, settings.lora, device=device,
-                              training=False)
+                              training=False, dtype=None if precision is None else getattr(torch, precision.weights))
         weights = run_dir / settings.weights
         model.load_trainable_state(load_weights(weights, device=device), weights)
         model.eval()
@@ -125,7 +127,8 @@ class MllmPredictor:
 
     def predict(self, posts: Sequence[Post], keep_ratio: float | None = None) -> list[Prediction]:
         return predict_posts(self.model.llava, self.builder, list(posts), self.batch_size,
-                             reducer=self.reducer(keep_ratio), decode=self.decode)
+                             reducer=self.reducer(keep_ratio), decode=self.decode,
+                             autocast=None if self.run_config.precision is None else self.run_config.precision.autocast)
 
     def explain(self, post: Post, keep_ratio: float) -> Explanation:
         """The prediction at ``keep_ratio`` and the patch scores + kept mask of the same reducer.
@@ -156,6 +159,7 @@ class MllmPredictor:
         std = torch.tensor(processor.image_std).view(3, 1, 1)
         picture = (batch.pixel_values[0].float().cpu() * std + mean).clamp(0, 1).permute(1, 2, 0)
         name = "CLS attention" if reducer.scorer.cls else "mean attention received (no CLS token)"
+        content = content_box(load_image(post.image).size, self.builder.settings.image_aspect, picture.shape[1])
         return Explanation(prediction=prediction, picture=picture,
                            scores=selection.scores.float().cpu().view(side, side), kept=kept.view(side, side),
-                           score_name=name, strategy=self.strategy)
+                           score_name=name, strategy=self.strategy, content=content)

@@ -7,7 +7,8 @@ One single-turn conversation per post::
 ``X_v`` is the image (one ``<image>`` placeholder here; the model input builder in
 :mod:`sentilens.mllm.inputs` widens it to one position per visual token), ``X_t`` the post
 text, ``X_p`` the question ("What is the sentiment of the given text?" for sentiment, a
-per-task question for CrisisMMD) followed by the label words, and ``Y_s`` the label word.
+per-task question for CrisisMMD) followed by the label words (our default; ``label_list=False``
+asks the bare question, as the paper does), and ``Y_s`` the label word.
 
 Choices where the paper is silent, and why:
 
@@ -79,14 +80,20 @@ HUMANITARIAN_LABELS = {
 
 
 class PromptSettings(BaseModel):
-    """Everything that shapes the instruction; saved in a run's config so scoring rebuilds it exactly."""
+    """Everything that shapes the model's input (the instruction, and how an image is fitted to the
+    tower); saved in a run's config so scoring rebuilds it exactly."""
 
     task: Task = "sentiment"
     system: str = LLAVA15_SYSTEM
     question: str | None = Field(None, description="X_p; None = the task's question")
+    label_list: bool = Field(True, description="append 'Answer with one of: <labels>.' to X_p (our default); "
+                                               "False: Table 1's bare question, as the paper asked it")
     answer_prefix: str = " "
     end_token: str | None = Field(None, description="end-of-turn token; None = the tokenizer's eos token")
     max_length: int = Field(2048, gt=0, description="tokens, visual tokens and answer included")
+    image_aspect: Literal["pad", "crop"] = Field(
+        "crop", description="pad: pad to a square with the processor's mean colour first (LLaVA-1.5); crop: the "
+                            "processor's resize + centre crop. Runs made before this setting existed cropped.")
 
 
 def infer_task(labels: Sequence[str]) -> Task:
@@ -107,8 +114,11 @@ def label_text(label: str) -> str:
 
 
 def full_question(settings: PromptSettings, labels: Sequence[str]) -> str:
-    """X_p followed by the label words, e.g. "... text? Answer with one of: positive, neutral, negative."."""
+    """X_p followed by the label words, e.g. "... text? Answer with one of: positive, neutral, negative.",
+    or with ``label_list=False`` the bare X_p of Table 1 (the labels are then learnt from the answers only)."""
     question = settings.question or TASK_QUESTIONS[settings.task]
+    if not settings.label_list:
+        return question
     return f"{question} Answer with one of: {', '.join(label_text(x) for x in labels)}."
 
 

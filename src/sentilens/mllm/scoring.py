@@ -27,6 +27,7 @@ alone and in any batch.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import nullcontext
 from typing import Literal
 
 import torch
@@ -37,6 +38,7 @@ from sentilens.mllm.inputs import LmInputs, Reducer, build_inputs, language_mode
 from sentilens.mllm.prompt import PromptBuilder
 from sentilens.predict import Prediction
 from sentilens.progress import progress_bar
+from sentilens.stages import stage
 
 Decode = Literal["score", "generate"]
 
@@ -87,7 +89,8 @@ def greedy_answers(llava, inputs: LmInputs, stop_ids: set[int], max_new_tokens: 
     from transformers import DynamicCache
 
     cache = DynamicCache(config=llava.config)
-    out = language_model_hidden(llava, inputs, past_key_values=cache, use_cache=True)
+    with stage("lm"):  # the prefill; the decoding steps after it are timed apart
+        out = language_model_hidden(llava, inputs, past_key_values=cache, use_cache=True)
     mask, position = inputs.attention_mask, inputs.position_ids[:, -1:]
     batch = mask.shape[0]
     generated: list[list[int]] = [[] for _ in range(batch)]
@@ -116,21 +119,31 @@ def predict_posts(
     reducer: Reducer | None = None,
     decode: Decode = "score",
     description: str = "predicting",
+    autocast: str | None = None,
 ) -> list[Prediction]:
-    """Label, label probabilities and visual-token count of each post, in batches, with a progress bar."""
+    """Label, label probabilities and visual-token count of each post, in batches, with a progress bar.
+
+    ``autocast`` (e.g. "bfloat16") runs the model under ``torch.autocast`` in that dtype: the run's
+    saved evaluation precision, the same on val during training and on test afterwards.
+    """
     if decode not in ("score", "generate"):
         raise ValueError(f"decode must be 'score' or 'generate', got {decode!r}")
     labels = builder.labels
     answers = [builder.answer_ids[label] for label in labels]
     predictions: list[Prediction] = []
-    with progress_bar() as progress, torch.no_grad():
+    device = llava.lm_head.weight.device
+    numerics = torch.autocast(device.type, dtype=getattr(torch, autocast)) if autocast else nullcontext()
+    with progress_bar() as progress, torch.no_grad(), numerics:
         task = progress.add_task(description, total=len(posts), unit="posts", status="")
         for start in range(0, len(posts), batch_size):
             chunk = posts[start:start + batch_size]
-            batch = make_batch(builder, chunk).to(llava.lm_head.weight.device)
+            with stage("image"):
+                batch = make_batch(builder, chunk)
+            batch = batch.to(llava.lm_head.weight.device)
             inputs = build_inputs(llava, batch, reducer=reducer, padding_side="left")
             if decode == "score":
-                probs = label_log_probs(llava, inputs, answers).softmax(dim=-1).tolist()
+                with stage("lm"):
+                    probs = label_log_probs(llava, inputs, answers).softmax(dim=-1).tolist()
                 for row, kept in zip(probs, inputs.image_tokens, strict=True):
                     best = max(range(len(labels)), key=row.__getitem__)
                     predictions.append(Prediction(labels[best], dict(zip(labels, row, strict=True)), kept))

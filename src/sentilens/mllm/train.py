@@ -5,13 +5,18 @@ trained, the best epoch chosen on validation. Where the paper is silent we follo
 fine-tuning recipe: AdamW without weight decay, cosine schedule with 3 % linear warm-up,
 gradient clipping at 1.0; LoRA runs default to lr 2e-4 (LLaVA-1.5's LoRA recipe).
 
-- Effective batch = ``batch_size x grad_accum x processes`` (16 = 4 x 4 on one device).
+- The effective batch is ``global_batch_size`` (16, the paper's), whatever the number of
+  processes launched: gradient accumulation is derived as ``global / (batch_size x processes)``
+  (4 x 4 on one device, 2 x 1 on 8 GPUs); a global batch the launch cannot divide is refused
+  (:func:`accumulation_steps`), so ``accelerate launch`` on more GPUs never silently grows the
+  batch and resizes the schedule. The run's ``config.json`` records the batch actually used.
 - Each epoch is a fixed permutation of the training posts (seeded by seed and epoch) cut
   into micro-batches dealt round-robin to the processes; every process gets the same number
   of micro-batches, a multiple of ``grad_accum`` (the last few posts of the permutation are
   followed by the first ones to fill the last step), so no accumulation spills over an
   epoch and a resumed run sees exactly the batches an uninterrupted one would.
-- After every epoch: label scoring on val (sharded over the processes), weighted F1; the
+- After every epoch: the run's decoding (label scoring, or generation with ``decode: generate``)
+  on val (sharded over the processes), weighted F1; the
   best epoch's trainable weights go to ``model.safetensors`` (projector + language model,
   or projector + LoRA adapters), its metrics to ``metrics-val.json`` and its predictions to
   ``predictions-val.jsonl``; ``history.json`` has every epoch's loss and val scores (the run
@@ -27,6 +32,7 @@ gradient clipping at 1.0; LoRA runs default to lr 2e-4 (LLaVA-1.5's LoRA recipe)
 from __future__ import annotations
 
 import math
+import re
 import shutil
 import time
 from pathlib import Path
@@ -39,7 +45,7 @@ from sentilens.data.records import Post, read_labels, read_split
 from sentilens.distributed import predict_sharded
 from sentilens.errors import SentilensError
 from sentilens.metrics import classification_metrics
-from sentilens.mllm.config import MllmRunConfig
+from sentilens.mllm.config import EvalPrecision, MllmRunConfig
 from sentilens.mllm.inputs import make_batch
 from sentilens.mllm.model import (
     TINY,
@@ -52,7 +58,7 @@ from sentilens.mllm.model import (
     prepare_model,
 )
 from sentilens.mllm.prompt import PromptBuilder, PromptSettings, Task, infer_task
-from sentilens.mllm.scoring import predict_posts
+from sentilens.mllm.scoring import Decode, predict_posts
 from sentilens.mllm.tower import TowerRecipe
 from sentilens.progress import progress_bar
 from sentilens.recipes import read_recipe
@@ -88,17 +94,25 @@ class MllmTrainConfig(BaseModel):
     lora: LoraSettings = Field(default_factory=LoraSettings)
     epochs: int = Field(10, gt=0)
     lr: float | None = Field(None, gt=0, description="None: 2e-5 for full fine-tuning, 2e-4 for (Q)LoRA")
-    batch_size: int = Field(4, gt=0, description="per device")
-    grad_accum: int = Field(4, gt=0)
+    batch_size: int = Field(4, gt=0, description="posts per device per micro-batch")
+    global_batch_size: int = Field(16, gt=0, description="posts per optimizer step over all processes "
+                                   "(the paper: 16); gradient accumulation is derived from it")
     warmup_ratio: float = Field(0.03, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float = Field(1.0, gt=0)
     task: Task | None = Field(None, description="None: inferred from the labels")
     system: str | None = None
     question: str | None = None
+    label_list: bool = Field(True, description="append the label words to the question (False: the paper's "
+                                               "bare question of Table 1)")
+    decode: Decode = Field("score", description="how the run predicts, on val and after: score (one pass over "
+                                                "every label's answer) or generate (greedy, parsed: the paper)")
     max_length: int = Field(2048, gt=0)
     eval_batch_size: int = Field(8, gt=0)
     gradient_checkpointing: bool = False
+    mixed_precision: Literal["auto", "no", "bf16"] = Field(
+        "auto", description="bf16 autocast in training and in every evaluation (val, test, serving); auto: bf16 on "
+                            "CUDA, none on CPU")
     train_keep_ratio: float | None = Field(None, gt=0, le=1, description="also filter visual tokens in training "
                                            "and on val (None: the paper, which filters at inference only)")
     tiny: TinySpec = Field(default_factory=TinySpec, description="shapes of --model tiny")
@@ -106,12 +120,25 @@ class MllmTrainConfig(BaseModel):
         "pretrained", description="--model tiny: pretrain its vision tower first (cached), or leave it random")
     tiny_tower: TowerRecipe = Field(default_factory=TowerRecipe, description="how --model tiny pretrains its tower")
     cache: Path | None = Field(None, description="pretrained-tower cache (default ~/.cache/sentilens/towers)")
+    image_aspect: Literal["pad", "crop"] | None = Field(
+        None, description="pad (LLaVA-1.5's image_aspect_ratio=pad) or crop; None: pad for LLaVA-1.5 checkpoints "
+                          "and 'tiny', crop (the processor's own behaviour) for any other checkpoint")
     seed: int = 0
     resume: bool = False
 
     @property
     def learning_rate(self) -> float:
         return self.lr if self.lr is not None else (2e-5 if self.mode == "full" else 2e-4)
+
+
+
+LLAVA15_NAME = re.compile(r"llava[-_]?v?1[._]5", re.IGNORECASE)
+
+
+def default_image_aspect(base_model: str) -> str:
+    """``pad`` for LLaVA-1.5 checkpoints (trained and evaluated with ``image_aspect_ratio=pad``) and for
+    ``tiny`` (which stands in for them); ``crop`` for others, whose processors were made for cropping."""
+    return "pad" if base_model == TINY or LLAVA15_NAME.search(base_model) else "crop"
 
 
 def mllm_train_config(options: dict, recipe: str | Path | None = None) -> MllmTrainConfig:
@@ -131,6 +158,31 @@ def mllm_train_config(options: dict, recipe: str | Path | None = None) -> MllmTr
         first = err.errors()[0]
         where = ".".join(str(x) for x in first["loc"])
         raise SentilensError(f"option '{where}': {first['msg']}", recipe) from None
+
+
+def accumulation_steps(global_batch_size: int, batch_size: int, world: int) -> int:
+    """Micro-batches per optimizer step so that ``batch_size x world x steps = global_batch_size``."""
+    per_pass = batch_size * world
+    if global_batch_size % per_pass:
+        raise SentilensError(f"global_batch_size {global_batch_size} is not a multiple of batch_size {batch_size} x "
+                             f"{world} process(es) = {per_pass}: change --batch-size or --global-batch-size")
+    return global_batch_size // per_pass
+
+
+def evaluation_precision(model: MllmModel, mixed_precision: str, deepspeed: bool) -> dict:
+    """The numerics validation runs in, saved in the run so that test and serving run in the same.
+
+    ``weights``: the dtype of the language model's weights as training holds them (float32 master
+    weights under plain autocast; DeepSpeed's bf16 mode keeps bf16 weights; LoRA a bf16 base);
+    ``autocast``: the dtype ``torch.autocast`` runs in, or None. The predictor loads the weights in
+    that dtype and predicts under the same autocast, so the best epoch is chosen under the numerics
+    it is then used with.
+    """
+    weights = model.llava.lm_head.weight.dtype
+    if deepspeed and mixed_precision == "bf16":
+        weights = torch.bfloat16
+    autocast = "bfloat16" if mixed_precision == "bf16" else None
+    return {"weights": str(weights).removeprefix("torch."), "autocast": autocast}
 
 
 def epoch_batches(n: int, batch_size: int, grad_accum: int, world: int, rank: int, seed: int,
@@ -158,6 +210,8 @@ def train_mllm(cfg: MllmTrainConfig) -> dict:
     from accelerate import Accelerator, PartialState
     from accelerate.utils import set_seed
 
+    if cfg.image_aspect is None:
+        cfg = cfg.model_copy(update={"image_aspect": default_image_aspect(cfg.base_model)})
     labels = read_labels(cfg.data)
     train_posts, val_posts = read_split(cfg.data, "train"), read_split(cfg.data, "val")
     _check_labelled(train_posts, cfg.data / "train.jsonl", required=True)
@@ -167,7 +221,9 @@ def train_mllm(cfg: MllmTrainConfig) -> dict:
 
     state = PartialState()
     cuda = state.device.type == "cuda"
-    accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision="bf16" if cuda else "no")
+    grad_accum = accumulation_steps(cfg.global_batch_size, cfg.batch_size, state.num_processes)
+    mixed = cfg.mixed_precision if cfg.mixed_precision != "auto" else ("bf16" if cuda else "no")
+    accelerator = Accelerator(gradient_accumulation_steps=grad_accum, mixed_precision=mixed)
     main = accelerator.is_main_process  # the only process that writes files (progress bars: sentilens.progress)
     deepspeed = accelerator.state.deepspeed_plugin is not None
     if deepspeed and cfg.resume:
@@ -182,6 +238,7 @@ def train_mllm(cfg: MllmTrainConfig) -> dict:
 
         model.reducer = make_reducer(model.llava, cfg.train_keep_ratio)
     settings = PromptSettings(task=cfg.task or infer_task(labels), max_length=cfg.max_length,
+                              image_aspect=cfg.image_aspect, label_list=cfg.label_list,
                               **{k: v for k, v in (("system", cfg.system), ("question", cfg.question)) if v})
     builder = PromptBuilder(model.processor, settings, labels, num_image_tokens(model.llava, model.processor))
     run_config = MllmRunConfig(
@@ -192,17 +249,20 @@ def train_mllm(cfg: MllmTrainConfig) -> dict:
         labels=labels,
         weights=MODEL_WEIGHTS,
         num_image_tokens=builder.num_image_tokens,
-        decode="score",
+        decode=cfg.decode,
         predict_batch_size=cfg.eval_batch_size,
         best_epoch=None,
+        precision=EvalPrecision(**evaluation_precision(model, mixed, deepspeed)),
+        batch={"global": cfg.global_batch_size, "per_device": cfg.batch_size, "processes": accelerator.num_processes,
+               "grad_accum": grad_accum},
         training=cfg.model_dump(mode="json"),
     )
 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     world, rank = accelerator.num_processes, accelerator.process_index
-    steps_per_epoch = len(epoch_batches(len(train_posts), cfg.batch_size, cfg.grad_accum, world, rank, cfg.seed, 0))
-    steps_per_epoch //= cfg.grad_accum
+    steps_per_epoch = len(epoch_batches(len(train_posts), cfg.batch_size, grad_accum, world, rank, cfg.seed, 0))
+    steps_per_epoch //= grad_accum
     scheduler = cosine_with_warmup(optimizer, cfg.epochs * steps_per_epoch, cfg.warmup_ratio)
 
     history: list[dict] = []
@@ -220,10 +280,11 @@ def train_mllm(cfg: MllmTrainConfig) -> dict:
 
     for epoch in range(start_epoch, cfg.epochs):
         started = time.perf_counter()
-        loss = _train_epoch(accelerator, model, optimizer, scheduler, builder, train_posts, cfg, epoch)
+        loss = _train_epoch(accelerator, model, optimizer, scheduler, builder, train_posts, cfg, grad_accum, epoch)
         core.eval()
         predictions = predict_sharded(
             lambda posts: predict_posts(core.llava, builder, posts, cfg.eval_batch_size, reducer=core.reducer,
+                                        decode=cfg.decode, autocast=run_config.precision.autocast,
                                         description="val"),
             val_posts)
         core.train()
@@ -257,9 +318,9 @@ def train_mllm(cfg: MllmTrainConfig) -> dict:
 
 
 def _train_epoch(accelerator, model, optimizer, scheduler, builder: PromptBuilder, posts: list[Post],
-                 cfg: MllmTrainConfig, epoch: int) -> float:
+                 cfg: MllmTrainConfig, grad_accum: int, epoch: int) -> float:
     world, rank = accelerator.num_processes, accelerator.process_index
-    batches = epoch_batches(len(posts), cfg.batch_size, cfg.grad_accum, world, rank, cfg.seed, epoch)
+    batches = epoch_batches(len(posts), cfg.batch_size, grad_accum, world, rank, cfg.seed, epoch)
     params = [p for p in model.parameters() if p.requires_grad]
     model.train()
     total, count = 0.0, 0
@@ -296,8 +357,8 @@ def _check_run_dir(out: Path, cfg: MllmTrainConfig) -> None:
     if cfg.resume:
         check_resumable(out)
         saved = load_config(out)["training"]
-        for key in ("base_model", "mode", "data", "batch_size", "grad_accum", "epochs", "seed"):
-            now, then = getattr(cfg, key), saved[key]
+        for key in ("base_model", "mode", "data", "batch_size", "global_batch_size", "epochs", "seed"):
+            now, then = getattr(cfg, key), saved.get(key)
             if key == "data":
                 now, then = Path(now).resolve(), Path(then).resolve()
             if str(now) != str(then):

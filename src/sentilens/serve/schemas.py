@@ -134,7 +134,10 @@ class Heatmap(BaseModel):
     kept_patches: int
     patches: int
     score_name: str = Field(description="What was scored: CLS attention, or mean attention received.")
-    image: str = Field(description="The image as the vision tower sees it (resized, cropped), a PNG data: URL.")
+    image: str = Field(description="The image as the vision tower sees it (padded or cropped, resized), a PNG "
+                                   "data: URL.")
+    content: list[float] = Field(description="[x0, y0, x1, y1] as fractions of the image: where the post's "
+                                             "image lies; outside it is padding (all [0, 0, 1, 1] when cropped).")
 
 
 class ExplainResponse(PredictResponse):

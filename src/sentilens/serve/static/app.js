@@ -93,8 +93,17 @@ function drawHeatmap(heatmap) {
         }
       }
     }
+    // the original image's place in the square the tower saw; outside it, the mean-colour padding
+    const [x0, y0, x1, y1] = heatmap.content.map((v) => v * size);
+    context.setLineDash([6, 4]);
+    context.strokeStyle = "#000000";
+    context.lineWidth = 2;
+    context.strokeRect(x0, y0, x1 - x0, y1 - y0);
+    context.setLineDash([]);
+    const padded = x0 > 0 || y0 > 0 || x1 < size || y1 < size;
     $("heatmap-caption").textContent =
-      `${heatmap.score_name} per patch; outlined: the ${heatmap.kept_patches} of ${heatmap.patches} patches kept`;
+      `${heatmap.score_name} per patch; outlined: the ${heatmap.kept_patches} of ${heatmap.patches} patches kept` +
+      (padded ? "; outside the dashed box: padding" : "");
     $("heatmap-figure").hidden = false;
     canvas.dataset.drawn = "true";
   };
