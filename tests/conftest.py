@@ -28,17 +28,3 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="session", autouse=True)
-def private_cache(tmp_path_factory):
-    """Caches the code writes by default (encoders exported to ONNX) go to a folder of this session, not ~/.cache."""
-    import os
-
-    before = os.environ.get("SENTILENS_CACHE")
-    os.environ["SENTILENS_CACHE"] = str(tmp_path_factory.mktemp("sentilens-cache"))
-    yield
-    if before is None:
-        os.environ.pop("SENTILENS_CACHE", None)
-    else:
-        os.environ["SENTILENS_CACHE"] = before
