@@ -115,3 +115,22 @@ def test_unloadable_models_are_user_errors(tmp_path):
         ImageEncoder(str(tmp_path / "no-such-model")).dim  # noqa: B018
     with pytest.raises(SentilensError, match="not a local folder"):
         ImageEncoder(str(tmp_path / "no-such-model")).fingerprint  # noqa: B018
+
+
+def test_encoders_saved_only_as_pickles_are_refused_not_unpickled(tmp_path, monkeypatch):
+    """A folder whose weights exist only as pytorch_model.bin is a user error; torch.load is never reached."""
+    from safetensors.torch import load_file
+
+    folders = {"text": save_tiny_gpt2(tmp_path / "gpt2"), "image": save_tiny_resnet(tmp_path / "resnet")}
+    for folder in folders.values():
+        torch.save(load_file(str(folder / "model.safetensors")), folder / "pytorch_model.bin")
+        (folder / "model.safetensors").unlink()
+
+    def no_unpickling(*args, **kwargs):
+        raise AssertionError("torch.load was called on a pickle")
+
+    monkeypatch.setattr(torch, "load", no_unpickling)
+    with pytest.raises(SentilensError, match="cannot load text model"):
+        TextEncoder(str(folders["text"]))
+    with pytest.raises(SentilensError, match="cannot load vision model"):
+        ImageEncoder(str(folders["image"])).model  # noqa: B018

@@ -149,7 +149,8 @@ class ImageEncoder:
         from transformers import AutoModel
 
         try:
-            return AutoModel.from_pretrained(self.name)
+            # safetensors only: a pickle-only checkpoint is refused, never unpickled.
+            return AutoModel.from_pretrained(self.name, use_safetensors=True)
         except (OSError, ValueError) as err:
             raise SentilensError(f"cannot load vision model '{self.name}' ({str(err).splitlines()[0]})") from None
 
@@ -219,7 +220,7 @@ class TextEncoder(torch.nn.Module):
             else name
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(self.source)
-            self.model = AutoModel.from_pretrained(self.source)
+            self.model = AutoModel.from_pretrained(self.source, use_safetensors=True)  # never a pickle
         except (OSError, ValueError) as err:
             raise SentilensError(f"cannot load text model '{name}' ({str(err).splitlines()[0]})") from None
         architectures = getattr(self.model.config, "architectures", None) or []

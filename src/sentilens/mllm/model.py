@@ -135,7 +135,7 @@ def build_tiny(out_dir: str | Path, corpus: Iterable[str] = (), seed: int = 0, s
         torch.manual_seed(seed)
         model = LlavaForConditionalGeneration(config)
     if vision_tower is not None:
-        pretrained = CLIPVisionModel.from_pretrained(str(vision_tower))
+        pretrained = CLIPVisionModel.from_pretrained(str(vision_tower), use_safetensors=True)
         shape = ("hidden_size", "num_hidden_layers", "num_attention_heads", "image_size", "patch_size",
                  "intermediate_size")
         differs = [k for k in shape if getattr(vision, k) != getattr(pretrained.config, k, None)]
