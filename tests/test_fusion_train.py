@@ -21,7 +21,7 @@ from sentilens.fusion.model import FusionModel
 from sentilens.fusion.predictor import FusionPredictor
 from sentilens.fusion.train import resume_fusion, train_fusion
 from sentilens.predict import evaluate, load_predictor
-from sentilens.runs import load_weights, read_json
+from sentilens.runs import load_history, load_weights, read_json
 
 pytestmark = pytest.mark.slow  # trains real models: left out of `make test-fast`, run by `make test`
 
@@ -209,3 +209,26 @@ def test_the_papers_recipe_is_a_valid_config():
     assert (config.image_encoder, config.text_encoder, config.variant) == ("microsoft/resnet-50", "gpt2", "full")
     assert config.prompt_template == PROMPTS["informative"]
     assert (config.lr, config.batch_size, config.dropout, config.epochs) == (1e-3, 32, 0.5, 3)
+
+
+def test_balanced_class_weights_are_n_over_k_times_count():
+    from sentilens.data.records import Post
+    from sentilens.fusion.train import _class_weights
+
+    labels = ["positive"] * 6 + ["neutral"] * 3 + ["negative"]
+    posts = [Post(str(i), "t", None, label) for i, label in enumerate(labels)]
+    config = FusionConfig(labels=["positive", "neutral", "negative"], class_weight="balanced")
+    assert _class_weights(config, posts, "cpu").tolist() == pytest.approx([10 / 18, 10 / 9, 10 / 3])
+    assert _class_weights(config.model_copy(update={"class_weight": "none"}), posts, "cpu") is None
+
+
+def test_patience_stops_once_validation_stops_improving(synth, ablation, tmp_path):
+    data = subset_manifest(synth, tmp_path / "small", {"train": 96, "val": 40, "test": 40})
+    config = FusionConfig(variant="text", image_size=SIZE, epochs=30, patience=2, lr=3e-2)
+    summary = train_fusion(config, data, tmp_path / "run", cache=FeatureCache(ablation["cache"]), device="cpu")
+    assert summary["epochs"] < 30  # a 96-post head at lr 3e-2 stops improving long before 30 epochs
+    assert summary["epochs"] - summary["best_epoch"] == 2
+    history = [h["val"]["weighted_f1"] for h in load_history(tmp_path / "run")]
+    assert len(history) == summary["epochs"]
+    assert history[summary["best_epoch"] - 1] == max(history)
+    assert all(f1 <= max(history) for f1 in history[summary["best_epoch"]:])

@@ -95,6 +95,12 @@ class FusionConfig(BaseModel):
     batch_size: int = Field(32, ge=1)
     epochs: int = Field(20, ge=1)
     """The paper trains "100 iterations"; on frozen cached features the head converges well before."""
+    patience: int | None = Field(None, ge=1)
+    """Early stopping: end training once validation weighted F1 has not improved for this many epochs
+    (the best epoch's weights are kept either way)."""
+    class_weight: Literal["none", "balanced"] = "none"
+    """``balanced`` weighs each label's loss by n / (labels x its count) in the training split, so rare
+    labels weigh as much as common ones (raises macro F1 at some cost in weighted F1 on skewed sets)."""
     seed: int = 0
     labels: list[str] = Field(default_factory=list)
 

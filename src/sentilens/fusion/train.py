@@ -104,7 +104,8 @@ def _restore(run_dir: Path, model: FusionModel, text_encoder: TextEncoder | None
 
 def _train_epoch(model: FusionModel, optimizer: torch.optim.Optimizer, posts: Sequence[Post],
                  features: Sequence[PostFeatures], config: FusionConfig, epoch: int, live_text: TextEncoder | None,
-                 device: str, on_batch: Callable[[int, float], None]) -> float:
+                 device: str, on_batch: Callable[[int, float], None], class_weights: torch.Tensor | None = None
+                 ) -> float:
     """One pass over the training posts in this epoch's seeded order; returns the mean loss."""
     label_index = {label: i for i, label in enumerate(config.labels)}
     model.train()
@@ -119,13 +120,22 @@ def _train_epoch(model: FusionModel, optimizer: torch.optim.Optimizer, posts: Se
         batch_posts = [posts[i] for i in idx]
         batch = collate_features([features[i] for i in idx], batch_posts, *config.feature_dims, live_text, device)
         targets = torch.tensor([label_index[p.label] for p in batch_posts], device=device)
-        loss = F.cross_entropy(model(batch), targets)
+        loss = F.cross_entropy(model(batch), targets, weight=class_weights)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         total += loss.item() * len(idx)
         on_batch(len(idx), total / (start + len(idx)))
     return total / len(posts)
+
+
+def _class_weights(config: FusionConfig, posts: Sequence[Post], device: str) -> torch.Tensor | None:
+    """Loss weight of each label, n / (k x count), for ``class_weight: balanced`` (a label absent from train: 0)."""
+    if config.class_weight == "none":
+        return None
+    counts = torch.tensor([sum(p.label == label for p in posts) for label in config.labels], dtype=torch.float32)
+    weights = torch.where(counts > 0, len(posts) / (len(config.labels) * counts.clamp(min=1)), torch.zeros(()))
+    return weights.to(device)
 
 
 def _score(predictor: FusionPredictor, posts: Sequence[Post], features: Sequence[PostFeatures]) -> tuple[dict, list]:
@@ -177,6 +187,7 @@ def fit(config: FusionConfig, data_dir: str | Path, run_dir: str | Path, *, resu
     predictor = FusionPredictor(config, model, text_encoder, image_encoder, device=device)
 
     train_posts, n_train = splits["train"], len(splits["train"])
+    class_weights = _class_weights(config, train_posts, device)
     with progress_bar() as bar:
         task = bar.add_task(f"training fusion/{config.variant}", total=config.epochs * n_train,
                             completed=state["epochs_done"] * n_train, unit="post", status="")
@@ -187,7 +198,7 @@ def fit(config: FusionConfig, data_dir: str | Path, run_dir: str | Path, *, resu
                 bar.update(task, advance=n, status=f"epoch {epoch + 1}/{config.epochs} loss {loss:.4f}")
 
             loss = _train_epoch(model, optimizer, train_posts, features["train"], config, epoch, live_text, device,
-                                on_batch)
+                                on_batch, class_weights)
             val = _score(predictor, splits["val"], features["val"])[0] if splits["val"] else None
             record = {"epoch": epoch + 1, "train_loss": loss, "seconds": round(time.perf_counter() - epoch_started, 2)}
             if val is not None:
@@ -203,12 +214,14 @@ def fit(config: FusionConfig, data_dir: str | Path, run_dir: str | Path, *, resu
             save_training_state(run_dir, run_weights(model, live_text), optimizer.state_dict(), state)
             bar.update(task, status=f"epoch {epoch + 1}/{config.epochs} loss {loss:.4f} val F1 "
                                     + ("-" if val_f1 is None else f"{val_f1:.4f}"))
+            if config.patience and val_f1 is not None and state["epochs_done"] - state["best_epoch"] >= config.patience:
+                break  # early stopping: no gain on val for `patience` epochs (the best epoch's weights are kept)
 
     best = load_weights(run_dir / MODEL_WEIGHTS, device)
     trained = run_weights(model, live_text)
     for name, value in best.items():
         trained[name].copy_(value)
-    summary = {"run": str(run_dir), "variant": config.variant, "epochs": config.epochs,
+    summary = {"run": str(run_dir), "variant": config.variant, "epochs": state["epochs_done"],
                "best_epoch": state["best_epoch"], "cache": stats.to_dict()}
     for split in ("val", "test"):
         posts = splits[split]
