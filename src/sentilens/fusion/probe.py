@@ -46,14 +46,15 @@ def fit_probe(model: ProbeModel, train: Sequence[PostFeatures], train_labels: Se
     n_labels = model.linear.out_features
     x = pooled_matrix(train, text_dim, image_dim)
     mean, scale = x.mean(axis=0), x.std(axis=0)
-    # A constant column (e.g. the image half on a text-only set) stays zero after scaling, so its
-    # weights stay exactly zero and the probe is the text-only one.
-    scale[scale == 0] = 1.0
+    # A constant column (e.g. the whole image half on a text-only set) says nothing: it is left out of
+    # the fit and keeps a zero weight, so the probe of a text-only set is the text-only probe.
+    varying = scale > 0
+    scale[~varying] = 1.0
     y = np.asarray(train_labels)
     if len(set(y.tolist())) < 2:
         raise ValueError("the probe needs at least two labels among the training posts")
-    x = (x - mean) / scale
-    x_val = (pooled_matrix(val, text_dim, image_dim) - mean) / scale if val else None
+    x = ((x - mean) / scale)[:, varying]
+    x_val = ((pooled_matrix(val, text_dim, image_dim) - mean) / scale)[:, varying] if val else None
     search, best = [], None
     for c in C_GRID if val else (1.0,):
         classifier = LogisticRegression(C=c, max_iter=MAX_ITER, random_state=seed).fit(x, y)
@@ -63,14 +64,14 @@ def fit_probe(model: ProbeModel, train: Sequence[PostFeatures], train_labels: Se
         if best is None or (score is not None and score > best[0]):
             best = (score, c, classifier)
     _, c, classifier = best
-    weight = np.zeros((n_labels, x.shape[1]))
+    weight = np.zeros((n_labels, varying.size))
     bias = np.zeros(n_labels)
     classes = classifier.classes_.tolist()
     if len(classes) == 2:  # one row for the second class; the first class's logit stays 0
-        weight[classes[1]], bias[classes[1]] = classifier.coef_[0], classifier.intercept_[0]
+        weight[classes[1], varying], bias[classes[1]] = classifier.coef_[0], classifier.intercept_[0]
     else:
         for row, label in enumerate(classes):
-            weight[label], bias[label] = classifier.coef_[row], classifier.intercept_[row]
+            weight[label, varying], bias[label] = classifier.coef_[row], classifier.intercept_[row]
     absent = [i for i in range(n_labels) if i not in classes]
     bias[absent] = -1e4  # a label absent from the training posts is never predicted
     with torch.no_grad():
