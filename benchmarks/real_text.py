@@ -1,0 +1,205 @@
+"""Real tweets, real numbers (issue 10): the fusion family against its logistic-regression baseline.
+
+For each real text-only set given (the ``table`` format, e.g. the shared MVSA-Multiple and HFM
+sarcasm files), with the embedded all-MiniLM-L6-v2 encoder and the sets' own train/val/test splits:
+
+* every variant asked for (default ``probe``, ``text``, ``text-balanced``, ``full``) is trained on
+  the same cached features; each gives test accuracy, weighted F1, macro F1 (and the positive
+  class's F1 for two labels) with their 95 % bootstrap intervals, the epoch kept, train seconds
+  (wall and CPU) and prediction posts/s of the trained head on cached features;
+* ``text`` minus ``probe``: the paired bootstrap interval of the difference in weighted F1;
+* the cost of the encoder itself, on ``--cost-posts`` test posts: frozen encoding (forward only)
+  and fine-tuning (forward + backward + AdamW step of MiniLM with a linear head), in posts/s, and
+  what one fine-tuning epoch over the training split would take at that rate.
+
+Tuning happens on train/val only (C of the probe, best epoch); test is scored once per variant.
+Data paths are arguments: nothing here reads a fixed location.
+
+Usage::
+
+    python benchmarks/real_text.py --set mvsa_multiple=/path/mvsa_multiple_text.jsonl \\
+        --set hfm_sarcasm=/path/hfm_sarcasm_text.jsonl --work /tmp/real_text \\
+        [--variants probe,text,text-balanced,full] [--cost-posts 128] [--out benchmarks/results/real_text.json]
+
+On a CPU shared with other jobs wall times vary with the load (recorded beside them); CPU seconds
+are the steadier measure of the work. A set already in ``--out`` under another name is kept, so
+the sets can be measured one per process (``--set`` once each) into the same file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from sentilens.data.prepare import prepare
+from sentilens.data.records import read_labels, read_manifest, write_manifest
+from sentilens.fusion.cache import FeatureCache
+from sentilens.fusion.config import FusionConfig
+from sentilens.fusion.encoders import build_encoders
+from sentilens.fusion.predictor import FusionPredictor
+from sentilens.fusion.train import featurize_splits, train_fusion
+from sentilens.machine import environment
+from sentilens.metrics import paired_difference_interval
+from sentilens.runs import read_json, write_json
+
+VARIANTS = {
+    "probe": ({"variant": "probe"}, "logistic regression (C on val) on the frozen pooled features"),
+    "text": ({"variant": "text"}, "text head, defaults: bare post, frozen encoder, best val epoch"),
+    "text-balanced": ({"variant": "text", "class_weight": "balanced"}, "text head, balanced class weights"),
+    "text-patience": ({"variant": "text", "patience": 3}, "text head, early stop after 3 epochs without gain"),
+    "text-prompted": ({"variant": "text", "prompt": "sentiment"}, "text head, post wrapped in the sentiment prompt"),
+    "full": ({"variant": "full"}, "full fusion model (attention + routing) on image-less posts"),
+}
+DEFAULT_VARIANTS = "probe,text,text-balanced,full"
+METRIC_KEYS = ("accuracy", "accuracy_ci", "weighted_f1", "weighted_f1_ci", "macro_f1", "binary_f1", "positive_label")
+
+
+def timed(fn):
+    wall, cpu = time.perf_counter(), time.process_time()
+    result = fn()
+    return result, time.perf_counter() - wall, time.process_time() - cpu
+
+
+def encoder_cost(texts: list[str], n_train: int, batch_size: int = 32) -> dict:
+    """Frozen encoding vs fine-tuning of the embedded MiniLM on ``texts``: posts/s, wall and CPU."""
+    from sentilens.fusion.encoders import TextEncoder
+
+    frozen = TextEncoder()
+    _, wall, cpu = timed(lambda: [frozen.encode(texts[i:i + batch_size]) for i in range(0, len(texts), batch_size)])
+    tuned = TextEncoder(trainable=True)
+    head = torch.nn.Linear(tuned.dim, 3)
+    optimizer = torch.optim.AdamW([*tuned.model.parameters(), *head.parameters()], lr=2e-5)
+    tuned.model.train()
+
+    def fine_tune() -> None:
+        for i in range(0, len(texts), batch_size):
+            _, _, pooled = tuned(texts[i:i + batch_size])
+            loss = torch.nn.functional.cross_entropy(head(pooled), torch.zeros(len(pooled), dtype=torch.long))
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+
+    _, ft_wall, ft_cpu = timed(fine_tune)
+    return {"posts": len(texts), "batch_size": batch_size,
+            "frozen_encode": {"wall_seconds": wall, "cpu_seconds": cpu, "posts_per_second": len(texts) / wall,
+                              "posts_per_cpu_second": len(texts) / cpu},
+            "fine_tune_step": {"wall_seconds": ft_wall, "cpu_seconds": ft_cpu, "posts_per_second": len(texts) / ft_wall,
+                               "posts_per_cpu_second": len(texts) / ft_cpu},
+            "fine_tune_over_frozen_cpu": ft_cpu / cpu,
+            "fine_tune_epoch_cpu_seconds_estimate": n_train * ft_cpu / len(texts)}
+
+
+def run_set(name: str, file: Path, work: Path, cache: FeatureCache, variants: list[str], cost_posts: int,
+            max_train: int | None = None) -> dict:
+    data = work / name / "data"
+    if not (data / "stats.json").is_file():
+        prepare("table", file, data, show_progress=False)
+    splits = read_manifest(data)
+    labels = read_labels(data)
+    if max_train is not None and len(splits["train"]) > max_train:
+        # A seeded random subset of the training split (val and test stay whole), the same for every variant.
+        train = list(splits["train"])
+        random.Random(0).shuffle(train)
+        splits["train"] = train[:max_train]
+        data = work / name / f"data-train{max_train}"
+        write_manifest(data, splits, labels)
+    print(f"[{name}] {', '.join(f'{s} {len(p)}' for s, p in splits.items())}", flush=True)
+    shared = FusionConfig(variant="full")
+    encoders = build_encoders(shared, "cpu")
+    features, stats = featurize_splits(splits, shared, encoders, cache)
+    rows, predictions = [], {}
+    for variant in variants:
+        overrides, description = VARIANTS[variant]
+        config = FusionConfig(**overrides)
+        row_encoders, row_features = encoders, features
+        if config.prompt != shared.prompt:  # another prompt: other text features (cached under their own key)
+            row_encoders = build_encoders(config.model_copy(update={"variant": "full"}), "cpu")
+            row_features, _ = featurize_splits(splits, config, row_encoders, cache)
+        out = work / name / "runs" / variant
+        shutil.rmtree(out, ignore_errors=True)
+        summary, wall, cpu = timed(lambda config=config, out=out, e=row_encoders, f=row_features: train_fusion(
+            config, data, out, cache=cache, encoders=e, features=f, device="cpu"))
+        predictor = FusionPredictor.from_run(out, device="cpu")
+        test = splits["test"]
+        probs, p_wall, p_cpu = timed(lambda p=predictor, f=row_features, t=test: p.probabilities(f["test"], t))
+        predictions[variant] = [p.label for p in predictor.to_predictions(probs)]
+        metrics = summary["test"]
+        row = {"variant": variant, "description": description, "config": overrides,
+               **{k: metrics[k] for k in METRIC_KEYS if k in metrics},
+               "val_weighted_f1": summary["val"]["weighted_f1"], "best_epoch": summary["best_epoch"],
+               "epochs_run": summary["epochs"], "probe_C": summary.get("probe", {}).get("C"),
+               "train_seconds": wall, "train_cpu_seconds": cpu,
+               "train_posts_per_second": len(splits["train"]) * (summary["epochs"] or 1) / wall,
+               "predict_posts_per_second": len(test) / p_wall,
+               "predict_posts_per_cpu_second": len(test) / max(p_cpu, 1e-9)}
+        rows.append(row)
+        print(f"[{name}] {variant}: acc {row['accuracy']:.4f} wF1 {row['weighted_f1']:.4f} "
+              f"{row['weighted_f1_ci']} macro {row['macro_f1']:.4f} ({wall:.0f} s)", flush=True)
+    result = {"set": name, "file": str(file), "labels": labels, "posts": {s: len(p) for s, p in splits.items()},
+              "train_subset": max_train is not None and len(splits["train"]) == max_train,
+              "cache": stats.to_dict(), "variants": rows}
+    truth = [p.label for p in splits["test"]]
+    for variant in [v for v in variants if v != "probe"]:
+        if "probe" in predictions:
+            result.setdefault("minus_probe", {})[variant] = paired_difference_interval(
+                truth, predictions[variant], predictions["probe"], labels)
+    if cost_posts:
+        texts = [p.text for p in splits["test"][:cost_posts]]
+        result["encoder_cost"] = encoder_cost(texts, len(splits["train"]))
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--set", action="append", required=True, metavar="NAME=FILE",
+                        help="a real text set in the table format (repeat for several)")
+    parser.add_argument("--work", type=Path, required=True, help="folder for manifests and runs")
+    parser.add_argument("--cache", type=Path, default=None, help="feature cache (default: WORK/cache)")
+    parser.add_argument("--variants", default=DEFAULT_VARIANTS, help=f"comma-separated, from {', '.join(VARIANTS)}")
+    parser.add_argument("--cost-posts", type=int, default=128, help="posts for the encoder cost (0: skip)")
+    parser.add_argument("--max-train", action="append", default=[], metavar="NAME=N",
+                        help="train on a seeded random subset of N training posts of set NAME (val/test stay whole)")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "real_text.json")
+    args = parser.parse_args()
+    os.environ.setdefault("SENTILENS_QUIET", "1")
+    torch.set_num_threads(args.threads)
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        parser.error(f"unknown variants {unknown}")
+    cache = FeatureCache(args.cache or args.work / "cache")
+    load_before = os.getloadavg()
+    started = time.perf_counter()
+    sets = []
+    max_train = {name: int(n) for name, _, n in (spec.partition("=") for spec in args.max_train)}
+    for spec in args.set:
+        name, _, file = spec.partition("=")
+        sets.append(run_set(name, Path(file), args.work, cache, variants, args.cost_posts, max_train.get(name)))
+    machine = {**environment(), "load_average_before": load_before, "load_average_after": os.getloadavg(),
+               "seconds": time.perf_counter() - started}
+    write_json(args.out, merged(args.out, sets, machine))
+    print(f"written to {args.out}")
+
+
+def merged(out: Path, sets: list[dict], machine: dict) -> dict:
+    """The results file with ``sets`` in it: sets measured by an earlier run under other names are kept
+    (so each set can be measured in its own process), each set recording the machine and load it ran on."""
+    previous = read_json(out) if out.is_file() else {"sets": []}
+    for entry in sets:
+        entry["machine"] = machine
+    names = {entry["set"] for entry in sets}
+    kept = [entry for entry in previous.get("sets", []) if entry["set"] not in names]
+    return {"benchmark": "real_text",
+            "encoders": {"text": FusionConfig().text_encoder, "image": FusionConfig().image_encoder},
+            "sets": [*kept, *sets]}
+
+
+if __name__ == "__main__":
+    main()
