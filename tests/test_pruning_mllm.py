@@ -18,7 +18,7 @@ from sentilens.data.records import read_split
 from sentilens.mllm.inputs import build_inputs, encode_images, language_model_hidden, make_batch
 from sentilens.mllm.pruning import make_reducer, top_patches
 from sentilens.mllm.train import mllm_train_config, train_mllm
-from sentilens.predict import load_predictor
+from sentilens.predict import evaluate, load_predictor
 
 pytestmark = pytest.mark.slow  # trains real models: left out of `make test-fast`, run by `make test`
 
@@ -144,9 +144,35 @@ def test_sweep_writes_table_4_and_the_plot(full_run, manifest):
     assert [r["reference_run"] for r in rows] == [True, False, False] * 2
     assert all(r["speedup"] == 1.0 for r in rows if r["ratio"] == 1.0)
     assert all(0 <= r["accuracy"] <= 1 and r["latency_ms_per_post"] > 0 for r in rows)
+    for row in rows:  # the time split: image decoding apart, vision + LM prefill inside the total
+        assert row["vision_ms"] > 0 and row["lm_ms"] > 0 and row["total_ms"] > 0 and row["image_decode_ms"] > 0
+        assert row["vision_ms"] + row["lm_ms"] <= row["total_ms"] * 1.001
+        # the whole call = the split's total + the image decoding (one pass, repeats = 1)
+        assert row["total_ms"] + row["image_decode_ms"] == pytest.approx(row["latency_ms_per_post"], rel=1e-6)
+    assert "selection" not in sweep and all("selected" not in r for r in rows)
     assert sweep["n"] == 8 and sweep["split"] == "test"
     with Image.open(full_run / "plots" / "sweep.png") as plot:
         assert plot.size == (1100, 420)
+
+
+def test_select_on_val_chooses_on_val_and_reports_on_test(full_run, manifest):
+    ratios = [1.0, 0.5, 0.05]
+    result = CliRunner().invoke(app, ["sweep", "--run", str(full_run), "--data", str(manifest), "--ratios",
+                                      "1,0.5,0.05", "--repeats", "1", "--select-on", "val", "--json"])
+    assert result.exit_code == 0, result.output
+    sweep = json.loads(result.stdout)
+    predictor = load_predictor(full_run)
+    val = read_split(manifest, "val")
+    f1 = {r: evaluate(predictor, val, keep_ratio=r)["weighted_f1"] for r in ratios}
+    expected = min(r for r in ratios if f1[r] == max(f1.values()))  # ties: fewer tokens
+    chosen = sweep["selection"]
+    assert (chosen["on"], chosen["ratio"], chosen["strategy"], chosen["n"]) == ("val", expected, "all", len(val))
+    assert [c["weighted_f1"] for c in chosen["candidates"]] == pytest.approx([f1[r] for r in ratios])
+    assert [row["ratio"] for row in sweep["rows"] if row["selected"]] == [expected]
+    test_metrics = evaluate(predictor, read_split(manifest, "test"), keep_ratio=expected)
+    assert chosen["test"]["weighted_f1"] == pytest.approx(test_metrics["weighted_f1"])
+    same = CliRunner().invoke(app, ["sweep", "--run", str(full_run), "--data", str(manifest), "--select-on", "test"])
+    assert same.exit_code != 0 and "choose on another one" in str(same.exception)
 
 
 def test_sweep_rejects_bad_ratios(full_run, manifest):

@@ -491,32 +491,57 @@ def sweep_cmd(
     ratios: Annotated[str, typer.Option("--ratios", help="Keep ratios, comma-separated.")] = "1,0.8,0.6,0.4,0.2,0.05",
     strategy: StrategyOpt = "all",
     repeats: Annotated[int, typer.Option("--repeats", help="Timed passes per ratio (the fastest is kept).")] = 3,
+    select_on: Annotated[str | None, typer.Option(
+        "--select-on", help="Choose the strategy and ratio with the best weighted F1 on this split (e.g. val) and "
+                            "flag that row of the --split sweep, instead of reading the best off the test set.")]
+    = None,
     as_json: JsonOpt = False,
 ) -> None:
     """The paper's Table 4: accuracy, F1, latency and speedup per keep ratio; writes RUN/sweep.json + plot."""
     from sentilens.data.records import read_split
     from sentilens.metrics import with_interval
-    from sentilens.mllm.sweep import parse_ratios, parse_strategies, run_sweep, write_sweep
+    from sentilens.mllm.sweep import (
+        mark_selection,
+        parse_ratios,
+        parse_strategies,
+        run_sweep,
+        select_ratio,
+        write_sweep,
+    )
     from sentilens.predict import load_predictor
 
     ratio_list, strategies = parse_ratios(ratios), parse_strategies(strategy)
+    if select_on is not None and select_on == split:
+        raise SentilensError(f"--select-on {select_on} is the swept split itself: choose on another one (e.g. val)")
     posts = read_split(data, split)
+    chooser = read_split(data, select_on) if select_on is not None else None
     predictor = load_predictor(run)
+    selection = None if chooser is None else select_ratio(predictor, chooser, ratio_list, strategies, select_on)
     result = {"run": str(run), "split": split, **run_sweep(predictor, posts, ratio_list, strategies, repeats)}
+    if selection is not None:
+        result = mark_selection(result, selection)
     json_path, plot_path = write_sweep(run, result)
     if as_json:
         emit(result, True)
         return
     table = Table(title=f"{run} on {split}: visual token filtering ({result['n']} posts)")
-    for col in ("strategy", "ratio", "kept tokens", "accuracy", "weighted F1", "ms / post", "speedup",
-                "FLOP-ideal"):
+    for col in ("strategy", "ratio", "kept tokens", "accuracy", "weighted F1", "ms / post", "vision ms", "LM ms",
+                "total ms", "speedup", "FLOP-ideal"):
         table.add_column(col, justify="left" if col == "strategy" else "right")
     for row in result["rows"]:
-        table.add_row(row["strategy"], f"{row['ratio']:g}", f"{row['kept_tokens']}/{row['image_tokens']}",
+        mark = " *" if row.get("selected") else ""
+        table.add_row(row["strategy"] + mark, f"{row['ratio']:g}", f"{row['kept_tokens']}/{row['image_tokens']}",
                       with_interval(row["accuracy"], row.get("accuracy_ci")),
                       with_interval(row["weighted_f1"], row.get("weighted_f1_ci")), f"{row['latency_ms_per_post']:.1f}",
+                      f"{row['vision_ms']:.1f}", f"{row['lm_ms']:.1f}", f"{row['total_ms']:.1f}",
                       f"{row['speedup']:.2f}x", f"{row['ideal_speedup']:.2f}x")
+    table.caption = (f"ms / post: the whole prediction; total ms leaves out image decoding "
+                     f"({result['rows'][0]['image_decode_ms']:.1f} ms/post at r = 1)")
     out.print(table)
+    if "selection" in result:
+        chosen = result["selection"]
+        out.print(f"* chosen on {chosen['on']} ({chosen['n']} posts, best weighted F1): {chosen['strategy']} at "
+                  f"r = {chosen['ratio']:g}; reported on {split} above")
     out.print(f"the language model does {result['language_model_flop_share']:.0%} of the FLOPs at r = 1")
     out.print(f"written to {json_path} and {plot_path}")
 

@@ -16,6 +16,16 @@ latency the median pass divided by the posts. Latency is the whole ``predict`` c
 loading and preprocessing included). Predictions are deterministic: the metrics come from the
 first pass. ``RUN/sweep.json`` also records the threads, the load average before and after, and
 the language model's share of the FLOPs at ``r = 1``; the plot goes to ``RUN/plots/sweep.png``.
+
+Each row also splits the time per post by stage (:mod:`sentilens.stages`), from the pass with the
+median whole-call time: ``vision_ms`` (vision tower + token scoring + projector), ``lm_ms`` (the
+language model's prefill) and ``total_ms`` (the whole ``predict`` call without the image files'
+reading, decoding and preprocessing, reported apart as ``image_decode_ms``: that CPU work does not
+depend on the keep ratio, so it dilutes the measured speedup).
+
+The paper reads its best ratio off the test set. ``sweep --select-on val`` instead picks the
+strategy and ratio with the best weighted F1 on val (:func:`select_ratio`) and flags that row of
+the test sweep (:func:`mark_selection`), so the reported test score did not choose itself.
 """
 
 from __future__ import annotations
@@ -33,6 +43,7 @@ from sentilens.errors import SentilensError
 from sentilens.mllm.pruning import FilterSpec, keep_count
 from sentilens.predict import Predictor, check_keep_ratio, check_labelled, prediction_metrics
 from sentilens.runs import write_json
+from sentilens.stages import record_stages
 
 DEFAULT_RATIOS = (1.0, 0.8, 0.6, 0.4, 0.2, 0.05)
 
@@ -70,16 +81,8 @@ def parse_strategies(text: str) -> list[FilterSpec]:
 def run_sweep(predictor: Predictor, posts: Sequence[Post], ratios: Sequence[float] = DEFAULT_RATIOS,
               strategies: Sequence[FilterSpec] = (FilterSpec(),), repeats: int = 3) -> dict:
     """Table 4 rows for every strategy x ratio (``r = 1`` first, as each strategy's reference)."""
-    if not predictor.capabilities.supports_keep_ratio:
-        raise SentilensError(f"a token-filtering sweep needs a run that filters visual tokens, this one is "
-                             f"'{predictor.family}'")
-    if not posts:
-        raise SentilensError("the split has no posts to sweep over")
-    if repeats < 1:
-        raise SentilensError(f"--repeats must be at least 1, got {repeats}")
+    image_tokens = _check_sweep(predictor, posts, repeats)
     posts = list(posts)
-    check_labelled(posts)
-    image_tokens = int(predictor.describe()["config"]["num_image_tokens"])
     ordered = [1.0] + [r for r in ratios if r != 1.0]
     batch = max(1, int(getattr(predictor, "batch_size", 8)))
     chunks = [posts[i:i + batch] for i in range(0, len(posts), batch)]
@@ -93,13 +96,17 @@ def run_sweep(predictor: Predictor, posts: Sequence[Post], ratios: Sequence[floa
             predictor.predict(chunks[0], keep_ratio=ratio)
         predictions: dict[float, list] = {ratio: [] for ratio in ordered}
         seconds = {ratio: [0.0] * repeats for ratio in ordered}
+        stage_seconds = {ratio: [dict.fromkeys(STAGES, 0.0) for _ in range(repeats)] for ratio in ordered}
         turn = 0
         for rep in range(repeats):
             for chunk in chunks:
                 for ratio in ordered[turn % len(ordered):] + ordered[:turn % len(ordered)]:
-                    started = time.perf_counter()
-                    predicted = predictor.predict(chunk, keep_ratio=ratio)
-                    seconds[ratio][rep] += time.perf_counter() - started
+                    with record_stages() as stages:
+                        started = time.perf_counter()
+                        predicted = predictor.predict(chunk, keep_ratio=ratio)
+                        seconds[ratio][rep] += time.perf_counter() - started
+                    for name in STAGES:
+                        stage_seconds[ratio][rep][name] += stages.get(name, 0.0)
                     if rep == 0:
                         predictions[ratio].extend(predicted)
                 turn += 1
@@ -110,6 +117,10 @@ def run_sweep(predictor: Predictor, posts: Sequence[Post], ratios: Sequence[floa
             metrics = prediction_metrics(posts, predictions[ratio], predictor.labels)
             speedup = statistics.median(one / this for one, this in zip(seconds[1.0], seconds[ratio], strict=True))
             ideal = flops[1.0]["total"] / flops[ratio]["total"]
+            # the split comes from one pass (the median one), so vision + lm <= total holds within it
+            middle = sorted(range(repeats), key=lambda rep, ratio=ratio: seconds[ratio][rep])[(repeats - 1) // 2]
+            split = stage_seconds[ratio][middle]
+            ms = 1000 / len(posts)
             rows.append({
                 "strategy": str(spec), "ratio": ratio, "kept_tokens": keep_count(image_tokens, ratio),
                 "image_tokens": image_tokens, "accuracy": metrics["accuracy"],
@@ -117,16 +128,71 @@ def run_sweep(predictor: Predictor, posts: Sequence[Post], ratios: Sequence[floa
                 "accuracy_ci": metrics["accuracy_ci"], "weighted_f1_ci": metrics["weighted_f1_ci"],
                 "latency_ms_per_post": 1000 * statistics.median(seconds[ratio]) / len(posts), "speedup": speedup,
                 "ideal_speedup": ideal, "speedup_of_ideal": speedup / ideal,
+                "vision_ms": ms * split["vision"], "lm_ms": ms * split["lm"],
+                "total_ms": ms * (seconds[ratio][middle] - split["image"]), "image_decode_ms": ms * split["image"],
                 "gflops_per_post": flops[ratio]["total"] / 1e9,
                 "reference_run": ratio not in ratios,
             })
     language = flops_at_one["language"] + flops_at_one["head"]
     return {"n": len(posts), "image_tokens": image_tokens, "strategies": [str(s) for s in strategies],
-            "ratios": list(ratios), "repeats": repeats, "rows": rows,
+            "ratios": list(ratios), "repeats": repeats, "rows": rows, "time_split": TIME_SPLIT,
             "flops_at_full": flops_at_one, "language_model_flop_share": language / flops_at_one["total"],
             "timing": {"threads": torch.get_num_threads(), "load_average_before": load_before,
                        "load_average_after": list(os.getloadavg()), "batch_size": batch},
             "paper_table4": PAPER_TABLE4}
+
+
+STAGES = ("image", "vision", "lm")
+"""The stages :mod:`sentilens.stages` marks in a prediction."""
+
+TIME_SPLIT = ("per post, from the pass with the median whole-call time: vision_ms = vision tower + token scoring + "
+              "projector, lm_ms = the language model's prefill, total_ms = the whole predict call without "
+              "image_decode_ms (reading, decoding and preprocessing the image files, reported apart); "
+              "latency_ms_per_post and speedup include the image decoding")
+
+
+def select_ratio(predictor: Predictor, posts: Sequence[Post], ratios: Sequence[float],
+                 strategies: Sequence[FilterSpec], split: str) -> dict:
+    """The strategy and keep ratio with the best weighted F1 on ``posts`` (``sweep --select-on val``).
+
+    Ties go to the smaller ratio (fewer tokens, faster), then to the strategy listed first. Only
+    these posts are used, so the split the choice is then reported on stays unseen.
+    """
+    _check_sweep(predictor, posts, 1)
+    posts = list(posts)
+    candidates = []
+    for spec in strategies:
+        configured = predictor.with_options(strategy=str(spec))
+        for ratio in ratios:
+            found = prediction_metrics(posts, configured.predict(posts, keep_ratio=ratio), configured.labels)
+            candidates.append({"strategy": str(spec), "ratio": ratio, "accuracy": found["accuracy"],
+                               "weighted_f1": found["weighted_f1"]})
+    best = max(enumerate(candidates), key=lambda ic: (ic[1]["weighted_f1"], -ic[1]["ratio"], -ic[0]))[1]
+    return {"on": split, "metric": "weighted_f1", "strategy": best["strategy"], "ratio": best["ratio"],
+            "n": len(posts), "candidates": candidates}
+
+
+def mark_selection(result: dict, selection: dict) -> dict:
+    """The sweep ``result`` with the row chosen on another split flagged (``"selected"``), the choice recorded."""
+    rows = [{**row, "selected": row["strategy"] == selection["strategy"] and row["ratio"] == selection["ratio"]}
+            for row in result["rows"]]
+    chosen = next(row for row in rows if row["selected"])
+    reported = {key: chosen[key] for key in ("accuracy", "weighted_f1", "accuracy_ci", "weighted_f1_ci", "speedup",
+                                             "ideal_speedup")}
+    return {**result, "rows": rows, "selection": {**selection, result.get("split", "test"): reported}}
+
+
+def _check_sweep(predictor: Predictor, posts: Sequence[Post], repeats: int) -> int:
+    """The run's visual tokens per image, after checking the sweep can run on ``posts``."""
+    if not predictor.capabilities.supports_keep_ratio:
+        raise SentilensError(f"a token-filtering sweep needs a run that filters visual tokens, this one is "
+                             f"'{predictor.family}'")
+    if not posts:
+        raise SentilensError("the split has no posts to sweep over")
+    if repeats < 1:
+        raise SentilensError(f"--repeats must be at least 1, got {repeats}")
+    check_labelled(list(posts))
+    return int(predictor.describe()["config"]["num_image_tokens"])
 
 
 def plot_sweep(result: dict, path: Path) -> Path:
