@@ -158,9 +158,10 @@ def test_sweep_writes_table_4_and_the_plot(full_run, manifest):
 def test_select_on_val_chooses_on_val_and_reports_on_test(full_run, manifest):
     ratios = [1.0, 0.5, 0.05]
     result = CliRunner().invoke(app, ["sweep", "--run", str(full_run), "--data", str(manifest), "--ratios",
-                                      "1,0.5,0.05", "--repeats", "1", "--select-on", "val", "--json"])
+                                      "1,0.5,0.05", "--repeats", "1", "--select-on", "val"])
     assert result.exit_code == 0, result.output
-    sweep = json.loads(result.stdout)
+    assert "chosen on val" in result.output
+    sweep = json.loads((full_run / "sweep.json").read_text())
     predictor = load_predictor(full_run)
     val = read_split(manifest, "val")
     f1 = {r: evaluate(predictor, val, keep_ratio=r)["weighted_f1"] for r in ratios}
