@@ -30,9 +30,9 @@ def boolean_fields(model: type[BaseModel]) -> list[str]:
 def test_every_recipe_boolean_has_both_flags(path):
     options = {opt for param in command(*path).params for opt in (*param.opts, *param.secondary_opts)}
     fields = boolean_fields(COMMANDS[path])
-    assert fields  # fine_tune_text; gradient_checkpointing and resume
+    assert fields  # fine_tune_text, fine_tune_image; gradient_checkpointing and resume
     if path == ("ablate", "fusion"):
-        fields = [f for f in fields if f == "fine_tune_text"]  # the ablation's rows set the rest
+        fields = [f for f in fields if f in ("fine_tune_text", "fine_tune_image")]  # the rows set the rest
     for name in fields:
         flag = "--" + name.replace("_", "-")
         assert {flag, flag.replace("--", "--no-", 1)} <= options, name

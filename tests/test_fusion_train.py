@@ -188,15 +188,19 @@ def test_fine_tuned_gpt2_and_resnet_from_local_folders(synth, tmp_path, monkeypa
     data = subset_manifest(synth, tmp_path / "small", {"train": 48, "val": 16, "test": 16})
     calls = EncoderCalls(monkeypatch)
     config = FusionConfig(text_encoder=str(gpt2), image_encoder=str(resnet), image_size=SIZE, prompt="sentiment",
-                          fine_tune_text=True, epochs=2, batch_size=16)
+                          fine_tune_text=True, fine_tune_image=True, epochs=2, batch_size=16)
     summary = train_fusion(config, data, tmp_path / "run", cache=FeatureCache(tmp_path / "cache"), device="cpu")
-    assert calls.text == 0 and calls.image == 64 + 16  # the fine-tuned text encoder runs live, never cached
+    assert calls.text == 0 and calls.image == 0  # fine-tuned encoders run live, never cached
     saved = read_json(tmp_path / "run" / "config.json")
     assert saved["family"] == "fusion" and saved["text_dim"] == 32 and saved["image_dim"] == 16
     weights = load_weights(tmp_path / "run" / "model.safetensors")
     pretrained = load_weights(gpt2 / "model.safetensors")
     tuned = {k.removeprefix("text_encoder."): v for k, v in weights.items() if k.startswith("text_encoder.")}
     assert tuned and not torch.equal(tuned["h.0.attn.c_attn.weight"], pretrained["transformer.h.0.attn.c_attn.weight"])
+    cnn = {k.removeprefix("image_encoder."): v for k, v in weights.items() if k.startswith("image_encoder.")}
+    cnn_pretrained = load_weights(resnet / "model.safetensors")
+    changed = [k for k, v in cnn.items() if k.endswith(".weight") and not torch.equal(v, cnn_pretrained[k])]
+    assert cnn.keys() == cnn_pretrained.keys() and changed  # the CNN was trained and saved whole
     predictor = FusionPredictor.from_run(tmp_path / "run", device="cpu")
     metrics = evaluate(predictor, read_split(data, "test"))
     assert metrics["confusion"] == summary["test"]["confusion"]
@@ -209,6 +213,8 @@ def test_the_papers_recipe_is_a_valid_config():
     assert (config.image_encoder, config.text_encoder, config.variant) == ("microsoft/resnet-50", "gpt2", "full")
     assert config.prompt_template == PROMPTS["informative"]
     assert (config.lr, config.batch_size, config.dropout, config.epochs) == (1e-3, 32, 0.5, 3)
+    # the paper trains end to end: both encoders are fine-tuned, each at its own rate
+    assert config.fine_tune_text and config.fine_tune_image and config.text_lr < config.image_lr < config.lr
 
 
 def test_balanced_class_weights_are_n_over_k_times_count():

@@ -225,6 +225,9 @@ def train_fusion_cmd(
     fine_tune_text: Annotated[bool | None, typer.Option("--fine-tune-text/--no-fine-tune-text", help="Fine-tune the "
                               "text encoder too (its features are then not cached); default: the recipe's, else no.")]
     = None,
+    fine_tune_image: Annotated[bool | None, typer.Option("--fine-tune-image/--no-fine-tune-image", help="Fine-tune "
+                               "the image CNN too, at image_lr (not cached either); default: the recipe's, else no.")]
+    = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its checkpoint.")] = False,
     cache: CacheOpt = None,
     no_cache: NoCacheOpt = False,
@@ -246,7 +249,7 @@ def train_fusion_cmd(
         config = recipe_config(recipe, {
             "variant": variant, "text_encoder": text_encoder, "image_encoder": image_encoder, "prompt": prompt,
             "epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed, "image_size": image_size,
-            "rnn": rnn, "fine_tune_text": fine_tune_text})
+            "rnn": rnn, "fine_tune_text": fine_tune_text, "fine_tune_image": fine_tune_image})
         summary = train_fusion(config, data, out_dir, cache=feature_cache, device=device)
     if as_json:
         emit(summary, True)
@@ -276,6 +279,8 @@ def ablate_fusion_cmd(
     image_size: ImageSizeOpt = None,
     fine_tune_text: Annotated[bool | None, typer.Option("--fine-tune-text/--no-fine-tune-text", help="Fine-tune the "
                               "text encoder in every row; default: the recipe's, else no.")] = None,
+    fine_tune_image: Annotated[bool | None, typer.Option("--fine-tune-image/--no-fine-tune-image", help="Fine-tune "
+                               "the image CNN in every row; default: the recipe's, else no.")] = None,
     cache: CacheOpt = None,
     no_cache: NoCacheOpt = False,
     device: DeviceOpt = None,
@@ -291,7 +296,7 @@ def ablate_fusion_cmd(
 
     config = recipe_config(recipe, {"text_encoder": text_encoder, "image_encoder": image_encoder, "prompt": prompt,
                                     "epochs": epochs, "seed": seed, "image_size": image_size,
-                                    "fine_tune_text": fine_tune_text})
+                                    "fine_tune_text": fine_tune_text, "fine_tune_image": fine_tune_image})
     rows = ROWS if variants is None else [v.strip() for v in variants.split(",") if v.strip()]
     ablation = ablate(config, data, out_dir, rows, cache=_fusion_cache(cache, no_cache), device=device)
     if as_json:

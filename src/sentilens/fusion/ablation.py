@@ -20,7 +20,7 @@ from sentilens.distributed import default_device
 from sentilens.errors import SentilensError
 from sentilens.fusion.cache import FeatureCache, PostFeatures, featurize
 from sentilens.fusion.config import VARIANT_DESCRIPTIONS, FusionConfig
-from sentilens.fusion.encoders import TextEncoder, build_encoders
+from sentilens.fusion.encoders import ImageEncoder, TextEncoder, build_encoders
 from sentilens.fusion.train import featurize_splits, train_fusion
 from sentilens.metrics import with_interval
 from sentilens.runs import write_json
@@ -63,25 +63,29 @@ def ablate(config: FusionConfig, data_dir: str | Path, out_dir: str | Path, rows
     split = "test" if splits["test"] and all(p.label is not None for p in splits["test"]) else "val"
     if not splits[split]:
         raise SentilensError("the ablation needs a labelled test or val split", data_dir)
-    shared = config.model_copy(update={"variant": "full"})
+    frozen = {"fine_tune_text": False, "fine_tune_image": False}
+    # Frozen features of both modalities, once: the probe reads them even when the other rows fine-tune.
+    shared = config.model_copy(update={"variant": "full", **frozen})
     text_encoder, image_encoder = build_encoders(shared, device)
     features, stats = featurize_splits(splits, shared, (text_encoder, image_encoder), cache)
     results = []
     for row in rows:
         variant = "text" if row == NO_PROMPT else row
         row_config = config.model_copy(update={"variant": variant, "prompt": "none" if row == NO_PROMPT
-                                               else config.prompt})
-        row_text, row_features = text_encoder, features
-        if row == NO_PROMPT or config.fine_tune_text:
+                                               else config.prompt, **(frozen if row == BASELINE else {})})
+        row_text, row_image, row_features = text_encoder, image_encoder, features
+        if row == NO_PROMPT or row_config.fine_tune_text:  # a fine-tuned encoder is fresh in every row
             row_text = TextEncoder(row_config.text_encoder, row_config.prompt_template, row_config.max_text_tokens,
                                    trainable=row_config.fine_tune_text, device=device)
-        if row == NO_PROMPT and not config.fine_tune_text:
+        if row_config.fine_tune_image:
+            row_image = ImageEncoder(row_config.image_encoder, row_config.image_size, device=device, trainable=True)
+        if row == NO_PROMPT and not row_config.fine_tune_text:
             row_features = {}
             for name, posts in splits.items():
                 plain, _ = featurize(posts, row_text, None, cache)
                 row_features[name] = [PostFeatures(text=plain_f.text, image=f.image)
                                       for plain_f, f in zip(plain, features[name], strict=True)]
-        summary = train_fusion(row_config, data_dir, out_dir / row, cache=cache, encoders=(row_text, image_encoder),
+        summary = train_fusion(row_config, data_dir, out_dir / row, cache=cache, encoders=(row_text, row_image),
                                features=row_features, device=device)
         metrics = summary[split]
         results.append({"variant": row, "description": ROW_DESCRIPTIONS[row], "accuracy": metrics["accuracy"],

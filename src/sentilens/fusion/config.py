@@ -78,6 +78,8 @@ class FusionConfig(BaseModel):
     """Square side images are resized to; at most 1024 (4.7x the CNNs' 224): 100000 was accepted and the OOM
     killer ended the run (a batch of 32 would need 3.8 TB)."""
     fine_tune_text: bool = False
+    fine_tune_image: bool = False
+    """Train the CNN too (the paper trains end to end); its features are then computed live, not cached."""
     text_dim: int | None = None
     image_dim: int | None = None
     hidden: int = Field(256, ge=8)
@@ -91,6 +93,9 @@ class FusionConfig(BaseModel):
     lr: float = Field(1e-3, gt=0.0)
     text_lr: float = Field(2e-5, gt=0.0)
     """Learning rate of the text encoder when it is fine-tuned: 1e-3 would wreck a pretrained LM."""
+    image_lr: float = Field(1e-4, gt=0.0)
+    """Learning rate of the image CNN when it is fine-tuned: the usual rate for fine-tuning an ImageNet
+    CNN with AdamW, between the head's 1e-3 and the LM's 2e-5 (the paper gives one rate, 1e-3, for all)."""
     weight_decay: float = Field(0.01, ge=0.0)
     batch_size: int = Field(32, ge=1)
     epochs: int = Field(20, ge=1)
@@ -112,7 +117,7 @@ class FusionConfig(BaseModel):
 
     @model_validator(mode="after")
     def _probe_reads_frozen_features(self) -> FusionConfig:
-        if self.variant == "probe" and self.fine_tune_text:
+        if self.variant == "probe" and (self.fine_tune_text or self.fine_tune_image):
             raise ValueError("the probe is a logistic regression on frozen features: it cannot fine-tune an encoder")
         return self
 

@@ -94,8 +94,10 @@ def pixel_batch(images: Sequence[Image.Image], size: int) -> torch.Tensor:
 class ImageEncoder:
     """A frozen CNN (or any HF vision backbone): images -> region features and a pooled vector."""
 
-    def __init__(self, name: str = EMBEDDED_IMAGE, image_size: int = 224, device: str | torch.device = "cpu"):
+    def __init__(self, name: str = EMBEDDED_IMAGE, image_size: int = 224, trainable: bool = False,
+                 device: str | torch.device = "cpu"):
         self.name = name
+        self.trainable = trainable
         self.image_size = image_size
         self.device = torch.device(device)
         self.embedded = name == EMBEDDED_IMAGE
@@ -136,7 +138,7 @@ class ImageEncoder:
     @property
     def model(self) -> torch.nn.Module:
         if self._model is None:
-            self._model = self._load().to(self.device).eval().requires_grad_(False)
+            self._model = self._load().to(self.device).eval().requires_grad_(self.trainable)
         return self._model
 
     def _load(self) -> torch.nn.Module:
@@ -333,5 +335,6 @@ def build_encoders(config: FusionConfig, device: str | torch.device = "cpu"
     """The encoders a run's variant reads (``None`` for a modality it ignores)."""
     text = TextEncoder(config.text_encoder, config.prompt_template, config.max_text_tokens,
                        trainable=config.fine_tune_text, device=device) if config.uses_text else None
-    image = ImageEncoder(config.image_encoder, config.image_size, device=device) if config.uses_image else None
+    image = ImageEncoder(config.image_encoder, config.image_size, trainable=config.fine_tune_image,
+                         device=device) if config.uses_image else None
     return text, image

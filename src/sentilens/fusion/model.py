@@ -35,7 +35,7 @@ from torch import nn
 from sentilens.data.records import Post
 from sentilens.fusion.cache import PostFeatures, has_text
 from sentilens.fusion.config import FusionConfig
-from sentilens.fusion.encoders import TextEncoder
+from sentilens.fusion.encoders import ImageEncoder, TextEncoder, stack_pixels
 from sentilens.fusion.layers import ContextualAttention, DynamicRouting, RecurrentHead
 
 
@@ -79,18 +79,30 @@ def collate(features: Sequence[PostFeatures], text_dim: int, image_dim: int) -> 
 
 
 def collate_features(features: Sequence[PostFeatures], posts: Sequence[Post], text_dim: int, image_dim: int,
-               live_text: TextEncoder | None = None, device: str | torch.device = "cpu") -> FusionBatch:
-    """The batch for ``posts``: cached features, or for a fine-tuned text encoder its live outputs.
+               live_text: TextEncoder | None = None, device: str | torch.device = "cpu",
+               live_image: ImageEncoder | None = None) -> FusionBatch:
+    """The batch for ``posts``: cached features, or for a fine-tuned encoder its live outputs.
 
-    ``live_text`` runs inside the caller's grad mode, so gradients reach the text encoder in training.
+    ``live_text`` and ``live_image`` run inside the caller's grad mode, so gradients reach them in training.
     """
     batch = collate(features, text_dim, image_dim).to(device)
+    n = len(posts)
+    pictured = [i for i, post in enumerate(posts) if post.image]
+    if live_image is not None and pictured:
+        pixels = stack_pixels([live_image.load_pixels(posts[i].image) for i in pictured]).to(live_image.device)
+        regions, pooled = live_image.features(pixels)
+        regions, pooled = regions.float().to(device), pooled.float().to(device)
+        index = torch.tensor(pictured, device=regions.device)
+        batch.image_states = regions.new_zeros(n, *regions.shape[1:]).index_copy(0, index, regions)
+        batch.image_mask = torch.zeros(n, regions.shape[1], dtype=torch.bool, device=regions.device)
+        batch.image_mask[index] = True
+        batch.image_pooled = pooled.new_zeros(n, pooled.shape[1]).index_copy(0, index, pooled)
+        batch.image_present = batch.image_mask.any(dim=1)
     rows = [i for i, post in enumerate(posts) if has_text(post)]
     if live_text is None or not rows:
         return batch
     states, mask, pooled = live_text([posts[i].text for i in rows])
     index = torch.tensor(rows, device=states.device)
-    n = len(posts)
     batch.text_states = states.new_zeros(n, *states.shape[1:]).index_copy(0, index, states)
     batch.text_mask = mask.new_zeros(n, mask.shape[1]).index_copy(0, index, mask)
     batch.text_pooled = pooled.new_zeros(n, pooled.shape[1]).index_copy(0, index, pooled)

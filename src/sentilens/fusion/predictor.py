@@ -39,6 +39,7 @@ from sentilens.predict import Capabilities, Explanation, Prediction, unsupported
 from sentilens.runs import CONFIG, MODEL_WEIGHTS, load_config, load_weights
 
 TEXT_ENCODER_PREFIX = "text_encoder."
+IMAGE_ENCODER_PREFIX = "image_encoder."
 PREDICT_BATCH = 64
 """Posts per head call when scoring cached features."""
 ENCODE_BATCH = 32
@@ -66,11 +67,14 @@ def torch_threads(n: int | None):
         torch.set_num_threads(before)
 
 
-def run_weights(model: FusionModel, text_encoder: TextEncoder | None) -> dict[str, torch.Tensor]:
-    """Everything trained: the fusion head, and the text encoder when it was fine-tuned."""
+def run_weights(model: FusionModel, text_encoder: TextEncoder | None,
+                image_encoder: ImageEncoder | None = None) -> dict[str, torch.Tensor]:
+    """Everything trained: the fusion head, and each encoder that was fine-tuned."""
     weights = dict(model.state_dict())
     if text_encoder is not None and text_encoder.trainable:
         weights.update({TEXT_ENCODER_PREFIX + k: v for k, v in text_encoder.model.state_dict().items()})
+    if image_encoder is not None and image_encoder.trainable:
+        weights.update({IMAGE_ENCODER_PREFIX + k: v for k, v in image_encoder.model.state_dict().items()})
     return weights
 
 
@@ -125,10 +129,15 @@ class FusionPredictor:
             encoder_weights = {k[len(TEXT_ENCODER_PREFIX):]: weights.pop(k) for k in list(weights)
                                if k.startswith(TEXT_ENCODER_PREFIX)}
             _load_state(text_encoder.model, encoder_weights, run_dir / MODEL_WEIGHTS)
+        if image_encoder is not None and settings.fine_tune_image:
+            encoder_weights = {k[len(IMAGE_ENCODER_PREFIX):]: weights.pop(k) for k in list(weights)
+                               if k.startswith(IMAGE_ENCODER_PREFIX)}
+            _load_state(image_encoder.model, encoder_weights, run_dir / MODEL_WEIGHTS)
         model = build_model(settings, *settings.feature_dims)
         _load_state(model, weights, run_dir / MODEL_WEIGHTS)
-        if text_encoder is not None:
-            text_encoder.model.eval()
+        for encoder in (text_encoder, image_encoder if settings.fine_tune_image else None):
+            if encoder is not None:
+                encoder.model.eval()
         predictor = cls(settings, model, text_encoder, image_encoder, device=device)
         predictor.use_runtime(runtime)
         return predictor
@@ -138,13 +147,15 @@ class FusionPredictor:
         """N x n_labels label probabilities from precomputed features."""
         self.model.eval()
         live_text = self.text_encoder if self.settings.fine_tune_text else None
-        if live_text is not None:
-            live_text.model.eval()
+        live_image = self.image_encoder if self.settings.fine_tune_image else None
+        for encoder in (live_text, live_image):
+            if encoder is not None:
+                encoder.model.eval()
         out = []
         for start in range(0, len(posts), PREDICT_BATCH):
             end = start + PREDICT_BATCH
             batch = collate_features(features[start:end], posts[start:end], *self.settings.feature_dims, live_text,
-                               self.device)
+                                     self.device, live_image)
             out.append(torch.softmax(self.model(batch), dim=-1).cpu())
         return torch.cat(out) if out else torch.zeros(0, len(self.labels))
 

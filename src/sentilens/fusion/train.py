@@ -63,11 +63,12 @@ def epoch_seed(seed: int, epoch: int) -> int:
 
 def featurize_splits(splits: dict[str, list[Post]], config: FusionConfig, encoders: Encoders,
                      cache: FeatureCache | None) -> tuple[SplitFeatures, CacheStats]:
-    """Frozen features of every split (the text is left out when the text encoder is fine-tuned)."""
+    """Frozen features of every split (a modality is left out when its encoder is fine-tuned)."""
     text_encoder, image_encoder = encoders
     frozen_text = None if config.fine_tune_text else text_encoder
+    frozen_image = None if config.fine_tune_image else image_encoder
     posts = [post for split in SPLITS for post in splits[split]]
-    features, stats = featurize(posts, frozen_text, image_encoder, cache)
+    features, stats = featurize(posts, frozen_text, frozen_image, cache)
     out, start = {}, 0
     for split in SPLITS:
         out[split] = features[start:start + len(splits[split])]
@@ -82,18 +83,22 @@ def _check_labelled(posts: Sequence[Post], split: str, data_dir: Path) -> None:
                              data_dir / f"{split}.jsonl")
 
 
-def _optimizer(config: FusionConfig, model: FusionModel, text_encoder: TextEncoder | None) -> torch.optim.AdamW:
+def _optimizer(config: FusionConfig, model: FusionModel, live: Encoders) -> torch.optim.AdamW:
+    """AdamW with one parameter group per trained part, each at its own rate (head, text LM, image CNN)."""
+    text_encoder, image_encoder = live
     groups = [{"params": list(model.parameters()), "lr": config.lr}]
-    if config.fine_tune_text and text_encoder is not None:
+    if text_encoder is not None:
         groups.append({"params": list(text_encoder.model.parameters()), "lr": config.text_lr})
+    if image_encoder is not None:
+        groups.append({"params": list(image_encoder.model.parameters()), "lr": config.image_lr})
     return torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
 
 
-def _restore(run_dir: Path, model: FusionModel, text_encoder: TextEncoder | None,
+def _restore(run_dir: Path, model: FusionModel, live: Encoders,
              optimizer: torch.optim.Optimizer) -> tuple[dict, list[dict]]:
     """Weights and optimizer of the last finished epoch from ``resume/``; returns the scalar state and history."""
     saved = load_training_state(run_dir)
-    trained = run_weights(model, text_encoder)
+    trained = run_weights(model, *live)
     if set(saved.trainable) != set(trained):
         raise SentilensError("the resume state does not match this run's model", run_dir / RESUME_DIR)
     for name, value in saved.trainable.items():
@@ -103,14 +108,15 @@ def _restore(run_dir: Path, model: FusionModel, text_encoder: TextEncoder | None
 
 
 def _train_epoch(model: FusionModel, optimizer: torch.optim.Optimizer, posts: Sequence[Post],
-                 features: Sequence[PostFeatures], config: FusionConfig, epoch: int, live_text: TextEncoder | None,
+                 features: Sequence[PostFeatures], config: FusionConfig, epoch: int, live: Encoders,
                  device: str, on_batch: Callable[[int, float], None], class_weights: torch.Tensor | None = None
                  ) -> float:
     """One pass over the training posts in this epoch's seeded order; returns the mean loss."""
     label_index = {label: i for i, label in enumerate(config.labels)}
     model.train()
-    if live_text is not None:
-        live_text.model.train()
+    for encoder in live:
+        if encoder is not None:
+            encoder.model.train()
     seed = epoch_seed(config.seed, epoch)
     torch.manual_seed(seed)
     order = torch.randperm(len(posts), generator=torch.Generator().manual_seed(seed)).tolist()
@@ -118,7 +124,8 @@ def _train_epoch(model: FusionModel, optimizer: torch.optim.Optimizer, posts: Se
     for start in range(0, len(order), config.batch_size):
         idx = order[start:start + config.batch_size]
         batch_posts = [posts[i] for i in idx]
-        batch = collate_features([features[i] for i in idx], batch_posts, *config.feature_dims, live_text, device)
+        batch = collate_features([features[i] for i in idx], batch_posts, *config.feature_dims, live[0], device,
+                                 live[1])
         targets = torch.tensor([label_index[p.label] for p in batch_posts], device=device)
         loss = F.cross_entropy(model(batch), targets, weight=class_weights)
         optimizer.zero_grad(set_to_none=True)
@@ -172,17 +179,17 @@ def fit(config: FusionConfig, data_dir: str | Path, run_dir: str | Path, *, resu
     stats = CacheStats()
     if features is None:
         features, stats = featurize_splits(splits, config, encoders, cache)
-    live_text = text_encoder if config.fine_tune_text else None
+    live = (text_encoder if config.fine_tune_text else None, image_encoder if config.fine_tune_image else None)
     if config.variant == "probe":
         return _fit_probe(config, splits, features, encoders, run_dir, device, stats, started)
 
     torch.manual_seed(config.seed)
     model = FusionModel(config, *config.feature_dims).to(device)
-    optimizer = _optimizer(config, model, live_text)
+    optimizer = _optimizer(config, model, live)
     state: dict = {"epochs_done": 0, "best_epoch": None, "best": None}
     history: list[dict] = []
     if resume:
-        state, history = _restore(run_dir, model, live_text, optimizer)
+        state, history = _restore(run_dir, model, live, optimizer)
     save_config(run_dir, config)
     predictor = FusionPredictor(config, model, text_encoder, image_encoder, device=device)
 
@@ -197,7 +204,7 @@ def fit(config: FusionConfig, data_dir: str | Path, run_dir: str | Path, *, resu
             def on_batch(n: int, loss: float, epoch: int = epoch) -> None:
                 bar.update(task, advance=n, status=f"epoch {epoch + 1}/{config.epochs} loss {loss:.4f}")
 
-            loss = _train_epoch(model, optimizer, train_posts, features["train"], config, epoch, live_text, device,
+            loss = _train_epoch(model, optimizer, train_posts, features["train"], config, epoch, live, device,
                                 on_batch, class_weights)
             val = _score(predictor, splits["val"], features["val"])[0] if splits["val"] else None
             record = {"epoch": epoch + 1, "train_loss": loss, "seconds": round(time.perf_counter() - epoch_started, 2)}
@@ -208,17 +215,17 @@ def fit(config: FusionConfig, data_dir: str | Path, run_dir: str | Path, *, resu
             best = state["best"]
             if val is None or best is None or val_f1 > best["weighted_f1"]:
                 state["best_epoch"], state["best"] = epoch + 1, record.get("val")
-                save_weights(run_dir / MODEL_WEIGHTS, run_weights(model, live_text))
+                save_weights(run_dir / MODEL_WEIGHTS, run_weights(model, *live))
             state["epochs_done"] = epoch + 1
             save_history(run_dir, history)
-            save_training_state(run_dir, run_weights(model, live_text), optimizer.state_dict(), state)
+            save_training_state(run_dir, run_weights(model, *live), optimizer.state_dict(), state)
             bar.update(task, status=f"epoch {epoch + 1}/{config.epochs} loss {loss:.4f} val F1 "
                                     + ("-" if val_f1 is None else f"{val_f1:.4f}"))
             if config.patience and val_f1 is not None and state["epochs_done"] - state["best_epoch"] >= config.patience:
                 break  # early stopping: no gain on val for `patience` epochs (the best epoch's weights are kept)
 
     best = load_weights(run_dir / MODEL_WEIGHTS, device)
-    trained = run_weights(model, live_text)
+    trained = run_weights(model, *live)
     for name, value in best.items():
         trained[name].copy_(value)
     summary = {"run": str(run_dir), "variant": config.variant, "epochs": state["epochs_done"],
