@@ -99,8 +99,8 @@ def test_one_row_with_a_split_keeps_every_other_row(tmp_path, monkeypatch, capsy
     assert set().union(*ids.values()) == {row["id"] for row in rows}  # nothing dropped
     assert "p4" in ids["test"]
     stats = json.loads((tmp_path / "out" / "stats.json").read_text())
-    assert stats["source"]["split"] == ("given by the source for 1 posts, seeded 8:1:1 per class (groups kept together) "
-                                        "for the other 29")
+    assert stats["source"]["split"] == ("given by the source for 1 posts, seeded 8:1:1 per class "
+                                        "(groups kept together) for the other 29")
 
 
 def test_a_bad_split_value_drops_only_its_row(tmp_path, monkeypatch, capsys):
