@@ -1,0 +1,709 @@
+"""Qwen2.5-VL and Qwen3-VL (``Qwen2_5_VLForConditionalGeneration``, ``Qwen3VLForConditionalGeneration``):
+building the language model's input, with visual-token filtering, and the tiny random models.
+
+How these models see an image (read from transformers' ``modeling_qwen2_5_vl`` / ``modeling_qwen3_vl``):
+
+- Native resolution: the image processor resizes an image to a multiple of ``patch * merge`` pixels
+  (within ``min_pixels``/``max_pixels``) and flattens it into ``H x W`` patches; ``grid_thw`` says
+  ``(1, H, W)`` per image. The patches of all images of a batch run through the tower as one packed
+  sequence; ``cu_seqlens`` keeps each image's attention to itself.
+- 2x2 patch merging: the patches arrive grouped by merge block (4 consecutive patches form one
+  block), and the merger maps each block to one language-model token: an image is
+  ``N = (H/2) * (W/2)`` visual tokens. There is no CLS token.
+- 3-D rotary positions (M-RoPE) in the language model: the image's token ``(h, w)`` gets position
+  ``(s, s + h, s + w)`` (temporal, height, width) where ``s`` is the position after the text before
+  it, and the text after the image continues at ``s + max(H/2, W/2)``, not ``s + N``.
+- Qwen2.5-VL's tower attends inside 112-px windows in most layers (``fullatt_block_indexes`` name the
+  few full-attention layers); it reorders the patches window by window for this and puts the merged
+  tokens back in raster order at the end.
+- Qwen3-VL's tower attends over the whole image in every layer, and also sends "deepstack" features:
+  the hidden states after a few intermediate layers (``deepstack_visual_indexes``), merged by their
+  own mergers, are added to the language model's hidden states at the visual positions after its
+  first decoder layers.
+
+Steps, one by one (as :mod:`sentilens.mllm.inputs` does for LLaVA) so a filter can sit between them:
+
+1. :func:`encode_images` runs the frozen tower with its mergers switched for a recorder (so they run
+   once, later, on the kept tokens only) and returns each image's pre-merger hidden states,
+   ``(N, 4, Dv)`` per image in raster order (and for Qwen3-VL the same for each deepstack layer);
+2. a :class:`QwenTokenFilter` picks the ``ceil(r * N)`` tokens to keep (none: all ``N``);
+3. the mergers (the projector; trained in fine-tuning as LLaVA's projector is) map the kept blocks
+   to language-model tokens, main and deepstack features alike;
+4. :func:`assemble` widens each post's single image placeholder to its kept tokens and gives every
+   token its 3-D position.
+
+The filtering rules, and why:
+
+- **Score of a merged token.** With no CLS token, a patch is scored by the attention it *receives*:
+  ``mean_i softmax(q_i K^T / sqrt(d))_j`` over the image's queries ``i`` and the heads, computed from
+  the tower's own rotated queries and keys (captured by hooks, the tower keeps its SDPA kernel), then
+  averaged over the scored layers. A merged token stands for its 2x2 block, so its score is the mean
+  of its four patches' scores: the language model receives the block as one token, so the block is
+  kept or dropped as a whole.
+- **Which layers (Qwen2.5-VL): full-attention layers only.** In a windowed layer a query spreads its
+  attention over its own window, so every window receives the same total attention per query
+  whatever it shows: such a layer only ranks patches against their window neighbours, and averaging
+  it in would pull the image-wide ranking toward "a few tokens from every window", including windows
+  of plain background. The full-attention layers compare every patch with every other. The default
+  (``all``) averages every full-attention layer; ``feature``/``last`` take the last layer (whose output
+  the merger reads, a full-attention layer in the released models); a layer or slice that names only
+  windowed layers is refused.
+- **Which layers (Qwen3-VL): all layers** (every layer attends over the whole image), ``feature``/
+  ``last`` the last one.
+- **Deepstack (Qwen3-VL).** A deepstack feature belongs to one merged token (the same 2x2 block,
+  taken at an earlier layer). A dropped token loses its deepstack features too and a kept one keeps
+  all of them, in the same order as the main features: the language model adds level ``l`` to the
+  hidden state of the same visual position, so the kept sets must be identical. The scores come from
+  the tower's attention only; the deepstack features are not scored separately.
+- **Positions: a kept token keeps its own native 3-D position** ``(s, s + h, s + w)``; nothing is
+  renumbered, so a kept token sits where the native model puts it and the rotary geometry between
+  kept tokens is unchanged. **The text after the image keeps its native positions too**
+  (``s + max(H/2, W/2)`` onward), whatever was dropped: the answer tokens and the prompt text are at
+  the positions the model was trained with. Positions count real tokens only (left padding gets
+  none), so a post has the same positions alone and in a batch.
+- Baselines as for LLaVA: ``random`` (seeded by the image's patches; no scoring pass) and ``inverse``
+  (the lowest scores). ``+merge`` (VisionZip-style context tokens) is not offered for these families.
+
+The processor: transformers' ``Qwen2_5_VLProcessor``/``Qwen3VLProcessor`` require a video processor,
+which needs torchvision; posts have no video, so :class:`QwenProcessor` holds the checkpoint's own
+tokenizer (with its chat template) and its own image processor (``Qwen2VLImageProcessor``), each
+loaded with ``from_pretrained``.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from pydantic import BaseModel
+from torch import Tensor, nn
+
+from sentilens.errors import SentilensError
+from sentilens.mllm.pruning import (
+    FilterSpec,
+    keep_count,
+    mean_received_attention,
+    random_priorities,
+    top_patches,
+)
+
+QWEN_MODEL_TYPES = {"qwen2_5_vl": "Qwen2.5-VL", "qwen3_vl": "Qwen3-VL"}
+
+CHATML_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' -}}"
+    "{%- if message['content'] is string -%}{{- message['content'] -}}"
+    "{%- else -%}{%- for part in message['content'] -%}"
+    "{%- if part['type'] == 'image' -%}{{- '<|vision_start|><|image_pad|><|vision_end|>' -}}"
+    "{%- else -%}{{- part['text'] + ('\\n' if not loop.last else '') -}}{%- endif -%}"
+    "{%- endfor -%}{%- endif -%}"
+    "{{- '<|im_end|>\\n' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
+)
+"""The Qwen chat format (ChatML, image wrapped in vision start/end tokens) the tiny models ship;
+real checkpoints bring their own template."""
+
+
+def model_type(model) -> str:
+    kind = model.config.model_type
+    if kind not in QWEN_MODEL_TYPES:
+        raise SentilensError(f"'{kind}' is not a Qwen2.5-VL / Qwen3-VL model")
+    return kind
+
+
+# ---------------------------------------------------------------------------------------------- processor
+
+
+class QwenProcessor:
+    """The checkpoint's tokenizer (chat template inside) and image processor: what prompts and pixels need."""
+
+    def __init__(self, tokenizer, image_processor, chat_template: str | None = None):
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.chat_template = chat_template or getattr(tokenizer, "chat_template", None)
+        self.image_token = getattr(tokenizer, "image_token", None) or "<|image_pad|>"
+        self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
+
+    @classmethod
+    def from_pretrained(cls, source: str) -> QwenProcessor:
+        from transformers import AutoImageProcessor, AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        image_processor = AutoImageProcessor.from_pretrained(source)
+        template = getattr(tokenizer, "chat_template", None)
+        folder = Path(source)
+        if template is None and (folder / "chat_template.jinja").is_file():
+            template = (folder / "chat_template.jinja").read_text(encoding="utf-8")
+        return cls(tokenizer, image_processor, template)
+
+    def save_pretrained(self, out_dir: str | Path) -> None:
+        self.tokenizer.save_pretrained(out_dir)
+        self.image_processor.save_pretrained(out_dir)
+
+    def apply_chat_template(self, messages, chat_template: str | None = None, add_generation_prompt: bool = False,
+                            tokenize: bool = False, **kwargs):
+        return self.tokenizer.apply_chat_template(messages, chat_template=chat_template or self.chat_template,
+                                                  add_generation_prompt=add_generation_prompt, tokenize=tokenize,
+                                                  **kwargs)
+
+
+@dataclass
+class QwenImages:
+    """Preprocessed images: every image's flattened patches one after the other, and each one's grid."""
+
+    pixel_values: Tensor  # (sum of patches, C * temporal_patch * patch * patch)
+    grid_thw: Tensor  # (B, 3) long: temporal, height, width in patches
+
+    def to(self, device: torch.device | str, **_) -> QwenImages:
+        return QwenImages(self.pixel_values.to(device), self.grid_thw.to(device))
+
+    def __len__(self) -> int:
+        return self.grid_thw.shape[0]
+
+    def patch_counts(self) -> list[int]:
+        return [int(n) for n in self.grid_thw.prod(dim=-1).tolist()]
+
+    def select(self, rows: Sequence[int]) -> QwenImages:
+        """The images ``rows`` (in that order)."""
+        starts = [0, *torch.tensor(self.patch_counts()).cumsum(0).tolist()]
+        chunks = [self.pixel_values[starts[r]:starts[r + 1]] for r in rows]
+        return QwenImages(torch.cat(chunks), self.grid_thw[list(rows)])
+
+
+def preprocess_images(image_processor, images: Sequence) -> QwenImages:
+    """Decoded RGB images through the checkpoint's own image processor (native resolution, flattened patches)."""
+    out = image_processor(list(images), return_tensors="pt")
+    return QwenImages(out["pixel_values"], out["image_grid_thw"].long())
+
+
+# ---------------------------------------------------------------------------------------------- the tower
+
+
+@dataclass
+class TowerOutput:
+    """Pre-merger hidden states per image, raster order: ``blocks[i]`` is ``(N_i, 4, Dv)``;
+    ``deepstack[l][i]`` the same at deepstack layer ``l`` (Qwen3-VL; empty for Qwen2.5-VL)."""
+
+    blocks: list[Tensor]
+    deepstack: list[list[Tensor]]
+    grids: list[tuple[int, int, int]]  # (t, H/2, W/2): merged-token grid of each image
+
+
+class _Recorder(nn.Module):
+    """Stands in for a merger during the tower pass: keeps its input, returns an empty placeholder of the
+    merged shape (the real merger runs later on the kept blocks only)."""
+
+    def __init__(self, merger: nn.Module, unit: int, out_features: int):
+        super().__init__()
+        self.merger = merger
+        self.unit = unit
+        self.out_features = out_features
+        self.seen: Tensor | None = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.seen = x
+        return x.new_empty(x.shape[0] // self.unit, self.out_features)
+
+
+def _window_order(visual, grid_thw: Tensor) -> Tensor | None:
+    """Qwen2.5-VL: the merged-token order its tower runs in (window by window); None for Qwen3-VL."""
+    if not hasattr(visual, "window_size"):
+        return None
+    from transformers.vision_utils import get_vision_window_index
+
+    index, _ = get_vision_window_index(grid_thw, spatial_merge_size=visual.spatial_merge_size,
+                                       window_size=visual.window_size, patch_size=visual.patch_size)
+    return index.to(grid_thw.device)
+
+
+@contextmanager
+def _recording_mergers(visual) -> Iterator[list[_Recorder]]:
+    unit = visual.spatial_merge_unit
+    main = _Recorder(visual.merger, unit, visual.config.out_hidden_size)
+    deep = [_Recorder(m, unit, visual.config.out_hidden_size) for m in getattr(visual, "deepstack_merger_list", [])]
+    visual.merger = main
+    if deep:
+        visual.deepstack_merger_list = nn.ModuleList(deep)
+    try:
+        yield [main, *deep]
+    finally:
+        visual.merger = main.merger
+        if deep:
+            visual.deepstack_merger_list = nn.ModuleList([d.merger for d in deep])
+
+
+def encode_images(model, images: QwenImages, scorer: ReceivedAttention | None = None) -> TowerOutput:
+    """Run the frozen tower (no gradients) and return the pre-merger blocks of each image in raster order."""
+    visual = model.model.visual
+    unit = visual.spatial_merge_unit
+    grid = images.grid_thw.to(visual.device)
+    with torch.no_grad(), _recording_mergers(visual) as recorders, \
+            (scorer.capture(visual) if scorer is not None else _nothing()):
+        visual(images.pixel_values.to(device=visual.device, dtype=visual.dtype), grid_thw=grid)
+    order = _window_order(visual, grid)
+    merged = [(t, h // visual.spatial_merge_size, w // visual.spatial_merge_size) for t, h, w in grid.tolist()]
+    counts = [t * h * w for t, h, w in merged]
+
+    def per_image(states: Tensor, windowed: bool) -> list[Tensor]:
+        states = states.reshape(-1, unit, states.shape[-1])
+        if windowed and order is not None:  # back to raster order
+            states = states[torch.argsort(order)]
+        return list(torch.split(states, counts))
+
+    main, *deep = recorders
+    return TowerOutput(blocks=per_image(main.seen, True), deepstack=[per_image(d.seen, False) for d in deep],
+                       grids=merged)
+
+
+@contextmanager
+def _nothing():
+    yield None
+
+
+# ---------------------------------------------------------------------------------------------- scoring
+
+
+def full_attention_layers(visual) -> list[int]:
+    """The tower layers that attend over the whole image (Qwen2.5-VL: ``fullatt_block_indexes``; Qwen3-VL: all)."""
+    depth = len(visual.blocks)
+    full = getattr(visual, "fullatt_block_indexes", None)
+    return list(range(depth)) if full is None else sorted(i for i in full if 0 <= i < depth)
+
+
+def scored_layers(visual, spec: FilterSpec) -> list[int]:
+    """The layers whose received attention is averaged under ``spec`` (the module docstring's rules)."""
+    depth = len(visual.blocks)
+    full = full_attention_layers(visual)
+    if spec.layers in ("feature", "last"):
+        chosen = [depth - 1]
+    elif spec.layers == "all":
+        chosen = full
+    else:
+        chosen = spec.layer_indices(depth)
+    usable = [i for i in chosen if i in full]
+    if not usable:
+        raise SentilensError(f"scoring layers '{spec.layers}' name only windowed-attention layers of this tower; "
+                             f"its full-attention layers are {full}")
+    return usable
+
+
+class ReceivedAttention:
+    """Mean attention each merged token's patches receive, over heads, the image's queries and the scored
+    layers, from the rotated queries and keys the tower computes anyway.
+
+    After a captured tower pass, ``scores`` is a list of ``(N_i,)`` float32 tensors (raster order).
+    """
+
+    def __init__(self, visual, layers: Sequence[int]):
+        self.visual = visual
+        self.layers = sorted(set(layers))
+        self.scores: list[Tensor] | None = None
+        self._sum: Tensor | None = None
+        self._context: dict[int, tuple] = {}
+        self._grid: Tensor | None = None
+
+    @contextmanager
+    def capture(self, visual=None) -> Iterator[ReceivedAttention]:
+        visual = self.visual
+        handles = [visual.register_forward_pre_hook(self._start, with_kwargs=True),
+                   visual.register_forward_hook(self._finish)]
+        for index in self.layers:
+            attn = visual.blocks[index].attn
+            handles.append(attn.register_forward_pre_hook(self._remember(index), with_kwargs=True))
+            handles.append(attn.qkv.register_forward_hook(self._score(index, attn)))
+        try:
+            yield self
+        finally:
+            for handle in handles:
+                handle.remove()
+            self._context.clear()
+            self._sum = None
+
+    def _start(self, module, args, kwargs) -> None:
+        self._grid = kwargs.get("grid_thw", args[1] if len(args) > 1 else None)
+        self._sum = None
+        self.scores = None
+
+    def _remember(self, index: int):
+        def hook(module, args, kwargs) -> None:
+            self._context[index] = (kwargs["cu_seqlens"], kwargs["position_embeddings"])
+        return hook
+
+    def _score(self, index: int, attn):
+        rotate = sys.modules[type(attn).__module__].apply_rotary_pos_emb_vision
+
+        def hook(module, args, output: Tensor) -> None:
+            cu_seqlens, (cos, sin) = self._context.pop(index)
+            tokens = output.shape[0]
+            q, k, _ = output.detach().reshape(tokens, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+            q, k = rotate(q, k, cos, sin)
+            bounds = cu_seqlens.tolist()
+            received = torch.cat([
+                mean_received_attention(q[a:b].reshape(1, b - a, -1), k[a:b].reshape(1, b - a, -1),
+                                        attn.num_heads, attn.scaling)[0]
+                for a, b in zip(bounds[:-1], bounds[1:], strict=True)])
+            self._sum = received if self._sum is None else self._sum + received
+        return hook
+
+    def _finish(self, module, args, output) -> None:
+        if self._sum is None:
+            raise RuntimeError("the vision tower ran without reaching the scored layers")
+        visual = self.visual
+        per_patch = self._sum / len(self.layers)
+        per_block = per_patch.view(-1, visual.spatial_merge_unit).mean(dim=1)  # a merged token = its 2x2 block
+        order = _window_order(visual, self._grid)
+        if order is not None:
+            per_block = per_block[torch.argsort(order)]
+        counts = (self._grid.prod(dim=-1) // visual.spatial_merge_unit).tolist()
+        self.scores = list(torch.split(per_block, counts))
+        self._sum = None
+
+
+# ---------------------------------------------------------------------------------------------- filtering
+
+
+@dataclass
+class Kept:
+    """What the filter did to one image: the kept merged tokens (raster indices, increasing) and the scores."""
+
+    kept: Tensor
+    scores: Tensor
+
+
+class QwenTokenFilter:
+    """Keeps ``ceil(r * N)`` merged tokens of each image (the module docstring's rules)."""
+
+    def __init__(self, model, keep_ratio: float, strategy: FilterSpec | str = "all"):
+        self.spec = FilterSpec.parse(strategy) if isinstance(strategy, str) else strategy
+        if self.spec.merge:
+            raise SentilensError(f"strategy '{self.spec}' is not available for {QWEN_MODEL_TYPES[model_type(model)]}: "
+                                 "+merge is offered for LLaVA towers only")
+        keep_count(1, keep_ratio)
+        self.keep_ratio = keep_ratio
+        visual = model.model.visual
+        self.scorer = None if self.spec.select == "random" else ReceivedAttention(visual, scored_layers(visual,
+                                                                                                        self.spec))
+        self.last: list[Kept] = []
+
+    def select(self, images: QwenImages, tower: TowerOutput) -> list[Tensor]:
+        """Kept raster indices of each image, increasing."""
+        self.last = []
+        starts = [0, *torch.tensor(images.patch_counts()).cumsum(0).tolist()]
+        for i, blocks in enumerate(tower.blocks):
+            n = blocks.shape[0]
+            if self.spec.select == "random":
+                patches = images.pixel_values[starts[i]:starts[i + 1]]
+                scores = random_priorities(patches.unsqueeze(0), n)[0]
+            else:
+                scores = self.scorer.scores[i].float().cpu()
+            keep = keep_count(n, self.keep_ratio)
+            kept = top_patches(-scores if self.spec.select == "inverse" else scores, keep)
+            self.last.append(Kept(kept=kept, scores=scores))
+        return [k.kept for k in self.last]
+
+
+# ---------------------------------------------------------------------------------------------- visual tokens
+
+
+@dataclass
+class VisualTokens:
+    """One image's visual tokens for the language model."""
+
+    embeds: Tensor  # (k, D_lm)
+    deepstack: list[Tensor]  # per deepstack level, (k, D_lm)
+    positions: Tensor  # (3, k) long: (t, h, w) of each kept token relative to the image's start position
+    extent: int  # how far the image advances the position of the text after it: max(H/2, W/2)
+
+    @property
+    def count(self) -> int:
+        return self.embeds.shape[0]
+
+
+def grid_positions(grid: tuple[int, int, int]) -> Tensor:
+    """``(3, t*h*w)`` relative (t, h, w) of each merged token of a grid, raster order (as HF's get_rope_index)."""
+    t, h, w = grid
+    tt, hh, ww = torch.meshgrid(torch.arange(t), torch.arange(h), torch.arange(w), indexing="ij")
+    return torch.stack([tt, hh, ww]).reshape(3, -1)
+
+
+def project(merger: nn.Module, blocks: Tensor) -> Tensor:
+    """A merger (projector) on ``(k, 4, Dv)`` blocks -> ``(k, D_lm)``."""
+    dtype = next(merger.parameters()).dtype
+    return merger(blocks.reshape(-1, blocks.shape[-1]).to(dtype))
+
+
+def visual_tokens(model, images: QwenImages, token_filter: QwenTokenFilter | None = None) -> list[VisualTokens]:
+    """Encode, filter, then merge (project) each image's kept blocks; positions kept from the full grid."""
+    visual = model.model.visual
+    scorer = None if token_filter is None else token_filter.scorer
+    tower = encode_images(model, images, scorer)
+    kept = (token_filter.select(images, tower) if token_filter is not None
+            else [torch.arange(b.shape[0]) for b in tower.blocks])
+    device = tower.blocks[0].device if tower.blocks else visual.device
+    rows = [k.to(device) for k in kept]
+    main = project(visual.merger, torch.cat([b[r] for b, r in zip(tower.blocks, rows, strict=True)]))
+    sizes = [r.numel() for r in rows]
+    deep_levels = [
+        torch.split(project(merger, torch.cat([b[r] for b, r in zip(level, rows, strict=True)])), sizes)
+        for merger, level in zip(getattr(visual, "deepstack_merger_list", []), tower.deepstack, strict=False)]
+    out = []
+    for i, (embeds, grid) in enumerate(zip(torch.split(main, sizes), tower.grids, strict=True)):
+        positions = grid_positions(grid)[:, kept[i].cpu()]
+        out.append(VisualTokens(embeds=embeds, deepstack=[level[i] for level in deep_levels], positions=positions,
+                                extent=max(grid[1], grid[2])))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- assembly
+
+
+@dataclass
+class QwenLmInputs:
+    """A padded batch for the language model (same fields as :class:`sentilens.mllm.inputs.LmInputs`, with
+    ``(3, B, L)`` positions), plus where the visual tokens sit and their deepstack features (Qwen3-VL)."""
+
+    input_ids: Tensor
+    inputs_embeds: Tensor
+    attention_mask: Tensor
+    position_ids: Tensor  # (3, B, L)
+    targets: Tensor | None
+    image_tokens: list[int]
+    visual_mask: Tensor  # (B, L) bool
+    deepstack: list[Tensor] = field(default_factory=list)  # per level: (visual tokens of the batch, D)
+
+
+def token_positions(ids: Sequence[int], image_id: int, visual: VisualTokens | None) -> Tensor:
+    """``(3, len)`` M-RoPE positions of one post whose image placeholder is already widened to ``visual``'s
+    kept tokens: text counts up by one; the image's tokens sit at ``start + (t, h, w)`` of their own grid
+    cell (nothing renumbered); the text after it starts at ``start + extent``, as in the native model."""
+    out = torch.empty(3, len(ids), dtype=torch.long)
+    position, at = 0, 0
+    while at < len(ids):
+        if ids[at] == image_id and visual is not None:
+            k = visual.count
+            out[:, at:at + k] = visual.positions + position
+            position += visual.extent
+            at += k
+        else:
+            out[:, at] = position
+            position += 1
+            at += 1
+    return out
+
+
+def assemble(model, token_ids: Sequence[Sequence[int]], visual: Sequence[VisualTokens | None],
+             targets: Sequence[Sequence[int]] | None = None, padding_side: str = "right") -> QwenLmInputs:
+    """Pad the posts into one batch, each image placeholder widened to its kept visual tokens."""
+    config = model.config
+    image_id = config.image_token_id
+    pad_id = getattr(config.text_config, "pad_token_id", None)
+    pad_id = 0 if pad_id is None else pad_id
+    rows, target_rows, positions = [], [], []
+    for i, ids in enumerate(token_ids):
+        ids = list(ids)
+        tgt = list(targets[i]) if targets is not None else None
+        count = ids.count(image_id)
+        if count != (visual[i] is not None):
+            raise ValueError(f"post {i} has {count} image placeholders but {'an' if visual[i] is not None else 'no'} "
+                             "image")
+        if count:
+            at = ids.index(image_id)
+            k = visual[i].count
+            ids = ids[:at] + [image_id] * k + ids[at + 1:]
+            if tgt is not None:
+                tgt = tgt[:at] + [-100] * k + tgt[at + 1:]
+        rows.append(ids)
+        target_rows.append(tgt)
+        positions.append(token_positions(ids, image_id, visual[i]))
+    width = max(len(r) for r in rows)
+    device = model.lm_head.weight.device
+    batch = len(rows)
+    input_ids = torch.full((batch, width), pad_id, dtype=torch.long)
+    mask = torch.zeros((batch, width), dtype=torch.long)
+    position_ids = torch.zeros((3, batch, width), dtype=torch.long)
+    tgt_tensor = torch.full((batch, width), -100, dtype=torch.long) if targets is not None else None
+    for i, ids in enumerate(rows):
+        span = slice(0, len(ids)) if padding_side == "right" else slice(width - len(ids), width)
+        input_ids[i, span] = torch.tensor(ids)
+        mask[i, span] = 1
+        position_ids[:, i, span] = positions[i]
+        if tgt_tensor is not None:
+            tgt_tensor[i, span] = torch.tensor(target_rows[i])
+    input_ids, mask, position_ids = input_ids.to(device), mask.to(device), position_ids.to(device)
+    embeds = model.get_input_embeddings()(input_ids)
+    visual_mask = (input_ids == image_id) & mask.bool()
+    present = [v for v in visual if v is not None]
+    deepstack: list[Tensor] = []
+    if present:
+        features = torch.cat([v.embeds for v in present]).to(device=embeds.device, dtype=embeds.dtype)
+        embeds = embeds.masked_scatter(visual_mask.unsqueeze(-1), features)
+        levels = len(present[0].deepstack)
+        deepstack = [torch.cat([v.deepstack[level] for v in present]).to(device=embeds.device, dtype=embeds.dtype)
+                     for level in range(levels)]
+    return QwenLmInputs(input_ids=input_ids, inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids,
+                        targets=None if tgt_tensor is None else tgt_tensor.to(device),
+                        image_tokens=[0 if v is None else v.count for v in visual], visual_mask=visual_mask,
+                        deepstack=deepstack)
+
+
+def build_inputs(model, token_ids: Sequence[Sequence[int]], images: QwenImages | None,
+                 image_index: Sequence[int | None], token_filter: QwenTokenFilter | None = None,
+                 targets: Sequence[Sequence[int]] | None = None, padding_side: str = "right") -> QwenLmInputs:
+    """Encode, filter and merge the batch's images, then :func:`assemble` the language model's input."""
+    visual: list[VisualTokens | None] = [None] * len(token_ids)
+    if images is not None and len(images):
+        tokens = visual_tokens(model, images, token_filter)
+        for i, row in enumerate(image_index):
+            if row is not None:
+                visual[i] = tokens[row]
+    return assemble(model, token_ids, visual, targets, padding_side)
+
+
+def language_model_hidden(model, inputs: QwenLmInputs, attention_mask: Tensor | None = None,
+                          extra_tokens: int = 0, **kwargs):
+    """Run the language model on assembled inputs (deepstack features added where the model adds them).
+
+    ``extra_tokens``: how many tokens ``inputs.inputs_embeds`` carries beyond the assembled ones (label
+    scoring appends the answers); they are not visual.
+    """
+    language_model = model.model.language_model
+    if inputs.deepstack and inputs.visual_mask.any():
+        visual_mask = inputs.visual_mask
+        if extra_tokens:
+            visual_mask = torch.cat([visual_mask, visual_mask.new_zeros(visual_mask.shape[0], extra_tokens)], dim=1)
+        kwargs.update(visual_pos_masks=visual_mask, deepstack_visual_embeds=inputs.deepstack)
+    return language_model(inputs_embeds=inputs.inputs_embeds,
+                          attention_mask=inputs.attention_mask if attention_mask is None else attention_mask,
+                          position_ids=inputs.position_ids, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------- tiny models
+
+
+class TinyQwenSpec(BaseModel):
+    """Shapes of the tiny random Qwen models: a padded square image becomes 12 x 12 patches = 6 x 6 = 36
+    merged tokens (as many as the tiny LLaVA has); Qwen2.5-VL's 2 x 2-token windows make 9 windows."""
+
+    vision_hidden: int = 64
+    vision_layers: int = 4
+    vision_heads: int = 4
+    text_hidden: int = 64
+    text_layers: int = 3
+    text_heads: int = 4
+    text_kv_heads: int = 2
+    vocab_size: int = 1024
+    grid: int = 12  # patches per side
+
+
+QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                 "<|image_pad|>", "<|video_pad|>"]
+
+
+def build_tiny_qwen(out_dir: str | Path, family: str, corpus: Sequence[str] = (), seed: int = 0,
+                    spec: TinyQwenSpec | None = None) -> Path:
+    """Write a small random Qwen2.5-VL (``family="qwen2.5-vl"``) or Qwen3-VL (``"qwen3-vl"``) checkpoint
+    with its tokenizer (byte-level BPE trained offline, ChatML template) and image processor."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    from transformers.utils import logging as hf_logging
+
+    from sentilens.mllm.prompt import LLAVA15_SYSTEM, TASK_QUESTIONS
+
+    hf_logging.disable_progress_bar()
+    if family not in ("qwen2.5-vl", "qwen3-vl"):
+        raise SentilensError(f"unknown Qwen family '{family}' (qwen2.5-vl or qwen3-vl)")
+    spec = spec or TinyQwenSpec()
+    out_dir = Path(out_dir)
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=spec.vocab_size, special_tokens=QWEN_SPECIALS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    instructions = [LLAVA15_SYSTEM, *TASK_QUESTIONS.values(), "system user assistant Answer with one of:",
+                    "positive neutral negative informative not informative"]
+    bpe.train_from_iterator([*instructions, *corpus], trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>", model_max_length=4096,
+        extra_special_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
+                              "vision_start_token": "<|vision_start|>", "vision_end_token": "<|vision_end|>"},
+        chat_template=CHATML_TEMPLATE)
+    patch = 14 if family == "qwen2.5-vl" else 16
+    pixels = (spec.grid * patch) ** 2
+    image_processor = Qwen2VLImageProcessorPil(patch_size=patch, merge_size=2, temporal_patch_size=2,
+                                               min_pixels=pixels, max_pixels=pixels)
+    ids = {name: tokenizer.convert_tokens_to_ids(token) for name, token in (
+        ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
+        ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>"))}
+    head_dim = spec.text_hidden // spec.text_heads
+    section = [head_dim // 2 - 2 * (head_dim // 6), head_dim // 6, head_dim // 6]  # t, h, w frequencies
+    text = dict(vocab_size=len(tokenizer), hidden_size=spec.text_hidden, intermediate_size=2 * spec.text_hidden,
+                num_hidden_layers=spec.text_layers, num_attention_heads=spec.text_heads,
+                num_key_value_heads=spec.text_kv_heads, max_position_embeddings=4096,
+                pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=None)
+    vision = dict(hidden_size=spec.vision_hidden, intermediate_size=2 * spec.vision_hidden,
+                  num_heads=spec.vision_heads, depth=spec.vision_layers, patch_size=patch, spatial_merge_size=2,
+                  temporal_patch_size=2, out_hidden_size=spec.text_hidden)
+    if family == "qwen2.5-vl":
+        from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+        text["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": section}
+        # windows of 2 x 2 merged tokens (4 x 4 patches); every other layer attends over the whole image
+        vision.update(window_size=4 * patch, fullatt_block_indexes=list(range(1, spec.vision_layers, 2)))
+        config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=False, **ids)
+        cls = Qwen2_5_VLForConditionalGeneration
+    else:
+        from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+        text.update(head_dim=head_dim, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                                        "mrope_section": section, "mrope_interleaved": True})
+        vision.update(num_position_embeddings=spec.grid ** 2,
+                      deepstack_visual_indexes=list(range(max(spec.vision_layers - 2, 0), spec.vision_layers - 1)))
+        config = Qwen3VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=False, **ids)
+        cls = Qwen3VLForConditionalGeneration
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = cls(config)
+    model.save_pretrained(out_dir)
+    QwenProcessor(tokenizer, image_processor).save_pretrained(out_dir)
+    return out_dir
+
+
+def load_qwen(source: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+              **kwargs):
+    """(model, :class:`QwenProcessor`) of a Qwen2.5-VL / Qwen3-VL checkpoint, safetensors only."""
+    from transformers import AutoConfig, Qwen2_5_VLForConditionalGeneration, Qwen3VLForConditionalGeneration
+
+    source = str(source)
+    try:
+        config = AutoConfig.from_pretrained(source)
+        cls = {"qwen2_5_vl": Qwen2_5_VLForConditionalGeneration,
+               "qwen3_vl": Qwen3VLForConditionalGeneration}.get(config.model_type)
+        if cls is None:
+            raise SentilensError(f"'{source}' is a '{config.model_type}' checkpoint, not Qwen2.5-VL / Qwen3-VL")
+        processor = QwenProcessor.from_pretrained(source)
+        model = cls.from_pretrained(source, use_safetensors=True, dtype=dtype, **kwargs)
+    except (OSError, ValueError) as err:
+        raise SentilensError(f"cannot load the model '{source}': {str(err).splitlines()[0]}") from None
+    if "device_map" not in kwargs and "quantization_config" not in kwargs:
+        model.to(device)
+    return model, processor
+
+
+def num_image_tokens(model, processor: QwenProcessor, size: tuple[int, int] | None = None) -> int:
+    """Merged tokens one image becomes: for ``size`` (width, height), or the most the processor allows."""
+    ip = processor.image_processor
+    factor = ip.patch_size * ip.merge_size
+    if size is None:
+        return math.floor(ip.size["longest_edge"] / factor ** 2)
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
+    height, width = smart_resize(size[1], size[0], factor=factor, min_pixels=ip.size["shortest_edge"],
+                                 max_pixels=ip.size["longest_edge"])
+    return (height // factor) * (width // factor)

@@ -1,0 +1,241 @@
+"""Qwen2.5-VL and Qwen3-VL input building and visual-token filtering (sentilens.mllm.qwen), on tiny random
+models saved and loaded back with from_pretrained, checked against the native HF models."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from sentilens.errors import SentilensError
+from sentilens.mllm import qwen
+
+FAMILIES = ("qwen2.5-vl", "qwen3-vl")
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def tiny(request, tmp_path_factory):
+    folder = qwen.build_tiny_qwen(tmp_path_factory.mktemp(request.param), request.param,
+                                  corpus=["the sun is out", "another terrible storm"])
+    model, processor = qwen.load_qwen(folder)
+    model.eval()
+    return model, processor
+
+
+def _images(seed: int = 0):
+    """A square image (12 x 12 patches = 36 tokens) and a wide one (10 x 18 patches = 45 tokens)."""
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray((rng.random(shape) * 255).astype("uint8")) for shape in ((168, 168, 3), (100, 180, 3))]
+
+
+def _prompt(processor, text: str, image: bool = True) -> list[int]:
+    content = ([{"type": "image"}] if image else []) + [{"type": "text", "text": text}]
+    rendered = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+    return processor.tokenizer(rendered)["input_ids"]
+
+
+def _native_logits(model, ids: list[int], images: qwen.QwenImages | None, count: int) -> torch.Tensor:
+    """HF's own forward on one post: the placeholder repeated ``count`` times, HF's get_rope_index positions."""
+    image_id = model.config.image_token_id
+    if images is None:
+        expanded = torch.tensor([ids])
+        return model(input_ids=expanded, attention_mask=torch.ones_like(expanded)).logits[0]
+    at = ids.index(image_id)
+    expanded = torch.tensor([ids[:at] + [image_id] * count + ids[at + 1:]])
+    return model(input_ids=expanded, pixel_values=images.pixel_values, image_grid_thw=images.grid_thw,
+                 attention_mask=torch.ones_like(expanded), mm_token_type_ids=(expanded == image_id).int()).logits[0]
+
+
+def _logits(model, inputs: qwen.QwenLmInputs) -> torch.Tensor:
+    return model.lm_head(qwen.language_model_hidden(model, inputs).last_hidden_state)
+
+
+@torch.no_grad()
+def test_all_tokens_reproduce_the_native_model(tiny):
+    """r = 1 (no filter) gives HF's logits, in a left-padded batch mixing a square, a wide and no image."""
+    model, processor = tiny
+    images = qwen.preprocess_images(processor.image_processor, _images())
+    assert images.grid_thw.tolist() == [[1, 12, 12], [1, 10, 18]]
+    ids = [_prompt(processor, "what a day"), _prompt(processor, "hi"), _prompt(processor, "no picture", False)]
+    filt = qwen.QwenTokenFilter(model, 1.0)
+    for token_filter in (None, filt):
+        inputs = qwen.build_inputs(model, ids, images, [0, 1, None], token_filter, padding_side="left")
+        assert inputs.image_tokens == [36, 45, 0]
+        mine = _logits(model, inputs)
+        for i, row in enumerate([0, 1, None]):
+            native = _native_logits(model, ids[i], None if row is None else images.select([row]),
+                                    inputs.image_tokens[i])
+            torch.testing.assert_close(mine[i, -native.shape[0]:], native, atol=1e-5, rtol=0)
+
+
+@torch.no_grad()
+def test_kept_tokens_keep_their_native_positions(tiny):
+    """Each kept token has the 3-D position HF gives it in the full sequence; the text after the image too."""
+    model, processor = tiny
+    images = qwen.preprocess_images(processor.image_processor, _images()[1:])
+    ids = _prompt(processor, "a wide picture")
+    image_id = model.config.image_token_id
+    at = ids.index(image_id)
+    full = torch.tensor([ids[:at] + [image_id] * 45 + ids[at + 1:]])
+    native, _ = model.model.get_rope_index(full, mm_token_type_ids=(full == image_id).int(),
+                                           image_grid_thw=images.grid_thw)
+    filt = qwen.QwenTokenFilter(model, 0.3)
+    inputs = qwen.build_inputs(model, [ids], images, [0], filt)
+    kept = filt.last[0].kept
+    assert inputs.image_tokens == [math.ceil(0.3 * 45)]
+    keep_rows = torch.cat([torch.arange(at), at + kept, torch.arange(at + 45, full.shape[1])])
+    assert torch.equal(inputs.position_ids[:, 0], native[:, 0, keep_rows])
+    # the text after the image starts at s + max(H/2, W/2) = at + 9, not at + the kept count
+    assert inputs.position_ids[0, 0, at + len(kept)].item() == at + 9
+
+
+@pytest.mark.parametrize("ratio", [0.05, 0.4, 0.75])
+@torch.no_grad()
+def test_kept_count_reaching_the_language_model(tiny, ratio):
+    """ceil(r * N) visual tokens per image reach the language model (N = 36 and 45 here)."""
+    model, processor = tiny
+    images = qwen.preprocess_images(processor.image_processor, _images())
+    ids = [_prompt(processor, "one"), _prompt(processor, "two")]
+    seen = {}
+    hook = model.model.language_model.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.update(embeds=kwargs["inputs_embeds"].shape), with_kwargs=True)
+    try:
+        inputs = qwen.build_inputs(model, ids, images, [0, 1], qwen.QwenTokenFilter(model, ratio))
+        qwen.language_model_hidden(model, inputs)
+    finally:
+        hook.remove()
+    expected = [math.ceil(ratio * 36), math.ceil(ratio * 45)]
+    image_id = model.config.image_token_id
+    assert ((inputs.input_ids == image_id) & inputs.attention_mask.bool()).sum(dim=1).tolist() == expected
+    assert seen["embeds"][1] == max(len(ids[i]) - 1 + expected[i] for i in range(2))
+    if inputs.deepstack:
+        assert [level.shape[0] for level in inputs.deepstack] == [sum(expected)] * len(inputs.deepstack)
+
+
+@pytest.mark.parametrize("strategy", ["all", "random", "inverse"])
+@torch.no_grad()
+def test_batched_equals_one_by_one(tiny, strategy):
+    """A batch of images with different kept counts gives each post the logits it gets alone."""
+    model, processor = tiny
+    images = qwen.preprocess_images(processor.image_processor, _images())
+    ids = [_prompt(processor, "first post"), _prompt(processor, "the second, longer post")]
+    batch = qwen.build_inputs(model, ids, images, [0, 1], qwen.QwenTokenFilter(model, 0.4, strategy),
+                              padding_side="left")
+    assert batch.image_tokens == [15, 18]
+    together = _logits(model, batch)
+    for i in range(2):
+        alone = qwen.build_inputs(model, [ids[i]], images.select([i]), [0], qwen.QwenTokenFilter(model, 0.4, strategy),
+                                  padding_side="left")
+        single = _logits(model, alone)[0]
+        torch.testing.assert_close(together[i, -single.shape[0]:], single, atol=1e-5, rtol=0)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding by hand: x * cos + rotate_half(x) * sin, per token over (heads, head_dim)."""
+    half = x.shape[-1] // 2
+    turned = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos[:, None].float() + turned * sin[:, None].float()
+
+
+def _reference_scores(model, images: qwen.QwenImages, layers: list[int]) -> list[torch.Tensor]:
+    """Received attention written out by hand: the full eager softmax map of each image at each scored layer
+    (from the block's input, its norm and qkv weights and the rotary angles the tower passes it), mean over
+    heads and queries, mean over the layers, mean over each 2x2 block, in raster order. The tower's patch order
+    (window by window for Qwen2.5-VL) is found by matching the patch embeddings row by row."""
+    visual = model.model.visual
+    captured: dict = {}
+    hooks = [visual.patch_embed.register_forward_hook(lambda m, a, out: captured.update(embedded=out))]
+    for index in layers:
+        def grab(module, args, kwargs, index=index):
+            captured[index] = (args[0] if args else kwargs["hidden_states"], kwargs["position_embeddings"])
+        hooks.append(visual.blocks[index].register_forward_pre_hook(grab, with_kwargs=True))
+    first = {}
+    hooks.append(visual.blocks[0].register_forward_pre_hook(
+        lambda m, args, kwargs: first.update(x=args[0] if args else kwargs["hidden_states"]), with_kwargs=True))
+    try:
+        with torch.no_grad():
+            visual(images.pixel_values, grid_thw=images.grid_thw)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    embedded, tower_order = captured["embedded"], first["x"]
+    if hasattr(visual, "pos_embed"):  # Qwen3-VL adds learned positions before the blocks: no reordering
+        permutation = torch.arange(embedded.shape[0])
+    else:
+        distance = torch.cdist(tower_order.float(), embedded.float())
+        permutation = distance.argmin(dim=1)  # tower row -> raster row
+        assert torch.equal(torch.sort(permutation).values, torch.arange(embedded.shape[0]))
+    heads = visual.blocks[0].attn.num_heads
+    sizes = images.patch_counts()
+    total = torch.zeros(embedded.shape[0])
+    for index in layers:
+        hidden, (cos, sin) = captured[index]
+        attn = visual.blocks[index].attn
+        qkv = attn.qkv(visual.blocks[index].norm1(hidden)).reshape(hidden.shape[0], 3, heads, -1)
+        q, k = qkv[:, 0].float(), qkv[:, 1].float()
+
+        q, k = (_rotate(x, cos, sin) for x in (q, k))
+        received = torch.zeros(hidden.shape[0])
+        raster_start = 0
+        for size in sizes:
+            rows = torch.nonzero((permutation >= raster_start) & (permutation < raster_start + size)).flatten()
+            qi, ki = q[rows].transpose(0, 1), k[rows].transpose(0, 1)  # (heads, T, d)
+            weights = torch.softmax(qi @ ki.transpose(1, 2) * attn.scaling, dim=-1)  # (heads, T, T)
+            received[rows] = weights.mean(dim=(0, 1))
+            raster_start += size
+        raster = torch.zeros_like(received)
+        raster[permutation] = received
+        total += raster
+    per_block = (total / len(layers)).view(-1, 4).mean(dim=1)
+    return list(torch.split(per_block, [s // 4 for s in sizes]))
+
+
+@torch.no_grad()
+def test_scores_match_hand_computed_attention_maps(tiny):
+    model, processor = tiny
+    images = qwen.preprocess_images(processor.image_processor, _images())
+    filt = qwen.QwenTokenFilter(model, 0.4)
+    qwen.build_inputs(model, [_prompt(processor, "a"), _prompt(processor, "b")], images, [0, 1], filt)
+    layers = qwen.scored_layers(model.model.visual, filt.spec)
+    if model.config.model_type == "qwen2_5_vl":
+        assert layers == [1, 3]  # the tiny tower's full-attention layers; 0 and 2 are windowed
+    else:
+        assert layers == [0, 1, 2, 3]
+    reference = _reference_scores(model, images, layers)
+    for got, want in zip(filt.last, reference, strict=True):
+        torch.testing.assert_close(got.scores, want, atol=1e-8, rtol=1e-5)
+        assert torch.equal(got.kept, torch.sort(torch.topk(want, got.kept.numel()).indices).values)
+
+
+def test_windowed_layers_and_merge_are_refused(tiny):
+    model, _ = tiny
+    if model.config.model_type == "qwen2_5_vl":
+        with pytest.raises(SentilensError, match="windowed-attention layers"):
+            qwen.QwenTokenFilter(model, 0.5, "0")
+        assert qwen.scored_layers(model.model.visual, qwen.FilterSpec.parse("0:2")) == [1]
+    with pytest.raises(SentilensError, match=r"\+merge"):
+        qwen.QwenTokenFilter(model, 0.5, "all+merge")
+
+
+@torch.no_grad()
+def test_deepstack_features_follow_the_kept_tokens(tiny):
+    """Qwen3-VL: the deepstack features reach the language model for exactly the kept tokens, and matter.
+    Qwen2.5-VL has none."""
+    model, processor = tiny
+    images = qwen.preprocess_images(processor.image_processor, _images()[:1])
+    ids = [_prompt(processor, "deep")]
+    filt = qwen.QwenTokenFilter(model, 0.5)
+    inputs = qwen.build_inputs(model, ids, images, [0], filt)
+    if model.config.model_type == "qwen2_5_vl":
+        assert inputs.deepstack == []
+        return
+    full = qwen.visual_tokens(model, images)[0]
+    kept = filt.last[0].kept
+    assert len(inputs.deepstack) == len(model.config.vision_config.deepstack_visual_indexes) > 0
+    for level, features in enumerate(inputs.deepstack):
+        torch.testing.assert_close(features, full.deepstack[level][kept], atol=1e-6, rtol=0)
+    without = qwen.QwenLmInputs(**{**inputs.__dict__, "deepstack": []})
+    assert not torch.allclose(_logits(model, inputs), _logits(model, without), atol=1e-4)
