@@ -23,7 +23,8 @@ machine's slow spells hit both alike; latencies are each variant's fastest pass.
 part runs on ``--threads`` threads (1 by default: on a shared 2-core machine, another job
 stalls a 2-thread kernel at every barrier, which swamps the differences being measured).
 
-Usage: ``python benchmarks/token_filtering.py [--repeats 5] [--threads 1] [--out FILE.json]``.
+Usage: ``python benchmarks/token_filtering.py [--repeats 5] [--threads 1] [--out FILE.json]``; on a GPU
+machine ``--skip-cpu --out benchmarks/results/token_filtering_gpu.json`` keeps the two machines' results apart.
 """
 
 from __future__ import annotations
@@ -211,6 +212,8 @@ def main() -> None:
                              "multi-threaded kernels)")
     parser.add_argument("--cpu-batches", default="1,8")
     parser.add_argument("--gpu-batches", default="1,16")
+    parser.add_argument("--skip-cpu", action="store_true",
+                        help="only the GPU part (on a lent GPU machine, whose CPU is not this project's 2-core one)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "token_filtering.json")
     args = parser.parse_args()
     os.environ.setdefault("SENTILENS_QUIET", "1")
@@ -220,7 +223,7 @@ def main() -> None:
     proxy = Shape(name=f"CLIP ViT-L/14-336 shape ({args.vision_layers} of 24 layers) + Llama-style LM "
                        f"(1024 wide, {args.lm_layers} layers)", vision_layers=args.vision_layers, lm_hidden=1024,
                   lm_layers=args.lm_layers, lm_heads=16, lm_kv_heads=16, lm_mlp=2816, vocab=32064)
-    for batch in (int(b) for b in args.cpu_batches.split(",")):
+    for batch in (() if args.skip_cpu else (int(b) for b in args.cpu_batches.split(","))):
         settings.append(measure(proxy, batch, "cpu", torch.float32, args.text_tokens, args.repeats))
         report(settings[-1])
     if torch.cuda.is_available():
