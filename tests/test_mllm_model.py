@@ -87,5 +87,5 @@ def test_loading_errors_name_the_problem(tmp_path):
         load_checkpoint(tmp_path / "missing")
     (tmp_path / "llama").mkdir()
     (tmp_path / "llama" / "config.json").write_text(json.dumps({"model_type": "llama"}))
-    with pytest.raises(SentilensError, match="needs a LlavaForConditionalGeneration"):
+    with pytest.raises(SentilensError, match="'llama' checkpoint; the MLLM family supports LlavaForCondition"):
         load_checkpoint(tmp_path / "llama")

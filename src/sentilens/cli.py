@@ -318,7 +318,8 @@ def train_mllm_cmd(
     out_dir: Annotated[Path | None, typer.Option("--out", help="Run directory to create (or continue).",
         callback=folder_path)] = None,
     model: Annotated[str | None, typer.Option(
-        "--model", help="LLaVA checkpoint: HF id (llava-hf/llava-1.5-7b-hf), local folder, or 'tiny'.")] = None,
+        "--model", help="Checkpoint: HF id (llava-hf/llava-1.5-7b-hf), local folder, or 'tiny:<family>' (a small "
+                        "random model: tiny:llava, the same as 'tiny', ...).")] = None,
     recipe: RecipeOpt = None,
     lora: Annotated[bool, typer.Option("--lora", help="LoRA on the language model, projector trained fully.")] = False,
     qlora: Annotated[bool, typer.Option("--qlora", help="LoRA on a 4-bit base (CUDA + bitsandbytes).")] = False,
@@ -340,8 +341,8 @@ def train_mllm_cmd(
         "--train-keep-ratio", help="Also filter visual tokens in training and on val (the paper filters at "
                                    "inference only).")] = None,
     tiny_vision: Annotated[str | None, typer.Option(
-        "--tiny-vision", help="--model tiny: 'pretrained' (default; the tower is pretrained on synthetic images "
-                              "first and cached) or 'random'.")] = None,
+        "--tiny-vision", help="--model tiny: 'pretrained' (the tower is pretrained on synthetic images first and "
+                              "cached; the default for CLIP towers: tiny:llava, tiny:llava-next) or 'random'.")] = None,
     cache: Annotated[Path | None, typer.Option(
         "--cache", help="Pretrained-tower cache folder (default ~/.cache/sentilens/towers).")] = None,
     label_list: Annotated[bool | None, typer.Option(

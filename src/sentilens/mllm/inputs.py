@@ -34,12 +34,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
 from torch import Tensor
 
+from sentilens.mllm.families import ModelFamily, family_of, get_family
 from sentilens.stages import stage
 
 ImageAspect = Literal["pad", "crop"]
@@ -54,16 +55,20 @@ class MllmBatch:
 
     ``image_index[i]`` is the row of post ``i`` in ``pixel_values``, or None for a text-only
     post; ``targets`` (training only) align with ``token_ids`` and hold -100 where no loss is taken.
+    ``image_extras``: the other tensors the model family's tower needs beside the pixels (LLaVA-NeXT's
+    ``image_sizes``...), from its :meth:`~sentilens.mllm.families.ModelFamily.image_inputs`.
     """
 
     token_ids: list[list[int]]
     pixel_values: Tensor | None
     image_index: list[int | None]
     targets: list[list[int]] | None = None
+    image_extras: dict[str, Tensor] = field(default_factory=dict)
 
     def to(self, device: torch.device | str, **_) -> MllmBatch:
         pixels = None if self.pixel_values is None else self.pixel_values.to(device)
-        return MllmBatch(self.token_ids, pixels, self.image_index, self.targets)
+        extras = {name: value.to(device) for name, value in self.image_extras.items()}
+        return MllmBatch(self.token_ids, pixels, self.image_index, self.targets, extras)
 
 
 @dataclass
@@ -171,20 +176,23 @@ def assemble(
 
 
 def build_inputs(llava, batch: MllmBatch, reducer: Reducer | None = None, padding_side: str = "right") -> LmInputs:
-    """Encode, reduce and project the batch's images, then :func:`assemble` the language model input."""
+    """Encode, reduce and project the batch's images, then assemble the language model input
+    (both by the model's family: :func:`visual_tokens` and :func:`assemble` for LLaVA-1.5)."""
+    family = family_of(llava)
     visual: list[Tensor | None] = [None] * len(batch.token_ids)
     if batch.pixel_values is not None:
         with stage("vision"):
-            tokens = visual_tokens(llava, batch.pixel_values, reducer)
+            tokens = family.visual_tokens(llava, batch.pixel_values, batch.image_extras, reducer)
         for i, row in enumerate(batch.image_index):
             if row is not None:
                 visual[i] = tokens[row]
-    return assemble(llava, batch.token_ids, visual, batch.targets, padding_side)
+    return family.assemble(llava, batch.token_ids, visual, batch.targets, padding_side, extras=batch.image_extras)
 
 
 def language_model_hidden(llava, inputs: LmInputs, attention_mask: Tensor | None = None, **kwargs):
     """Run the language model on assembled inputs; returns its output (``last_hidden_state``, cache)."""
-    return llava.model.language_model(
+    return family_of(llava).language_model_hidden(
+        llava,
         inputs_embeds=inputs.inputs_embeds,
         attention_mask=inputs.attention_mask if attention_mask is None else attention_mask,
         position_ids=inputs.position_ids,
@@ -254,11 +262,17 @@ def make_batch(builder, posts: Sequence, with_targets: bool = False) -> MllmBatc
         index.append(len(images) if has_image else None)
         if has_image:
             images.append(load_image(post.image))
-    pixels = preprocess_images(builder, images) if images else None
-    return MllmBatch(token_ids, pixels, index, targets if with_targets else None)
+    pixels, extras = image_inputs(builder, images) if images else (None, {})
+    return MllmBatch(token_ids, pixels, index, targets if with_targets else None, extras)
+
+
+def image_inputs(builder, images: Sequence) -> tuple[Tensor, dict[str, Tensor]]:
+    """Pixel values (and the family's other image tensors) of PIL images, by the model family's own
+    preprocessing (:meth:`~sentilens.mllm.families.ModelFamily.image_inputs`; LLaVA-1.5: :func:`pixel_values`)."""
+    family: ModelFamily = getattr(builder, "family", None) or get_family("llava")
+    return family.image_inputs(builder.processor, images, builder.settings.image_aspect)
 
 
 def preprocess_images(builder, images: Sequence) -> Tensor:
-    """``(B, 3, S, S)`` pixel values of PIL images, fitted by the prompt settings' ``image_aspect``
-    (:func:`pixel_values`) and the checkpoint's own image processor."""
-    return pixel_values(builder.processor.image_processor, images, builder.settings.image_aspect)
+    """The pixel values of :func:`image_inputs` (LLaVA-1.5: ``(B, 3, S, S)``, fitted by ``image_aspect``)."""
+    return image_inputs(builder, images)[0]

@@ -1,8 +1,11 @@
-"""Loading LLaVA for fine-tuning: any ``LlavaForConditionalGeneration`` checkpoint, frozen vision tower,
-trainable projector + language model (the paper's "Training Setup"), LoRA/QLoRA, and a tiny model.
+"""Loading a vision-language model for fine-tuning: a checkpoint of any supported model family
+(:mod:`sentilens.mllm.families`: LLaVA-1.5's ``LlavaForConditionalGeneration``, ...), frozen vision
+tower, trainable projector + language model (the paper's "Training Setup"), LoRA/QLoRA, and the
+tiny LLaVA-1.5.
 
 - A checkpoint is an HF id (``llava-hf/llava-1.5-7b-hf``, the paper's model) or a local folder,
-  loaded with its processor by ``from_pretrained`` / ``AutoProcessor``.
+  loaded with its processor by ``from_pretrained`` / ``AutoProcessor``; its config's ``model_type``
+  picks the family (anything else is refused, naming the supported classes).
 - Modes: ``full`` (the paper: projector + whole language model trained), ``lora`` (LoRA on the
   language model's attention and MLP projections, projector trained fully; our choice of
   LLaVA-1.5's own LoRA recipe, r=128, alpha=256), ``qlora`` (the same on a 4-bit NF4 base via
@@ -30,11 +33,11 @@ from pydantic import BaseModel, Field
 from torch import Tensor, nn
 
 from sentilens.errors import SentilensError
+from sentilens.mllm.families import family_for_config, family_of
 from sentilens.mllm.inputs import MllmBatch, Reducer, build_inputs, language_model_hidden
 from sentilens.mllm.prompt import LLAVA15_CHAT_TEMPLATE, LLAVA15_SYSTEM, TASK_QUESTIONS
 
 Mode = Literal["full", "lora", "qlora"]
-TINY = "tiny"
 LM_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -150,8 +153,8 @@ def build_tiny(out_dir: str | Path, corpus: Iterable[str] = (), seed: int = 0, s
 
 def load_checkpoint(source: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
                     four_bit: bool = False):
-    """(LlavaForConditionalGeneration, processor) from an HF id or a local folder."""
-    from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration
+    """(model, processor) from an HF id or a local folder; the model's class is its family's."""
+    from transformers import AutoConfig, AutoProcessor
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
@@ -160,27 +163,27 @@ def load_checkpoint(source: str | Path, dtype: torch.dtype = torch.float32, devi
         config = AutoConfig.from_pretrained(source)
     except (OSError, ValueError) as err:
         raise SentilensError(f"cannot load the model '{source}': {str(err).splitlines()[0]}") from None
-    if config.model_type != "llava":
-        raise SentilensError(f"'{source}' is a '{config.model_type}' checkpoint; the MLLM family needs a "
-                             "LlavaForConditionalGeneration (model_type 'llava') checkpoint")
+    family = family_for_config(config, source)
     kwargs: dict = {"dtype": dtype}
     if four_bit:
-        kwargs.update(quantization_config=_four_bit_config(), device_map={"": torch.device(device)})
+        kwargs.update(quantization_config=_four_bit_config(family.unquantized_modules),
+                      device_map={"": torch.device(device)})
     try:
         processor = AutoProcessor.from_pretrained(source)
         # safetensors only: a checkpoint whose weights exist only as a pickle (pytorch_model.bin) is refused,
         # never unpickled (a pickle can run code when loaded).
-        llava = LlavaForConditionalGeneration.from_pretrained(source, use_safetensors=True, **kwargs)
+        llava = family.model_class().from_pretrained(source, use_safetensors=True, **kwargs)
     except (OSError, ValueError) as err:
         raise SentilensError(f"cannot load the model '{source}': {str(err).splitlines()[0]}") from None
     if not four_bit:
         llava.to(device)
     if not hasattr(processor, "image_token") or not hasattr(processor, "image_processor"):
-        raise SentilensError(f"'{source}' has no LLaVA processor (image processor + tokenizer with an image token)")
+        raise SentilensError(f"'{source}' has no {family.hf_class} processor (image processor + tokenizer with an "
+                             "image token)")
     return llava, processor
 
 
-def _four_bit_config():
+def _four_bit_config(unquantized: tuple[str, ...]):
     if not torch.cuda.is_available():
         raise SentilensError("QLoRA needs a CUDA GPU (bitsandbytes 4-bit); use --lora or full fine-tuning on CPU")
     try:
@@ -191,11 +194,17 @@ def _four_bit_config():
 
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                               bnb_4bit_compute_dtype=torch.bfloat16,
-                              llm_int8_skip_modules=["vision_tower", "multi_modal_projector", "lm_head"])
+                              llm_int8_skip_modules=list(unquantized))
 
 
-def num_image_tokens(llava, processor) -> int:
-    """Visual tokens one image becomes before filtering (576 for LLaVA-1.5 at 336 px)."""
+def num_image_tokens(model, processor) -> int:
+    """Visual tokens one image becomes before filtering, by the model's family (the largest count where it
+    depends on the image)."""
+    return family_of(model).num_image_tokens(model, processor)
+
+
+def llava_image_tokens(llava, processor) -> int:
+    """LLaVA-1.5: visual tokens one image becomes before filtering (576 at 336 px)."""
     vision = llava.config.vision_config
     extra = 1 if "clip" in vision.model_type else int(getattr(processor, "num_additional_image_tokens", 0))
     tokens = (vision.image_size // vision.patch_size) ** 2 + extra  # CLIP towers prepend a CLS token
@@ -224,7 +233,7 @@ class MllmModel(nn.Module):
 
     def train(self, mode: bool = True) -> MllmModel:
         super().train(mode)
-        self.llava.model.vision_tower.eval()
+        family_of(self.llava).vision_tower(self.llava).eval()
         return self
 
     def forward(self, batch: MllmBatch) -> Tensor:
@@ -238,7 +247,7 @@ class MllmModel(nn.Module):
         loss = nn.functional.cross_entropy(logits, targets[scored])
         if batch.pixel_values is None:
             # a text-only batch leaves the projector out of the graph; DDP needs every trainable parameter in it
-            loss = loss + 0.0 * sum(p.sum() for p in llava.model.multi_modal_projector.parameters())
+            loss = loss + 0.0 * sum(p.sum() for p in family_of(llava).projector(llava).parameters())
         return loss
 
     def trainable_state(self) -> dict[str, Tensor]:
@@ -278,15 +287,16 @@ def prepare_model(source: str | Path, mode: Mode = "full", lora: LoraSettings | 
         dtype = torch.bfloat16 if cuda and (mode != "full" or not training) else torch.float32
     llava, processor = load_checkpoint(source, dtype=dtype, device=device, four_bit=four_bit)
     llava.config.use_cache = False
+    family = family_of(llava)
     for p in llava.parameters():
         p.requires_grad_(False)
     if mode == "full":
-        for module in (llava.model.multi_modal_projector, llava.model.language_model, llava.lm_head):
+        for module in (family.projector(llava), family.language_model(llava), llava.lm_head):
             module.requires_grad_(True)
         net: nn.Module = llava
     else:
-        net = _with_lora(llava, lora or LoraSettings(), four_bit, gradient_checkpointing)
-        llava.model.multi_modal_projector.requires_grad_(True)
+        net = _with_lora(llava, lora or LoraSettings(), four_bit, gradient_checkpointing, family.lora_pattern)
+        family.projector(llava).requires_grad_(True)
     if gradient_checkpointing:
         llava.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = MllmModel(net, processor, mode)
@@ -294,12 +304,12 @@ def prepare_model(source: str | Path, mode: Mode = "full", lora: LoraSettings | 
     return model
 
 
-def _with_lora(llava, lora: LoraSettings, four_bit: bool, gradient_checkpointing: bool):
+def _with_lora(llava, lora: LoraSettings, four_bit: bool, gradient_checkpointing: bool, scope: str):
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     if four_bit:
         llava = prepare_model_for_kbit_training(llava, use_gradient_checkpointing=gradient_checkpointing)
     names = "|".join(lora.target_modules)
     config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                        target_modules=rf".*language_model\..*\.({names})")
+                        target_modules=rf"{scope}\.({names})")
     return get_peft_model(llava, config)

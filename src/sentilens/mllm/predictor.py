@@ -26,6 +26,7 @@ from sentilens.data.records import Post
 from sentilens.distributed import default_device
 from sentilens.errors import SentilensError
 from sentilens.mllm.config import MllmRunConfig, describe_run, load_run_config
+from sentilens.mllm.families import family_of
 from sentilens.mllm.inputs import Reducer, content_box, encode_images, make_batch
 from sentilens.mllm.model import MllmModel, num_image_tokens, prepare_model
 from sentilens.mllm.prompt import PromptBuilder
@@ -72,7 +73,7 @@ class MllmPredictor:
         model.load_trainable_state(load_weights(weights, device=device), weights)
         model.eval()
         builder = PromptBuilder(model.processor, settings.prompt, settings.labels,
-                                num_image_tokens(model.llava, model.processor))
+                                num_image_tokens(model.llava, model.processor), family=family_of(model.llava))
         return cls(model, builder, settings, batch_size=settings.predict_batch_size)
 
     def describe(self) -> dict:
@@ -97,9 +98,8 @@ class MllmPredictor:
         if keep_ratio is None:
             return None
         check_keep_ratio(keep_ratio)
-        from sentilens.mllm import pruning
-
-        return pruning.make_reducer(self.model.llava, keep_ratio, strategy=self.strategy)
+        llava = self.model.llava
+        return family_of(llava).make_reducer(llava, keep_ratio, strategy=self.strategy)
 
     def flops_per_post(self, posts: Sequence[Post], keep_ratio: float | None = None) -> dict:
         """Mean FLOPs of predicting ``posts`` at ``keep_ratio``, by part (:mod:`sentilens.mllm.flops`),

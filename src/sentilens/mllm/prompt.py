@@ -13,8 +13,9 @@ asks the bare question, as the paper does), and ``Y_s`` the label word.
 Choices where the paper is silent, and why:
 
 - The conversation is rendered by the checkpoint's own chat template (LLaVA-1.5 checkpoints
-  ship one); a checkpoint without one gets :data:`LLAVA15_CHAT_TEMPLATE`, the Vicuna-v1
-  format LLaVA-1.5 was trained with, which is also what ``--model tiny`` ships.
+  ship one); a checkpoint without one gets its model family's (for LLaVA-1.5
+  :data:`LLAVA15_CHAT_TEMPLATE`, the Vicuna-v1 format LLaVA-1.5 was trained with, which is also
+  what ``--model tiny`` ships).
 - The answer is ``answer_prefix + label`` (underscores read as spaces: "not informative")
   followed by the end-of-turn token, by default the tokenizer's end-of-sequence token
   (``</s>`` after the answer is exactly LLaVA-1.5's turn separator). Its tokens are the ones
@@ -127,9 +128,15 @@ class PromptBuilder:
 
     ``num_image_tokens`` is the count of visual tokens one image becomes (used for
     ``max_length``); prompts carry a single image placeholder that the input builder widens.
+    ``family`` (:mod:`sentilens.mllm.families`) gives the default chat template and the image
+    preprocessing; None: the family whose processor class ``processor`` is (LLaVA-1.5 if none).
     """
 
-    def __init__(self, processor, settings: PromptSettings, labels: Sequence[str], num_image_tokens: int):
+    def __init__(self, processor, settings: PromptSettings, labels: Sequence[str], num_image_tokens: int,
+                 family=None):
+        from sentilens.mllm.families import family_for_processor
+
+        self.family = family or family_for_processor(processor)
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self.settings = settings
@@ -139,7 +146,7 @@ class PromptBuilder:
         self.num_image_tokens = num_image_tokens
         self.image_token = processor.image_token
         self.image_token_id = self.tokenizer.convert_tokens_to_ids(self.image_token)
-        self.chat_template = getattr(processor, "chat_template", None) or LLAVA15_CHAT_TEMPLATE
+        self.chat_template = getattr(processor, "chat_template", None) or self.family.chat_template
         self.question = full_question(settings, self.labels)
         end = settings.end_token or self.tokenizer.eos_token
         if end is None:

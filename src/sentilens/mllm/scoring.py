@@ -105,9 +105,9 @@ def greedy_answers(llava, inputs: LmInputs, stop_ids: set[int], max_new_tokens: 
             break
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
         position = position + 1
-        out = llava.model.language_model(inputs_embeds=llava.get_input_embeddings()(token[:, None]),
-                                         attention_mask=mask, position_ids=position,
-                                         past_key_values=out.past_key_values, use_cache=True)
+        step = LmInputs(input_ids=token[:, None], inputs_embeds=llava.get_input_embeddings()(token[:, None]),
+                        attention_mask=mask, position_ids=position, targets=None, image_tokens=inputs.image_tokens)
+        out = language_model_hidden(llava, step, past_key_values=out.past_key_values, use_cache=True)
     return generated
 
 

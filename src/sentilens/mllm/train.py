@@ -46,14 +46,13 @@ from sentilens.distributed import predict_sharded
 from sentilens.errors import SentilensError
 from sentilens.metrics import classification_metrics
 from sentilens.mllm.config import EvalPrecision, MllmRunConfig
+from sentilens.mllm.families import TINY, family_of, get_family, parse_tiny
 from sentilens.mllm.inputs import make_batch
 from sentilens.mllm.model import (
-    TINY,
     LoraSettings,
     MllmModel,
     Mode,
     TinySpec,
-    build_tiny,
     num_image_tokens,
     prepare_model,
 )
@@ -89,7 +88,7 @@ class MllmTrainConfig(BaseModel):
 
     data: Path
     out: Path
-    base_model: str = Field(TINY, description="HF id, local folder, or 'tiny'")
+    base_model: str = Field(TINY, description="HF id, local folder, or 'tiny:<family>' ('tiny' = 'tiny:llava')")
     mode: Mode = "full"
     lora: LoraSettings = Field(default_factory=LoraSettings)
     epochs: int = Field(10, gt=0)
@@ -116,8 +115,9 @@ class MllmTrainConfig(BaseModel):
     train_keep_ratio: float | None = Field(None, gt=0, le=1, description="also filter visual tokens in training "
                                            "and on val (None: the paper, which filters at inference only)")
     tiny: TinySpec = Field(default_factory=TinySpec, description="shapes of --model tiny")
-    tiny_vision: Literal["pretrained", "random"] = Field(
-        "pretrained", description="--model tiny: pretrain its vision tower first (cached), or leave it random")
+    tiny_vision: Literal["pretrained", "random"] | None = Field(
+        None, description="--model tiny: pretrain its vision tower first (cached), or leave it random; None: "
+                          "pretrained for the families with a CLIP tower (llava, llava-next), random for the others")
     tiny_tower: TowerRecipe = Field(default_factory=TowerRecipe, description="how --model tiny pretrains its tower")
     cache: Path | None = Field(None, description="pretrained-tower cache (default ~/.cache/sentilens/towers)")
     image_aspect: Literal["pad", "crop"] | None = Field(
@@ -137,8 +137,12 @@ LLAVA15_NAME = re.compile(r"llava[-_]?v?1[._]5", re.IGNORECASE)
 
 def default_image_aspect(base_model: str) -> str:
     """``pad`` for LLaVA-1.5 checkpoints (trained and evaluated with ``image_aspect_ratio=pad``) and for
-    ``tiny`` (which stands in for them); ``crop`` for others, whose processors were made for cropping."""
-    return "pad" if base_model == TINY or LLAVA15_NAME.search(base_model) else "crop"
+    ``tiny`` (which stands in for them); for ``tiny:<family>`` its family's default; ``crop`` for other
+    checkpoints, whose processors were made for cropping (or fit the image themselves)."""
+    tiny = parse_tiny(base_model)
+    if tiny is not None:
+        return get_family(tiny).default_image_aspect
+    return "pad" if LLAVA15_NAME.search(base_model) else "crop"
 
 
 def mllm_train_config(options: dict, recipe: str | Path | None = None) -> MllmTrainConfig:
@@ -210,6 +214,7 @@ def train_mllm(cfg: MllmTrainConfig) -> dict:
     from accelerate import Accelerator, PartialState
     from accelerate.utils import set_seed
 
+    tiny = parse_tiny(cfg.base_model)  # an unknown tiny:<family> is refused before anything is written
     if cfg.image_aspect is None:
         cfg = cfg.model_copy(update={"image_aspect": default_image_aspect(cfg.base_model)})
     labels = read_labels(cfg.data)
@@ -234,15 +239,14 @@ def train_mllm(cfg: MllmTrainConfig) -> dict:
     model = prepare_model(base, cfg.mode, cfg.lora, device=accelerator.device, training=True,
                           gradient_checkpointing=cfg.gradient_checkpointing)
     if cfg.train_keep_ratio is not None:
-        from sentilens.mllm.pruning import make_reducer
-
-        model.reducer = make_reducer(model.llava, cfg.train_keep_ratio)
+        model.reducer = family_of(model.llava).make_reducer(model.llava, cfg.train_keep_ratio)
     settings = PromptSettings(task=cfg.task or infer_task(labels), max_length=cfg.max_length,
                               image_aspect=cfg.image_aspect, label_list=cfg.label_list,
                               **{k: v for k, v in (("system", cfg.system), ("question", cfg.question)) if v})
-    builder = PromptBuilder(model.processor, settings, labels, num_image_tokens(model.llava, model.processor))
+    builder = PromptBuilder(model.processor, settings, labels, num_image_tokens(model.llava, model.processor),
+                            family=family_of(model.llava))
     run_config = MllmRunConfig(
-        base_model=BASE_DIR if cfg.base_model == TINY else _stored_source(cfg.base_model),
+        base_model=BASE_DIR if tiny is not None else _stored_source(cfg.base_model),
         mode=cfg.mode,
         lora=cfg.lora if cfg.mode != "full" else None,
         prompt=settings,
@@ -374,21 +378,29 @@ def _stored_source(source: str) -> str:
 
 
 def _base_model(cfg: MllmTrainConfig, out: Path, posts: list[Post], accelerator) -> str:
-    """The checkpoint to fine-tune; ``tiny`` is built inside the run directory so the run is self-contained.
+    """The checkpoint to fine-tune; ``tiny:<family>`` is built inside the run directory so the run is
+    self-contained.
 
-    Its vision tower is pretrained first (:mod:`sentilens.mllm.tower`, cached across runs) unless
-    ``tiny_vision`` is ``random``; the tower's pretraining report is kept beside the checkpoint.
+    Its vision tower is pretrained first (:mod:`sentilens.mllm.tower`, cached across runs) where the
+    family's tower is a CLIP ViT, unless ``tiny_vision`` is ``random``; the tower's pretraining report
+    is kept beside the checkpoint.
     """
-    if cfg.base_model != TINY:
+    tiny = parse_tiny(cfg.base_model)
+    if tiny is None:
         return cfg.base_model
+    family = get_family(tiny)
+    pretrain = cfg.tiny_vision == "pretrained" or (cfg.tiny_vision is None and family.pretrains_tower)
+    if pretrain and not family.pretrains_tower:
+        raise SentilensError(f"--tiny-vision pretrained: the tiny {tiny} model's tower cannot be pretrained here "
+                             "(only the CLIP towers of tiny:llava and tiny:llava-next); use --tiny-vision random")
     folder = out / BASE_DIR
     if accelerator.is_main_process and not (folder / "config.json").is_file():
         tower = None
-        if cfg.tiny_vision == "pretrained":
+        if pretrain:
             from sentilens.mllm.tower import REPORT, pretrained_tower
 
             tower = pretrained_tower(cfg.tiny, cfg.tiny_tower, cfg.cache)
-        build_tiny(folder, corpus=[p.text for p in posts], seed=cfg.seed, spec=cfg.tiny, vision_tower=tower)
+        family.build_tiny(folder, corpus=[p.text for p in posts], seed=cfg.seed, spec=cfg.tiny, vision_tower=tower)
         if tower is not None:
             shutil.copyfile(tower / REPORT, folder / TOWER_REPORT)
     accelerator.wait_for_everyone()
