@@ -44,9 +44,10 @@ register it in :data:`REGISTRY` as ``"name": "module:Class"``, imported on first
                            ``unquantized_modules`` what QLoRA leaves in full precision
 =========================  ====================================================================
 
-The defaults of :class:`ModelFamily` are LLaVA-1.5's (:mod:`sentilens.mllm.families.llava`), whose
-code lives where it always did (:mod:`sentilens.mllm.inputs`, :mod:`sentilens.mllm.pruning`,
-:func:`sentilens.mllm.model.build_tiny`).
+LLaVA-1.5 (:mod:`sentilens.mllm.families.llava`) is the reference implementation; its code lives
+where it always did (:mod:`sentilens.mllm.inputs`, :mod:`sentilens.mllm.pruning`,
+:func:`sentilens.mllm.model.build_tiny`). This module imports nothing of :mod:`sentilens.mllm` (the
+families are imported by name from :data:`REGISTRY`), so every mllm module may import it.
 """
 
 from __future__ import annotations
@@ -71,7 +72,12 @@ _LOADED: dict[str, ModelFamily] = {}
 
 
 class ModelFamily:
-    """One kind of vision-language checkpoint. The defaults are LLaVA-1.5's; see the module docstring."""
+    """One kind of vision-language checkpoint; see the module docstring for what each member is.
+
+    The part accessors and the language-model forward default to the layout LLaVA-style models share
+    (``model.model.vision_tower`` / ``multi_modal_projector`` / ``language_model``); everything else
+    each family implements (:class:`sentilens.mllm.families.llava.LlavaFamily` is the reference).
+    """
 
     name: str = ""
     hf_class: str = ""
@@ -84,9 +90,7 @@ class ModelFamily:
 
     @property
     def chat_template(self) -> str:
-        from sentilens.mllm.prompt import LLAVA15_CHAT_TEMPLATE
-
-        return LLAVA15_CHAT_TEMPLATE
+        raise NotImplementedError
 
     # --- checkpoints -------------------------------------------------------------------------
     def model_class(self):
@@ -110,30 +114,20 @@ class ModelFamily:
 
     # --- images and visual tokens ------------------------------------------------------------
     def image_inputs(self, processor, images: Sequence, aspect: str) -> tuple[Tensor, dict[str, Tensor]]:
-        from sentilens.mllm.inputs import pixel_values
-
-        return pixel_values(processor.image_processor, images, aspect), {}
+        raise NotImplementedError
 
     def num_image_tokens(self, model, processor) -> int:
-        from sentilens.mllm.model import llava_image_tokens
-
-        return llava_image_tokens(model, processor)
+        raise NotImplementedError
 
     def visual_tokens(self, model, pixel_values: Tensor, extras: dict[str, Tensor], reducer=None) -> list[Tensor]:
-        from sentilens.mllm.inputs import visual_tokens
-
-        return visual_tokens(model, pixel_values, reducer)
+        raise NotImplementedError
 
     def make_reducer(self, model, keep_ratio: float, strategy: str = "all"):
-        from sentilens.mllm.pruning import make_reducer
-
-        return make_reducer(model, keep_ratio, strategy)
+        raise NotImplementedError
 
     # --- the language model ------------------------------------------------------------------
     def assemble(self, model, token_ids, visual, targets=None, padding_side: str = "right", extras=None):
-        from sentilens.mllm.inputs import assemble
-
-        return assemble(model, token_ids, visual, targets, padding_side)
+        raise NotImplementedError
 
     def language_model_hidden(self, model, inputs_embeds: Tensor, attention_mask: Tensor, position_ids: Tensor,
                               **kwargs):

@@ -13,7 +13,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+from torch import Tensor
+
+from sentilens.mllm import inputs, pruning
 from sentilens.mllm.families import ModelFamily
+from sentilens.mllm.prompt import LLAVA15_CHAT_TEMPLATE
 
 
 class LlavaFamily(ModelFamily):
@@ -23,6 +27,27 @@ class LlavaFamily(ModelFamily):
     model_types = ("llava",)
     pretrains_tower = True
     default_image_aspect = "pad"
+
+    @property
+    def chat_template(self) -> str:
+        return LLAVA15_CHAT_TEMPLATE
+
+    def image_inputs(self, processor, images: Sequence, aspect: str) -> tuple[Tensor, dict[str, Tensor]]:
+        return inputs.pixel_values(processor.image_processor, images, aspect), {}
+
+    def num_image_tokens(self, model, processor) -> int:
+        from sentilens.mllm.model import llava_image_tokens
+
+        return llava_image_tokens(model, processor)
+
+    def visual_tokens(self, model, pixel_values: Tensor, extras: dict[str, Tensor], reducer=None) -> list[Tensor]:
+        return inputs.visual_tokens(model, pixel_values, reducer)
+
+    def make_reducer(self, model, keep_ratio: float, strategy: str = "all"):
+        return pruning.make_reducer(model, keep_ratio, strategy)
+
+    def assemble(self, model, token_ids, visual, targets=None, padding_side: str = "right", extras=None):
+        return inputs.assemble(model, token_ids, visual, targets, padding_side)
 
     def build_tiny(self, out_dir: str | Path, corpus: Sequence[str] = (), seed: int = 0, spec=None,
                    vision_tower: str | Path | None = None) -> Path:
