@@ -12,6 +12,8 @@ from PIL import Image
 
 from sentilens.errors import SentilensError
 from sentilens.mllm import qwen
+from sentilens.mllm.inputs import LmInputs, language_model_hidden
+from sentilens.mllm.model import load_checkpoint
 
 FAMILIES = ("qwen2.5-vl", "qwen3-vl")
 
@@ -20,7 +22,7 @@ FAMILIES = ("qwen2.5-vl", "qwen3-vl")
 def tiny(request, tmp_path_factory):
     folder = qwen.build_tiny_qwen(tmp_path_factory.mktemp(request.param), request.param,
                                   corpus=["the sun is out", "another terrible storm"])
-    model, processor = qwen.load_qwen(folder)
+    model, processor = load_checkpoint(folder)
     model.eval()
     return model, processor
 
@@ -49,8 +51,8 @@ def _native_logits(model, ids: list[int], images: qwen.QwenImages | None, count:
                  attention_mask=torch.ones_like(expanded), mm_token_type_ids=(expanded == image_id).int()).logits[0]
 
 
-def _logits(model, inputs: qwen.QwenLmInputs) -> torch.Tensor:
-    return model.lm_head(qwen.language_model_hidden(model, inputs).last_hidden_state)
+def _logits(model, inputs: LmInputs) -> torch.Tensor:
+    return model.lm_head(language_model_hidden(model, inputs).last_hidden_state)
 
 
 @torch.no_grad()
@@ -104,15 +106,15 @@ def test_kept_count_reaching_the_language_model(tiny, ratio):
         lambda module, args, kwargs: seen.update(embeds=kwargs["inputs_embeds"].shape), with_kwargs=True)
     try:
         inputs = qwen.build_inputs(model, ids, images, [0, 1], qwen.QwenTokenFilter(model, ratio))
-        qwen.language_model_hidden(model, inputs)
+        language_model_hidden(model, inputs)
     finally:
         hook.remove()
     expected = [math.ceil(ratio * 36), math.ceil(ratio * 45)]
     image_id = model.config.image_token_id
     assert ((inputs.input_ids == image_id) & inputs.attention_mask.bool()).sum(dim=1).tolist() == expected
     assert seen["embeds"][1] == max(len(ids[i]) - 1 + expected[i] for i in range(2))
-    if inputs.deepstack:
-        assert [level.shape[0] for level in inputs.deepstack] == [sum(expected)] * len(inputs.deepstack)
+    for level in inputs.lm_kwargs.get("deepstack_visual_embeds", []):
+        assert level.shape[0] == sum(expected)
 
 
 @pytest.mark.parametrize("strategy", ["all", "random", "inverse"])
@@ -230,12 +232,119 @@ def test_deepstack_features_follow_the_kept_tokens(tiny):
     filt = qwen.QwenTokenFilter(model, 0.5)
     inputs = qwen.build_inputs(model, ids, images, [0], filt)
     if model.config.model_type == "qwen2_5_vl":
-        assert inputs.deepstack == []
+        assert inputs.lm_kwargs == {}
         return
     full = qwen.visual_tokens(model, images)[0]
     kept = filt.last[0].kept
-    assert len(inputs.deepstack) == len(model.config.vision_config.deepstack_visual_indexes) > 0
-    for level, features in enumerate(inputs.deepstack):
+    deepstack = inputs.lm_kwargs["deepstack_visual_embeds"]
+    assert len(deepstack) == len(model.config.vision_config.deepstack_visual_indexes) > 0
+    for level, features in enumerate(deepstack):
         torch.testing.assert_close(features, full.deepstack[level][kept], atol=1e-6, rtol=0)
-    without = qwen.QwenLmInputs(**{**inputs.__dict__, "deepstack": []})
+    without = LmInputs(**{**inputs.__dict__, "lm_kwargs": {}})
     assert not torch.allclose(_logits(model, inputs), _logits(model, without), atol=1e-4)
+
+
+@torch.no_grad()
+def test_label_scoring_matches_the_native_model(tiny):
+    """One-pass label scoring (answers as branches after the prompt, at the native positions that follow it)
+    gives each label the log-probability HF's own forward gives prompt + answer, at r = 1 and r = 0.5."""
+    from sentilens.mllm.scoring import label_log_probs
+
+    model, processor = tiny
+    images = qwen.preprocess_images(processor.image_processor, _images())
+    ids = [_prompt(processor, "what a day"), _prompt(processor, "hi"), _prompt(processor, "no image", False)]
+    end = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    answers = [processor.tokenizer(word)["input_ids"] + [end] for word in ("positive", "neutral", "not informative")]
+    image_id = model.config.image_token_id
+    for ratio in (None, 0.5):
+        token_filter = None if ratio is None else qwen.QwenTokenFilter(model, ratio)
+        inputs = qwen.build_inputs(model, ids, images, [0, 1, None], token_filter, padding_side="left")
+        scored = label_log_probs(model, inputs, answers)
+        for i, row in enumerate([0, 1, None]):
+            for c, answer in enumerate(answers):
+                if row is None:
+                    expanded, pixels, grid = ids[i] + answer, None, None
+                else:
+                    at = ids[i].index(image_id)
+                    n = images.patch_counts()[row] // 4
+                    expanded = ids[i][:at] + [image_id] * n + ids[i][at + 1:] + answer
+                    one = images.select([row])
+                    pixels, grid = one.pixel_values, one.grid_thw
+                tokens = torch.tensor([expanded])
+                if ratio is not None and row is not None:
+                    # the native model on the same kept tokens: drop the others from its full input, keeping
+                    # every remaining token's native position (HF's get_rope_index on the full sequence)
+                    native_positions, _ = model.model.get_rope_index(
+                        tokens, mm_token_type_ids=(tokens == image_id).int(), image_grid_thw=grid)
+                    kept = token_filter.last[row].kept
+                    full_embeds = model.get_input_embeddings()(tokens)
+                    features = model.model.get_image_features(pixels, grid).pooler_output[0]
+                    full_embeds[0, at:at + n] = features
+                    rows = torch.cat([torch.arange(at), at + kept, torch.arange(at + n, tokens.shape[1])])
+                    extra = {}
+                    if model.config.model_type == "qwen3_vl":
+                        deep = model.model.get_image_features(pixels, grid).deepstack_features
+                        extra = {"visual_pos_masks": (tokens[:, rows] == image_id),
+                                 "deepstack_visual_embeds": [_first(level)[kept] for level in deep]}
+                    hidden = model.model.language_model(inputs_embeds=full_embeds[:, rows],
+                                                        position_ids=native_positions[:, :, rows], **extra)
+                    logits = model.lm_head(hidden.last_hidden_state)[0]
+                else:
+                    logits = (model(input_ids=tokens, pixel_values=pixels, image_grid_thw=grid,
+                                    mm_token_type_ids=(tokens == image_id).int()).logits[0] if pixels is not None
+                              else model(input_ids=tokens).logits[0])
+                steps = logits[-len(answer) - 1:-1].log_softmax(dim=-1)
+                expected = steps.gather(1, torch.tensor(answer)[:, None]).sum()
+                torch.testing.assert_close(scored[i, c], expected, atol=1e-4, rtol=0)
+
+
+def test_picture_is_the_image_the_tower_sees(tiny):
+    """The flattened patches put back together: a left-red / right-blue image stays so, at the grid's size."""
+    _, processor = tiny
+    left_right = Image.new("RGB", (200, 120), (255, 0, 0))
+    left_right.paste((0, 0, 255), (100, 0, 200, 120))
+    images = qwen.preprocess_images(processor.image_processor, [left_right])
+    _, gh, gw = images.grid_thw[0].tolist()
+    view = qwen.picture(processor.image_processor, images)
+    p = processor.image_processor.patch_size
+    assert tuple(view.shape) == (gh * p, gw * p, 3) and gw > gh
+    half = view.shape[1] // 2
+    torch.testing.assert_close(view[:, : half - p].mean(dim=(0, 1)), torch.tensor([1.0, 0.0, 0.0]), atol=0.02, rtol=0)
+    torch.testing.assert_close(view[:, half + p:].mean(dim=(0, 1)), torch.tensor([0.0, 0.0, 1.0]), atol=0.02, rtol=0)
+
+
+def test_flop_count_matches_the_operations_run(tiny):
+    """prediction_flops against torch's FLOP counter on the real forward passes (eager attention, so the
+    attention matmuls are counted too): tower, scoring, merger(s) on the kept tokens, language model."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model, processor = tiny
+    model.set_attn_implementation("eager")
+    try:
+        images = qwen.preprocess_images(processor.image_processor, _images()[:1])
+        ids = [_prompt(processor, "count me")]
+        filt = qwen.QwenTokenFilter(model, 0.5)
+        counted = {}
+        with torch.no_grad():
+            for name, run in (("vision", lambda: qwen.encode_images(model, images)),
+                              ("scored", lambda: qwen.encode_images(model, images, filt.scorer)),
+                              ("tokens", lambda: qwen.visual_tokens(model, images, filt))):
+                with FlopCounterMode(display=False) as counter:
+                    out = run()
+                counted[name] = counter.get_total_flops()
+            inputs = qwen.assemble(model, ids, out)
+            with FlopCounterMode(display=False) as counter:
+                language_model_hidden(model, inputs)
+            counted["language"] = counter.get_total_flops()
+    finally:
+        model.set_attn_implementation("sdpa")
+    flops = qwen.prediction_flops(model.config, 36, 18, len(ids[0]) - 1, 0, len(filt.scorer.layers))
+    assert flops["vision"] == counted["vision"]
+    assert flops["scoring"] == counted["scored"] - counted["vision"]
+    assert flops["projector"] == counted["tokens"] - counted["scored"]
+    assert flops["language"] == counted["language"]
+
+
+def _first(level):
+    """Image 0's rows of a deepstack level (HF splits the levels per image, or gives one tensor)."""
+    return level[0] if isinstance(level, (list, tuple)) else level

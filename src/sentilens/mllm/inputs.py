@@ -73,7 +73,12 @@ class MllmBatch:
 
 @dataclass
 class LmInputs:
-    """A padded batch for the language model; ``image_tokens[i]`` visual tokens sit in post ``i``."""
+    """A padded batch for the language model; ``image_tokens[i]`` visual tokens sit in post ``i``.
+
+    ``position_ids`` is ``(B, L)``, or ``(3, B, L)`` for a family with 3-D rotary positions (Qwen-VL);
+    ``lm_kwargs`` holds any other input the family's language model takes (Qwen3-VL's deepstack features
+    and where the visual tokens sit), passed along with every forward on these inputs.
+    """
 
     input_ids: Tensor
     inputs_embeds: Tensor
@@ -81,6 +86,7 @@ class LmInputs:
     position_ids: Tensor
     targets: Tensor | None
     image_tokens: list[int]
+    lm_kwargs: dict = field(default_factory=dict)
 
 
 def encode_images(llava, pixel_values: Tensor) -> Tensor:
@@ -196,6 +202,7 @@ def language_model_hidden(llava, inputs: LmInputs, attention_mask: Tensor | None
         inputs_embeds=inputs.inputs_embeds,
         attention_mask=inputs.attention_mask if attention_mask is None else attention_mask,
         position_ids=inputs.position_ids,
+        **inputs.lm_kwargs,
         **kwargs,
     )
 

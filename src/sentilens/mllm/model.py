@@ -154,7 +154,7 @@ def build_tiny(out_dir: str | Path, corpus: Iterable[str] = (), seed: int = 0, s
 def load_checkpoint(source: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
                     four_bit: bool = False):
     """(model, processor) from an HF id or a local folder; the model's class is its family's."""
-    from transformers import AutoConfig, AutoProcessor
+    from transformers import AutoConfig
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
@@ -169,7 +169,7 @@ def load_checkpoint(source: str | Path, dtype: torch.dtype = torch.float32, devi
         kwargs.update(quantization_config=_four_bit_config(family.unquantized_modules),
                       device_map={"": torch.device(device)})
     try:
-        processor = AutoProcessor.from_pretrained(source)
+        processor = family.load_processor(source)
         # safetensors only: a checkpoint whose weights exist only as a pickle (pytorch_model.bin) is refused,
         # never unpickled (a pickle can run code when loaded).
         llava = family.model_class().from_pretrained(source, use_safetensors=True, **kwargs)

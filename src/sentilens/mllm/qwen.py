@@ -72,11 +72,10 @@ loaded with ``from_pretrained``.
 
 from __future__ import annotations
 
-import math
 import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -84,8 +83,10 @@ from pydantic import BaseModel
 from torch import Tensor, nn
 
 from sentilens.errors import SentilensError
+from sentilens.mllm.inputs import LmInputs
 from sentilens.mllm.pruning import (
     FilterSpec,
+    Selection,
     keep_count,
     mean_received_attention,
     random_priorities,
@@ -176,8 +177,20 @@ class QwenImages:
         return QwenImages(torch.cat(chunks), self.grid_thw[list(rows)])
 
 
-def preprocess_images(image_processor, images: Sequence) -> QwenImages:
-    """Decoded RGB images through the checkpoint's own image processor (native resolution, flattened patches)."""
+def preprocess_images(image_processor, images: Sequence, aspect: str = "crop") -> QwenImages:
+    """Decoded RGB images through the checkpoint's own image processor (native resolution, flattened patches).
+
+    ``aspect``: ``crop`` hands each image to the processor as it is (it keeps the aspect ratio: nothing is
+    cut, the name is the run setting's); ``pad`` first pads it to a square with the processor's mean colour,
+    as for LLaVA-1.5, so every image gets the same square grid.
+    """
+    from sentilens.mllm.inputs import pad_colour, pad_to_square
+
+    if aspect not in ("pad", "crop"):
+        raise ValueError(f"image_aspect must be 'pad' or 'crop', got {aspect!r}")
+    if aspect == "pad":
+        colour = pad_colour(image_processor)
+        images = [pad_to_square(image, colour) for image in images]
     out = image_processor(list(images), return_tensors="pt")
     return QwenImages(out["pixel_values"], out["image_grid_thw"].long())
 
@@ -368,16 +381,9 @@ class ReceivedAttention:
 # ---------------------------------------------------------------------------------------------- filtering
 
 
-@dataclass
-class Kept:
-    """What the filter did to one image: the kept merged tokens (raster indices, increasing) and the scores."""
-
-    kept: Tensor
-    scores: Tensor
-
-
 class QwenTokenFilter:
-    """Keeps ``ceil(r * N)`` merged tokens of each image (the module docstring's rules)."""
+    """Keeps ``ceil(r * N)`` merged tokens of each image (the module docstring's rules); ``last`` holds each
+    image's :class:`~sentilens.mllm.pruning.Selection` (kept pre-merger blocks, kept raster indices, scores)."""
 
     def __init__(self, model, keep_ratio: float, strategy: FilterSpec | str = "all"):
         self.spec = FilterSpec.parse(strategy) if isinstance(strategy, str) else strategy
@@ -389,7 +395,7 @@ class QwenTokenFilter:
         visual = model.model.visual
         self.scorer = None if self.spec.select == "random" else ReceivedAttention(visual, scored_layers(visual,
                                                                                                         self.spec))
-        self.last: list[Kept] = []
+        self.last: list[Selection] = []
 
     def select(self, images: QwenImages, tower: TowerOutput) -> list[Tensor]:
         """Kept raster indices of each image, increasing."""
@@ -404,7 +410,7 @@ class QwenTokenFilter:
                 scores = self.scorer.scores[i].float().cpu()
             keep = keep_count(n, self.keep_ratio)
             kept = top_patches(-scores if self.spec.select == "inverse" else scores, keep)
-            self.last.append(Kept(kept=kept, scores=scores))
+            self.last.append(Selection(features=blocks[kept.to(blocks.device)], kept=kept, scores=scores))
         return [k.kept for k in self.last]
 
 
@@ -463,21 +469,6 @@ def visual_tokens(model, images: QwenImages, token_filter: QwenTokenFilter | Non
 # ---------------------------------------------------------------------------------------------- assembly
 
 
-@dataclass
-class QwenLmInputs:
-    """A padded batch for the language model (same fields as :class:`sentilens.mllm.inputs.LmInputs`, with
-    ``(3, B, L)`` positions), plus where the visual tokens sit and their deepstack features (Qwen3-VL)."""
-
-    input_ids: Tensor
-    inputs_embeds: Tensor
-    attention_mask: Tensor
-    position_ids: Tensor  # (3, B, L)
-    targets: Tensor | None
-    image_tokens: list[int]
-    visual_mask: Tensor  # (B, L) bool
-    deepstack: list[Tensor] = field(default_factory=list)  # per level: (visual tokens of the batch, D)
-
-
 def token_positions(ids: Sequence[int], image_id: int, visual: VisualTokens | None) -> Tensor:
     """``(3, len)`` M-RoPE positions of one post whose image placeholder is already widened to ``visual``'s
     kept tokens: text counts up by one; the image's tokens sit at ``start + (t, h, w)`` of their own grid
@@ -498,8 +489,9 @@ def token_positions(ids: Sequence[int], image_id: int, visual: VisualTokens | No
 
 
 def assemble(model, token_ids: Sequence[Sequence[int]], visual: Sequence[VisualTokens | None],
-             targets: Sequence[Sequence[int]] | None = None, padding_side: str = "right") -> QwenLmInputs:
-    """Pad the posts into one batch, each image placeholder widened to its kept visual tokens."""
+             targets: Sequence[Sequence[int]] | None = None, padding_side: str = "right") -> LmInputs:
+    """Pad the posts into one batch, each image placeholder widened to its kept visual tokens; positions
+    ``(3, B, L)``; for Qwen3-VL, ``lm_kwargs`` carries the deepstack features and the visual positions."""
     config = model.config
     image_id = config.image_token_id
     pad_id = getattr(config.text_config, "pad_token_id", None)
@@ -539,22 +531,23 @@ def assemble(model, token_ids: Sequence[Sequence[int]], visual: Sequence[VisualT
     embeds = model.get_input_embeddings()(input_ids)
     visual_mask = (input_ids == image_id) & mask.bool()
     present = [v for v in visual if v is not None]
-    deepstack: list[Tensor] = []
+    lm_kwargs: dict = {}
     if present:
         features = torch.cat([v.embeds for v in present]).to(device=embeds.device, dtype=embeds.dtype)
         embeds = embeds.masked_scatter(visual_mask.unsqueeze(-1), features)
         levels = len(present[0].deepstack)
-        deepstack = [torch.cat([v.deepstack[level] for v in present]).to(device=embeds.device, dtype=embeds.dtype)
-                     for level in range(levels)]
-    return QwenLmInputs(input_ids=input_ids, inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids,
-                        targets=None if tgt_tensor is None else tgt_tensor.to(device),
-                        image_tokens=[0 if v is None else v.count for v in visual], visual_mask=visual_mask,
-                        deepstack=deepstack)
+        if levels:
+            deepstack = [torch.cat([v.deepstack[level] for v in present]).to(device=embeds.device, dtype=embeds.dtype)
+                         for level in range(levels)]
+            lm_kwargs = {"visual_pos_masks": visual_mask, "deepstack_visual_embeds": deepstack}
+    return LmInputs(input_ids=input_ids, inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids,
+                    targets=None if tgt_tensor is None else tgt_tensor.to(device),
+                    image_tokens=[0 if v is None else v.count for v in visual], lm_kwargs=lm_kwargs)
 
 
 def build_inputs(model, token_ids: Sequence[Sequence[int]], images: QwenImages | None,
                  image_index: Sequence[int | None], token_filter: QwenTokenFilter | None = None,
-                 targets: Sequence[Sequence[int]] | None = None, padding_side: str = "right") -> QwenLmInputs:
+                 targets: Sequence[Sequence[int]] | None = None, padding_side: str = "right") -> LmInputs:
     """Encode, filter and merge the batch's images, then :func:`assemble` the language model's input."""
     visual: list[VisualTokens | None] = [None] * len(token_ids)
     if images is not None and len(images):
@@ -565,22 +558,22 @@ def build_inputs(model, token_ids: Sequence[Sequence[int]], images: QwenImages |
     return assemble(model, token_ids, visual, targets, padding_side)
 
 
-def language_model_hidden(model, inputs: QwenLmInputs, attention_mask: Tensor | None = None,
-                          extra_tokens: int = 0, **kwargs):
-    """Run the language model on assembled inputs (deepstack features added where the model adds them).
+def language_model_hidden(model, inputs_embeds: Tensor, attention_mask: Tensor, position_ids: Tensor,
+                          visual_pos_masks: Tensor | None = None, deepstack_visual_embeds: list[Tensor] | None = None,
+                          **kwargs):
+    """The language model on assembled inputs, Qwen3-VL's deepstack features added where the model adds them.
 
-    ``extra_tokens``: how many tokens ``inputs.inputs_embeds`` carries beyond the assembled ones (label
-    scoring appends the answers); they are not visual.
+    Tokens appended after the assembled ones (label scoring's answers) are not visual: the visual mask is
+    widened with ``False`` to the input's width. A decoding step (one new token, no visual mask) adds none.
     """
-    language_model = model.model.language_model
-    if inputs.deepstack and inputs.visual_mask.any():
-        visual_mask = inputs.visual_mask
-        if extra_tokens:
-            visual_mask = torch.cat([visual_mask, visual_mask.new_zeros(visual_mask.shape[0], extra_tokens)], dim=1)
-        kwargs.update(visual_pos_masks=visual_mask, deepstack_visual_embeds=inputs.deepstack)
-    return language_model(inputs_embeds=inputs.inputs_embeds,
-                          attention_mask=inputs.attention_mask if attention_mask is None else attention_mask,
-                          position_ids=inputs.position_ids, **kwargs)
+    if deepstack_visual_embeds:
+        extra = inputs_embeds.shape[1] - visual_pos_masks.shape[1]
+        if extra > 0:
+            visual_pos_masks = torch.cat([visual_pos_masks, visual_pos_masks.new_zeros(visual_pos_masks.shape[0],
+                                                                                       extra)], dim=1)
+        kwargs.update(visual_pos_masks=visual_pos_masks, deepstack_visual_embeds=deepstack_visual_embeds)
+    return model.model.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                                      position_ids=position_ids, **kwargs)
 
 
 # ---------------------------------------------------------------------------------------------- tiny models
@@ -675,35 +668,82 @@ def build_tiny_qwen(out_dir: str | Path, family: str, corpus: Sequence[str] = ()
     return out_dir
 
 
-def load_qwen(source: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-              **kwargs):
-    """(model, :class:`QwenProcessor`) of a Qwen2.5-VL / Qwen3-VL checkpoint, safetensors only."""
-    from transformers import AutoConfig, Qwen2_5_VLForConditionalGeneration, Qwen3VLForConditionalGeneration
-
-    source = str(source)
-    try:
-        config = AutoConfig.from_pretrained(source)
-        cls = {"qwen2_5_vl": Qwen2_5_VLForConditionalGeneration,
-               "qwen3_vl": Qwen3VLForConditionalGeneration}.get(config.model_type)
-        if cls is None:
-            raise SentilensError(f"'{source}' is a '{config.model_type}' checkpoint, not Qwen2.5-VL / Qwen3-VL")
-        processor = QwenProcessor.from_pretrained(source)
-        model = cls.from_pretrained(source, use_safetensors=True, dtype=dtype, **kwargs)
-    except (OSError, ValueError) as err:
-        raise SentilensError(f"cannot load the model '{source}': {str(err).splitlines()[0]}") from None
-    if "device_map" not in kwargs and "quantization_config" not in kwargs:
-        model.to(device)
-    return model, processor
+# ---------------------------------------------------------------------------------------------- FLOPs, heatmaps
 
 
-def num_image_tokens(model, processor: QwenProcessor, size: tuple[int, int] | None = None) -> int:
-    """Merged tokens one image becomes: for ``size`` (width, height), or the most the processor allows."""
-    ip = processor.image_processor
-    factor = ip.patch_size * ip.merge_size
-    if size is None:
-        return math.floor(ip.size["longest_edge"] / factor ** 2)
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+def prediction_flops(config, image_tokens: int, kept: int, text_tokens: int, answer_tokens: int,
+                     scored_layers: int = 0) -> dict:
+    """FLOPs (2 per multiply-add) of one post's prediction, by part, as :mod:`sentilens.mllm.flops` counts
+    LLaVA's: ``image_tokens`` merged tokens before filtering (0: no image), ``kept`` after it.
 
-    height, width = smart_resize(size[1], size[0], factor=factor, min_pixels=ip.size["shortest_edge"],
-                                 max_pixels=ip.size["longest_edge"])
-    return (height // factor) * (width // factor)
+    Vision: patch embedding; per layer the qkv and output projections, the MLP (gated, three matrices, in
+    Qwen2.5-VL; two in Qwen3-VL) and both attention matmuls, over the whole image in full-attention layers
+    and inside a window in windowed ones. Scoring: one ``T x T`` query-key product per scored layer (the
+    received attention needs every row of the map). Projector: the merger(s) on the kept tokens only (main
+    and, for Qwen3-VL, each deepstack level). Language model and head as for LLaVA.
+    """
+    vision, text = config.vision_config, config.text_config
+    parts = {"vision": 0.0, "scoring": 0.0, "projector": 0.0}
+    if image_tokens:
+        unit = vision.spatial_merge_size ** 2
+        patches, d, mlp = image_tokens * unit, vision.hidden_size, vision.intermediate_size
+        depth = vision.depth
+        mlp_matrices = 2 if config.model_type == "qwen3_vl" else 3
+        full = getattr(vision, "fullatt_block_indexes", None)
+        full_layers = depth if full is None else len([i for i in full if 0 <= i < depth])
+        window = patches if full is None else min(patches, (vision.window_size // vision.patch_size) ** 2)
+        dense = 2 * patches * (4 * d * d + mlp_matrices * d * mlp)
+        attention = 4 * patches * d * (full_layers * patches + (depth - full_layers) * window)
+        embed = 2 * patches * vision.in_channels * vision.temporal_patch_size * vision.patch_size ** 2 * d
+        parts["vision"] = float(embed + depth * dense + attention)
+        parts["scoring"] = float(scored_layers * 2 * patches * patches * d)
+        mergers = 1 + len(getattr(vision, "deepstack_visual_indexes", ()) or ())
+        width = unit * d
+        parts["projector"] = float(mergers * 2 * kept * (width * width + width * vision.out_hidden_size))
+    h = text.hidden_size
+    heads = text.num_attention_heads
+    kv_heads = text.num_key_value_heads or heads
+    head_dim = getattr(text, "head_dim", None) or h // heads
+    positions = text_tokens + kept + answer_tokens
+    per_token = 2 * (2 * h * heads * head_dim + 2 * h * kv_heads * head_dim + 3 * h * text.intermediate_size)
+    parts["language"] = float(text.num_hidden_layers * (positions * per_token
+                                                        + 4 * positions * positions * heads * head_dim))
+    parts["head"] = float(2 * answer_tokens * h * text.vocab_size)
+    parts["total"] = sum(parts.values())
+    return parts
+
+
+def picture(image_processor, images: QwenImages, index: int = 0) -> Tensor:
+    """``(H, W, 3)`` in [0, 1]: image ``index`` as the tower sees it, rebuilt from its flattened patches."""
+    t, gh, gw = images.grid_thw[index].tolist()
+    starts = [0, *torch.tensor(images.patch_counts()).cumsum(0).tolist()]
+    flat = images.pixel_values[starts[index]:starts[index + 1]].float().cpu()
+    p, m = image_processor.patch_size, image_processor.merge_size
+    channels = flat.shape[1] // (image_processor.temporal_patch_size * p * p)
+    # rows are (gh/m, gw/m, m, m) patches of (C, temporal, p, p) pixels (the processor's flattening)
+    grid = flat.view(gh // m, gw // m, m, m, channels, image_processor.temporal_patch_size, p, p)[:, :, :, :, :, 0]
+    pixels = grid.permute(4, 0, 2, 5, 1, 3, 6).reshape(channels, gh * p, gw * p)
+    mean = torch.tensor(image_processor.image_mean).view(-1, 1, 1)
+    std = torch.tensor(image_processor.image_std).view(-1, 1, 1)
+    return (pixels * std + mean).clamp(0, 1).permute(1, 2, 0)
+
+
+def heatmap(model, processor: QwenProcessor, image, aspect: str, token_filter: QwenTokenFilter):
+    """(picture, scores (gh, gw), kept (gh, gw) bool, content box) of one decoded image under ``token_filter``,
+    from one tower pass with that filter: the kept flags are exactly the tokens the language model sees.
+    The grid is the merged-token grid (native resolution: square only for square images)."""
+    from sentilens.mllm.inputs import content_box
+
+    images = preprocess_images(processor.image_processor, [image], aspect).to(model.device)
+    with torch.no_grad():
+        visual_tokens(model, images, token_filter)
+    selection = token_filter.last[0]
+    _, gh, gw = images.grid_thw[0].tolist()
+    merge = processor.image_processor.merge_size
+    shape = (gh // merge, gw // merge)
+    kept = torch.zeros(shape[0] * shape[1], dtype=torch.bool)
+    kept[selection.kept.cpu()] = True
+    view = picture(processor.image_processor, images)
+    box = content_box(image.size, aspect, view.shape[1]) if aspect == "pad" else (
+        0.0, 0.0, float(view.shape[1]), float(view.shape[0]))
+    return view, selection.scores.float().cpu().view(shape), kept.view(shape), box

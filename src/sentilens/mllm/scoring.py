@@ -66,14 +66,17 @@ def label_log_probs(llava, inputs: LmInputs, answers: Sequence[Sequence[int]]) -
     additive = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
 
     answer_embeds = llava.get_input_embeddings()(tokens).unsqueeze(0).expand(batch, -1, -1)
-    prompt_length = mask.sum(dim=1, keepdim=True)
+    # each branch continues from the prompt's last position (its length for 1-D positions; for 3-D ones the
+    # text after the image, where all three components are equal)
+    next_position = inputs.position_ids[..., -1:] + 1
     branched = LmInputs(
         input_ids=inputs.input_ids,
         inputs_embeds=torch.cat([inputs.inputs_embeds, answer_embeds], dim=1),
         attention_mask=additive[:, None],
-        position_ids=torch.cat([inputs.position_ids, prompt_length + step[None, :]], dim=1),
+        position_ids=torch.cat([inputs.position_ids, next_position + step], dim=-1),
         targets=None,
         image_tokens=inputs.image_tokens,
+        lm_kwargs=inputs.lm_kwargs,
     )
     hidden = language_model_hidden(llava, branched, use_cache=False).last_hidden_state
     # each answer token is predicted from the prompt's last token (first step) or from its predecessor in the branch
@@ -91,7 +94,7 @@ def greedy_answers(llava, inputs: LmInputs, stop_ids: set[int], max_new_tokens: 
     cache = DynamicCache(config=llava.config)
     with stage("lm"):  # the prefill; the decoding steps after it are timed apart
         out = language_model_hidden(llava, inputs, past_key_values=cache, use_cache=True)
-    mask, position = inputs.attention_mask, inputs.position_ids[:, -1:]
+    mask, position = inputs.attention_mask, inputs.position_ids[..., -1:]
     batch = mask.shape[0]
     generated: list[list[int]] = [[] for _ in range(batch)]
     done = [False] * batch

@@ -20,6 +20,7 @@ register it in :data:`REGISTRY` as ``"name": "module:Class"``, imported on first
 ``model_types``            the ``config.model_type`` values it reads
 ``build_tiny(...)``        write a small random checkpoint + processor (tokenizer, image processor,
                            chat template) to a folder, offline; it is loaded back like a real one
+``load_processor(source)`` the checkpoint's processor (default ``AutoProcessor.from_pretrained``)
 ``pretrains_tower``        True when ``build_tiny`` can take a tower pretrained by
                            :mod:`sentilens.mllm.tower` (a CLIP ViT of the tiny spec's shape)
 ``chat_template``          the prompt format used when a checkpoint ships none
@@ -65,6 +66,8 @@ DEFAULT_TINY_FAMILY = "llava"
 
 REGISTRY: dict[str, str] = {
     "llava": "sentilens.mllm.families.llava:LlavaFamily",
+    "qwen2.5-vl": "sentilens.mllm.families.qwen:Qwen25VLFamily",
+    "qwen3-vl": "sentilens.mllm.families.qwen:Qwen3VLFamily",
 }
 """``tiny:<name>`` -> ``"module:Class"`` of its :class:`ModelFamily` (imported on first use)."""
 
@@ -101,6 +104,12 @@ class ModelFamily:
     def build_tiny(self, out_dir: str | Path, corpus: Sequence[str] = (), seed: int = 0, spec=None,
                    vision_tower: str | Path | None = None) -> Path:
         raise NotImplementedError
+
+    def load_processor(self, source: str):
+        """The checkpoint's processor (tokenizer + image processor + chat template)."""
+        from transformers import AutoProcessor
+
+        return AutoProcessor.from_pretrained(source)
 
     # --- parts -------------------------------------------------------------------------------
     def vision_tower(self, model) -> nn.Module:
