@@ -218,6 +218,10 @@ def test_windowed_layers_and_merge_are_refused(tiny):
         with pytest.raises(SentilensError, match="windowed-attention layers"):
             qwen.QwenTokenFilter(model, 0.5, "0")
         assert qwen.scored_layers(model.model.visual, qwen.FilterSpec.parse("0:2")) == [1]
+    else:  # Qwen3-VL: "feature" = the layers whose outputs reach the language model (deepstack + last)
+        assert model.config.vision_config.deepstack_visual_indexes == [2]
+        assert qwen.scored_layers(model.model.visual, qwen.FilterSpec.parse("feature")) == [2, 3]
+    assert qwen.scored_layers(model.model.visual, qwen.FilterSpec.parse("last")) == [3]
     with pytest.raises(SentilensError, match=r"\+merge"):
         qwen.QwenTokenFilter(model, 0.5, "all+merge")
 

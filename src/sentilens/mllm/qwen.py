@@ -45,11 +45,16 @@ The filtering rules, and why:
   whatever it shows: such a layer only ranks patches against their window neighbours, and averaging
   it in would pull the image-wide ranking toward "a few tokens from every window", including windows
   of plain background. The full-attention layers compare every patch with every other. The default
-  (``all``) averages every full-attention layer; ``feature``/``last`` take the last layer (whose output
-  the merger reads, a full-attention layer in the released models); a layer or slice that names only
-  windowed layers is refused.
-- **Which layers (Qwen3-VL): all layers** (every layer attends over the whole image), ``feature``/
-  ``last`` the last one.
+  (``all``) averages every full-attention layer (4 of 32 in the released towers); ``feature``/``last``
+  take the last layer (whose output the merger reads, a full-attention layer in the released models); a
+  layer or slice that names only windowed layers is refused.
+- **Which layers (Qwen3-VL): ``all``: every layer** (each attends over the whole image), as the paper
+  averages all CLS rows. ``feature``: the layers whose outputs reach the language model, the deepstack
+  layers and the last (4 of 27 in the released towers), as FasterVLM scores LLaVA's feature layer;
+  ``last``: the last one. The cost differs: unlike a CLS row, received attention needs the whole
+  ``T x T`` map of a scored layer (an extra query-key product per layer, about the size of the layer's
+  own attention), so scoring all 27 layers costs far more than 4 (``benchmarks/token_filtering.py``
+  measures both).
 - **Deepstack (Qwen3-VL).** A deepstack feature belongs to one merged token (the same 2x2 block,
   taken at an earlier layer). A dropped token loses its deepstack features too and a kept one keeps
   all of them, in the same order as the main features: the language model adds level ``l`` to the
@@ -293,8 +298,10 @@ def scored_layers(visual, spec: FilterSpec) -> list[int]:
     """The layers whose received attention is averaged under ``spec`` (the module docstring's rules)."""
     depth = len(visual.blocks)
     full = full_attention_layers(visual)
-    if spec.layers in ("feature", "last"):
+    if spec.layers == "last":
         chosen = [depth - 1]
+    elif spec.layers == "feature":
+        chosen = sorted({*getattr(visual, "deepstack_visual_indexes", ()), depth - 1})
     elif spec.layers == "all":
         chosen = full
     else:
