@@ -18,12 +18,14 @@ and element-wise work are left out: they are a few percent, and the same at ever
 from __future__ import annotations
 
 
-def prediction_flops(config, kept: int, text_tokens: int, answer_tokens: int, scored_layers: int = 0) -> dict:
+def prediction_flops(config, kept: int, text_tokens: int, answer_tokens: int, scored_layers: int = 0,
+                     tiles: int = 1) -> dict:
     """FLOPs of one post's prediction by a ``LlavaConfig``-shaped model, by part, and ``total``.
 
     ``kept``: visual tokens reaching the language model (0 for a post without an image: the
     tower does not run then); ``text_tokens``: the prompt's other tokens; ``answer_tokens``: the
-    label tokens scored after the prompt (all labels' answers, side by side).
+    label tokens scored after the prompt (all labels' answers, side by side); ``tiles``: the
+    tower passes one image takes (LLaVA-NeXT: the base image and its any-resolution crops).
     """
     vision_config, text_config = config.vision_config, config.text_config
     parts = {"vision": 0.0, "scoring": 0.0, "projector": 0.0}
@@ -31,9 +33,9 @@ def prediction_flops(config, kept: int, text_tokens: int, answer_tokens: int, sc
         patches = (vision_config.image_size // vision_config.patch_size) ** 2
         tokens, d, mlp = patches + 1, vision_config.hidden_size, vision_config.intermediate_size
         per_layer = 2 * tokens * (4 * d * d + 2 * d * mlp) + 4 * tokens * tokens * d
-        parts["vision"] = float(2 * patches * 3 * vision_config.patch_size ** 2 * d
-                                + vision_config.num_hidden_layers * per_layer)
-        parts["scoring"] = float(scored_layers * 2 * tokens * d)
+        parts["vision"] = float(tiles * (2 * patches * 3 * vision_config.patch_size ** 2 * d
+                                         + vision_config.num_hidden_layers * per_layer))
+        parts["scoring"] = float(tiles * scored_layers * 2 * tokens * d)
         layers = config.vision_feature_layer
         feature_width = d * (1 if isinstance(layers, int) else len(layers))
         h = text_config.hidden_size

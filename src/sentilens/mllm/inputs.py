@@ -130,8 +130,8 @@ def assemble(
 ) -> LmInputs:
     """Pad the posts into one batch, each image placeholder widened to its post's visual tokens.
 
-    Positions count real tokens only (0 at each post's first token, whatever the padding), so
-    a post gets the same positions alone and in a batch.
+    Positions count real tokens (0 at each post's first token, whatever the padding), so a post
+    gets the same positions alone and in a batch.
     """
     config = llava.config
     image_id = config.image_token_id
@@ -163,7 +163,11 @@ def assemble(
         mask[i, span] = 1
         if tgt_tensor is not None:
             tgt_tensor[i, span] = torch.tensor(target_rows[i])
-    positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+    # real tokens count from 0 at each post's first token; right padding goes on counting (as HF's default
+    # positions do: the language model's outputs on real tokens were seen to move by ~1e-3 when padding
+    # positions repeat), left padding sits at 0
+    first = mask.argmax(dim=1, keepdim=True)
+    positions = (torch.arange(width)[None, :] - first).clamp(min=0)
     input_ids, mask, positions = input_ids.to(device), mask.to(device), positions.to(device)
     embeds = llava.get_input_embeddings()(input_ids)
     kept = [v for v in visual if v is not None]

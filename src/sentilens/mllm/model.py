@@ -83,54 +83,74 @@ def tiny_image_processor(spec: TinySpec):
     return CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
 
 
-def build_tiny(out_dir: str | Path, corpus: Iterable[str] = (), seed: int = 0, spec: TinySpec | None = None,
-               vision_tower: str | Path | None = None) -> Path:
-    """Write a small LLaVA checkpoint + processor to ``out_dir`` (loadable by :func:`load_checkpoint`).
-
-    The tokenizer is a byte-level BPE trained on the instruction strings plus ``corpus`` (e.g. the
-    training texts), so it encodes any text; ``<s>`` is prepended like Llama's tokenizer does.
-    Every weight is random, except the vision tower's when ``vision_tower`` names a saved
-    ``CLIPVisionModel`` of the spec's shape (:mod:`sentilens.mllm.tower` pretrains one), which is
-    loaded with ``from_pretrained`` and copied in, as LLaVA starts from a pretrained CLIP.
-    """
+def tiny_tokenizer(spec: TinySpec, corpus: Iterable[str] = (), instructions: Iterable[str] = ()):
+    """A byte-level BPE tokenizer trained offline on the instruction strings plus ``corpus``, so it encodes
+    any text; ``<s>`` is prepended like Llama's tokenizer does, ``<image>`` is its image token."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import (
-        CLIPVisionModel,
-        LlamaConfig,
-        LlavaConfig,
-        LlavaForConditionalGeneration,
-        LlavaProcessor,
-        PreTrainedTokenizerFast,
-    )
-    from transformers.utils import logging as hf_logging
+    from transformers import PreTrainedTokenizerFast
 
-    hf_logging.disable_progress_bar()
-    spec = spec or TinySpec()
-    out_dir = Path(out_dir)
     specials = ["<s>", "</s>", "<pad>", "<image>"]
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=spec.vocab_size, special_tokens=specials, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    instructions = [LLAVA15_SYSTEM, *TASK_QUESTIONS.values(), "USER: ASSISTANT: Answer with one of:",
-                    "positive neutral negative informative not informative"]
-    bpe.train_from_iterator([*instructions, *corpus], trainer)
+    base = [LLAVA15_SYSTEM, *TASK_QUESTIONS.values(), "USER: ASSISTANT: Answer with one of:",
+            "positive neutral negative informative not informative"]
+    bpe.train_from_iterator([*base, *instructions, *corpus], trainer)
     bpe.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
                                                        special_tokens=[("<s>", bpe.token_to_id("<s>"))])
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                                        extra_special_tokens={"image_token": "<image>"}, model_max_length=4096)
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                   extra_special_tokens={"image_token": "<image>"}, model_max_length=4096)
+
+
+def tiny_text_config(spec: TinySpec, tokenizer):
+    """The tiny models' language model: a small Llama over ``tokenizer``'s vocabulary."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=len(tokenizer), hidden_size=spec.text_hidden, intermediate_size=2 * spec.text_hidden,
+                       num_hidden_layers=spec.text_layers, num_attention_heads=spec.text_heads,
+                       num_key_value_heads=spec.text_kv_heads, max_position_embeddings=4096,
+                       pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                       eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False)
+
+
+def load_pretrained_tower(model_tower, vision, vision_tower: str | Path) -> None:
+    """Copy a saved ``CLIPVisionModel`` of ``vision``'s shape (:mod:`sentilens.mllm.tower`) into ``model_tower``."""
+    from transformers import CLIPVisionModel
+
+    pretrained = CLIPVisionModel.from_pretrained(str(vision_tower), use_safetensors=True)
+    shape = ("hidden_size", "num_hidden_layers", "num_attention_heads", "image_size", "patch_size",
+             "intermediate_size")
+    differs = [k for k in shape if getattr(vision, k) != getattr(pretrained.config, k, None)]
+    if differs:
+        raise SentilensError(f"the pretrained vision tower does not have the tiny model's shape "
+                             f"({', '.join(differs)} differ)", vision_tower)
+    model_tower.load_state_dict(pretrained.state_dict())
+
+
+def build_tiny(out_dir: str | Path, corpus: Iterable[str] = (), seed: int = 0, spec: TinySpec | None = None,
+               vision_tower: str | Path | None = None) -> Path:
+    """Write a small LLaVA-1.5 checkpoint + processor to ``out_dir`` (loadable by :func:`load_checkpoint`).
+
+    The tokenizer (:func:`tiny_tokenizer`) is trained on the instruction strings plus ``corpus`` (e.g.
+    the training texts). Every weight is random, except the vision tower's when ``vision_tower`` names
+    a saved ``CLIPVisionModel`` of the spec's shape (:mod:`sentilens.mllm.tower` pretrains one), which
+    is loaded with ``from_pretrained`` and copied in, as LLaVA starts from a pretrained CLIP.
+    """
+    from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    spec = spec or TinySpec()
+    out_dir = Path(out_dir)
+    tokenizer = tiny_tokenizer(spec, corpus)
     size = spec.image_size
     processor = LlavaProcessor(image_processor=tiny_image_processor(spec), tokenizer=tokenizer,
                                patch_size=spec.patch_size, vision_feature_select_strategy="default",
                                num_additional_image_tokens=1, chat_template=LLAVA15_CHAT_TEMPLATE)
     vision = tiny_vision_config(spec)
-    text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=spec.text_hidden, intermediate_size=2 * spec.text_hidden,
-                       num_hidden_layers=spec.text_layers, num_attention_heads=spec.text_heads,
-                       num_key_value_heads=spec.text_kv_heads, max_position_embeddings=4096,
-                       pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-                       eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False)
-    config = LlavaConfig(vision_config=vision, text_config=text,
+    config = LlavaConfig(vision_config=vision, text_config=tiny_text_config(spec, tokenizer),
                          image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
                          image_seq_length=(size // spec.patch_size) ** 2, vision_feature_layer=-2,
                          vision_feature_select_strategy="default")
@@ -138,14 +158,7 @@ def build_tiny(out_dir: str | Path, corpus: Iterable[str] = (), seed: int = 0, s
         torch.manual_seed(seed)
         model = LlavaForConditionalGeneration(config)
     if vision_tower is not None:
-        pretrained = CLIPVisionModel.from_pretrained(str(vision_tower), use_safetensors=True)
-        shape = ("hidden_size", "num_hidden_layers", "num_attention_heads", "image_size", "patch_size",
-                 "intermediate_size")
-        differs = [k for k in shape if getattr(vision, k) != getattr(pretrained.config, k, None)]
-        if differs:
-            raise SentilensError(f"the pretrained vision tower does not have the tiny model's shape "
-                                 f"({', '.join(differs)} differ)", vision_tower)
-        model.model.vision_tower.load_state_dict(pretrained.state_dict())
+        load_pretrained_tower(model.model.vision_tower, vision, vision_tower)
     model.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)
     return out_dir

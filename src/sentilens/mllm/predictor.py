@@ -15,7 +15,6 @@ projector. ``explain(post, r)`` gives the patch scores and kept patches of that 
 from __future__ import annotations
 
 import copy
-import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -27,7 +26,7 @@ from sentilens.distributed import default_device
 from sentilens.errors import SentilensError
 from sentilens.mllm.config import MllmRunConfig, describe_run, load_run_config
 from sentilens.mllm.families import family_of
-from sentilens.mllm.inputs import Reducer, content_box, encode_images, make_batch
+from sentilens.mllm.inputs import Reducer
 from sentilens.mllm.model import MllmModel, num_image_tokens, prepare_model
 from sentilens.mllm.prompt import PromptBuilder
 from sentilens.mllm.scoring import predict_posts
@@ -108,20 +107,22 @@ class MllmPredictor:
         from sentilens.mllm.pruning import FilterSpec, encoder_layers, keep_count
 
         llava, builder = self.model.llava, self.builder
-        n = builder.num_image_tokens
+        family = family_of(llava)
         spec = FilterSpec.parse(self.strategy)
         scored = 0
         if keep_ratio is not None and spec.select != "random":
-            num_layers = len(encoder_layers(llava.model.vision_tower))
+            num_layers = len(encoder_layers(family.vision_tower(llava)))
             scored = len(spec.layer_indices(num_layers, llava.config.vision_feature_layer))
         answer_tokens = sum(len(ids) for ids in builder.answer_ids.values())
         total: dict[str, float] = {}
         for post in posts:
             has_image = post.image is not None
             text_tokens = len(builder.prompt_ids(post.text, has_image)) - int(has_image)
+            n, tiles = (family.image_token_count(llava, builder.processor, load_image(post.image).size)
+                        if has_image else (0, 0))
             kept = 0 if not has_image else n if keep_ratio is None else keep_count(n, keep_ratio)
             for part, value in prediction_flops(llava.config, kept, text_tokens, answer_tokens,
-                                                scored if has_image else 0).items():
+                                                scored if has_image else 0, tiles=tiles).items():
                 total[part] = total.get(part, 0.0) + value
         return {part: value / max(len(posts), 1) for part, value in total.items()}
 
@@ -142,24 +143,6 @@ class MllmPredictor:
         check_keep_ratio(keep_ratio)
         prediction = self.predict([post], keep_ratio=keep_ratio)[0]
         llava = self.model.llava
-        batch = make_batch(self.builder, [post]).to(llava.lm_head.weight.device)
-        reducer = self.reducer(keep_ratio)
-        with torch.no_grad(), reducer.capture(llava):
-            features = encode_images(llava, batch.pixel_values)
-        reducer(features, batch.pixel_values)
-        selection = reducer.last[0]
-        n = selection.scores.numel()
-        side = math.isqrt(n)
-        if side * side != n:
-            raise SentilensError(f"the vision tower's {n} patches do not form a square grid; no heatmap can be drawn")
-        kept = torch.zeros(n, dtype=torch.bool)
-        kept[selection.kept.cpu()] = True
-        processor = self.builder.processor.image_processor
-        mean = torch.tensor(processor.image_mean).view(3, 1, 1)
-        std = torch.tensor(processor.image_std).view(3, 1, 1)
-        picture = (batch.pixel_values[0].float().cpu() * std + mean).clamp(0, 1).permute(1, 2, 0)
-        name = "CLS attention" if reducer.scorer.cls else "mean attention received (no CLS token)"
-        content = content_box(load_image(post.image).size, self.builder.settings.image_aspect, picture.shape[1])
-        return Explanation(prediction=prediction, picture=picture,
-                           scores=selection.scores.float().cpu().view(side, side), kept=kept.view(side, side),
-                           score_name=name, strategy=self.strategy, content=content)
+        view = family_of(llava).patch_view(llava, self.builder, post, self.reducer(keep_ratio))
+        return Explanation(prediction=prediction, picture=view.picture, scores=view.scores, kept=view.kept,
+                           score_name=view.score_name, strategy=self.strategy, content=view.content)

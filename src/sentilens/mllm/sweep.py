@@ -2,7 +2,8 @@
 
 For each filtering strategy and each keep ratio ``r``, the run predicts the split with only
 ``ceil(r * N)`` visual tokens per image (:mod:`sentilens.mllm.pruning`), through the shared
-predictor; a row holds the ratio, the kept tokens, accuracy, weighted F1, the wall-clock
+predictor; a row holds the ratio, the kept tokens (measured: the mean over the image posts, since
+``N`` depends on the image for some model families), accuracy, weighted F1, the wall-clock
 latency per post, the measured speedup against ``r = 1`` of the same strategy, and beside it
 the FLOP-ideal speedup (:mod:`sentilens.mllm.flops`: what the same token counts would give if
 time followed arithmetic). ``r = 1`` is always measured, as the reference, and goes through the
@@ -122,8 +123,9 @@ def run_sweep(predictor: Predictor, posts: Sequence[Post], ratios: Sequence[floa
             split = stage_seconds[ratio][middle]
             ms = 1000 / len(posts)
             rows.append({
-                "strategy": str(spec), "ratio": ratio, "kept_tokens": keep_count(image_tokens, ratio),
-                "image_tokens": image_tokens, "accuracy": metrics["accuracy"],
+                "strategy": str(spec), "ratio": ratio,
+                "kept_tokens": _mean_kept(predictions[ratio], image_tokens, ratio),
+                "image_tokens": _mean_kept(predictions[1.0], image_tokens, 1.0), "accuracy": metrics["accuracy"],
                 "weighted_f1": metrics["weighted_f1"], "macro_f1": metrics["macro_f1"],
                 "accuracy_ci": metrics["accuracy_ci"], "weighted_f1_ci": metrics["weighted_f1_ci"],
                 "latency_ms_per_post": 1000 * statistics.median(seconds[ratio]) / len(posts), "speedup": speedup,
@@ -140,6 +142,16 @@ def run_sweep(predictor: Predictor, posts: Sequence[Post], ratios: Sequence[floa
             "timing": {"threads": torch.get_num_threads(), "load_average_before": load_before,
                        "load_average_after": list(os.getloadavg()), "batch_size": batch},
             "paper_table4": PAPER_TABLE4}
+
+
+def _mean_kept(predictions: Sequence, image_tokens: int, ratio: float) -> float | int:
+    """Visual tokens the language model saw per image post, as measured (an int when every image had the
+    same count, as for LLaVA-1.5: ``ceil(r * N)``); without image posts, ``ceil(r * N)`` of the run's N."""
+    counts = [p.kept_tokens for p in predictions if p.kept_tokens]
+    if not counts:
+        return keep_count(image_tokens, ratio)
+    mean = sum(counts) / len(counts)
+    return int(mean) if mean == int(mean) else round(mean, 2)
 
 
 STAGES = ("image", "vision", "lm")

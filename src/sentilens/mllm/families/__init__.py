@@ -36,6 +36,9 @@ register it in :data:`REGISTRY` as ``"name": "module:Class"``, imported on first
                            order the language model reads them
 ``make_reducer(...)``      the family's token filter for a keep ratio and scoring strategy; its
                            ``last`` holds each image's :class:`sentilens.mllm.pruning.Selection`
+``patch_view(...)``        the heatmap data of one post (:class:`PatchView`: picture, square grid of
+                           scores and kept flags, where the image lies), for ``explain`` and ``serve``
+``image_token_count(...)`` visual tokens and tower passes of one image of a given size (FLOP counts)
 ``assemble(...)``          merge the kept visual tokens into the language model's input
                            (placeholder widened to ``k_i``, padding, positions); default: LLaVA's
 ``language_model_hidden``  the language model's forward on assembled inputs (label scoring,
@@ -55,6 +58,7 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from torch import Tensor, nn
@@ -66,12 +70,29 @@ DEFAULT_TINY_FAMILY = "llava"
 
 REGISTRY: dict[str, str] = {
     "llava": "sentilens.mllm.families.llava:LlavaFamily",
+    "llava-next": "sentilens.mllm.families.llava_next:LlavaNextFamily",
     "qwen2.5-vl": "sentilens.mllm.families.qwen:Qwen25VLFamily",
     "qwen3-vl": "sentilens.mllm.families.qwen:Qwen3VLFamily",
 }
 """``tiny:<name>`` -> ``"module:Class"`` of its :class:`ModelFamily` (imported on first use)."""
 
 _LOADED: dict[str, ModelFamily] = {}
+
+
+@dataclass
+class PatchView:
+    """What a heatmap draws for one image (:meth:`ModelFamily.patch_view`): the tower's view of it and a
+    square grid of patch scores and kept flags over that view."""
+
+    picture: Tensor
+    """(H, W, 3) in [0, 1]."""
+    scores: Tensor
+    """(g, g) patch scores."""
+    kept: Tensor
+    """(g, g) bool: the patches whose tokens reach the language model."""
+    score_name: str
+    content: tuple[float, float, float, float]
+    """(x0, y0, x1, y1) in ``picture`` pixels: where the image lies; outside it is padding."""
 
 
 class ModelFamily:
@@ -132,6 +153,15 @@ class ModelFamily:
         raise NotImplementedError
 
     def make_reducer(self, model, keep_ratio: float, strategy: str = "all"):
+        raise NotImplementedError
+
+    def image_token_count(self, model, processor, size: tuple[int, int]) -> tuple[int, int]:
+        """(visual tokens before filtering, tower passes) of one ``(width, height)`` image (FLOP counts)."""
+        return self.num_image_tokens(model, processor), 1
+
+    def patch_view(self, model, builder, post, reducer) -> PatchView:
+        """The heatmap of ``post``'s image under ``reducer`` (a filter from :meth:`make_reducer`), from one
+        tower pass with that reducer, so the kept flags are exactly the tokens the language model sees."""
         raise NotImplementedError
 
     # --- the language model ------------------------------------------------------------------
@@ -202,5 +232,5 @@ def is_tiny(base_model: str) -> bool:
     return parse_tiny(base_model) is not None
 
 
-__all__ = ["DEFAULT_TINY_FAMILY", "REGISTRY", "TINY", "ModelFamily", "family_for_config", "family_for_processor",
-           "family_of", "get_family", "is_tiny", "parse_tiny", "supported_classes"]
+__all__ = ["DEFAULT_TINY_FAMILY", "REGISTRY", "TINY", "ModelFamily", "PatchView", "family_for_config",
+           "family_for_processor", "family_of", "get_family", "is_tiny", "parse_tiny", "supported_classes"]

@@ -10,13 +10,16 @@ project, assemble), :mod:`sentilens.mllm.pruning`, :func:`sentilens.mllm.model.b
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
+import torch
 from torch import Tensor
 
+from sentilens.errors import SentilensError
 from sentilens.mllm import inputs, pruning
-from sentilens.mllm.families import ModelFamily
+from sentilens.mllm.families import ModelFamily, PatchView
 from sentilens.mllm.prompt import LLAVA15_CHAT_TEMPLATE
 
 
@@ -54,3 +57,27 @@ class LlavaFamily(ModelFamily):
         from sentilens.mllm.model import build_tiny
 
         return build_tiny(out_dir, corpus=corpus, seed=seed, spec=spec, vision_tower=vision_tower)
+
+    def patch_view(self, model, builder, post, reducer) -> PatchView:
+        """The square patch grid of the one tower input, CLS attention per patch (Figure 3)."""
+        from sentilens.data.images import load_image
+
+        batch = inputs.make_batch(builder, [post]).to(model.lm_head.weight.device)
+        with torch.no_grad(), reducer.capture(model):
+            features = inputs.encode_images(model, batch.pixel_values)
+        reducer(features, batch.pixel_values)
+        selection = reducer.last[0]
+        n = selection.scores.numel()
+        side = math.isqrt(n)
+        if side * side != n:
+            raise SentilensError(f"the vision tower's {n} patches do not form a square grid; no heatmap can be drawn")
+        kept = torch.zeros(n, dtype=torch.bool)
+        kept[selection.kept.cpu()] = True
+        processor = builder.processor.image_processor
+        mean = torch.tensor(processor.image_mean).view(3, 1, 1)
+        std = torch.tensor(processor.image_std).view(3, 1, 1)
+        picture = (batch.pixel_values[0].float().cpu() * std + mean).clamp(0, 1).permute(1, 2, 0)
+        name = "CLS attention" if reducer.scorer.cls else "mean attention received (no CLS token)"
+        content = inputs.content_box(load_image(post.image).size, builder.settings.image_aspect, picture.shape[1])
+        return PatchView(picture=picture, scores=selection.scores.float().cpu().view(side, side),
+                         kept=kept.view(side, side), score_name=name, content=content)
