@@ -103,26 +103,16 @@ class MllmPredictor:
     def flops_per_post(self, posts: Sequence[Post], keep_ratio: float | None = None) -> dict:
         """Mean FLOPs of predicting ``posts`` at ``keep_ratio``, by part (:mod:`sentilens.mllm.flops`),
         under the configured filtering strategy; padding inside a batch is not counted."""
-        from sentilens.mllm.flops import prediction_flops
-        from sentilens.mllm.pruning import FilterSpec, encoder_layers, keep_count
-
         llava, builder = self.model.llava, self.builder
         family = family_of(llava)
-        spec = FilterSpec.parse(self.strategy)
-        scored = 0
-        if keep_ratio is not None and spec.select != "random":
-            num_layers = len(encoder_layers(family.vision_tower(llava)))
-            scored = len(spec.layer_indices(num_layers, llava.config.vision_feature_layer))
         answer_tokens = sum(len(ids) for ids in builder.answer_ids.values())
         total: dict[str, float] = {}
         for post in posts:
             has_image = post.image is not None
             text_tokens = len(builder.prompt_ids(post.text, has_image)) - int(has_image)
-            n, tiles = (family.image_token_count(llava, builder.processor, load_image(post.image).size)
-                        if has_image else (0, 0))
-            kept = 0 if not has_image else n if keep_ratio is None else keep_count(n, keep_ratio)
-            for part, value in prediction_flops(llava.config, kept, text_tokens, answer_tokens,
-                                                scored if has_image else 0, tiles=tiles).items():
+            size = load_image(post.image).size if has_image else None
+            for part, value in family.prediction_flops(llava, builder.processor, size, keep_ratio, self.strategy,
+                                                       text_tokens, answer_tokens).items():
                 total[part] = total.get(part, 0.0) + value
         return {part: value / max(len(posts), 1) for part, value in total.items()}
 

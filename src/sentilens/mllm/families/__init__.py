@@ -38,7 +38,7 @@ register it in :data:`REGISTRY` as ``"name": "module:Class"``, imported on first
                            ``last`` holds each image's :class:`sentilens.mllm.pruning.Selection`
 ``patch_view(...)``        the heatmap data of one post (:class:`PatchView`: picture, square grid of
                            scores and kept flags, where the image lies), for ``explain`` and ``serve``
-``image_token_count(...)`` visual tokens and tower passes of one image of a given size (FLOP counts)
+``prediction_flops(...)``  FLOPs of one post's prediction by part (the sweep's FLOP-ideal speedup)
 ``assemble(...)``          merge the kept visual tokens into the language model's input
                            (placeholder widened to ``k_i``, padding, positions); default: LLaVA's
 ``language_model_hidden``  the language model's forward on assembled inputs (label scoring,
@@ -155,9 +155,12 @@ class ModelFamily:
     def make_reducer(self, model, keep_ratio: float, strategy: str = "all"):
         raise NotImplementedError
 
-    def image_token_count(self, model, processor, size: tuple[int, int]) -> tuple[int, int]:
-        """(visual tokens before filtering, tower passes) of one ``(width, height)`` image (FLOP counts)."""
-        return self.num_image_tokens(model, processor), 1
+    def prediction_flops(self, model, processor, size: tuple[int, int] | None, keep_ratio: float | None,
+                         strategy: str, text_tokens: int, answer_tokens: int) -> dict[str, float]:
+        """FLOPs of one post's prediction by part (``vision``, ``scoring``, ``projector``, ``language``,
+        ``head``) and ``total``: its image of ``size = (width, height)`` (None: no image) filtered at
+        ``keep_ratio`` under ``strategy``, ``text_tokens`` other prompt tokens, ``answer_tokens`` scored."""
+        raise NotImplementedError
 
     def patch_view(self, model, builder, post, reducer) -> PatchView:
         """The heatmap of ``post``'s image under ``reducer`` (a filter from :meth:`make_reducer`), from one

@@ -58,6 +58,26 @@ class LlavaFamily(ModelFamily):
 
         return build_tiny(out_dir, corpus=corpus, seed=seed, spec=spec, vision_tower=vision_tower)
 
+    def image_token_count(self, model, processor, size: tuple[int, int]) -> tuple[int, int]:
+        """(visual tokens before filtering, tower passes) of one ``(width, height)`` image: one square input."""
+        return self.num_image_tokens(model, processor), 1
+
+    def prediction_flops(self, model, processor, size: tuple[int, int] | None, keep_ratio: float | None,
+                         strategy: str, text_tokens: int, answer_tokens: int) -> dict[str, float]:
+        """:func:`sentilens.mllm.flops.prediction_flops` with this image's token count and tower passes."""
+        from sentilens.mllm.flops import prediction_flops
+
+        if size is None:
+            return prediction_flops(model.config, 0, text_tokens, answer_tokens)
+        spec = pruning.FilterSpec.parse(strategy)
+        scored = 0
+        if keep_ratio is not None and spec.select != "random":
+            num_layers = len(pruning.encoder_layers(self.vision_tower(model)))
+            scored = len(spec.layer_indices(num_layers, model.config.vision_feature_layer))
+        n, tiles = self.image_token_count(model, processor, size)
+        kept = n if keep_ratio is None else pruning.keep_count(n, keep_ratio)
+        return prediction_flops(model.config, kept, text_tokens, answer_tokens, scored, tiles=tiles)
+
     def patch_view(self, model, builder, post, reducer) -> PatchView:
         """The square patch grid of the one tower input, CLS attention per patch (Figure 3)."""
         from sentilens.data.images import load_image
