@@ -15,6 +15,12 @@ Models have random weights (speed does not depend on them) and are built from co
 - GPU (only when CUDA is present): the LLaVA-1.5-7B architecture (CLIP ViT-L/14-336, 24 layers +
   Llama-2-7B: 32 layers, width 4096, MLP 11008) in bf16; batch 1 and 16. The paper reports
   1.15x / 1.40x / 1.75x / 2.33x / 3.16x at r = 0.8 / 0.6 / 0.4 / 0.2 / 0.05.
+- Qwen-VL CPU proxies (``--families``; batch ``--qwen-batches``): Qwen2.5-VL-7B's tower shape (1280 wide,
+  14-px patches, 112-px windows, every 8th layer full) on a 448-px image and Qwen3-VL-8B's (1152 wide,
+  16-px patches, deepstack) on a 512-px image, both 256 merged tokens, with ``--vision-layers`` layers and
+  a Llama-style LM (1024 wide, 2 KV heads). The scorer is received attention (:mod:`sentilens.mllm.qwen`):
+  Qwen2.5-VL ``all`` (its full-attention layers), Qwen3-VL ``all`` (every layer) and ``feature`` (deepstack
+  layers + last); the FLOP-ideal speedup is :func:`sentilens.mllm.qwen.prediction_flops`.
 Each post has ``--text-tokens`` prompt tokens around its image and three 2-token labels, as in a
 label-scoring prediction. Timings interleave the variants round-robin over ``--repeats`` passes
 (every other pass in reverse order); a ratio of two times (speedup, overhead) is the median over
@@ -31,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import os
 import statistics
 import time
@@ -104,6 +111,140 @@ def flops(shape: Shape, kept: int, text_tokens: int, answers: list[list[int]]) -
     language = shape.lm_layers * (s * per_token + 4 * s * s * shape.lm_heads * head_dim)
     head = 2 * answer_tokens * h * shape.vocab
     return float(vision + scoring + projector + language + head)
+
+
+@dataclass(frozen=True)
+class QwenShape:
+    """A Qwen-VL proxy: the released tower's width (fewer layers) and a small Llama-style language model."""
+
+    name: str
+    family: str  # "qwen2.5-vl" or "qwen3-vl"
+    vision_layers: int
+    image_size: int  # a square image of this many pixels a side
+    lm_layers: int
+    lm_hidden: int = 1024
+    lm_heads: int = 16
+    lm_kv_heads: int = 2
+    lm_mlp: int = 2816
+    vocab: int = 32064
+
+
+def build_qwen(shape: QwenShape, dtype: torch.dtype, device: str):
+    """Qwen2.5-VL-7B's tower (1280 wide, 16 heads, MLP 3420, 14-px patches, 112-px windows, every 8th layer
+    full) or Qwen3-VL-8B's (1152 wide, 16 heads, MLP 4304, 16-px patches, deepstack at 8/27, 16/27 of the
+    depth) with ``vision_layers`` layers, and the small language model of ``shape``."""
+    from transformers import (
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen3VLConfig,
+        Qwen3VLForConditionalGeneration,
+    )
+
+    layers = shape.vision_layers
+    head_dim = shape.lm_hidden // shape.lm_heads
+    section = [head_dim // 2 - 2 * (3 * head_dim // 16), 3 * head_dim // 16, 3 * head_dim // 16]
+    text = dict(vocab_size=shape.vocab, hidden_size=shape.lm_hidden, intermediate_size=shape.lm_mlp,
+                num_hidden_layers=shape.lm_layers, num_attention_heads=shape.lm_heads,
+                num_key_value_heads=shape.lm_kv_heads, max_position_embeddings=8192, pad_token_id=0,
+                bos_token_id=None, eos_token_id=1)
+    ids = dict(image_token_id=shape.vocab - 1, video_token_id=shape.vocab - 2, vision_start_token_id=shape.vocab - 3,
+               vision_end_token_id=shape.vocab - 4)
+    if shape.family == "qwen2.5-vl":
+        text["rope_parameters"] = {"rope_type": "default", "rope_theta": 1e6, "mrope_section": section}
+        full = [i for i in range(layers) if i % 8 == 7] or [layers - 1]
+        vision = dict(hidden_size=1280, intermediate_size=3420, num_heads=16, depth=layers, patch_size=14,
+                      window_size=112, fullatt_block_indexes=full, out_hidden_size=shape.lm_hidden)
+        config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, **ids)
+        cls = Qwen2_5_VLForConditionalGeneration
+    else:
+        text.update(head_dim=head_dim, rope_parameters={"rope_type": "default", "rope_theta": 5e6,
+                                                        "mrope_section": section, "mrope_interleaved": True})
+        deepstack = sorted({layers * i // 27 for i in (8, 16, 24)} - {layers - 1})
+        vision = dict(hidden_size=1152, intermediate_size=4304, num_heads=16, depth=layers, patch_size=16,
+                      out_hidden_size=shape.lm_hidden, num_position_embeddings=2304,
+                      deepstack_visual_indexes=deepstack)
+        config = Qwen3VLConfig(text_config=text, vision_config=vision, **ids)
+        cls = Qwen3VLForConditionalGeneration
+    with torch.device(device):
+        model = cls(config).to(dtype)
+    return model.eval().requires_grad_(False)
+
+
+def measure_qwen(shape: QwenShape, batch: int, device: str, dtype: torch.dtype, text_tokens: int, repeats: int,
+                 strategy: str) -> dict:
+    """As :func:`measure`, for a Qwen-VL family through its adapter (received-attention scoring on the
+    ``strategy`` layers, merged tokens filtered, 3-D positions kept); the tower alone is the same pass with
+    the merger recorder and no scoring hooks."""
+    from sentilens.mllm import qwen
+    from sentilens.mllm.families import family_of
+
+    torch.manual_seed(0)
+    model = build_qwen(shape, dtype, device)
+    family = family_of(model)
+    visual = model.model.visual
+    grid = shape.image_size // visual.patch_size
+    patch_width = 3 * visual.config.temporal_patch_size * visual.patch_size ** 2
+    pixels = torch.randn(batch * grid * grid, patch_width, device=device, dtype=dtype)
+    grid_thw = torch.tensor([[1, grid, grid]] * batch, device=device)
+    images = qwen.QwenImages(pixels, grid_thw)
+    scorer = family.make_reducer(model, 1.0, strategy).scorer
+    with torch.no_grad():
+        tower_times = timed_passes({"alone": lambda: qwen.encode_images(model, images),
+                                    "scored": lambda: qwen.encode_images(model, images, scorer)}, repeats, device)
+
+    image_id = model.config.image_token_id
+    ids = [100 + i for i in range(text_tokens // 2)] + [image_id] + [
+        200 + i for i in range(text_tokens - text_tokens // 2)]
+    posts = MllmBatch(token_ids=[ids] * batch, pixel_values=pixels, image_index=list(range(batch)),
+                      image_extras={"image_grid_thw": grid_thw})
+    n = (grid // visual.spatial_merge_size) ** 2
+
+    def predict(ratio: float):
+        reducer = family.make_reducer(model, ratio, strategy)
+        return lambda: label_log_probs(model, build_inputs(model, posts, reducer, padding_side="left"), ANSWERS)
+
+    with torch.no_grad():
+        times = timed_passes({ratio: predict(ratio) for ratio in RATIOS}, repeats, device)
+    answer_tokens = sum(len(a) for a in ANSWERS)
+    scored = len(scorer.layers)
+    base_flops = qwen.prediction_flops(model.config, n, n, text_tokens, answer_tokens, scored)["total"]
+    rows = []
+    for ratio in RATIOS:
+        kept = keep_count(n, ratio)
+        speedup = paired_ratio(times, 1.0, ratio)
+        ideal = base_flops / qwen.prediction_flops(model.config, n, kept, text_tokens, answer_tokens, scored)["total"]
+        rows.append({"ratio": ratio, "kept_tokens": kept, "latency_ms_per_post": 1000 * min(times[ratio]) / batch,
+                     "speedup": speedup, "ideal_speedup": ideal, "speedup_of_ideal": speedup / ideal,
+                     "paper_speedup": PAPER_SPEEDUP[ratio]})
+    return {
+        "device": device, "family": shape.family, "model_shape": asdict(shape), "shape_name": shape.name,
+        "batch": batch, "dtype": str(dtype).replace("torch.", ""), "text_tokens": text_tokens,
+        "image_tokens": n, "strategy": strategy, "scored_layers": scorer.layers,
+        "tower_ms": 1000 * min(tower_times["alone"]), "tower_scored_ms": 1000 * min(tower_times["scored"]),
+        "scoring_overhead": paired_ratio(tower_times, "scored", "alone"),
+        "ratios": rows,
+    }
+
+
+def qwen_proxies(vision_layers: int, lm_layers: int) -> list[tuple[QwenShape, str]]:
+    """The CPU proxy settings of the Qwen families: (shape, scoring strategy)."""
+    lm = f"Llama-style LM (1024 wide, {lm_layers} layers)"
+    q25 = QwenShape(name=f"Qwen2.5-VL-7B tower shape ({vision_layers} of 32 layers), 448 px (256 tokens) + {lm}",
+                    family="qwen2.5-vl", vision_layers=vision_layers, image_size=448, lm_layers=lm_layers)
+    q3 = QwenShape(name=f"Qwen3-VL-8B tower shape ({vision_layers} of 27 layers), 512 px (256 tokens) + {lm}",
+                   family="qwen3-vl", vision_layers=vision_layers, image_size=512, lm_layers=lm_layers)
+    return [(q25, "all"), (q3, "all"), (q3, "feature")]
+
+
+def qwen_real_size() -> list[tuple[QwenShape, str]]:
+    """The GPU settings of the Qwen families: the released 7B / 8B architectures, 576 merged tokens an image."""
+    q25 = QwenShape(name="Qwen2.5-VL-7B (32-layer tower, 672 px = 576 tokens; LM 3584 wide, 28 layers)",
+                    family="qwen2.5-vl", vision_layers=32, image_size=672, lm_layers=28, lm_hidden=3584,
+                    lm_heads=28, lm_kv_heads=4, lm_mlp=18944, vocab=152064)
+    q3 = QwenShape(name="Qwen3-VL-8B (27-layer tower, 768 px = 576 tokens; LM 4096 wide, 36 layers)",
+                   family="qwen3-vl", vision_layers=27, image_size=768, lm_layers=36, lm_hidden=4096,
+                   lm_heads=32, lm_kv_heads=8, lm_mlp=12288, vocab=151936)
+    return [(q25, "all"), (q3, "all"), (q3, "feature")]
 
 
 GPU_RUN = "run: LLaVA-1.5-7B shape, random weights, bf16, batches --gpu-batches"
@@ -192,9 +333,11 @@ def measure(shape: Shape, batch: int, device: str, dtype: torch.dtype, text_toke
 
 
 def report(setting: dict) -> None:
-    print(f"\n[{setting['device']}] {setting['shape_name']}, batch {setting['batch']}, {setting['dtype']}")
+    strategy = f", strategy {setting['strategy']}" if "strategy" in setting else ""
+    print(f"\n[{setting['device']}] {setting['shape_name']}, batch {setting['batch']}, {setting['dtype']}{strategy}")
+    eager = setting.get("eager_attention_overhead")
     print(f"  vision tower {setting['tower_ms']:.1f} ms; with scoring x{setting['scoring_overhead']:.3f} "
-          f"(target <= 1.10); output_attentions=True route x{setting['eager_attention_overhead']:.3f}")
+          f"(target <= 1.10)" + ("" if eager is None else f"; output_attentions=True route x{eager:.3f}"))
     print(f"  {'ratio':>6} {'kept':>5} {'ms/post':>9} {'speedup':>8} {'ideal':>7} {'of ideal':>9} {'paper':>6}")
     for row in setting["ratios"]:
         print(f"  {row['ratio']:>6g} {row['kept_tokens']:>5} {row['latency_ms_per_post']:>9.1f} {row['speedup']:>7.2f}x"
@@ -214,8 +357,12 @@ def main() -> None:
     parser.add_argument("--gpu-batches", default="1,16")
     parser.add_argument("--skip-cpu", action="store_true",
                         help="only the GPU part (on a lent GPU machine, whose CPU is not this project's 2-core one)")
+    parser.add_argument("--families", default="llava,qwen2.5-vl,qwen3-vl",
+                        help="CPU settings to measure; the other families' settings already in --out are kept")
+    parser.add_argument("--qwen-batches", default="1", help="batches of the Qwen CPU proxies")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "token_filtering.json")
     args = parser.parse_args()
+    families = {name.strip() for name in args.families.split(",") if name.strip()}
     os.environ.setdefault("SENTILENS_QUIET", "1")
     torch.set_num_threads(args.threads)
     load_before = list(os.getloadavg())
@@ -223,15 +370,32 @@ def main() -> None:
     proxy = Shape(name=f"CLIP ViT-L/14-336 shape ({args.vision_layers} of 24 layers) + Llama-style LM "
                        f"(1024 wide, {args.lm_layers} layers)", vision_layers=args.vision_layers, lm_hidden=1024,
                   lm_layers=args.lm_layers, lm_heads=16, lm_kv_heads=16, lm_mlp=2816, vocab=32064)
-    for batch in (() if args.skip_cpu else (int(b) for b in args.cpu_batches.split(","))):
+    cpu = not args.skip_cpu
+    for batch in (int(b) for b in args.cpu_batches.split(",")) if cpu and "llava" in families else ():
         settings.append(measure(proxy, batch, "cpu", torch.float32, args.text_tokens, args.repeats))
+        settings[-1]["load_average_after"] = list(os.getloadavg())
         report(settings[-1])
+    for shape, strategy in qwen_proxies(args.vision_layers, args.lm_layers) if cpu else ():
+        for batch in (int(b) for b in args.qwen_batches.split(",")) if shape.family in families else ():
+            settings.append(measure_qwen(shape, batch, "cpu", torch.float32, args.text_tokens, args.repeats,
+                                         strategy))
+            settings[-1]["load_average_after"] = list(os.getloadavg())
+            report(settings[-1])
+    if args.out.is_file() and cpu:  # keep the settings of the families not measured now
+        earlier = json.loads(args.out.read_text())["settings"]
+        settings = [s for s in earlier if s["device"] == "cpu" and s.get("family", "llava") not in families] + settings
     if torch.cuda.is_available():
         llava7b = Shape(name="LLaVA-1.5-7B (CLIP ViT-L/14-336, 24 layers + Llama-2-7B)", vision_layers=24,
                         lm_hidden=4096, lm_layers=32, lm_heads=32, lm_kv_heads=32, lm_mlp=11008, vocab=32064)
-        for batch in (int(b) for b in args.gpu_batches.split(",")):
+        for batch in (int(b) for b in args.gpu_batches.split(",")) if "llava" in families else ():
             settings.append(measure(llava7b, batch, "cuda", torch.bfloat16, args.text_tokens, args.repeats))
             report(settings[-1])
+        for shape, strategy in qwen_real_size():
+            for batch in (int(b) for b in args.gpu_batches.split(",")) if shape.family in families else ():
+                settings.append(measure_qwen(shape, batch, "cuda", torch.bfloat16, args.text_tokens, args.repeats,
+                                             strategy))
+                report(settings[-1])
+                torch.cuda.empty_cache()
         gpu = torch.cuda.get_device_name()
     else:
         gpu = None
