@@ -69,11 +69,9 @@ def eager_maps(tower, x):
     return maps
 
 
-@pytest.mark.parametrize("group", [1, 3, 8])  # layers scored together: each alone, a group and a remainder, all
 @pytest.mark.parametrize("layers, expected", [("all", [0, 1, 2, 3]), ("last", [3]), ("feature", [2]),
                                               ("1:3", [1, 2]), ("-3:", [1, 2, 3]), ("0", [0])])
-def test_cls_scores_equal_eager_attention_maps(clip, monkeypatch, layers, expected, group):
-    monkeypatch.setattr(pruning, "SCORE_GROUP", group)
+def test_cls_scores_equal_eager_attention_maps(clip, layers, expected):
     sdpa, eager = clip
     x = pixels()
     maps = eager_maps(eager, x)

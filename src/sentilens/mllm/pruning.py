@@ -7,9 +7,10 @@ in their original spatial order.
 
 How the scores are obtained. ``output_attentions=True`` would force eager attention and
 materialise every ``T x T`` map of every layer. Instead, forward hooks on each scored layer's
-``q_proj`` and ``k_proj`` capture the projections the tower computes anyway, and the CLS row of
-``q`` and all of ``K`` of every :data:`SCORE_GROUP` layers are turned together into the ``1 x T`` CLS attention row
-per head: ``O(T * D)`` extra work per layer against the layer's ``O(T * D^2)``, and the tower keeps
+``q_proj`` and ``k_proj`` capture the projections the tower computes anyway; each layer turns the
+CLS row of ``q`` and all of ``K`` into its ``1 x T`` CLS logits per head, and one softmax at the end
+of the forward makes them the CLS attention rows of every layer: ``O(T * D)`` extra work per
+layer against the layer's ``O(T * D^2)``, and the tower keeps
 running its own attention kernel (SDPA). The softmax runs over all ``T`` keys (the CLS key
 included, exactly as in the eager map); the CLS-to-CLS entry is then dropped, without
 renormalising, so the scores are the eager map's row 0, columns 1..T-1, averaged.
@@ -74,9 +75,6 @@ RANDOM_SEED = 0
 """Seed of the ``random`` baseline, mixed with each image's pixel checksum."""
 
 BASELINES = ("random", "inverse")
-
-SCORE_GROUP = 8
-"""Scored layers whose CLS rows are computed in one batched pass (bounds the keys held at once)."""
 
 
 @dataclass(frozen=True)
@@ -190,7 +188,7 @@ class AttentionScorer:
         self.pixel_values: torch.Tensor | None = None
         self._sum: torch.Tensor | None = None
         self._pending: dict[int, dict[str, torch.Tensor]] = {}
-        self._ready: list[tuple[torch.Tensor, torch.Tensor, int, float]] = []
+        self._logits: list[tuple[torch.Tensor, float]] = []
 
     @contextmanager
     def capture(self) -> Iterator[AttentionScorer]:
@@ -208,7 +206,7 @@ class AttentionScorer:
             for handle in handles:
                 handle.remove()
             self._pending.clear()
-            self._ready = []
+            self._logits = []
             self._sum = None
 
     @torch.no_grad()
@@ -220,17 +218,12 @@ class AttentionScorer:
 
     def _start(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         self._sum = None
-        self._ready = []
+        self._logits = []
         self.keys = None
         self.scores = None
         self.pixel_values = args[0] if args else kwargs.get("pixel_values")
 
     def _stash(self, index: int, name: str, attn: nn.Module):
-        # The hooks only keep references (the CLS row of q is a view): the scores of up to
-        # SCORE_GROUP layers are computed together, in a handful of kernels, because on a GPU a
-        # tower at small batch is bound by kernel launches, and a few small kernels per layer cost
-        # more than the arithmetic they do (measured on an H200: x1.59 over the tower at batch 1
-        # when every layer was scored on its own, benchmarks/results/token_filtering_gpu.json).
         def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
             captured = self._pending.setdefault(index, {})
             captured[name] = output.detach()[:, :1] if name == "q" and self.cls else output.detach()
@@ -239,50 +232,52 @@ class AttentionScorer:
         return hook
 
     def _layer_done(self, index: int, captured: dict[str, torch.Tensor], attn: nn.Module) -> None:
+        q, k = captured["q"], captured["k"]
         if index == self.keep_keys_of:
-            self.keys = captured["k"][:, 1:] if self.cls else captured["k"]
-        if index in self.layers:
-            self._ready.append((captured["q"], captured["k"], attn.num_heads, attn.scale))
-            if len(self._ready) == SCORE_GROUP:
-                self._score_ready()
-
-    def _score_ready(self) -> None:
-        """Add the scores of the layers waiting in ``_ready`` to the running sum."""
-        ready, self._ready = self._ready, []
-        groups: dict[tuple, list] = {}
-        for q, k, heads, scale in ready:  # layers on one device with one geometry are scored together
-            groups.setdefault((k.device, k.shape, heads, scale), []).append((q, k))
-        for (_, _, heads, scale), pairs in groups.items():
-            if self.cls:
-                queries = torch.cat([q[:, 0] for q, _ in pairs])  # (layers * B, D)
-                keys = torch.cat([k for _, k in pairs])
-                layer_scores = cls_attention(queries, keys, heads, scale).view(len(pairs), -1, keys.shape[1] - 1)
-                group_sum = layer_scores.sum(dim=0)
-            else:
-                group_sum = sum(mean_received_attention(q, k, heads, scale) for q, k in pairs)
-            # a tower split over devices (device_map) sums its layers on the first one
-            self._sum = group_sum if self._sum is None else self._sum + group_sum.to(self._sum.device)
+            self.keys = k[:, 1:] if self.cls else k
+        if index not in self.layers:
+            return
+        if self.cls:
+            # Only the 1 x T logits of the CLS row are computed per layer, in the tower's dtype (as its
+            # own eager attention does); softmax and the means wait for the end of the forward, where
+            # they run once over all layers. Per-layer float copies of K and per-layer softmaxes cost
+            # x1.27-1.59 over the tower on an H200 (launch- and memory-bound; token_filtering_gpu.json).
+            self._logits.append((cls_logits(q[:, 0], k, attn.num_heads), attn.scale))
+            return
+        layer_scores = mean_received_attention(q, k, attn.num_heads, attn.scale)
+        # a tower split over devices (device_map) sums its layers on the first one
+        self._sum = layer_scores if self._sum is None else self._sum + layer_scores.to(self._sum.device)
 
     def _finish(self, module: nn.Module, args: tuple, output: object) -> None:
-        if self._ready:
-            self._score_ready()
+        if self._logits:
+            self._sum = cls_scores_from_logits(self._logits)
+            self._logits = []
         if self._sum is None:
             raise RuntimeError("the vision tower ran without reaching the scored layers")
         self.scores = self._sum / len(self.layers)
         self._sum = None
 
 
-def cls_attention(q_cls: torch.Tensor, keys: torch.Tensor, num_heads: int, scale: float) -> torch.Tensor:
-    """Eq. 3 for one layer: the CLS row of the attention map, mean over heads, patch columns only.
-
-    ``q_cls``: ``(B, D)``; ``keys``: ``(B, T, D)`` with the CLS key first. Returns ``(B, T - 1)``.
-    """
+def cls_logits(q_cls: torch.Tensor, keys: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """Unscaled CLS-row logits of one layer per head, ``(B, H, T)``; ``q_cls``: ``(B, D)``, ``keys``: ``(B, T, D)``."""
     batch, tokens, dim = keys.shape
     head_dim = dim // num_heads
-    q = q_cls.float().view(batch, num_heads, 1, head_dim)
-    k = keys.float().view(batch, tokens, num_heads, head_dim).transpose(1, 2)
-    weights = torch.softmax((q @ k.transpose(-1, -2)) * scale, dim=-1)  # (B, H, 1, T)
-    return weights[:, :, 0, 1:].mean(dim=1)
+    return torch.einsum("bhd,bthd->bht", q_cls.reshape(batch, num_heads, head_dim),
+                        keys.view(batch, tokens, num_heads, head_dim))
+
+
+def cls_scores_from_logits(layers: Sequence[tuple[torch.Tensor, float]]) -> torch.Tensor:
+    """Sum over layers of eq. 3 (softmax over all T keys, patch columns, mean over heads): ``(B, T - 1)`` float32."""
+    total = None
+    groups: dict[tuple, list[torch.Tensor]] = {}
+    for logits, scale in layers:  # one stacked softmax per device and scale (one in a plain tower)
+        groups.setdefault((logits.device, scale), []).append(logits)
+    for (_, scale), stacked in groups.items():
+        weights = torch.softmax(torch.stack(stacked).float() * scale, dim=-1)  # (L, B, H, T)
+        part = weights[..., 1:].mean(dim=2).sum(dim=0)
+        # a tower split over devices (device_map) sums its layers on the first one
+        total = part if total is None else total + part.to(total.device)
+    return total
 
 
 def mean_received_attention(queries: torch.Tensor, keys: torch.Tensor, num_heads: int, scale: float) -> torch.Tensor:
