@@ -83,13 +83,16 @@ def tiny_image_processor(spec: TinySpec):
     return CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
 
 
-def tiny_tokenizer(spec: TinySpec, corpus: Iterable[str] = (), instructions: Iterable[str] = ()):
+def tiny_tokenizer(spec: TinySpec, corpus: Iterable[str] = (), instructions: Iterable[str] = (),
+                   extra_specials: dict[str, str] | None = None, more_specials: Iterable[str] = ()):
     """A byte-level BPE tokenizer trained offline on the instruction strings plus ``corpus``, so it encodes
-    any text; ``<s>`` is prepended like Llama's tokenizer does, ``<image>`` is its image token."""
+    any text; ``<s>`` is prepended like Llama's tokenizer does, ``<image>`` is its image token.
+    ``extra_specials`` (name -> token) and ``more_specials`` add special tokens a family's processor needs."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
-    specials = ["<s>", "</s>", "<pad>", "<image>"]
+    named = {"image_token": "<image>", **(extra_specials or {})}
+    specials = list(dict.fromkeys(["<s>", "</s>", "<pad>", *named.values(), *more_specials]))
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
@@ -101,7 +104,7 @@ def tiny_tokenizer(spec: TinySpec, corpus: Iterable[str] = (), instructions: Ite
     bpe.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
                                                        special_tokens=[("<s>", bpe.token_to_id("<s>"))])
     return PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                                   extra_special_tokens={"image_token": "<image>"}, model_max_length=4096)
+                                   extra_special_tokens=named, model_max_length=4096)
 
 
 def tiny_text_config(spec: TinySpec, tokenizer):

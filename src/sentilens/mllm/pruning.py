@@ -69,7 +69,8 @@ CPU_QUERY_CHUNK_ELEMENTS = 1 << 20
 """The same on a CPU: a 4 MiB block stays in cache through the matmul, softmax and sum (measured 3x faster
 than 64 MiB blocks for 1024 tokens x 16 heads on one core; the result is the same to float rounding)."""
 
-NO_CLS_MODEL_TYPES = ("siglip_vision_model",)
+NO_CLS_MODEL_TYPES = ("siglip_vision_model", "smolvlm_vision", "idefics3_vision")
+"""SigLIP-style towers (no CLS token): SigLIP itself and the SigLIP towers of SmolVLM / Idefics3."""
 
 RANDOM_SEED = 0
 """Seed of the ``random`` baseline, mixed with each image's pixel checksum."""

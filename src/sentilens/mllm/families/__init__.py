@@ -71,6 +71,7 @@ DEFAULT_TINY_FAMILY = "llava"
 REGISTRY: dict[str, str] = {
     "llava": "sentilens.mllm.families.llava:LlavaFamily",
     "llava-next": "sentilens.mllm.families.llava_next:LlavaNextFamily",
+    "smolvlm": "sentilens.mllm.families.smolvlm:SmolVLMFamily",
     "qwen2.5-vl": "sentilens.mllm.families.qwen:Qwen25VLFamily",
     "qwen3-vl": "sentilens.mllm.families.qwen:Qwen3VLFamily",
 }

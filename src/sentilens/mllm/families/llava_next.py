@@ -38,6 +38,10 @@ Filtering (issue 14), and why:
 - ``random`` keeps a seeded draw under the same rule; ``inverse`` the lowest scores; ``+merge``
   is not offered (its contextual tokens have no place in the row layout).
 
+Fine-tuning trains the projector and the language model as for LLaVA-1.5; the ``image_newline``
+embedding stays as the checkpoint has it (frozen with the tower: it marks row ends the language
+model already reads).
+
 The heatmap (``explain``) draws the crops stitched together (the image at full resolution, padded
 to a square grid); the base tile's patches are filtered too but not drawn.
 """

@@ -1,0 +1,470 @@
+"""SmolVLM (``SmolVLMForConditionalGeneration``, an Idefics3 architecture): SigLIP tiles, pixel shuffle, filtering.
+
+How the model sees an image (transformers' ``modeling_smolvlm`` and ``image_processing_pil_smolvlm``):
+
+- The image processor resizes the image (longest edge at most ``size``), then to multiples of the
+  tile size, and cuts it into ``rows x cols`` square tiles; a *global* tile, the whole image
+  resized to one tile, comes last (a small image is the global tile alone). Every tile goes
+  through the SigLIP tower on its own. SigLIP has **no CLS token**.
+- The connector *pixel-shuffles* each tile: every ``s x s`` block of patches (``s =
+  scale_factor``) becomes one language-model token (its ``s^2`` patch states concatenated), then
+  a linear projection. A tile of ``g x g`` patches gives ``(g / s)^2`` tokens.
+- The prompt around them is text: ``<fake_token_around_image><row_i_col_j>`` before each tile's
+  tokens, a newline after each row of tiles, ``\\n<fake_token_around_image><global-img>`` before
+  the global tile's tokens and ``<fake_token_around_image>`` after them
+  (``processing_smolvlm.get_image_prompt_string``).
+
+Filtering (issue 14), and why:
+
+- **Scores.** Without a CLS token, a patch is scored by the attention it *receives*: the mean over
+  the tile's queries and the heads of ``softmax(q K^T / sqrt(d))``, averaged over the chosen layers
+  (:func:`sentilens.mllm.pruning.mean_received_attention`, hooks on the tower's own projections).
+  A language-model token stands for its pixel-shuffle block, which the language model receives as
+  one token, so it is kept or dropped whole: its score is the **mean of its block's patch scores**.
+- **Budget over the whole image, global tile and crops alike.** All tiles have the same patch
+  count, and each query's attention sums to 1 over its tile, so scores of different tiles are on
+  one scale; the top ``ceil(r N)`` tokens are chosen over all tiles at once (``N`` = tiles x
+  tokens per tile), each tile's kept tokens in spatial order, tiles in the native order.
+- **The text around the tiles stays.** The ``<fake_token_around_image>``, ``<row_i_col_j>``,
+  ``<global-img>`` and newline tokens are prompt text, not visual tokens: they are kept for every
+  tile (even one that keeps no token), so the layout the language model was trained on is intact
+  and exactly ``ceil(r N)`` *visual* tokens reach it.
+- ``random`` keeps a seeded draw of the same count; ``inverse`` the lowest scores; ``+merge`` is not
+  offered.
+
+Processor: the checkpoint's tokenizer and image processor, loaded one by one (:class:`SmolProcessor`):
+transformers' ``SmolVLMProcessor`` insists on a video processor (torchvision) and ``num2words``,
+and posts have no video.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from sentilens.errors import SentilensError
+from sentilens.mllm import inputs
+from sentilens.mllm.families import ModelFamily, PatchView
+from sentilens.mllm.pruning import (
+    AttentionScorer,
+    FilterSpec,
+    Selection,
+    encoder_layers,
+    keep_count,
+    random_priorities,
+    top_patches,
+)
+
+FAKE = "<fake_token_around_image>"
+GLOBAL = "<global-img>"
+END_OF_UTTERANCE = "<end_of_utterance>"
+TEXT, PAD = -1, -2
+"""``span_tile`` values of a layout-text token and of padding past an image's span."""
+MAX_GRID = 4
+"""The tiny model's tokenizer has ``<row_i_col_j>`` tokens up to this grid (its images split into at most 2 x 2)."""
+
+SMOL_CHAT_TEMPLATE = (
+    "<|im_start|>"
+    "{%- for message in messages -%}"
+    "{{- message['role'] | capitalize -}}"
+    "{%- if message['content'] is string -%}{{- ': ' + message['content'] -}}"
+    "{%- else -%}"
+    "{%- if message['content'][0]['type'] == 'image' -%}{{- ':' -}}{%- else -%}{{- ': ' -}}{%- endif -%}"
+    "{%- for part in message['content'] -%}"
+    "{%- if part['type'] == 'image' -%}{{- '<image>' -}}"
+    "{%- else -%}{{- part['text'] + ('\\n' if not loop.last else '') -}}{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- endif -%}"
+    "{{- '<end_of_utterance>\\n' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- 'Assistant:' -}}{%- endif -%}"
+)
+"""SmolVLM-Instruct's format (``<|im_start|>User:<image>...<end_of_utterance>\\nAssistant:``), text parts on lines."""
+
+
+class SmolProcessor:
+    """The checkpoint's tokenizer (its chat template) and image processor, and ``image_seq_len``."""
+
+    def __init__(self, tokenizer, image_processor, image_seq_len: int, chat_template: str | None = None):
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.image_seq_len = image_seq_len
+        self.chat_template = chat_template or getattr(tokenizer, "chat_template", None)
+        self.image_token = "<image>"
+        self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
+
+    @classmethod
+    def from_pretrained(cls, source: str) -> SmolProcessor:
+        import json
+
+        from transformers import AutoImageProcessor, AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        image_processor = AutoImageProcessor.from_pretrained(source)
+        folder = Path(source)
+        settings = {}
+        if (folder / "processor_config.json").is_file():
+            settings = json.loads((folder / "processor_config.json").read_text(encoding="utf-8"))
+        template = getattr(tokenizer, "chat_template", None)
+        if template is None and (folder / "chat_template.jinja").is_file():
+            template = (folder / "chat_template.jinja").read_text(encoding="utf-8")
+        return cls(tokenizer, image_processor, int(settings.get("image_seq_len", 169)), template)
+
+    def save_pretrained(self, out_dir: str | Path) -> None:
+        import json
+
+        self.tokenizer.save_pretrained(out_dir)
+        self.image_processor.save_pretrained(out_dir)
+        (Path(out_dir) / "processor_config.json").write_text(
+            json.dumps({"processor_class": "SmolVLMProcessor", "image_seq_len": self.image_seq_len}), encoding="utf-8")
+        if self.chat_template:
+            (Path(out_dir) / "chat_template.jinja").write_text(self.chat_template, encoding="utf-8")
+
+    def apply_chat_template(self, messages, chat_template: str | None = None, add_generation_prompt: bool = False,
+                            tokenize: bool = False, **kwargs):
+        return self.tokenizer.apply_chat_template(messages, chat_template=chat_template or self.chat_template,
+                                                  add_generation_prompt=add_generation_prompt, tokenize=tokenize,
+                                                  **kwargs)
+
+    def image_prompt(self, rows: int, cols: int, counts: Sequence[int] | None = None) -> str:
+        """The text an image becomes (transformers' ``get_image_prompt_string``), with ``counts[t]`` image
+        tokens in tile ``t`` (row-major tiles, the global tile last; None: ``image_seq_len`` each)."""
+        tiles = rows * cols + 1 if rows or cols else 1
+        counts = list(counts) if counts is not None else [self.image_seq_len] * tiles
+        image = self.image_token
+        if not (rows or cols):
+            return f"{FAKE}{GLOBAL}" + image * counts[0] + FAKE
+        text = ""
+        for r in range(rows):
+            for c in range(cols):
+                text += f"{FAKE}<row_{r + 1}_col_{c + 1}>" + image * counts[r * cols + c]
+            text += "\n"
+        return text + f"\n{FAKE}{GLOBAL}" + image * counts[-1] + FAKE
+
+
+@dataclass
+class SmolVisual:
+    """One image's span in the language model's input: token ids (layout text and image tokens), the
+    projected visual tokens for the image-token slots, and how many of those there are."""
+
+    ids: Tensor
+    features: Tensor
+
+    @property
+    def count(self) -> int:
+        return self.features.shape[0]
+
+
+class SmolVLMFamily(ModelFamily):
+    name = "smolvlm"
+    hf_class = "SmolVLMForConditionalGeneration"
+    processor_class = "SmolProcessor"
+    model_types = ("smolvlm",)
+    unquantized_modules = ("vision_model", "connector", "lm_head")
+    pretrains_tower = False
+    default_image_aspect = "crop"
+    """The processor fits any aspect itself (resize, tiles of the image as it is): ``crop`` hands it the image."""
+    lora_pattern = r".*text_model\..*"
+
+    @property
+    def chat_template(self) -> str:
+        return SMOL_CHAT_TEMPLATE
+
+    # --- checkpoints -------------------------------------------------------------------------
+    def load_processor(self, source: str):
+        return SmolProcessor.from_pretrained(source)
+
+    def build_tiny(self, out_dir: str | Path, corpus: Sequence[str] = (), seed: int = 0, spec=None,
+                   vision_tower: str | Path | None = None) -> Path:
+        """A small random SmolVLM: a SigLIP-style tower (the tiny spec's width, depth and patch size, one tile
+        of ``image_size`` pixels), pixel shuffle 2, the tiny Llama, images split into at most 2 x 2 tiles
+        plus the global one, the SmolVLM chat template; saved with ``save_pretrained``."""
+        from transformers import SmolVLMConfig, SmolVLMForConditionalGeneration, SmolVLMVisionConfig
+        from transformers.models.smolvlm.image_processing_pil_smolvlm import SmolVLMImageProcessorPil
+        from transformers.utils import logging as hf_logging
+
+        from sentilens.mllm.model import TinySpec, tiny_text_config, tiny_tokenizer
+
+        if vision_tower is not None:
+            raise SentilensError("the tiny SmolVLM's SigLIP tower cannot take a pretrained CLIP tower")
+        hf_logging.disable_progress_bar()
+        spec = spec or TinySpec()
+        out_dir = Path(out_dir)
+        size, scale = spec.image_size, 2
+        if (size // spec.patch_size) % scale:
+            raise SentilensError(f"tiny SmolVLM: {size // spec.patch_size} patches a side do not pixel-shuffle by "
+                                 f"{scale}")
+        grid_tokens = [f"<row_{r}_col_{c}>" for r in range(1, MAX_GRID + 1) for c in range(1, MAX_GRID + 1)]
+        tokenizer = tiny_tokenizer(spec, corpus, instructions=["User: Assistant: System:"],
+                                   extra_specials={"fake_image_token": FAKE, "global_image_token": GLOBAL,
+                                                   "end_of_utterance_token": END_OF_UTTERANCE},
+                                   more_specials=["<|im_start|>", *grid_tokens])
+        tokenizer.eos_token = END_OF_UTTERANCE
+        image_seq_len = (size // spec.patch_size) ** 2 // scale ** 2
+        image_processor = SmolVLMImageProcessorPil(size={"longest_edge": 2 * size},
+                                                   max_image_size={"longest_edge": size}, do_image_splitting=True)
+        vision = SmolVLMVisionConfig(hidden_size=spec.vision_hidden, intermediate_size=4 * spec.vision_hidden,
+                                     num_hidden_layers=spec.vision_layers, num_attention_heads=spec.vision_heads,
+                                     image_size=size, patch_size=spec.patch_size)
+        config = SmolVLMConfig(vision_config=vision.to_dict(), text_config=tiny_text_config(spec, tokenizer).to_dict(),
+                               image_token_id=tokenizer.convert_tokens_to_ids("<image>"), scale_factor=scale,
+                               pad_token_id=tokenizer.pad_token_id)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = SmolVLMForConditionalGeneration(config)
+        model.save_pretrained(out_dir)
+        SmolProcessor(tokenizer, image_processor, image_seq_len, SMOL_CHAT_TEMPLATE).save_pretrained(out_dir)
+        return out_dir
+
+    # --- parts -------------------------------------------------------------------------------
+    def vision_tower(self, model) -> nn.Module:
+        return model.model.vision_model
+
+    def projector(self, model) -> nn.Module:
+        return model.model.connector
+
+    def language_model(self, model) -> nn.Module:
+        return model.model.text_model
+
+    # --- images ------------------------------------------------------------------------------
+    def image_inputs(self, processor, images: Sequence, aspect: str) -> tuple[Tensor, dict[str, Tensor]]:
+        """``(B, tiles, 3, S, S)`` pixel values (zero tiles pad the batch), and per image its ``grid`` (rows,
+        cols; 0, 0 for an image that is its global tile alone) and its unfiltered span in the language
+        model's input: ``span_ids`` (layout text and image tokens, by the checkpoint's tokenizer) and
+        ``span_tile`` (the tile of each image token, :data:`TEXT` for layout text, :data:`PAD` past the end)."""
+        if aspect == "pad":
+            colour = inputs.pad_colour(processor.image_processor)
+            images = [inputs.pad_to_square(image, colour) for image in images]
+        out = processor.image_processor([[image] for image in images], return_tensors="pt",
+                                        return_row_col_info=True)
+        grid = torch.tensor([[rows[0], cols[0]] for rows, cols in zip(out["rows"], out["cols"], strict=True)])
+        spans = []
+        for rows, cols in grid.tolist():
+            ids = torch.tensor(processor.tokenizer(processor.image_prompt(rows, cols),
+                                                   add_special_tokens=False)["input_ids"])
+            image = ids == processor.image_token_id
+            starts = image & ~torch.cat([torch.tensor([False]), image[:-1]])  # first token of each tile's run
+            tile = torch.where(image, torch.cumsum(starts.long(), 0) - 1, TEXT)
+            spans.append((ids, tile))
+        width = max(len(ids) for ids, _ in spans)
+        span_ids = torch.full((len(spans), width), 0, dtype=torch.long)
+        span_tile = torch.full((len(spans), width), PAD, dtype=torch.long)
+        for i, (ids, tile) in enumerate(spans):
+            span_ids[i, :len(ids)] = ids
+            span_tile[i, :len(ids)] = tile
+        return out["pixel_values"], {"grid": grid, "span_ids": span_ids, "span_tile": span_tile}
+
+    def tokens_per_tile(self, model) -> int:
+        vision = model.config.vision_config
+        return (vision.image_size // vision.patch_size) ** 2 // model.config.scale_factor ** 2
+
+    def num_image_tokens(self, model, processor) -> int:
+        """The largest ``N``: the image processor's largest split (``size / tile`` a side) plus the global tile."""
+        image_processor = processor.image_processor
+        side = image_processor.size["longest_edge"] // image_processor.max_image_size["longest_edge"]
+        return (side * side + (1 if side > 1 else 0)) * self.tokens_per_tile(model)
+
+    def tile_count(self, grid: Sequence[int]) -> int:
+        rows, cols = (int(v) for v in grid)
+        return rows * cols + 1 if rows or cols else 1
+
+    def image_token_count(self, model, processor, size: tuple[int, int]) -> tuple[int, int]:
+        from PIL import Image
+
+        pixels, extras = self.image_inputs(processor, [Image.new("RGB", size)], "crop")
+        tiles = self.tile_count(extras["grid"][0].tolist())
+        return tiles * self.tokens_per_tile(model), tiles
+
+    def prediction_flops(self, model, processor, size: tuple[int, int] | None, keep_ratio: float | None,
+                         strategy: str, text_tokens: int, answer_tokens: int) -> dict[str, float]:
+        """:func:`sentilens.mllm.flops.prediction_flops` on a LLaVA-shaped view of the SmolVLM config: the tower
+        per tile (no CLS: ``(S / P)^2 - 1`` patches stand in), the projector on the kept tokens' ``s^2 D``-wide
+        rows, the language model on the kept tokens plus the layout text (2 tokens a tile, a newline a row)."""
+        from types import SimpleNamespace
+
+        from sentilens.mllm.flops import prediction_flops
+
+        config = model.config
+        vision = config.vision_config
+        view = SimpleNamespace(
+            vision_config=SimpleNamespace(image_size=vision.image_size, patch_size=vision.patch_size,
+                                          hidden_size=vision.hidden_size, intermediate_size=vision.intermediate_size,
+                                          num_hidden_layers=vision.num_hidden_layers),
+            text_config=config.text_config,
+            vision_feature_layer=[-1] * config.scale_factor ** 2)
+        if size is None:
+            return prediction_flops(view, 0, text_tokens, answer_tokens)
+        spec = FilterSpec.parse(strategy)
+        scored = 0
+        if keep_ratio is not None and spec.select != "random":
+            scored = len(spec.layer_indices(len(encoder_layers(self.vision_tower(model))), -1))
+        n, tiles = self.image_token_count(model, processor, size)
+        kept = n if keep_ratio is None else keep_count(n, keep_ratio)
+        layout = 2 * tiles + (2 if tiles > 1 else 0)
+        parts = prediction_flops(view, kept, text_tokens + layout, answer_tokens, scored, tiles=tiles)
+        return parts
+
+    # --- visual tokens -----------------------------------------------------------------------
+    def shuffle_groups(self, model) -> Tensor:
+        """``(tokens per tile, s^2)``: the patches (row-major indices in a tile) each language-model token stands
+        for, from the connector's own ``pixel_shuffle`` run on patch indices."""
+        connector = self.projector(model)
+        vision = model.config.vision_config
+        patches = (vision.image_size // vision.patch_size) ** 2
+        index = torch.arange(patches, dtype=torch.float64).view(1, patches, 1)
+        return connector.pixel_shuffle(index, connector.scale_factor)[0].round().long()
+
+    def encode_tiles(self, model, pixel_values: Tensor, grid: Tensor) -> tuple[Tensor, list[int]]:
+        """The tower's last hidden states of every real tile, ``(tiles, patches, Dv)``, and each image's tile
+        count. One tower pass; a reducer's capture sees it."""
+        counts = [self.tile_count(g.tolist()) for g in grid]
+        tiles = torch.cat([pixels[:n] for pixels, n in zip(pixel_values, counts, strict=True)])
+        tower = self.vision_tower(model)
+        with torch.no_grad():
+            states = tower(pixel_values=tiles.to(device=tower.device, dtype=tower.dtype)).last_hidden_state
+        return states, counts
+
+    def visual_tokens(self, model, pixel_values: Tensor, extras: dict[str, Tensor], reducer=None) -> list[SmolVisual]:
+        grid = extras["grid"]
+        capture = getattr(reducer, "capture", None)
+        with capture(model) if capture is not None else nullcontext():
+            states, counts = self.encode_tiles(model, pixel_values, grid)
+        connector = self.projector(model)
+        shuffled = connector.pixel_shuffle(states, connector.scale_factor)  # (tiles, tokens per tile, s^2 Dv)
+        per_tile = shuffled.shape[1]
+        per_image = list(torch.split(shuffled, counts))
+        if reducer is None:
+            kept = [torch.arange(n * per_tile) for n in counts]
+        else:
+            real = [pixels[:n] for pixels, n in zip(pixel_values, counts, strict=True)]
+            kept = reducer.choose(counts, real, self.shuffle_groups(model))
+        out = []
+        for i, (rows, chosen) in enumerate(zip(per_image, kept, strict=True)):
+            flat = rows.reshape(-1, rows.shape[-1])
+            projection = connector.modality_projection
+            features = projection(flat[chosen.to(flat.device)].to(projection.proj.weight.dtype))
+            tile_counts = torch.bincount(chosen.cpu() // per_tile, minlength=rows.shape[0])
+            tile = extras["span_tile"][i].cpu()
+            ids = extras["span_ids"][i].cpu()[tile != PAD]
+            tile = tile[tile != PAD]
+            # keep every layout-text token and the first k_t image slots of tile t (its kept tokens, in order)
+            rank = torch.zeros_like(tile)
+            for t in range(rows.shape[0]):
+                run = tile == t
+                rank[run] = torch.arange(int(run.sum()))
+            keep = (tile == TEXT) | (rank < tile_counts[tile.clamp(min=0)])
+            out.append(SmolVisual(ids=ids[keep], features=features))
+        return out
+
+    def make_reducer(self, model, keep_ratio: float, strategy: str = "all") -> ShuffleTokenFilter:
+        return ShuffleTokenFilter(self.vision_tower(model), keep_ratio, FilterSpec.parse(strategy))
+
+    # --- the language model ------------------------------------------------------------------
+    def assemble(self, model, token_ids, visual, targets=None, padding_side: str = "right", extras=None):
+        """LLaVA's assembly with each image's whole span (layout text + kept visual tokens) in place of its
+        placeholder; then the span's real token ids are written back and ``image_tokens`` counts the visual ones."""
+        embed = model.get_input_embeddings()
+        image_id = model.config.image_token_id
+        spans = []
+        for v in visual:
+            if v is None:
+                spans.append(None)
+                continue
+            ids = v.ids.to(embed.weight.device)
+            rows = embed(ids)
+            spans.append(rows.masked_scatter((ids == image_id)[:, None], v.features.to(rows.dtype)))
+        built = inputs.assemble(model, token_ids, spans, targets, padding_side)
+        built.input_ids = built.input_ids.clone()  # the embedding saved the placeholder ids for its backward
+        for i, v in enumerate(visual):
+            if v is not None:
+                slots = (built.input_ids[i] == image_id) & built.attention_mask[i].bool()
+                built.input_ids[i, slots] = v.ids.to(built.input_ids.device)
+        built.image_tokens = [0 if v is None else v.count for v in visual]
+        return built
+
+    # --- heatmap -----------------------------------------------------------------------------
+    def patch_view(self, model, builder, post, reducer: ShuffleTokenFilter) -> PatchView:
+        """The tiles stitched into the image at full resolution (the global tile too, when it is alone),
+        each pixel-shuffle block with its token's score and kept flag, padded to a square grid."""
+        batch = inputs.make_batch(builder, [post]).to(model.lm_head.weight.device)
+        with torch.no_grad():
+            self.visual_tokens(model, batch.pixel_values, batch.image_extras, reducer)
+        selection = reducer.last[0]
+        rows, cols = (int(v) for v in batch.image_extras["grid"][0])
+        tiles = self.tile_count((rows, cols))
+        shown = list(range(tiles - 1)) if tiles > 1 else [0]
+        rows, cols = (rows, cols) if tiles > 1 else (1, 1)
+        vision = model.config.vision_config
+        s = model.config.scale_factor
+        per_side = vision.image_size // vision.patch_size // s  # token cells a tile side
+        side = max(rows, cols) * per_side
+        scores = torch.zeros(side, side)
+        kept = torch.zeros(side, side, dtype=torch.bool)
+        kept_set = torch.zeros(selection.scores.numel(), dtype=torch.bool)
+        kept_set[selection.kept.cpu()] = True
+        per_tile = per_side * per_side
+        for t in shown:
+            r, c = divmod(t, cols)
+            block = slice(t * per_tile, (t + 1) * per_tile)
+            cells = (slice(r * per_side, (r + 1) * per_side), slice(c * per_side, (c + 1) * per_side))
+            scores[cells] = selection.scores[block].float().cpu().view(per_side, per_side)
+            kept[cells] = kept_set[block].view(per_side, per_side)
+        processor = builder.processor.image_processor
+        mean = torch.tensor(processor.image_mean).view(3, 1, 1)
+        std = torch.tensor(processor.image_std).view(3, 1, 1)
+        size = vision.image_size
+        picture = torch.zeros(3, side // per_side * size, side // per_side * size)
+        for t in shown:
+            r, c = divmod(t, cols)
+            picture[:, r * size:(r + 1) * size, c * size:(c + 1) * size] = (
+                batch.pixel_values[0, t].float().cpu() * std + mean).clamp(0, 1)
+        return PatchView(picture=picture.permute(1, 2, 0), scores=scores, kept=kept,
+                         score_name="mean attention received (no CLS), per pixel-shuffle block",
+                         content=(0.0, 0.0, float(cols * size), float(rows * size)))
+
+
+class ShuffleTokenFilter:
+    """SmolVLM's filter (module docstring): received attention per patch, averaged over each pixel-shuffle
+    block, one ``ceil(r N)`` budget over every tile of the image; ``last`` keeps each image's
+    :class:`Selection` (kept token indices over the image's tiles, per-token scores)."""
+
+    def __init__(self, tower, keep_ratio: float, spec: FilterSpec):
+        if spec.merge:
+            raise SentilensError(f"strategy '{spec}': +merge is not available for SmolVLM; use the strategy "
+                                 "without +merge")
+        keep_count(1, keep_ratio)
+        self.spec = spec
+        self.keep_ratio = keep_ratio
+        self.scorer = AttentionScorer(tower, spec.layer_indices(len(encoder_layers(tower)), -1))
+        self.last: list[Selection] = []
+
+    @contextmanager
+    def capture(self, model=None) -> Iterator[ShuffleTokenFilter]:
+        with nullcontext() if self.spec.select == "random" else self.scorer.capture():
+            yield self
+
+    @torch.no_grad()
+    def choose(self, tiles: list[int], pixels: list[Tensor], groups: Tensor) -> list[Tensor]:
+        """Kept token indices of each image (over its tiles, in order): ``tiles`` the tile counts, ``pixels``
+        each image's real tiles (seeds of ``random``), ``groups`` the patches of each token of a tile."""
+        per_tile = groups.shape[0]
+        if self.spec.select == "random":
+            token_scores = [random_priorities(p[None], n * per_tile)[0] for p, n in zip(pixels, tiles, strict=True)]
+        else:
+            if self.scorer.scores is None:
+                raise RuntimeError("the SmolVLM filter chose before the tower ran under its capture")
+            patch_scores = self.scorer.scores.float().cpu()  # (all tiles, patches)
+            block = patch_scores[:, groups].mean(dim=-1)  # (all tiles, tokens per tile)
+            token_scores = [t.reshape(-1) for t in torch.split(block, tiles)]
+        self.last, kept = [], []
+        for scores in token_scores:
+            count = keep_count(scores.numel(), self.keep_ratio)
+            chosen = top_patches(-scores if self.spec.select == "inverse" else scores, count)
+            kept.append(chosen)
+            self.last.append(Selection(features=chosen, kept=chosen, scores=scores))
+        return kept
