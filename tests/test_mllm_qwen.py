@@ -19,10 +19,14 @@ FAMILIES = ("qwen2.5-vl", "qwen3-vl")
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
-def tiny(request, tmp_path_factory):
-    folder = qwen.build_tiny_qwen(tmp_path_factory.mktemp(request.param), request.param,
-                                  corpus=["the sun is out", "another terrible storm"])
-    model, processor = load_checkpoint(folder)
+def tiny_folder(request, tmp_path_factory):
+    return qwen.build_tiny_qwen(tmp_path_factory.mktemp(request.param), request.param,
+                                corpus=["the sun is out", "another terrible storm"])
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_folder):
+    model, processor = load_checkpoint(tiny_folder)
     model.eval()
     return model, processor
 
@@ -352,3 +356,37 @@ def test_flop_count_matches_the_operations_run(tiny):
 def _first(level):
     """Image 0's rows of a deepstack level (HF splits the levels per image, or gives one tensor)."""
     return level[0] if isinstance(level, (list, tuple)) else level
+
+
+def test_image_token_count_follows_the_processor(tiny):
+    _, processor = tiny
+    for size in ((168, 168), (180, 100), (37, 400)):
+        images = qwen.preprocess_images(processor.image_processor, [Image.new("RGB", size)])
+        assert qwen.image_tokens_for(processor.image_processor, size) == images.patch_counts()[0] // 4
+
+
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_fine_tuning_trains_the_mergers_and_the_language_model_only(tiny_folder, mode):
+    """The tower stays frozen; the merger(s) (the projector, deepstack mergers included) and the language
+    model (or its LoRA adapters) train, and one loss step reaches them."""
+    from sentilens.mllm.inputs import MllmBatch
+    from sentilens.mllm.model import prepare_model
+
+    torch.manual_seed(0)
+    model = prepare_model(tiny_folder, mode, training=True)
+    trainable = [name for name, p in model.net.named_parameters() if p.requires_grad]
+    assert not any(".visual.blocks." in name or ".visual.patch_embed." in name for name in trainable)
+    assert any(".visual.merger." in name for name in trainable)
+    if model.llava.config.model_type == "qwen3_vl":
+        assert any(".visual.deepstack_merger_list." in name for name in trainable)
+    lm = [name for name in trainable if ".language_model." in name]
+    assert lm and (mode == "full" or all("lora_" in name for name in lm))
+    images = qwen.preprocess_images(model.processor.image_processor, _images())
+    ids = [_prompt(model.processor, "one"), _prompt(model.processor, "two")]
+    end = model.processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    answer = model.processor.tokenizer("positive")["input_ids"] + [end]
+    batch = MllmBatch([i + answer for i in ids], images.pixel_values, [0, 1],
+                      [[-100] * len(i) + answer for i in ids], {"image_grid_thw": images.grid_thw})
+    model(batch).backward()
+    merger = model.llava.model.visual.merger
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in merger.parameters())

@@ -720,6 +720,16 @@ def prediction_flops(config, image_tokens: int, kept: int, text_tokens: int, ans
     return parts
 
 
+def image_tokens_for(image_processor, size: tuple[int, int]) -> int:
+    """Merged tokens the image processor makes of a ``(width, height)`` image (its own resize rule)."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
+    cell = image_processor.patch_size * image_processor.merge_size
+    height, width = smart_resize(size[1], size[0], factor=cell, min_pixels=image_processor.size["shortest_edge"],
+                                 max_pixels=image_processor.size["longest_edge"])
+    return (height // cell) * (width // cell)
+
+
 def picture(image_processor, images: QwenImages, index: int = 0) -> Tensor:
     """``(H, W, 3)`` in [0, 1]: image ``index`` as the tower sees it, rebuilt from its flattened patches."""
     t, gh, gw = images.grid_thw[index].tolist()

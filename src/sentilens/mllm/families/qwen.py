@@ -25,9 +25,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+import torch
 from torch import Tensor, nn
 
-from sentilens.mllm.families import ModelFamily
+from sentilens.mllm.families import ModelFamily, PatchView
 
 MAX_IMAGE_TOKENS = 1280
 """Most visual tokens one image becomes (Qwen2.5-VL's recommended ``max_pixels = 1280 * 28 * 28``)."""
@@ -96,6 +97,41 @@ class QwenFamily(ModelFamily):
         from sentilens.mllm.qwen import QwenTokenFilter
 
         return QwenTokenFilter(model, keep_ratio, strategy)
+
+    def prediction_flops(self, model, processor, size: tuple[int, int] | None, keep_ratio: float | None,
+                         strategy: str, text_tokens: int, answer_tokens: int) -> dict[str, float]:
+        """:func:`sentilens.mllm.qwen.prediction_flops` for an image of ``size`` as the processor resizes it
+        (handed over as it is, ``crop``; a ``pad`` run's square is not known here and is counted as given)."""
+        from sentilens.mllm.pruning import FilterSpec, keep_count
+        from sentilens.mllm.qwen import image_tokens_for, prediction_flops, scored_layers
+
+        n = 0 if size is None else image_tokens_for(processor.image_processor, size)
+        kept = 0 if size is None else n if keep_ratio is None else keep_count(n, keep_ratio)
+        spec = FilterSpec.parse(strategy)
+        scored = 0 if keep_ratio is None or spec.select == "random" or size is None else len(
+            scored_layers(model.model.visual, spec))
+        return prediction_flops(model.config, n, kept, text_tokens, answer_tokens, scored)
+
+    def patch_view(self, model, builder, post, reducer) -> PatchView:
+        """The merged-token grid over the image as the tower sees it; a rectangular grid (native resolution)
+        is padded to a square with score 0, never kept, and ``content`` marks the real region."""
+        from sentilens.data.images import load_image
+        from sentilens.mllm.qwen import heatmap
+
+        picture, scores, kept, content = heatmap(model, builder.processor, load_image(post.image),
+                                                 builder.settings.image_aspect, reducer)
+        rows, cols = scores.shape
+        side = max(rows, cols)
+        cell = picture.shape[0] // rows
+        square_scores = torch.zeros(side, side)
+        square_scores[:rows, :cols] = scores
+        square_kept = torch.zeros(side, side, dtype=torch.bool)
+        square_kept[:rows, :cols] = kept
+        square_picture = torch.zeros(side * cell, side * cell, 3)
+        square_picture[:picture.shape[0], :picture.shape[1]] = picture
+        return PatchView(picture=square_picture, scores=square_scores, kept=square_kept,
+                         score_name="mean attention received (2x2 merged patches)",
+                         content=content)
 
     # --- the language model ----------------------------------------------------------------------
     def assemble(self, model, token_ids, visual, targets=None, padding_side: str = "right", extras=None):
