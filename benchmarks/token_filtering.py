@@ -372,7 +372,8 @@ def main() -> None:
                   lm_layers=args.lm_layers, lm_heads=16, lm_kv_heads=16, lm_mlp=2816, vocab=32064)
     cpu = not args.skip_cpu
     for batch in (int(b) for b in args.cpu_batches.split(",")) if cpu and "llava" in families else ():
-        settings.append(measure(proxy, batch, "cpu", torch.float32, args.text_tokens, args.repeats))
+        settings.append({"family": "llava", **measure(proxy, batch, "cpu", torch.float32, args.text_tokens,
+                                                      args.repeats)})
         settings[-1]["load_average_after"] = list(os.getloadavg())
         report(settings[-1])
     for shape, strategy in qwen_proxies(args.vision_layers, args.lm_layers) if cpu else ():
@@ -381,9 +382,6 @@ def main() -> None:
                                          strategy))
             settings[-1]["load_average_after"] = list(os.getloadavg())
             report(settings[-1])
-    if args.out.is_file() and cpu:  # keep the settings of the families not measured now
-        earlier = json.loads(args.out.read_text())["settings"]
-        settings = [s for s in earlier if s["device"] == "cpu" and s.get("family", "llava") not in families] + settings
     if torch.cuda.is_available():
         llava7b = Shape(name="LLaVA-1.5-7B (CLIP ViT-L/14-336, 24 layers + Llama-2-7B)", vision_layers=24,
                         lm_hidden=4096, lm_layers=32, lm_heads=32, lm_kv_heads=32, lm_mlp=11008, vocab=32064)
@@ -400,6 +398,11 @@ def main() -> None:
     else:
         gpu = None
         print("\nno CUDA device here: the LLaVA-1.5-7B (bf16, batch 1 and 16) part was skipped")
+    measured = {(s["device"], s.get("family", "llava")) for s in settings}
+    if args.out.is_file():  # keep the settings (device, family) not measured now, e.g. --families qwen2.5-vl
+        earlier = json.loads(args.out.read_text())["settings"]
+        settings = [s for s in earlier if (s["device"], s.get("family", "llava")) not in measured
+                    and (s["device"] == "cpu" or gpu)] + settings
     write_json(args.out, {
         "machine": {"cpu": cpu_name(), "cpu_threads": torch.get_num_threads(), "gpu": gpu,
                     "torch": torch.__version__, "load_average_before": load_before,
