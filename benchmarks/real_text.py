@@ -7,7 +7,8 @@ sarcasm files), with the embedded all-MiniLM-L6-v2 encoder and the sets' own tra
   the same cached features; each gives test accuracy, weighted F1, macro F1 (and the positive
   class's F1 for two labels) with their 95 % bootstrap intervals, the epoch kept, train seconds
   (wall and CPU) and prediction posts/s of the trained head on cached features;
-* ``text`` minus ``probe``: the paired bootstrap interval of the difference in weighted F1;
+* each variant minus ``probe`` (and ``full`` minus ``text``): the paired bootstrap interval of the
+  difference in accuracy and weighted F1, with runs an earlier invocation left in ``--work`` included;
 * the cost of the encoder itself, on ``--cost-posts`` test posts: frozen encoding (forward only)
   and fine-tuning (forward + backward + AdamW step of MiniLM with a linear head), in posts/s, and
   what one fine-tuning epoch over the training split would take at that rate.
@@ -26,8 +27,9 @@ hours; its results go to their own file (``--out benchmarks/results/real_text_gp
 train seconds and posts/s describe that machine (recorded in the file), not this project's CPU.
 
 On a CPU shared with other jobs wall times vary with the load (recorded beside them); CPU seconds
-are the steadier measure of the work. A set already in ``--out`` under another name is kept, so
-the sets can be measured one per process (``--set`` once each) into the same file.
+are the steadier measure of the work. A set already in ``--out`` under another name is kept, and so
+are the variants of a set measured earlier on the same splits (each row records its machine and load), so
+sets and variants can be measured one process at a time into the same file.
 """
 
 from __future__ import annotations
@@ -152,11 +154,17 @@ def run_set(name: str, file: Path, work: Path, cache: FeatureCache, variants: li
     result = {"set": name, "file": str(file), "labels": labels, "posts": {s: len(p) for s, p in splits.items()},
               "train_subset": max_train is not None and len(splits["train"]) == max_train,
               "cache": stats.to_dict(), "variants": rows}
+    for variant in VARIANTS:  # runs left in WORK by earlier invocations join the paired comparisons
+        run = work / name / "runs" / variant
+        if variant not in predictions and (run / "model.safetensors").is_file():
+            predictor = FusionPredictor.from_run(run, device=device)
+            predictions[variant] = [p.label for p in predictor.to_predictions(
+                predictor.probabilities(features["test"], splits["test"]))]
     truth = [p.label for p in splits["test"]]
-    for variant in [v for v in variants if v != "probe"]:
-        if "probe" in predictions:
-            result.setdefault("minus_probe", {})[variant] = paired_difference_interval(
-                truth, predictions[variant], predictions["probe"], labels)
+    for variant, baseline in [*((v, "probe") for v in VARIANTS if v != "probe"), ("full", "text")]:
+        if variant in predictions and baseline in predictions:
+            result.setdefault(f"minus_{baseline}", {})[variant] = paired_difference_interval(
+                truth, predictions[variant], predictions[baseline], labels)
     if cost_posts:
         texts = [p.text for p in splits["test"][:cost_posts]]
         result["encoder_cost"] = encoder_cost(texts, len(splits["train"]))
@@ -202,11 +210,18 @@ def main() -> None:
 def merged(out: Path, sets: list[dict], machine: dict) -> dict:
     """The results file with ``sets`` in it: sets measured by an earlier run under other names are kept
     (so each set can be measured in its own process), each set recording the machine and load it ran on."""
-    previous = read_json(out) if out.is_file() else {"sets": []}
+    previous = {entry["set"]: entry for entry in (read_json(out) if out.is_file() else {"sets": []}).get("sets", [])}
     for entry in sets:
         entry["machine"] = machine
-    names = {entry["set"] for entry in sets}
-    kept = [entry for entry in previous.get("sets", []) if entry["set"] not in names]
+        for row in entry["variants"]:
+            row["machine"] = machine
+        old = previous.pop(entry["set"], None)
+        if old is not None and old["posts"] == entry["posts"]:
+            # variants measured by an earlier run on the same splits stay, each with the machine it ran on
+            done = {row["variant"] for row in entry["variants"]}
+            entry["variants"] = [*[dict(row, machine=row.get("machine", old["machine"])) for row in old["variants"]
+                                   if row["variant"] not in done], *entry["variants"]]
+    kept = list(previous.values())
     return {"benchmark": "real_text",
             "encoders": {"text": FusionConfig().text_encoder, "image": FusionConfig().image_encoder},
             "sets": [*kept, *sets]}
