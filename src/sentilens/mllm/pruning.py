@@ -101,7 +101,9 @@ class FilterSpec:
             raise SentilensError(f"unknown filtering strategy '{text}': expected LAYERS, LAYERS+merge, "
                                  f"{' or '.join(BASELINES)}")
         spec = cls(layers=layers or "all", merge=suffix == "merge")
-        spec.layer_indices(num_layers=1 << 20, vision_feature_layer=-2)  # syntax check only
+        # syntax check only, against a huge tower: a lazy range, never listed (the predictor parses the
+        # strategy on every predict call, and listing 2^20 layers cost 37 ms a call)
+        spec._layer_range(num_layers=1 << 20, vision_feature_layer=-2)
         return spec
 
     def __str__(self) -> str:
@@ -111,9 +113,13 @@ class FilterSpec:
 
     def layer_indices(self, num_layers: int, vision_feature_layer: int | Sequence[int] = -2) -> list[int]:
         """The 0-based encoder layers whose attention is averaged."""
+        return list(self._layer_range(num_layers, vision_feature_layer))
+
+    def _layer_range(self, num_layers: int, vision_feature_layer: int | Sequence[int]) -> Sequence[int]:
+        """:meth:`layer_indices` as a ``range`` where it is one (cheap to check for any tower size)."""
         name = self.layers
         if name == "all":
-            return list(range(num_layers))
+            return range(num_layers)
         if name == "last":
             return [num_layers - 1]
         if name == "feature":
@@ -122,7 +128,7 @@ class FilterSpec:
         try:
             if ":" in name:
                 start, stop = (int(part) if part.strip() else None for part in name.split(":", 1))
-                chosen = list(range(num_layers)[slice(start, stop)])
+                chosen = range(num_layers)[slice(start, stop)]
             else:
                 chosen = [range(num_layers)[int(name)]]
         except (ValueError, IndexError):
