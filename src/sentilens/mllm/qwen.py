@@ -35,9 +35,11 @@ Steps, one by one (as :mod:`sentilens.mllm.inputs` does for LLaVA) so a filter c
 The filtering rules, and why:
 
 - **Score of a merged token.** With no CLS token, a patch is scored by the attention it *receives*:
-  ``mean_i softmax(q_i K^T / sqrt(d))_j`` over the image's queries ``i`` and the heads, computed from
-  the tower's own rotated queries and keys (captured by hooks, the tower keeps its SDPA kernel), then
-  averaged over the scored layers. A merged token stands for its 2x2 block, so its score is the mean
+  ``mean_i softmax(q_i K^T / sqrt(d))_j`` over the image's queries ``i`` and the heads, then averaged
+  over the scored layers. A scored layer computes its attention itself, a block of queries at a time,
+  from the tower's own rotated queries and keys, and sums each softmax block's columns on the way (the
+  output is the same attention; no map is held whole or computed twice); the other layers keep the
+  tower's kernel (SDPA). A merged token stands for its 2x2 block, so its score is the mean
   of its four patches' scores: the language model receives the block as one token, so the block is
   kept or dropped as a whole.
 - **Which layers (Qwen2.5-VL): full-attention layers only.** In a windowed layer a query spreads its
@@ -93,7 +95,6 @@ from sentilens.mllm.pruning import (
     FilterSpec,
     Selection,
     keep_count,
-    mean_received_attention,
     random_priorities,
     top_patches,
 )
@@ -313,9 +314,59 @@ def scored_layers(visual, spec: FilterSpec) -> list[int]:
     return usable
 
 
+SCORING_ATTENTION = "sentilens_received_attention"
+"""The attention implementation the tower runs under while a :class:`ReceivedAttention` captures it."""
+
+_SCORED: dict[nn.Module, tuple[ReceivedAttention, int]] = {}
+"""Attention modules of the layers being scored now -> (their scorer, layer index)."""
+
+_ORIGINAL: dict[int, str] = {}
+"""Tower config (by id) being scored now -> the attention implementation it was loaded with (the other layers keep
+it; a flash implementation's packed call is replaced by SDPA per image while scoring)."""
+
+
+def attention_with_received(query: Tensor, key: Tensor, value: Tensor, scaling: float) -> tuple[Tensor, Tensor]:
+    """Attention of one image, ``(1, heads, T, d)`` each, and the attention each token receives (mean over
+    heads and queries, ``(T,)`` float32), a block of queries at a time: each softmax block serves both the
+    output and the scores, so scoring costs a column sum, not a second query-key product."""
+    from sentilens.mllm import pruning
+
+    _, heads, tokens, _ = query.shape
+    q = (query.float() * scaling).contiguous()
+    k_t = key.float().transpose(-1, -2).contiguous()
+    out = torch.empty_like(query, dtype=value.dtype)
+    received = torch.zeros(tokens, dtype=torch.float32, device=query.device)
+    budget = pruning.CPU_QUERY_CHUNK_ELEMENTS if query.device.type == "cpu" else pruning.QUERY_CHUNK_ELEMENTS
+    chunk = max(1, budget // (heads * tokens))
+    for start in range(0, tokens, chunk):
+        weights = torch.softmax(torch.matmul(q[:, :, start:start + chunk], k_t), dim=-1)
+        received += weights.sum(dim=(0, 1, 2))
+        out[:, :, start:start + chunk] = torch.matmul(weights.to(value.dtype), value)
+    return out.transpose(1, 2).contiguous(), received / (tokens * heads)
+
+
+def _scoring_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """The tower's attention function while scoring: scored layers compute their attention with
+    :func:`attention_with_received` (the same softmax map, kept for the scores), the others run the
+    implementation the model was loaded with."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    scorer, index = _SCORED.get(module, (None, None))
+    if index is None:
+        original = _ORIGINAL.get(id(module.config), "sdpa")
+        fallback = (sys.modules[type(module).__module__].eager_attention_forward if original == "eager"
+                    else ALL_ATTENTION_FUNCTIONS.get_interface("sdpa" if "flash" in original else original, None))
+        return fallback(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+    out, received = attention_with_received(query, key, value, scaling)
+    scorer._parts.setdefault(index, []).append(received)
+    return out, None
+
+
 class ReceivedAttention:
     """Mean attention each merged token's patches receive, over heads, the image's queries and the scored
-    layers, from the rotated queries and keys the tower computes anyway.
+    layers. The scored layers compute their own attention block by block (:func:`attention_with_received`)
+    and keep the column sums of each softmax block, so the map is never held whole and never computed twice;
+    the other layers keep the tower's kernel (SDPA).
 
     After a captured tower pass, ``scores`` is a list of ``(N_i,)`` float32 tensors (raster order).
     """
@@ -325,49 +376,47 @@ class ReceivedAttention:
         self.layers = sorted(set(layers))
         self.scores: list[Tensor] | None = None
         self._sum: Tensor | None = None
-        self._context: dict[int, tuple] = {}
+        self._parts: dict[int, list[Tensor]] = {}
         self._grid: Tensor | None = None
 
     @contextmanager
     def capture(self, visual=None) -> Iterator[ReceivedAttention]:
+        from transformers.modeling_utils import AttentionInterface
+
         visual = self.visual
+        if SCORING_ATTENTION not in AttentionInterface._global_mapping:
+            AttentionInterface.register(SCORING_ATTENTION, _scoring_attention)
         handles = [visual.register_forward_pre_hook(self._start, with_kwargs=True),
                    visual.register_forward_hook(self._finish)]
         for index in self.layers:
             attn = visual.blocks[index].attn
-            handles.append(attn.register_forward_pre_hook(self._remember(index), with_kwargs=True))
-            handles.append(attn.qkv.register_forward_hook(self._score(index, attn)))
+            _SCORED[attn] = (self, index)
+            handles.append(attn.register_forward_hook(self._layer_done(index)))
+        config = visual.config
+        before = config._attn_implementation_internal
+        _ORIGINAL[id(config)] = before or "sdpa"
+        config._attn_implementation_internal = SCORING_ATTENTION
         try:
             yield self
         finally:
+            config._attn_implementation_internal = before
+            _ORIGINAL.pop(id(config), None)
+            for index in self.layers:
+                _SCORED.pop(visual.blocks[index].attn, None)
             for handle in handles:
                 handle.remove()
-            self._context.clear()
+            self._parts.clear()
             self._sum = None
 
     def _start(self, module, args, kwargs) -> None:
         self._grid = kwargs.get("grid_thw", args[1] if len(args) > 1 else None)
         self._sum = None
+        self._parts.clear()
         self.scores = None
 
-    def _remember(self, index: int):
-        def hook(module, args, kwargs) -> None:
-            self._context[index] = (kwargs["cu_seqlens"], kwargs["position_embeddings"])
-        return hook
-
-    def _score(self, index: int, attn):
-        rotate = sys.modules[type(attn).__module__].apply_rotary_pos_emb_vision
-
-        def hook(module, args, output: Tensor) -> None:
-            cu_seqlens, (cos, sin) = self._context.pop(index)
-            tokens = output.shape[0]
-            q, k, _ = output.detach().reshape(tokens, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
-            q, k = rotate(q, k, cos, sin)
-            bounds = cu_seqlens.tolist()
-            received = torch.cat([
-                mean_received_attention(q[a:b].reshape(1, b - a, -1), k[a:b].reshape(1, b - a, -1),
-                                        attn.num_heads, attn.scaling)[0]
-                for a, b in zip(bounds[:-1], bounds[1:], strict=True)])
+    def _layer_done(self, index: int):
+        def hook(module, args, output) -> None:
+            received = torch.cat(self._parts.pop(index))  # the layer's images, in the tower's token order
             self._sum = received if self._sum is None else self._sum + received
         return hook
 
@@ -685,9 +734,10 @@ def prediction_flops(config, image_tokens: int, kept: int, text_tokens: int, ans
 
     Vision: patch embedding; per layer the qkv and output projections, the MLP (gated, three matrices, in
     Qwen2.5-VL; two in Qwen3-VL) and both attention matmuls, over the whole image in full-attention layers
-    and inside a window in windowed ones. Scoring: one ``T x T`` query-key product per scored layer (the
-    received attention needs every row of the map). Projector: the merger(s) on the kept tokens only (main
-    and, for Qwen3-VL, each deepstack level). Language model and head as for LLaVA.
+    and inside a window in windowed ones. Scoring: a scored layer's attention map is the one its output is
+    made from, so scoring adds only its column sums (one addition per head and map entry). Projector: the
+    merger(s) on the kept tokens only (main and, for Qwen3-VL, each deepstack level). Language model and
+    head as for LLaVA.
     """
     vision, text = config.vision_config, config.text_config
     parts = {"vision": 0.0, "scoring": 0.0, "projector": 0.0}
@@ -703,7 +753,7 @@ def prediction_flops(config, image_tokens: int, kept: int, text_tokens: int, ans
         attention = 4 * patches * d * (full_layers * patches + (depth - full_layers) * window)
         embed = 2 * patches * vision.in_channels * vision.temporal_patch_size * vision.patch_size ** 2 * d
         parts["vision"] = float(embed + depth * dense + attention)
-        parts["scoring"] = float(scored_layers * 2 * patches * patches * d)
+        parts["scoring"] = float(scored_layers * vision.num_heads * patches * patches)
         mergers = 1 + len(getattr(vision, "deepstack_visual_indexes", ()) or ())
         width = unit * d
         parts["projector"] = float(mergers * 2 * kept * (width * width + width * vision.out_hidden_size))
