@@ -394,3 +394,40 @@ def test_fine_tuning_trains_the_mergers_and_the_language_model_only(tiny_folder,
     model(batch).backward()
     merger = model.llava.model.visual.merger
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in merger.parameters())
+
+
+@torch.no_grad()
+def test_greedy_generation_matches_the_native_model(tiny):
+    """Generation with a KV cache from the assembled 3-D positions gives the tokens a native HF greedy loop
+    (full forward at every step, HF's own positions) gives."""
+    from sentilens.mllm.scoring import greedy_answers
+
+    model, processor = tiny
+    images = qwen.preprocess_images(processor.image_processor, _images())
+    ids = [_prompt(processor, "what a day"), _prompt(processor, "hi")]
+    special = torch.tensor(processor.tokenizer.convert_tokens_to_ids(qwen.QWEN_SPECIALS))
+
+    def no_specials(module, args, logits):  # a random model may "generate" an image token; HF then refuses it
+        return logits.index_fill(-1, special.to(logits.device), float("-inf"))
+
+    hook = model.lm_head.register_forward_hook(no_specials)
+    try:
+        _compare_greedy(model, processor, ids, images, greedy_answers)
+    finally:
+        hook.remove()
+
+
+def _compare_greedy(model, processor, ids, images, greedy_answers):
+    inputs = qwen.build_inputs(model, ids, images, [0, 1], padding_side="left")
+    generated = greedy_answers(model, inputs, stop_ids=set(), max_new_tokens=4)
+    image_id = model.config.image_token_id
+    for i in range(2):
+        at = ids[i].index(image_id)
+        sequence = ids[i][:at] + [image_id] * inputs.image_tokens[i] + ids[i][at + 1:]
+        one = images.select([i])
+        for _ in range(4):
+            tokens = torch.tensor([sequence])
+            logits = model(input_ids=tokens, pixel_values=one.pixel_values, image_grid_thw=one.grid_thw,
+                           mm_token_type_ids=(tokens == image_id).int()).logits[0, -1]
+            sequence.append(int(logits.argmax()))
+        assert generated[i] == sequence[-4:]

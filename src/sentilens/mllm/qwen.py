@@ -54,9 +54,9 @@ The filtering rules, and why:
   averages all CLS rows. ``feature``: the layers whose outputs reach the language model, the deepstack
   layers and the last (4 of 27 in the released towers), as FasterVLM scores LLaVA's feature layer;
   ``last``: the last one. The cost differs: unlike a CLS row, received attention needs the whole
-  ``T x T`` map of a scored layer (an extra query-key product per layer, about the size of the layer's
-  own attention), so scoring all 27 layers costs far more than 4 (``benchmarks/token_filtering.py``
-  measures both).
+  ``T x T`` map of a scored layer, so a scored layer trades the tower's fused attention kernel for the
+  block-by-block computation above; scoring all 27 layers costs more than scoring 4
+  (``benchmarks/token_filtering.py`` measures both).
 - **Deepstack (Qwen3-VL).** A deepstack feature belongs to one merged token (the same 2x2 block,
   taken at an earlier layer). A dropped token loses its deepstack features too and a kept one keeps
   all of them, in the same order as the main features: the language model adds level ``l`` to the
