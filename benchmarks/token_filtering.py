@@ -21,6 +21,12 @@ Models have random weights (speed does not depend on them) and are built from co
   a Llama-style LM (1024 wide, 2 KV heads). The scorer is received attention (:mod:`sentilens.mllm.qwen`):
   Qwen2.5-VL ``all`` (its full-attention layers), Qwen3-VL ``all`` (every layer) and ``feature`` (deepstack
   layers + last); the FLOP-ideal speedup is :func:`sentilens.mllm.qwen.prediction_flops`.
+- LLaVA-NeXT and SmolVLM CPU proxies (``--families``; batch ``--tiled-batches``): LLaVA-NeXT's CLIP
+  ViT-L/14-336 tower on a 336 x 672 image (base tile + 1 x 2 crops, 1,752 visual tokens with the row
+  newlines; own-tile CLS scores, the newline rule) and SmolVLM-256M/500M's SigLIP-B/16-512 tower (768
+  wide, pixel shuffle 4) on a 512 x 1024 image (1 x 2 crops + the global tile, 192 tokens; received
+  attention per pixel-shuffle block), both with ``--vision-layers`` layers and the LLaVA proxy's
+  language model; the FLOP-ideal speedup is the family's ``prediction_flops``.
 Each post has ``--text-tokens`` prompt tokens around its image and three 2-token labels, as in a
 label-scoring prediction. Timings interleave the variants round-robin over ``--repeats`` passes
 (every other pass in reverse order); a ratio of two times (speedup, overhead) is the median over
@@ -247,6 +253,192 @@ def qwen_real_size() -> list[tuple[QwenShape, str]]:
     return [(q25, "all"), (q3, "all"), (q3, "feature")]
 
 
+@dataclass(frozen=True)
+class TiledShape:
+    """A tiled-family proxy (LLaVA-NeXT, SmolVLM): the released tower's width (fewer layers), one image of
+    ``image_height x image_width`` pixels, and a small Llama-style language model."""
+
+    name: str
+    family: str  # "llava-next" or "smolvlm"
+    vision_layers: int
+    vision_hidden: int
+    vision_heads: int
+    vision_mlp: int
+    tile_size: int
+    patch_size: int
+    image_height: int
+    image_width: int
+    lm_layers: int
+    lm_hidden: int = 1024
+    lm_heads: int = 16
+    lm_kv_heads: int = 16
+    lm_mlp: int = 2816
+    vocab: int = 32064
+    scale_factor: int = 4  # SmolVLM's pixel shuffle
+
+
+def build_tiled(shape: TiledShape, dtype: torch.dtype, device: str):
+    """LLaVA-NeXT (CLIP tower, any-resolution grids of ``tile_size``) or SmolVLM (SigLIP-style tower, pixel
+    shuffle ``scale_factor``) with ``shape``'s tower and language model; random weights."""
+    from transformers import (
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaNextConfig,
+        LlavaNextForConditionalGeneration,
+        SmolVLMConfig,
+        SmolVLMForConditionalGeneration,
+        SmolVLMVisionConfig,
+    )
+
+    text = LlamaConfig(hidden_size=shape.lm_hidden, intermediate_size=shape.lm_mlp, num_hidden_layers=shape.lm_layers,
+                       num_attention_heads=shape.lm_heads, num_key_value_heads=shape.lm_kv_heads,
+                       vocab_size=shape.vocab, max_position_embeddings=8192, pad_token_id=0)
+    tower = dict(hidden_size=shape.vision_hidden, intermediate_size=shape.vision_mlp,
+                 num_hidden_layers=shape.vision_layers, num_attention_heads=shape.vision_heads,
+                 image_size=shape.tile_size, patch_size=shape.patch_size)
+    if shape.family == "llava-next":
+        t = shape.tile_size
+        config = LlavaNextConfig(vision_config=CLIPVisionConfig(**tower, projection_dim=768, hidden_act="quick_gelu"),
+                                 text_config=text, image_token_index=shape.vocab - 1, vision_feature_layer=-2,
+                                 vision_feature_select_strategy="default",
+                                 image_grid_pinpoints=[[t, 2 * t], [2 * t, t], [2 * t, 2 * t], [3 * t, t], [t, 3 * t]])
+        cls = LlavaNextForConditionalGeneration
+    else:
+        config = SmolVLMConfig(vision_config=SmolVLMVisionConfig(**tower).to_dict(), text_config=text.to_dict(),
+                               image_token_id=shape.vocab - 1, scale_factor=shape.scale_factor)
+        cls = SmolVLMForConditionalGeneration
+    with torch.device(device):
+        model = cls(config).to(dtype)
+    return model.eval().requires_grad_(False)
+
+
+def tiled_inputs(shape: TiledShape, model, batch: int, device: str, dtype: torch.dtype):
+    """(pixel values, image extras, tower input tiles) of ``batch`` images of the shape's size, as the family's
+    image processor would give them (random pixels; SmolVLM's layout-text ids arbitrary, its layout exact)."""
+    from sentilens.mllm.families import family_of
+
+    family = family_of(model)
+    t = shape.tile_size
+    if shape.family == "llava-next":
+        size = torch.tensor([[shape.image_height, shape.image_width]] * batch)
+        tiles = family.tiles(model, size[0].tolist())
+        pixels = torch.randn(batch, tiles, 3, t, t, device=device, dtype=dtype)
+        return pixels, {"image_sizes": size.to(device)}, pixels.flatten(0, 1)
+    from sentilens.mllm.families.smolvlm import PAD, TEXT
+
+    rows, cols = shape.image_height // t, shape.image_width // t
+    per_tile = (t // shape.patch_size) ** 2 // shape.scale_factor ** 2
+    image, marker, newline = shape.vocab - 1, shape.vocab - 2, shape.vocab - 3
+    ids, tile = [], []
+    for index in range(rows * cols + 1):  # crops row by row, then the global tile (processing_smolvlm's layout)
+        if index == rows * cols:
+            ids += [newline, marker, marker]
+            tile += [TEXT] * 3
+        ids += [marker, marker] if index < rows * cols else []
+        tile += [TEXT, TEXT] if index < rows * cols else []
+        ids += [image] * per_tile
+        tile += [index] * per_tile
+        if index < rows * cols and index % cols == cols - 1:
+            ids.append(newline)
+            tile.append(TEXT)
+    ids.append(marker)
+    tile.append(TEXT)
+    pixels = torch.randn(batch, rows * cols + 1, 3, t, t, device=device, dtype=dtype)
+    extras = {"grid": torch.tensor([[rows, cols]] * batch, device=device),
+              "span_ids": torch.tensor([ids] * batch, device=device),
+              "span_tile": torch.tensor([tile] * batch, device=device)}
+    assert PAD not in tile
+    return pixels, extras, pixels.flatten(0, 1)
+
+
+def measure_tiled(shape: TiledShape, batch: int, device: str, dtype: torch.dtype, text_tokens: int,
+                  repeats: int) -> dict:
+    """As :func:`measure`, for LLaVA-NeXT (own-tile CLS attention, the newline rule) or SmolVLM (received
+    attention per pixel-shuffle block) through the family adapter; the FLOP-ideal speedup is the family's
+    ``prediction_flops`` (every tile through the tower, the kept tokens through the language model)."""
+    from types import SimpleNamespace
+
+    from sentilens.mllm.families import family_of
+
+    torch.manual_seed(0)
+    model = build_tiled(shape, dtype, device)
+    family = family_of(model)
+    tower = family.vision_tower(model)
+    pixels, extras, tiles = tiled_inputs(shape, model, batch, device, dtype)
+    scorer = family.make_reducer(model, 1.0).scorer
+    if shape.family == "llava-next":
+        def alone():
+            tower(tiles, output_hidden_states=True)
+    else:
+        def alone():
+            tower(pixel_values=tiles)
+
+    def scored():
+        with scorer.capture():
+            alone()
+
+    with torch.no_grad():
+        tower_times = timed_passes({"alone": alone, "scored": scored}, repeats, device)
+    image_id = model.config.image_token_id
+    ids = [1] + [100 + i for i in range(text_tokens // 2)] + [image_id] + [
+        200 + i for i in range(text_tokens - 1 - text_tokens // 2)]
+    posts = MllmBatch(token_ids=[ids] * batch, pixel_values=pixels, image_index=list(range(batch)),
+                      image_extras=extras)
+
+    def predict(ratio: float):
+        reducer = family.make_reducer(model, ratio)
+        return lambda: label_log_probs(model, build_inputs(model, posts, reducer, padding_side="left"), ANSWERS)
+
+    with torch.no_grad():
+        times = timed_passes({ratio: predict(ratio) for ratio in RATIOS}, repeats, device)
+        n = build_inputs(model, posts, None, padding_side="left").image_tokens[0]
+    processor = None
+    if shape.family == "smolvlm":
+        from transformers.models.smolvlm.image_processing_pil_smolvlm import SmolVLMImageProcessorPil
+
+        processor = SimpleNamespace(image_processor=SmolVLMImageProcessorPil(
+            size={"longest_edge": max(shape.image_height, shape.image_width)},
+            max_image_size={"longest_edge": shape.tile_size}))
+    size = (shape.image_width, shape.image_height)
+    answer_tokens = sum(len(a) for a in ANSWERS)
+
+    def total(ratio: float) -> float:
+        return family.prediction_flops(model, processor, size, ratio, "all", text_tokens, answer_tokens)["total"]
+
+    base_flops = total(1.0)
+    rows = []
+    for ratio in RATIOS:
+        speedup = paired_ratio(times, 1.0, ratio)
+        ideal = base_flops / total(ratio)
+        rows.append({"ratio": ratio, "kept_tokens": keep_count(n, ratio),
+                     "latency_ms_per_post": 1000 * min(times[ratio]) / batch,
+                     "speedup": speedup, "ideal_speedup": ideal, "speedup_of_ideal": speedup / ideal,
+                     "paper_speedup": PAPER_SPEEDUP[ratio]})
+    return {
+        "device": device, "family": shape.family, "model_shape": asdict(shape), "shape_name": shape.name,
+        "batch": batch, "dtype": str(dtype).replace("torch.", ""), "text_tokens": text_tokens,
+        "image_tokens": n, "tiles_per_image": tiles.shape[0] // batch, "strategy": "all",
+        "scored_layers": scorer.layers,
+        "tower_ms": 1000 * min(tower_times["alone"]), "tower_scored_ms": 1000 * min(tower_times["scored"]),
+        "scoring_overhead": paired_ratio(tower_times, "scored", "alone"),
+        "ratios": rows,
+    }
+
+
+def tiled_proxies(vision_layers: int, lm_layers: int) -> list[TiledShape]:
+    """The CPU proxy settings of LLaVA-NeXT and SmolVLM."""
+    lm = f"Llama-style LM (1024 wide, {lm_layers} layers)"
+    next_ = TiledShape(name=f"LLaVA-NeXT: CLIP ViT-L/14-336 shape ({vision_layers} of 24 layers), 336 x 672 image "
+                            f"(base + 1 x 2 crops, 1,752 tokens) + {lm}", family="llava-next",
+                       vision_layers=vision_layers, vision_hidden=1024, vision_heads=16, vision_mlp=4096, tile_size=336,
+                       patch_size=14, image_height=336, image_width=672, lm_layers=lm_layers)
+    smol = TiledShape(name=f"SmolVLM-256M/500M tower shape (SigLIP-B/16-512, {vision_layers} of 12 layers, pixel "
+                           f"shuffle 4), 512 x 1024 image (1 x 2 crops + global, 192 tokens) + {lm}", family="smolvlm",
+                      vision_layers=vision_layers, vision_hidden=768, vision_heads=12, vision_mlp=3072, tile_size=512,
+                      patch_size=16, image_height=512, image_width=1024, lm_layers=lm_layers)
+    return [next_, smol]
+
+
 GPU_RUN = "run: LLaVA-1.5-7B shape, random weights, bf16, batches --gpu-batches"
 GPU_NOT_RUN = ("not run: no CUDA device on the machine that wrote this file; the LLaVA-1.5-7B bf16 settings are "
                "absent, not estimated")
@@ -357,9 +549,10 @@ def main() -> None:
     parser.add_argument("--gpu-batches", default="1,16")
     parser.add_argument("--skip-cpu", action="store_true",
                         help="only the GPU part (on a lent GPU machine, whose CPU is not this project's 2-core one)")
-    parser.add_argument("--families", default="llava,qwen2.5-vl,qwen3-vl",
+    parser.add_argument("--families", default="llava,qwen2.5-vl,qwen3-vl,llava-next,smolvlm",
                         help="CPU settings to measure; the other families' settings already in --out are kept")
     parser.add_argument("--qwen-batches", default="1", help="batches of the Qwen CPU proxies")
+    parser.add_argument("--tiled-batches", default="1", help="batches of the LLaVA-NeXT and SmolVLM CPU proxies")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "token_filtering.json")
     args = parser.parse_args()
     families = {name.strip() for name in args.families.split(",") if name.strip()}
@@ -380,6 +573,11 @@ def main() -> None:
         for batch in (int(b) for b in args.qwen_batches.split(",")) if shape.family in families else ():
             settings.append(measure_qwen(shape, batch, "cpu", torch.float32, args.text_tokens, args.repeats,
                                          strategy))
+            settings[-1]["load_average_after"] = list(os.getloadavg())
+            report(settings[-1])
+    for shape in tiled_proxies(args.vision_layers, args.lm_layers) if cpu else ():
+        for batch in (int(b) for b in args.tiled_batches.split(",")) if shape.family in families else ():
+            settings.append(measure_tiled(shape, batch, "cpu", torch.float32, args.text_tokens, args.repeats))
             settings[-1]["load_average_after"] = list(os.getloadavg())
             report(settings[-1])
     if torch.cuda.is_available():

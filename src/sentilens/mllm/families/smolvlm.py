@@ -237,12 +237,7 @@ class SmolVLMFamily(ModelFamily):
         cols; 0, 0 for an image that is its global tile alone) and its unfiltered span in the language
         model's input: ``span_ids`` (layout text and image tokens, by the checkpoint's tokenizer) and
         ``span_tile`` (the tile of each image token, :data:`TEXT` for layout text, :data:`PAD` past the end)."""
-        if aspect == "pad":
-            colour = inputs.pad_colour(processor.image_processor)
-            images = [inputs.pad_to_square(image, colour) for image in images]
-        out = processor.image_processor([[image] for image in images], return_tensors="pt",
-                                        return_row_col_info=True)
-        grid = torch.tensor([[rows[0], cols[0]] for rows, cols in zip(out["rows"], out["cols"], strict=True)])
+        pixels, grid = self.tiles_of(processor.image_processor, images, aspect)
         spans = []
         for rows, cols in grid.tolist():
             ids = torch.tensor(processor.tokenizer(processor.image_prompt(rows, cols),
@@ -257,7 +252,16 @@ class SmolVLMFamily(ModelFamily):
         for i, (ids, tile) in enumerate(spans):
             span_ids[i, :len(ids)] = ids
             span_tile[i, :len(ids)] = tile
-        return out["pixel_values"], {"grid": grid, "span_ids": span_ids, "span_tile": span_tile}
+        return pixels, {"grid": grid, "span_ids": span_ids, "span_tile": span_tile}
+
+    def tiles_of(self, image_processor, images: Sequence, aspect: str) -> tuple[Tensor, Tensor]:
+        """The image processor's tiles ``(B, tiles, 3, S, S)`` and each image's ``(rows, cols)``."""
+        if aspect == "pad":
+            colour = inputs.pad_colour(image_processor)
+            images = [inputs.pad_to_square(image, colour) for image in images]
+        out = image_processor([[image] for image in images], return_tensors="pt", return_row_col_info=True)
+        grid = torch.tensor([[rows[0], cols[0]] for rows, cols in zip(out["rows"], out["cols"], strict=True)])
+        return out["pixel_values"], grid
 
     def tokens_per_tile(self, model) -> int:
         vision = model.config.vision_config
@@ -276,8 +280,8 @@ class SmolVLMFamily(ModelFamily):
     def image_token_count(self, model, processor, size: tuple[int, int]) -> tuple[int, int]:
         from PIL import Image
 
-        pixels, extras = self.image_inputs(processor, [Image.new("RGB", size)], "crop")
-        tiles = self.tile_count(extras["grid"][0].tolist())
+        _, grid = self.tiles_of(processor.image_processor, [Image.new("RGB", size)], "crop")
+        tiles = self.tile_count(grid[0].tolist())
         return tiles * self.tokens_per_tile(model), tiles
 
     def prediction_flops(self, model, processor, size: tuple[int, int] | None, keep_ratio: float | None,
