@@ -113,6 +113,8 @@ class SmolProcessor:
         template = getattr(tokenizer, "chat_template", None)
         if template is None and (folder / "chat_template.jinja").is_file():
             template = (folder / "chat_template.jinja").read_text(encoding="utf-8")
+        if template is None and (folder / "chat_template.json").is_file():
+            template = json.loads((folder / "chat_template.json").read_text(encoding="utf-8")).get("chat_template")
         return cls(tokenizer, image_processor, int(settings.get("image_seq_len", 169)), template)
 
     def save_pretrained(self, out_dir: str | Path) -> None:
