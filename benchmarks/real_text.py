@@ -51,7 +51,7 @@ from sentilens.fusion.encoders import build_encoders
 from sentilens.fusion.predictor import FusionPredictor
 from sentilens.fusion.train import featurize_splits, train_fusion
 from sentilens.machine import environment
-from sentilens.metrics import paired_difference_interval
+from sentilens.metrics import classification_metrics, paired_difference_interval
 from sentilens.runs import read_json, write_json
 
 VARIANTS = {
@@ -154,12 +154,20 @@ def run_set(name: str, file: Path, work: Path, cache: FeatureCache, variants: li
     result = {"set": name, "file": str(file), "labels": labels, "posts": {s: len(p) for s, p in splits.items()},
               "train_subset": max_train is not None and len(splits["train"]) == max_train,
               "cache": stats.to_dict(), "variants": rows}
-    for variant in VARIANTS:  # runs left in WORK by earlier invocations join the paired comparisons
+    for variant in VARIANTS:  # finished runs left in WORK by earlier invocations join the paired comparisons
         run = work / name / "runs" / variant
-        if variant not in predictions and (run / "model.safetensors").is_file():
-            predictor = FusionPredictor.from_run(run, device=device)
-            predictions[variant] = [p.label for p in predictor.to_predictions(
-                predictor.probabilities(features["test"], splits["test"]))]
+        if variant in predictions or not (run / "metrics-test.json").is_file():
+            continue
+        predictor = FusionPredictor.from_run(run, device=device)
+        labels_now = [p.label for p in predictor.to_predictions(
+            predictor.probabilities(features["test"], splits["test"]))]
+        recorded = read_json(run / "metrics-test.json")["weighted_f1"]
+        again = classification_metrics([p.label for p in splits["test"]], labels_now, labels, intervals=False)["weighted_f1"]
+        if abs(again - recorded) > 1e-9:  # other splits, features or code than the run saw: not comparable
+            print(f"[{name}] {variant}: the run in {run} scores {again:.4f} now, {recorded:.4f} when trained; "
+                  "left out of the comparisons", flush=True)
+            continue
+        predictions[variant] = labels_now
     truth = [p.label for p in splits["test"]]
     for variant, baseline in [*((v, "probe") for v in VARIANTS if v != "probe"), ("full", "text")]:
         if variant in predictions and baseline in predictions:
