@@ -162,7 +162,8 @@ def run_set(name: str, file: Path, work: Path, cache: FeatureCache, variants: li
         labels_now = [p.label for p in predictor.to_predictions(
             predictor.probabilities(features["test"], splits["test"]))]
         recorded = read_json(run / "metrics-test.json")["weighted_f1"]
-        again = classification_metrics([p.label for p in splits["test"]], labels_now, labels, intervals=False)["weighted_f1"]
+        truth = [p.label for p in splits["test"]]
+        again = classification_metrics(truth, labels_now, labels, intervals=False)["weighted_f1"]
         if abs(again - recorded) > 1e-9:  # other splits, features or code than the run saw: not comparable
             print(f"[{name}] {variant}: the run in {run} scores {again:.4f} now, {recorded:.4f} when trained; "
                   "left out of the comparisons", flush=True)
