@@ -142,7 +142,13 @@ def test_sweep_writes_table_4_and_the_plot(full_run, manifest):
         ("feature+merge", 0.05)]
     assert [r["kept_tokens"] for r in rows] == [36, 18, 2] * 2
     assert [r["reference_run"] for r in rows] == [True, False, False] * 2
-    assert all(r["speedup"] == 1.0 for r in rows if r["ratio"] == 1.0)
+    assert all(r["speedup"] == r["end_to_end_speedup"] == 1.0 for r in rows if r["ratio"] == 1.0)
+    for row in rows:  # one pass: the speedup is the ratio of model times (decoding left out), end to end of the calls
+        reference = next(r for r in rows if r["strategy"] == row["strategy"] and r["ratio"] == 1.0)
+        assert row["speedup"] == pytest.approx(reference["total_ms"] / row["total_ms"], rel=1e-6)
+        assert row["end_to_end_speedup"] == pytest.approx(
+            reference["latency_ms_per_post"] / row["latency_ms_per_post"], rel=1e-6)
+        assert row["speedup_of_ideal"] == pytest.approx(row["speedup"] / row["ideal_speedup"])
     assert all(0 <= r["accuracy"] <= 1 and r["latency_ms_per_post"] > 0 for r in rows)
     for row in rows:  # the time split: image decoding apart, vision + LM prefill inside the total
         assert row["vision_ms"] > 0 and row["lm_ms"] > 0 and row["total_ms"] > 0 and row["image_decode_ms"] > 0
