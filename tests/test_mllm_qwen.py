@@ -431,3 +431,19 @@ def _compare_greedy(model, processor, ids, images, greedy_answers):
                            mm_token_type_ids=(tokens == image_id).int()).logits[0, -1]
             sequence.append(int(logits.argmax()))
         assert generated[i] == sequence[-4:]
+
+
+def test_a_processor_level_chat_template_is_read(tiny_folder, tmp_path):
+    """Qwen2.5-VL releases keep the chat template in chat_template.json beside a tokenizer without one."""
+    import json
+    import shutil
+
+    folder = tmp_path / "ckpt"
+    shutil.copytree(tiny_folder, folder)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    (folder / "chat_template.jinja").unlink(missing_ok=True)
+    template = "{% for m in messages %}<|im_start|>{{ m['role'] }}<|im_end|>{% endfor %}"
+    (folder / "chat_template.json").write_text(json.dumps({"chat_template": template}))
+    assert qwen.QwenProcessor.from_pretrained(str(folder)).chat_template == template

@@ -143,11 +143,7 @@ class QwenProcessor:
 
         tokenizer = AutoTokenizer.from_pretrained(source)
         image_processor = AutoImageProcessor.from_pretrained(source)
-        template = getattr(tokenizer, "chat_template", None)
-        folder = Path(source)
-        if template is None and (folder / "chat_template.jinja").is_file():
-            template = (folder / "chat_template.jinja").read_text(encoding="utf-8")
-        return cls(tokenizer, image_processor, template)
+        return cls(tokenizer, image_processor, getattr(tokenizer, "chat_template", None) or chat_template_of(source))
 
     def save_pretrained(self, out_dir: str | Path) -> None:
         self.tokenizer.save_pretrained(out_dir)
@@ -158,6 +154,22 @@ class QwenProcessor:
         return self.tokenizer.apply_chat_template(messages, chat_template=chat_template or self.chat_template,
                                                   add_generation_prompt=add_generation_prompt, tokenize=tokenize,
                                                   **kwargs)
+
+
+def chat_template_of(source: str) -> str | None:
+    """The checkpoint's processor-level chat template (``chat_template.jinja``, or ``chat_template.json`` as
+    Qwen2.5-VL's releases ship it), from the folder or the Hugging Face cache; None if it has none."""
+    import json
+
+    from transformers.utils import cached_file
+
+    for name in ("chat_template.jinja", "chat_template.json"):
+        path = cached_file(source, name, _raise_exceptions_for_missing_entries=False,
+                           _raise_exceptions_for_connection_errors=False)
+        if path:
+            text = Path(path).read_text(encoding="utf-8")
+            return text if name.endswith(".jinja") else json.loads(text)["chat_template"]
+    return None
 
 
 @dataclass
