@@ -26,7 +26,9 @@ Models have random weights (speed does not depend on them) and are built from co
   newlines; own-tile CLS scores, the newline rule) and SmolVLM-256M/500M's SigLIP-B/16-512 tower (768
   wide, pixel shuffle 4) on a 512 x 1024 image (1 x 2 crops + the global tile, 192 tokens; received
   attention per pixel-shuffle block), both with ``--vision-layers`` layers and the LLaVA proxy's
-  language model; the FLOP-ideal speedup is the family's ``prediction_flops``.
+  language model; the FLOP-ideal speedup is the family's ``prediction_flops``. On a GPU (bf16, batches
+  ``--tiled-gpu-batches``): LLaVA-NeXT-Mistral-7B on a 672 x 672 image (2,928 tokens) and SmolVLM2-2.2B
+  on a 1536 x 1536 image (4 x 4 crops + global, 1,377 tokens).
 Each post has ``--text-tokens`` prompt tokens around its image and three 2-token labels, as in a
 label-scoring prediction. Timings interleave the variants round-robin over ``--repeats`` passes
 (every other pass in reverse order); a ratio of two times (speedup, overhead) is the median over
@@ -439,6 +441,21 @@ def tiled_proxies(vision_layers: int, lm_layers: int) -> list[TiledShape]:
     return [next_, smol]
 
 
+def tiled_real_size() -> list[TiledShape]:
+    """The GPU settings of LLaVA-NeXT and SmolVLM: the released architectures on their largest grids."""
+    next_ = TiledShape(name="LLaVA-NeXT-Mistral-7B (CLIP ViT-L/14-336, 24 layers; 672 x 672 image: base + 2 x 2 "
+                            "crops, 2,928 tokens; Mistral-7B)", family="llava-next", vision_layers=24,
+                       vision_hidden=1024, vision_heads=16, vision_mlp=4096, tile_size=336, patch_size=14,
+                       image_height=672, image_width=672, lm_layers=32, lm_hidden=4096, lm_heads=32, lm_kv_heads=8,
+                       lm_mlp=14336, vocab=32064)
+    smol = TiledShape(name="SmolVLM2-2.2B (SigLIP-so400m/14-384, 27 layers, pixel shuffle 3; 1536 x 1536 image: "
+                           "4 x 4 crops + global, 1,377 tokens; SmolLM2-1.7B)", family="smolvlm", vision_layers=27,
+                      vision_hidden=1152, vision_heads=16, vision_mlp=4304, tile_size=384, patch_size=14,
+                      image_height=1536, image_width=1536, lm_layers=24, lm_hidden=2048, lm_heads=32,
+                      lm_kv_heads=32, lm_mlp=8192, vocab=49280, scale_factor=3)
+    return [next_, smol]
+
+
 GPU_RUN = "run: LLaVA-1.5-7B shape, random weights, bf16, batches --gpu-batches"
 GPU_NOT_RUN = ("not run: no CUDA device on the machine that wrote this file; the LLaVA-1.5-7B bf16 settings are "
                "absent, not estimated")
@@ -553,6 +570,8 @@ def main() -> None:
                         help="CPU settings to measure; the other families' settings already in --out are kept")
     parser.add_argument("--qwen-batches", default="1", help="batches of the Qwen CPU proxies")
     parser.add_argument("--tiled-batches", default="1", help="batches of the LLaVA-NeXT and SmolVLM CPU proxies")
+    parser.add_argument("--tiled-gpu-batches", default="1,4",
+                        help="batches of the LLaVA-NeXT-7B and SmolVLM2-2.2B GPU settings")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "token_filtering.json")
     args = parser.parse_args()
     families = {name.strip() for name in args.families.split(",") if name.strip()}
@@ -590,6 +609,11 @@ def main() -> None:
             for batch in (int(b) for b in args.gpu_batches.split(",")) if shape.family in families else ():
                 settings.append(measure_qwen(shape, batch, "cuda", torch.bfloat16, args.text_tokens, args.repeats,
                                              strategy))
+                report(settings[-1])
+                torch.cuda.empty_cache()
+        for shape in tiled_real_size():
+            for batch in (int(b) for b in args.tiled_gpu_batches.split(",")) if shape.family in families else ():
+                settings.append(measure_tiled(shape, batch, "cuda", torch.bfloat16, args.text_tokens, args.repeats))
                 report(settings[-1])
                 torch.cuda.empty_cache()
         gpu = torch.cuda.get_device_name()
