@@ -24,7 +24,7 @@ tiny LLaVA-1.5.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -83,24 +83,33 @@ def tiny_image_processor(spec: TinySpec):
     return CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
 
 
+def byte_level_bpe(vocab_size: int, specials: Sequence[str], texts: Iterable[str]):
+    """A byte-level BPE (``tokenizers.Tokenizer``) trained offline on ``texts``: it encodes any text, since
+    every byte is in its alphabet; the tiny models of every family build their tokenizers on it."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(specials), show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    bpe.train_from_iterator(list(texts), trainer)
+    return bpe
+
+
 def tiny_tokenizer(spec: TinySpec, corpus: Iterable[str] = (), instructions: Iterable[str] = (),
                    extra_specials: dict[str, str] | None = None, more_specials: Iterable[str] = ()):
     """A byte-level BPE tokenizer trained offline on the instruction strings plus ``corpus``, so it encodes
     any text; ``<s>`` is prepended like Llama's tokenizer does, ``<image>`` is its image token.
     ``extra_specials`` (name -> token) and ``more_specials`` add special tokens a family's processor needs."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import processors
     from transformers import PreTrainedTokenizerFast
 
     named = {"image_token": "<image>", **(extra_specials or {})}
     specials = list(dict.fromkeys(["<s>", "</s>", "<pad>", *named.values(), *more_specials]))
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=spec.vocab_size, special_tokens=specials, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     base = [LLAVA15_SYSTEM, *TASK_QUESTIONS.values(), "USER: ASSISTANT: Answer with one of:",
             "positive neutral negative informative not informative"]
-    bpe.train_from_iterator([*base, *instructions, *corpus], trainer)
+    bpe = byte_level_bpe(spec.vocab_size, specials, [*base, *instructions, *corpus])
     bpe.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
                                                        special_tokens=[("<s>", bpe.token_to_id("<s>"))])
     return PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", pad_token="<pad>",

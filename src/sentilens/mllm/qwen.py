@@ -670,11 +670,11 @@ def build_tiny_qwen(out_dir: str | Path, family: str, corpus: Sequence[str] = ()
                     spec: TinyQwenSpec | None = None) -> Path:
     """Write a small random Qwen2.5-VL (``family="qwen2.5-vl"``) or Qwen3-VL (``"qwen3-vl"``) checkpoint
     with its tokenizer (byte-level BPE trained offline, ChatML template) and image processor."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
     from transformers.utils import logging as hf_logging
 
+    from sentilens.mllm.model import byte_level_bpe
     from sentilens.mllm.prompt import LLAVA15_SYSTEM, TASK_QUESTIONS
 
     hf_logging.disable_progress_bar()
@@ -682,14 +682,9 @@ def build_tiny_qwen(out_dir: str | Path, family: str, corpus: Sequence[str] = ()
         raise SentilensError(f"unknown Qwen family '{family}' (qwen2.5-vl or qwen3-vl)")
     spec = spec or TinyQwenSpec()
     out_dir = Path(out_dir)
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=spec.vocab_size, special_tokens=QWEN_SPECIALS, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     instructions = [LLAVA15_SYSTEM, *TASK_QUESTIONS.values(), "system user assistant Answer with one of:",
                     "positive neutral negative informative not informative"]
-    bpe.train_from_iterator([*instructions, *corpus], trainer)
+    bpe = byte_level_bpe(spec.vocab_size, QWEN_SPECIALS, [*instructions, *corpus])
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>", model_max_length=4096,
         extra_special_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
