@@ -57,6 +57,7 @@ families are imported by name from :data:`REGISTRY`), so every mllm module may i
 from __future__ import annotations
 
 import importlib
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -96,7 +97,7 @@ class PatchView:
     """(x0, y0, x1, y1) in ``picture`` pixels: where the image lies; outside it is padding."""
 
 
-class ModelFamily:
+class ModelFamily(ABC):
     """One kind of vision-language checkpoint; see the module docstring for what each member is.
 
     The part accessors and the language-model forward default to the layout LLaVA-style models share
@@ -114,8 +115,9 @@ class ModelFamily:
     lora_pattern: str = r".*language_model\..*"
 
     @property
+    @abstractmethod
     def chat_template(self) -> str:
-        raise NotImplementedError
+        ...
 
     # --- checkpoints -------------------------------------------------------------------------
     def model_class(self):
@@ -123,9 +125,10 @@ class ModelFamily:
 
         return getattr(transformers, self.hf_class)
 
+    @abstractmethod
     def build_tiny(self, out_dir: str | Path, corpus: Sequence[str] = (), seed: int = 0, spec=None,
                    vision_tower: str | Path | None = None) -> Path:
-        raise NotImplementedError
+        ...
 
     def load_processor(self, source: str):
         """The checkpoint's processor (tokenizer + image processor + chat template)."""
@@ -144,33 +147,40 @@ class ModelFamily:
         return model.model.language_model
 
     # --- images and visual tokens ------------------------------------------------------------
+    @abstractmethod
     def image_inputs(self, processor, images: Sequence, aspect: str) -> tuple[Tensor, dict[str, Tensor]]:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def num_image_tokens(self, model, processor) -> int:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def visual_tokens(self, model, pixel_values: Tensor, extras: dict[str, Tensor], reducer=None) -> list[Tensor]:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def make_reducer(self, model, keep_ratio: float, strategy: str = "all"):
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def prediction_flops(self, model, processor, size: tuple[int, int] | None, keep_ratio: float | None,
                          strategy: str, text_tokens: int, answer_tokens: int) -> dict[str, float]:
         """FLOPs of one post's prediction by part (``vision``, ``scoring``, ``projector``, ``language``,
         ``head``) and ``total``: its image of ``size = (width, height)`` (None: no image) filtered at
         ``keep_ratio`` under ``strategy``, ``text_tokens`` other prompt tokens, ``answer_tokens`` scored."""
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def patch_view(self, model, builder, post, reducer) -> PatchView:
         """The heatmap of ``post``'s image under ``reducer`` (a filter from :meth:`make_reducer`), from one
         tower pass with that reducer, so the kept flags are exactly the tokens the language model sees."""
-        raise NotImplementedError
+        ...
 
     # --- the language model ------------------------------------------------------------------
+    @abstractmethod
     def assemble(self, model, token_ids, visual, targets=None, padding_side: str = "right", extras=None):
-        raise NotImplementedError
+        ...
 
     def language_model_hidden(self, model, inputs_embeds: Tensor, attention_mask: Tensor, position_ids: Tensor,
                               **kwargs):
