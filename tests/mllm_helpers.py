@@ -29,6 +29,36 @@ def tiny_model(folder: Path, mode: str = "full", training: bool = False):
     return model, builder
 
 
+def tiny_family_model(folder: Path, family: str):
+    """(MllmModel, PromptBuilder) of a freshly built tiny model of ``family`` (``tiny:<family>``), loaded through
+    ``from_pretrained``, prompts built for square-cropped images."""
+    from sentilens.mllm.families import family_of, get_family
+
+    get_family(family).build_tiny(folder, corpus=["the sun is out and I love it", "another terrible storm"])
+    model = prepare_model(folder, training=False)
+    builder = PromptBuilder(model.processor, PromptSettings(image_aspect="crop"), LABELS,
+                            num_image_tokens(model.llava, model.processor), family=family_of(model.llava))
+    return model, builder
+
+
+def image_posts(folder: Path, specs, step: int, slope: int) -> list[Post]:
+    """Three image posts (``specs``: ``(size, colour)`` each, with a dark block and a dotted line every ``step``
+    pixels of slope ``slope`` so no two patches look alike) and a text-only post, third."""
+    from PIL import Image
+
+    paths = []
+    for i, (size, colour) in enumerate(specs):
+        img = Image.new("RGB", size, colour)
+        img.paste((10, 10, 10), (0, 0, size[0] // 3, size[1] // 2))
+        for x in range(0, size[0], step):
+            img.putpixel((x, (x * slope) % size[1]), (255, 255, 255))
+        paths.append(folder / f"{i}.png")
+        img.save(paths[-1])
+    return [Post("a", "sun and sea, love it", str(paths[0])),
+            Post("b", "a much longer text about yet another storm ruining the whole weekend", str(paths[1])),
+            Post("c", "text only", None), Post("d", "ok", str(paths[2]))]
+
+
 def small_manifest(folder: Path, n_train: int = 32, n_val: int = 8, n_test: int = 8) -> Path:
     """A manifest cut from the synthetic set (made once per folder); the test split also gets a long
     post and a text-only post. With ``n_val=0`` there is no val split, so training keeps its last epoch."""

@@ -10,16 +10,13 @@ import math
 
 import pytest
 import torch
-from PIL import Image
 from typer.testing import CliRunner
 
-from mllm_helpers import small_manifest
+from mllm_helpers import image_posts, small_manifest, tiny_family_model
 from sentilens.cli import app
-from sentilens.data.records import Post, read_split
-from sentilens.mllm.families import family_of, get_family
+from sentilens.data.records import read_split
+from sentilens.mllm.families import family_of
 from sentilens.mllm.inputs import build_inputs, language_model_hidden, make_batch
-from sentilens.mllm.model import num_image_tokens, prepare_model
-from sentilens.mllm.prompt import PromptBuilder, PromptSettings
 from sentilens.mllm.scoring import label_log_probs
 
 LABELS = ["positive", "neutral", "negative"]
@@ -27,12 +24,7 @@ LABELS = ["positive", "neutral", "negative"]
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("smol") / "ckpt"
-    get_family("smolvlm").build_tiny(folder, corpus=["the sun is out and I love it", "another terrible storm"])
-    model = prepare_model(folder, training=False)
-    builder = PromptBuilder(model.processor, PromptSettings(image_aspect="crop"), LABELS,
-                            num_image_tokens(model.llava, model.processor), family=family_of(model.llava))
-    return model, builder
+    return tiny_family_model(tmp_path_factory.mktemp("smol") / "ckpt", "smolvlm")
 
 
 @pytest.fixture(scope="module")
@@ -40,17 +32,7 @@ def posts(tmp_path_factory):
     """A 2 x 2 split, a 1 x 2 split, a 2 x 1 split (each with its global tile), and a text-only post."""
     folder = tmp_path_factory.mktemp("images")
     specs = [((120, 100), (220, 40, 30)), ((300, 100), (20, 40, 200)), ((100, 300), (240, 240, 90))]
-    paths = []
-    for i, (size, colour) in enumerate(specs):
-        img = Image.new("RGB", size, colour)
-        img.paste((10, 10, 10), (0, 0, size[0] // 3, size[1] // 2))
-        for x in range(0, size[0], 5):
-            img.putpixel((x, (x * 7) % size[1]), (255, 255, 255))
-        paths.append(folder / f"{i}.png")
-        img.save(paths[-1])
-    return [Post("a", "sun and sea, love it", str(paths[0])),
-            Post("b", "a much longer text about yet another storm ruining the whole weekend", str(paths[1])),
-            Post("c", "text only", None), Post("d", "ok", str(paths[2]))]
+    return image_posts(folder, specs, step=5, slope=7)
 
 
 def native_inputs(builder, batch, posts):
