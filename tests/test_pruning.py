@@ -103,7 +103,7 @@ def test_scoring_leaves_the_tower_output_unchanged(clip):
 
 
 @pytest.mark.parametrize("chunk_elements", [1 << 24, 40])  # one block; 40 elements = one query per block
-def test_siglip_falls_back_to_mean_received_attention(siglip, monkeypatch, chunk_elements):
+def test_siglip_scores_are_the_mean_received_attention(siglip, monkeypatch, chunk_elements):
     monkeypatch.setattr(pruning, "QUERY_CHUNK_ELEMENTS", chunk_elements)
     monkeypatch.setattr(pruning, "CPU_QUERY_CHUNK_ELEMENTS", chunk_elements)
     sdpa, eager = siglip

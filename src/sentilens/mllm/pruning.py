@@ -23,12 +23,16 @@ tower cut after that layer still has everything it needs. ``"last"``, ``"A:B"`` 
 over the encoder layers) and ``"K"`` (one layer) are also accepted. Hidden state ``h`` is produced
 by encoder layer ``h - 1``; for a negative ``vision_feature_layer`` ``f`` that is layer ``L + f``.
 
-Towers without a CLS token (SigLIP, where LLaVA-style models use all patches). The paper's score
-does not exist there; the fallback is the attention each patch *receives*, averaged over all
-queries, heads and the chosen layers (``mean_i softmax(q_i K^T / sqrt(d))_j``). It is computed
-from the captured ``Q`` and ``K`` in chunks of queries, so no full map is ever held; it costs one
-extra ``QK^T`` per scored layer (about ``T / (4D + 2M + 2T)`` of the layer, ~5 % for SigLIP-so400m).
-Any other tower is refused with a :class:`SentilensError`.
+Towers without a CLS token (SigLIP, where LLaVA-style models use all patches; SmolVLM's SigLIP; the
+Qwen towers). The paper's score does not exist there; the fallback is the attention each patch
+*receives*, averaged over all queries, heads and the chosen layers (``mean_i softmax(q_i K^T /
+sqrt(d))_j``). That needs every entry of a scored layer's ``T x T`` map, not one row, so a hook cannot
+get it for the price of the CLS row: recomputing ``QK^T`` and its softmax beside the tower's own
+kernel cost 1.22x the tower on the SmolVLM CPU proxy. Instead a scored layer computes its attention
+itself (:func:`attention_with_received`, installed by :func:`received_attention` as the layer's
+attention function): one softmax block feeds both the output and the column sums, so scoring costs a
+column sum over the map the layer needs anyway, and no map is held whole. The other layers keep the
+tower's kernel. Any other tower is refused with a :class:`SentilensError`.
 
 Beyond the paper, ``merge`` (after VisionZip): instead of discarding the low-score patches, the
 same token budget ``k = ceil(r * N)`` is split into ``k - k // 6`` dominant patches (top scores,
@@ -49,8 +53,9 @@ patches under the paper's all-layer CLS scores.
 from __future__ import annotations
 
 import math
+import sys
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
@@ -63,11 +68,13 @@ CONTEXT_SHARE = 6
 """One contextual token per this many kept tokens under ``merge`` (VisionZip's 10 of 64)."""
 
 QUERY_CHUNK_ELEMENTS = 1 << 24
-"""Largest attention block (batch x heads x queries x keys) the no-CLS fallback holds at once on a GPU."""
+"""Largest attention block (maps x queries x keys) :func:`attention_with_received` holds at once on a GPU
+(several heads' whole maps per block: few kernel launches)."""
 
 CPU_QUERY_CHUNK_ELEMENTS = 1 << 20
-"""The same on a CPU: a 4 MiB block stays in cache through the matmul, softmax and sum (measured 3x faster
-than 64 MiB blocks for 1024 tokens x 16 heads on one core; the result is the same to float rounding)."""
+"""The same on a CPU, where a block is one head's queries (at most all of them) x keys: a 4 MiB block stays
+in cache through the matmuls, softmax and column sum. Measured on one core, 3 tiles x 12 heads x 1,024
+tokens (SmolVLM proxy): 181 ms a layer against SDPA's 134 ms; blocks spanning every head, 200-245 ms."""
 
 NO_CLS_MODEL_TYPES = ("siglip_vision_model", "smolvlm_vision", "idefics3_vision")
 """SigLIP-style towers (no CLS token): SigLIP itself and the SigLIP towers of SmolVLM / Idefics3."""
@@ -199,16 +206,21 @@ class AttentionScorer:
 
     @contextmanager
     def capture(self) -> Iterator[AttentionScorer]:
-        """Hooks installed for the duration: every tower forward inside refreshes the scores."""
+        """Hooks installed for the duration: every tower forward inside refreshes the scores. A CLS tower's
+        scored layers are read from their ``q_proj`` / ``k_proj`` outputs; a no-CLS tower's scored layers
+        compute their own attention with :func:`attention_with_received` (module docstring)."""
         handles = [self.tower.register_forward_pre_hook(self._start, with_kwargs=True)]
         all_layers = encoder_layers(self.tower)
-        for index in sorted(set(self.layers) | ({self.keep_keys_of} - {None})):
+        hooked = set(self.layers) if self.cls else set()
+        for index in sorted(hooked | ({self.keep_keys_of} - {None})):
             attn = all_layers[index].self_attn
             handles.append(attn.q_proj.register_forward_hook(self._stash(index, "q", attn)))
             handles.append(attn.k_proj.register_forward_hook(self._stash(index, "k", attn)))
         handles.append(self.tower.register_forward_hook(self._finish))
+        sinks = {} if self.cls else {all_layers[index].self_attn: self._received for index in self.layers}
         try:
-            yield self
+            with received_attention(sinks):
+                yield self
         finally:
             for handle in handles:
                 handle.remove()
@@ -242,16 +254,16 @@ class AttentionScorer:
         q, k = captured["q"], captured["k"]
         if index == self.keep_keys_of:
             self.keys = k[:, 1:] if self.cls else k
-        if index not in self.layers:
+        if index not in self.layers or not self.cls:
             return
-        if self.cls:
-            # Only the 1 x T logits of the CLS row are computed per layer, in the tower's dtype (as its
-            # own eager attention does); softmax and the means wait for the end of the forward, where
-            # they run once over all layers. Per-layer float copies of K and per-layer softmaxes cost
-            # x1.27-1.59 over the tower on an H200 (launch- and memory-bound; token_filtering_gpu.json).
-            self._logits.append((cls_logits(q[:, 0], k, attn.num_heads), attn.scale))
-            return
-        layer_scores = mean_received_attention(q, k, attn.num_heads, attn.scale)
+        # Only the 1 x T logits of the CLS row are computed per layer, in the tower's dtype (as its own eager
+        # attention does); softmax and the means wait for the end of the forward, where they run once over all
+        # layers. Per-layer float copies of K and per-layer softmaxes cost x1.27-1.59 over the tower on an H200
+        # (launch- and memory-bound; token_filtering_gpu.json).
+        self._logits.append((cls_logits(q[:, 0], k, attn.num_heads), attn.scale))
+
+    def _received(self, layer_scores: torch.Tensor) -> None:
+        """A no-CLS scored layer's ``(B, T)`` mean attention received, from :func:`attention_with_received`."""
         # a tower split over devices (device_map) sums its layers on the first one
         self._sum = layer_scores if self._sum is None else self._sum + layer_scores.to(self._sum.device)
 
@@ -287,23 +299,97 @@ def cls_scores_from_logits(layers: Sequence[tuple[torch.Tensor, float]]) -> torc
     return total
 
 
-def mean_received_attention(queries: torch.Tensor, keys: torch.Tensor, num_heads: int, scale: float) -> torch.Tensor:
-    """No-CLS fallback for one layer: attention each token receives, mean over queries and heads.
+def attention_with_received(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float,
+                            attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One layer's attention and the attention each token receives, computed together (module docstring).
 
-    ``queries``, ``keys``: ``(B, T, D)``. The map is built a chunk of queries at a time. Returns ``(B, T)``.
+    ``query``, ``key``, ``value``: ``(B, heads, T, d)`` (``B`` images or tiles, each attending to itself).
+    Returns the attention output ``(B, T, heads, d)`` (the layout transformers' attention functions return)
+    and ``(B, T)`` float32: ``mean_i softmax(q_i K^T * scaling)_j`` over the heads and the image's queries.
+    Each ``(queries x keys)`` softmax block, a head or several at a time (:data:`QUERY_CHUNK_ELEMENTS`), serves
+    both the output and the column sums: scoring costs a column sum, not a second query-key product.
     """
-    batch, tokens, dim = keys.shape
-    head_dim = dim // num_heads
-    # scaled once here rather than on every T x T block; both laid out for a plain batched matmul
-    q = (queries.float() * scale).view(batch, tokens, num_heads, head_dim).transpose(1, 2).contiguous()
-    k_t = keys.float().view(batch, tokens, num_heads, head_dim).permute(0, 2, 3, 1).contiguous()
-    budget = CPU_QUERY_CHUNK_ELEMENTS if keys.device.type == "cpu" else QUERY_CHUNK_ELEMENTS
-    chunk = max(1, budget // (batch * num_heads * tokens))
-    received = torch.zeros(batch, tokens, dtype=torch.float32, device=keys.device)
-    for start in range(0, tokens, chunk):
-        weights = torch.softmax(torch.matmul(q[:, :, start:start + chunk], k_t), dim=-1)
-        received += weights.sum(dim=(1, 2))
-    return received / (tokens * num_heads)
+    if attention_mask is not None:
+        raise ValueError("received-attention scoring takes unpadded images only (the tower was given an "
+                         "attention mask)")
+    batch, heads, tokens, dim = query.shape
+    maps = batch * heads
+    q = (query.float() * scaling).reshape(maps, tokens, dim)
+    k_t = key.float().reshape(maps, tokens, dim).transpose(-1, -2)
+    v = value.reshape(maps, tokens, value.shape[-1])
+    out = torch.empty(maps, tokens, value.shape[-1], dtype=value.dtype, device=value.device)
+    received = torch.zeros(maps, tokens, dtype=torch.float32, device=query.device)
+    budget = CPU_QUERY_CHUNK_ELEMENTS if query.device.type == "cpu" else QUERY_CHUNK_ELEMENTS
+    rows = max(1, budget // tokens)  # queries x maps per block
+    group, chunk = max(1, rows // tokens), min(rows, tokens)  # whole maps per block, or queries of one map
+    for first in range(0, maps, group):
+        block = slice(first, first + group)
+        for start in range(0, tokens, chunk):
+            weights = torch.softmax(torch.matmul(q[block, start:start + chunk], k_t[block]), dim=-1)
+            received[block] += weights.sum(dim=-2)
+            out[block, start:start + chunk] = torch.matmul(weights.to(v.dtype), v[block])
+    out = out.view(batch, heads, tokens, -1).transpose(1, 2).contiguous()
+    return out, received.view(batch, heads, tokens).sum(dim=1) / (tokens * heads)
+
+
+SCORING_ATTENTION = "sentilens_received_attention"
+"""The attention implementation a tower runs under while :func:`received_attention` scores some of its layers."""
+
+_SCORED: dict[nn.Module, Callable[[torch.Tensor], None]] = {}
+"""Attention modules being scored now -> where each call's ``(B, T)`` received attention goes."""
+
+_ORIGINAL: dict[int, str] = {}
+"""Config (by id) of the modules being scored now -> the attention implementation it was loaded with."""
+
+
+def _scoring_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """The attention function of a tower being scored: scored modules run :func:`attention_with_received`,
+    the others the implementation the model was loaded with (a flash implementation: SDPA, which takes the
+    same per-image calls and masks)."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    sink = _SCORED.get(module)
+    if sink is None:
+        original = _ORIGINAL.get(id(module.config), "sdpa")
+        fallback = (sys.modules[type(module).__module__].eager_attention_forward if original == "eager"
+                    else ALL_ATTENTION_FUNCTIONS.get_interface("sdpa" if "flash" in original else original, None))
+        return fallback(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+    out, received = attention_with_received(query, key, value, query.shape[-1] ** -0.5 if scaling is None
+                                            else scaling, attention_mask)
+    sink(received)
+    return out, None
+
+
+@contextmanager
+def received_attention(sinks: dict[nn.Module, Callable[[torch.Tensor], None]]) -> Iterator[None]:
+    """For the duration, each attention module in ``sinks`` (a transformers attention module that calls
+    ``ALL_ATTENTION_FUNCTIONS[config._attn_implementation]``) computes with :func:`attention_with_received`
+    and hands every call's ``(B, T)`` received attention to its sink; the other modules sharing their
+    config keep the implementation it was loaded with. Masks are built as for SDPA (none for unpadded
+    images)."""
+    if not sinks:
+        yield
+        return
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    from transformers.modeling_utils import AttentionInterface
+
+    if SCORING_ATTENTION not in AttentionInterface._global_mapping:
+        AttentionInterface.register(SCORING_ATTENTION, _scoring_attention)
+        AttentionMaskInterface.register(SCORING_ATTENTION, sdpa_mask)
+    configs = {id(module.config): module.config for module in sinks}
+    before = {key: config._attn_implementation_internal for key, config in configs.items()}
+    for key, config in configs.items():
+        _ORIGINAL[key] = before[key] or "sdpa"
+        config._attn_implementation_internal = SCORING_ATTENTION
+    _SCORED.update(sinks)
+    try:
+        yield
+    finally:
+        for module in sinks:
+            _SCORED.pop(module, None)
+        for key, config in configs.items():
+            config._attn_implementation_internal = before[key]
+            _ORIGINAL.pop(key, None)
 
 
 def keep_count(num_patches: int, keep_ratio: float) -> int:

@@ -79,7 +79,6 @@ loaded with ``from_pretrained``.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -96,6 +95,7 @@ from sentilens.mllm.pruning import (
     Selection,
     keep_count,
     random_priorities,
+    received_attention,
     top_patches,
 )
 
@@ -326,57 +326,10 @@ def scored_layers(visual, spec: FilterSpec) -> list[int]:
     return usable
 
 
-SCORING_ATTENTION = "sentilens_received_attention"
-"""The attention implementation the tower runs under while a :class:`ReceivedAttention` captures it."""
-
-_SCORED: dict[nn.Module, tuple[ReceivedAttention, int]] = {}
-"""Attention modules of the layers being scored now -> (their scorer, layer index)."""
-
-_ORIGINAL: dict[int, str] = {}
-"""Tower config (by id) being scored now -> the attention implementation it was loaded with (the other layers keep
-it; a flash implementation's packed call is replaced by SDPA per image while scoring)."""
-
-
-def attention_with_received(query: Tensor, key: Tensor, value: Tensor, scaling: float) -> tuple[Tensor, Tensor]:
-    """Attention of one image, ``(1, heads, T, d)`` each, and the attention each token receives (mean over
-    heads and queries, ``(T,)`` float32), a block of queries at a time: each softmax block serves both the
-    output and the scores, so scoring costs a column sum, not a second query-key product."""
-    from sentilens.mllm import pruning
-
-    _, heads, tokens, _ = query.shape
-    q = (query.float() * scaling).contiguous()
-    k_t = key.float().transpose(-1, -2).contiguous()
-    out = torch.empty_like(query, dtype=value.dtype)
-    received = torch.zeros(tokens, dtype=torch.float32, device=query.device)
-    budget = pruning.CPU_QUERY_CHUNK_ELEMENTS if query.device.type == "cpu" else pruning.QUERY_CHUNK_ELEMENTS
-    chunk = max(1, budget // (heads * tokens))
-    for start in range(0, tokens, chunk):
-        weights = torch.softmax(torch.matmul(q[:, :, start:start + chunk], k_t), dim=-1)
-        received += weights.sum(dim=(0, 1, 2))
-        out[:, :, start:start + chunk] = torch.matmul(weights.to(value.dtype), value)
-    return out.transpose(1, 2).contiguous(), received / (tokens * heads)
-
-
-def _scoring_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """The tower's attention function while scoring: scored layers compute their attention with
-    :func:`attention_with_received` (the same softmax map, kept for the scores), the others run the
-    implementation the model was loaded with."""
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
-    scorer, index = _SCORED.get(module, (None, None))
-    if index is None:
-        original = _ORIGINAL.get(id(module.config), "sdpa")
-        fallback = (sys.modules[type(module).__module__].eager_attention_forward if original == "eager"
-                    else ALL_ATTENTION_FUNCTIONS.get_interface("sdpa" if "flash" in original else original, None))
-        return fallback(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
-    out, received = attention_with_received(query, key, value, scaling)
-    scorer._parts.setdefault(index, []).append(received)
-    return out, None
-
-
 class ReceivedAttention:
     """Mean attention each merged token's patches receive, over heads, the image's queries and the scored
-    layers. The scored layers compute their own attention block by block (:func:`attention_with_received`)
+    layers. The scored layers compute their own attention block by block
+    (:func:`sentilens.mllm.pruning.attention_with_received`)
     and keep the column sums of each softmax block, so the map is never held whole and never computed twice;
     the other layers keep the tower's kernel (SDPA).
 
@@ -393,32 +346,24 @@ class ReceivedAttention:
 
     @contextmanager
     def capture(self, visual=None) -> Iterator[ReceivedAttention]:
-        from transformers.modeling_utils import AttentionInterface
-
         visual = self.visual
-        if SCORING_ATTENTION not in AttentionInterface._global_mapping:
-            AttentionInterface.register(SCORING_ATTENTION, _scoring_attention)
         handles = [visual.register_forward_pre_hook(self._start, with_kwargs=True),
                    visual.register_forward_hook(self._finish)]
         for index in self.layers:
-            attn = visual.blocks[index].attn
-            _SCORED[attn] = (self, index)
-            handles.append(attn.register_forward_hook(self._layer_done(index)))
-        config = visual.config
-        before = config._attn_implementation_internal
-        _ORIGINAL[id(config)] = before or "sdpa"
-        config._attn_implementation_internal = SCORING_ATTENTION
+            handles.append(visual.blocks[index].attn.register_forward_hook(self._layer_done(index)))
         try:
-            yield self
+            with received_attention({visual.blocks[index].attn: self._sink(index) for index in self.layers}):
+                yield self
         finally:
-            config._attn_implementation_internal = before
-            _ORIGINAL.pop(id(config), None)
-            for index in self.layers:
-                _SCORED.pop(visual.blocks[index].attn, None)
             for handle in handles:
                 handle.remove()
             self._parts.clear()
             self._sum = None
+
+    def _sink(self, index: int):
+        def keep(received: Tensor) -> None:  # one call per image (the tower splits its packed sequence)
+            self._parts.setdefault(index, []).append(received[0])
+        return keep
 
     def _start(self, module, args, kwargs) -> None:
         self._grid = kwargs.get("grid_thw", args[1] if len(args) > 1 else None)
