@@ -156,7 +156,7 @@ def test_batched_equals_one_by_one_with_different_kept_counts(tiny, posts):
 
 
 @pytest.mark.slow
-def test_train_eval_sweep_explain_from_the_command_line(tmp_path):
+def test_train_eval_sweep_predict_explain_from_the_command_line(tmp_path):
     data = small_manifest(tmp_path, n_train=8, n_val=4, n_test=6)
     run = tmp_path / "run"
     runner = CliRunner()
@@ -178,6 +178,18 @@ def test_train_eval_sweep_explain_from_the_command_line(tmp_path):
     assert rows[1]["kept_tokens"] < rows[0]["kept_tokens"]
     assert rows[1]["gflops_per_post"] < rows[0]["gflops_per_post"]
     image = next(p.image for p in read_split(data, "test") if p.image)
+    n = rows[0]["kept_tokens"]  # an image's visual tokens, unfiltered (the synthetic images share one size)
+    posts = tmp_path / "posts.jsonl"
+    posts.write_text(json.dumps({"id": "a", "text": "what a day", "image": image}) + "\n"
+                     + json.dumps({"id": "b", "text": "no picture"}) + "\n")
+    predictions_file = tmp_path / "preds.jsonl"
+    result = runner.invoke(app, ["predict", "--run", str(run), "--input", str(posts), "--output",
+                                 str(predictions_file), "--keep-ratio", "0.2"])
+    assert result.exit_code == 0, result.output
+    predictions = [json.loads(line) for line in predictions_file.read_text().splitlines()]
+    assert [p["id"] for p in predictions] == ["a", "b"]
+    assert [p["kept_tokens"] for p in predictions] == [math.ceil(0.2 * n), 0]
+    assert all(abs(sum(p["probabilities"].values()) - 1) < 1e-5 for p in predictions)
     out = tmp_path / "heat.png"
     result = runner.invoke(app, ["explain", "--run", str(run), "--image", image, "--text", "hello", "--out", str(out),
                                  "--keep-ratio", "0.3", "--json"])

@@ -158,7 +158,7 @@ def test_batched_equals_one_by_one_with_different_kept_counts(tiny, posts):
 
 
 @pytest.mark.slow
-def test_train_eval_sweep_explain_from_the_command_line(tmp_path):
+def test_train_eval_sweep_predict_explain_from_the_command_line(tmp_path):
     data = small_manifest(tmp_path, n_train=8, n_val=4, n_test=6)
     run = tmp_path / "run"
     runner = CliRunner()
@@ -178,6 +178,18 @@ def test_train_eval_sweep_explain_from_the_command_line(tmp_path):
     assert rows[1]["kept_tokens"] < rows[0]["kept_tokens"]
     assert rows[1]["gflops_per_post"] < rows[0]["gflops_per_post"]
     image = next(p.image for p in read_split(data, "test") if p.image)
+    n = rows[0]["kept_tokens"]  # an image's visual tokens, unfiltered (the synthetic images share one size)
+    posts = tmp_path / "posts.jsonl"
+    posts.write_text(json.dumps({"id": "a", "text": "what a day", "image": image}) + "\n"
+                     + json.dumps({"id": "b", "text": "no picture"}) + "\n")
+    predictions_file = tmp_path / "preds.jsonl"
+    result = runner.invoke(app, ["predict", "--run", str(run), "--input", str(posts), "--output",
+                                 str(predictions_file), "--keep-ratio", "0.2"])
+    assert result.exit_code == 0, result.output
+    predictions = [json.loads(line) for line in predictions_file.read_text().splitlines()]
+    assert [p["id"] for p in predictions] == ["a", "b"]
+    assert [p["kept_tokens"] for p in predictions] == [math.ceil(0.2 * n), 0]
+    assert all(abs(sum(p["probabilities"].values()) - 1) < 1e-5 for p in predictions)
     out = tmp_path / "heat.png"
     result = runner.invoke(app, ["explain", "--run", str(run), "--image", image, "--text", "hello", "--out", str(out),
                                  "--keep-ratio", "0.3", "--json"])
@@ -187,3 +199,43 @@ def test_train_eval_sweep_explain_from_the_command_line(tmp_path):
     result = runner.invoke(app, ["train", "mllm", "--data", str(data), "--out", str(tmp_path / "run2"),
                                  "--model", "tiny:smolvlm", "--tiny-vision", "pretrained"])
     assert result.exit_code != 0 and "cannot be pretrained" in str(result.exception)
+
+
+@pytest.mark.slow
+def test_resumed_lora_run_equals_an_uninterrupted_one(tmp_path, monkeypatch):
+    """train mllm --resume on SmolVLM with LoRA: interrupted after epoch 1 of 2, resumed, it ends with the
+    uninterrupted run's losses and weights (adapters and connector)."""
+    from sentilens.errors import SentilensError
+    from sentilens.mllm import train as train_module
+    from sentilens.mllm.train import mllm_train_config, train_mllm
+    from sentilens.runs import load_weights
+
+    data = small_manifest(tmp_path, n_train=8, n_val=4, n_test=4)
+    options = {"data": data, "epochs": 2, "base_model": "tiny:smolvlm", "mode": "lora",
+               "lora": {"r": 4, "alpha": 8, "dropout": 0.0}, "lr": 3e-3, "batch_size": 4, "global_batch_size": 4,
+               "eval_batch_size": 8}
+    train_mllm(mllm_train_config({**options, "out": tmp_path / "straight"}))
+    original = train_module._train_epoch
+
+    def interrupted(*args):
+        if args[-1] == 1:
+            raise KeyboardInterrupt
+        return original(*args)
+
+    monkeypatch.setattr(train_module, "_train_epoch", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train_mllm(mllm_train_config({**options, "out": tmp_path / "resumed"}))
+    assert json.loads((tmp_path / "resumed" / "resume" / "state.json").read_text())["epochs_done"] == 1
+    monkeypatch.setattr(train_module, "_train_epoch", original)
+    train_mllm(mllm_train_config({"out": tmp_path / "resumed", "resume": True}))
+
+    straight = json.loads((tmp_path / "straight" / "history.json").read_text())
+    resumed = json.loads((tmp_path / "resumed" / "history.json").read_text())
+    assert len(resumed) == 2
+    assert [h["train_loss"] for h in resumed] == pytest.approx([h["train_loss"] for h in straight], abs=1e-6)
+    a = load_weights(tmp_path / "straight" / "model.safetensors")
+    b = load_weights(tmp_path / "resumed" / "model.safetensors")
+    assert any("lora_" in k for k in a) and any("connector" in k for k in a)
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    with pytest.raises(SentilensError, match="nothing to resume"):
+        train_mllm(mllm_train_config({**options, "out": tmp_path / "resumed", "resume": True}))
