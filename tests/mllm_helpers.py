@@ -75,9 +75,10 @@ def small_manifest(folder: Path, n_train: int = 32, n_val: int = 8, n_test: int 
     return out
 
 
-def train_tiny_mllm(data: Path, out: Path, epochs: int = 1) -> Path:
-    """A tiny-LLaVA run trained on ``data`` into ``out`` with the tests' recipe (FAST_TINY)."""
+def train_tiny_mllm(data: Path, out: Path, epochs: int = 1, model: str = "tiny") -> Path:
+    """A tiny-model run (``model``: ``tiny`` = the tiny LLaVA, or ``tiny:<family>``) trained on ``data`` into
+    ``out`` with the tests' recipe (FAST_TINY)."""
     from sentilens.mllm.train import mllm_train_config, train_mllm
 
-    train_mllm(mllm_train_config({"data": data, "out": out, **FAST_TINY, "epochs": epochs}))
+    train_mllm(mllm_train_config({"data": data, "out": out, **FAST_TINY, "base_model": model, "epochs": epochs}))
     return out

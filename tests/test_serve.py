@@ -200,6 +200,54 @@ def test_explain_returns_the_heatmap_and_exactly_the_kept_patches(client, posts,
     assert default["keep_ratio"] == 0.4 and default["heatmap"]["kept_patches"] == math.ceil(0.4 * PATCHES)
 
 
+@pytest.fixture(scope="module")
+def smolvlm_run(data, tmp_path_factory):
+    return train_tiny_mllm(data, tmp_path_factory.mktemp("runs") / "tiny-smolvlm", model="tiny:smolvlm")
+
+
+def test_a_smolvlm_run_serves_predictions_and_the_received_attention_heatmap(smolvlm_run, posts, tmp_path):
+    """No CLS token: the heatmap shows the attention each pixel-shuffle block receives; a 2:1 image is a 1 x 2
+    crop grid squared with a row of non-token cells, which score 0, are never kept and leave the scaling alone."""
+    predictor = load_predictor(smolvlm_run, device="cpu")
+    wide = tmp_path / "wide.png"
+    picture = Image.new("RGB", (200, 100), (30, 90, 200))
+    picture.paste((240, 240, 20), (20, 10, 80, 60))
+    picture.save(wide)
+    post = Post("wide", "sun and sea", str(wide))
+    per_tile = predictor.builder.processor.image_seq_len
+    server = Server(smolvlm_run, tmp_path / "smolvlm.log", [])
+    try:
+        with httpx.Client(base_url=server.url, timeout=60) as http:
+            info = http.get("/v1/model").json()
+            assert info["supports_keep_ratio"] and info["supports_explain"]
+            answer = http.post("/v1/predict", **multipart(posts[0], keep_ratio="0.3")).json()
+            assert_same_prediction(answer, predictor.predict([posts[0]], keep_ratio=0.3)[0])
+            response = http.post("/v1/explain", **multipart(post, keep_ratio="0.3"))
+    finally:
+        server.stop()
+    assert response.status_code == 200, response.text
+    answer = response.json()
+    assert_same_prediction(answer, predictor.predict([post], keep_ratio=0.3)[0])
+    n = predictor.predict([post], keep_ratio=1.0)[0].kept_tokens  # 2 crops + the global tile
+    assert n == 3 * per_tile and answer["kept_tokens"] == math.ceil(0.3 * n)
+    heatmap = answer["heatmap"]
+    assert "attention received" in heatmap["score_name"]
+    assert heatmap["content"] == [0.0, 0.0, 1.0, 0.5]
+    side = heatmap["grid"]
+    tokens = [[row < side // 2 for _ in range(side)] for row in range(side)]  # the crops fill the top half
+    assert heatmap["patches"] == sum(map(sum, tokens)) == 2 * per_tile
+    scores = [s for row in heatmap["scores"] for s in row]
+    kept = [k for row in heatmap["kept"] for k in row]
+    real = [t for row in tokens for t in row]
+    assert all(s == 0.0 and not k for s, k, t in zip(scores, kept, real, strict=True) if not t)
+    assert min(s for s, t in zip(scores, real, strict=True) if t) == 0.0
+    assert max(s for s, t in zip(scores, real, strict=True) if t) == 1.0
+    assert 0 < heatmap["kept_patches"] == sum(kept) <= answer["kept_tokens"]
+    # the ceil(r N) budget is one threshold over every tile: a kept crop cell outscores every dropped one
+    assert min(s for s, k in zip(scores, kept, strict=True) if k) >= max(
+        s for s, k, t in zip(scores, kept, real, strict=True) if t and not k)
+
+
 def test_the_openapi_schema_is_valid_and_types_every_body(client):
     from openapi_spec_validator import validate
 

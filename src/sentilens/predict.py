@@ -88,6 +88,14 @@ class Explanation:
     strategy: str
     content: tuple[float, float, float, float]
     """(x0, y0, x1, y1) in ``picture`` pixels: where the post's image lies; outside it is padding."""
+    shown: torch.Tensor | None = None
+    """(g, g) bool: the cells that are visual tokens (the rest squares a rectangular grid); None: all."""
+
+    def token_cells(self) -> torch.Tensor:
+        """(g, g) bool: the cells that are visual tokens of the image."""
+        import torch
+
+        return torch.ones_like(self.kept) if self.shown is None else self.shown
 
 
 @runtime_checkable

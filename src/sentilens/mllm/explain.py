@@ -116,7 +116,8 @@ def explain(predictor: Predictor, image: str | Path, text: str = "", keep_ratio:
     prediction, kept = found.prediction, found.kept
     probability = prediction.probabilities.get(prediction.label, float("nan"))
     title = (f"predicted: {prediction.label} (p = {probability:.2f})   "
-             f"kept {int(kept.sum())} of {kept.numel()} patches (r = {ratio:g}, layers: {found.strategy})")
+             f"kept {int(kept.sum())} of {int(found.token_cells().sum())} patches (r = {ratio:g}, layers: "
+             f"{found.strategy})")
     cover, ratio_on_cue = None, None
     if cue_box is not None:
         from sentilens.data.images import load_image
@@ -126,7 +127,7 @@ def explain(predictor: Predictor, image: str | Path, text: str = "", keep_ratio:
         title += f"\ncue box (outlined): score mass / area = {ratio_on_cue:.2f} (uniform scores: 1)"
     path = draw(found.picture, found.scores, kept, found.score_name, title, Path(out), cover)
     result = {"out": str(path), "label": prediction.label, "probabilities": prediction.probabilities,
-              "keep_ratio": ratio, "kept_patches": int(kept.sum()), "patches": kept.numel(),
+              "keep_ratio": ratio, "kept_patches": int(kept.sum()), "patches": int(found.token_cells().sum()),
               "strategy": found.strategy}
     if ratio_on_cue is not None:
         result["mass_over_area"] = ratio_on_cue

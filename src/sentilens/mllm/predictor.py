@@ -135,4 +135,5 @@ class MllmPredictor:
         llava = self.model.llava
         view = family_of(llava).patch_view(llava, self.builder, post, self.reducer(keep_ratio))
         return Explanation(prediction=prediction, picture=view.picture, scores=view.scores, kept=view.kept,
-                           score_name=view.score_name, strategy=self.strategy, content=view.content)
+                           score_name=view.score_name, strategy=self.strategy, content=view.content,
+                           shown=view.shown)

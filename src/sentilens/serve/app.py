@@ -6,7 +6,8 @@ the model and micro-batches requests (:mod:`sentilens.serve.batching`). Endpoint
 
 - ``POST /v1/predict``: one post (JSON with a base64 image, or multipart with a file part);
 - ``POST /v1/predict/batch``: up to ``max_posts`` posts (JSON);
-- ``POST /v1/explain``: MLLM runs, the prediction plus the CLS-attention heatmap and kept patches;
+- ``POST /v1/explain``: MLLM runs, the prediction plus the patch-score heatmap (CLS attention, or attention
+  received) and kept patches;
 - ``GET /v1/model``: family, labels, base model, config summary, limits;
 - ``GET /healthz``: liveness and queue depth; never needs the API key, so probes work;
 - ``GET /``: the web page (``static/``).
@@ -240,7 +241,7 @@ def create_app(run_dir: str | Path, settings: ServeSettings | None = None) -> Fa
     @app.post("/v1/explain", response_model=ExplainResponse, dependencies=guarded, tags=["predict"],
               responses=error_docs(400, 401, 408, 413, 415, 422, 503), openapi_extra=body_doc("PredictRequest", True))
     async def explain(request: Request) -> ExplainResponse:
-        """MLLM runs: the prediction, the CLS-attention heatmap of the image and the patches kept at the keep ratio
+        """MLLM runs: the prediction, the patch-score heatmap of the image and the patches kept at the keep ratio
         (default 0.4, the paper's 40 % point)."""
         from sentilens.mllm.explain import DEFAULT_KEEP_RATIO
         from sentilens.serve.heatmap import explain_post

@@ -25,11 +25,13 @@ def explain_post(predictor: Predictor, post: Post, keep_ratio: float) -> tuple[P
     prediction, picture, scores, kept, score_name = (found.prediction, found.picture, found.scores, found.kept,
                                                      found.score_name)
     content = [round(v / picture.shape[1], 4) for v in found.content]
-    low, high = float(scores.min()), float(scores.max())
-    scaled = (scores - low) / (high - low) if high > low else scores * 0.0
+    tokens = found.token_cells()
+    # min-max over the image's own tokens: cells that only square a rectangular grid are no token (0)
+    low, high = float(scores[tokens].min()), float(scores[tokens].max())
+    scaled = ((scores - low) / (high - low) if high > low else scores * 0.0).where(tokens, 0.0)
     heatmap = Heatmap(grid=kept.shape[0], scores=[[round(v, 4) for v in row] for row in scaled.tolist()],
-                      kept=kept.tolist(), kept_patches=int(kept.sum()), patches=kept.numel(), score_name=score_name,
-                      image=png_data_url(picture.numpy()), content=content)
+                      kept=kept.tolist(), kept_patches=int(kept.sum()), patches=int(tokens.sum()),
+                      score_name=score_name, image=png_data_url(picture.numpy()), content=content)
     return prediction, heatmap
 
 

@@ -129,10 +129,12 @@ class Heatmap(BaseModel):
     """Patch scores of the image on the vision tower's grid (row-major), and the patches kept."""
 
     grid: int = Field(description="Patches per side of the square grid.")
-    scores: list[list[float]] = Field(description="grid x grid scores scaled to [0, 1] (min-max).")
+    scores: list[list[float]] = Field(description="grid x grid scores scaled to [0, 1] (min-max over the image's "
+                                                  "tokens; 0 on cells that only square a rectangular grid).")
     kept: list[list[bool]] = Field(description="grid x grid: true where the patch reaches the language model.")
-    kept_patches: int
-    patches: int
+    kept_patches: int = Field(description="Kept cells of the grid. Tiled models (LLaVA-NeXT, SmolVLM) draw their "
+                                          "crops; the tokens of their whole-image tile count in kept_tokens only.")
+    patches: int = Field(description="Cells of the grid that are visual tokens of the image.")
     score_name: str = Field(description="What was scored: CLS attention, or mean attention received.")
     image: str = Field(description="The image as the vision tower sees it (padded or cropped, resized), a PNG "
                                    "data: URL.")

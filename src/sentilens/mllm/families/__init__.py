@@ -95,6 +95,9 @@ class PatchView:
     score_name: str
     content: tuple[float, float, float, float]
     """(x0, y0, x1, y1) in ``picture`` pixels: where the image lies; outside it is padding."""
+    shown: Tensor | None = None
+    """(g, g) bool: the cells that are visual tokens of the image (scored, possibly kept); the rest pads a
+    rectangular grid to a square and is no token. None: every cell (LLaVA-1.5's square grid)."""
 
 
 class ModelFamily(ABC):

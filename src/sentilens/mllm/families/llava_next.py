@@ -281,6 +281,8 @@ class LlavaNextFamily(LlavaFamily):
         kept_slots = torch.zeros(len(layout), dtype=torch.bool)
         kept_slots[selection.kept.cpu()] = True
         kept[cell] = kept_slots[crop]
+        shown = torch.zeros(side * side, dtype=torch.bool)
+        shown[cell] = True
         processor = builder.processor.image_processor
         mean = torch.tensor(processor.image_mean).view(3, 1, 1)
         std = torch.tensor(processor.image_std).view(3, 1, 1)
@@ -295,7 +297,8 @@ class LlavaNextFamily(LlavaFamily):
         x0, y0 = (nw * size - new_w) // 2, (nh * size - new_h) // 2
         return PatchView(picture=picture.permute(1, 2, 0), scores=scores.view(side, side), kept=kept.view(side, side),
                          score_name="CLS attention of each crop's own tile",
-                         content=(float(x0), float(y0), float(x0 + new_w), float(y0 + new_h)))
+                         content=(float(x0), float(y0), float(x0 + new_w), float(y0 + new_h)),
+                         shown=shown.view(side, side))
 
 
 def choose_slots(layout: Tensor, priority: Tensor, budget: int, base_patches: int) -> Tensor:

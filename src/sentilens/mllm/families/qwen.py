@@ -127,11 +127,13 @@ class QwenFamily(ModelFamily):
         square_scores[:rows, :cols] = scores
         square_kept = torch.zeros(side, side, dtype=torch.bool)
         square_kept[:rows, :cols] = kept
+        shown = torch.zeros(side, side, dtype=torch.bool)
+        shown[:rows, :cols] = True
         square_picture = torch.zeros(side * cell, side * cell, 3)
         square_picture[:picture.shape[0], :picture.shape[1]] = picture
         return PatchView(picture=square_picture, scores=square_scores, kept=square_kept,
                          score_name="mean attention received (2x2 merged patches)",
-                         content=content)
+                         content=content, shown=shown)
 
     # --- the language model ----------------------------------------------------------------------
     def assemble(self, model, token_ids, visual, targets=None, padding_side: str = "right", extras=None):

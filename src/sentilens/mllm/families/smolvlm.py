@@ -414,6 +414,7 @@ class SmolVLMFamily(ModelFamily):
         side = max(rows, cols) * per_side
         scores = torch.zeros(side, side)
         kept = torch.zeros(side, side, dtype=torch.bool)
+        shown_cells = torch.zeros(side, side, dtype=torch.bool)
         kept_set = torch.zeros(selection.scores.numel(), dtype=torch.bool)
         kept_set[selection.kept.cpu()] = True
         per_tile = per_side * per_side
@@ -423,6 +424,7 @@ class SmolVLMFamily(ModelFamily):
             cells = (slice(r * per_side, (r + 1) * per_side), slice(c * per_side, (c + 1) * per_side))
             scores[cells] = selection.scores[block].float().cpu().view(per_side, per_side)
             kept[cells] = kept_set[block].view(per_side, per_side)
+            shown_cells[cells] = True
         processor = builder.processor.image_processor
         mean = torch.tensor(processor.image_mean).view(3, 1, 1)
         std = torch.tensor(processor.image_std).view(3, 1, 1)
@@ -434,7 +436,7 @@ class SmolVLMFamily(ModelFamily):
                 batch.pixel_values[0, t].float().cpu() * std + mean).clamp(0, 1)
         return PatchView(picture=picture.permute(1, 2, 0), scores=scores, kept=kept,
                          score_name="mean attention received (no CLS), per pixel-shuffle block",
-                         content=(0.0, 0.0, float(cols * size), float(rows * size)))
+                         content=(0.0, 0.0, float(cols * size), float(rows * size)), shown=shown_cells)
 
 
 class ShuffleTokenFilter:

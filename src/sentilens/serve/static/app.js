@@ -1,5 +1,5 @@
 // The sentilens page: sends one post to the server, shows the label, the probability bars and,
-// for MLLM runs, the CLS-attention heatmap with the kept patches outlined.
+// for MLLM runs, the patch-score heatmap (CLS attention, or attention received) with the kept patches outlined.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
