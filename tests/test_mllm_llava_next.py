@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 from mllm_helpers import image_posts, small_manifest, tiny_family_model
 from sentilens.cli import app
 from sentilens.data.records import read_split
+from sentilens.errors import SentilensError
 from sentilens.mllm.families import family_of
 from sentilens.mllm.families.llava_next import NEWLINE, choose_slots
 from sentilens.mllm.inputs import build_inputs, language_model_hidden, make_batch
@@ -196,3 +197,10 @@ def test_train_eval_sweep_predict_explain_from_the_command_line(tmp_path):
     assert result.exit_code == 0, result.output
     info = json.loads(result.stdout)
     assert 0 < info["kept_patches"] < info["patches"] and out.is_file()
+
+
+def test_merge_strategies_are_refused_in_one_line(tiny):
+    llava = tiny[0].llava
+    with pytest.raises(SentilensError, match=r"^strategy 'feature\+merge': \+merge is not available for LLaVA-NeXT "
+                                             r"\(its contextual tokens have no place in the row layout\); use"):
+        family_of(llava).make_reducer(llava, 0.5, "feature+merge")

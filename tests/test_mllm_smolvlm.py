@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 from mllm_helpers import image_posts, small_manifest, tiny_family_model
 from sentilens.cli import app
 from sentilens.data.records import read_split
+from sentilens.errors import SentilensError
 from sentilens.mllm.families import family_of
 from sentilens.mllm.inputs import build_inputs, language_model_hidden, make_batch
 from sentilens.mllm.scoring import label_log_probs
@@ -205,7 +206,6 @@ def test_train_eval_sweep_predict_explain_from_the_command_line(tmp_path):
 def test_resumed_lora_run_equals_an_uninterrupted_one(tmp_path, monkeypatch):
     """train mllm --resume on SmolVLM with LoRA: interrupted after epoch 1 of 2, resumed, it ends with the
     uninterrupted run's losses and weights (adapters and connector)."""
-    from sentilens.errors import SentilensError
     from sentilens.mllm import train as train_module
     from sentilens.mllm.train import mllm_train_config, train_mllm
     from sentilens.runs import load_weights
@@ -239,3 +239,9 @@ def test_resumed_lora_run_equals_an_uninterrupted_one(tmp_path, monkeypatch):
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
     with pytest.raises(SentilensError, match="nothing to resume"):
         train_mllm(mllm_train_config({**options, "out": tmp_path / "resumed", "resume": True}))
+
+
+def test_merge_strategies_are_refused_in_one_line(tiny):
+    llava = tiny[0].llava
+    with pytest.raises(SentilensError, match=r"^strategy 'all\+merge': \+merge is not available for SmolVLM; use"):
+        family_of(llava).make_reducer(llava, 0.5, "all+merge")

@@ -118,6 +118,21 @@ def test_siglip_scores_are_the_mean_received_attention(siglip, monkeypatch, chun
     torch.testing.assert_close(scores, reference, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("chunk_elements", [1 << 24, 40, 7])  # several maps a block; 4 queries; 1 query
+def test_attention_with_received_is_sdpa_plus_the_mean_of_the_softmax_map(monkeypatch, chunk_elements):
+    monkeypatch.setattr(pruning, "QUERY_CHUNK_ELEMENTS", chunk_elements)
+    monkeypatch.setattr(pruning, "CPU_QUERY_CHUNK_ELEMENTS", chunk_elements)
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 10, 8, generator=generator) * 2 for _ in range(3))
+    out, received = pruning.attention_with_received(q, k, v, 0.3)
+    reference = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=0.3)
+    torch.testing.assert_close(out, reference.transpose(1, 2))
+    weights = torch.softmax(q @ k.transpose(-1, -2) * 0.3, dim=-1)  # (B, heads, queries, keys)
+    torch.testing.assert_close(received, weights.mean(dim=(1, 2)))
+    with pytest.raises(ValueError, match="unpadded"):
+        pruning.attention_with_received(q, k, v, 0.3, torch.ones(2, 1, 10, 10, dtype=torch.bool))
+
+
 def test_filter_on_a_siglip_tower_keeps_the_most_attended_patches(siglip):
     sdpa, eager = siglip
     x = pixels()

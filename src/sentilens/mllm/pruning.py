@@ -522,3 +522,37 @@ def make_reducer(llava: nn.Module, keep_ratio: float, strategy: str = "all") -> 
     """The filter for a ``LlavaForConditionalGeneration`` (the ``pruning`` section of an MLLM run config)."""
     return TokenFilter(llava.model.vision_tower, keep_ratio, FilterSpec.parse(strategy),
                        llava.config.vision_feature_layer)
+
+
+class TiledTokenFilter:
+    """What the filters of the tiled families share (LLaVA-NeXT's :class:`~sentilens.mllm.families.llava_next.
+    AnyResTokenFilter`, SmolVLM's :class:`~sentilens.mllm.families.smolvlm.ShuffleTokenFilter`): an
+    :class:`AttentionScorer` on the tower's chosen ``layers``, entered by the family's own tower pass over every
+    tile (:meth:`capture`; no scoring for ``random``), one ``ceil(r N)`` budget per image chosen by the
+    subclass's ``choose``, and ``last``, each image's :class:`Selection` of the latest call."""
+
+    family = ""
+    """The family's name, for the messages."""
+    no_merge_reason = ""
+    """Why ``+merge`` is refused (appended to the message)."""
+
+    def __init__(self, tower: nn.Module, keep_ratio: float, spec: FilterSpec, layers: Sequence[int]):
+        if spec.merge:
+            raise SentilensError(f"strategy '{spec}': +merge is not available for {self.family}{self.no_merge_reason}; "
+                                 "use the strategy without +merge")
+        keep_count(1, keep_ratio)
+        self.spec = spec
+        self.keep_ratio = keep_ratio
+        self.scorer = AttentionScorer(tower, layers)
+        self.last: list[Selection] = []
+
+    @contextmanager
+    def capture(self, model: nn.Module | None = None) -> Iterator[TiledTokenFilter]:
+        with nullcontext() if self.spec.select == "random" else self.scorer.capture():
+            yield self
+
+    def tile_scores(self) -> torch.Tensor:
+        """``(all tiles of the batch, patches)`` float32 scores of the latest captured tower pass."""
+        if self.scorer.scores is None:
+            raise RuntimeError(f"the {self.family} filter chose before the tower ran under its capture")
+        return self.scorer.scores.float().cpu()

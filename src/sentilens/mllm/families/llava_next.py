@@ -48,8 +48,8 @@ to a square grid); the base tile's patches are filtered too but not drawn.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from collections.abc import Sequence
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -60,9 +60,9 @@ from sentilens.mllm import inputs
 from sentilens.mllm.families import PatchView
 from sentilens.mllm.families.llava import LlavaFamily
 from sentilens.mllm.pruning import (
-    AttentionScorer,
     FilterSpec,
     Selection,
+    TiledTokenFilter,
     encoder_layers,
     keep_count,
     random_priorities,
@@ -346,7 +346,7 @@ def choose_slots(layout: Tensor, priority: Tensor, budget: int, base_patches: in
     return torch.tensor([s for s in range(n) if taken[s]], dtype=torch.long)
 
 
-class AnyResTokenFilter:
+class AnyResTokenFilter(TiledTokenFilter):
     """LLaVA-NeXT's filter (module docstring): own-tile CLS scores, one budget over the image, the newline rule.
 
     :meth:`LlavaNextFamily.visual_tokens` enters :meth:`capture` around its tower pass over all tiles,
@@ -354,22 +354,12 @@ class AnyResTokenFilter:
     :class:`Selection` (kept slots, per-slot scores; newline slots score 0).
     """
 
-    def __init__(self, tower, keep_ratio: float, spec: FilterSpec, vision_feature_layer):
-        if spec.merge:
-            raise SentilensError(f"strategy '{spec}': +merge is not available for LLaVA-NeXT (its contextual tokens "
-                                 "have no place in the row layout); use the strategy without +merge")
-        keep_count(1, keep_ratio)
-        self.spec = spec
-        self.keep_ratio = keep_ratio
-        layers = spec.layer_indices(len(encoder_layers(tower)), vision_feature_layer)
-        self.scorer = AttentionScorer(tower, layers)
-        self.tile_patches = (tower.config.image_size // tower.config.patch_size) ** 2
-        self.last: list[Selection] = []
+    family = "LLaVA-NeXT"
+    no_merge_reason = " (its contextual tokens have no place in the row layout)"
 
-    @contextmanager
-    def capture(self, model=None) -> Iterator[AnyResTokenFilter]:
-        with nullcontext() if self.spec.select == "random" else self.scorer.capture():
-            yield self
+    def __init__(self, tower, keep_ratio: float, spec: FilterSpec, vision_feature_layer):
+        super().__init__(tower, keep_ratio, spec, spec.layer_indices(len(encoder_layers(tower)), vision_feature_layer))
+        self.tile_patches = (tower.config.image_size // tower.config.patch_size) ** 2
 
     @torch.no_grad()
     def choose(self, layouts: list[Tensor], tiles: list[int], pixels: list[Tensor]) -> list[Tensor]:
@@ -379,9 +369,7 @@ class AnyResTokenFilter:
             tile_scores = [random_priorities(p[None], len(layout))[0]
                            for p, layout in zip(pixels, layouts, strict=True)]
         else:
-            if self.scorer.scores is None:
-                raise RuntimeError("the LLaVA-NeXT filter chose before the tower ran under its capture")
-            per_tile = torch.split(self.scorer.scores.float().cpu(), tiles)
+            per_tile = torch.split(self.tile_scores(), tiles)
             tile_scores = []
             for scores, layout in zip(per_tile, layouts, strict=True):
                 flat = scores.reshape(-1)

@@ -42,8 +42,8 @@ and posts have no video.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,9 +54,9 @@ from sentilens.errors import SentilensError
 from sentilens.mllm import inputs
 from sentilens.mllm.families import ModelFamily, PatchView
 from sentilens.mllm.pruning import (
-    AttentionScorer,
     FilterSpec,
     Selection,
+    TiledTokenFilter,
     encoder_layers,
     keep_count,
     random_priorities,
@@ -439,25 +439,15 @@ class SmolVLMFamily(ModelFamily):
                          content=(0.0, 0.0, float(cols * size), float(rows * size)), shown=shown_cells)
 
 
-class ShuffleTokenFilter:
+class ShuffleTokenFilter(TiledTokenFilter):
     """SmolVLM's filter (module docstring): received attention per patch, averaged over each pixel-shuffle
     block, one ``ceil(r N)`` budget over every tile of the image; ``last`` keeps each image's
     :class:`Selection` (kept token indices over the image's tiles, per-token scores)."""
 
-    def __init__(self, tower, keep_ratio: float, spec: FilterSpec):
-        if spec.merge:
-            raise SentilensError(f"strategy '{spec}': +merge is not available for SmolVLM; use the strategy "
-                                 "without +merge")
-        keep_count(1, keep_ratio)
-        self.spec = spec
-        self.keep_ratio = keep_ratio
-        self.scorer = AttentionScorer(tower, spec.layer_indices(len(encoder_layers(tower)), -1))
-        self.last: list[Selection] = []
+    family = "SmolVLM"
 
-    @contextmanager
-    def capture(self, model=None) -> Iterator[ShuffleTokenFilter]:
-        with nullcontext() if self.spec.select == "random" else self.scorer.capture():
-            yield self
+    def __init__(self, tower, keep_ratio: float, spec: FilterSpec):
+        super().__init__(tower, keep_ratio, spec, spec.layer_indices(len(encoder_layers(tower)), -1))
 
     @torch.no_grad()
     def choose(self, tiles: list[int], pixels: list[Tensor], groups: Tensor) -> list[Tensor]:
@@ -467,9 +457,7 @@ class ShuffleTokenFilter:
         if self.spec.select == "random":
             token_scores = [random_priorities(p[None], n * per_tile)[0] for p, n in zip(pixels, tiles, strict=True)]
         else:
-            if self.scorer.scores is None:
-                raise RuntimeError("the SmolVLM filter chose before the tower ran under its capture")
-            patch_scores = self.scorer.scores.float().cpu()  # (all tiles, patches)
+            patch_scores = self.tile_scores()  # (all tiles, patches)
             block = patch_scores[:, groups].mean(dim=-1)  # (all tiles, tokens per tile)
             token_scores = [t.reshape(-1) for t in torch.split(block, tiles)]
         self.last, kept = [], []
