@@ -12,7 +12,8 @@ from sentilens.data.synth import LABELS, SCENE_CLASSES, synth_image
 from sentilens.errors import SentilensError
 from sentilens.mllm import tower as tower_module
 from sentilens.mllm.model import TinySpec, build_tiny, load_checkpoint, tiny_image_processor
-from sentilens.mllm.tower import REPORT, TowerRecipe, corpus_pixels, pretrained_tower, tower_key
+from sentilens.mllm.tower import (BACKGROUND, REPORT, TowerRecipe, corpus_pixels, patch_targets, pretrained_tower,
+                                   tower_key)
 from sentilens.mllm.train import TOWER_REPORT, mllm_train_config, train_mllm
 from sentilens.runs import read_json
 
@@ -27,14 +28,27 @@ def quick_tower(tmp_path_factory):
 
 
 def test_corpus_images_are_labelled_by_the_scene_they_show():
-    pixels, targets = corpus_pixels(SPEC, QUICK, 9, offset=3)
-    assert pixels.shape == (9, 3, 96, 96) and pixels.dtype == torch.uint8
+    pixels, targets, patches = corpus_pixels(SPEC, QUICK, 9, offset=3)
+    assert pixels.shape == (9, 3, 96, 96) and pixels.dtype == torch.uint8 and patches.shape == (9, 36)
     for i, target in enumerate(targets.tolist()):
-        image, scene, _, _ = synth_image(LABELS[(3 + i) % 3], QUICK.frame_size, tower_module.CORPUS_SEED + 3 + i)
+        image, scene, box, _ = synth_image(LABELS[(3 + i) % 3], QUICK.frame_size, tower_module.CORPUS_SEED + 3 + i)
         assert SCENE_CLASSES[target] == (scene if scene in SCENE_CLASSES else "objects")
+        assert torch.equal(patches[i], patch_targets(SPEC, QUICK.frame_size, box, target))
+        assert set(patches[i].tolist()) == {target, BACKGROUND}  # the box (>= 36 % of the side) covers whole patches
         # the image as the checkpoint's processor prepares it, before normalisation
         unit = tiny_image_processor(SPEC)([image], do_normalize=False, return_tensors="pt")["pixel_values"][0]
         assert torch.equal(pixels[i], torch.round(unit * 255).to(torch.uint8))
+
+
+def test_a_patch_is_labelled_with_the_cue_when_at_least_half_of_it_lies_in_the_box():
+    # 128-px frame -> 96 px: box [10, 10, 50, 50] becomes [7.5, 7.5, 37.5, 37.5] on a 6 x 6 grid of 16-px patches.
+    # Patch (0, 1) spans x 16-32 (all in) and y 0-16 (8.5 of 16 in): 0.53 >= 0.5. Patch (0, 0): 0.53 x 0.53 = 0.28.
+    # Patch (1, 2) spans x 32-48: 5.5 of 16 in, 0.34. So the cue class sits on patches (0, 1), (1, 0), (1, 1) only.
+    targets = patch_targets(SPEC, 128, [10, 10, 50, 50], scene=3)
+    assert [i for i, t in enumerate(targets.tolist()) if t != BACKGROUND] == [1, 6, 7]
+    assert targets[7] == 3 and BACKGROUND == len(SCENE_CLASSES)
+    whole = patch_targets(SPEC, 128, [0, 0, 64, 64], scene=0)  # [0, 0, 48, 48]: the top-left 3 x 3 patches exactly
+    assert whole.view(6, 6)[:3, :3].eq(0).all() and int(whole.eq(0).sum()) == 9
 
 
 def test_the_tower_is_cached_and_a_second_call_reuses_it(quick_tower, monkeypatch):

@@ -65,6 +65,10 @@ class TinySpec(BaseModel):
     vocab_size: int = 1024
 
 
+TINY_FEATURE_LAYER = -2
+"""The tower hidden state the tiny LLaVA projects: the second-to-last, as LLaVA-1.5 reads CLIP."""
+
+
 def tiny_vision_config(spec: TinySpec):
     """The tiny LLaVA's CLIP vision tower: a ViT with a CLS token, ``(image_size / patch_size)^2`` patches."""
     from transformers import CLIPVisionConfig
@@ -164,7 +168,7 @@ def build_tiny(out_dir: str | Path, corpus: Iterable[str] = (), seed: int = 0, s
     vision = tiny_vision_config(spec)
     config = LlavaConfig(vision_config=vision, text_config=tiny_text_config(spec, tokenizer),
                          image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
-                         image_seq_length=(size // spec.patch_size) ** 2, vision_feature_layer=-2,
+                         image_seq_length=(size // spec.patch_size) ** 2, vision_feature_layer=TINY_FEATURE_LAYER,
                          vision_feature_select_strategy="default")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
