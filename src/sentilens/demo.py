@@ -40,6 +40,7 @@ class DemoSize:
     fusion_epochs: int
     fusion_image_size: int
     mllm_epochs: int
+    mllm_lr: float
     ratios: tuple[float, ...]
     strategies: tuple[str, ...]
     tiny: TinySpec
@@ -53,19 +54,20 @@ DEMO_TINY = TinySpec(image_size=96, patch_size=8, vision_hidden=64, vision_layer
 LLaVA-1.5), so fewer visual tokens save time, while 1,200 posts still train in minutes on 2 cores."""
 
 SIZES = {
-    "smoke": DemoSize(posts=200, fusion_epochs=6, fusion_image_size=128, mllm_epochs=5, ratios=(1.0, 0.6, 0.2),
+    "smoke": DemoSize(posts=400, fusion_epochs=6, fusion_image_size=128, mllm_epochs=5, mllm_lr=5e-3,
+                      ratios=(1.0, 0.6, 0.2),
                       strategies=("all", "random"), tiny=DEMO_TINY.model_copy(update={"text_hidden": 64,
                                                                                     "text_layers": 2}),
                       tower=TowerRecipe(images=1000, held_out=200, epochs=4)),
-    "full": DemoSize(posts=1200, fusion_epochs=10, fusion_image_size=224, mllm_epochs=8,
+    "full": DemoSize(posts=1200, fusion_epochs=10, fusion_image_size=224, mllm_epochs=8, mllm_lr=1e-3,
                      ratios=(1.0, 0.8, 0.6, 0.4, 0.2, 0.05),
                      strategies=("all", "random", "inverse", "feature", "all+merge"), tiny=DEMO_TINY,
                      tower=TowerRecipe()),
 }
-MLLM_LR = 1e-3
-"""The tiny LLaVA's language model starts from random weights: it needs a far larger step than the paper's 2e-5.
-At 5e-3 it never learnt the neutral class (0 of 240 neutral training posts right after 4 epochs on 1,600
-posts: it read the image and barely the text); at 1e-3 it reaches 0.97 on the training posts."""
+"""``mllm_lr``: the tiny LLaVA's language model starts from random weights, so it needs a far larger step than
+the paper's 2e-5. Full: 1e-3 (at 5e-3 it never learnt the neutral class: 0 of 240 neutral training posts right
+after 4 epochs on 1,600 posts, reading the image and barely the text; at 1e-3 it gets 0.97-0.99 of the training
+posts right). Smoke: 5e-3, the 100 steps of its 160 posts are too few for 1e-3 (it stayed at the majority class)."""
 
 MLLM_RUN = "llava-tiny"
 CUE_ATTENTION = "attention_on_cue.json"
@@ -157,7 +159,7 @@ def run_demo(out_dir: str | Path = "demo-out", size: str = "full", seed: int = 0
         from sentilens.mllm.train import MllmTrainConfig, train_mllm
 
         config = MllmTrainConfig(data=data_dir, out=mllm_dir, base_model="tiny", epochs=spec.mllm_epochs,
-                                 batch_size=8, global_batch_size=8, lr=MLLM_LR, seed=seed, tiny=spec.tiny,
+                                 batch_size=8, global_batch_size=8, lr=spec.mllm_lr, seed=seed, tiny=spec.tiny,
                                  tiny_vision="pretrained", tiny_tower=spec.tower, cache=tower_cache)
         shutil.rmtree(mllm_dir, ignore_errors=True)
         summary = train_mllm(config)
