@@ -204,3 +204,6 @@ def test_merge_strategies_are_refused_in_one_line(tiny):
     with pytest.raises(SentilensError, match=r"^strategy 'feature\+merge': \+merge is not available for LLaVA-NeXT "
                                              r"\(its contextual tokens have no place in the row layout\); use"):
         family_of(llava).make_reducer(llava, 0.5, "feature+merge")
+    with pytest.raises(SentilensError, match=r"^strategy 'all\+native': \+native is offered for LLaVA-1.5 only, not "
+                                             r"LLaVA-NeXT; use"):
+        family_of(llava).make_reducer(llava, 0.5, "all+native")

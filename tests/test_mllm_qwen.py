@@ -228,6 +228,8 @@ def test_windowed_layers_and_merge_are_refused(tiny):
     assert qwen.scored_layers(model.model.visual, qwen.FilterSpec.parse("last")) == [3]
     with pytest.raises(SentilensError, match=r"\+merge"):
         qwen.QwenTokenFilter(model, 0.5, "all+merge")
+    with pytest.raises(SentilensError, match=r"native 3-D position always"):
+        qwen.QwenTokenFilter(model, 0.5, "all+native")
 
 
 @torch.no_grad()

@@ -245,3 +245,5 @@ def test_merge_strategies_are_refused_in_one_line(tiny):
     llava = tiny[0].llava
     with pytest.raises(SentilensError, match=r"^strategy 'all\+merge': \+merge is not available for SmolVLM; use"):
         family_of(llava).make_reducer(llava, 0.5, "all+merge")
+    with pytest.raises(SentilensError, match=r"^strategy 'random\+native': \+native is offered for LLaVA-1.5 only"):
+        family_of(llava).make_reducer(llava, 0.5, "random+native")

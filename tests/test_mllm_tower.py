@@ -12,8 +12,15 @@ from sentilens.data.synth import LABELS, SCENE_CLASSES, synth_image
 from sentilens.errors import SentilensError
 from sentilens.mllm import tower as tower_module
 from sentilens.mllm.model import TinySpec, build_tiny, load_checkpoint, tiny_image_processor
-from sentilens.mllm.tower import (BACKGROUND, REPORT, TowerRecipe, corpus_pixels, patch_targets, pretrained_tower,
-                                   tower_key)
+from sentilens.mllm.tower import (
+    BACKGROUND,
+    REPORT,
+    TowerRecipe,
+    corpus_pixels,
+    patch_targets,
+    pretrained_tower,
+    tower_key,
+)
 from sentilens.mllm.train import TOWER_REPORT, mllm_train_config, train_mllm
 from sentilens.runs import read_json
 

@@ -268,7 +268,15 @@ def test_baseline_strategies_parse_and_print_back(text):
     assert FilterSpec.parse(str(FilterSpec.parse("feature+merge"))) == FilterSpec("feature", merge=True)
 
 
-@pytest.mark.parametrize("text", ["random+merge", "inverse+merge", "randomly"])
+@pytest.mark.parametrize("text, spec", [("all+native", FilterSpec("all", native=True)),
+                                        ("feature+native", FilterSpec("feature", native=True)),
+                                        ("random+native", FilterSpec("all", select="random", native=True)),
+                                        ("inverse+native", FilterSpec("all", select="inverse", native=True))])
+def test_native_position_strategies_parse_and_print_back(text, spec):
+    assert FilterSpec.parse(text) == spec and str(spec) == text
+
+
+@pytest.mark.parametrize("text", ["random+merge", "inverse+merge", "randomly", "all+merge+native", "all+natives"])
 def test_baselines_with_merge_or_misspelt_are_refused(text):
     with pytest.raises(SentilensError, match="unknown filtering strategy|bad scoring layers"):
         FilterSpec.parse(text)

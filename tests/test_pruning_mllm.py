@@ -91,7 +91,36 @@ def test_the_language_model_sees_exactly_the_top_patches_of_the_eager_reference(
     assert features.shape == (3, PATCHES, 64)
 
 
-@pytest.mark.parametrize("strategy", ["all", "feature", "all+merge"])
+@pytest.mark.parametrize("strategy", ["all+native", "random+native"])
+def test_native_positions_equal_the_full_sequence_with_the_dropped_tokens_masked_out(full_run, manifest, strategy):
+    """The independent reference for +native: the r = 1 input (every visual token at its own position) with the
+    dropped visual tokens masked out of attention. The paper's renumbered sequence is another computation."""
+    predictor = load_predictor(full_run)
+    llava = predictor.model.llava
+    posts = [p for p in read_split(manifest, "test") if p.image][:3]
+    reducer = make_reducer(llava, 0.3, strategy)
+    inputs, logits = logits_of(predictor, posts, reducer)
+    full_inputs, _ = logits_of(predictor, posts, None)
+    assert inputs.image_tokens == [math.ceil(0.3 * PATCHES)] * 3
+    mask = full_inputs.attention_mask.clone()
+    for i, selection in enumerate(reducer.last):
+        slots = (full_inputs.input_ids[i] == llava.config.image_token_id).nonzero().flatten()
+        assert len(slots) == PATCHES
+        dropped = torch.ones(PATCHES, dtype=torch.bool)
+        dropped[selection.kept] = False
+        mask[i, slots[dropped]] = 0
+        # positions: the kept tokens at the image's first position plus their patch index, the text after as at r = 1
+        native = inputs.position_ids[i][inputs.input_ids[i] == llava.config.image_token_id]
+        assert native.tolist() == (full_inputs.position_ids[i, slots[0]] + selection.kept).tolist()
+        assert inputs.position_ids[i, -1] == full_inputs.position_ids[i, -1]
+    with torch.no_grad():
+        reference = llava.lm_head(language_model_hidden(llava, full_inputs, attention_mask=mask).last_hidden_state)
+    torch.testing.assert_close(logits[:, -1], reference[:, -1], atol=1e-5, rtol=1e-5)
+    renumbered = logits_of(predictor, posts, make_reducer(llava, 0.3, strategy.removesuffix("+native")))[1]
+    assert (renumbered[:, -1] - reference[:, -1]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("strategy", ["all", "feature", "all+merge", "all+native", "random+native"])
 @pytest.mark.parametrize("run", ["full_run", "lora_run"])
 def test_filtered_batches_equal_one_by_one(run, strategy, manifest, request):
     predictor = load_predictor(request.getfixturevalue(run)).with_options(strategy=strategy)

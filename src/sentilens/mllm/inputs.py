@@ -127,11 +127,15 @@ def assemble(
     visual: Sequence[Tensor | None],
     targets: Sequence[Sequence[int]] | None = None,
     padding_side: str = "right",
+    native: Sequence[tuple[Tensor, int] | None] | None = None,
 ) -> LmInputs:
     """Pad the posts into one batch, each image placeholder widened to its post's visual tokens.
 
     Positions count real tokens (0 at each post's first token, whatever the padding), so a post
-    gets the same positions alone and in a batch.
+    gets the same positions alone and in a batch. ``native`` (``+native`` filtering): per post
+    ``(patch_indices, span)``, the ``(k,)`` patch indices its visual tokens stand for among the
+    image's ``span`` patches; each visual token then sits at the image's first position plus its
+    patch index and the text after the image ``span`` positions after that first one, as at r = 1.
     """
     config = llava.config
     image_id = config.image_token_id
@@ -168,6 +172,19 @@ def assemble(
     # positions repeat), left padding sits at 0
     first = mask.argmax(dim=1, keepdim=True)
     positions = (torch.arange(width)[None, :] - first).clamp(min=0)
+    for i, ids in enumerate(rows):
+        if native is None or native[i] is None:
+            continue
+        patch_indices, span = native[i]
+        k = len(patch_indices)
+        own = torch.arange(len(ids))  # this post's positions, counted as the paragraph above counts them
+        at = ids.index(image_id)
+        own[at:at + k] = at + patch_indices.to("cpu", torch.long)
+        own[at + k:] += span - k
+        start = 0 if padding_side == "right" else width - len(ids)
+        positions[i, start:start + len(ids)] = own
+        if padding_side == "right":  # right padding goes on counting from the last real position
+            positions[i, start + len(ids):] = own[-1] + 1 + torch.arange(width - start - len(ids))
     input_ids, mask, positions = input_ids.to(device), mask.to(device), positions.to(device)
     embeds = llava.get_input_embeddings()(input_ids)
     kept = [v for v in visual if v is not None]
@@ -190,12 +207,20 @@ def build_inputs(llava, batch: MllmBatch, reducer: Reducer | None = None, paddin
     (both by the model's family: :func:`visual_tokens` and :func:`assemble` for LLaVA-1.5)."""
     family = family_of(llava)
     visual: list[Tensor | None] = [None] * len(batch.token_ids)
+    native: list[tuple[Tensor, int] | None] = [None] * len(batch.token_ids)
     if batch.pixel_values is not None:
         with stage("vision"):
             tokens = family.visual_tokens(llava, batch.pixel_values, batch.image_extras, reducer)
+        kept_where = getattr(reducer, "native_positions", False)
         for i, row in enumerate(batch.image_index):
             if row is not None:
                 visual[i] = tokens[row]
+                if kept_where:  # the filter's selection for this image: kept patches among all its patches
+                    selection = reducer.last[row]
+                    native[i] = (selection.kept, selection.scores.shape[0])
+        if kept_where:  # only LLaVA-1.5's filter offers +native (the others refuse it when built)
+            return family.assemble(llava, batch.token_ids, visual, batch.targets, padding_side,
+                                   extras=batch.image_extras, native=native)
     return family.assemble(llava, batch.token_ids, visual, batch.targets, padding_side, extras=batch.image_extras)
 
 

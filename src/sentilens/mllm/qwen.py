@@ -400,9 +400,10 @@ class QwenTokenFilter:
 
     def __init__(self, model, keep_ratio: float, strategy: FilterSpec | str = "all"):
         self.spec = FilterSpec.parse(strategy) if isinstance(strategy, str) else strategy
-        if self.spec.merge:
+        if self.spec.merge or self.spec.native:
             raise SentilensError(f"strategy '{self.spec}' is not available for {QWEN_MODEL_TYPES[model_type(model)]}: "
-                                 "+merge is offered for LLaVA towers only")
+                                 "+merge and +native are offered for LLaVA towers only (Qwen keeps every kept "
+                                 "token's native 3-D position always)")
         keep_count(1, keep_ratio)
         self.keep_ratio = keep_ratio
         visual = model.model.visual

@@ -49,8 +49,8 @@ class LlavaFamily(ModelFamily):
     def make_reducer(self, model, keep_ratio: float, strategy: str = "all"):
         return pruning.make_reducer(model, keep_ratio, strategy)
 
-    def assemble(self, model, token_ids, visual, targets=None, padding_side: str = "right", extras=None):
-        return inputs.assemble(model, token_ids, visual, targets, padding_side)
+    def assemble(self, model, token_ids, visual, targets=None, padding_side: str = "right", extras=None, native=None):
+        return inputs.assemble(model, token_ids, visual, targets, padding_side, native)
 
     def build_tiny(self, out_dir: str | Path, corpus: Sequence[str] = (), seed: int = 0, spec=None,
                    vision_tower: str | Path | None = None) -> Path:
