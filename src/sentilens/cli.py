@@ -484,9 +484,10 @@ def predict_cmd(
 StrategyOpt = Annotated[str, typer.Option(
     "--strategy", help="Token filtering: all (the paper: CLS attention averaged over all layers), feature (the "
                        "layer LLaVA reads, as FasterVLM), last, or a layer slice A:B; add +merge to merge the "
-                       "dropped patches into contextual tokens (VisionZip-style); baselines: random (a seeded "
-                       "uniform draw of the same count), inverse (the lowest-scored patches). sweep takes a comma "
-                       "list.")]
+                       "dropped patches into contextual tokens (VisionZip-style), or +native to keep the kept "
+                       "tokens' positions as at r = 1 (LLaVA-1.5); baselines: random (a seeded uniform draw of the "
+                       "same count), inverse (the lowest-scored patches), each with or without +native. sweep takes "
+                       "a comma list.")]
 
 
 @app.command("sweep")
