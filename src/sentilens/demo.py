@@ -68,7 +68,7 @@ SIZES = {
 """``mllm_lr``: the tiny LLaVA's language model starts from random weights, so it needs a far larger step than
 the paper's 2e-5. Full: 1e-3 (at 5e-3 it never learnt the neutral class: 0 of 240 neutral training posts right
 after 4 epochs on 1,600 posts, reading the image and barely the text; at 1e-3 it gets 0.97-0.99 of the training
-posts right). Smoke: 5e-3, the 100 steps of its 160 posts are too few for 1e-3 (it stayed at the majority class)."""
+posts right). Smoke: 5e-3 (at 1e-3, a 200-post smoke set's 100 steps left it at the majority class)."""
 
 MLLM_RUN = "llava-tiny"
 CUE_ATTENTION = "attention_on_cue.json"
