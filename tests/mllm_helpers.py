@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
 from pathlib import Path
 
-from sentilens.data.records import Post, read_manifest, write_manifest
+from sentilens.cli import app
+from sentilens.data.records import Post, read_manifest, read_split, write_manifest
 from sentilens.data.synth import LABELS, make_synthetic
 from sentilens.mllm.model import build_tiny, num_image_tokens, prepare_model
 from sentilens.mllm.prompt import PromptBuilder, PromptSettings
@@ -82,3 +85,60 @@ def train_tiny_mllm(data: Path, out: Path, epochs: int = 1, model: str = "tiny")
 
     train_mllm(mllm_train_config({"data": data, "out": out, **FAST_TINY, "base_model": model, "epochs": epochs}))
     return out
+
+
+def eval_sweep_predict_explain(runner, run: Path, data: Path, tmp_path: Path) -> None:
+    """The commands after ``train mllm`` on a tiny run of any family: eval at r = 0.4; sweep 1,0.4 (fewer kept
+    tokens and FLOPs at 0.4); predict at r = 0.2 (ceil(0.2 N) tokens for the image post, 0 for the text-only
+    one, N read off the unfiltered sweep row); explain at r = 0.3 (some patches kept, a heatmap written)."""
+    result = runner.invoke(app, ["eval", "--run", str(run), "--data", str(data), "--keep-ratio", "0.4", "--json"])
+    assert result.exit_code == 0, result.output
+    assert 0 <= json.loads(result.stdout)["accuracy"] <= 1
+    result = runner.invoke(app, ["sweep", "--run", str(run), "--data", str(data), "--ratios", "1,0.4",
+                                 "--repeats", "1", "--json"])
+    assert result.exit_code == 0, result.output
+    rows = json.loads((run / "sweep.json").read_text())["rows"]
+    assert [r["ratio"] for r in rows] == [1.0, 0.4]
+    assert rows[1]["kept_tokens"] < rows[0]["kept_tokens"]
+    assert rows[1]["gflops_per_post"] < rows[0]["gflops_per_post"]
+    image = next(p.image for p in read_split(data, "test") if p.image)
+    n = rows[0]["kept_tokens"]  # an image's visual tokens, unfiltered (the synthetic images share one size)
+    posts = tmp_path / "posts.jsonl"
+    posts.write_text(json.dumps({"id": "a", "text": "what a day", "image": image}) + "\n"
+                     + json.dumps({"id": "b", "text": "no picture"}) + "\n")
+    predictions_file = tmp_path / "preds.jsonl"
+    result = runner.invoke(app, ["predict", "--run", str(run), "--input", str(posts), "--output",
+                                 str(predictions_file), "--keep-ratio", "0.2"])
+    assert result.exit_code == 0, result.output
+    predictions = [json.loads(line) for line in predictions_file.read_text().splitlines()]
+    assert [p["id"] for p in predictions] == ["a", "b"]
+    assert [p["kept_tokens"] for p in predictions] == [math.ceil(0.2 * n), 0]
+    assert all(abs(sum(p["probabilities"].values()) - 1) < 1e-5 for p in predictions)
+    out = tmp_path / "heat.png"
+    result = runner.invoke(app, ["explain", "--run", str(run), "--image", image, "--text", "hello", "--out", str(out),
+                                 "--keep-ratio", "0.3", "--json"])
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.stdout)
+    assert 0 < info["kept_patches"] < info["patches"] and out.is_file()
+
+
+def interrupt_after_first_epoch(monkeypatch, options: dict, out: Path) -> None:
+    """Train an MLLM run into ``out`` and stop it by a KeyboardInterrupt as its second epoch starts: the resume
+    state then records one epoch done (what ``--resume`` picks up)."""
+    import pytest
+
+    from sentilens.mllm import train as train_module
+    from sentilens.mllm.train import mllm_train_config, train_mllm
+
+    original = train_module._train_epoch
+
+    def interrupted(*args):
+        if args[-1] == 1:
+            raise KeyboardInterrupt
+        return original(*args)
+
+    monkeypatch.setattr(train_module, "_train_epoch", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train_mllm(mllm_train_config({**options, "out": out}))
+    assert json.loads((out / "resume" / "state.json").read_text())["epochs_done"] == 1
+    monkeypatch.setattr(train_module, "_train_epoch", original)

@@ -12,9 +12,8 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from mllm_helpers import image_posts, small_manifest, tiny_family_model
+from mllm_helpers import eval_sweep_predict_explain, image_posts, small_manifest, tiny_family_model
 from sentilens.cli import app
-from sentilens.data.records import read_split
 from sentilens.errors import SentilensError
 from sentilens.mllm.families import family_of
 from sentilens.mllm.families.llava_next import NEWLINE, choose_slots
@@ -168,35 +167,7 @@ def test_train_eval_sweep_predict_explain_from_the_command_line(tmp_path):
     config = json.loads((run / "config.json").read_text())
     assert config["base_model"] == "base-model" and config["training"]["base_model"] == "tiny:llava-next"
     assert json.loads((run / "base-model" / "config.json").read_text())["model_type"] == "llava_next"
-    result = runner.invoke(app, ["eval", "--run", str(run), "--data", str(data), "--keep-ratio", "0.4", "--json"])
-    assert result.exit_code == 0, result.output
-    assert 0 <= json.loads(result.stdout)["accuracy"] <= 1
-    result = runner.invoke(app, ["sweep", "--run", str(run), "--data", str(data), "--ratios", "1,0.4",
-                                 "--repeats", "1", "--json"])
-    assert result.exit_code == 0, result.output
-    rows = json.loads((run / "sweep.json").read_text())["rows"]
-    assert [r["ratio"] for r in rows] == [1.0, 0.4]
-    assert rows[1]["kept_tokens"] < rows[0]["kept_tokens"]
-    assert rows[1]["gflops_per_post"] < rows[0]["gflops_per_post"]
-    image = next(p.image for p in read_split(data, "test") if p.image)
-    n = rows[0]["kept_tokens"]  # an image's visual tokens, unfiltered (the synthetic images share one size)
-    posts = tmp_path / "posts.jsonl"
-    posts.write_text(json.dumps({"id": "a", "text": "what a day", "image": image}) + "\n"
-                     + json.dumps({"id": "b", "text": "no picture"}) + "\n")
-    predictions_file = tmp_path / "preds.jsonl"
-    result = runner.invoke(app, ["predict", "--run", str(run), "--input", str(posts), "--output",
-                                 str(predictions_file), "--keep-ratio", "0.2"])
-    assert result.exit_code == 0, result.output
-    predictions = [json.loads(line) for line in predictions_file.read_text().splitlines()]
-    assert [p["id"] for p in predictions] == ["a", "b"]
-    assert [p["kept_tokens"] for p in predictions] == [math.ceil(0.2 * n), 0]
-    assert all(abs(sum(p["probabilities"].values()) - 1) < 1e-5 for p in predictions)
-    out = tmp_path / "heat.png"
-    result = runner.invoke(app, ["explain", "--run", str(run), "--image", image, "--text", "hello", "--out", str(out),
-                                 "--keep-ratio", "0.3", "--json"])
-    assert result.exit_code == 0, result.output
-    info = json.loads(result.stdout)
-    assert 0 < info["kept_patches"] < info["patches"] and out.is_file()
+    eval_sweep_predict_explain(runner, run, data, tmp_path)
 
 
 def test_merge_strategies_are_refused_in_one_line(tiny):

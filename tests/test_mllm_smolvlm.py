@@ -12,9 +12,14 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from mllm_helpers import image_posts, small_manifest, tiny_family_model
+from mllm_helpers import (
+    eval_sweep_predict_explain,
+    image_posts,
+    interrupt_after_first_epoch,
+    small_manifest,
+    tiny_family_model,
+)
 from sentilens.cli import app
-from sentilens.data.records import read_split
 from sentilens.errors import SentilensError
 from sentilens.mllm.families import family_of
 from sentilens.mllm.inputs import build_inputs, language_model_hidden, make_batch
@@ -168,35 +173,7 @@ def test_train_eval_sweep_predict_explain_from_the_command_line(tmp_path):
                                  "--json"])
     assert result.exit_code == 0, result.output
     assert json.loads((run / "base-model" / "config.json").read_text())["model_type"] == "smolvlm"
-    result = runner.invoke(app, ["eval", "--run", str(run), "--data", str(data), "--keep-ratio", "0.4", "--json"])
-    assert result.exit_code == 0, result.output
-    assert 0 <= json.loads(result.stdout)["accuracy"] <= 1
-    result = runner.invoke(app, ["sweep", "--run", str(run), "--data", str(data), "--ratios", "1,0.4",
-                                 "--repeats", "1", "--json"])
-    assert result.exit_code == 0, result.output
-    rows = json.loads((run / "sweep.json").read_text())["rows"]
-    assert [r["ratio"] for r in rows] == [1.0, 0.4]
-    assert rows[1]["kept_tokens"] < rows[0]["kept_tokens"]
-    assert rows[1]["gflops_per_post"] < rows[0]["gflops_per_post"]
-    image = next(p.image for p in read_split(data, "test") if p.image)
-    n = rows[0]["kept_tokens"]  # an image's visual tokens, unfiltered (the synthetic images share one size)
-    posts = tmp_path / "posts.jsonl"
-    posts.write_text(json.dumps({"id": "a", "text": "what a day", "image": image}) + "\n"
-                     + json.dumps({"id": "b", "text": "no picture"}) + "\n")
-    predictions_file = tmp_path / "preds.jsonl"
-    result = runner.invoke(app, ["predict", "--run", str(run), "--input", str(posts), "--output",
-                                 str(predictions_file), "--keep-ratio", "0.2"])
-    assert result.exit_code == 0, result.output
-    predictions = [json.loads(line) for line in predictions_file.read_text().splitlines()]
-    assert [p["id"] for p in predictions] == ["a", "b"]
-    assert [p["kept_tokens"] for p in predictions] == [math.ceil(0.2 * n), 0]
-    assert all(abs(sum(p["probabilities"].values()) - 1) < 1e-5 for p in predictions)
-    out = tmp_path / "heat.png"
-    result = runner.invoke(app, ["explain", "--run", str(run), "--image", image, "--text", "hello", "--out", str(out),
-                                 "--keep-ratio", "0.3", "--json"])
-    assert result.exit_code == 0, result.output
-    info = json.loads(result.stdout)
-    assert 0 < info["kept_patches"] < info["patches"] and out.is_file()
+    eval_sweep_predict_explain(runner, run, data, tmp_path)
     result = runner.invoke(app, ["train", "mllm", "--data", str(data), "--out", str(tmp_path / "run2"),
                                  "--model", "tiny:smolvlm", "--tiny-vision", "pretrained"])
     assert result.exit_code != 0 and "cannot be pretrained" in str(result.exception)
@@ -206,7 +183,6 @@ def test_train_eval_sweep_predict_explain_from_the_command_line(tmp_path):
 def test_resumed_lora_run_equals_an_uninterrupted_one(tmp_path, monkeypatch):
     """train mllm --resume on SmolVLM with LoRA: interrupted after epoch 1 of 2, resumed, it ends with the
     uninterrupted run's losses and weights (adapters and connector)."""
-    from sentilens.mllm import train as train_module
     from sentilens.mllm.train import mllm_train_config, train_mllm
     from sentilens.runs import load_weights
 
@@ -215,18 +191,7 @@ def test_resumed_lora_run_equals_an_uninterrupted_one(tmp_path, monkeypatch):
                "lora": {"r": 4, "alpha": 8, "dropout": 0.0}, "lr": 3e-3, "batch_size": 4, "global_batch_size": 4,
                "eval_batch_size": 8}
     train_mllm(mllm_train_config({**options, "out": tmp_path / "straight"}))
-    original = train_module._train_epoch
-
-    def interrupted(*args):
-        if args[-1] == 1:
-            raise KeyboardInterrupt
-        return original(*args)
-
-    monkeypatch.setattr(train_module, "_train_epoch", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        train_mllm(mllm_train_config({**options, "out": tmp_path / "resumed"}))
-    assert json.loads((tmp_path / "resumed" / "resume" / "state.json").read_text())["epochs_done"] == 1
-    monkeypatch.setattr(train_module, "_train_epoch", original)
+    interrupt_after_first_epoch(monkeypatch, options, tmp_path / "resumed")
     train_mllm(mllm_train_config({"out": tmp_path / "resumed", "resume": True}))
 
     straight = json.loads((tmp_path / "straight" / "history.json").read_text())

@@ -14,7 +14,7 @@ import torch
 from typer.testing import CliRunner
 
 from launch_helpers import accelerate
-from mllm_helpers import FAST_TINY, small_manifest
+from mllm_helpers import FAST_TINY, interrupt_after_first_epoch, small_manifest
 from sentilens.cli import app
 from sentilens.data.records import read_split
 from sentilens.errors import SentilensError
@@ -144,18 +144,7 @@ def test_lora_run_saves_adapters_and_projector_and_reloads_identically(manifest,
 def test_resume_continues_exactly_like_an_uninterrupted_run(manifest, three_epochs, tmp_path, monkeypatch):
     straight_dir, _ = three_epochs
     options = {"data": manifest, "epochs": 3, **FAST_TINY}
-    original = train_module._train_epoch
-
-    def interrupted(*args):
-        if args[-1] == 1:
-            raise KeyboardInterrupt
-        return original(*args)
-
-    monkeypatch.setattr(train_module, "_train_epoch", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        train_mllm(mllm_train_config({**options, "out": tmp_path / "resumed"}))
-    assert json.loads((tmp_path / "resumed" / "resume" / "state.json").read_text())["epochs_done"] == 1
-    monkeypatch.setattr(train_module, "_train_epoch", original)
+    interrupt_after_first_epoch(monkeypatch, options, tmp_path / "resumed")
     with pytest.raises(SentilensError, match="different epochs"):
         train_mllm(mllm_train_config({"out": tmp_path / "resumed", "resume": True, "epochs": 4}))
     train_mllm(mllm_train_config({"out": tmp_path / "resumed", "resume": True}))  # the rest comes from the run
