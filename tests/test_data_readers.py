@@ -236,6 +236,9 @@ def write_crisis_splits(root: Path, folder: str = "crisismmd_datasplit_all", tas
             split_row(root, "hurricane_harvey", "101", "101_0", "my cat, unbothered", noinfo, noinfo, noinfo),
             split_row(root, "hurricane_harvey", "102", "102_0", "hmm", "maybe", info, info),
             split_row(root, "hurricane_harvey", "103", "103_0", "a\textra tab", info, info, info),
+            # a field over the csv module's 131,072-character limit: that record is dropped, the next one read
+            split_row(root, "hurricane_harvey", "104", "104_0", "x" * 140_000, info, info, info),
+            split_row(root, "hurricane_harvey", "105", "105_0", "after the long one", info, info, info),
         ],
         "dev": [
             split_row(root, "hurricane_irma", "200", "200_0", "Shelter open at 5th St", info, info, info),
@@ -259,10 +262,10 @@ def test_crisismmd_official_splits_keep_the_given_split(tmp_path):
     assert stats["labels"] == ["informative", "not_informative"]
     manifest = read_manifest(tmp_path / "out")
     assert {s: sorted(p.id for p in manifest[s]) for s in SPLITS} == {
-        "train": ["100_0", "100_1", "101_0"], "val": ["200_0"], "test": ["300_0"]}
+        "train": ["100_0", "100_1", "101_0", "105_0"], "val": ["200_0"], "test": ["300_0"]}
     assert labels_by_id(tmp_path / "out") == {"100_0": "informative", "100_1": "informative",
-                                              "101_0": "not_informative", "200_0": "informative",
-                                              "300_0": "not_informative"}
+                                              "101_0": "not_informative", "105_0": "informative",
+                                              "200_0": "informative", "300_0": "not_informative"}
     post = next(p for p in manifest["train"] if p.id == "100_1")
     assert post.text == "Flooded street #Harvey"
     assert post.meta == {"tweet_id": "100", "event": "hurricane_harvey", "label_text": "informative",
@@ -271,6 +274,7 @@ def test_crisismmd_official_splits_keep_the_given_split(tmp_path):
     assert drops == {
         "102_0": "unknown label: 'maybe' in 'label' is not a label of the informative task",
         "103_0": "malformed row: 10 fields, header has 9",
+        "line 7": "malformed row: unreadable record (field larger than field limit (131072))",
         "201_0": "image missing: file not found",
         "100_0": "duplicate id: first listed at " + str(root / "crisismmd_datasplit_all" /
                                                         "task_informative_text_img_train.tsv") + ":2",

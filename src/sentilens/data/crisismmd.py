@@ -104,8 +104,9 @@ def _find_split_files(root: Path, task: str) -> dict[str, Path] | None:
     return None
 
 
-def _read_tsv(path: Path, required: tuple[str, ...]) -> tuple[dict[str, int], list[tuple[int, list[str]]]]:
-    """Header column positions (by lower-cased name) and the data rows with their line numbers."""
+def _read_tsv(path: Path, required: tuple[str, ...]) -> tuple[dict[str, int], list[tuple[int, list[str] | str]]]:
+    """Header column positions (by lower-cased name) and the data rows with their line numbers; a record the
+    csv module refuses (a field over its size limit) comes as the problem's text, to be dropped as one row."""
     records = csv_records(read_text(path), "\t")
     line_no, header = next(records, (1, None))
     if header is None:
@@ -119,9 +120,7 @@ def _read_tsv(path: Path, required: tuple[str, ...]) -> tuple[dict[str, int], li
                              f"(found: {', '.join(columns)})", path, 1)
     rows = []
     for line_no, row in records:
-        if isinstance(row, str):
-            raise SentilensError(row, path, line_no)
-        if any(field.strip() for field in row):
+        if isinstance(row, str) or any(field.strip() for field in row):
             rows.append((line_no, row))
     return columns, rows
 
@@ -140,8 +139,12 @@ class _Collector:
         index = columns.get(name)
         return row[index].strip() if index is not None and index < len(row) else ""
 
-    def accept_row(self, row: list[str], columns: dict[str, int], required: tuple[str, ...], where: str) -> str | None:
+    def accept_row(self, row: list[str] | str, columns: dict[str, int], required: tuple[str, ...],
+                   where: str) -> str | None:
         """The row's image id if the row is well-formed and new, else None (and the row is dropped)."""
+        if isinstance(row, str):  # refused by the csv module: one bad row, as the table reader drops it
+            self.dropped.append(Dropped(f"line {where.rsplit(':', 1)[-1]}", f"malformed row: {row}", where))
+            return None
         image_id = self.cell(row, columns, "image_id") or where
         short = any(columns[name] >= len(row) for name in required)
         if short or len(row) > len(columns):
