@@ -208,20 +208,20 @@ def build_inputs(llava, batch: MllmBatch, reducer: Reducer | None = None, paddin
     family = family_of(llava)
     visual: list[Tensor | None] = [None] * len(batch.token_ids)
     native: list[tuple[Tensor, int] | None] = [None] * len(batch.token_ids)
+    native_positions = batch.pixel_values is not None and getattr(reducer, "native_positions", False)
     if batch.pixel_values is not None:
         with stage("vision"):
             tokens = family.visual_tokens(llava, batch.pixel_values, batch.image_extras, reducer)
-        kept_where = getattr(reducer, "native_positions", False)
         for i, row in enumerate(batch.image_index):
             if row is not None:
                 visual[i] = tokens[row]
-                if kept_where:  # the filter's selection for this image: kept patches among all its patches
+                if native_positions:  # the filter's selection for this image: kept patches among all its patches
                     selection = reducer.last[row]
                     native[i] = (selection.kept, selection.scores.shape[0])
-        if kept_where:  # only LLaVA-1.5's filter offers +native (the others refuse it when built)
-            return family.assemble(llava, batch.token_ids, visual, batch.targets, padding_side,
-                                   extras=batch.image_extras, native=native)
-    return family.assemble(llava, batch.token_ids, visual, batch.targets, padding_side, extras=batch.image_extras)
+    # only LLaVA-1.5's filter offers +native (the other families refuse it when their filter is built)
+    extra = {"native": native} if native_positions else {}
+    return family.assemble(llava, batch.token_ids, visual, batch.targets, padding_side, extras=batch.image_extras,
+                           **extra)
 
 
 def language_model_hidden(llava, inputs: LmInputs, attention_mask: Tensor | None = None, **kwargs):
