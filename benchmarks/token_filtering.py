@@ -456,7 +456,8 @@ def tiled_real_size() -> list[TiledShape]:
     return [next_, smol]
 
 
-GPU_RUN = "run: LLaVA-1.5-7B shape, random weights, bf16, batches --gpu-batches"
+GPU_RUN = ("run: released architectures of the families measured (--families), random weights, bf16, batches "
+           "--gpu-batches (LLaVA-1.5, Qwen) and --tiled-gpu-batches (LLaVA-NeXT, SmolVLM)")
 GPU_NOT_RUN = ("not run: no CUDA device on the machine that wrote this file; the LLaVA-1.5-7B bf16 settings are "
                "absent, not estimated")
 
