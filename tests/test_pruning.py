@@ -102,20 +102,28 @@ def test_scoring_leaves_the_tower_output_unchanged(clip):
     assert torch.equal(scorer.scores, before)
 
 
+@pytest.mark.parametrize("fused", [True, False])  # CPU: the layer computes its attention; GPU: the tower's kernel
 @pytest.mark.parametrize("chunk_elements", [1 << 24, 40])  # one block; 40 elements = one query per block
-def test_siglip_scores_are_the_mean_received_attention(siglip, monkeypatch, chunk_elements):
+def test_siglip_scores_are_the_mean_received_attention(siglip, monkeypatch, chunk_elements, fused):
     monkeypatch.setattr(pruning, "QUERY_CHUNK_ELEMENTS", chunk_elements)
     monkeypatch.setattr(pruning, "CPU_QUERY_CHUNK_ELEMENTS", chunk_elements)
+    monkeypatch.setattr(pruning, "fused_scoring", lambda device: fused)
     sdpa, eager = siglip
     x = pixels()
     maps = eager_maps(eager, x)
     reference = torch.stack([m.mean(dim=(1, 2)) for m in maps]).mean(dim=0)  # mean over heads and queries
     scorer = AttentionScorer(sdpa, range(LAYERS))
     assert not scorer.cls
-    scores = scorer.score(x)
+    with torch.no_grad():
+        plain = sdpa(x, output_hidden_states=True).hidden_states
+        with scorer.capture():
+            scored = sdpa(x, output_hidden_states=True).hidden_states
+    scores = scorer.scores
     assert scores.shape == (3, 16)
     assert reference.max() / reference.min() > 1.5
     torch.testing.assert_close(scores, reference, atol=1e-5, rtol=0)
+    for a, b in zip(plain, scored, strict=True):  # the GPU route keeps the tower's own kernel: bit-equal
+        torch.testing.assert_close(a, b, atol=0 if not fused else 1e-5, rtol=0 if not fused else 1e-5)
 
 
 @pytest.mark.parametrize("chunk_elements", [1 << 24, 40, 7])  # several maps a block; 4 queries; 1 query
@@ -131,6 +139,13 @@ def test_attention_with_received_is_sdpa_plus_the_mean_of_the_softmax_map(monkey
     torch.testing.assert_close(received, weights.mean(dim=(1, 2)))
     with pytest.raises(ValueError, match="unpadded"):
         pruning.attention_with_received(q, k, v, 0.3, torch.ones(2, 1, 10, 10, dtype=torch.bool))
+    torch.testing.assert_close(pruning.received_attention_only(q, k, 0.3), weights.mean(dim=(1, 2)))
+    # in bfloat16 (a GPU tower's dtype) the float32 column sums stay within bfloat16's rounding of the map
+    low = pruning.received_attention_only(q.bfloat16(), k.bfloat16(), 0.3)
+    assert low.dtype == torch.float32
+    torch.testing.assert_close(low, weights.mean(dim=(1, 2)), atol=0.02, rtol=0.05)
+    with pytest.raises(ValueError, match="unpadded"):
+        pruning.received_attention_only(q, k, 0.3, torch.ones(2, 1, 10, 10, dtype=torch.bool))
 
 
 def test_filter_on_a_siglip_tower_keeps_the_most_attended_patches(siglip):

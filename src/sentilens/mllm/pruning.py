@@ -32,7 +32,12 @@ kernel cost 1.22x the tower on the SmolVLM CPU proxy. Instead a scored layer com
 itself (:func:`attention_with_received`, installed by :func:`received_attention` as the layer's
 attention function): one softmax block feeds both the output and the column sums, so scoring costs a
 column sum over the map the layer needs anyway, and no map is held whole. The other layers keep the
-tower's kernel. Any other tower is refused with a :class:`SentilensError`.
+tower's kernel. That holds on a CPU, where the tower's own kernel does the same arithmetic. On a GPU
+the tower's kernel is a fused flash kernel that never writes the map, and the fused float32 blocks cost
+2.7-4.5x the tower (H200, Qwen3-VL-8B, all 27 layers scored): there a scored layer takes its output from
+the tower's own kernel, unchanged, and the column sums from :func:`received_attention_only` (a second
+query-key product in the inputs' dtype, softmax accumulating in float32). Any other tower is refused
+with a :class:`SentilensError`.
 
 Beyond the paper, ``merge`` (after VisionZip): instead of discarding the low-score patches, the
 same token budget ``k = ceil(r * N)`` is split into ``k - k // 6`` dominant patches (top scores,
@@ -67,9 +72,9 @@ from sentilens.errors import SentilensError
 CONTEXT_SHARE = 6
 """One contextual token per this many kept tokens under ``merge`` (VisionZip's 10 of 64)."""
 
-QUERY_CHUNK_ELEMENTS = 1 << 24
-"""Largest attention block (maps x queries x keys) :func:`attention_with_received` holds at once on a GPU
-(several heads' whole maps per block: few kernel launches)."""
+QUERY_CHUNK_ELEMENTS = 1 << 27
+"""Largest attention block (maps x queries x keys) :func:`received_attention_only` holds at once on a GPU
+(many heads' whole maps per block: few kernel launches; 256 MiB in bfloat16)."""
 
 CPU_QUERY_CHUNK_ELEMENTS = 1 << 20
 """The same on a CPU, where a block is one head's queries (at most all of them) x keys: a 4 MiB block stays
@@ -342,6 +347,38 @@ def attention_with_received(query: torch.Tensor, key: torch.Tensor, value: torch
     return out, received.view(batch, heads, tokens).sum(dim=1) / (tokens * heads)
 
 
+def received_attention_only(query: torch.Tensor, key: torch.Tensor, scaling: float,
+                            attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The ``(B, T)`` float32 received attention of :func:`attention_with_received`, without the output.
+
+    For a GPU, where the layer's output comes from the tower's flash kernel: each block's query-key product
+    runs in the inputs' dtype (bfloat16 on tensor cores) and its softmax accumulates in float32; the column
+    sums are float32.
+    """
+    if attention_mask is not None:
+        raise ValueError("received-attention scoring takes unpadded images only (the tower was given an "
+                         "attention mask)")
+    batch, heads, tokens, dim = query.shape
+    maps = batch * heads
+    q = (query * scaling).reshape(maps, tokens, dim)
+    k_t = key.reshape(maps, tokens, dim).transpose(-1, -2)
+    received = torch.zeros(maps, tokens, dtype=torch.float32, device=query.device)
+    rows = max(1, QUERY_CHUNK_ELEMENTS // tokens)
+    group, chunk = max(1, rows // tokens), min(rows, tokens)
+    for first in range(0, maps, group):
+        block = slice(first, first + group)
+        for start in range(0, tokens, chunk):
+            weights = torch.softmax(torch.matmul(q[block, start:start + chunk], k_t[block]), dim=-1)
+            received[block] += weights.sum(dim=-2, dtype=torch.float32)
+    return received.view(batch, heads, tokens).sum(dim=1) / (tokens * heads)
+
+
+def fused_scoring(device: torch.device) -> bool:
+    """Whether a scored layer computes its attention itself (:func:`attention_with_received`: on a CPU) or
+    keeps the tower's kernel beside :func:`received_attention_only` (elsewhere: a GPU's flash kernel)."""
+    return device.type == "cpu"
+
+
 SCORING_ATTENTION = "sentilens_received_attention"
 """The attention implementation a tower runs under while :func:`received_attention` scores some of its layers."""
 
@@ -353,19 +390,24 @@ _ORIGINAL: dict[int, str] = {}
 
 
 def _scoring_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """The attention function of a tower being scored: scored modules run :func:`attention_with_received`,
-    the others the implementation the model was loaded with (a flash implementation: SDPA, which takes the
+    """The attention function of a tower being scored: scored modules run :func:`attention_with_received`
+    (CPU) or their own kernel beside :func:`received_attention_only` (GPU), the others the implementation
+    the model was loaded with (a flash implementation: SDPA, which takes the
     same per-image calls and masks)."""
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+    original = _ORIGINAL.get(id(module.config), "sdpa")
+    kernel = (sys.modules[type(module).__module__].eager_attention_forward if original == "eager"
+              else ALL_ATTENTION_FUNCTIONS.get_interface("sdpa" if "flash" in original else original, None))
     sink = _SCORED.get(module)
     if sink is None:
-        original = _ORIGINAL.get(id(module.config), "sdpa")
-        fallback = (sys.modules[type(module).__module__].eager_attention_forward if original == "eager"
-                    else ALL_ATTENTION_FUNCTIONS.get_interface("sdpa" if "flash" in original else original, None))
-        return fallback(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
-    out, received = attention_with_received(query, key, value, query.shape[-1] ** -0.5 if scaling is None
-                                            else scaling, attention_mask)
+        return kernel(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+    scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+    if fused_scoring(query.device):
+        out, received = attention_with_received(query, key, value, scale, attention_mask)
+    else:
+        received = received_attention_only(query, key, scale, attention_mask)
+        out = kernel(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)[0]
     sink(received)
     return out, None
 
