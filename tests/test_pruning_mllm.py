@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 from mllm_helpers import FAST_TINY, small_manifest
 from sentilens.cli import app
 from sentilens.data.records import read_split
+from sentilens.errors import SentilensError
 from sentilens.mllm.inputs import build_inputs, encode_images, language_model_hidden, make_batch
 from sentilens.mllm.pruning import make_reducer, top_patches
 from sentilens.mllm.train import mllm_train_config, train_mllm
@@ -136,8 +137,8 @@ def test_filtered_batches_equal_one_by_one(run, strategy, manifest, request):
         assert all(abs(a.probabilities[k] - b.probabilities[k]) <= 1e-5 for k in a.probabilities)
 
 
-@pytest.mark.parametrize("train_keep_ratio, tokens", [(None, 36), (0.5, 18)])
-def test_training_filters_only_when_the_flag_says_so(manifest, tmp_path, monkeypatch, train_keep_ratio, tokens):
+def record_visual_tokens(monkeypatch) -> dict[str, list[int]]:
+    """The visual-token count of every post the training steps ('train') and the val pass ('val') build."""
     from sentilens.mllm import model as model_module
     from sentilens.mllm import scoring as scoring_module
 
@@ -152,12 +153,35 @@ def test_training_filters_only_when_the_flag_says_so(manifest, tmp_path, monkeyp
 
     monkeypatch.setattr(model_module, "build_inputs", recording("train", model_module.build_inputs))
     monkeypatch.setattr(scoring_module, "build_inputs", recording("val", scoring_module.build_inputs))
+    return seen
+
+
+@pytest.mark.parametrize("train_keep_ratio, tokens", [(None, 36), (0.5, 18)])
+def test_training_filters_only_when_the_flag_says_so(manifest, tmp_path, monkeypatch, train_keep_ratio, tokens):
+    seen = record_visual_tokens(monkeypatch)
     out = tmp_path / "run"
     train_mllm(mllm_train_config({"data": manifest, "out": out, **TINY_RUN, "train_keep_ratio": train_keep_ratio}))
     for stage in ("train", "val"):
         assert seen[stage] and set(seen[stage]) <= {0, tokens}, (stage, seen[stage])
         assert tokens in seen[stage]
     assert json.loads((out / "config.json").read_text())["training"]["train_keep_ratio"] == train_keep_ratio
+
+
+def test_token_dropout_thins_training_images_only(manifest, tmp_path, monkeypatch):
+    seen = record_visual_tokens(monkeypatch)
+    out = tmp_path / "run"
+    train_mllm(mllm_train_config({"data": manifest, "out": out, **TINY_RUN, "epochs": 2, "token_dropout": 0.25}))
+    images = [n for n in seen["train"] if n]
+    assert set(seen["val"]) <= {0, PATCHES} and PATCHES in seen["val"], "val reads whole images"
+    assert all(math.ceil(0.25 * PATCHES) <= n <= PATCHES for n in images)
+    assert PATCHES in images and any(n < PATCHES for n in images), images
+    assert json.loads((out / "config.json").read_text())["training"]["token_dropout"] == 0.25
+    with pytest.raises(SentilensError, match="not both"):
+        train_mllm(mllm_train_config({"data": manifest, "out": tmp_path / "b", **TINY_RUN, "token_dropout": 0.25,
+                                      "train_keep_ratio": 0.5}))
+    with pytest.raises(SentilensError, match="LLaVA-1.5 only"):
+        train_mllm(mllm_train_config({"data": manifest, "out": tmp_path / "c", **TINY_RUN, "token_dropout": 0.25,
+                                      "base_model": "tiny:smolvlm"}))
 
 
 def test_sweep_writes_table_4_and_the_plot(full_run, manifest):

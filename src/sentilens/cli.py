@@ -340,6 +340,10 @@ def train_mllm_cmd(
     train_keep_ratio: Annotated[float | None, typer.Option(
         "--train-keep-ratio", help="Also filter visual tokens in training and on val (the paper filters at "
                                    "inference only).")] = None,
+    token_dropout: Annotated[float | None, typer.Option(
+        "--token-dropout", help="LLaVA-1.5: in training, half the images keep a random share in [R, 1] of their "
+                                "visual tokens, so a language model trained from scratch tolerates filtering "
+                                "(the paper trains on whole images).")] = None,
     tiny_vision: Annotated[str | None, typer.Option(
         "--tiny-vision", help="--model tiny: 'pretrained' (the tower is pretrained on synthetic images first and "
                               "cached; the default for CLIP towers: tiny:llava, tiny:llava-next) or 'random'.")] = None,
@@ -370,8 +374,8 @@ def train_mllm_cmd(
     options = {"data": data, "out": out_dir, "base_model": model, "mode": mode, "epochs": epochs, "lr": lr,
                "batch_size": batch_size, "global_batch_size": global_batch_size, "max_length": max_length, "task": task,
                "gradient_checkpointing": gradient_checkpointing, "seed": seed, "resume": resume,
-               "train_keep_ratio": train_keep_ratio, "tiny_vision": tiny_vision, "cache": cache,
-               "image_aspect": image_aspect,
+               "train_keep_ratio": train_keep_ratio, "token_dropout": token_dropout, "tiny_vision": tiny_vision,
+               "cache": cache, "image_aspect": image_aspect,
                "label_list": label_list, "decode": decode, "mixed_precision": mixed_precision,
                "lora": None if lora_r is None else {"r": lora_r, "alpha": 2 * lora_r}}
     summary = train_mllm(mllm_train_config(options, recipe))

@@ -252,6 +252,7 @@ class MllmModel(nn.Module):
         self.processor = processor
         self.mode = mode
         self.reducer: Reducer | None = None  # visual-token filter in training (--train-keep-ratio); None: all tokens
+        self.token_dropout: Reducer | None = None  # training only (--token-dropout): mllm.token_dropout
 
     @property
     def llava(self):
@@ -268,7 +269,8 @@ class MllmModel(nn.Module):
     def forward(self, batch: MllmBatch) -> Tensor:
         """Mean cross-entropy of the answer tokens (Eq. 1's label likelihood), other targets ignored."""
         llava = self.llava
-        inputs = build_inputs(llava, batch, reducer=self.reducer, padding_side="right")
+        reducer = self.reducer if self.reducer is not None or not self.training else self.token_dropout
+        inputs = build_inputs(llava, batch, reducer=reducer, padding_side="right")
         hidden = language_model_hidden(llava, inputs, use_cache=False).last_hidden_state
         targets = inputs.targets[:, 1:]
         scored = targets != -100

@@ -58,6 +58,7 @@ from sentilens.mllm.model import (
 )
 from sentilens.mllm.prompt import PromptBuilder, PromptSettings, Task, infer_task
 from sentilens.mllm.scoring import Decode, predict_posts
+from sentilens.mllm.token_dropout import TokenDropout
 from sentilens.mllm.tower import TowerRecipe
 from sentilens.progress import progress_bar
 from sentilens.recipes import read_recipe
@@ -114,6 +115,9 @@ class MllmTrainConfig(BaseModel):
                             "CUDA, none on CPU")
     train_keep_ratio: float | None = Field(None, gt=0, le=1, description="also filter visual tokens in training "
                                            "and on val (None: the paper, which filters at inference only)")
+    token_dropout: float | None = Field(None, gt=0, lt=1, description="LLaVA-1.5: in training, half the images "
+                                        "keep a uniformly random share in [R, 1] of their visual tokens "
+                                        "(mllm.token_dropout; None: the paper, whole images)")
     tiny: TinySpec = Field(default_factory=TinySpec, description="shapes of --model tiny")
     tiny_vision: Literal["pretrained", "random"] | None = Field(
         None, description="--model tiny: pretrain its vision tower first (cached), or leave it random; None: "
@@ -240,6 +244,12 @@ def train_mllm(cfg: MllmTrainConfig) -> dict:
                           gradient_checkpointing=cfg.gradient_checkpointing)
     if cfg.train_keep_ratio is not None:
         model.reducer = family_of(model.llava).make_reducer(model.llava, cfg.train_keep_ratio)
+    if cfg.token_dropout is not None:
+        if cfg.train_keep_ratio is not None:
+            raise SentilensError("give --token-dropout or --train-keep-ratio, not both")
+        if family_of(model.llava).name != "llava":
+            raise SentilensError(f"--token-dropout is offered for LLaVA-1.5 only, not {family_of(model.llava).name}")
+        model.token_dropout = TokenDropout(cfg.token_dropout, cfg.seed)
     settings = PromptSettings(task=cfg.task or infer_task(labels), max_length=cfg.max_length,
                               image_aspect=cfg.image_aspect, label_list=cfg.label_list,
                               **{k: v for k, v in (("system", cfg.system), ("question", cfg.question)) if v})
@@ -326,6 +336,9 @@ def _train_epoch(accelerator, model, optimizer, scheduler, builder: PromptBuilde
     world, rank = accelerator.num_processes, accelerator.process_index
     batches = epoch_batches(len(posts), cfg.batch_size, grad_accum, world, rank, cfg.seed, epoch)
     params = [p for p in model.parameters() if p.requires_grad]
+    dropout = accelerator.unwrap_model(model).token_dropout
+    if dropout is not None:
+        dropout.start_epoch(epoch, rank)
     model.train()
     total, count = 0.0, 0
     with progress_bar() as progress:
