@@ -47,6 +47,16 @@ def test_corpus_images_are_labelled_by_the_scene_they_show():
         assert torch.equal(pixels[i], torch.round(unit * 255).to(torch.uint8))
 
 
+def test_the_recipe_draws_its_corpus_with_its_own_cue_side():
+    small = QUICK.model_copy(update={"cue_side": (0.2, 0.25)})
+    assert tower_key(SPEC, small) != tower_key(SPEC, QUICK)
+    _, targets, patches = corpus_pixels(SPEC, small, 6)
+    for i, target in enumerate(targets.tolist()):
+        _, _, box, _ = synth_image(LABELS[i % 3], small.frame_size, tower_module.CORPUS_SEED + i, (0.2, 0.25))
+        assert round(128 * 0.2) <= box[2] - box[0] <= round(128 * 0.25)
+        assert torch.equal(patches[i], patch_targets(SPEC, small.frame_size, box, target))
+
+
 def test_a_patch_is_labelled_with_the_cue_when_at_least_half_of_it_lies_in_the_box():
     # 128-px frame -> 96 px: box [10, 10, 50, 50] becomes [7.5, 7.5, 37.5, 37.5] on a 6 x 6 grid of 16-px patches.
     # Patch (0, 1) spans x 16-32 (all in) and y 0-16 (8.5 of 16 in): 0.53 >= 0.5. Patch (0, 0): 0.53 x 0.53 = 0.28.
@@ -61,7 +71,7 @@ def test_a_patch_is_labelled_with_the_cue_when_at_least_half_of_it_lies_in_the_b
 def test_the_tower_is_cached_and_a_second_call_reuses_it(quick_tower, monkeypatch):
     cache, folder = quick_tower
     report = read_json(folder / REPORT)
-    assert report["recipe"] == QUICK.model_dump() and report["key"] == folder.name == tower_key(SPEC, QUICK)
+    assert TowerRecipe(**report["recipe"]) == QUICK and report["key"] == folder.name == tower_key(SPEC, QUICK)
     assert sum(report["class_counts"].values()) == QUICK.images and 0.0 <= report["held_out_accuracy"] <= 1.0
 
     def no_training(*_):

@@ -132,9 +132,20 @@ def test_cell_counts_round_to_n(n):
         assert abs(count - float(cell.share) * n) < 1
 
 
+def test_a_smaller_cue_side_draws_smaller_boxes(tmp_path):
+    stats = make_synthetic(tmp_path, n=40, seed=2, cue_side=(0.2, 0.25))
+    assert stats["source"]["cue_side"] == [0.2, 0.25]
+    for post in all_posts(read_manifest(tmp_path)):
+        x0, _, x1, _ = post.meta["cue_box"]
+        assert round(128 * 0.2) <= x1 - x0 <= round(128 * 0.25)
+
+
 def test_bad_arguments_are_user_errors(tmp_path):
     with pytest.raises(SentilensError, match="at least 1"):
         make_synthetic(tmp_path, n=0)
+    for side in ((0.0, 0.3), (0.4, 0.3), (0.5, 1.2)):
+        with pytest.raises(SentilensError, match="cue box side"):
+            make_synthetic(tmp_path, n=3, cue_side=side)
     with pytest.raises(SentilensError, match="sum to 1"):
         modality_ceilings({"text_only": 0.5, "neutral": 0.2})
     with pytest.raises(SentilensError, match="unknown kinds"):

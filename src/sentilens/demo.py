@@ -45,7 +45,13 @@ class DemoSize:
     strategies: tuple[str, ...]
     tiny: TinySpec
     tower: TowerRecipe
+    token_dropout: float | None = None
     heatmaps: int = 4
+
+    @property
+    def cue_side(self) -> tuple[float, float]:
+        """The cue box's side range of the demo's posts: the one the tower is pretrained on."""
+        return self.tower.cue_side
 
 
 DEMO_TINY = TinySpec(image_size=96, patch_size=8, vision_hidden=64, vision_layers=3, vision_heads=4,
@@ -134,7 +140,7 @@ def run_demo(out_dir: str | Path = "demo-out", size: str = "full", seed: int = 0
     def data() -> dict:
         from sentilens.data.synth import make_synthetic
 
-        stats = make_synthetic(data_dir, n=spec.posts, seed=seed)
+        stats = make_synthetic(data_dir, n=spec.posts, seed=seed, cue_side=spec.cue_side)
         return {"stats": stats, "outputs": [rel(data_dir / "stats.json", out_dir)]}
 
     def fusion() -> dict:
@@ -161,7 +167,8 @@ def run_demo(out_dir: str | Path = "demo-out", size: str = "full", seed: int = 0
 
         config = MllmTrainConfig(data=data_dir, out=mllm_dir, base_model="tiny", epochs=spec.mllm_epochs,
                                  batch_size=8, global_batch_size=8, lr=spec.mllm_lr, seed=seed, tiny=spec.tiny,
-                                 tiny_vision="pretrained", tiny_tower=spec.tower, cache=tower_cache)
+                                 tiny_vision="pretrained", tiny_tower=spec.tower, cache=tower_cache,
+                                 token_dropout=spec.token_dropout)
         shutil.rmtree(mllm_dir, ignore_errors=True)
         summary = train_mllm(config)
         return {"best_epoch": summary["best_epoch"], "outputs": [rel(mllm_dir / "config.json", out_dir)]}
@@ -243,6 +250,7 @@ def demo_notes(stats: dict, size: str, spec: DemoSize, tower: dict, sweep: dict,
     chance = rows.get(("random", focus))
     lowest = rows.get(("inverse", focus))
     held = rows.get(("all", 0.4))
+    low, high = spec.cue_side
     versus = "" if chance is None else (f" against {chance['accuracy']:.3f} for a random choice of the same number "
                                         "of patches")
     if lowest is not None:
@@ -254,13 +262,15 @@ def demo_notes(stats: dict, size: str, spec: DemoSize, tower: dict, sweep: dict,
         f"modalities. By construction a text-only model can reach at most {ceilings['text_only']:.0%} accuracy, "
         f"an image-only model at most {ceilings['image_only']:.0%}, a model that reads both "
         f"{ceilings['both']:.0%}. Each image's cue (a sunny sky, a face, a storm, everyday objects) sits in a box "
-        "of 13-34 % of the frame, on a backdrop, padding bars or a border that say nothing about the label.\n\n"
+        f"of {low:.0%}-{high:.0%} of the frame's side ({low * low:.0%}-{high * high:.0%} of its area), on a "
+        "backdrop, padding bars or a border that say nothing about the label.\n\n"
         "The fusion runs use real pretrained encoders (EfficientNet-Lite0 ImageNet weights, all-MiniLM-L6-v2).\n\n"
         "**What the LLaVA run shows.** The tiny LLaVA follows the paper's recipe at toy scale: its CLIP-style "
         f"vision tower was pretrained first ({spec.tower.images} synthetic images of their own: the scene class "
         "from the CLS state, and for each patch of the layer LLaVA reads, the cue's class or background; held-out "
         f"scene accuracy {tower['held_out_accuracy']:.0%}) and stays frozen while the projector and the "
-        "language model are fine-tuned; at inference the paper's filter keeps the patches the CLS token attends "
+        f"language model are fine-tuned{dropout_note(spec)}; at inference the paper's filter keeps the patches the "
+        "CLS token attends "
         f"to most, averaged over the tower's layers. That attention puts {cue['mass_over_area']:.2f}x the cue "
         f"box's share of the frame on the box (1x is uniform; {cue['n']} test images), so at r = {focus:g} the "
         f"filter keeps {kept['kept_tokens']} of {kept['image_tokens']} visual tokens at accuracy "
@@ -279,6 +289,16 @@ def demo_notes(stats: dict, size: str, spec: DemoSize, tower: dict, sweep: dict,
     )
 
 
+def dropout_note(spec: DemoSize) -> str:
+    """How the language model saw shortened images in training (``--token-dropout``), when it did."""
+    if spec.token_dropout is None:
+        return " on whole images, as in the paper"
+    return (f" (departing from the paper, which trains on whole images: half the training images keep a random "
+            f"{spec.token_dropout:.0%}-100 % of their visual tokens, since a language model trained from scratch, "
+            "unlike LLaVA's pretrained one, otherwise learns one sequence layout and loses accuracy when filtering "
+            "renumbers the positions; see `sentilens.mllm.token_dropout`)")
+
+
 def native_note(rows: dict, focus: float) -> str:
     """What ``+native`` (kept tokens at their r = 1 positions) changes, when the sweep ran it."""
     native, chance = rows.get(("all+native", focus)), rows.get(("random+native", focus))
@@ -286,11 +306,10 @@ def native_note(rows: dict, focus: float) -> str:
         return ""
     held = rows.get(("all+native", 0.4))
     at_held = "" if held is None else f"{held['accuracy']:.3f} at r = 0.4 and "
-    return (" The language model was fine-tuned on whole images only (as in the paper), and dropping tokens also "
-            "renumbers the positions of what follows them; with `+native` (our addition: the kept tokens keep their "
-            f"r = 1 positions) the same model scores {at_held}{native['accuracy']:.3f} at r = {focus:g}, and a random "
-            f"choice of as many tokens {chance['accuracy']:.3f}: how much of the filter's edge over chance is the "
-            "position shift, this table shows.")
+    return (" Dropping tokens also renumbers the positions of what follows them; with `+native` (our addition: the "
+            f"kept tokens keep their r = 1 positions) the same model scores {at_held}{native['accuracy']:.3f} at "
+            f"r = {focus:g}, and a random choice of as many tokens {chance['accuracy']:.3f}, so the table shows how "
+            "much of the filter's edge over chance the position shift accounts for.")
 
 
 def pick_heatmap_posts(posts: list, count: int) -> list:

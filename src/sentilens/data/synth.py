@@ -37,7 +37,8 @@ generated set can differ from these by O(1/n); with n a multiple of 20 they are 
 
 Images (Pillow, ``image_size`` square PNG) carry a strong but *local* cue, as real tweet images
 often do (a face, a sign or a photo inside a larger frame): the scene that shows the image's
-sentiment fills a square *cue box* of 36-58 % of the frame's side (13-34 % of its area), and
+sentiment fills a square *cue box* of 36-58 % of the frame's side (13-34 % of its area; ``cue_side``
+sets another range, e.g. the demo's smaller cues), and
 everything around it is uninformative, drawn from one distribution whatever the label: a
 plain, gradient or striped backdrop of random colours, optionally cut by padding bars
 (top/bottom or left/right, black, white or grey, 6-20 % of the side each) or a border (3-10 %).
@@ -332,7 +333,16 @@ def scene_class(scene: str) -> str:
 
 
 CUE_BOX_SIDE = (0.36, 0.58)
-"""The cue box's side as a fraction of the frame's side (13-34 % of the area)."""
+"""The cue box's side as a fraction of the frame's side (13-34 % of the area): the default ``cue_side``."""
+
+
+def check_cue_side(cue_side: tuple[float, float]) -> tuple[float, float]:
+    """``(low, high)`` with ``0 < low <= high <= 1``, else a :class:`SentilensError`."""
+    low, high = cue_side
+    if not 0 < low <= high <= 1:
+        raise SentilensError(f"cue box side must be a range 0 < low <= high <= 1 (fractions of the frame's "
+                             f"side), got {low}-{high}")
+    return float(low), float(high)
 BACKDROPS = ("plain", "gradient", "stripes")
 PADDINGS = ("none", "bars_horizontal", "bars_vertical", "border")
 BAR_SIDE = (0.06, 0.20)
@@ -386,12 +396,14 @@ def _backdrop(size: int, rng: random.Random) -> tuple[Image.Image, dict, tuple[i
     return img, layout, (free[0], free[1], free[2], free[3])
 
 
-def synth_image(sentiment: str, size: int, seed: int) -> tuple[Image.Image, str, list[int], dict]:
-    """Draw one image whose cue box shows ``sentiment``; returns the image, the scene name, the
-    cue box ``[x0, y0, x1, y1]`` (pixels, end exclusive) and the backdrop's layout."""
+def synth_image(sentiment: str, size: int, seed: int,
+                cue_side: tuple[float, float] = CUE_BOX_SIDE) -> tuple[Image.Image, str, list[int], dict]:
+    """Draw one image whose cue box (side a uniform fraction in ``cue_side`` of the frame's) shows
+    ``sentiment``; returns the image, the scene name, the cue box ``[x0, y0, x1, y1]`` (pixels, end
+    exclusive) and the backdrop's layout."""
     rng = random.Random(seed)
     img, layout, (fx0, fy0, fx1, fy1) = _backdrop(size, rng)
-    side = min(round(size * rng.uniform(*CUE_BOX_SIDE)), fx1 - fx0, fy1 - fy0)
+    side = min(round(size * rng.uniform(*cue_side)), fx1 - fx0, fy1 - fy0)
     side = max(side, min(8, size))
     x0, y0 = rng.randint(fx0, fx1 - side), rng.randint(fy0, fy1 - side)
     scene_img, scene = _SCENES[sentiment](side, rng)
@@ -417,7 +429,8 @@ def _split_cell(posts: list[Post]) -> dict[str, list[Post]]:
 
 
 def make_synthetic(out_dir: str | Path, n: int = 600, seed: int = 0, image_size: int = 128,
-                   fractions: Mapping[str, float] = KIND_FRACTIONS) -> dict:
+                   fractions: Mapping[str, float] = KIND_FRACTIONS,
+                   cue_side: tuple[float, float] = CUE_BOX_SIDE) -> dict:
     """Write the synthetic manifest (and its PNG images under ``out_dir/images``); returns the stats.
 
     ``stats["source"]`` records n, seed, the kind fractions and counts, and the modality ceilings.
@@ -426,6 +439,7 @@ def make_synthetic(out_dir: str | Path, n: int = 600, seed: int = 0, image_size:
         raise SentilensError(f"--n must be at least 1, got {n}")
     if image_size < MIN_IMAGE_SIZE:
         raise SentilensError(f"image size must be at least {MIN_IMAGE_SIZE} pixels, got {image_size}")
+    cue_side = check_cue_side(cue_side)
     counts = cell_counts(n, fractions)
     out_dir = Path(out_dir)
     image_dir = out_dir / "images"
@@ -437,7 +451,7 @@ def make_synthetic(out_dir: str | Path, n: int = 600, seed: int = 0, image_size:
     width = max(5, len(str(n - 1)))
     for i, cell in enumerate(plan):
         post_id = f"synth-{i:0{width}d}"
-        image, scene, box, layout = synth_image(cell.image_sentiment, image_size, seed * 1_000_003 + i)
+        image, scene, box, layout = synth_image(cell.image_sentiment, image_size, seed * 1_000_003 + i, cue_side)
         path = image_dir / f"{post_id}.png"
         image.save(path, format="PNG", compress_level=3)
         meta = {"kind": cell.kind, "text_sentiment": cell.text_sentiment, "image_sentiment": cell.image_sentiment,
@@ -454,6 +468,7 @@ def make_synthetic(out_dir: str | Path, n: int = 600, seed: int = 0, image_size:
         "n": n,
         "seed": seed,
         "image_size": image_size,
+        "cue_side": list(cue_side),
         "kind_fractions": {kind: float(Fraction(str(fractions.get(kind, 0)))) for kind in KINDS},
         "kind_counts": {split: {kind: sum(p.meta["kind"] == kind for p in splits[split]) for kind in KINDS}
                         for split in SPLITS},

@@ -50,7 +50,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from sentilens.cache import cache_root
-from sentilens.data.synth import LABELS, SCENE_CLASSES, scene_class, synth_image
+from sentilens.data.synth import CUE_BOX_SIDE, LABELS, SCENE_CLASSES, check_cue_side, scene_class, synth_image
 from sentilens.mllm.model import TINY_FEATURE_LAYER as FEATURE_LAYER
 from sentilens.mllm.model import TinySpec, tiny_image_processor, tiny_vision_config
 from sentilens.progress import console, progress_bar
@@ -73,6 +73,8 @@ class TowerRecipe(BaseModel):
     images: int = Field(2000, gt=0, description="training images of the corpus")
     held_out: int = Field(300, ge=0, description="corpus images kept out of training, for the accuracy")
     frame_size: int = Field(128, ge=32, description="side of the generated images before preprocessing")
+    cue_side: tuple[float, float] = Field(CUE_BOX_SIDE, description="the cue box's side range, as a fraction of "
+                                                                    "the frame's (the data's own: synth cue_side)")
     epochs: int = Field(6, gt=0)
     patch_loss_weight: float = Field(1.0, ge=0, description="weight of the per-patch cue-class term (0: CLS only)")
     batch_size: int = Field(64, gt=0)
@@ -152,7 +154,7 @@ def corpus_pixels(spec: TinySpec, recipe: TowerRecipe, count: int,
         images = []
         for i in range(start, min(offset + count, start + 256)):
             image, scene, box, _ = synth_image(LABELS[i % len(LABELS)], recipe.frame_size,
-                                               CORPUS_SEED * (recipe.seed + 1) + i)
+                                               CORPUS_SEED * (recipe.seed + 1) + i, check_cue_side(recipe.cue_side))
             images.append(image)
             targets.append(SCENE_CLASSES.index(scene_class(scene)))
             patches.append(patch_targets(spec, recipe.frame_size, box, targets[-1]))
