@@ -64,11 +64,11 @@ SMOKE_TINY = DEMO_TINY.model_copy(update={"image_size": 96, "patch_size": 8, "te
 """The same 144 patches (of 8 px) and a smaller language model, for a run of about a minute."""
 
 FULL_CUE_SIDE = (0.22, 0.30)
-"""The full demo's cue box: 22-30 % of the side (5-9 % of the frame, 7-13 of the 144 patches), so a random
-choice of 29 patches (r = 0.2) misses the whole cue in roughly one image in five, where the default boxes
-(13-34 % of the frame) leave it 4-10 cue patches. Measured with the full recipe below (one run, 120 test
-posts): `random` 0.842 against `all` 0.992 at r = 0.2; with 20-28 % boxes the tower reached 91 % instead of
-94 % held-out and `all` 0.958."""
+"""The full demo's cue box: 22-30 % of the side (5-9 % of the frame), so a random choice of 29 of the 144
+patches (r = 0.2) often misses the whole cue, where the default boxes (13-34 % of the frame) leave it 4-10 cue
+patches. Measured with the full recipe below (one run, one thread, 120 test posts): `random` 0.842 against
+`all` 0.992 at r = 0.2 (default boxes: 0.975 against 0.983); with 20-28 % boxes the tower reached 91 % instead
+of 94 % held-out and `all` 0.958."""
 
 SIZES = {
     "smoke": DemoSize(posts=400, fusion_epochs=6, fusion_image_size=128, mllm_epochs=5, mllm_lr=5e-3,
