@@ -6,7 +6,7 @@
 2. End-to-end speedup at each keep ratio r: the prediction path of ``MllmPredictor`` (encode
    images with scoring, filter, project, assemble, one-pass label scoring) at r against r = 1
    through the same path, beside the ideal speedup implied by the FLOPs at that token count
-   (from the layer shapes and sequence lengths, :func:`flops`); target: measured >= 0.85 x ideal.
+   (:func:`sentilens.mllm.flops.prediction_flops`, as the sweep counts them); target: measured >= 0.85 x ideal.
 
 Models have random weights (speed does not depend on them) and are built from configs:
 - CPU proxy: the CLIP ViT-L/14-336 tower shape (577 tokens, width 1024, 16 heads, MLP 4096) with
@@ -55,6 +55,7 @@ from pathlib import Path
 import torch
 
 from sentilens.machine import cpu_name
+from sentilens.mllm.flops import prediction_flops
 from sentilens.mllm.inputs import MllmBatch, build_inputs
 from sentilens.mllm.pruning import FilterSpec, TokenFilter, keep_count, make_reducer
 from sentilens.mllm.scoring import label_log_probs
@@ -97,28 +98,6 @@ def build_llava(shape: Shape, dtype: torch.dtype, device: str):
     with torch.device(device):
         llava = LlavaForConditionalGeneration(config).to(dtype)
     return llava.eval().requires_grad_(False)
-
-
-def flops(shape: Shape, kept: int, text_tokens: int, answers: list[list[int]]) -> float:
-    """Floating-point operations (2 per multiply-add) of one post's prediction with ``kept`` visual tokens.
-
-    Vision tower (all layers run; patch embedding, projections, MLP, both attention matmuls),
-    the CLS scores of every layer, the projector on the kept rows, and the language model on
-    ``text_tokens + kept + answer tokens`` positions (projections, MLP, attention), plus the LM
-    head on the answer positions. Norms, softmax and element-wise work are left out.
-    """
-    t, d, m = (shape.image_size // shape.patch_size) ** 2 + 1, shape.vision_hidden, shape.vision_mlp
-    vision = 2 * (t - 1) * 3 * shape.patch_size ** 2 * d
-    vision += shape.vision_layers * (2 * t * (4 * d * d + 2 * d * m) + 4 * t * t * d)
-    scoring = shape.vision_layers * 2 * t * d
-    projector = 2 * kept * (d * shape.lm_hidden + shape.lm_hidden * shape.lm_hidden)
-    answer_tokens = sum(len(a) for a in answers)
-    s, h = text_tokens + kept + answer_tokens, shape.lm_hidden
-    head_dim = h // shape.lm_heads
-    per_token = 2 * (2 * h * shape.lm_heads * head_dim + 2 * h * shape.lm_kv_heads * head_dim + 3 * h * shape.lm_mlp)
-    language = shape.lm_layers * (s * per_token + 4 * s * s * shape.lm_heads * head_dim)
-    head = 2 * answer_tokens * h * shape.vocab
-    return float(vision + scoring + projector + language + head)
 
 
 @dataclass(frozen=True)
@@ -522,12 +501,17 @@ def measure(shape: Shape, batch: int, device: str, dtype: torch.dtype, text_toke
 
     with torch.no_grad():
         times = timed_passes({ratio: predict(ratio) for ratio in RATIOS}, repeats, device)
-    base_flops = flops(shape, n, text_tokens, ANSWERS)
+    answer_tokens = sum(len(a) for a in ANSWERS)
+
+    def total(kept: int) -> float:  # the predictor's own FLOP count; the paper's filter scores every tower layer
+        return prediction_flops(llava.config, kept, text_tokens, answer_tokens, shape.vision_layers)["total"]
+
+    base_flops = total(n)
     rows = []
     for ratio in RATIOS:
         kept = keep_count(n, ratio)
         speedup = paired_ratio(times, 1.0, ratio)
-        ideal = base_flops / flops(shape, kept, text_tokens, ANSWERS)
+        ideal = base_flops / total(kept)
         rows.append({"ratio": ratio, "kept_tokens": kept, "latency_ms_per_post": 1000 * min(times[ratio]) / batch,
                      "speedup": speedup, "ideal_speedup": ideal, "speedup_of_ideal": speedup / ideal,
                      "paper_speedup": PAPER_SPEEDUP[ratio]})
