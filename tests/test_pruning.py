@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -102,12 +105,13 @@ def test_scoring_leaves_the_tower_output_unchanged(clip):
     assert torch.equal(scorer.scores, before)
 
 
-@pytest.mark.parametrize("fused", [True, False])  # CPU: the layer computes its attention; GPU: the tower's kernel
+# "layer" (CPU): the layer computes its attention; "blocks" / "kernel" (GPU): the tower's kernel beside the sums
+@pytest.mark.parametrize("route", ["layer", "blocks"])
 @pytest.mark.parametrize("chunk_elements", [1 << 24, 40])  # one block; 40 elements = one query per block
-def test_siglip_scores_are_the_mean_received_attention(siglip, monkeypatch, chunk_elements, fused):
+def test_siglip_scores_are_the_mean_received_attention(siglip, monkeypatch, chunk_elements, route):
     monkeypatch.setattr(pruning, "QUERY_CHUNK_ELEMENTS", chunk_elements)
     monkeypatch.setattr(pruning, "CPU_QUERY_CHUNK_ELEMENTS", chunk_elements)
-    monkeypatch.setattr(pruning, "fused_scoring", lambda device: fused)
+    monkeypatch.setattr(pruning, "scoring_route", lambda device: route)
     sdpa, eager = siglip
     x = pixels()
     maps = eager_maps(eager, x)
@@ -122,8 +126,9 @@ def test_siglip_scores_are_the_mean_received_attention(siglip, monkeypatch, chun
     assert scores.shape == (3, 16)
     assert reference.max() / reference.min() > 1.5
     torch.testing.assert_close(scores, reference, atol=1e-5, rtol=0)
-    for a, b in zip(plain, scored, strict=True):  # the GPU route keeps the tower's own kernel: bit-equal
-        torch.testing.assert_close(a, b, atol=0 if not fused else 1e-5, rtol=0 if not fused else 1e-5)
+    exact = route != "layer"  # the GPU routes keep the tower's own kernel: bit-equal
+    for a, b in zip(plain, scored, strict=True):
+        torch.testing.assert_close(a, b, atol=0 if exact else 1e-5, rtol=0 if exact else 1e-5)
 
 
 @pytest.mark.parametrize("chunk_elements", [1 << 24, 40, 7])  # several maps a block; 4 queries; 1 query
@@ -144,8 +149,37 @@ def test_attention_with_received_is_sdpa_plus_the_mean_of_the_softmax_map(monkey
     low = pruning.received_attention_only(q.bfloat16(), k.bfloat16(), 0.3)
     assert low.dtype == torch.float32
     torch.testing.assert_close(low, weights.mean(dim=(1, 2)), atol=0.02, rtol=0.05)
-    with pytest.raises(ValueError, match="unpadded"):
-        pruning.received_attention_only(q, k, 0.3, torch.ones(2, 1, 10, 10, dtype=torch.bool))
+
+
+KERNEL_CHECK = """
+import torch
+from sentilens.mllm import pruning
+from sentilens.mllm.received_kernel import received_attention_fused
+
+generator = torch.Generator().manual_seed(1)
+for shape in [(2, 3, 10, 8), (1, 2, 130, 72), (2, 1, 64, 80)]:  # partial tiles, several tiles, d not a power of 2
+    q, k = (torch.randn(*shape, generator=generator) * 2 for _ in range(2))
+    weights = torch.softmax(q @ k.transpose(-1, -2) * 0.3, dim=-1)
+    torch.testing.assert_close(received_attention_fused(q, k, 0.3), weights.mean(dim=(1, 2)))
+    torch.testing.assert_close(pruning.received_by_route("kernel", q, k, 0.3), weights.mean(dim=(1, 2)))
+try:
+    pruning.received_by_route("kernel", q, k, 0.3, torch.ones(1, dtype=torch.bool))
+except ValueError as err:
+    assert "unpadded" in str(err)
+else:
+    raise AssertionError("a mask was accepted")
+print("ok")
+"""
+
+
+def test_the_fused_kernel_sums_the_softmax_map_down_each_key():
+    """The GPU kernel, run by Triton's CPU interpreter (a fresh process: Triton reads TRITON_INTERPRET when it is
+    first imported, which torch does at start-up); skipped where Triton is not installed (CPU builds of torch)."""
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    result = subprocess.run([sys.executable, "-c", KERNEL_CHECK], env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]
 
 
 def test_filter_on_a_siglip_tower_keeps_the_most_attended_patches(siglip):

@@ -35,9 +35,10 @@ column sum over the map the layer needs anyway, and no map is held whole. The ot
 tower's kernel. That holds on a CPU, where the tower's own kernel does the same arithmetic. On a GPU
 the tower's kernel is a fused flash kernel that never writes the map, and the fused float32 blocks cost
 2.7-4.5x the tower (H200, Qwen3-VL-8B, all 27 layers scored): there a scored layer takes its output from
-the tower's own kernel, unchanged, and the column sums from :func:`received_attention_only` (a second
-query-key product in the inputs' dtype, softmax accumulating in float32). Any other tower is refused
-with a :class:`SentilensError`.
+the tower's own kernel, unchanged, and the column sums from a Triton kernel that never writes the map
+either (:mod:`sentilens.mllm.received_kernel`; 1.9x there), or without Triton from
+:func:`received_attention_only` (query-key blocks in the inputs' dtype, softmax accumulating in float32;
+2.3x). :func:`scoring_route` picks the route. Any other tower is refused with a :class:`SentilensError`.
 
 Beyond the paper, ``merge`` (after VisionZip): instead of discarding the low-score patches, the
 same token budget ``k = ceil(r * N)`` is split into ``k - k // 6`` dominant patches (top scores,
@@ -57,6 +58,7 @@ patches under the paper's all-layer CLS scores.
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import sys
 import zlib
@@ -373,10 +375,32 @@ def received_attention_only(query: torch.Tensor, key: torch.Tensor, scaling: flo
     return received.view(batch, heads, tokens).sum(dim=1) / (tokens * heads)
 
 
-def fused_scoring(device: torch.device) -> bool:
-    """Whether a scored layer computes its attention itself (:func:`attention_with_received`: on a CPU) or
-    keeps the tower's kernel beside :func:`received_attention_only` (elsewhere: a GPU's flash kernel)."""
-    return device.type == "cpu"
+def scoring_route(device: torch.device) -> str:
+    """How a scored layer gets its received attention on ``device``.
+
+    ``"layer"`` (CPU): the layer computes its attention itself, :func:`attention_with_received`.
+    ``"kernel"`` (CUDA with Triton): the tower's own attention kernel, and the column sums from
+    :func:`sentilens.mllm.received_kernel.received_attention_fused` (no map in memory).
+    ``"blocks"`` (any other device): the tower's own kernel beside :func:`received_attention_only`.
+    """
+    if device.type == "cpu":
+        return "layer"
+    if device.type == "cuda" and importlib.util.find_spec("triton") is not None:
+        return "kernel"
+    return "blocks"
+
+
+def received_by_route(route: str, query: torch.Tensor, key: torch.Tensor, scaling: float,
+                      attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The ``(B, T)`` received attention by the ``"kernel"`` or ``"blocks"`` route of :func:`scoring_route`."""
+    if route != "kernel":
+        return received_attention_only(query, key, scaling, attention_mask)
+    if attention_mask is not None:
+        raise ValueError("received-attention scoring takes unpadded images only (the tower was given an "
+                         "attention mask)")
+    from sentilens.mllm.received_kernel import received_attention_fused
+
+    return received_attention_fused(query, key, scaling)
 
 
 SCORING_ATTENTION = "sentilens_received_attention"
@@ -403,10 +427,11 @@ def _scoring_attention(module, query, key, value, attention_mask, scaling=None, 
     if sink is None:
         return kernel(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
-    if fused_scoring(query.device):
+    route = scoring_route(query.device)
+    if route == "layer":
         out, received = attention_with_received(query, key, value, scale, attention_mask)
     else:
-        received = received_attention_only(query, key, scale, attention_mask)
+        received = received_by_route(route, query, key, scale, attention_mask)
         out = kernel(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)[0]
     sink(received)
     return out, None
