@@ -241,3 +241,10 @@ def test_cli_synth_prints_tables_and_json(tmp_path):
     stats = json.loads(result.output)
     assert stats == read_stats(tmp_path / "j")
     assert sum(stats["totals"].values()) == 40
+    result = runner.invoke(app, ["data", "synth", "--out", str(tmp_path / "c"), "--n", "6", "--cue-side", "0.2,0.25",
+                                 "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["source"]["cue_side"] == [0.2, 0.25]
+    for bad in ("0.2", "a,b", "0.3,0.2"):
+        result = runner.invoke(app, ["data", "synth", "--out", str(tmp_path / "d"), "--n", "6", "--cue-side", bad])
+        assert isinstance(result.exception, SentilensError) and "cue" in str(result.exception), bad

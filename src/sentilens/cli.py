@@ -155,13 +155,20 @@ def synth_cmd(
         callback=folder_path)],
     n: Annotated[int, typer.Option("--n", help="Number of posts.")] = 600,
     seed: Annotated[int, typer.Option("--seed", help="Random seed: same seed, same files.")] = 0,
+    cue_side: Annotated[str, typer.Option(
+        "--cue-side", help="The cue box's side range as fractions of the frame's side, LOW,HIGH (the full "
+                           "demo's: 0.22,0.30).")] = "0.36,0.58",
     as_json: JsonOpt = False,
 ) -> None:
     """Make the synthetic image + text set whose labels need both modalities."""
     from sentilens.data.records import SPLITS
     from sentilens.data.synth import KINDS, make_synthetic
 
-    stats = make_synthetic(out_dir, n=n, seed=seed)
+    try:
+        low, high = (float(part) for part in cue_side.split(","))
+    except ValueError:
+        raise SentilensError(f"--cue-side must be two numbers LOW,HIGH, got '{cue_side}'") from None
+    stats = make_synthetic(out_dir, n=n, seed=seed, cue_side=(low, high))
     if as_json:
         emit(stats, True)
         return
