@@ -1,4 +1,4 @@
-"""Running sentilens under ``accelerate launch`` with several CPU processes (gloo), as a user would."""
+"""Running sentilens with several CPU processes (torchrun, gloo), as a user would."""
 
 from __future__ import annotations
 
@@ -19,14 +19,24 @@ def launch_env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": path, "SENTILENS_QUIET": "1", "OMP_NUM_THREADS": "1"}
 
 
-def accelerate(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    """``accelerate launch ARGS`` in ``cwd``."""
-    command = [sys.executable, "-m", "accelerate.commands.launch", *args]
+def launch_sentilens(*args: str, cwd: Path, processes: int = 2) -> subprocess.CompletedProcess:
+    """``torchrun --nproc_per_node N -m sentilens ARGS`` in ``cwd``: N processes on this CPU (gloo).
+
+    Not ``accelerate launch --cpu --num_processes N``: with ``--cpu`` accelerate 1.x runs its single-process
+    launcher (several CPU processes need mpirun there), so that command trains and predicts in one process.
+    torchrun sets RANK / WORLD_SIZE for each process, and accelerate's state picks them up as it does under
+    its own launcher.
+    """
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
+               "--master_port", str(free_port()), "-m", "sentilens", "--", *args]  # "--": torchrun would read --run
     return subprocess.run(command, cwd=cwd, env=launch_env(), capture_output=True, text=True,
                           timeout=LAUNCH_TIMEOUT_S)
 
 
-def launch_sentilens(*args: str, cwd: Path, processes: int = 2) -> subprocess.CompletedProcess:
-    """``accelerate launch --cpu --num_processes N -m sentilens ARGS`` in ``cwd``."""
-    return accelerate("--cpu", "--num_processes", str(processes), "--num_machines", "1", "--mixed_precision", "no",
-                      "--dynamo_backend", "no", "-m", "sentilens", *args, cwd=cwd)
+def free_port() -> int:
+    """A TCP port nothing listens on now (two launches in one test session must not share the default)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

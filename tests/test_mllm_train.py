@@ -13,7 +13,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from launch_helpers import accelerate
+from launch_helpers import launch_sentilens
 from mllm_helpers import FAST_TINY, interrupt_after_first_epoch, small_manifest
 from sentilens.cli import app
 from sentilens.data.records import read_split
@@ -200,24 +200,21 @@ def test_a_global_batch_the_launch_cannot_divide_is_one_line_error(manifest, tmp
 
 def test_two_process_cpu_accelerate_run(manifest, fit_run, tmp_path):
     out = tmp_path / "ddp"
-    done = accelerate("--cpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-                      "--dynamo_backend", "no", "-m", "sentilens", "train", "mllm", "--data", str(manifest),
-                      "--out", str(out), "--model", "tiny", "--tiny-vision", "random", "--epochs", "2",
-                      "--batch-size", "4", "--global-batch-size", "16",
-                      "--lr", "3e-3", "--json", cwd=tmp_path)
+    done = launch_sentilens("train", "mllm", "--data", str(manifest), "--out", str(out), "--model", "tiny",
+                            "--tiny-vision", "random", "--epochs", "2", "--batch-size", "4",
+                            "--global-batch-size", "16", "--lr", "3e-3", "--json", cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
-    summary = json.loads(done.stdout)
+    summary = json.loads(done.stdout)  # one JSON document: only the main process printed
     assert summary["best_epoch"] in (1, 2) and len(summary["history"]) == 2
-    batch = load_config(out)["batch"]  # whatever number of processes the launcher really started
-    assert batch["global"] == 16 == batch["per_device"] * batch["processes"] * batch["grad_accum"]
+    batch = load_config(out)["batch"]
+    assert batch == {"global": 16, "per_device": 4, "processes": 2, "grad_accum": 2}, batch
     assert sorted(p.name for p in out.iterdir()) == ["base-model", "config.json", "history.json",
                                                     "metrics-val.json", "model.safetensors", "predictions-val.jsonl"]
 
     run, _ = fit_run
     posts = manifest / "test.jsonl"
-    done = accelerate("--config_file", str(REPO / "configs" / "accelerate_cpu.yaml"), "-m", "sentilens", "predict",
-                      "--run", str(run), "--input", str(posts), "--output", str(tmp_path / "preds.jsonl"),
-                      cwd=tmp_path)
+    done = launch_sentilens("predict", "--run", str(run), "--input", str(posts), "--output",
+                            str(tmp_path / "preds.jsonl"), cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     sharded = read_rows(tmp_path / "preds.jsonl")
     single = load_predictor(run).predict(read_split(manifest, "test"))

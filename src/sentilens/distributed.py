@@ -1,4 +1,5 @@
-"""One place for the process layout under ``accelerate launch`` (DDP, DeepSpeed, or several CPU processes).
+"""One place for the process layout under a launcher: ``accelerate launch`` (DDP, DeepSpeed) or ``torchrun``
+(also several CPU processes).
 
 Both families ask here which process they are (:func:`rank`, :func:`world_size`,
 :func:`is_main_process`), which device to use (:func:`default_device`), and how to split a
@@ -9,12 +10,13 @@ minutes, so splitting it would buy little), the other processes return at once. 
 and draws progress bars; the others are quiet by rule (:func:`sentilens.progress.progress_bar`
 asks :func:`is_main_process`), never by an environment variable set from library code.
 
-Without ``accelerate launch`` (one process, no ``WORLD_SIZE``) everything here is the trivial
+Without a launcher (one process, no ``WORLD_SIZE``) everything here is the trivial
 answer and accelerate is not imported.
 """
 
 from __future__ import annotations
 
+import atexit
 import os
 from collections.abc import Callable, Sequence
 from typing import TypeVar
@@ -62,16 +64,38 @@ def default_device() -> torch.device:
     return torch.device(f"cuda:{local_rank()}" if is_distributed() else "cuda")
 
 
+def process_state():
+    """accelerate's process state, set up for this process's device (the first call decides, for the process).
+
+    On a CPU it is set up with ``cpu=True``: accelerate joins CPU processes (gloo) only when told so, and
+    ``torchrun`` tells it nothing (``accelerate launch --cpu`` runs one process, its multi-CPU launch needs mpirun),
+    so without it each of N processes would train and predict alone.
+    """
+    from accelerate import PartialState
+
+    state = PartialState(cpu=default_device().type == "cpu")
+    if torch.distributed.is_initialized() and not _LEAVING:
+        _LEAVING.append(True)
+        atexit.register(_leave_process_group)  # a gloo group left alive aborts the interpreter at exit
+    return state
+
+
+_LEAVING: list[bool] = []
+
+
+def _leave_process_group() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 def wait_for_everyone() -> None:
     """A barrier across the launched processes (nothing without a launcher)."""
     if is_distributed():
-        from accelerate import PartialState
-
-        PartialState().wait_for_everyone()
+        process_state().wait_for_everyone()
 
 
 def predict_sharded(predict: Callable[[Sequence[Item]], list[T]], items: Sequence[Item]) -> list[T]:
-    """``predict(items)``; under ``accelerate launch`` with several processes, sharded and merged.
+    """``predict(items)``; under a launcher with several processes, sharded and merged.
 
     Each process predicts an interleaved shard of equal size (the last shards are filled by
     repeating items from the start, so every process runs the same number of batches, as
@@ -81,6 +105,7 @@ def predict_sharded(predict: Callable[[Sequence[Item]], list[T]], items: Sequenc
         return predict(items)
     from accelerate.utils import gather_object
 
+    process_state()  # joined with the others before gather_object asks accelerate's state
     world, me = world_size(), rank()
     per_process = -(-len(items) // world)
     padded = [items[i % len(items)] for i in range(per_process * world)]

@@ -42,7 +42,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from sentilens.data.records import Post, read_labels, read_split
-from sentilens.distributed import predict_sharded
+from sentilens.distributed import predict_sharded, process_state
 from sentilens.errors import SentilensError
 from sentilens.metrics import classification_metrics
 from sentilens.mllm.config import EvalPrecision, MllmRunConfig
@@ -215,7 +215,7 @@ def cosine_with_warmup(optimizer: torch.optim.Optimizer, total_steps: int, warmu
 
 def train_mllm(cfg: MllmTrainConfig) -> dict:
     """Fine-tune, keep the best epoch by validation weighted F1; returns a summary of the run."""
-    from accelerate import Accelerator, PartialState
+    from accelerate import Accelerator
     from accelerate.utils import set_seed
 
     tiny = parse_tiny(cfg.base_model)  # an unknown tiny:<family> is refused before anything is written
@@ -228,11 +228,11 @@ def train_mllm(cfg: MllmTrainConfig) -> dict:
     out = cfg.out
     _check_run_dir(out, cfg)
 
-    state = PartialState()
+    state = process_state()
     cuda = state.device.type == "cuda"
     grad_accum = accumulation_steps(cfg.global_batch_size, cfg.batch_size, state.num_processes)
     mixed = cfg.mixed_precision if cfg.mixed_precision != "auto" else ("bf16" if cuda else "no")
-    accelerator = Accelerator(gradient_accumulation_steps=grad_accum, mixed_precision=mixed)
+    accelerator = Accelerator(gradient_accumulation_steps=grad_accum, mixed_precision=mixed, cpu=not cuda)
     main = accelerator.is_main_process  # the only process that writes files (progress bars: sentilens.progress)
     deepspeed = accelerator.state.deepspeed_plugin is not None
     if deepspeed and cfg.resume:
