@@ -17,6 +17,7 @@ answer and accelerate is not imported.
 from __future__ import annotations
 
 import atexit
+import functools
 import os
 from collections.abc import Callable, Sequence
 from typing import TypeVar
@@ -74,13 +75,14 @@ def process_state():
     from accelerate import PartialState
 
     state = PartialState(cpu=default_device().type == "cpu")
-    if torch.distributed.is_initialized() and not _LEAVING:
-        _LEAVING.append(True)
-        atexit.register(_leave_process_group)  # a gloo group left alive aborts the interpreter at exit
+    if torch.distributed.is_initialized():
+        _leave_process_group_at_exit()  # a gloo group left alive aborts the interpreter at exit
     return state
 
 
-_LEAVING: list[bool] = []
+@functools.cache
+def _leave_process_group_at_exit() -> None:
+    atexit.register(_leave_process_group)  # once per process
 
 
 def _leave_process_group() -> None:

@@ -343,6 +343,8 @@ def check_cue_side(cue_side: tuple[float, float]) -> tuple[float, float]:
         raise SentilensError(f"cue box side must be a range 0 < low <= high <= 1 (fractions of the frame's "
                              f"side), got {low}-{high}")
     return float(low), float(high)
+
+
 BACKDROPS = ("plain", "gradient", "stripes")
 PADDINGS = ("none", "bars_horizontal", "bars_vertical", "border")
 BAR_SIDE = (0.06, 0.20)

@@ -269,7 +269,7 @@ class MllmModel(nn.Module):
     def forward(self, batch: MllmBatch) -> Tensor:
         """Mean cross-entropy of the answer tokens (Eq. 1's label likelihood), other targets ignored."""
         llava = self.llava
-        reducer = self.reducer if self.reducer is not None or not self.training else self.token_dropout
+        reducer = self.token_dropout if self.training and self.token_dropout is not None else self.reducer
         inputs = build_inputs(llava, batch, reducer=reducer, padding_side="right")
         hidden = language_model_hidden(llava, inputs, use_cache=False).last_hidden_state
         targets = inputs.targets[:, 1:]

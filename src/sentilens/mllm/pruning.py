@@ -316,6 +316,23 @@ def cls_scores_from_logits(layers: Sequence[tuple[torch.Tensor, float]]) -> torc
     return total
 
 
+def refuse_padding(attention_mask: torch.Tensor | None) -> None:
+    """Received-attention scoring reads whole maps of unpadded images: a mask means something else was given."""
+    if attention_mask is not None:
+        raise ValueError("received-attention scoring takes unpadded images only (the tower was given an "
+                         "attention mask)")
+
+
+def attention_blocks(maps: int, tokens: int, budget: int) -> Iterator[tuple[slice, slice]]:
+    """``(maps, queries)`` slices covering ``maps x tokens`` query rows, each block at most ``budget``
+    attention entries (queries x keys) when it can: whole maps per block, or queries of one map."""
+    rows = max(1, budget // tokens)  # queries x maps per block
+    group, chunk = max(1, rows // tokens), min(rows, tokens)
+    for first in range(0, maps, group):
+        for start in range(0, tokens, chunk):
+            yield slice(first, first + group), slice(start, start + chunk)
+
+
 def attention_with_received(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float,
                             attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One layer's attention and the attention each token receives, computed together (module docstring).
@@ -326,9 +343,7 @@ def attention_with_received(query: torch.Tensor, key: torch.Tensor, value: torch
     Each ``(queries x keys)`` softmax block, a head or several at a time (:data:`QUERY_CHUNK_ELEMENTS`), serves
     both the output and the column sums: scoring costs a column sum, not a second query-key product.
     """
-    if attention_mask is not None:
-        raise ValueError("received-attention scoring takes unpadded images only (the tower was given an "
-                         "attention mask)")
+    refuse_padding(attention_mask)
     batch, heads, tokens, dim = query.shape
     maps = batch * heads
     q = (query.float() * scaling).reshape(maps, tokens, dim)
@@ -337,14 +352,10 @@ def attention_with_received(query: torch.Tensor, key: torch.Tensor, value: torch
     out = torch.empty(maps, tokens, value.shape[-1], dtype=value.dtype, device=value.device)
     received = torch.zeros(maps, tokens, dtype=torch.float32, device=query.device)
     budget = CPU_QUERY_CHUNK_ELEMENTS if query.device.type == "cpu" else QUERY_CHUNK_ELEMENTS
-    rows = max(1, budget // tokens)  # queries x maps per block
-    group, chunk = max(1, rows // tokens), min(rows, tokens)  # whole maps per block, or queries of one map
-    for first in range(0, maps, group):
-        block = slice(first, first + group)
-        for start in range(0, tokens, chunk):
-            weights = torch.softmax(torch.matmul(q[block, start:start + chunk], k_t[block]), dim=-1)
-            received[block] += weights.sum(dim=-2)
-            out[block, start:start + chunk] = torch.matmul(weights.to(v.dtype), v[block])
+    for block, queries in attention_blocks(maps, tokens, budget):
+        weights = torch.softmax(torch.matmul(q[block, queries], k_t[block]), dim=-1)
+        received[block] += weights.sum(dim=-2)
+        out[block, queries] = torch.matmul(weights.to(v.dtype), v[block])
     out = out.view(batch, heads, tokens, -1).transpose(1, 2).contiguous()
     return out, received.view(batch, heads, tokens).sum(dim=1) / (tokens * heads)
 
@@ -357,21 +368,15 @@ def received_attention_only(query: torch.Tensor, key: torch.Tensor, scaling: flo
     runs in the inputs' dtype (bfloat16 on tensor cores) and its softmax accumulates in float32; the column
     sums are float32.
     """
-    if attention_mask is not None:
-        raise ValueError("received-attention scoring takes unpadded images only (the tower was given an "
-                         "attention mask)")
+    refuse_padding(attention_mask)
     batch, heads, tokens, dim = query.shape
     maps = batch * heads
     q = (query * scaling).reshape(maps, tokens, dim)
     k_t = key.reshape(maps, tokens, dim).transpose(-1, -2)
     received = torch.zeros(maps, tokens, dtype=torch.float32, device=query.device)
-    rows = max(1, QUERY_CHUNK_ELEMENTS // tokens)
-    group, chunk = max(1, rows // tokens), min(rows, tokens)
-    for first in range(0, maps, group):
-        block = slice(first, first + group)
-        for start in range(0, tokens, chunk):
-            weights = torch.softmax(torch.matmul(q[block, start:start + chunk], k_t[block]), dim=-1)
-            received[block] += weights.sum(dim=-2, dtype=torch.float32)
+    for block, queries in attention_blocks(maps, tokens, QUERY_CHUNK_ELEMENTS):
+        weights = torch.softmax(torch.matmul(q[block, queries], k_t[block]), dim=-1)
+        received[block] += weights.sum(dim=-2, dtype=torch.float32)
     return received.view(batch, heads, tokens).sum(dim=1) / (tokens * heads)
 
 
@@ -393,11 +398,9 @@ def scoring_route(device: torch.device) -> str:
 def received_by_route(route: str, query: torch.Tensor, key: torch.Tensor, scaling: float,
                       attention_mask: torch.Tensor | None = None) -> torch.Tensor:
     """The ``(B, T)`` received attention by the ``"kernel"`` or ``"blocks"`` route of :func:`scoring_route`."""
+    refuse_padding(attention_mask)
     if route != "kernel":
-        return received_attention_only(query, key, scaling, attention_mask)
-    if attention_mask is not None:
-        raise ValueError("received-attention scoring takes unpadded images only (the tower was given an "
-                         "attention mask)")
+        return received_attention_only(query, key, scaling)
     from sentilens.mllm.received_kernel import received_attention_fused
 
     return received_attention_fused(query, key, scaling)

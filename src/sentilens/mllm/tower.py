@@ -148,13 +148,14 @@ def corpus_pixels(spec: TinySpec, recipe: TowerRecipe, count: int,
     if recipe.frame_size < spec.image_size:
         raise ValueError(f"corpus frames ({recipe.frame_size} px) are smaller than the tower's input "
                          f"({spec.image_size} px)")
+    cue_side = check_cue_side(recipe.cue_side)
     processor = tiny_image_processor(spec)
     pixels, targets, patches = [], [], []
     for start in range(offset, offset + count, 256):
         images = []
         for i in range(start, min(offset + count, start + 256)):
             image, scene, box, _ = synth_image(LABELS[i % len(LABELS)], recipe.frame_size,
-                                               CORPUS_SEED * (recipe.seed + 1) + i, check_cue_side(recipe.cue_side))
+                                               CORPUS_SEED * (recipe.seed + 1) + i, cue_side)
             images.append(image)
             targets.append(SCENE_CLASSES.index(scene_class(scene)))
             patches.append(patch_targets(spec, recipe.frame_size, box, targets[-1]))

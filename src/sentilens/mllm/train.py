@@ -219,6 +219,8 @@ def train_mllm(cfg: MllmTrainConfig) -> dict:
     from accelerate.utils import set_seed
 
     tiny = parse_tiny(cfg.base_model)  # an unknown tiny:<family> is refused before anything is written
+    if cfg.token_dropout is not None and cfg.train_keep_ratio is not None:
+        raise SentilensError("give --token-dropout or --train-keep-ratio, not both")
     if cfg.image_aspect is None:
         cfg = cfg.model_copy(update={"image_aspect": default_image_aspect(cfg.base_model)})
     labels = read_labels(cfg.data)
@@ -245,10 +247,9 @@ def train_mllm(cfg: MllmTrainConfig) -> dict:
     if cfg.train_keep_ratio is not None:
         model.reducer = family_of(model.llava).make_reducer(model.llava, cfg.train_keep_ratio)
     if cfg.token_dropout is not None:
-        if cfg.train_keep_ratio is not None:
-            raise SentilensError("give --token-dropout or --train-keep-ratio, not both")
-        if family_of(model.llava).name != "llava":
-            raise SentilensError(f"--token-dropout is offered for LLaVA-1.5 only, not {family_of(model.llava).name}")
+        family = family_of(model.llava).name
+        if family != "llava":
+            raise SentilensError(f"--token-dropout is offered for LLaVA-1.5 only, not {family}")
         model.token_dropout = TokenDropout(cfg.token_dropout, cfg.seed)
     settings = PromptSettings(task=cfg.task or infer_task(labels), max_length=cfg.max_length,
                               image_aspect=cfg.image_aspect, label_list=cfg.label_list,
