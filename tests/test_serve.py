@@ -394,6 +394,10 @@ def test_the_api_key_guards_every_v1_endpoint_but_not_healthz(fusion_server):
                 assert response.headers["www-authenticate"] == "Bearer"
         assert http.get("/v1/model", headers={"X-API-Key": KEY}).status_code == 200
         assert http.get("/v1/model", headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
+        # the key, which no other site's page has, guards it: no Origin check on a server with a key
+        assert http.post("/v1/predict", json={"text": "hi"}, headers={"X-API-Key": KEY,
+                                                                      "Origin": "http://elsewhere.example"}
+                         ).status_code == 200
 
 
 def test_a_fusion_run_predicts_and_refuses_keep_ratio_and_heatmaps(fusion_server, fusion_run, posts):
@@ -422,7 +426,7 @@ def test_uploads_are_private_files_deleted_with_their_request(fusion_server, fus
         assert http.post("/v1/predict", files={"image": ("x.png", b"not an image", "image/png")}).status_code == 415
     (folder,) = fusion_temp.glob("sentilens-serve-*")
     assert folder.stat().st_mode & 0o777 == 0o700
-    assert list(folder.iterdir()) == []
+    assert list(folder.iterdir()) == [folder / "server.pid"]  # the marker naming the server, no upload
 
 
 # ----------------------------------------------------------------------------- CLI

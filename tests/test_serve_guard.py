@@ -1,9 +1,11 @@
-"""Issue 15, the server's share: a real `sentilens serve` (subprocess, 127.0.0.1 only, ephemeral port) on a tiny
-fusion run, probed the way an attacker or an unlucky client would. Every probe is bounded in count and time."""
+"""The server under attack: a real `sentilens serve` (subprocess, 127.0.0.1 only, ephemeral port) on a tiny fusion
+run, probed the way an attacker or an unlucky client would. Every probe is bounded in count and time."""
 
 from __future__ import annotations
 
 import base64
+import os
+import signal
 import socket
 import time
 
@@ -11,12 +13,13 @@ import httpx
 import pytest
 
 from sentilens.cli import main
-from serve_helpers import Server, png_bytes, train_tiny_fusion
+from serve_helpers import Server, chromium, png_bytes, train_tiny_fusion
 
 pytestmark = pytest.mark.slow  # trains a real tiny model
 
 EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nnewpath 0 0 moveto 10 10 lineto stroke showpage\n%%EOF\n"
-HEADER_TIMEOUT_S = 1.0
+IDLE_TIMEOUT_S = 0.5
+HEADER_TIMEOUT_S = 2.0
 BODY_TIMEOUT_S = 2.0
 WAIT_S = 30.0
 """Bound on any wait in these tests (a bound, not a speed requirement)."""
@@ -30,7 +33,8 @@ def run(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(run, tmp_path_factory):
     server = Server(run, tmp_path_factory.mktemp("logs") / "guard.log",
-                    ["--header-timeout", str(HEADER_TIMEOUT_S), "--body-timeout", str(BODY_TIMEOUT_S),
+                    ["--idle-timeout", str(IDLE_TIMEOUT_S), "--header-timeout", str(HEADER_TIMEOUT_S),
+                     "--body-timeout", str(BODY_TIMEOUT_S),
                      "--max-connections", "4", "--max-posts", "8"])
     yield server
     server.stop()
@@ -173,3 +177,226 @@ def test_a_port_in_use_is_one_line_and_exit_2(run, monkeypatch, capsys):
     assert exit_info.value.code == 2
     error = capsys.readouterr().err
     assert f"--port {port}: cannot listen there" in error and len(error.strip().splitlines()) == 1
+
+
+def test_a_port_out_of_range_is_one_line_and_exit_2(tmp_path, monkeypatch, capsys):
+    for port in ("99999", "-1"):
+        monkeypatch.setattr("sys.argv", ["sentilens", "serve", "--run", str(tmp_path), "--port", port])
+        with pytest.raises(SystemExit) as exit_info:
+            main()
+        assert exit_info.value.code == 2
+        error = capsys.readouterr().err
+        assert f"--port {port}: a TCP port is between 0 and 65535" in error and len(error.strip().splitlines()) == 1
+
+
+# ----------------------------------------------------------------------------- idle sockets
+
+
+def open_by_server(sock: socket.socket) -> bool:
+    """Whether the server still holds ``sock`` open (it has sent nothing on it, nor closed it)."""
+    sock.setblocking(False)
+    try:
+        return sock.recv(1) != b""
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    finally:
+        sock.setblocking(True)
+
+
+def test_an_idle_connection_is_closed_sooner_than_one_sending_headers(server):
+    """A socket that sends nothing is closed after --idle-timeout; one that has begun a request has until
+    --header-timeout."""
+    with socket.create_connection(("127.0.0.1", server.port)) as idle, \
+            socket.create_connection(("127.0.0.1", server.port)) as started:
+        started.sendall(b"GET /healthz HTTP/1.1\r\n")
+        deadline = time.monotonic() + WAIT_S
+        while open_by_server(idle):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert open_by_server(started)
+        assert closed_by_server(started) == b""
+
+
+def test_healthz_and_predictions_answer_within_a_second_under_an_idle_socket_flood(run, tmp_path):
+    """An idle-socket flood past the socket cap (300 sockets against a cap of 256 and 16 per client: the same
+    picture as 1,100 against the default 1,024) closed every new connection, /healthz included, until the flood
+    timed out; now each newcomer takes the place of the longest-idle socket. Long timeouts: the flood is held."""
+    server = Server(run, tmp_path / "flood.log", ["--max-connections", "4", "--max-client-connections", "16",
+                                                  "--idle-timeout", "60", "--header-timeout", "60"])
+    flood: list[socket.socket] = []
+    try:
+        for _ in range(300):
+            flood.append(socket.create_connection(("127.0.0.1", server.port), timeout=WAIT_S))
+        time.sleep(0.5)  # the server accepts the whole flood
+        took = []
+        for _ in range(5):
+            started = time.perf_counter()
+            with httpx.Client(base_url=server.url, timeout=WAIT_S) as fresh:  # a new connection each time
+                assert fresh.get("/healthz").status_code == 200
+            took.append(time.perf_counter() - started)
+        with httpx.Client(base_url=server.url, timeout=WAIT_S) as fresh:
+            started = time.perf_counter()
+            assert fresh.post("/v1/predict", json={"text": "a fine day"}).status_code == 200
+            took.append(time.perf_counter() - started)
+        assert max(took) < 1.0, took
+        held = sum(open_by_server(sock) for sock in flood)
+        assert held <= 256, held  # the total cap holds, by closing the oldest idle sockets
+        time.sleep(1.2)  # past the grace of a young connection: newcomers now replace this client's idle sockets
+        late = [socket.create_connection(("127.0.0.1", server.port), timeout=WAIT_S) for _ in range(20)]
+        flood += late
+        time.sleep(0.5)
+        assert all(open_by_server(sock) for sock in late)
+        assert sum(open_by_server(sock) for sock in flood) <= held
+        assert "Traceback" not in server.text()
+    finally:
+        for sock in flood:
+            sock.close()
+        server.stop()
+
+
+# ----------------------------------------------------------------------------- framing, Host, HEAD, Origin
+
+
+def raw_exchange(port: int, data: bytes) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=WAIT_S) as sock:
+        sock.sendall(data)
+        return closed_by_server(sock)
+
+
+def test_content_length_with_transfer_encoding_is_400_and_the_connection_closed(server):
+    """RFC 9112 6.1: behind a proxy that frames by the other header, the pipelined GET would be a smuggled request."""
+    answer = raw_exchange(server.port, b"POST /v1/predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: "
+                          b"application/json\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
+                          b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 400"), answer[:200]
+    assert b'"code":"conflicting_framing"' in answer and b"connection: close" in answer.lower()
+    assert answer.count(b"HTTP/1.1") == 1  # the pipelined request was never answered
+
+
+def test_a_request_h11_cannot_parse_gets_the_json_error_shape(server):
+    answer = raw_exchange(server.port, b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 1\r\n"
+                          b"Content-Length: 2\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 400"), answer[:200]
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert b"application/json" in head and b"nosniff" in head
+    assert b'"code":"bad_request"' in body
+
+
+@pytest.mark.parametrize(("host", "status"), [
+    ("[::1]:8000", 200), ("[::1]", 200), ("[0:0::1]:1", 200), ("127.0.0.1:", 200), ("LOCALHOST:9", 200),
+    ("[::1]evil.example", 400), ("[::1]evil.example:80", 400), ("::1", 400), ("[::1]:80x", 400),
+    ("[::1", 400), ("[not-an-ip]", 400), ("127.0.0.1:80:80", 400), ("user@127.0.0.1", 400), ("", 400),
+])
+def test_host_parsing_reads_ipv6_literals_exactly(http, host, status):
+    response = http.get("/healthz", headers={"host": host})
+    assert response.status_code == status, response.text
+    if status == 400:
+        assert response.json()["error"]["code"] == "invalid_host"
+
+
+def test_head_answers_wherever_get_does(http):
+    for path in ("/", "/healthz", "/v1/model", "/openapi.json", "/docs", "/static/app.js"):
+        got, head = http.get(path), http.head(path)
+        assert got.status_code == head.status_code == 200, (path, head.status_code)
+        assert head.content == b"" and head.headers["content-length"] == got.headers["content-length"]
+        assert head.headers["content-type"] == got.headers["content-type"]
+        assert "default-src 'self'" in head.headers["content-security-policy"]
+    refused = http.head("/v1/predict")  # as GET is: 405, naming the method that works
+    assert refused.status_code == 405 and refused.headers["allow"] == "POST" and refused.content == b""
+
+
+def test_an_image_sent_as_a_text_part_is_422_naming_the_field(http):
+    response = http.post("/v1/predict", files={"text": (None, "hello"), "image": (None, "iVBORw0KGgo=")})
+    error = error_of(response, 422)
+    assert error["code"] == "image_not_a_file" and error["field"] == "image"
+
+
+def test_a_keyless_server_refuses_cross_site_posts_but_not_its_own_page(http, server):
+    """Any web page can POST a form to 127.0.0.1 (the Host is right, so the rebinding check passes)."""
+    for origin in ("http://evil.example", "null", f"http://127.0.0.1:{server.port + 1}",
+                   f"https://127.0.0.1:{server.port}", f"http://[::1]:{server.port}", "http://127.0.0.1"):
+        response = http.post("/v1/predict", json={"text": "hi"}, headers={"origin": origin})
+        assert error_of(response, 403)["code"] == "cross_origin", origin
+    for headers in ({}, {"origin": server.url}, {"origin": f"http://LOCALHOST:{server.port}",
+                                                 "host": f"localhost:{server.port}"}):
+        assert http.post("/v1/predict", json={"text": "hi"}, headers=headers).status_code == 200, headers
+    assert http.get("/v1/model", headers={"origin": "http://evil.example"}).status_code == 200  # reads change nothing
+
+
+# ----------------------------------------------------------------------------- the upload folder
+
+
+def upload_folders(temp) -> list:
+    return sorted(path for path in temp.glob("sentilens-serve-*") if path.is_dir() and not path.is_symlink())
+
+
+def test_a_killed_servers_upload_folder_is_swept_at_the_next_start_and_nothing_else(run, tmp_path):
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    foreign = temp / "sentilens-serve-foreign"  # no marker: not a server's folder, or one still being made
+    foreign.mkdir()
+    (foreign / "keep.txt").write_text("not the server's")
+    live = temp / "sentilens-serve-live"  # the marker of a running process (this test's)
+    live.mkdir()
+    (live / "server.pid").write_text(f"{os.getpid()} -\n")
+    (live / "inflight.upload").write_bytes(b"image")
+    elsewhere = tmp_path / "elsewhere"  # a link to a dead-looking folder is not followed
+    elsewhere.mkdir()
+    (elsewhere / "server.pid").write_text("999999999 -\n")
+    (temp / "sentilens-serve-link").symlink_to(elsewhere)
+    (temp / "sentilens-serve-note.txt").write_text("a file, not a folder")
+    env = {"TMPDIR": str(temp)}
+
+    killed = Server(run, tmp_path / "killed.log", [], env=env)
+    (own,) = set(upload_folders(temp)) - {foreign, live}
+    assert (own / "server.pid").read_text().split()[0] == str(killed.process.pid)
+    with httpx.Client(base_url=killed.url, timeout=WAIT_S) as http:
+        assert http.post("/v1/predict", files={"image": ("p.png", png_bytes(32, 32), "image/png")}).status_code == 200
+    (own / "0123.upload").write_bytes(png_bytes(32, 32))  # an upload in flight when the server dies
+    killed.process.send_signal(signal.SIGKILL)
+    killed.process.wait(timeout=WAIT_S)
+    killed.stop()
+    assert own.exists()
+
+    restarted = Server(run, tmp_path / "restarted.log", [], env=env)
+    try:
+        assert not own.exists()
+        (new,) = set(upload_folders(temp)) - {foreign, live}
+        assert (new / "server.pid").read_text().split()[0] == str(restarted.process.pid)
+        assert (foreign / "keep.txt").read_text() == "not the server's"
+        assert (live / "inflight.upload").exists()
+        assert (elsewhere / "server.pid").exists() and (temp / "sentilens-serve-link").is_symlink()
+        assert (temp / "sentilens-serve-note.txt").exists()
+    finally:
+        restarted.stop()
+    assert restarted.process.returncode == 0 or restarted.process.returncode == -signal.SIGTERM
+    assert not new.exists()  # emptied and removed on stop
+    assert sorted(p.name for p in temp.glob("sentilens-serve-*")) == ["sentilens-serve-foreign", "sentilens-serve-link",
+                                                      "sentilens-serve-live", "sentilens-serve-note.txt"]
+
+
+# ----------------------------------------------------------------------------- API docs
+
+
+def test_the_api_docs_render_the_operations_offline_under_the_csp(http, server, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    page = http.get("/docs")
+    assert page.status_code == 200 and "default-src 'self'" in page.headers["content-security-policy"]
+    assert "http://" not in page.text and "https://" not in page.text  # every asset from this server
+    assert error_of(http.get("/redoc"), 404)["code"] == "not_found"
+    browser = chromium(tmp_path / "profile")
+    try:
+        browser.get(server.url + "/docs")
+        WebDriverWait(browser, WAIT_S).until(lambda b: len(b.find_elements(By.CSS_SELECTOR, ".opblock")) >= 5)
+        paths = [e.text for e in browser.find_elements(By.CSS_SELECTOR, ".opblock-summary-path")]
+        assert paths == ["/healthz", "/v1/model", "/v1/predict", "/v1/predict/batch", "/v1/explain"]
+        method = browser.find_element(By.CSS_SELECTOR, ".opblock-post .opblock-summary-method")
+        assert method.text == "POST" and method.value_of_css_property("background-color") != "rgba(0, 0, 0, 0)"
+        blocked = [entry["message"] for entry in browser.get_log("browser") if entry["level"] == "SEVERE"]
+        assert blocked == []  # no Content-Security-Policy violation, no failed load
+    finally:
+        browser.quit()

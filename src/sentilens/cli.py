@@ -679,6 +679,12 @@ def serve_cmd(
     max_connections: Annotated[int | None, typer.Option("--max-connections", help="Requests handled at once, "
                                                         "uploads still arriving included; beyond, 503 (/healthz "
                                                         "is always answered; default 128).")] = None,
+    max_client_connections: Annotated[int | None, typer.Option(
+        "--max-client-connections", help="Open sockets of one client address before its longest-idle ones are "
+                                         "closed for its new ones (default 64; behind a proxy, raise it above "
+                                         "the proxy's keep-alive pool).")] = None,
+    idle_timeout: Annotated[float | None, typer.Option("--idle-timeout", help="Seconds a connection may wait "
+                                                       "without sending a request (default 5).")] = None,
     header_timeout: Annotated[float | None, typer.Option("--header-timeout", help="Seconds a connection may take "
                                                          "to send a request's headers (default 10).")] = None,
     body_timeout: Annotated[float | None, typer.Option("--body-timeout", help="Seconds a request may take to send "
@@ -697,6 +703,8 @@ def serve_cmd(
     from sentilens.serve.app import create_app
     from sentilens.serve.settings import ServeSettings, make_settings
 
+    if not 0 <= port <= 65535:
+        raise SentilensError(f"--port {port}: a TCP port is between 0 and 65535")
     api_key = None
     if api_key_env is not None:
         api_key = os.environ.get(api_key_env, "")
@@ -707,6 +715,7 @@ def serve_cmd(
                               "max_aspect_ratio": max_aspect_ratio, "max_text_chars": max_text_chars,
                               "max_posts": max_posts, "api_key": api_key, "device": device,
                               "max_connections": max_connections, "header_timeout_s": header_timeout,
+                              "max_client_connections": max_client_connections, "idle_timeout_s": idle_timeout,
                               "body_timeout_s": body_timeout, "runtime": runtime,
                               "allowed_hosts": [*ServeSettings().allowed_hosts, host, *(allowed_host or [])]})
     load_config(run)  # a wrong --run is named before anything else
@@ -737,8 +746,10 @@ def run_server(application, host: str, port: int, settings) -> None:
 
     from sentilens.serve.guard import guarded_protocol, socket_cap
 
-    protocol = guarded_protocol(settings.header_timeout_s, socket_cap(settings.max_connections))
-    uvicorn.run(application, host=host, port=port, log_level="info", http=protocol, timeout_keep_alive=5)
+    protocol = guarded_protocol(settings.idle_timeout_s, settings.header_timeout_s,
+                                socket_cap(settings.max_connections), settings.max_client_connections)
+    uvicorn.run(application, host=host, port=port, log_level="info", http=protocol,
+                timeout_keep_alive=settings.idle_timeout_s)
 
 
 def main() -> None:

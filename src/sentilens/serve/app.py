@@ -10,7 +10,10 @@ the model and micro-batches requests (:mod:`sentilens.serve.batching`). Endpoint
   received) and kept patches;
 - ``GET /v1/model``: family, labels, base model, config summary, limits;
 - ``GET /healthz``: liveness and queue depth; never needs the API key, so probes work;
-- ``GET /``: the web page (``static/``).
+- ``GET /``: the web page (``static/``);
+- ``GET /docs``: the API docs (Swagger UI), its assets served from the installed ``fastapi-offline``
+  package, so it works offline and under the server's CSP. There is no ``/redoc``: ReDoc injects inline
+  styles, which that CSP forbids (it rendered an error page).
 
 Bad input gets a JSON :class:`~sentilens.serve.schemas.ErrorResponse` with 400/401/408/413/415/422/503,
 never a 500. :mod:`sentilens.serve.guard` and :mod:`sentilens.serve.body` keep slow or oversized
@@ -29,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import fastapi_offline
 from fastapi import Depends, FastAPI, Request, Security
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import FileResponse
@@ -62,6 +66,9 @@ from sentilens.serve.uploads import UploadStore, check_image
 log = logging.getLogger("sentilens.serve")
 
 STATIC = Path(__file__).parent / "static"
+DOCS_ASSETS = Path(fastapi_offline.__file__).parent / "static"
+"""Swagger UI's script and style, from an installed package: /docs needs no network, and the CSP (scripts and
+styles from 'self' only) holds on it too."""
 DECODE_THREADS = 2
 """Uploads decoded at once (each can take up to max_pixels x 3 bytes): bounds the memory of a burst."""
 HTTP_CODES = {404: "not_found", 405: "method_not_allowed"}
@@ -187,20 +194,25 @@ def create_app(run_dir: str | Path, settings: ServeSettings | None = None) -> Fa
         finally:
             await anyio.to_thread.run_sync(service.stop)
 
-    app = FastAPI(title="sentilens", version=__version__, lifespan=lifespan,
+    app = FastAPI(title="sentilens", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="Sentiment / informativeness of image + text posts with a sentilens run. "
                               "Images travel in the request (base64 or a file part); the server fetches no URL.")
     app.state.service = service
     models = app.state.request_models = request_models(settings.max_text_chars, settings.max_posts)
     app.add_middleware(BodyLimit, max_bytes=settings.max_upload_bytes, timeout_s=settings.body_timeout_s)
     app.add_middleware(RequestGuard, allowed_hosts=settings.allowed_hosts, max_requests=settings.max_connections,
-                       retry_after_s=settings.retry_after_s)  # outermost: the host is checked before anything
+                       retry_after_s=settings.retry_after_s, check_origin=settings.api_key is None)
+    # RequestGuard is outermost: framing, Host and Origin are checked before anything
     guarded = [Depends(key_check(settings))] if settings.api_key is not None else []
     install_error_handlers(app)
 
     @app.get("/", include_in_schema=False)
     async def page() -> FileResponse:
         return FileResponse(STATIC / "index.html")
+
+    @app.get("/docs", include_in_schema=False)
+    async def swagger_page() -> FileResponse:
+        return FileResponse(STATIC / "docs.html")
 
     @app.get("/healthz", response_model=Health, tags=["service"])
     async def healthz() -> Health:
@@ -260,6 +272,7 @@ def create_app(run_dir: str | Path, settings: ServeSettings | None = None) -> Fa
                                latency_ms=elapsed_ms(started), heatmap=heatmap)
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    app.mount("/docs-assets", StaticFiles(directory=DOCS_ASSETS), name="docs-assets")
     app.openapi = lambda: openapi_schema(app)
     return app
 

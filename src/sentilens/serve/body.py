@@ -191,5 +191,8 @@ async def form_fields(form: FormData) -> dict[str, str | bytes]:
             raise ApiError(422, "malformed_body", f"unknown form field '{key}' (known: {', '.join(FORM_FIELDS)})", key)
         if key in fields:
             raise ApiError(422, "malformed_body", f"form field '{key}' given twice", key)
+        if key == "image" and not isinstance(value, UploadFile):
+            raise ApiError(422, "image_not_a_file", "form field 'image' must be a file part (a Content-Disposition "
+                           "with a filename), not a text value", key)
         fields[key] = await value.read() if isinstance(value, UploadFile) else value
     return fields

@@ -5,7 +5,8 @@ off while it is read (``max_upload_bytes``), images are refused on their header 
 decoding (``max_pixels``) and on their shape once decoded (``max_aspect_ratio``), texts and
 batches are counted (``max_text_chars``, ``max_posts``, also in the request schema), at most
 ``queue_size`` requests wait for the model and ``max_connections`` are handled at once (past either,
-503), and slow senders are cut off (``header_timeout_s``, ``body_timeout_s``). Defaults fit a
+503), idle and slow senders are cut off (``idle_timeout_s``, ``header_timeout_s``, ``body_timeout_s``)
+and one client's idle sockets are capped (``max_client_connections``). Defaults fit a
 single-user machine; the CLI exposes each one.
 """
 
@@ -47,6 +48,14 @@ class ServeSettings(BaseModel):
     max_connections: int = Field(128, ge=1)
     """Requests being handled at once, uploads still arriving included; one more gets a JSON 503. ``/healthz``
     is always answered, so a probe can tell a busy server from a dead one."""
+    max_client_connections: int = Field(64, ge=1)
+    """Open sockets of one client address before its longest-idle ones (idle a second or more) are closed to make
+    room for its new ones. Connections carrying a request are never closed for this; they count against
+    ``max_connections``. Behind a reverse proxy every client has the proxy's address: raise it above the proxy's
+    pool of kept-alive connections."""
+    idle_timeout_s: float = Field(5.0, gt=0.0)
+    """Seconds a connection may wait without sending a byte of a request (just opened, or kept alive after a
+    response); then it is closed."""
     header_timeout_s: float = Field(10.0, gt=0.0)
     """Seconds a connection may take to send a request's headers (from connecting, or from the previous
     response on a kept-alive connection); then it is closed. Slow-header clients (slowloris) cannot hold
@@ -60,7 +69,8 @@ class ServeSettings(BaseModel):
     retry_after_s: int = Field(1, ge=1)
     """Retry-After of a 503."""
     api_key: SecretStr | None = None
-    """When set, every /v1 request must carry it (X-API-Key or Authorization: Bearer)."""
+    """When set, every /v1 request must carry it (X-API-Key or Authorization: Bearer). Without it, a
+    state-changing request whose Origin is another site is refused (403)."""
     device: str | None = None
     """Where the model runs (cpu, cuda, cuda:1); default: the predictor's own choice."""
     runtime: str | None = None
