@@ -1,4 +1,4 @@
-"""`sentilens serve` under abuse (issue 15), on 127.0.0.1 only, every attack bounded in count and time.
+"""`sentilens serve` under abuse, on 127.0.0.1 only, every attack bounded in count and time.
 
 The server runs the tiny LLaVA (trained one epoch on the synthetic set, as in serve_load.py) with its default
 limits, in a subprocess on an ephemeral loopback port. In every scenario the same legitimate load runs beside
@@ -10,23 +10,29 @@ and a probe calling ``/healthz`` every 100 ms. Scenarios:
   never finishing (reconnecting when cut off, at most 4x that many connections in all), plus a tenth as many
   that send complete headers and then drip their body;
 - ``oversized_list``: two clients posting, again and again, a 10.2 MB batch of 3.4 million empty posts
-  (under the 10 MiB body cap; before issue 15 one such body blocked the event loop for 11 s);
+  (under the 10 MiB body cap; before the structural budget one such body blocked the event loop for 11 s);
 - ``burst``: ``--burst`` clients each sending one prediction at the same instant (they are legitimate too:
-  their answers count, a 503 with Retry-After being an answer).
+  their answers count, a 503 with Retry-After being an answer);
+- ``idle_flood``: ``--idle-sockets`` connections (1,100: past the default socket cap of 1,024) opened at once
+  from the same address as the legitimate clients, sending nothing; each one the server closes is opened again
+  (at most 10x that many connections in all), so the flood stays as large as the attacker can make it.
 
 Per scenario: legitimate requests answered (any HTTP response) and answered with 200 within 2 s, their
-latency p50/p99, /healthz p99 latency and failures, and the server's RSS before and after (and its peak,
+latency p50/p99, /healthz p99 latency and failures on a kept-alive connection and on a new connection each
+time (``healthz_fresh``: what a newcomer meets), and the server's RSS before and after (and its peak,
 sampled every 100 ms), from /proc.
 
 Usage: ``python benchmarks/abuse.py [--seconds 15] [--legit-clients 4] [--slow-connections 200] [--burst 200]
-[--out benchmarks/results/abuse.json]``.
+[--idle-sockets 1100] [--out benchmarks/results/abuse.json]``.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
+import resource
 import sys
 import tempfile
 import time
@@ -64,6 +70,8 @@ class Legit:
         self.answers: list[tuple[float, str]] = []  # (seconds, status or error name) per prediction
         self.health_ms: list[float] = []
         self.health_failures = 0
+        self.fresh_ms: list[float] = []
+        self.fresh_failures = 0
         self.peak_rss = 0.0
 
     async def predict(self, http: httpx.AsyncClient, index: int) -> None:
@@ -100,6 +108,19 @@ class Legit:
                 self.peak_rss = max(self.peak_rss, rss_mb(self.pid))
                 await asyncio.sleep(HEALTH_EVERY_S)
 
+    async def fresh_probe(self, until: float) -> None:
+        """/healthz on a new connection each time: what a client arriving during the attack meets."""
+        while time.monotonic() < until:
+            started = time.perf_counter()
+            try:
+                async with httpx.AsyncClient(base_url=self.url, timeout=30) as http:
+                    ok = (await http.get("/healthz")).status_code == 200
+            except httpx.HTTPError:
+                ok = False
+            self.fresh_ms.append((time.perf_counter() - started) * 1000)
+            self.fresh_failures += not ok
+            await asyncio.sleep(HEALTH_EVERY_S)
+
     def summary(self) -> dict:
         done = len(self.answers)
         statuses: dict[str, int] = {}
@@ -113,8 +134,13 @@ class Legit:
                 "ok_within_2s_rate": round(ok / done, 4) if done else None,
                 "latency_ms": {"p50": round(percentile(seconds, 50) * 1000, 1),
                                "p99": round(percentile(seconds, 99) * 1000, 1)} if done else None,
-                "healthz": {"probes": len(self.health_ms), "failures": self.health_failures,
-                            "p99_ms": round(percentile(self.health_ms, 99), 1) if self.health_ms else None}}
+                "healthz": probes(self.health_ms, self.health_failures),
+                "healthz_fresh": probes(self.fresh_ms, self.fresh_failures)}
+
+
+def probes(ms: list[float], failures: int) -> dict:
+    return {"probes": len(ms), "failures": failures, "p99_ms": round(percentile(ms, 99), 1) if ms else None,
+            "max_ms": round(max(ms), 1) if ms else None}
 
 
 async def slowloris(port: int, connections: int, until: float) -> dict:
@@ -156,6 +182,53 @@ async def slowloris(port: int, connections: int, until: float) -> dict:
     return counts
 
 
+async def idle_flood(port: int, sockets: int, until: float) -> dict:
+    """``sockets`` connections that send nothing, each reopened when the server closes it, at most 10x in all."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < sockets + 256:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, sockets + 256) if hard != resource.RLIM_INFINITY
+                                                    else sockets + 256, hard))
+    counts = {"sockets": sockets, "opened": 0, "cut_by_server": 0, "open_failures": 0}
+    budget = 10 * sockets
+    held = 0
+    held_samples: list[int] = []
+
+    async def holder() -> None:
+        nonlocal held
+        while time.monotonic() < until and counts["opened"] < budget:
+            try:
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            except OSError:
+                counts["open_failures"] += 1
+                await asyncio.sleep(0.1)
+                continue
+            counts["opened"] += 1
+            held += 1
+            try:
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(reader.read(1), timeout=max(until - time.monotonic(), 0.0))
+                if time.monotonic() < until:
+                    counts["cut_by_server"] += 1
+            except (ConnectionError, OSError):
+                counts["cut_by_server"] += 1
+            finally:
+                held -= 1
+                writer.close()
+
+    async def sample() -> None:
+        while time.monotonic() < until:
+            held_samples.append(held)
+            await asyncio.sleep(0.1)
+
+    await asyncio.gather(sample(), *(holder() for _ in range(sockets)))
+    held_samples = held_samples[10:] or held_samples or [0]  # from the first second on: the flood is open
+    counts["held_by_attacker"] = {"min": min(held_samples), "mean": round(sum(held_samples) / len(held_samples)),
+                                  "max": max(held_samples),
+                                  "share_of_time_over_1024": round(sum(h > 1024 for h in held_samples)
+                                                                   / len(held_samples), 3)}
+    return counts
+
+
 async def oversized(url: str, until: float) -> dict:
     body = b'{"posts": [' + b",".join([b"{}"] * 3_400_000) + b"]}"
     statuses: dict[str, int] = {}
@@ -179,19 +252,20 @@ async def burst(url: str, n: int, burst_side: Legit) -> dict:
     async with httpx.AsyncClient(base_url=url, timeout=30, limits=limits) as http:
         await asyncio.gather(*(burst_side.predict(http, i) for i in range(n)))
     summary = burst_side.summary()
-    del summary["healthz"]
+    del summary["healthz"], summary["healthz_fresh"]
     return {"clients": n, "burst_requests": summary}
 
 
-def attack_in_process(name: str, url: str, pid: int, posts, slow_connections: int, burst_clients: int,
-                      seconds: float) -> dict:
+def attack_in_process(name: str, url: str, pid: int, posts, args, seconds: float) -> dict:
     """One attack on its own event loop, in a worker process (monotonic clocks are shared across processes)."""
     until = time.monotonic() + seconds
     if name == "slowloris":
-        return asyncio.run(slowloris(urlsplit(url).port, slow_connections, until))
+        return asyncio.run(slowloris(urlsplit(url).port, args.slow_connections, until))
+    if name == "idle_flood":
+        return asyncio.run(idle_flood(urlsplit(url).port, args.idle_sockets, until))
     if name == "oversized_list":
         return asyncio.run(oversized(url, until))
-    return asyncio.run(burst(url, burst_clients, Legit(url, pid, posts)))
+    return asyncio.run(burst(url, args.burst, Legit(url, pid, posts)))
 
 
 async def run_scenario(name: str, server: Server, posts, args, pool: ProcessPoolExecutor) -> dict:
@@ -199,15 +273,15 @@ async def run_scenario(name: str, server: Server, posts, args, pool: ProcessPool
     before = rss_mb(server.process.pid)
     until = time.monotonic() + args.seconds
     attack: dict = {}
-    tasks = [legit.clients(args.legit_clients, until), legit.probe(until)]
+    tasks = [legit.clients(args.legit_clients, until), legit.probe(until), legit.fresh_probe(until)]
     if name != "baseline":
         # The attack runs in another process, so that sending it never delays the measuring side (nor its GIL).
         loop = asyncio.get_running_loop()
         tasks.append(loop.run_in_executor(pool, attack_in_process, name, server.url, server.process.pid, posts,
-                                          args.slow_connections, args.burst, until - time.monotonic()))
+                                          args, until - time.monotonic()))
     results = await asyncio.gather(*tasks)
-    if len(results) > 2:
-        attack = results[2]
+    if len(results) > 3:
+        attack = results[3]
     await asyncio.sleep(1.0)
     after = rss_mb(server.process.pid)
     return {"attack": attack, "legitimate": legit.summary(),
@@ -221,6 +295,7 @@ def main() -> None:
     parser.add_argument("--legit-clients", type=int, default=4)
     parser.add_argument("--slow-connections", type=int, default=200)
     parser.add_argument("--burst", type=int, default=200)
+    parser.add_argument("--idle-sockets", type=int, default=1100)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "abuse.json")
     args = parser.parse_args()
 
@@ -228,14 +303,14 @@ def main() -> None:
         tmp = Path(folder)
         make_synthetic(tmp / "data", n=200, seed=0)
         train_mllm(mllm_train_config({"data": tmp / "data", "out": tmp / "run", "base_model": "tiny", "epochs": 1,
-                                "batch_size": 8, "grad_accum": 1, "eval_batch_size": 16}))
+                                "batch_size": 8, "global_batch_size": 8, "eval_batch_size": 16}))
         posts = [(Path(p.image).read_bytes(), p.text) for p in read_manifest(tmp / "data")["test"] if p.image]
         server = Server(tmp / "run", tmp / "server.log", [])
         try:
             assert urlsplit(server.url).hostname == "127.0.0.1"
             with ProcessPoolExecutor(max_workers=1) as pool:
                 scenarios = {name: asyncio.run(run_scenario(name, server, posts, args, pool))
-                             for name in ("baseline", "slowloris", "oversized_list", "burst")}
+                             for name in ("baseline", "slowloris", "oversized_list", "burst", "idle_flood")}
         finally:
             server.stop()
         log = (tmp / "server.log").read_text(errors="replace")
@@ -247,9 +322,11 @@ def main() -> None:
         "environment": {**environment(), "load_average_1min_at_end": round(os.getloadavg()[0], 2)},
         "settings": {"seconds": args.seconds, "legit_clients": args.legit_clients,
                      "slow_connections": args.slow_connections, "burst": args.burst,
+                     "idle_sockets": args.idle_sockets,
                      "answered_within_s": ANSWER_WITHIN_S},
         "scenarios": scenarios,
         "min_legit_answered_within_2s_rate": min(legit_rates),
+        "max_healthz_fresh_ms": max(s["legitimate"]["healthz_fresh"]["max_ms"] for s in scenarios.values()),
         "max_rss_growth_mb": max(s["server_rss_mb"]["growth"] for s in scenarios.values()),
         "server_log_tracebacks": log.count("Traceback"),
     }
@@ -258,7 +335,9 @@ def main() -> None:
     for name, s in scenarios.items():
         print(f"{name:15s} legit answered<=2s {s['legitimate']['answered_within_2s_rate']} "
               f"ok<=2s {s['legitimate']['ok_within_2s_rate']} healthz p99 {s['legitimate']['healthz']['p99_ms']} ms "
-              f"failures {s['legitimate']['healthz']['failures']} rss {s['server_rss_mb']}")
+              f"failures {s['legitimate']['healthz']['failures']} new-connection healthz max "
+              f"{s['legitimate']['healthz_fresh']['max_ms']} ms failures "
+              f"{s['legitimate']['healthz_fresh']['failures']} rss {s['server_rss_mb']}")
 
 
 if __name__ == "__main__":

@@ -15,3 +15,13 @@ def test_token_filtering_results_say_whether_the_gpu_part_ran():
         assert result["gpu_part"].startswith("not run") and devices == {"cpu"}
     else:
         assert result["gpu_part"].startswith("run") and "cuda" in devices
+
+
+def test_the_abuse_results_hold_healthz_within_a_second_under_1100_idle_sockets():
+    result = json.loads((RESULTS / "abuse.json").read_text())
+    flood = result["scenarios"]["idle_flood"]
+    assert result["settings"]["idle_sockets"] == flood["attack"]["sockets"] == 1100
+    assert flood["attack"]["held_by_attacker"]["max"] == 1100
+    for probe in ("healthz", "healthz_fresh"):
+        assert flood["legitimate"][probe]["failures"] == 0 and flood["legitimate"][probe]["max_ms"] < 1000
+    assert flood["legitimate"]["answered_within_2s_rate"] == 1.0

@@ -179,14 +179,20 @@ def test_a_port_in_use_is_one_line_and_exit_2(run, monkeypatch, capsys):
     assert f"--port {port}: cannot listen there" in error and len(error.strip().splitlines()) == 1
 
 
-def test_a_port_out_of_range_is_one_line_and_exit_2(tmp_path, monkeypatch, capsys):
-    for port in ("99999", "-1"):
-        monkeypatch.setattr("sys.argv", ["sentilens", "serve", "--run", str(tmp_path), "--port", port])
-        with pytest.raises(SystemExit) as exit_info:
-            main()
-        assert exit_info.value.code == 2
-        error = capsys.readouterr().err
-        assert f"--port {port}: a TCP port is between 0 and 65535" in error and len(error.strip().splitlines()) == 1
+@pytest.mark.parametrize(("args", "problem"), [
+    (["--port", "99999"], "--port 99999: a TCP port is between 0 and 65535"),
+    (["--port", "-1"], "--port -1: a TCP port is between 0 and 65535"),
+    (["--idle-timeout", "0"], "--idle-timeout: Input should be greater than 0"),
+    (["--header-timeout", "-1"], "--header-timeout: Input should be greater than 0"),
+    (["--max-client-connections", "0"], "--max-client-connections: Input should be greater than or equal to 1"),
+])
+def test_a_bad_port_or_connection_limit_is_one_line_and_exit_2(run, monkeypatch, capsys, args, problem):
+    monkeypatch.setattr("sys.argv", ["sentilens", "serve", "--run", str(run), *args])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert problem in error and len(error.strip().splitlines()) == 1
 
 
 # ----------------------------------------------------------------------------- idle sockets
@@ -340,17 +346,21 @@ def test_a_killed_servers_upload_folder_is_swept_at_the_next_start_and_nothing_e
     (foreign / "keep.txt").write_text("not the server's")
     live = temp / "sentilens-serve-live"  # the marker of a running process (this test's)
     live.mkdir()
-    (live / "server.pid").write_text(f"{os.getpid()} -\n")
+    namespace = os.readlink("/proc/self/ns/pid")
+    (live / "server.pid").write_text(f"{os.getpid()} - {namespace}\n")
     (live / "inflight.upload").write_bytes(b"image")
+    container = temp / "sentilens-serve-container"  # a dead-looking id of another PID namespace
+    container.mkdir()
+    (container / "server.pid").write_text("999999999 - pid:[1]\n")
     elsewhere = tmp_path / "elsewhere"  # a link to a dead-looking folder is not followed
     elsewhere.mkdir()
-    (elsewhere / "server.pid").write_text("999999999 -\n")
+    (elsewhere / "server.pid").write_text(f"999999999 - {namespace}\n")
     (temp / "sentilens-serve-link").symlink_to(elsewhere)
     (temp / "sentilens-serve-note.txt").write_text("a file, not a folder")
     env = {"TMPDIR": str(temp)}
 
     killed = Server(run, tmp_path / "killed.log", [], env=env)
-    (own,) = set(upload_folders(temp)) - {foreign, live}
+    (own,) = set(upload_folders(temp)) - {foreign, live, container}
     assert (own / "server.pid").read_text().split()[0] == str(killed.process.pid)
     with httpx.Client(base_url=killed.url, timeout=WAIT_S) as http:
         assert http.post("/v1/predict", files={"image": ("p.png", png_bytes(32, 32), "image/png")}).status_code == 200
@@ -363,18 +373,19 @@ def test_a_killed_servers_upload_folder_is_swept_at_the_next_start_and_nothing_e
     restarted = Server(run, tmp_path / "restarted.log", [], env=env)
     try:
         assert not own.exists()
-        (new,) = set(upload_folders(temp)) - {foreign, live}
+        (new,) = set(upload_folders(temp)) - {foreign, live, container}
         assert (new / "server.pid").read_text().split()[0] == str(restarted.process.pid)
         assert (foreign / "keep.txt").read_text() == "not the server's"
-        assert (live / "inflight.upload").exists()
+        assert (live / "inflight.upload").exists() and (container / "server.pid").exists()
         assert (elsewhere / "server.pid").exists() and (temp / "sentilens-serve-link").is_symlink()
         assert (temp / "sentilens-serve-note.txt").exists()
     finally:
         restarted.stop()
     assert restarted.process.returncode == 0 or restarted.process.returncode == -signal.SIGTERM
     assert not new.exists()  # emptied and removed on stop
-    assert sorted(p.name for p in temp.glob("sentilens-serve-*")) == ["sentilens-serve-foreign", "sentilens-serve-link",
-                                                      "sentilens-serve-live", "sentilens-serve-note.txt"]
+    assert sorted(p.name for p in temp.glob("sentilens-serve-*")) == [
+        "sentilens-serve-container", "sentilens-serve-foreign", "sentilens-serve-link", "sentilens-serve-live",
+        "sentilens-serve-note.txt"]
 
 
 # ----------------------------------------------------------------------------- API docs

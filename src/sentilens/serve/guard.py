@@ -73,7 +73,7 @@ class Waiting:
         self.by_client: dict[str, dict] = {}
         self.sockets: dict[str, int] = {}  # open sockets per client address, waiting or not
 
-    def opened(self, protocol, client: str) -> None:
+    def opened(self, client: str) -> None:
         self.sockets[client] = self.sockets.get(client, 0) + 1
 
     def closed(self, protocol, client: str) -> None:
@@ -119,7 +119,7 @@ def guarded_protocol(idle_timeout_s: float, header_timeout_s: float, max_sockets
         def connection_made(self, transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
             self.peer = self.client[0] if self.client else ""
-            waiting.opened(self, self.peer)
+            waiting.opened(self.peer)
             if not self.make_room():
                 transport.close()
                 return
@@ -187,8 +187,8 @@ def guarded_protocol(idle_timeout_s: float, header_timeout_s: float, max_sockets
 
         def send_400_response(self, msg: str) -> None:
             """A request h11 cannot parse: the API's JSON error shape, then the connection closed."""
-            response = error_response(400, "bad_request", f"{msg} (malformed HTTP framing)",
-                                      headers={"Connection": "close"})
+            response = error_response(400, "bad_request", "malformed HTTP request: its request line, headers or "
+                                      "framing could not be parsed", headers={"Connection": "close"})
             headers = [*response.raw_headers, *SECURITY_HEADERS]
             try:
                 head = h11.Response(status_code=400, headers=headers, reason=b"Bad Request")

@@ -87,11 +87,17 @@ class ServeSettings(BaseModel):
                 "max_posts": self.max_posts}
 
 
+OPTIONS = {"idle_timeout_s": "--idle-timeout", "header_timeout_s": "--header-timeout",
+           "body_timeout_s": "--body-timeout", "allowed_hosts": "--allowed-host"}
+"""The command-line option of each setting whose name is not the field's."""
+
+
 def make_settings(options: dict) -> ServeSettings:
     """Settings from command-line options (None: the default); a value out of range is a user error."""
     try:
         return ServeSettings(**{key: value for key, value in options.items() if value is not None})
     except ValidationError as err:
         first = err.errors()[0]
-        option = "--" + str(first["loc"][0]).replace("_", "-") if first["loc"] else "serve"
+        option = OPTIONS.get(str(first["loc"][0]), "--" + str(first["loc"][0]).replace("_", "-")) if first["loc"] \
+            else "serve"
         raise SentilensError(f"{option}: {first['msg']}") from None

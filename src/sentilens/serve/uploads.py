@@ -9,10 +9,11 @@ pixel cap, 415 for a format outside the allow-list, 422 for an extreme aspect ra
 (or empty) file.
 
 A server that is killed (SIGKILL, the OOM killer) cannot remove its folder, so each folder holds a
-marker naming its server's process id and start time, and a starting server removes the folders
-of servers that are gone: only folders named like its own, owned by this user, not symbolic links,
-whose marker names a process that no longer runs (or a reused id: another start time). A folder
-without a readable marker, or of a live server, is never touched.
+marker naming its server's process id, start time and PID namespace, and a starting server removes
+the folders of servers that are gone: only folders named like its own, owned by this user, not
+symbolic links, whose marker names a process of this PID namespace that no longer runs (or a reused
+id: another start time). A folder without a readable marker, of a live server, or of another
+namespace (a container sharing the temporary folder) is never touched.
 """
 
 from __future__ import annotations
@@ -66,23 +67,34 @@ def process_alive(pid: int, started: str | None) -> bool:
     return started is None or process_start(pid) in (None, started)
 
 
+def pid_namespace() -> str:
+    """This process's PID namespace ('-' where /proc cannot say): a process id means something only inside it."""
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return "-"
+
+
 def marker_text() -> str:
     pid = os.getpid()
-    return f"{pid} {process_start(pid) or '-'}\n"
+    return f"{pid} {process_start(pid) or '-'} {pid_namespace()}\n"
 
 
 def dead_server_folders(parent: Path) -> list[Path]:
     """Upload folders in ``parent`` left by servers of this user that no longer run (see module doc)."""
     dead = []
+    here = pid_namespace()
     for folder in parent.glob(PREFIX + "*"):
         try:
             info = folder.lstat()
             if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
                 continue
-            pid_text, started = (folder / MARKER).read_text().split()
+            pid_text, started, namespace = (folder / MARKER).read_text().split()
             pid = int(pid_text)
         except (OSError, ValueError):
             continue
+        if namespace != here:
+            continue  # a server in another container sharing this folder: its ids are not ours to check
         if pid > 0 and not process_alive(pid, None if started == "-" else started):
             dead.append(folder)
     return dead
