@@ -34,7 +34,7 @@ def run(tmp_path_factory):
 def server(run, tmp_path_factory):
     server = Server(run, tmp_path_factory.mktemp("logs") / "guard.log",
                     ["--idle-timeout", str(IDLE_TIMEOUT_S), "--header-timeout", str(HEADER_TIMEOUT_S),
-                     "--body-timeout", str(BODY_TIMEOUT_S),
+                     "--body-timeout", str(BODY_TIMEOUT_S), "--allowed-origin", "http://localhost:3000",
                      "--max-connections", "4", "--max-posts", "8"])
     yield server
     server.stop()
@@ -326,7 +326,8 @@ def test_a_keyless_server_refuses_cross_site_posts_but_not_its_own_page(http, se
         response = http.post("/v1/predict", json={"text": "hi"}, headers={"origin": origin})
         assert error_of(response, 403)["code"] == "cross_origin", origin
     for headers in ({}, {"origin": server.url}, {"origin": f"http://LOCALHOST:{server.port}",
-                                                 "host": f"localhost:{server.port}"}):
+                                                 "host": f"localhost:{server.port}"},
+                    {"origin": "http://localhost:3000"}):  # --allowed-origin
         assert http.post("/v1/predict", json={"text": "hi"}, headers=headers).status_code == 200, headers
     assert http.get("/v1/model", headers={"origin": "http://evil.example"}).status_code == 200  # reads change nothing
 

@@ -693,6 +693,9 @@ def serve_cmd(
                                                            "besides 127.0.0.1, localhost, ::1 and --host; repeat "
                                                            "for several (refusing others stops DNS rebinding).")]
     = None,
+    allowed_origin: Annotated[list[str] | None, typer.Option(
+        "--allowed-origin", help="A web page origin (scheme://host:port) allowed to POST to a server without "
+                                 "--api-key-env besides its own page; repeat for several.")] = None,
     device: DeviceOpt = None,
     runtime: RuntimeOpt = None,
 ) -> None:
@@ -717,7 +720,8 @@ def serve_cmd(
                               "max_connections": max_connections, "header_timeout_s": header_timeout,
                               "max_client_connections": max_client_connections, "idle_timeout_s": idle_timeout,
                               "body_timeout_s": body_timeout, "runtime": runtime,
-                              "allowed_hosts": [*ServeSettings().allowed_hosts, host, *(allowed_host or [])]})
+                              "allowed_hosts": [*ServeSettings().allowed_hosts, host, *(allowed_host or [])],
+                              "allowed_origins": allowed_origin})
     load_config(run)  # a wrong --run is named before anything else
     check_port(host, port)  # before loading the model: a port clash fails at once, in one line
     application = create_app(run, settings)

@@ -201,7 +201,8 @@ def create_app(run_dir: str | Path, settings: ServeSettings | None = None) -> Fa
     models = app.state.request_models = request_models(settings.max_text_chars, settings.max_posts)
     app.add_middleware(BodyLimit, max_bytes=settings.max_upload_bytes, timeout_s=settings.body_timeout_s)
     app.add_middleware(RequestGuard, allowed_hosts=settings.allowed_hosts, max_requests=settings.max_connections,
-                       retry_after_s=settings.retry_after_s, check_origin=settings.api_key is None)
+                       retry_after_s=settings.retry_after_s, check_origin=settings.api_key is None,
+                       allowed_origins=settings.allowed_origins)
     # RequestGuard is outermost: framing, Host and Origin are checked before anything
     guarded = [Depends(key_check(settings))] if settings.api_key is not None else []
     install_error_handlers(app)

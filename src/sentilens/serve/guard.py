@@ -205,12 +205,14 @@ def guarded_protocol(idle_timeout_s: float, header_timeout_s: float, max_sockets
 class RequestGuard:
     """Framing, Host and Origin checks, HEAD, security headers and the request cap (see module doc)."""
 
-    def __init__(self, app, allowed_hosts: list[str], max_requests: int, retry_after_s: int, check_origin: bool):
+    def __init__(self, app, allowed_hosts: list[str], max_requests: int, retry_after_s: int, check_origin: bool,
+                 allowed_origins: list[str]):
         self.app = app
         self.allowed = {canonical_host(host.lower().strip("[]")) for host in allowed_hosts}
         self.max_requests = max_requests
         self.retry_after_s = retry_after_s
         self.check_origin = check_origin
+        self.allowed_origins = {origin.strip().lower().rstrip("/") for origin in allowed_origins}
         self.active = 0
 
     async def __call__(self, scope, receive, send) -> None:
@@ -240,11 +242,12 @@ class RequestGuard:
             return
         if self.check_origin and scope["method"] not in SAFE_METHODS:
             origin = header(scope, b"origin")
-            if origin is not None and not same_origin(origin, authority, scope.get("scheme", "http")):
+            if (origin is not None and origin.strip().lower() not in self.allowed_origins
+                    and not same_origin(origin, authority, scope.get("scheme", "http"))):
                 await drain(receive)
                 await refuse(403, "cross_origin", f"Origin '{origin}' is not this server ({authority}): a server "
-                             "without an API key accepts requests from its own page or from clients that send no "
-                             "Origin", {"Connection": "close"})
+                             "without an API key accepts requests from its own page, from clients that send no "
+                             "Origin and from the pages of serve --allowed-origin", {"Connection": "close"})
                 return
         if scope["method"] == "HEAD":
             # The same answer as GET; uvicorn, which still sees HEAD, leaves the body out.

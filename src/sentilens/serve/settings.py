@@ -66,6 +66,9 @@ class ServeSettings(BaseModel):
     allowed_hosts: list[str] = Field(default_factory=lambda: ["127.0.0.1", "localhost", "::1"])
     """Host header values accepted (without the port); another gets 400. Refusing other names stops DNS
     rebinding: a web page on evil.example whose name is re-pointed at 127.0.0.1 sends ``Host: evil.example``."""
+    allowed_origins: list[str] = Field(default_factory=list)
+    """Origins (``scheme://host:port``) of other web pages allowed to send state-changing requests to a server
+    without an API key, besides its own page; any other Origin gets 403."""
     retry_after_s: int = Field(1, ge=1)
     """Retry-After of a 503."""
     api_key: SecretStr | None = None
@@ -88,7 +91,8 @@ class ServeSettings(BaseModel):
 
 
 OPTIONS = {"idle_timeout_s": "--idle-timeout", "header_timeout_s": "--header-timeout",
-           "body_timeout_s": "--body-timeout", "allowed_hosts": "--allowed-host"}
+           "body_timeout_s": "--body-timeout", "allowed_hosts": "--allowed-host",
+           "allowed_origins": "--allowed-origin"}
 """The command-line option of each setting whose name is not the field's."""
 
 
