@@ -300,8 +300,8 @@ def train_mllm(cfg: MllmTrainConfig) -> dict:
                       title=f"fine-tuning {out.name}", config=cfg.model_dump(mode="json"), main=main)
     for epoch in log.over(range(start_epoch, cfg.epochs)):
         started = time.perf_counter()
-        loss = _train_epoch(accelerator, model, optimizer, scheduler, builder, train_posts, cfg, grad_accum, epoch,
-                            log)
+        loss = _train_epoch(accelerator, model, optimizer, scheduler, builder, train_posts, cfg, grad_accum, log,
+                            epoch)
         core.eval()
         predictions = predict_sharded(
             lambda posts: predict_posts(core.llava, builder, posts, cfg.eval_batch_size, reducer=core.reducer,
@@ -339,7 +339,7 @@ def train_mllm(cfg: MllmTrainConfig) -> dict:
 
 
 def _train_epoch(accelerator, model, optimizer, scheduler, builder: PromptBuilder, posts: list[Post],
-                 cfg: MllmTrainConfig, grad_accum: int, epoch: int, log: TrainingLog) -> float:
+                 cfg: MllmTrainConfig, grad_accum: int, log: TrainingLog, epoch: int) -> float:
     world, rank = accelerator.num_processes, accelerator.process_index
     batches = epoch_batches(len(posts), cfg.batch_size, grad_accum, world, rank, cfg.seed, epoch)
     params = [p for p in model.parameters() if p.requires_grad]
