@@ -81,8 +81,8 @@ def demo_headline() -> str:
             f"LLaVA scores {f3(bars['accuracy_r1'])} test accuracy with every visual token and "
             f"{f3(bars['accuracy_r04'])} keeping the 40 % its CLS attention ranks highest; at 20 % it keeps "
             f"{f3(bars['all_r02'])} where a random 20 % gives {f3(bars['random_r02'])}, and the model's work runs "
-            f"{times(bars['speedup_r02'])} faster (FLOP-ideal {times(bars['ideal_r02'])}). The CLS attention "
-            f"puts {bars['mass_over_area']:.1f}x the cue box's share of the frame on the cue.\n")
+            f"{times(bars['speedup_r02'])} faster (FLOP-ideal {times(bars['ideal_r02'])}). The share of CLS "
+            f"attention that falls on the cue's box is {bars['mass_over_area']:.1f}x the box's share of the frame.\n")
 
 
 def demo_timing() -> str:
