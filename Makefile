@@ -10,7 +10,7 @@ TORCH_PIP_ARGS ?=
 DEMO_OUT ?= demo-out
 DEMO_SIZE ?= full
 
-.PHONY: install demo test test-fast lint clean browser
+.PHONY: install demo test test-fast lint clean browser docs docs-numbers
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -43,8 +43,17 @@ test: install browser
 test-fast: install
 	$(PY) -m pytest -q -m "not slow"
 
+# The guide (mkdocs, material theme) served at http://127.0.0.1:8000 while you edit it; `make test` builds it
+# with --strict (tests/test_docs_site.py). docs-numbers rewrites the measured figures the pages quote from
+# benchmarks/results/*.json (tests/test_doc_numbers.py fails when they differ).
+docs: install
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs serve
+
+docs-numbers: install
+	$(PY) benchmarks/doc_numbers.py
+
 lint: install
 	$(VENV)/bin/ruff check src tests benchmarks
 
 clean:
-	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache
+	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache site

@@ -11,7 +11,8 @@ import pytest
 pytestmark = pytest.mark.slow  # trains real models: left out of `make test-fast`, run by `make test`
 
 
-SECTIONS = ["## Data", "## Model comparison", "## Fusion ablation", "## Token filtering", "## Attention on the cue",
+SECTIONS = ["## Data", "## Model comparison", "## Fusion ablation", "## Training", "## Token filtering",
+            "## Attention on the cue",
             "## Confusion matrices", "## CLS-attention heatmaps", "## Environment"]
 FUSION_ROWS = ["probe", "text-noprompt", "text", "image", "concat", "attention", "full"]
 

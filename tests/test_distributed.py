@@ -26,7 +26,8 @@ def test_fusion_trains_once_and_predicts_sharded_under_two_processes(tmp_path):
     summary = json.loads(done.stdout)  # one JSON document: only the main process trained and printed
     assert summary["epochs"] == 2 and len(read_json(run / "history.json")) == 2
     assert sorted(p.name for p in run.iterdir()) == ["config.json", "history.json", "metrics-test.json",
-                                                     "metrics-val.json", "model.safetensors", "predictions-val.jsonl"]
+                                                     "metrics-val.json", "model.safetensors", "plots",
+                                                     "predictions-val.jsonl"]
 
     posts = read_split(data, "test")
     done = launch_sentilens("predict", "--run", str(run), "--input", str(data / "test.jsonl"), "--output",

@@ -209,7 +209,8 @@ def test_two_process_cpu_accelerate_run(manifest, fit_run, tmp_path):
     batch = load_config(out)["batch"]
     assert batch == {"global": 16, "per_device": 4, "processes": 2, "grad_accum": 2}, batch
     assert sorted(p.name for p in out.iterdir()) == ["base-model", "config.json", "history.json",
-                                                    "metrics-val.json", "model.safetensors", "predictions-val.jsonl"]
+                                                    "metrics-val.json", "model.safetensors", "plots",
+                                                    "predictions-val.jsonl"]
 
     run, _ = fit_run
     posts = manifest / "test.jsonl"

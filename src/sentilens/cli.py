@@ -204,6 +204,9 @@ ImageSizeOpt = Annotated[int | None, typer.Option("--image-size", help="Square s
 CacheOpt = Annotated[Path | None, typer.Option("--cache", help="Feature cache folder (default ~/.cache/sentilens).")]
 NoCacheOpt = Annotated[bool, typer.Option("--no-cache", help="Encode everything, read and write no cache.")]
 DeviceOpt = Annotated[str | None, typer.Option("--device", help="cpu, cuda, cuda:1...; default: cuda if available.")]
+LogWithOpt = Annotated[str | None, typer.Option(
+    "--log-with", help="Also log loss, learning rate and val scores to tensorboard (RUN/logs/), mlflow or wandb "
+                       "(each an optional extra: pip install 'sentilens[tensorboard]').")]
 
 
 def _fusion_cache(cache: Path | None, no_cache: bool):
@@ -239,25 +242,28 @@ def train_fusion_cmd(
     cache: CacheOpt = None,
     no_cache: NoCacheOpt = False,
     device: DeviceOpt = None,
+    log_with: LogWithOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Train a fusion model (CNN + prompted LM, contextual attention, dynamic routing, FC + RNN)."""
     from sentilens.distributed import is_main_process
     from sentilens.fusion.config import recipe_config
     from sentilens.fusion.train import resume_fusion, train_fusion
+    from sentilens.training_log import check_tracker
 
+    check_tracker(log_with)
     if not is_main_process():
         return  # under 'accelerate launch' the main process trains the fusion head alone (sentilens.distributed)
 
     feature_cache = _fusion_cache(cache, no_cache)
     if resume:
-        summary = resume_fusion(out_dir, data, epochs=epochs, cache=feature_cache, device=device)
+        summary = resume_fusion(out_dir, data, epochs=epochs, cache=feature_cache, device=device, log_with=log_with)
     else:
         config = recipe_config(recipe, {
             "variant": variant, "text_encoder": text_encoder, "image_encoder": image_encoder, "prompt": prompt,
             "epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed, "image_size": image_size,
             "rnn": rnn, "fine_tune_text": fine_tune_text, "fine_tune_image": fine_tune_image})
-        summary = train_fusion(config, data, out_dir, cache=feature_cache, device=device)
+        summary = train_fusion(config, data, out_dir, cache=feature_cache, device=device, log_with=log_with)
     if as_json:
         emit(summary, True)
         return
@@ -369,12 +375,15 @@ def train_mllm_cmd(
     seed: SeedOpt = None,
     resume: Annotated[bool | None, typer.Option("--resume/--no-resume", help="Continue the run in --out after its "
                                                 "last epoch.")] = None,
+    log_with: LogWithOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Instruction-fine-tune LLaVA to answer the label (runs under 'accelerate launch' too)."""
     from sentilens.distributed import is_main_process
     from sentilens.mllm.train import mllm_train_config, train_mllm
+    from sentilens.training_log import check_tracker
 
+    check_tracker(log_with)
     if lora and qlora:
         raise SentilensError("give --lora or --qlora, not both")
     mode = "qlora" if qlora else "lora" if lora else None
@@ -383,7 +392,7 @@ def train_mllm_cmd(
                "gradient_checkpointing": gradient_checkpointing, "seed": seed, "resume": resume,
                "train_keep_ratio": train_keep_ratio, "token_dropout": token_dropout, "tiny_vision": tiny_vision,
                "cache": cache, "image_aspect": image_aspect,
-               "label_list": label_list, "decode": decode, "mixed_precision": mixed_precision,
+               "label_list": label_list, "decode": decode, "mixed_precision": mixed_precision, "log_with": log_with,
                "lora": None if lora_r is None else {"r": lora_r, "alpha": 2 * lora_r}}
     summary = train_mllm(mllm_train_config(options, recipe))
     if not is_main_process():

@@ -24,6 +24,7 @@ from sentilens.metrics import with_interval  # noqa: E402
 from sentilens.predict import describe_run  # noqa: E402
 from sentilens.runs import load_config, read_json  # noqa: E402
 from sentilens.tables import markdown_table  # noqa: E402
+from sentilens.training_log import PLOT as TRAINING_PLOT  # noqa: E402
 
 
 def data_section(stats: dict) -> str:
@@ -108,6 +109,20 @@ def sweep_section(sweep: dict, plot: Path | None, out_dir: Path) -> str:
     if plot is not None and plot.is_file():
         text += f"\n![retention sweep]({os.path.relpath(plot, out_dir)})\n"
     return text
+
+
+def training_section(run_dirs: Sequence[Path], out_dir: Path) -> str:
+    """Each run's training curve (``RUN/plots/training.png``, drawn by the trainers), copied beside the report."""
+    text = ""
+    for run_dir in run_dirs:
+        plot = run_dir / TRAINING_PLOT
+        if plot.is_file():
+            copy = Path(shutil.copyfile(plot, out_dir / "plots" / f"training-{run_dir.name}.png"))
+            text += f"![training {run_dir.name}]({os.path.relpath(copy, out_dir)})\n\n"
+    if not text:
+        return ""
+    return ("## Training\n\nTrain loss per step and per epoch (left), validation accuracy and weighted F1 per epoch "
+            "(right); the dashed line marks the epoch each run kept.\n\n" + text)
 
 
 def cue_section(cue: dict) -> str:
@@ -210,6 +225,9 @@ def build_report(
     parts.append(comparison)
     if ablation is not None:
         parts.append(ablation_section(ablation))
+    training = training_section(run_dirs, out_dir)
+    if training:
+        parts.append(training)
     for run_dir in run_dirs:
         if (run_dir / "sweep.json").is_file():
             plot = run_dir / "plots" / "sweep.png"

@@ -33,7 +33,6 @@ from sentilens.fusion.model import FusionModel, build_model, collate_features
 from sentilens.fusion.predictor import FusionPredictor, run_weights
 from sentilens.fusion.probe import fit_probe
 from sentilens.metrics import classification_metrics
-from sentilens.progress import progress_bar
 from sentilens.runs import (
     CONFIG,
     MODEL_WEIGHTS,
@@ -52,6 +51,7 @@ from sentilens.runs import (
     save_training_state,
     save_weights,
 )
+from sentilens.training_log import TrainingLog
 
 Encoders = tuple[TextEncoder | None, ImageEncoder | None]
 SplitFeatures = dict[str, list[PostFeatures]]
@@ -109,7 +109,7 @@ def _restore(run_dir: Path, model: FusionModel, live: Encoders,
 
 def _train_epoch(model: FusionModel, optimizer: torch.optim.Optimizer, posts: Sequence[Post],
                  features: Sequence[PostFeatures], config: FusionConfig, epoch: int, live: Encoders,
-                 device: str, on_batch: Callable[[int, float], None], class_weights: torch.Tensor | None = None
+                 device: str, on_batch: Callable[[float, float], None], class_weights: torch.Tensor | None = None
                  ) -> float:
     """One pass over the training posts in this epoch's seeded order; returns the mean loss."""
     label_index = {label: i for i, label in enumerate(config.labels)}
@@ -131,8 +131,9 @@ def _train_epoch(model: FusionModel, optimizer: torch.optim.Optimizer, posts: Se
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        total += loss.item() * len(idx)
-        on_batch(len(idx), total / (start + len(idx)))
+        batch_loss = loss.item()
+        total += batch_loss * len(idx)
+        on_batch(batch_loss, optimizer.param_groups[0]["lr"])
     return total / len(posts)
 
 
@@ -153,10 +154,11 @@ def _score(predictor: FusionPredictor, posts: Sequence[Post], features: Sequence
 
 def fit(config: FusionConfig, data_dir: str | Path, run_dir: str | Path, *, resume: bool = False,
         cache: FeatureCache | None = None, encoders: Encoders | None = None, features: SplitFeatures | None = None,
-        device: str | None = None) -> dict:
+        device: str | None = None, log_with: str | None = None) -> dict:
     """Train (or, with ``resume``, continue) a fusion run; writes the run directory and returns a summary.
 
-    ``encoders`` and ``features`` let several runs (the ablation) share loaded encoders and features.
+    ``encoders`` and ``features`` let several runs (the ablation) share loaded encoders and features;
+    ``log_with`` names a tracker (:mod:`sentilens.training_log`).
     """
     started = time.perf_counter()
     data_dir, run_dir = Path(data_dir), Path(run_dir)
@@ -195,22 +197,18 @@ def fit(config: FusionConfig, data_dir: str | Path, run_dir: str | Path, *, resu
 
     train_posts, n_train = splits["train"], len(splits["train"])
     class_weights = _class_weights(config, train_posts, device)
-    with progress_bar() as bar:
-        task = bar.add_task(f"training fusion/{config.variant}", total=config.epochs * n_train,
-                            completed=state["epochs_done"] * n_train, unit="post", status="")
+    steps = -(-n_train // config.batch_size)
+    with TrainingLog(run_dir, history, epochs=config.epochs, steps_per_epoch=steps, log_with=log_with,
+                     title=f"training fusion/{config.variant}", config=config.model_dump(mode="json")) as log:
         for epoch in range(state["epochs_done"], config.epochs):
             epoch_started = time.perf_counter()
-
-            def on_batch(n: int, loss: float, epoch: int = epoch) -> None:
-                bar.update(task, advance=n, status=f"epoch {epoch + 1}/{config.epochs} loss {loss:.4f}")
-
             loss = _train_epoch(model, optimizer, train_posts, features["train"], config, epoch, live, device,
-                                on_batch, class_weights)
+                                log.step, class_weights)
             val = _score(predictor, splits["val"], features["val"])[0] if splits["val"] else None
             record = {"epoch": epoch + 1, "train_loss": loss, "seconds": round(time.perf_counter() - epoch_started, 2)}
             if val is not None:
                 record["val"] = {k: val[k] for k in ("accuracy", "weighted_f1", "macro_f1")}
-            history.append(record)
+            log.epoch(record)
             val_f1 = None if val is None else val["weighted_f1"]
             best = state["best"]
             if val is None or best is None or val_f1 > best["weighted_f1"]:
@@ -219,8 +217,6 @@ def fit(config: FusionConfig, data_dir: str | Path, run_dir: str | Path, *, resu
             state["epochs_done"] = epoch + 1
             save_history(run_dir, history)
             save_training_state(run_dir, run_weights(model, *live), optimizer.state_dict(), state)
-            bar.update(task, status=f"epoch {epoch + 1}/{config.epochs} loss {loss:.4f} val F1 "
-                                    + ("-" if val_f1 is None else f"{val_f1:.4f}"))
             if config.patience and val_f1 is not None and state["epochs_done"] - state["best_epoch"] >= config.patience:
                 break  # early stopping: no gain on val for `patience` epochs (the best epoch's weights are kept)
 

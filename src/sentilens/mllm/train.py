@@ -60,7 +60,6 @@ from sentilens.mllm.prompt import PromptBuilder, PromptSettings, Task, infer_tas
 from sentilens.mllm.scoring import Decode, predict_posts
 from sentilens.mllm.token_dropout import TokenDropout
 from sentilens.mllm.tower import TowerRecipe
-from sentilens.progress import progress_bar
 from sentilens.recipes import read_recipe
 from sentilens.runs import (
     MODEL_WEIGHTS,
@@ -77,6 +76,7 @@ from sentilens.runs import (
     save_training_state,
     save_weights,
 )
+from sentilens.training_log import TrainingLog, check_tracker
 
 BASE_DIR = "base-model"
 TOWER_REPORT = "vision_pretraining.json"
@@ -129,6 +129,8 @@ class MllmTrainConfig(BaseModel):
                           "and 'tiny', crop (the processor's own behaviour) for any other checkpoint")
     seed: int = 0
     resume: bool = False
+    log_with: Literal["tensorboard", "mlflow", "wandb"] | None = Field(
+        None, description="also log the training curve to this tracker (sentilens.training_log)")
 
     @property
     def learning_rate(self) -> float:
@@ -219,6 +221,7 @@ def train_mllm(cfg: MllmTrainConfig) -> dict:
     from accelerate.utils import set_seed
 
     tiny = parse_tiny(cfg.base_model)  # an unknown tiny:<family> is refused before anything is written
+    check_tracker(cfg.log_with)
     if cfg.token_dropout is not None and cfg.train_keep_ratio is not None:
         raise SentilensError("give --token-dropout or --train-keep-ratio, not both")
     if cfg.image_aspect is None:
@@ -293,9 +296,12 @@ def train_mllm(cfg: MllmTrainConfig) -> dict:
     model, optimizer = accelerator.prepare(model, optimizer)
     core: MllmModel = accelerator.unwrap_model(model)
 
-    for epoch in range(start_epoch, cfg.epochs):
+    log = TrainingLog(out, history, epochs=cfg.epochs, steps_per_epoch=steps_per_epoch, log_with=cfg.log_with,
+                      title=f"fine-tuning {out.name}", config=cfg.model_dump(mode="json"), main=main)
+    for epoch in log.over(range(start_epoch, cfg.epochs)):
         started = time.perf_counter()
-        loss = _train_epoch(accelerator, model, optimizer, scheduler, builder, train_posts, cfg, grad_accum, epoch)
+        loss = _train_epoch(accelerator, model, optimizer, scheduler, builder, train_posts, cfg, grad_accum, log,
+                            epoch)
         core.eval()
         predictions = predict_sharded(
             lambda posts: predict_posts(core.llava, builder, posts, cfg.eval_batch_size, reducer=core.reducer,
@@ -308,7 +314,7 @@ def train_mllm(cfg: MllmTrainConfig) -> dict:
         if val_posts:
             metrics = classification_metrics([p.label for p in val_posts], [p.label for p in predictions], labels)
             record["val"] = {k: metrics[k] for k in ("accuracy", "weighted_f1", "macro_f1")}
-        history.append(record)
+        log.epoch(record)
         improved = metrics is None or best is None or metrics["weighted_f1"] > best["weighted_f1"]
         if improved:
             best = metrics
@@ -333,7 +339,7 @@ def train_mllm(cfg: MllmTrainConfig) -> dict:
 
 
 def _train_epoch(accelerator, model, optimizer, scheduler, builder: PromptBuilder, posts: list[Post],
-                 cfg: MllmTrainConfig, grad_accum: int, epoch: int) -> float:
+                 cfg: MllmTrainConfig, grad_accum: int, log: TrainingLog, epoch: int) -> float:
     world, rank = accelerator.num_processes, accelerator.process_index
     batches = epoch_batches(len(posts), cfg.batch_size, grad_accum, world, rank, cfg.seed, epoch)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -341,24 +347,24 @@ def _train_epoch(accelerator, model, optimizer, scheduler, builder: PromptBuilde
     if dropout is not None:
         dropout.start_epoch(epoch, rank)
     model.train()
-    total, count = 0.0, 0
-    with progress_bar() as progress:
-        task = progress.add_task(f"epoch {epoch + 1}/{cfg.epochs}", total=len(batches) * cfg.batch_size * world,
-                                 unit="posts", status="")
-        for indices in batches:
-            batch = make_batch(builder, [posts[i] for i in indices], with_targets=True).to(accelerator.device)
-            with accelerator.accumulate(model):
-                loss = model(batch)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
-                optimizer.step()
-                if accelerator.sync_gradients:
-                    scheduler.step()
-                optimizer.zero_grad()
-            total, count = total + loss.item(), count + 1
-            progress.update(task, advance=len(indices) * world,
-                            status=f"loss {total / count:.4f} lr {scheduler.get_last_lr()[0]:.2e}")
+    total, count, window = 0.0, 0, []
+    for indices in batches:
+        batch = make_batch(builder, [posts[i] for i in indices], with_targets=True).to(accelerator.device)
+        with accelerator.accumulate(model):
+            loss = model(batch)
+            accelerator.backward(loss)
+            if accelerator.sync_gradients:
+                accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+            optimizer.step()
+            lr = scheduler.get_last_lr()[0]  # the rate this step used, before the schedule moves on
+            if accelerator.sync_gradients:
+                scheduler.step()
+            optimizer.zero_grad()
+        window.append(loss.item())
+        total, count = total + window[-1], count + 1
+        if accelerator.sync_gradients:
+            log.step(sum(window) / len(window), lr)  # this process's mean loss over the accumulated micro-batches
+            window = []
     mean = torch.tensor([total / max(count, 1)], device=accelerator.device)
     return float(accelerator.reduce(mean, reduction="mean").item())
 

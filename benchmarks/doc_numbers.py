@@ -1,0 +1,343 @@
+"""Write every measured figure the README and the guide quote, from ``benchmarks/results/*.json``.
+
+A page marks each generated passage::
+
+    <!-- numbers:demo-sweep -->
+    ...written by this script...
+    <!-- /numbers:demo-sweep -->
+
+``python benchmarks/doc_numbers.py`` rewrites those passages in README.md and docs/*.md in place;
+``--check`` changes nothing and exits 1 naming every passage that differs from what its results file
+gives (``tests/test_doc_numbers.py`` runs the check). A figure typed by hand outside a marked
+passage is the one thing this cannot catch, so pages quote measurements only inside them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from collections.abc import Callable
+from functools import cache
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+BLOCK = re.compile(r"(<!-- numbers:(?P<name>[a-z0-9-]+) -->\n)(?P<body>.*?)(<!-- /numbers:(?P=name) -->)", re.S)
+
+
+@cache
+def result(name: str) -> dict:
+    return json.loads((RESULTS / f"{name}.json").read_text(encoding="utf-8"))
+
+
+def pages(root: Path | None = None) -> list[Path]:
+    root = root or ROOT
+    return [root / "README.md", *sorted((root / "docs").glob("*.md"))]
+
+
+def table(header: list[str], rows: list[list[object]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def f3(x: float) -> str:
+    return f"{x:.3f}"
+
+
+def times(x: float) -> str:
+    return f"{x:.2f}x"
+
+
+def interval(ci: list[float]) -> str:
+    return f"[{ci[0]:.3f}, {ci[1]:.3f}]"
+
+
+def points(ci: list[float]) -> str:
+    low, high = (100 * v for v in ci)
+    return f"{low:+.1f} to {high:+.1f} points"
+
+
+def minutes(seconds: float) -> str:
+    m, s = divmod(round(seconds), 60)
+    return f"{m} min {s} s"
+
+
+# ----------------------------------------------------------------------------- the demo (demo_full.json)
+
+def sweep_row(run: dict, strategy: str, ratio: float) -> dict:
+    for row in run["sweep"]["rows"]:
+        if row["strategy"] == strategy and abs(row["ratio"] - ratio) < 1e-9:
+            return row
+    raise KeyError((strategy, ratio))
+
+
+def demo_headline() -> str:
+    run = result("demo_full")
+    bars = run["issue_11_bars"]
+    return (f"In the committed full run (`benchmarks/results/demo_full.json`, 120 test posts) the fine-tuned tiny "
+            f"LLaVA scores {f3(bars['accuracy_r1'])} test accuracy with every visual token and "
+            f"{f3(bars['accuracy_r04'])} keeping the 40 % its CLS attention ranks highest; at 20 % it keeps "
+            f"{f3(bars['all_r02'])} where a random 20 % gives {f3(bars['random_r02'])}, and the model's work runs "
+            f"{times(bars['speedup_r02'])} faster (FLOP-ideal {times(bars['ideal_r02'])}). The share of CLS "
+            f"attention that falls on the cue's box is {bars['mass_over_area']:.1f}x the box's share of the frame.\n")
+
+
+def demo_timing() -> str:
+    run, seed1 = result("demo_full"), result("demo_full")["seed_1"]
+    load = run["load_average_before_after"]
+    stages = ", ".join(f"{name} {stage['seconds']:.0f} s" for name, stage in run["stages"].items())
+    return (f"`make demo` (the full size, 1,200 posts) took **{minutes(run['wall_seconds'])} wall and "
+            f"{run['cpu_seconds']:,.0f} CPU-seconds** on a {run['machine']['device']}, {run['machine']['cpus']} "
+            f"cores ({run['machine']['threads']} torch threads; 1-minute load average "
+            f"{load[0]:.2f} before, {load[1]:.2f} after): {stages}. With `--seed 1`: "
+            f"{minutes(seed1['wall_seconds'])} and {seed1['cpu_seconds']:,.0f} CPU-seconds.\n")
+
+
+DEMO_COLUMNS = ("all", "random", "inverse", "feature", "all+merge", "all+native", "random+native")
+
+
+def demo_sweep() -> str:
+    run = result("demo_full")
+    sweep = run["sweep"]
+    strategies = [s for s in DEMO_COLUMNS if s in sweep["strategies"]]
+    rows = []
+    for ratio in sweep["ratios"]:
+        base = sweep_row(run, "all", ratio)
+        rows.append([ratio, base["kept_tokens"], *(f3(sweep_row(run, s, ratio)["accuracy"]) for s in strategies),
+                     times(base["speedup"]), times(base["ideal_speedup"])])
+    header = ["keep ratio", "kept tokens", *(f"`{s}`" for s in strategies), "speedup (`all`)", "FLOP-ideal"]
+    return (f"Test accuracy by strategy and keep ratio ({sweep['n']} test posts, {sweep['image_tokens']} visual "
+            f"tokens an image; speedup of the model's work for `all`, median of {sweep['repeats']} interleaved "
+            "passes, beside the FLOP-ideal one):\n\n" + table(header, rows))
+
+
+def demo_bars() -> str:
+    rows = []
+    for name, run in (("seed 0", result("demo_full")), ("seed 1", result("demo_full")["seed_1"])):
+        bars = run["issue_11_bars"]
+        rows.append([name, f3(bars["accuracy_r1"]), f3(bars["accuracy_r04"]), f3(bars["all_r02"]),
+                     f3(bars["random_r02"]), f3(bars["all_r02"] - bars["random_r02"]),
+                     f"{bars['speedup_of_ideal_r02']:.2f}", f"{bars['mass_over_area']:.2f}",
+                     f"{run['tower_held_out_accuracy']:.3f}"])
+    return table(["run", "acc. r = 1", "acc. r = 0.4", "`all` r = 0.2", "`random` r = 0.2", "margin",
+                  "speedup of ideal, r = 0.2", "attention mass / area on the cue", "tower held-out acc."], rows)
+
+
+# ----------------------------------------------------------------------------- fusion prediction throughput
+
+def predict_throughput() -> str:
+    r = result("predict_throughput")
+    ms = r["ms_per_post"]
+    rows = [
+        ["end to end (files on disk -> JSONL)", f"{r['end_to_end_posts_per_s']:.2f}"],
+        ["the path before the pipeline", f"{r['baseline_end_to_end_posts_per_s']:.2f}"],
+        ["encoders alone, plain PyTorch", f"{r['encoders_only_posts_per_s']:.2f}"],
+        ["encoders alone, ONNX Runtime", f"{r['optimized_encoders_posts_per_s']:.2f}"],
+    ]
+    steps = [
+        ["read + decode (full / draft JPEG decoding)", f"{ms['read_decode_full']} / {ms['read_decode_draft']}"],
+        ["resize + normalise (from full / draft)", f"{ms['resize_normalise_from_full']} / "
+                                                   f"{ms['resize_normalise_from_draft']}"],
+        ["tokenisation", ms["tokenise"]],
+        ["image encoder (PyTorch / ONNX Runtime)", f"{ms['image_encoder_torch']} / {ms['image_encoder_onnx']}"],
+        ["text encoder (PyTorch / ONNX Runtime)", f"{ms['text_encoder_torch']} / {ms['text_encoder_onnx']}"],
+        ["fusion head", ms["head"]],
+        ["output", ms["output_writing"]],
+    ]
+    return (f"{r['inputs']}. End to end is {times(r['speedup_over_baseline'])} the path before the pipeline and "
+            f"{r['end_to_end_over_encoders']:.3f} of what its encoders allow; weighted F1 of the default path "
+            f"minus plain PyTorch: {r['weighted_f1_change']} at worst.\n\n"
+            + table(["path", "posts/s"], rows) + "\n" + table(["step", "ms per post"], steps))
+
+
+def fusion_cache() -> str:
+    r = result("fusion_cache")
+    return table(["data", "train, cold cache", "train, warm cache", "cold / warm", "predict posts/s"],
+                 [[r["data"], f"{r['cold_seconds']} s", f"{r['warm_seconds']} s", times(r["cold_over_warm"]),
+                   r["predict_posts_per_second"]]])
+
+
+# ----------------------------------------------------------------------------- real text sets
+
+SET_NAMES = {"hfm_sarcasm": "HFM sarcasm", "mvsa_multiple": "MVSA-Multiple"}
+
+
+def variant(entry: dict, name: str) -> dict:
+    return next(v for v in entry["variants"] if v["variant"] == name)
+
+
+def real_text_cpu() -> str:
+    rows, costs = [], []
+    for entry in result("real_text")["sets"]:
+        probe, text, full = (variant(entry, v) for v in ("probe", "text", "full"))
+        train = f"{entry['posts']['train']:,}"
+        rows.append([SET_NAMES.get(entry["set"], entry["set"]), train,
+                     *(f"{f3(v['weighted_f1'])} {interval(v['weighted_f1_ci'])}" for v in (probe, text, full)),
+                     points(entry["minus_probe"]["text"]["weighted_f1_diff_ci"]),
+                     points(entry["minus_text"]["full"]["weighted_f1_diff_ci"])])
+        costs.append(f"{SET_NAMES.get(entry['set'], entry['set'])}: probe {probe['train_seconds']:.0f} / "
+                     f"{probe['train_cpu_seconds']:.0f}, text {text['train_seconds']:.0f} / "
+                     f"{text['train_cpu_seconds']:.0f}, full {full['train_seconds']:.0f} / "
+                     f"{full['train_cpu_seconds']:.0f}")
+    return (table(["set", "train posts", "probe", "text (frozen MiniLM)", "full, posts without images",
+                   "text - probe (paired)", "full - text (paired)"], rows)
+            + "\nTrain seconds, wall / CPU: " + "; ".join(costs) + ".\n")
+
+
+def real_text_gpu() -> str:
+    rows = []
+    for entry in result("real_text_gpu")["sets"]:
+        probe, tuned = variant(entry, "probe"), variant(entry, "text-tuned")
+        rows.append([SET_NAMES.get(entry["set"], entry["set"]), f"{entry['posts']['train']:,}",
+                     f"{f3(probe['weighted_f1'])} {interval(probe['weighted_f1_ci'])}",
+                     f"{f3(tuned['weighted_f1'])} {interval(tuned['weighted_f1_ci'])}",
+                     points(entry["minus_probe"]["text-tuned"]["weighted_f1_diff_ci"]),
+                     f"{f3(probe['accuracy'])} -> {f3(tuned['accuracy'])}", f"{tuned['train_seconds']:.0f}"])
+    machine = result("real_text_gpu")["sets"][0]["machine"]
+    return (f"On {machine.get('device', 'a GPU')}:\n\n"
+            + table(["set", "train posts", "probe wF1", "MiniLM fine-tuned wF1", "tuned - probe (paired)",
+                     "accuracy (probe -> tuned)", "train s"], rows))
+
+
+# ----------------------------------------------------------------------------- token filtering
+
+def filtering_rows(settings: list[dict]) -> list[list[object]]:
+    rows = []
+    for s in settings:
+        by_ratio = {round(r["ratio"], 2): r for r in s["ratios"]}
+        of_ideal = [r["speedup_of_ideal"] for r in s["ratios"] if r["ratio"] < 1]
+        name = s["shape_name"].split(" (")[0].removesuffix(":")
+        strategy = s.get("strategy") or "all"
+        layers = s.get("scored_layers")
+        scored = f"`{strategy}`" + (f" ({len(layers)} layer{'s' if len(layers) > 1 else ''})" if layers else "")
+        rows.append([name, scored, s["batch"], f"{s['scoring_overhead']:.2f}",
+                     f"{times(by_ratio[0.4]['speedup'])} / {times(by_ratio[0.2]['speedup'])}",
+                     f"{min(of_ideal):.2f}-{max(of_ideal):.2f}"])
+    return rows
+
+
+FILTER_HEADER = ["model shape", "scored", "batch", "scoring overhead", "speedup r = 0.4 / 0.2",
+                 "of FLOP-ideal, r = 0.8 ... 0.05"]
+
+
+def token_filtering_gpu() -> str:
+    r = result("token_filtering_gpu")
+    targets = r["targets"]
+    return (f"On an {r['machine']['gpu']} (torch {r['machine']['torch']}), released architectures with random "
+            f"weights in bf16, {r['repeats']} repeats; targets: scoring overhead <= "
+            f"{targets['scoring_overhead_max']:.2f}, speedup of the FLOP-ideal >= "
+            f"{targets['speedup_of_ideal_min']:.2f}.\n\n" + table(FILTER_HEADER, filtering_rows(r["settings"])))
+
+
+def token_filtering_cpu() -> str:
+    r = result("token_filtering")
+    return (f"CPU proxies ({r['machine']['cpu']}, {r['machine']['cpu_threads']} thread, a few tower layers of each "
+            f"released shape, float32):\n\n" + table(FILTER_HEADER, filtering_rows(r["settings"])))
+
+
+def received_kernel() -> str:
+    rows = []
+    for line in result("token_filtering_gpu")["kernel_check"][1:]:
+        timings = line.split(" {", 1)[1]
+        kernel = re.search(r"'kernel': \(([\d.]+), '([\de.+-]+)'\)", timings)
+        blocks = re.search(r"'blocks': \(([\d.]+), '([\de.+-]+)'\)", timings)
+        rows.append([f"`{line.split(' {')[0]}`", kernel[1], kernel[2], blocks[1], blocks[2]])
+    return table(["(batch, heads, tokens, head dim)", "Triton kernel ms", "kernel error", "blockwise bf16 ms",
+                  "blockwise error"], rows)
+
+
+def mllm_scoring() -> str:
+    cpu = result("mllm_scoring")["cpu"]
+    rows = [[batch.replace("_", " "), cpu[batch]["score_posts_per_second"], cpu[batch]["generate_posts_per_second"],
+             times(cpu[batch]["score_over_generate_speed"]), cpu[batch]["agreement"]]
+            for batch in ("batch_1", "batch_16")]
+    return (f"{cpu['model']}, {cpu['posts']} posts on a CPU:\n\n"
+            + table(["", "label scoring posts/s", "generation posts/s", "scoring / generation", "labels agree"],
+                    rows))
+
+
+# ----------------------------------------------------------------------------- serving
+
+def serve_load() -> str:
+    r = result("serve_load")
+    rows = []
+    for config, flags in r["configs"].items():
+        for point in r[config]:
+            rows.append([f"`{flags}`", point["clients"], point["ok_per_second"], point["latency_ms"]["p50"],
+                         point["latency_ms"]["p95"], point["errors"]])
+    return (f"{r['model']} on {r['machine']['cores']} cores, {r['requests_per_client']} requests per client:\n\n"
+            + table(["server", "clients", "answers/s", "p50 ms", "p95 ms", "errors"], rows))
+
+
+def abuse() -> str:
+    r = result("abuse")
+    rows = []
+    for name, scenario in r["scenarios"].items():
+        legit = scenario["legitimate"]
+        rows.append([name.replace("_", " "), legit["requests"], f"{legit['ok_within_2s_rate']:.3f}",
+                     legit["latency_ms"]["p99"], legit["healthz"]["failures"],
+                     f"{scenario['server_rss_mb']['growth']}"])
+    settings = r["settings"]
+    return (f"{settings['legit_clients']} legitimate clients beside each attack for {settings['seconds']:.0f} s "
+            f"(default limits, {r['model']}):\n\n"
+            + table(["attack", "legitimate requests", f"answered OK within {settings['answered_within_s']:.0f} s",
+                     "p99 ms", "/healthz failures", "server memory growth MB"], rows))
+
+
+GENERATORS: dict[str, Callable[[], str]] = {
+    "demo-headline": demo_headline, "demo-timing": demo_timing, "demo-sweep": demo_sweep, "demo-bars": demo_bars,
+    "predict-throughput": predict_throughput, "fusion-cache": fusion_cache, "real-text-cpu": real_text_cpu,
+    "real-text-gpu": real_text_gpu, "token-filtering-gpu": token_filtering_gpu,
+    "token-filtering-cpu": token_filtering_cpu, "received-kernel": received_kernel, "mllm-scoring": mllm_scoring,
+    "serve-load": serve_load, "abuse": abuse,
+}
+
+
+def render(text: str, where: str = "") -> str:
+    """``text`` with every marked passage written afresh (an unknown name is an error)."""
+    def fill(match: re.Match) -> str:
+        name = match["name"]
+        if name not in GENERATORS:
+            raise KeyError(f"{where}: no generator for <!-- numbers:{name} -->")
+        return match[1] + GENERATORS[name]() + match[4]
+
+    return BLOCK.sub(fill, text)
+
+
+def stale(root: Path | None = None) -> list[str]:
+    """``page: block`` for every marked passage that differs from what its results file gives."""
+    root = root or ROOT
+    found = []
+    for page in pages(root):
+        text = page.read_text(encoding="utf-8")
+        fresh = render(text, str(page))
+        if fresh != text:
+            old = {m["name"]: m["body"] for m in BLOCK.finditer(text)}
+            new = {m["name"]: m["body"] for m in BLOCK.finditer(fresh)}
+            found += [f"{page.relative_to(root)}: {name}" for name in old if old[name] != new.get(name)]
+    return found
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="change nothing; exit 1 if a page is stale")
+    args = parser.parse_args(argv)
+    if args.check:
+        found = stale()
+        for item in found:
+            print(f"stale: {item} (run python benchmarks/doc_numbers.py)", file=sys.stderr)
+        return 1 if found else 0
+    for page in pages():
+        text = page.read_text(encoding="utf-8")
+        fresh = render(text, str(page))
+        if fresh != text:
+            page.write_text(fresh, encoding="utf-8")
+            print(f"rewrote {page}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
