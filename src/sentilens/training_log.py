@@ -91,9 +91,11 @@ def plot_training(history: Sequence[dict], path: str | Path, title: str = "") ->
     loss_ax.legend(loc="upper right", fontsize=8)
     scored = [r for r in history if r.get("val")]
     if scored:
-        val_ax.plot([r["epoch"] for r in scored], [r["val"]["accuracy"] for r in scored], "o-", label="accuracy")
-        val_ax.plot([r["epoch"] for r in scored], [r["val"]["weighted_f1"] for r in scored], "s-",
-                    label="weighted F1")
+        # Runs upgraded from the earlier layout recorded weighted F1 only: plot the metrics a record has.
+        for key, marker, label in (("accuracy", "o-", "accuracy"), ("weighted_f1", "s-", "weighted F1")):
+            points = [(r["epoch"], r["val"][key]) for r in scored if key in r["val"]]
+            if points:
+                val_ax.plot(*zip(*points), marker, label=label)
         val_ax.legend(loc="lower right", fontsize=8)
     else:
         val_ax.text(0.5, 0.5, "no validation split", ha="center", va="center", transform=val_ax.transAxes)
