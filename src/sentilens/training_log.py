@@ -95,7 +95,7 @@ def plot_training(history: Sequence[dict], path: str | Path, title: str = "") ->
         for key, marker, label in (("accuracy", "o-", "accuracy"), ("weighted_f1", "s-", "weighted F1")):
             points = [(r["epoch"], r["val"][key]) for r in scored if key in r["val"]]
             if points:
-                val_ax.plot(*zip(*points), marker, label=label)
+                val_ax.plot(*zip(*points, strict=True), marker, label=label)
         val_ax.legend(loc="lower right", fontsize=8)
     else:
         val_ax.text(0.5, 0.5, "no validation split", ha="center", va="center", transform=val_ax.transAxes)
