@@ -211,9 +211,9 @@ def load_checkpoint(source: str | Path, dtype: torch.dtype = torch.float32, devi
         config = AutoConfig.from_pretrained(source)
     except (OSError, ValueError) as err:
         raise SentilensError(f"cannot load the model '{source}': {str(err).splitlines()[0]}") from None
+    family = family_for_config(config, source)
     check_base_config(config.to_dict(), Path(source) / "config.json" if Path(source).is_dir() else source,
                       bytes_per_param=0.5 if four_bit else dtype.itemsize)
-    family = family_for_config(config, source)
     kwargs: dict = {"dtype": dtype}
     if four_bit:
         kwargs.update(quantization_config=_four_bit_config(family.unquantized_modules),
