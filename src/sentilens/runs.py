@@ -29,7 +29,7 @@ from pydantic import BaseModel
 from safetensors.torch import load_file, save_file
 
 from sentilens.errors import SentilensError
-from sentilens.validation import check_labels, check_weights, load_json_file
+from sentilens.validation import check_labels, check_weights, load_json_file, parse_json
 
 CONFIG = "config.json"
 MODEL_WEIGHTS = "model.safetensors"
@@ -236,7 +236,7 @@ def upgrade_run(run_dir: str | Path) -> list[str]:
     if legacy.is_file():
         tensors = load_weights(legacy)
         with safe_open(str(legacy), framework="pt") as f:
-            state = json.loads((f.metadata() or {}).get("state", "null"))
+            state = parse_json((f.metadata() or {}).get("state", "null"), legacy)
         if not isinstance(state, dict) or "param_groups" not in state:
             raise SentilensError("checkpoint has no training state", legacy)
         history = [{"epoch": r["epoch"], "train_loss": r["train_loss"],

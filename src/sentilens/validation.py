@@ -125,11 +125,11 @@ def pydantic_error(err: ValidationError, path: str | Path | None = None, what: s
     """The one-line user error for the first problem of a pydantic ``ValidationError``: ``WHAT FIELD: problem``.
 
     ``names`` maps a top-level field to how the user wrote it (an option name), which then stands for the
-    whole field path; ``what`` prefixes it."""
+    whole field path; ``what`` prefixes it (a problem of the whole model, without a field, is its message)."""
     field, message, _ = validation_problem(err)
     if field is not None and names and field.split(".")[0] in names:
         field = names[field.split(".")[0]]
-    return SentilensError(f"{what}{field}: {message}" if field else f"{what}{message}", path)
+    return SentilensError(f"{what}{field}: {message}" if field else message, path)
 
 
 # ----------------------------------------------------------------------------- sizes
