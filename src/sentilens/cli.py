@@ -420,8 +420,10 @@ def eval_cmd(run: RunOpt, data: DataOpt, split: SplitOpt = "test", keep_ratio: K
     from sentilens.runs import save_metrics
 
     check_keep_ratio(keep_ratio)
-    predictor = load_predictor(run, runtime=runtime).with_options(decode=decode)
     posts = read_split(data, split)
+    if not posts:
+        raise SentilensError(f"the {split} split is empty: nothing to evaluate", Path(data) / f"{split}.jsonl")
+    predictor = load_predictor(run, runtime=runtime).with_options(decode=decode)
     if compare_decodings:
         headline = decode or predictor.describe()["config"].get("decode")
         metrics = both_decodings(predictor, posts, keep_ratio=keep_ratio, headline=headline)
@@ -501,8 +503,23 @@ def predict_cmd(
         out.print(f"{summary['predicted']} predictions written to {output}{skipped} ({summary['posts_per_s']} posts/s)")
 
 
+def strategy_option(text: str) -> str:
+    """``--strategy``: checked with the filtering strategies' own parser before any run is loaded (typer
+    callback); the parser's message about a tower's layers would speak of a tower that is not there yet."""
+    from sentilens.mllm.sweep import parse_strategies
+
+    try:
+        parse_strategies(text)
+    except SentilensError:
+        raise SentilensError(f"--strategy {text!r}: not a filtering strategy (LAYERS: all, feature, last, a layer K "
+                             "or a slice A:B, optionally +merge or +native; or random / inverse, optionally "
+                             "+native)") from None
+    return text
+
+
 StrategyOpt = Annotated[str, typer.Option(
-    "--strategy", help="Token filtering: all (the paper: CLS attention averaged over all layers), feature (the "
+    "--strategy", callback=strategy_option,
+    help="Token filtering: all (the paper: CLS attention averaged over all layers), feature (the "
                        "layer LLaVA reads, as FasterVLM), last, or a layer slice A:B; add +merge to merge the "
                        "dropped patches into contextual tokens (VisionZip-style), or +native to keep the kept "
                        "tokens' positions as at r = 1 (LLaVA-1.5); baselines: random (a seeded uniform draw of the "
@@ -583,8 +600,8 @@ def explain_cmd(
     text: Annotated[str, typer.Option("--text", help="Text of the post.")] = "",
     keep_ratio: Annotated[float | None, typer.Option(
         "--keep-ratio", help="Fraction of visual tokens kept, in (0, 1] (default 0.4).")] = None,
-    strategy: Annotated[str, typer.Option("--strategy", help="Layers scoring the patches: all, feature, last, "
-                                          "A:B (optionally +merge).")] = "all",
+    strategy: Annotated[str, typer.Option("--strategy", callback=strategy_option, help="Layers scoring the "
+                                          "patches: all, feature, last, A:B (optionally +merge).")] = "all",
     as_json: JsonOpt = False,
 ) -> None:
     """The paper's Figure 3: the CLS-attention heatmap of a post's image and the patches kept."""

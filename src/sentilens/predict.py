@@ -24,6 +24,7 @@ from sentilens.errors import SentilensError
 from sentilens.metrics import classification_metrics
 from sentilens.progress import progress_bar
 from sentilens.runs import load_config
+from sentilens.validation import check_probabilities
 
 if TYPE_CHECKING:
     import torch
@@ -49,6 +50,9 @@ class Prediction:
     probabilities: dict[str, float]
     kept_tokens: int | None = None
     extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        check_probabilities(self.probabilities)  # a NaN would reach the output as bare NaN (not JSON)
 
     def to_dict(self) -> dict:
         return asdict(self)

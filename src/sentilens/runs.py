@@ -29,6 +29,7 @@ from pydantic import BaseModel
 from safetensors.torch import load_file, save_file
 
 from sentilens.errors import SentilensError
+from sentilens.validation import check_labels, check_weights, load_json_file, parse_json
 
 CONFIG = "config.json"
 MODEL_WEIGHTS = "model.safetensors"
@@ -49,13 +50,8 @@ def write_json(path: str | Path, obj: object) -> None:
 
 
 def read_json(path: str | Path) -> object:
-    path = Path(path)
-    if not path.is_file():
-        raise SentilensError("no such file", path)
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise SentilensError(f"not valid JSON ({err.msg})", path, err.lineno) from None
+    """A JSON file of a run (or one a command is given), strictly: :func:`sentilens.validation.load_json_file`."""
+    return load_json_file(path)
 
 
 def save_config(run_dir: str | Path, config: BaseModel) -> None:
@@ -71,8 +67,10 @@ def load_config(run_dir: str | Path) -> dict:
     if not (run_dir / CONFIG).is_file():
         raise SentilensError("not a run directory (no config.json)", run_dir)
     config = read_json(run_dir / CONFIG)
-    if not isinstance(config, dict) or "family" not in config:
-        raise SentilensError("config.json does not name a model family", run_dir / CONFIG)
+    if not isinstance(config, dict) or not isinstance(config.get("family"), str):
+        raise SentilensError("config.json does not name a model family (a string)", run_dir / CONFIG)
+    if config.get("labels"):  # an empty list is each family's own error (the earlier layout kept labels apart)
+        check_labels(config["labels"], run_dir / CONFIG)
     legacy_labels = run_dir / LEGACY_LABELS
     if legacy_labels.is_file() and read_json(legacy_labels) != config.get("labels"):
         # A run of an earlier version keeps its labels twice; when they disagree, which one the weights were
@@ -97,9 +95,11 @@ def load_weights(path: str | Path, device: str | torch.device = "cpu") -> dict[s
     if not path.is_file():
         raise SentilensError("weights file not found", path)
     try:
-        return load_file(str(path), device=str(device))
+        tensors = load_file(str(path), device=str(device))
     except Exception as err:  # safetensors raises its own error types for a bad header
         raise SentilensError(f"not a valid safetensors file ({err})", path) from None
+    check_weights(tensors, path)
+    return tensors
 
 
 def save_metrics(run_dir: str | Path, split: str, metrics: dict) -> Path:
@@ -236,7 +236,7 @@ def upgrade_run(run_dir: str | Path) -> list[str]:
     if legacy.is_file():
         tensors = load_weights(legacy)
         with safe_open(str(legacy), framework="pt") as f:
-            state = json.loads((f.metadata() or {}).get("state", "null"))
+            state = parse_json((f.metadata() or {}).get("state", "null"), legacy)
         if not isinstance(state, dict) or "param_groups" not in state:
             raise SentilensError("checkpoint has no training state", legacy)
         history = [{"epoch": r["epoch"], "train_loss": r["train_loss"],

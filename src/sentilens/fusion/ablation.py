@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from sentilens.data.records import read_manifest
-from sentilens.distributed import default_device
+from sentilens.distributed import resolve_device
 from sentilens.errors import SentilensError
 from sentilens.fusion.cache import FeatureCache, PostFeatures, featurize
 from sentilens.fusion.config import VARIANT_DESCRIPTIONS, FusionConfig
@@ -58,7 +58,7 @@ def ablate(config: FusionConfig, data_dir: str | Path, out_dir: str | Path, rows
         raise SentilensError(f"unknown ablation rows {unknown} (choose from {', '.join(ROWS)})")
     rows = [BASELINE, *(row for row in rows if row != BASELINE)]
     data_dir, out_dir = Path(data_dir), Path(out_dir)
-    device = device or str(default_device())
+    device = str(resolve_device(device))
     splits = read_manifest(data_dir)
     split = "test" if splits["test"] and all(p.label is not None for p in splits["test"]) else "val"
     if not splits[split]:

@@ -40,6 +40,7 @@ from pydantic import BaseModel, Field
 
 from sentilens.data.labels import SENTIMENT_LABELS
 from sentilens.errors import SentilensError
+from sentilens.validation import check_chat_template
 
 LLAVA15_SYSTEM = (
     "A chat between a curious human and an artificial intelligence assistant. "
@@ -91,7 +92,7 @@ class PromptSettings(BaseModel):
                                                "False: Table 1's bare question, as the paper asked it")
     answer_prefix: str = " "
     end_token: str | None = Field(None, description="end-of-turn token; None = the tokenizer's eos token")
-    max_length: int = Field(2048, gt=0, description="tokens, visual tokens and answer included")
+    max_length: int = Field(2048, gt=0, le=1 << 17, description="tokens, visual tokens and answer included")
     image_aspect: Literal["pad", "crop"] = Field(
         "crop", description="pad: pad to a square with the processor's mean colour first (LLaVA-1.5); crop: the "
                             "processor's resize + centre crop. Runs made before this setting existed cropped.")
@@ -155,6 +156,8 @@ class PromptBuilder:
         self._specials = [t for t in self.tokenizer.all_special_tokens if t.startswith("<")]
         if self.image_token not in self._specials:
             self._specials.append(self.image_token)
+        check_chat_template(self.chat_template, lambda: self.render("", has_image=True),
+                            getattr(self.tokenizer, "name_or_path", None) or None)
         probe = self._encode(self.render("", has_image=False))
         self.answer_ids = {label: self._answer_tokens(probe, label) + [self.end_token_id] for label in self.labels}
         self.max_answer_length = max(len(ids) for ids in self.answer_ids.values())
