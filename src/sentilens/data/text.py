@@ -15,6 +15,7 @@ three encodings, so splitting on it first is safe.
 from __future__ import annotations
 
 import csv
+import io
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -78,7 +79,10 @@ def csv_records(text: str, delimiter: str) -> Iterator[tuple[int, list[str] | st
     """``(line number, fields)`` of each CSV/TSV record, or ``(line number, problem)`` for a record the csv
     module refuses (a field over its 131,072-character limit, a stray NUL): one bad record is one bad row,
     and the records after it are still read."""
-    reader = csv.reader(text.splitlines(), delimiter=delimiter)
+    # A text stream with newline="" splits records on \n, \r and \r\n only and hands the csv module each line
+    # ending as it is: str.splitlines also split on U+2028 and U+0085 (cutting an unquoted row in two) and
+    # dropped the line endings, so a quoted field lost the characters it held.
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
     while True:
         try:
             fields = next(reader)
