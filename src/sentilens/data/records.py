@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 
 from sentilens.errors import SentilensError
 from sentilens.jsonio import jsonl_lines, parse_row
@@ -65,6 +65,19 @@ class RawDataset:
     fixed_split: dict[str, str] | None = None
     group_of: Callable[[Post], str] | None = None
     source: dict = field(default_factory=dict)
+
+
+def path_escapes(relative: str) -> str | None:
+    """Why ``relative``, a path a data set names inside its own folder, would lead out of it (absolute, or
+    climbing with ``..``), else None. Readers drop such rows: a tampered label file must not pull files from
+    elsewhere on the machine into a manifest."""
+    if not relative:
+        return None
+    if relative.startswith(("/", "\\")) or PureWindowsPath(relative).drive or Path(relative).is_absolute():
+        return f"'{relative}' is an absolute path"
+    if ".." in PurePosixPath(relative.replace("\\", "/")).parts:
+        return f"'{relative}' climbs out of the data set's folder with '..'"
+    return None
 
 
 def post_from_row(row: object, path: Path, line: int, base: Path) -> Post:
