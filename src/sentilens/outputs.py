@@ -81,7 +81,7 @@ def input_problem(path: str | Path, what: str = "file") -> str | None:
         return problem
     try:
         mode = os.stat(path).st_mode
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         return f"{what} not found"
     except OSError as err:
         return f"cannot be opened ({err.strerror or err})"
@@ -102,7 +102,7 @@ def path_problem(path: str | Path, append: bool = False) -> str | None:
         return problem
     try:
         mode = os.stat(path).st_mode
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # the second: a file above it, named below
         mode = None
     except OSError as err:
         return f"cannot be written ({err.strerror or err})"
