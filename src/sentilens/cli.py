@@ -512,7 +512,7 @@ def predict_cmd(
         return
     table = Table(title=f"predictions of {run}" + (" (the first 50)" if len(rows) == 50 else ""))
     for col in ("id", "label", *predictor.labels, "kept tokens"):
-        table.add_column(printable(col))
+        table.add_column(printable(col), overflow="fold")  # an id is shown whole, folded, never cut off
     for row in rows:
         probs = [f"{row['probabilities'][label]:.3f}" for label in predictor.labels]
         table.add_row(printable(row["id"]), printable(row["label"]), *probs,

@@ -73,20 +73,20 @@ def name_problem(path: str | Path) -> str | None:
     return None
 
 
-def input_problem(path: str | Path, what: str = "file") -> str | None:
-    """Why ``path`` cannot be read as a ``what`` (not found, a folder, a FIFO, a device, a name too long), else
-    None. A FIFO is never opened: reading one blocks until something writes to it."""
+def input_problem(path: str | Path, what: str = "a file", missing: str = "no such file") -> str | None:
+    """Why ``path`` cannot be read as ``what`` (``missing`` when it does not exist; a folder, a FIFO, a device, a
+    name too long), else None. A FIFO is never opened: reading one blocks until something writes to it."""
     problem = name_problem(path)
     if problem:
         return problem
     try:
         mode = os.stat(path).st_mode
     except (FileNotFoundError, NotADirectoryError):
-        return f"{what} not found"
+        return missing
     except OSError as err:
         return f"cannot be opened ({err.strerror or err})"
     kind = file_kind(mode)
-    return None if kind is None else f"is {kind}, not a {what}"
+    return None if kind is None else f"is {kind}, not {what}"
 
 
 def path_problem(path: str | Path, append: bool = False) -> str | None:

@@ -79,7 +79,7 @@ def load_image(source: str | Path | bytes, limits: ImageLimits | None = None,
         size = len(source)
     else:
         path = Path(source)
-        problem = input_problem(path, "image file")
+        problem = input_problem(path, "an image file", missing="image file not found")
         if problem:  # a folder, FIFO or device is named as such (a FIFO is never opened: that would block)
             raise ImageError(problem, name, "missing" if problem == "image file not found" else "unsupported")
         size = path.stat().st_size
