@@ -300,3 +300,55 @@ def test_a_read_only_file_system_is_one_line(tmp_path, monkeypatch):
     with pytest.raises(SentilensError, match=r"stats.json: cannot write \(Read-only file system\)"):
         write_json(target, {"labels": []})
     assert not target.exists()
+
+
+class FullAfter:
+    """A file object that raises "no space left" on every write once ``files`` files were opened whole."""
+
+    opened = 0
+
+    def __init__(self, f, files: int):
+        self.f, self.full = f, FullAfter.opened >= files
+        FullAfter.opened += 1
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return self.f.__exit__(*exc)
+
+    def write(self, data):
+        if self.full:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return self.f.write(data)
+
+
+def test_synth_on_a_full_disk_is_one_line_and_leaves_no_temporary(tmp_path, monkeypatch, capsys):
+    real_fdopen = os.fdopen
+    monkeypatch.setattr(FullAfter, "opened", 0)
+    monkeypatch.setattr(outputs.os, "fdopen", lambda fd, *a, **k: FullAfter(real_fdopen(fd, *a, **k), files=5))
+    code, out, err = cli(monkeypatch, capsys, "data", "synth", "--out", str(tmp_path / "synth"), "--n", "20")
+    one_line_error(code, err, "no space left on the device")
+    images = sorted(p.name for p in (tmp_path / "synth" / "images").iterdir())
+    assert images == [f"synth-{i:05d}.png" for i in range(5)]  # the five written whole, no temporary file
+
+
+def test_an_os_error_of_a_full_disk_from_a_library_writer_is_one_line(tmp_path, monkeypatch, capsys):
+    def library_write(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "model.safetensors"))
+
+    monkeypatch.setattr("sentilens.data.synth.make_synthetic", library_write)
+    code, out, err = cli(monkeypatch, capsys, "data", "synth", "--out", str(tmp_path / "synth"))
+    one_line_error(code, err, "model.safetensors: No space left on device")
+
+
+def test_an_over_long_output_name_is_one_line(tmp_path, monkeypatch, capsys):
+    use_length_predictor(monkeypatch)
+    source = posts_file(tmp_path / "posts.jsonl", 2)
+    code, out, err = cli(monkeypatch, capsys, *predict_args(source, tmp_path / ("p" * 300 + ".jsonl")))
+    one_line_error(code, err, "over the file system's limit of 255")
+    code, out, err = cli(monkeypatch, capsys, "data", "synth", "--out", str(tmp_path / ("d" * 300)))
+    one_line_error(code, err, "over the file system's limit of 255")
