@@ -352,3 +352,13 @@ def test_an_over_long_output_name_is_one_line(tmp_path, monkeypatch, capsys):
     one_line_error(code, err, "over the file system's limit of 255")
     code, out, err = cli(monkeypatch, capsys, "data", "synth", "--out", str(tmp_path / ("d" * 300)))
     one_line_error(code, err, "over the file system's limit of 255")
+
+
+def test_a_whole_file_rewrite_through_a_symbolic_link_keeps_the_link(tmp_path):
+    real = tmp_path / "shared" / "stats.json"
+    real.parent.mkdir()
+    real.write_text("{}")
+    link = tmp_path / "stats.json"
+    link.symlink_to(real)
+    write_json(link, {"labels": ["a"]})
+    assert link.is_symlink() and json.loads(real.read_text()) == {"labels": ["a"]}

@@ -141,7 +141,7 @@ def prepare_cmd(
     for item in stats["dropped"]:
         out.print(printable(f"skipped {item['id']}: {item['reason']} ({item['source']})"), highlight=False,
                   soft_wrap=True)
-    table = Table(title=f"posts per split x label in {out_dir}")
+    table = Table(title=f"posts per split x label in {printable(out_dir)}")
     table.add_column("split")
     for label in stats["labels"]:
         table.add_column(printable(label), justify="right")
@@ -198,7 +198,7 @@ def synth_cmd(
             table.add_row(split, *(str(rows[split][col]) for col in columns))
         out.print(table)
     ceilings = source["ceilings"]
-    out.print(f"{n} posts written to {out_dir}; best accuracy by construction: text only "
+    out.print(f"{n} posts written to {printable(out_dir)}; best accuracy by construction: text only "
               f"{ceilings['text_only']:.0%}, image only {ceilings['image_only']:.0%}, both {ceilings['both']:.0%}")
 
 
@@ -510,7 +510,7 @@ def predict_cmd(
     if as_json:
         emit(summary if input is not None else rows[0], True)
         return
-    table = Table(title=f"predictions of {run}" + (" (the first 50)" if len(rows) == 50 else ""))
+    table = Table(title=f"predictions of {printable(run)}" + (" (the first 50)" if len(rows) == 50 else ""))
     for col in ("id", "label", *predictor.labels, "kept tokens"):
         table.add_column(printable(col), overflow="fold")  # an id is shown whole, folded, never cut off
     for row in rows:
@@ -520,7 +520,8 @@ def predict_cmd(
     out.print(table)
     if input is not None:
         skipped = f", {summary['skipped']} already there" if summary["skipped"] else ""
-        out.print(f"{summary['predicted']} predictions written to {output}{skipped} ({summary['posts_per_s']} posts/s)")
+        out.print(f"{summary['predicted']} predictions written to {printable(output)}{skipped} "
+                  f"({summary['posts_per_s']} posts/s)")
 
 
 def strategy_option(text: str) -> str:
@@ -639,8 +640,8 @@ def explain_cmd(
     if as_json:
         emit(result, True)
     else:
-        out.print(f"{result['label']}: kept {result['kept_patches']} of {result['patches']} patches "
-                  f"(r = {result['keep_ratio']:g}); heatmap written to {result['out']}")
+        out.print(f"{printable(result['label'])}: kept {result['kept_patches']} of {result['patches']} patches "
+                  f"(r = {result['keep_ratio']:g}); heatmap written to {printable(result['out'])}")
 
 
 @app.command("demo")

@@ -179,6 +179,9 @@ def atomic_writer(path: str | Path, binary: bool = False, fsync: bool = True) ->
     failure. ``fsync``: flush to disk before the rename (off only for files regenerated from a seed)."""
     path = Path(path)
     check_output(path)
+    if path.is_symlink():  # rewrite the file the link names; renaming over the link would replace the link
+        path = Path(os.path.realpath(path))
+        check_output(path)
     _make_parents(path)
     try:
         fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name[:200]}.", suffix=".tmp")
