@@ -266,6 +266,7 @@ def test_path_problems_are_named_accurately(tmp_path):
     assert path_problem(tmp_path / "file" / "out.json") == f"{tmp_path / 'file'} is a file, so it cannot hold the " \
                                                            "output"
     assert "over the file system's limit" in path_problem(tmp_path / ("n" * 300))
+    assert "over the file system's limit" in path_problem(tmp_path / ("n" * 300) / "out.json")
     assert "4096-byte limit" in path_problem(tmp_path / "/".join(["d" * 200] * 25))
     assert path_problem(tmp_path / "new" / "deeper" / "out.json") is None  # the writers create folders
     with pytest.raises(SentilensError, match="over the file system's limit"):

@@ -61,7 +61,7 @@ def name_problem(path: str | Path) -> str | None:
     whole = len(os.fsencode(str(path)))
     if whole >= PATH_MAX:
         return f"the path is {whole} bytes long, over the {PATH_MAX}-byte limit"
-    existing = next((p for p in path.parents if p.exists()), Path("."))
+    existing = next((p for p in path.parents if _exists(p)), Path("."))
     try:
         limit = os.pathconf(existing, "PC_NAME_MAX")
     except (OSError, ValueError):
@@ -71,6 +71,15 @@ def name_problem(path: str | Path) -> str | None:
         if size > limit:
             return f"a name in it is {size} bytes long, over the file system's limit of {limit}"
     return None
+
+
+def _exists(path: Path) -> bool:
+    """``path.exists()`` that is False, not an error, for a name the file system refuses (too long)."""
+    try:
+        os.stat(path)
+    except (OSError, ValueError):
+        return False
+    return True
 
 
 def input_problem(path: str | Path, what: str = "a file", missing: str = "no such file") -> str | None:
@@ -115,7 +124,7 @@ def path_problem(path: str | Path, append: bool = False) -> str | None:
         if append and not os.access(path, os.W_OK):
             return "is read-only"
     for place in path.parents:
-        if place.exists():
+        if _exists(place):
             if not place.is_dir():
                 return f"{place} is a file, so it cannot hold the output"
             if not os.access(place, os.W_OK | os.X_OK):

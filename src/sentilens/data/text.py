@@ -106,8 +106,8 @@ drop) gives other tokens, and it is cut all the same."""
 
 def clip_text(text: str, max_tokens: int, keep: str = "start") -> str:
     """``text`` cut to ``max_tokens`` x :data:`CHARS_PER_TOKEN` characters before it is tokenized, keeping its
-    ``start`` (tokenizers truncating on the right) or its ``end`` (on the left). Tokenizing is the costly
-    step: a 20 MB post took gigabytes and a minute to become tokens of which 64 were kept."""
+    ``start`` (tokenizers truncating on the right) or its ``end`` (on the left). Tokenizing costs memory and
+    time in the length of the whole text, before any truncation to ``max_tokens`` happens."""
     budget = max(max_tokens, 0) * CHARS_PER_TOKEN
     if len(text) <= budget:
         return text

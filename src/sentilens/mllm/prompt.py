@@ -178,7 +178,7 @@ class PromptBuilder:
     def prompt_ids(self, text: str, has_image: bool) -> list[int]:
         """Prompt token ids (one image placeholder if ``has_image``), the text truncated to fit ``max_length``."""
         budget = self.settings.max_length - self.max_answer_length - (self.num_image_tokens if has_image else 0)
-        text = clip_text(text, budget)  # before any tokenizing: a 20 MB post would cost gigabytes whole
+        text = clip_text(text, budget)  # before any tokenizing, whose cost grows with the whole text
         ids = self._encode(self.render(text, has_image))
         if self._length(ids, has_image) <= budget:
             return self._checked(ids, has_image)
