@@ -10,6 +10,8 @@ import threading
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from cli_helpers import cli, one_line_error, use_length_predictor
@@ -20,6 +22,7 @@ from sentilens.data.records import read_manifest, read_posts
 from sentilens.data.table import read_table
 from sentilens.data.text import CHARS_PER_TOKEN, clip_text
 from sentilens.errors import SentilensError
+from sentilens.jsonio import dumps, jsonl_lines, loads
 from sentilens.tables import markdown_table, printable
 
 SEPARATORS = ["\u2028", "\u2029", "\x85", "\x0b", "\x0c", "\x1c", "\x1d", "\x1e"]
@@ -303,3 +306,26 @@ def test_prepare_names_a_folder_given_as_an_image(tmp_path):
     stats = prepare("table", path, tmp_path / "out", show_progress=False)
     assert [(d["id"], d["reason"]) for d in stats["dropped"]] == [
         ("p0", "image unreadable: is a folder, not an image file")]
+
+
+# ----------------------------------------------------------------------------- properties
+
+PROPERTY = settings(max_examples=200, deadline=None, derandomize=True)
+any_text = st.text(st.characters(blacklist_categories=("Cs",)), max_size=40)
+
+
+@PROPERTY
+@given(text=st.text(max_size=60))
+def test_printable_leaves_nothing_a_terminal_would_act_on(text):
+    shown = printable(text)
+    assert shown.isprintable()
+    assert printable(shown) == shown  # escaping twice changes nothing
+    if text.isprintable():
+        assert shown == text
+
+
+@PROPERTY
+@given(rows=st.lists(st.dictionaries(any_text, any_text, max_size=3), max_size=5))
+def test_rows_of_any_characters_come_back_from_jsonl_as_written(rows):
+    text = "".join(dumps(row) + "\n" for row in rows)
+    assert [loads(line) for _, line in jsonl_lines(text)] == [row for row in rows]
