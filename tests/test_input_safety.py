@@ -22,8 +22,9 @@ from sentilens.data.records import read_manifest, read_posts
 from sentilens.data.table import read_table
 from sentilens.data.text import CHARS_PER_TOKEN, clip_text
 from sentilens.errors import SentilensError
-from sentilens.jsonio import dumps, jsonl_lines, loads
+from sentilens.jsonio import dumps, jsonl_lines
 from sentilens.tables import markdown_table, printable
+from sentilens.validation import parse_json
 
 SEPARATORS = ["\u2028", "\u2029", "\x85", "\x0b", "\x0c", "\x1c", "\x1d", "\x1e"]
 """Characters str.splitlines splits on that JSON strings may hold unescaped (with ensure_ascii=False)."""
@@ -116,7 +117,8 @@ def test_table_ids_must_be_strings_and_one_and_one_point_oh_are_not_merged(tmp_p
 @pytest.mark.parametrize(("literal", "reason"), [
     ("NaN", "NaN is not a JSON number"), ("Infinity", "Infinity is not a JSON number"),
     ("-Infinity", "-Infinity is not a JSON number"), ("1e999", "the number 1e999 is too large for a float"),
-    ('"\\ud800"', "lone surrogate"), ("[" * 50_000 + "]" * 50_000, "nested too deeply")])
+    ('"\\ud800"', "lone surrogate"), ("[" * 50_000 + "]" * 50_000, "nested more than 64 levels deep"),
+    ("[" * 100 + "]" * 100, "nested more than 64 levels deep")])
 def test_numbers_json_cannot_hold_and_lone_surrogates_are_refused_with_the_line(tmp_path, literal, reason):
     path = tmp_path / "posts.jsonl"
     path.write_text('{"id": "a", "text": "x"}\n{"id": "b", "text": "y", "meta": {"v": ' + literal + "}}\n",
@@ -140,7 +142,7 @@ def test_resume_refuses_a_file_of_other_rows_with_the_line(tmp_path):
     with pytest.raises(SentilensError, match=r"preds.jsonl:2: not a predictions row"):
         done_ids(path)
     path.write_text('{"id": "a", "p": NaN}\n', encoding="utf-8")
-    with pytest.raises(SentilensError, match=r"preds.jsonl:1: NaN is not a JSON number"):
+    with pytest.raises(SentilensError, match=r"preds.jsonl:1: not strict JSON \(NaN is not a JSON number\)"):
         done_ids(path)
 
 
@@ -328,4 +330,4 @@ def test_printable_leaves_nothing_a_terminal_would_act_on(text):
 @given(rows=st.lists(st.dictionaries(any_text, any_text, max_size=3), max_size=5))
 def test_rows_of_any_characters_come_back_from_jsonl_as_written(rows):
     text = "".join(dumps(row) + "\n" for row in rows)
-    assert [loads(line) for _, line in jsonl_lines(text)] == [row for row in rows]
+    assert [parse_json(line, "rows.jsonl", n) for n, line in jsonl_lines(text)] == rows

@@ -21,12 +21,12 @@ from typing import TYPE_CHECKING, Protocol, runtime_checkable
 from sentilens.data.records import Post
 from sentilens.distributed import is_main_process, predict_sharded
 from sentilens.errors import SentilensError
-from sentilens.jsonio import jsonl_lines, parse_row
+from sentilens.jsonio import jsonl_lines
 from sentilens.metrics import classification_metrics
 from sentilens.outputs import RowAppender, check_output
 from sentilens.progress import progress_bar
 from sentilens.runs import load_config
-from sentilens.validation import check_probabilities
+from sentilens.validation import check_probabilities, parse_json
 
 if TYPE_CHECKING:
     import torch
@@ -250,7 +250,7 @@ def done_ids(output: Path) -> set[str]:
                              output) from None
     ids = set()
     for line_no, line in jsonl_lines(text):
-        row = parse_row(line, output, line_no)
+        row = parse_json(line, output, line_no)
         if not isinstance(row, dict) or not isinstance(row.get("id"), str):
             raise SentilensError("not a predictions row (JSON with a string 'id'); cannot resume from it",
                                  output, line_no)

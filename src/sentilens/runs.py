@@ -18,7 +18,6 @@ they are; :func:`upgrade_run` (``sentilens upgrade-run``) converts what resuming
 
 from __future__ import annotations
 
-import json
 import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass

@@ -15,8 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
 from sentilens.errors import SentilensError
-from sentilens.jsonio import jsonl_lines, parse_row
+from sentilens.jsonio import jsonl_lines
 from sentilens.outputs import write_json, write_jsonl
+from sentilens.validation import parse_json
 
 SPLITS = ("train", "val", "test")
 
@@ -110,7 +111,7 @@ def read_posts(path: str | Path) -> list[Post]:
     path = Path(path)
     if not path.is_file():
         raise SentilensError("no such file", path)
-    return [post_from_row(parse_row(line, path, line_no), path, line_no, path.parent)
+    return [post_from_row(parse_json(line, path, line_no), path, line_no, path.parent)
             for line_no, line in jsonl_lines(_jsonl_text(path))]
 
 

@@ -27,7 +27,8 @@ from sentilens.data.labels import SENTIMENT_LABELS
 from sentilens.data.records import Dropped, Post, RawDataset
 from sentilens.data.text import csv_records, read_table_text
 from sentilens.errors import SentilensError
-from sentilens.jsonio import jsonl_lines, loads
+from sentilens.jsonio import jsonl_lines
+from sentilens.validation import parse_json
 
 REQUIRED = ("id", "text", "label")
 SPLIT_NAMES = {"train": "train", "val": "val", "dev": "val", "valid": "val", "validation": "val", "test": "test"}
@@ -181,9 +182,9 @@ def _jsonl_rows(path: Path) -> tuple[list[tuple[int, dict | str]], bool]:
     rows: list[tuple[int, dict | str]] = []
     for line_no, line in jsonl_lines(read_table_text(path)):  # "\n" only: U+2028 may sit inside a row
         try:
-            row = loads(line)
-        except ValueError as err:
-            rows.append((line_no, str(err)))
+            row = parse_json(line)
+        except SentilensError as err:
+            rows.append((line_no, err.problem))
             continue
         rows.append((line_no, row if isinstance(row, dict) else "not a JSON object"))
     has_split = any(isinstance(row, dict) and "split" in row for _, row in rows)
