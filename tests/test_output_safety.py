@@ -363,3 +363,23 @@ def test_a_whole_file_rewrite_through_a_symbolic_link_keeps_the_link(tmp_path):
     link.symlink_to(real)
     write_json(link, {"labels": ["a"]})
     assert link.is_symlink() and json.loads(real.read_text()) == {"labels": ["a"]}
+
+
+def test_weights_that_do_not_fit_on_the_disk_are_one_line_and_keep_the_old_file(tmp_path, monkeypatch):
+    import torch
+
+    from sentilens import runs
+
+    target = tmp_path / "model.safetensors"
+    runs.save_weights(target, {"w": torch.ones(2)})
+    before = target.read_bytes()
+
+    def full_disk(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"partial")
+        raise RuntimeError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space '
+                           'left on device" })')  # how safetensors reports it
+
+    monkeypatch.setattr(runs, "save_file", full_disk)
+    with pytest.raises(SentilensError, match="model.safetensors: cannot write .*StorageFull.*the file is as it was"):
+        runs.save_weights(target, {"w": torch.zeros(2)})
+    assert target.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]
