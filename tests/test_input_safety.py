@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import threading
 from pathlib import Path
 
@@ -331,3 +332,13 @@ def test_printable_leaves_nothing_a_terminal_would_act_on(text):
 def test_rows_of_any_characters_come_back_from_jsonl_as_written(rows):
     text = "".join(dumps(row) + "\n" for row in rows)
     assert [parse_json(line, "rows.jsonl", n) for n, line in jsonl_lines(text)] == rows
+
+
+def test_a_folder_or_fifo_given_as_a_posts_file_is_named_so(tmp_path, monkeypatch, capsys):
+    fifo = tmp_path / "posts.jsonl"
+    os.mkfifo(fifo)
+    for path, kind in ((tmp_path, "a folder"), (fifo, "a named pipe (FIFO)")):
+        with pytest.raises(SentilensError, match=re.escape(f"is {kind}, not a JSONL file of posts")):
+            read_posts(path)
+        with pytest.raises(SentilensError, match=re.escape(f"is {kind}, not a CSV, TSV or JSONL file")):
+            read_table(path)

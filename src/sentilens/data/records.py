@@ -16,7 +16,7 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 
 from sentilens.errors import SentilensError
 from sentilens.jsonio import jsonl_lines
-from sentilens.outputs import write_json, write_jsonl
+from sentilens.outputs import input_problem, write_json, write_jsonl
 from sentilens.validation import parse_json
 
 SPLITS = ("train", "val", "test")
@@ -109,8 +109,9 @@ def post_from_row(row: object, path: Path, line: int, base: Path) -> Post:
 def read_posts(path: str | Path) -> list[Post]:
     """Read a JSONL file of posts (a manifest split or a user's ``posts.jsonl``)."""
     path = Path(path)
-    if not path.is_file():
-        raise SentilensError("no such file", path)
+    problem = input_problem(path, "a JSONL file of posts")  # a FIFO would block the read, a folder fail it
+    if problem:
+        raise SentilensError(problem, path)
     return [post_from_row(parse_json(line, path, line_no), path, line_no, path.parent)
             for line_no, line in jsonl_lines(_jsonl_text(path))]
 

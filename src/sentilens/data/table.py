@@ -28,6 +28,7 @@ from sentilens.data.records import Dropped, Post, RawDataset
 from sentilens.data.text import csv_records, read_table_text
 from sentilens.errors import SentilensError
 from sentilens.jsonio import jsonl_lines
+from sentilens.outputs import input_problem
 from sentilens.validation import parse_json
 
 REQUIRED = ("id", "text", "label")
@@ -41,8 +42,10 @@ class _BadRow(ValueError):
 def read_table(path: str | Path) -> RawDataset:
     """Posts of a CSV, TSV or JSONL table (see module doc)."""
     path = Path(path)
-    if not path.is_file():
-        raise SentilensError("no such file (for --format table, --root is the CSV/TSV/JSONL file)", path)
+    problem = input_problem(path, "a CSV, TSV or JSONL file",
+                            missing="no such file (for --format table, --root is the CSV/TSV/JSONL file)")
+    if problem:
+        raise SentilensError(problem, path)
     suffix = path.suffix.lower()
     if suffix in (".csv", ".tsv"):
         rows, has_split = _csv_rows(path, "\t" if suffix == ".tsv" else ",")
