@@ -18,7 +18,6 @@ they are; :func:`upgrade_run` (``sentilens upgrade-run``) converts what resuming
 
 from __future__ import annotations
 
-import json
 import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ import torch
 from pydantic import BaseModel
 from safetensors.torch import load_file, save_file
 
+from sentilens import outputs
 from sentilens.errors import SentilensError
 from sentilens.validation import check_labels, check_weights, load_json_file, parse_json
 
@@ -41,12 +41,9 @@ RESUME_STATE = "state.json"
 
 
 def write_json(path: str | Path, obj: object) -> None:
-    """Write ``obj`` as indented UTF-8 JSON, atomically (a crash never leaves half a file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    tmp.replace(path)
+    """Write ``obj`` as indented strict UTF-8 JSON, atomically (a crash or a full disk never leaves half a file;
+    :func:`sentilens.outputs.write_json`)."""
+    outputs.write_json(path, obj)
 
 
 def read_json(path: str | Path) -> object:
@@ -86,8 +83,15 @@ def save_weights(path: str | Path, state: dict[str, torch.Tensor], metadata: dic
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
     tmp = path.with_suffix(path.suffix + ".tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
-    tmp.replace(path)
+    try:
+        save_file(tensors, str(tmp), metadata=metadata)
+        tmp.replace(path)
+    except Exception as err:  # safetensors reports a full disk as its own error type, holding the OS error
+        tmp.unlink(missing_ok=True)
+        if isinstance(err, OSError) or "Os {" in str(err):
+            detail = err.strerror if isinstance(err, OSError) and err.strerror else str(err).splitlines()[0][:200]
+            raise SentilensError(f"cannot write ({detail}); the file is as it was", path) from None
+        raise
 
 
 def load_weights(path: str | Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
@@ -125,12 +129,8 @@ def load_history(run_dir: str | Path) -> list[dict]:
 def save_predictions(run_dir: str | Path, split: str, ids: Sequence[str], predictions: Sequence[object]) -> Path:
     """``predictions-<split>.jsonl``: one ``{"id", "label", "probabilities", ...}`` row per post, in order."""
     path = Path(run_dir) / f"predictions-{split}.jsonl"
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        for post_id, prediction in zip(ids, predictions, strict=True):
-            f.write(json.dumps({"id": post_id, **prediction.to_dict()}, ensure_ascii=False) + "\n")
-    tmp.replace(path)
-    return path
+    return outputs.write_jsonl(path, ({"id": post_id, **prediction.to_dict()}
+                                      for post_id, prediction in zip(ids, predictions, strict=True)))
 
 
 @dataclass

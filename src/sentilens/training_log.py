@@ -22,6 +22,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 from sentilens.errors import SentilensError
+from sentilens.outputs import save_figure
 from sentilens.progress import progress_bar
 
 PLOT = Path("plots") / "training.png"
@@ -114,10 +115,7 @@ def plot_training(history: Sequence[dict], path: str | Path, title: str = "") ->
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    tmp.replace(path)
+    save_figure(fig, path, dpi=100)
     return path
 
 

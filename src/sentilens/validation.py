@@ -88,17 +88,30 @@ def _no_constant(name: str) -> None:
     raise ValueError(f"{name} is not a JSON number")
 
 
+def _finite(literal: str) -> float:
+    value = float(literal)
+    if not math.isfinite(value):  # 1e999 would read as infinity
+        raise ValueError(f"the number {literal[:40]} is too large for a float")
+    return value
+
+
 def parse_json(text: str, path: str | Path | None = None, line: int | None = None) -> object:
-    """Strict JSON: ``NaN`` / ``Infinity`` refused, nesting bounded, lone surrogates refused; one-line errors."""
+    """Strict JSON: ``NaN`` / ``Infinity`` and numbers beyond a float refused, nesting bounded, lone surrogates
+    refused; one-line errors (naming ``line``, for a row of a JSON Lines file)."""
     try:
-        value = json.loads(text, parse_constant=_no_constant)
+        value = json.loads(text, parse_constant=_no_constant, parse_float=_finite)
     except json.JSONDecodeError as err:
         raise SentilensError(f"not valid JSON ({err.msg})", path, line if line is not None else err.lineno) from None
     except ValueError as err:
         raise SentilensError(f"not strict JSON ({err})", path, line) from None
     except RecursionError:
         raise SentilensError(f"not valid JSON here: nested more than {MAX_DEPTH} levels deep", path, line) from None
-    check_tree(value, path)
+    try:
+        check_tree(value, path)
+    except SentilensError as err:
+        if line is None:
+            raise
+        raise SentilensError(err.problem, path, line) from None
     return value
 
 

@@ -34,6 +34,7 @@ from sentilens.data.labels import SENTIMENT_LABELS
 from sentilens.data.records import SPLITS, Dropped, Post, RawDataset, write_manifest
 from sentilens.data.splits import stratified_split
 from sentilens.errors import SentilensError
+from sentilens.outputs import check_output
 from sentilens.progress import progress_bar
 from sentilens.validation import clean_label, label_problem, label_skeleton
 
@@ -121,11 +122,11 @@ def image_problem(post: Post) -> Dropped | None:
     """Open the post's image with the one loader; a :class:`Dropped` saying why if it is unusable."""
     if post.image is None:
         return None
-    if not Path(post.image).is_file():
-        return Dropped(post.id, "image missing: file not found", post.image)
     try:
         load_image(post.image)
     except ImageError as err:
+        if err.kind == "missing":
+            return Dropped(post.id, "image missing: file not found", post.image)
         return Dropped(post.id, f"image unreadable: {err.problem}", post.image)
     return None
 
@@ -171,6 +172,8 @@ def prepare(
     """
     if duplicates not in ("group", "ignore"):
         raise SentilensError(f"--duplicates must be group or ignore, got '{duplicates}'")
+    for name in (*(f"{split}.jsonl" for split in SPLITS), "stats.json"):  # before reading: fail at once
+        check_output(Path(out_dir) / name, root)
     raw = fold_labels(read_raw(fmt, root, task=task, agreed_only=agreed_only))
     kept, image_dropped = check_images(raw.posts, show_progress=show_progress)
     dropped = [*raw.dropped, *image_dropped]

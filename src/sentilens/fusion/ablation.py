@@ -23,6 +23,7 @@ from sentilens.fusion.config import VARIANT_DESCRIPTIONS, FusionConfig
 from sentilens.fusion.encoders import ImageEncoder, TextEncoder, build_encoders
 from sentilens.fusion.train import featurize_splits, train_fusion
 from sentilens.metrics import with_interval
+from sentilens.outputs import atomic_write_text
 from sentilens.runs import write_json
 from sentilens.tables import markdown_table
 
@@ -98,5 +99,5 @@ def ablate(config: FusionConfig, data_dir: str | Path, out_dir: str | Path, rows
                 "text_encoder": config.text_encoder, "image_encoder": config.image_encoder, "prompt": config.prompt,
                 "epochs": config.epochs, "seed": config.seed, "cache": stats.to_dict(), "variants": results}
     write_json(out_dir / "ablation.json", ablation)
-    (out_dir / "ablation.md").write_text(markdown(ablation), encoding="utf-8")
+    atomic_write_text(out_dir / "ablation.md", markdown(ablation))
     return ablation

@@ -39,6 +39,7 @@ from typing import Literal
 from pydantic import BaseModel, Field
 
 from sentilens.data.labels import SENTIMENT_LABELS
+from sentilens.data.text import clip_text
 from sentilens.errors import SentilensError
 from sentilens.validation import check_chat_template
 
@@ -177,6 +178,7 @@ class PromptBuilder:
     def prompt_ids(self, text: str, has_image: bool) -> list[int]:
         """Prompt token ids (one image placeholder if ``has_image``), the text truncated to fit ``max_length``."""
         budget = self.settings.max_length - self.max_answer_length - (self.num_image_tokens if has_image else 0)
+        text = clip_text(text, budget)  # before any tokenizing, whose cost grows with the whole text
         ids = self._encode(self.render(text, has_image))
         if self._length(ids, has_image) <= budget:
             return self._checked(ids, has_image)
