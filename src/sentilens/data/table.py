@@ -29,7 +29,7 @@ from sentilens.data.text import csv_records, read_table_text
 from sentilens.errors import SentilensError
 from sentilens.jsonio import jsonl_lines
 from sentilens.outputs import input_problem
-from sentilens.validation import parse_json
+from sentilens.validation import clean_label, parse_json
 
 REQUIRED = ("id", "text", "label")
 SPLIT_NAMES = {"train": "train", "val": "val", "dev": "val", "valid": "val", "validation": "val", "test": "test"}
@@ -94,7 +94,8 @@ def read_table(path: str | Path) -> RawDataset:
 
 
 def normal(label: str) -> str:
-    return " ".join(label.split()).casefold()
+    """The spelling two labels share when they are one: NFKC, invisible characters gone, spaces and case folded."""
+    return clean_label(label).casefold()
 
 
 def reconcile_labels(posts: list[Post]) -> tuple[list[Post], dict[str, str], list[tuple[Post, str]]]:
