@@ -70,8 +70,10 @@ def spread(indexes: list[int], depth: int) -> list[int]:
     return [depth - 1 - (count - 1 - j) * (depth - 1) // max(count - 1, 1) for j in range(count)] if count else []
 
 
-def reduced_config(raw: dict, layers: int | None, tower_layers: int | None, width: int | None) -> dict:
-    """The raw config with fewer layers and optionally narrower widths; everything else as released."""
+def reduced_config(raw: dict, layers: int | None, tower_layers: int | None, width: int | None,
+                   released=None) -> dict:
+    """The raw config with fewer layers and optionally narrower widths; everything else as released.
+    ``released``: the release's parsed config, for the values its ``config.json`` leaves at their defaults."""
     raw = copy.deepcopy(raw)
     text = text_section(raw)
     if layers is not None:
@@ -94,18 +96,19 @@ def reduced_config(raw: dict, layers: int | None, tower_layers: int | None, widt
             raw["vision_feature_layer"] = [x for x in raw["vision_feature_layer"]
                                            if -tower_layers - 1 <= x <= tower_layers] or [-1]
     if width is not None:
-        narrow(raw, text, vision, width)
+        narrow(raw, text, vision, width, released.get_text_config())
     return raw
 
 
-def narrow(raw: dict, text: dict, vision: dict | None, width: int) -> None:
+def narrow(raw: dict, text: dict, vision: dict | None, width: int, parsed_text) -> None:
     """LM and tower ``width`` wide with 4 heads (2 KV heads where the model groups them); the rotary
     sections of a 3-D rope are scaled to the new head size."""
     if width % 16:
         raise LayoutError(f"--width {width} must be a multiple of 16")
     heads = 4
-    old_head = text.get("head_dim") or text["hidden_size"] // text["num_attention_heads"]
-    grouped = text.get("num_key_value_heads", text["num_attention_heads"]) < text["num_attention_heads"]
+    old_head = getattr(parsed_text, "head_dim", None) or parsed_text.hidden_size // parsed_text.num_attention_heads
+    kv_heads = getattr(parsed_text, "num_key_value_heads", None) or parsed_text.num_attention_heads
+    grouped = kv_heads < parsed_text.num_attention_heads
     text.update(hidden_size=width, intermediate_size=2 * width, num_attention_heads=heads,
                 num_key_value_heads=2 if grouped else heads)
     if "head_dim" in text:
@@ -146,7 +149,7 @@ def config_dtype(raw: dict) -> torch.dtype:
 
 # --- the model's names and shapes ----------------------------------------------------------------------
 def meta_model(folder: Path):
-    """The checkpoint's model class built on the meta device from ``folder/config.json``: names and shapes, no memory."""
+    """The checkpoint's model class built on the meta device from ``folder/config.json`` (shapes, no memory)."""
     import transformers
     from transformers import AutoConfig
 
@@ -206,7 +209,8 @@ def compare_names(model, weight_map: dict[str, str], total_size: int | None, dty
     unread = sorted(name for name, target in mapped.items() if target not in keys)
     covered = set(mapped.values())
     lacking = sorted(name for name in keys if name not in covered)
-    size = sum(keys[mapped[n]].numel() for n in weight_map if mapped[n] in keys) * torch.empty(0, dtype=dtype).element_size()
+    itemsize = torch.empty(0, dtype=dtype).element_size()
+    size = sum(keys[mapped[n]].numel() for n in weight_map if mapped[n] in keys) * itemsize
     return {"model_names_missing_from_index": lacking, "index_names_the_model_does_not_read": unread,
             "index_total_size": total_size, "model_total_size": size,
             "total_size_matches": total_size is None or total_size == size}
@@ -246,9 +250,6 @@ def plan_shards(model, weight_map: dict[str, str] | None) -> dict[str, dict[str,
     for name in sorted(kept):
         groups[weight_map[name]][name] = kept[name]
     used = [shard for shard in order if groups[shard]]
-    if len(used) == 1:
-        return {SINGLE if len(order) == 1 and order[0] == SINGLE else f"model-00001-of-00001.safetensors":
-                groups[used[0]]}
     return {f"model-{i:05d}-of-{len(used):05d}.safetensors": groups[shard] for i, shard in enumerate(used, 1)}
 
 
@@ -324,7 +325,9 @@ def build(src: Path, out: Path, layers: int | None = None, tower_layers: int | N
             raise LayoutError(f"{src / INDEX}: {len(problems)} names differ from the model's, e.g. {problems[0]}")
     out.mkdir(parents=True, exist_ok=True)
     report["copied"] = copy_small_files(src, out)
-    new_raw = reduced_config(raw, layers, tower_layers, width)
+    from transformers import AutoConfig
+
+    new_raw = reduced_config(raw, layers, tower_layers, width, AutoConfig.from_pretrained(src))
     (out / "config.json").write_text(json.dumps(new_raw, indent=2) + "\n", encoding="utf-8")
     model = meta_model(out)
     text = model.config.get_text_config()
