@@ -61,8 +61,8 @@ def text_section(raw: dict) -> dict:
 
 
 def spread(indexes: list[int], depth: int) -> list[int]:
-    """A tower's layer list (deepstack, full-attention blocks) fitted into ``depth`` layers: the entries that
-    still exist, else as many as fit spread evenly over the new depth, the last one always kept."""
+    """Deepstack layers fitted into ``depth`` tower layers: the entries that still exist, else as many as fit,
+    spread evenly over the new depth, the last one always kept (their mergers beyond that count are dropped)."""
     kept = [i for i in indexes if i < depth]
     if kept:
         return kept
@@ -89,9 +89,12 @@ def reduced_config(raw: dict, layers: int | None, tower_layers: int | None, widt
         key = "depth" if "depth" in vision else "num_hidden_layers"
         old = vision.get(key)
         vision[key] = tower_layers
-        for name in ("deepstack_visual_indexes", "fullatt_block_indexes"):
-            if isinstance(vision.get(name), list) and old:
-                vision[name] = spread(vision[name], tower_layers)
+        if isinstance(vision.get("deepstack_visual_indexes"), list) and old:
+            vision["deepstack_visual_indexes"] = spread(vision["deepstack_visual_indexes"], tower_layers)
+        if isinstance(vision.get("fullatt_block_indexes"), list) and old:
+            # the released towers end on a full-attention block; windowed blocks before it stay windowed
+            vision["fullatt_block_indexes"] = [i for i in vision["fullatt_block_indexes"] if i < tower_layers] or [
+                tower_layers - 1]
         if isinstance(raw.get("vision_feature_layer"), list):
             raw["vision_feature_layer"] = [x for x in raw["vision_feature_layer"]
                                            if -tower_layers - 1 <= x <= tower_layers] or [-1]
