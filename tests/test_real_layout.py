@@ -15,6 +15,7 @@ against sentilens' own output:
 - Mismatches the released files reveal are ``xfail(strict=True)`` tests naming them.
 """
 
+import functools
 import importlib.util
 import json
 import sys
@@ -205,11 +206,9 @@ def test_llava15_pads_with_the_processor_mean_colour(llava, wide_image):
 # --- Qwen-VL: the fast tokenizer from vocab + merges --------------------------------------------------
 @pytest.mark.parametrize("name", ["Qwen2.5-VL-7B-Instruct", "Qwen3-VL-4B-Instruct"])
 def test_qwen_fast_tokenizer_is_built_from_vocab_merges_and_added_tokens(name):
-    from transformers import AutoTokenizer
-
     folder = DATA / name
     assert not (folder / "tokenizer.json").exists()
-    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer = released_tokenizer(folder)
     assert tokenizer.is_fast
     config = json.loads((folder / "config.json").read_text())
     added = json.loads((folder / "tokenizer_config.json").read_text())["added_tokens_decoder"]
@@ -239,11 +238,9 @@ def test_qwen_family_loads_the_released_processor(name, family):
 @pytest.mark.xfail(strict=True, reason="prompt.py PromptBuilder.render: post text and question are two text parts; "
                                        "templates that join parts with nothing (SmolVLM, Qwen) run them together")
 def test_smolvlm_prompt_separates_the_post_from_the_question():
-    from transformers import AutoProcessor
-
     from sentilens.mllm.families import get_family
 
-    processor = AutoProcessor.from_pretrained(DATA / "SmolVLM-256M-Instruct")
+    processor = get_family("smolvlm").load_processor(str(DATA / "SmolVLM-256M-Instruct"))
     builder = PromptBuilder(processor, PromptSettings(), ["positive", "neutral", "negative"], 64,
                             family=get_family("smolvlm"))
     prompt = builder.render(TEXT, has_image=True)
@@ -279,14 +276,22 @@ def test_llava_next_mistral_template_renders_the_prompt():
 
 
 # --- Qwen-VL: the released ChatML templates ---------------------------------------------------------------
+@functools.cache
+def released_tokenizer(folder: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(folder)
+
+
 class ReleasedQwenProcessor:
-    """The tokenizer and the processor-level chat template of a released Qwen folder, as a processor for
-    :class:`PromptBuilder` (transformers' Qwen processors need torchvision for their video part)."""
+    """The tokenizer, image processor and processor-level chat template of a released Qwen folder, as a
+    processor for :class:`PromptBuilder` (transformers' Qwen processors need torchvision for their video part)."""
 
     def __init__(self, folder: Path):
-        from transformers import AutoTokenizer
+        from transformers import AutoImageProcessor
 
-        self.tokenizer = AutoTokenizer.from_pretrained(folder)
+        self.tokenizer = released_tokenizer(folder)
+        self.image_processor = AutoImageProcessor.from_pretrained(folder)
         self.chat_template = json.loads((folder / "chat_template.json").read_text())["chat_template"]
         self.image_token = "<|image_pad|>"
 
@@ -378,3 +383,24 @@ def test_qwen_real_layout_loads_through_sentilens(tmp_path):
     real_layout().build(DATA / "Qwen2.5-VL-7B-Instruct", out, layers=2, tower_layers=2, width=64, check=False)
     model, processor = load_checkpoint(out)
     assert type(model).__name__ == "Qwen2_5_VLForConditionalGeneration" and processor.image_token == "<|image_pad|>"
+
+
+@pytest.mark.parametrize("name, family, colour", [
+    ("llava-v1.6-mistral-7b-hf", "llava-next", (122, 116, 104)),  # CLIP's mean
+    ("SmolVLM-256M-Instruct", "smolvlm", (127, 127, 127)),  # SigLIP's 0.5
+    ("Qwen2.5-VL-7B-Instruct", "qwen2.5-vl", (122, 116, 104)),
+    ("Qwen3-VL-4B-Instruct", "qwen3-vl", (127, 127, 127)),
+])
+def test_padding_uses_each_released_processor_mean_colour(wide_image, name, family, colour):
+    from sentilens.mllm.families import get_family
+
+    folder = DATA / name
+    # the Qwen family's own loader fails on these folders (the xfail above); the rest load as sentilens loads them
+    qwen = family.startswith("qwen")
+    processor = ReleasedQwenProcessor(folder) if qwen else get_family(family).load_processor(str(folder))
+    mean = json.loads((folder / "preprocessor_config.json").read_text())["image_mean"]
+    assert tuple(int(m * 255) for m in mean) == colour
+    image = Image.open(wide_image).convert("RGB")
+    pixels, _ = get_family(family).image_inputs(processor, [image], "pad")
+    reference = processor.image_processor([expand2square(image, colour)], return_tensors="pt")["pixel_values"]
+    assert torch.equal(pixels, reference)
