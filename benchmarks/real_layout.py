@@ -29,7 +29,11 @@ Weights are random: normal(0, the config's ``initializer_range``) for matrices a
 1-D ``.weight`` tensors (norms), zeros for biases, each tensor from its own generator seeded by
 ``--seed`` and its name, so the same arguments write the same bytes.
 
-Usage: ``python benchmarks/real_layout.py SRC_DIR OUT_DIR [--layers 2] [--tower-layers 2] [--seed 0]``.
+A folder without ``config.json`` (the LLaVA-NeXT copy) takes one with ``--config FILE``; a folder without an
+index is written as one ``model.safetensors`` under the names ``save_pretrained`` uses.
+
+Usage: ``python benchmarks/real_layout.py SRC_DIR OUT_DIR [--layers 2] [--tower-layers 2] [--seed 0]
+[--width W] [--config FILE] [--strict] [--no-load-check]``.
 """
 
 from __future__ import annotations
@@ -151,12 +155,13 @@ def config_dtype(raw: dict) -> torch.dtype:
 
 
 # --- the model's names and shapes ----------------------------------------------------------------------
-def meta_model(folder: Path):
-    """The checkpoint's model class built on the meta device from ``folder/config.json`` (shapes, no memory)."""
+def meta_model(folder: Path, raw: dict | None = None):
+    """The checkpoint's model class built on the meta device from ``folder/config.json`` (or the config ``raw``):
+    names and shapes, no memory."""
     import transformers
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(folder)
+    config = AutoConfig.for_model(**copy.deepcopy(raw)) if raw is not None else AutoConfig.from_pretrained(folder)
     architectures = getattr(config, "architectures", None) or []
     cls = getattr(transformers, architectures[0], None) if architectures else None
     with torch.device("meta"):
@@ -229,10 +234,12 @@ def random_tensor(name: str, shape, dtype: torch.dtype, std: float, seed: int) -
     return torch.empty(shape, dtype=dtype).normal_(0.0, std, generator=generator)
 
 
-def copy_small_files(src: Path, out: Path) -> list[str]:
+def copy_small_files(src: Path, out: Path, skip: Path) -> list[str]:
     copied = []
     for path in sorted(src.iterdir()):
-        if path.is_file() and path.name not in (INDEX, "config.json") and not path.name.endswith(WEIGHT_SUFFIXES):
+        if path.resolve() == skip.resolve() or path.name in (INDEX, "config.json"):
+            continue
+        if path.is_file() and not path.name.endswith(WEIGHT_SUFFIXES):
             shutil.copyfile(path, out / path.name)
             copied.append(path.name)
     return copied
@@ -305,32 +312,36 @@ def load_check(out: Path, dtype: torch.dtype, model_too: bool) -> dict:
 
 
 def build(src: Path, out: Path, layers: int | None = None, tower_layers: int | None = None, width: int | None = None,
-          seed: int = 0, strict: bool = False, check: bool = True) -> dict:
-    """Write ``out`` from ``src`` (see the module docstring) and return the report."""
+          seed: int = 0, strict: bool = False, check: bool = True, config: Path | None = None) -> dict:
+    """Write ``out`` from ``src`` (see the module docstring) and return the report; ``config``: the config to
+    use when the folder has none (LLaVA-NeXT's copy), else the folder's ``config.json``."""
+    from transformers import AutoConfig
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
-    if not (src / "config.json").is_file():
-        raise LayoutError(f"{src}: no config.json (this tool needs the release's config)")
+    config = config or src / "config.json"
+    if not config.is_file():
+        raise LayoutError(f"{config}: no such config (a folder without config.json needs --config FILE)")
     if out.exists() and any(out.iterdir()):
         raise LayoutError(f"{out}: the folder exists and is not empty (nothing is overwritten)")
-    raw = json.loads((src / "config.json").read_text(encoding="utf-8"))
+    try:
+        raw = json.loads(config.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise LayoutError(f"{config}: not JSON ({err})") from None
     index = json.loads((src / INDEX).read_text(encoding="utf-8")) if (src / INDEX).is_file() else None
     weight_map = index["weight_map"] if index else None
     dtype = config_dtype(raw)
     report: dict = {"source": str(src), "out": str(out), "dtype": str(dtype).removeprefix("torch.")}
     if weight_map is not None:
-        report["names"] = compare_names(meta_model(src), weight_map, (index.get("metadata") or {}).get("total_size"),
-                                        dtype)
+        declared = (index.get("metadata") or {}).get("total_size")
+        report["names"] = compare_names(meta_model(src, raw), weight_map, declared, dtype)
         problems = report["names"]["model_names_missing_from_index"] + report["names"][
             "index_names_the_model_does_not_read"]
         if strict and problems:
             raise LayoutError(f"{src / INDEX}: {len(problems)} names differ from the model's, e.g. {problems[0]}")
     out.mkdir(parents=True, exist_ok=True)
-    report["copied"] = copy_small_files(src, out)
-    from transformers import AutoConfig
-
-    new_raw = reduced_config(raw, layers, tower_layers, width, AutoConfig.from_pretrained(src))
+    report["copied"] = copy_small_files(src, out, skip=config)
+    new_raw = reduced_config(raw, layers, tower_layers, width, AutoConfig.for_model(**copy.deepcopy(raw)))
     (out / "config.json").write_text(json.dumps(new_raw, indent=2) + "\n", encoding="utf-8")
     model = meta_model(out)
     text = model.config.get_text_config()
@@ -351,6 +362,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tower-layers", type=int, help="vision-tower layers to keep (default: all)")
     parser.add_argument("--width", type=int, help="narrow the LM and tower to this hidden size (tests only)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--config", type=Path, help="the config for a folder that has no config.json")
     parser.add_argument("--strict", action="store_true", help="names differing from the index are an error")
     parser.add_argument("--no-load-check", action="store_true", help="skip loading the written folder back")
     args = parser.parse_args(argv)
@@ -359,7 +371,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--{flag.replace('_', '-')} must be at least 1")
     try:
         report = build(args.src, args.out, args.layers, args.tower_layers, args.width, args.seed, args.strict,
-                       check=not args.no_load_check)
+                       check=not args.no_load_check, config=args.config)
     except LayoutError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

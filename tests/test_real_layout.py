@@ -355,15 +355,21 @@ def test_qwen_prompt_separates_the_post_from_the_question():
 
 # --- the other folders' real layouts (slower: each builds and loads a checkpoint) ----------------------------
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["Qwen2.5-VL-7B-Instruct", "Qwen3-VL-4B-Instruct", "SmolVLM-256M-Instruct"])
+@pytest.mark.parametrize("name", ["Qwen2.5-VL-7B-Instruct", "Qwen3-VL-4B-Instruct", "SmolVLM-256M-Instruct",
+                                  "llava-v1.6-mistral-7b-hf"])
 def test_real_layout_of_the_other_folders_loads_with_no_missing_key(tmp_path, name):
-    report = real_layout().build(DATA / name, tmp_path / name, layers=2, tower_layers=2, width=64, seed=0)
+    # the LLaVA-NeXT copy has no config.json: its SOURCE.md says where the reconstructed one comes from
+    config = DATA / name / "config.reconstructed.json"
+    report = real_layout().build(DATA / name, tmp_path / name, layers=2, tower_layers=2, width=64, seed=0,
+                                 config=config if config.is_file() else None)
     names = report.get("names")
     if names is not None:  # SmolVLM-256M is a single-file release: no index to compare with
         assert names["model_names_missing_from_index"] == [] and names["index_names_the_model_does_not_read"] == []
         assert names["total_size_matches"]
     assert report["check"]["load"] == {"missing_keys": [], "unexpected_keys": [], "mismatched_keys": []}
     assert report["check"]["tokenizer"]["fast"]
+    if name == "llava-v1.6-mistral-7b-hf":  # through sentilens' own loader too, any-resolution processor included
+        assert report["check"]["sentilens_processor"] == "llava-next: LlavaNextProcessor"
     config = json.loads((tmp_path / name / "config.json").read_text())
     vision = config["vision_config"]
     assert vision.get("depth", vision.get("num_hidden_layers")) == 2
