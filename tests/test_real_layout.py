@@ -410,3 +410,25 @@ def test_padding_uses_each_released_processor_mean_colour(wide_image, name, fami
     pixels, _ = get_family(family).image_inputs(processor, [image], "pad")
     reference = processor.image_processor([expand2square(image, colour)], return_tensors="pt")["pixel_values"]
     assert torch.equal(pixels, reference)
+
+
+def test_smolvlm_answers_are_the_released_assistant_turn():
+    from sentilens.mllm.families import get_family
+
+    processor = get_family("smolvlm").load_processor(str(DATA / "SmolVLM-256M-Instruct"))
+    tokenizer = processor.tokenizer
+    labels = ["informative", "not_informative"]
+    builder = PromptBuilder(processor, PromptSettings(task="informative"), labels, 64, family=get_family("smolvlm"))
+    messages = [{"role": "user", "content": [{"type": "text", "text": "x"}]}]
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    for label, answer in builder.answer_ids.items():
+        turn = processor.apply_chat_template(
+            messages + [{"role": "assistant", "content": [{"type": "text", "text": label.replace("_", " ")}]}],
+            tokenize=False)
+        ids = tokenizer(turn, add_special_tokens=False)["input_ids"]
+        assert ids[:len(prompt_ids)] == prompt_ids
+        end = ids.index(tokenizer.convert_tokens_to_ids("<end_of_utterance>"), len(prompt_ids))
+        assert answer == ids[len(prompt_ids):end + 1]  # the released turn: ' label' then <end_of_utterance>
+    pieces = tokenizer.convert_ids_to_tokens(builder.answer_ids["not_informative"])
+    assert pieces[0].startswith("Ġ") and pieces[-1] == "<end_of_utterance>" and len(pieces) >= 3
