@@ -382,34 +382,36 @@ def test_real_layout_of_the_other_folders_loads_with_no_missing_key(tmp_path, na
 @pytest.mark.xfail(strict=True, reason="families/qwen.py load_processor: {**image_processor.size} fails on the "
                                        "SizeDict of a released Qwen preprocessor (TypeError)")
 @pytest.mark.slow
-def test_qwen_real_layout_loads_through_sentilens(tmp_path):
-    from sentilens.mllm.model import load_checkpoint
+@pytest.mark.parametrize("name", ["Qwen2.5-VL-7B-Instruct", "Qwen3-VL-4B-Instruct"])
+def test_qwen_real_layout_scores_through_sentilens_as_the_released_model_class(tmp_path, wide_image, name):
+    from sentilens.mllm.inputs import build_inputs, make_batch
+    from sentilens.mllm.model import load_checkpoint, num_image_tokens
+    from sentilens.mllm.scoring import label_log_probs
 
-    out = tmp_path / "qwen"
-    real_layout().build(DATA / "Qwen2.5-VL-7B-Instruct", out, layers=2, tower_layers=2, width=64, check=False)
+    out = tmp_path / name
+    real_layout().build(DATA / name, out, layers=2, tower_layers=2, width=64, check=False)
     model, processor = load_checkpoint(out)
-    assert type(model).__name__ == "Qwen2_5_VLForConditionalGeneration" and processor.image_token == "<|image_pad|>"
-
-
-@pytest.mark.parametrize("name, family, colour", [
-    ("llava-v1.6-mistral-7b-hf", "llava-next", (122, 116, 104)),  # CLIP's mean
-    ("SmolVLM-256M-Instruct", "smolvlm", (127, 127, 127)),  # SigLIP's 0.5
-    ("Qwen2.5-VL-7B-Instruct", "qwen2.5-vl", (122, 116, 104)),
-    ("Qwen3-VL-4B-Instruct", "qwen3-vl", (127, 127, 127)),
-])
-def test_padding_uses_each_released_processor_mean_colour(wide_image, name, family, colour):
-    from sentilens.mllm.families import get_family
-
-    folder = DATA / name
-    # the Qwen family's own loader fails on these folders (the xfail above); the rest load as sentilens loads them
-    qwen = family.startswith("qwen")
-    processor = ReleasedQwenProcessor(folder) if qwen else get_family(family).load_processor(str(folder))
-    mean = json.loads((folder / "preprocessor_config.json").read_text())["image_mean"]
-    assert tuple(int(m * 255) for m in mean) == colour
-    image = Image.open(wide_image).convert("RGB")
-    pixels, _ = get_family(family).image_inputs(processor, [image], "pad")
-    reference = processor.image_processor([expand2square(image, colour)], return_tensors="pt")["pixel_values"]
-    assert torch.equal(pixels, reference)
+    model.eval()
+    labels = ["informative", "not_informative"]
+    builder = PromptBuilder(processor, PromptSettings(task="informative", image_aspect="pad"), labels,
+                            num_image_tokens(model, processor))
+    batch = make_batch(builder, [Post("p", TEXT, str(wide_image))])
+    grid = batch.image_extras["image_grid_thw"]
+    image_id = model.config.image_token_id
+    with torch.no_grad():
+        inputs = build_inputs(model, batch, padding_side="left")
+        ids = inputs.input_ids[0].tolist()
+        merge = processor.image_processor.merge_size
+        assert ids.count(image_id) == int(grid.prod()) // merge ** 2 == inputs.image_tokens[0]
+        scored = label_log_probs(model, inputs, [builder.answer_ids[label] for label in labels])[0]
+        for c, label in enumerate(labels):
+            answer = builder.answer_ids[label]
+            full = torch.tensor([ids + answer])
+            # the released class's forward: its own 3-D rope positions (from the token types) and image merge
+            logits = model(input_ids=full, pixel_values=batch.pixel_values, image_grid_thw=grid,
+                           mm_token_type_ids=(full == image_id).int()).logits[0].float()
+            reference = logits[len(ids) - 1:-1].log_softmax(-1).gather(-1, torch.tensor(answer)[:, None]).sum()
+            assert torch.allclose(scored[c], reference, atol=1e-4), (label, scored[c], reference)
 
 
 def test_smolvlm_answers_are_the_released_assistant_turn():
