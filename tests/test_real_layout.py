@@ -126,6 +126,14 @@ def test_the_tool_refuses_to_overwrite_a_folder(tmp_path):
     assert (out / "mine.txt").read_text() == "keep"
 
 
+def test_the_tool_names_a_folder_without_config_in_one_line(tmp_path, capsys):
+    # the LLaVA-NeXT copy has no config.json of its own
+    assert real_layout().main([str(DATA / "llava-v1.6-mistral-7b-hf"), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "config.json" in err and "--config" in err
+    assert not (tmp_path / "out").exists()
+
+
 # --- LLaVA-1.5: prompt, answers, scoring, padding ------------------------------------------------------
 def test_llava15_table1_prompt_tokenizes_as_the_released_processor_does(llava, wide_image):
     from sentilens.mllm.inputs import build_inputs, make_batch
