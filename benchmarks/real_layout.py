@@ -202,7 +202,7 @@ def saved_names(model) -> dict[str, str]:
 
     keys = expected_keys(model)
     state = {name: tensor for name, tensor in model.state_dict().items() if name in keys}
-    # the meta tensors carry their own names through the reverse renaming
+    # placeholder tensors: the reverse renaming needs only the names
     reverted = revert_weight_conversion(model, {name: torch.empty(0).new_empty(1) for name in state})
     if len(reverted) != len(state):
         raise LayoutError("the model's save names are not one-to-one with its parameters")
