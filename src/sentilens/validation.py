@@ -376,19 +376,21 @@ class _TooSlow(BaseException):
 
 
 def check_chat_template(template: object, render: Callable[[], str], source: str | Path | None = None) -> None:
-    """Compile ``template`` in jinja's immutable sandbox (the one transformers renders in), then run ``render``
+    """Compile ``template`` in the immutable sandbox transformers renders in, then run ``render``
     (one prompt through the processor) under a deadline of :data:`TEMPLATE_SECONDS`: a syntax error, a
     sandbox refusal (an attribute it forbids), an error it raises, a loop that runs away or a huge output
     is one line, at load."""
     from jinja2 import TemplateError
     from jinja2.exceptions import SecurityError
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
+    # transformers' own environment: the sandbox plus the tags released templates use ({% generation %},
+    # loop controls), so a template that renders there compiles here.
+    from transformers.utils.chat_template_utils import _compile_jinja_template
 
     what = "chat template"
     if not isinstance(template, str):
         raise SentilensError(f"{what} must be a string, got {type(template).__name__}", source)
     try:
-        ImmutableSandboxedEnvironment().parse(template)
+        _compile_jinja_template(template)
     except TemplateError as err:
         raise SentilensError(f"{what} does not compile: {' '.join(str(err).split())}", source) from None
     deadline = time.monotonic() + TEMPLATE_SECONDS
