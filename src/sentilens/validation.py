@@ -382,6 +382,7 @@ def check_chat_template(template: object, render: Callable[[], str], source: str
     is one line, at load."""
     from jinja2 import TemplateError
     from jinja2.exceptions import SecurityError
+
     # transformers' own environment: the sandbox plus the tags released templates use ({% generation %},
     # loop controls), so a template that renders there compiles here.
     from transformers.utils.chat_template_utils import _compile_jinja_template
