@@ -22,12 +22,14 @@ def cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
     return code, captured.out, captured.err
 
 
-def one_line_error(code: int, err: str, *fragments: str) -> None:
-    """Exit 2 and one ``error:`` line holding ``fragments`` (model loading may draw its progress bar before)."""
+def one_line_error(code: int, err: str, *fragments: str, alone: bool = False) -> None:
+    """Exit 2 and one ``error:`` line holding ``fragments`` (model loading may draw its progress bar before;
+    ``alone``: nothing else on stderr)."""
     assert code == 2, err
     assert "Traceback" not in err
     lines = [line for line in err.replace("\r", "\n").splitlines() if line.strip()]
     assert lines[-1].startswith("error: ") and sum("error" in line.lower() for line in lines) == 1, err
+    assert len(lines) == 1 or not alone, err
     for fragment in fragments:
         assert fragment in lines[-1], err
 

@@ -14,8 +14,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from cli_helpers import cli, one_line_error
 from sentilens import machine
-from sentilens.cli import main
 from sentilens.data.records import Post, write_manifest
 from sentilens.errors import SentilensError
 from sentilens.fusion.config import parse_fusion_config
@@ -44,25 +44,6 @@ CONFUSABLES = {
 """The spellings of 'positive' that turned 3 labels into 7."""
 
 
-def cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
-    """``sentilens ARGS`` in-process through the real entry point: (exit code, stdout, stderr)."""
-    monkeypatch.setattr("sys.argv", ["sentilens", *args])
-    try:
-        main()
-        code = 0
-    except SystemExit as exit_info:
-        code = exit_info.code if isinstance(exit_info.code, int) else 1
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def one_line_error(code: int, err: str, *fragments: str) -> None:
-    """Exit 2 and exactly one line on stderr, an ``error:`` line holding ``fragments``."""
-    assert code == 2, err
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    for fragment in fragments:
-        assert fragment in lines[0], err
 
 
 def fusion_run_dir(folder: Path, config: object, raw: bytes | None = None) -> Path:
@@ -109,7 +90,7 @@ def test_the_memory_bound_is_the_machines(monkeypatch):
 def test_a_family_that_is_not_a_string_is_one_line(tmp_path, monkeypatch, capsys):
     run = fusion_run_dir(tmp_path / "run", {"family": ["fusion"], "labels": ["a", "b"]})
     code, _, err = cli(monkeypatch, capsys, "predict", "--run", str(run), "--text", "hi")
-    one_line_error(code, err, "config.json", "does not name a model family")
+    one_line_error(code, err, "config.json", "does not name a model family", alone=True)
 
 
 def llava_config(**changes) -> dict:
@@ -281,7 +262,7 @@ def test_a_damaged_resume_state_is_one_line(tmp_path, content):
 def test_a_bad_config_json_through_the_cli_is_one_line(tmp_path, monkeypatch, capsys):
     run = fusion_run_dir(tmp_path / "run", None, b'{"family": "fusion", "labels": ' + b"[" * 100_000 + b"}")
     code, _, err = cli(monkeypatch, capsys, "predict", "--run", str(run), "--text", "hi")
-    one_line_error(code, err, "config.json", "nested more than 64 levels deep")
+    one_line_error(code, err, "config.json", "nested more than 64 levels deep", alone=True)
 
 
 # ----------------------------------------------------------------------------- labels
@@ -367,7 +348,7 @@ def test_a_one_label_training_set_is_refused_before_training(tmp_path, monkeypat
     data = one_label_manifest(tmp_path / "data", labels)
     code, _, err = cli(monkeypatch, capsys, "train", "fusion", "--data", str(data), "--out", str(tmp_path / "run"),
                        "--device", "cpu", "--no-cache")
-    one_line_error(code, err, str(data))
+    one_line_error(code, err, str(data), alone=True)
     assert "at least 2" in err
     assert not (tmp_path / "run").exists()
 
@@ -426,7 +407,7 @@ def test_a_saved_run_with_damaged_weights_predicts_nothing(fusion_run, tmp_path,
     posts.write_text('{"id": "a", "text": "hello"}\n')
     code, _, err = cli(monkeypatch, capsys, "predict", "--run", str(run), "--input", str(posts), "--output",
                        str(output))
-    one_line_error(code, err, "model.safetensors", f"tensor {name}")
+    one_line_error(code, err, "model.safetensors", f"tensor {name}", alone=True)
     assert not output.exists() or "NaN" not in output.read_text()
 
 
@@ -484,7 +465,7 @@ def test_a_device_that_is_not_there_is_one_line(tmp_path, monkeypatch, capsys, d
     data = one_label_manifest(tmp_path / "data", ["positive", "negative"])
     code, _, err = cli(monkeypatch, capsys, "train", "fusion", "--data", str(data), "--out", str(tmp_path / "run"),
                        "--device", device, "--no-cache")
-    one_line_error(code, err, fragment)
+    one_line_error(code, err, fragment, alone=True)
 
 
 def test_a_cuda_index_past_the_gpus_is_one_line(monkeypatch):
@@ -502,12 +483,12 @@ def test_eval_on_an_empty_split_is_one_line(tmp_path, monkeypatch, capsys):
     write_manifest(tmp_path / "data", {"train": posts, "val": posts, "test": []}, ["positive", "negative"])
     code, _, err = cli(monkeypatch, capsys, "eval", "--run", str(tmp_path / "no-run"), "--data",
                        str(tmp_path / "data"), "--split", "test")
-    one_line_error(code, err, "test.jsonl", "the test split is empty: nothing to evaluate")
+    one_line_error(code, err, "test.jsonl", "the test split is empty: nothing to evaluate", alone=True)
 
 
 @pytest.mark.parametrize("strategy", ["evil", "all,evil", "3:x", "random+merge"])
 def test_sweep_with_an_unknown_strategy_is_one_line(tmp_path, monkeypatch, capsys, strategy):
     code, _, err = cli(monkeypatch, capsys, "sweep", "--run", str(tmp_path), "--data", str(tmp_path),
                        "--strategy", strategy)
-    one_line_error(code, err, f"--strategy {strategy!r}: not a filtering strategy")
+    one_line_error(code, err, f"--strategy {strategy!r}: not a filtering strategy", alone=True)
     assert "1048576" not in err
