@@ -44,8 +44,6 @@ CONFUSABLES = {
 """The spellings of 'positive' that turned 3 labels into 7."""
 
 
-
-
 def fusion_run_dir(folder: Path, config: object, raw: bytes | None = None) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_bytes(raw if raw is not None else json.dumps(config).encode())
