@@ -77,7 +77,7 @@ def test_the_mllm_predictor_filters_explains_and_returns_configured_copies(mllm_
     described = predictor.describe()
     assert described["family"] == "mllm" and described["labels"] == predictor.labels
     assert described["base_model"] == "base-model" and described["config"]["num_image_tokens"] == 36
-    assert described["description"] == "LLaVA (tiny, full fine-tuning)"
+    assert described["description"] == "LLaVA-1.5 (tiny, full fine-tuning)"
     assert describe_run(mllm_run) == described
 
 

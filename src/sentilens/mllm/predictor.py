@@ -68,11 +68,15 @@ class MllmPredictor:
         precision = settings.precision
         model = prepare_model(base_source(run_dir, settings.base_model), settings.mode, settings.lora, device=device,
                               training=False, dtype=None if precision is None else getattr(torch, precision.weights))
+        family = family_of(model.llava)
+        if settings.model_family is not None and settings.model_family != family.name:
+            raise SentilensError(f"the run was trained as a {settings.model_family} model but its base model "
+                                 f"'{settings.base_model}' is a {family.name} checkpoint", run_dir / CONFIG)
         weights = run_dir / settings.weights
         model.load_trainable_state(load_weights(weights, device=device), weights)
         model.eval()
         builder = PromptBuilder(model.processor, settings.prompt, settings.labels,
-                                num_image_tokens(model.llava, model.processor), family=family_of(model.llava))
+                                num_image_tokens(model.llava, model.processor), family=family)
         return cls(model, builder, settings, batch_size=settings.predict_batch_size)
 
     def describe(self) -> dict:

@@ -78,6 +78,15 @@ REGISTRY: dict[str, str] = {
 }
 """``tiny:<name>`` -> ``"module:Class"`` of its :class:`ModelFamily` (imported on first use)."""
 
+TITLES: dict[str, str] = {
+    "llava": "LLaVA-1.5",
+    "llava-next": "LLaVA-NeXT",
+    "smolvlm": "SmolVLM",
+    "qwen2.5-vl": "Qwen2.5-VL",
+    "qwen3-vl": "Qwen3-VL",
+}
+"""How a run of each family names its model (``describe()``), without importing the family."""
+
 _LOADED: dict[str, ModelFamily] = {}
 
 
@@ -249,5 +258,5 @@ def is_tiny(base_model: str) -> bool:
     return parse_tiny(base_model) is not None
 
 
-__all__ = ["DEFAULT_TINY_FAMILY", "REGISTRY", "TINY", "ModelFamily", "PatchView", "family_for_config",
+__all__ = ["DEFAULT_TINY_FAMILY", "REGISTRY", "TINY", "TITLES", "ModelFamily", "PatchView", "family_for_config",
            "family_for_processor", "family_of", "get_family", "is_tiny", "parse_tiny", "supported_classes"]
