@@ -17,6 +17,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from sentilens.errors import SentilensError
+from sentilens.mllm.pruning import strategy_help
 
 app = typer.Typer(help="sentilens: sentiment and informativeness of image + text posts.",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
@@ -501,13 +502,7 @@ def predict_cmd(
         out.print(f"{summary['predicted']} predictions written to {output}{skipped} ({summary['posts_per_s']} posts/s)")
 
 
-StrategyOpt = Annotated[str, typer.Option(
-    "--strategy", help="Token filtering: all (the paper: CLS attention averaged over all layers), feature (the "
-                       "layer LLaVA reads, as FasterVLM), last, or a layer slice A:B; add +merge to merge the "
-                       "dropped patches into contextual tokens (VisionZip-style), or +native to keep the kept "
-                       "tokens' positions as at r = 1 (LLaVA-1.5); baselines: random (a seeded uniform draw of the "
-                       "same count), inverse (the lowest-scored patches), each with or without +native. sweep takes "
-                       "a comma list.")]
+StrategyOpt = Annotated[str, typer.Option("--strategy", help=strategy_help() + " sweep takes a comma list.")]
 
 
 @app.command("sweep")
@@ -583,8 +578,7 @@ def explain_cmd(
     text: Annotated[str, typer.Option("--text", help="Text of the post.")] = "",
     keep_ratio: Annotated[float | None, typer.Option(
         "--keep-ratio", help="Fraction of visual tokens kept, in (0, 1] (default 0.4).")] = None,
-    strategy: Annotated[str, typer.Option("--strategy", help="Layers scoring the patches: all, feature, last, "
-                                          "A:B (optionally +merge).")] = "all",
+    strategy: Annotated[str, typer.Option("--strategy", help=strategy_help())] = "all",
     as_json: JsonOpt = False,
 ) -> None:
     """The paper's Figure 3: the CLS-attention heatmap of a post's image and the patches kept."""

@@ -57,8 +57,10 @@ class MllmPredictor:
         self.batch_size = batch_size
         self.decode = decode or run_config.decode
         self.strategy = strategy
+        from sentilens.mllm.pruning import strategy_names
+
         self.capabilities = Capabilities(supports_keep_ratio=True, supports_explain=True, decodings=DECODINGS,
-                                         strategies=True)
+                                         strategies=strategy_names(family_of(model.llava).name))
 
     @classmethod
     def from_run(cls, run_dir: str | Path, device: str | torch.device | None = None) -> MllmPredictor:
@@ -91,9 +93,11 @@ class MllmPredictor:
                                      f"got '{decode}'")
             configured.decode = decode
         if strategy is not None:
-            from sentilens.mllm.pruning import FilterSpec
+            from sentilens.mllm.pruning import parse_strategy
 
-            configured.strategy = str(FilterSpec.parse(strategy))
+            parsed = parse_strategy(strategy)
+            parsed.check(family_of(self.model.llava).name)
+            configured.strategy = str(parsed)
         return configured
 
     def reducer(self, keep_ratio: float | None) -> Reducer | None:

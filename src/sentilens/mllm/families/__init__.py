@@ -73,8 +73,8 @@ REGISTRY: dict[str, str] = {
     "llava": "sentilens.mllm.families.llava:LlavaFamily",
     "llava-next": "sentilens.mllm.families.llava_next:LlavaNextFamily",
     "smolvlm": "sentilens.mllm.families.smolvlm:SmolVLMFamily",
-    "qwen2.5-vl": "sentilens.mllm.families.qwen:Qwen25VLFamily",
-    "qwen3-vl": "sentilens.mllm.families.qwen:Qwen3VLFamily",
+    "qwen2.5-vl": "sentilens.mllm.families.qwen_vl.family:Qwen25VLFamily",
+    "qwen3-vl": "sentilens.mllm.families.qwen_vl.family:Qwen3VLFamily",
 }
 """``tiny:<name>`` -> ``"module:Class"`` of its :class:`ModelFamily` (imported on first use)."""
 

@@ -69,11 +69,11 @@ class LlavaFamily(ModelFamily):
 
         if size is None:
             return prediction_flops(model.config, 0, text_tokens, answer_tokens)
-        spec = pruning.FilterSpec.parse(strategy)
+        parsed = pruning.parse_strategy(strategy)
         scored = 0
-        if keep_ratio is not None and spec.select != "random":
+        if keep_ratio is not None and parsed.scored:
             num_layers = len(pruning.encoder_layers(self.vision_tower(model)))
-            scored = len(spec.layer_indices(num_layers, model.config.vision_feature_layer))
+            scored = len(pruning.layer_indices(parsed.layers, num_layers, model.config.vision_feature_layer))
         n, tiles = self.image_token_count(model, processor, size)
         kept = n if keep_ratio is None else pruning.keep_count(n, keep_ratio)
         return prediction_flops(model.config, kept, text_tokens, answer_tokens, scored, tiles=tiles)

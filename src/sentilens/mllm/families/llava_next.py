@@ -50,6 +50,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -60,12 +61,13 @@ from sentilens.mllm import inputs
 from sentilens.mllm.families import PatchView
 from sentilens.mllm.families.llava import LlavaFamily
 from sentilens.mllm.pruning import (
-    FilterSpec,
-    Selection,
+    Strategy,
     TiledTokenFilter,
+    choose,
     encoder_layers,
     keep_count,
-    random_priorities,
+    layer_indices,
+    parse_strategy,
 )
 
 NEXT_CHAT_TEMPLATE = (
@@ -247,7 +249,7 @@ class LlavaNextFamily(LlavaFamily):
         return out
 
     def make_reducer(self, model, keep_ratio: float, strategy: str = "all") -> AnyResTokenFilter:
-        return AnyResTokenFilter(self.vision_tower(model), keep_ratio, FilterSpec.parse(strategy),
+        return AnyResTokenFilter(self.vision_tower(model), keep_ratio, parse_strategy(strategy),
                                  model.config.vision_feature_layer)
 
     # --- heatmap -----------------------------------------------------------------------------
@@ -346,27 +348,43 @@ def choose_slots(layout: Tensor, priority: Tensor, budget: int, base_patches: in
     return torch.tensor([s for s in range(n) if taken[s]], dtype=torch.long)
 
 
+@dataclass
+class RowUnits:
+    """One image's slots (:meth:`LlavaNextFamily.layout`) under the newline rule: a row's newline is kept with
+    its first kept patch and counts against the budget (:func:`choose_slots`)."""
+
+    layout: Tensor
+    base_patches: int
+
+    @property
+    def size(self) -> int:
+        return len(self.layout)
+
+    def pick(self, priorities: Tensor, budget: int) -> Tensor:
+        return choose_slots(self.layout, priorities, budget, self.base_patches)
+
+
 class AnyResTokenFilter(TiledTokenFilter):
     """LLaVA-NeXT's filter (module docstring): own-tile CLS scores, one budget over the image, the newline rule.
 
     :meth:`LlavaNextFamily.visual_tokens` enters :meth:`capture` around its tower pass over all tiles,
     then asks :meth:`choose` for each image's kept slots; ``last`` keeps each image's
-    :class:`Selection` (kept slots, per-slot scores; newline slots score 0).
+    :class:`~sentilens.mllm.pruning.Selection` (kept slots, per-slot scores; newline slots score 0).
     """
 
-    family = "LLaVA-NeXT"
-    no_merge_reason = " (its contextual tokens have no place in the row layout)"
+    family = "llava-next"
 
-    def __init__(self, tower, keep_ratio: float, spec: FilterSpec, vision_feature_layer):
-        super().__init__(tower, keep_ratio, spec, spec.layer_indices(len(encoder_layers(tower)), vision_feature_layer))
+    def __init__(self, tower, keep_ratio: float, strategy: Strategy, vision_feature_layer):
+        super().__init__(tower, keep_ratio, strategy,
+                         layer_indices(strategy.layers, len(encoder_layers(tower)), vision_feature_layer))
         self.tile_patches = (tower.config.image_size // tower.config.patch_size) ** 2
 
     @torch.no_grad()
     def choose(self, layouts: list[Tensor], tiles: list[int], pixels: list[Tensor]) -> list[Tensor]:
         """Kept slots of each image (sorted): ``layouts`` from :meth:`LlavaNextFamily.layout`, ``tiles`` the tile
         counts, ``pixels`` each image's real tiles (seeds of the ``random`` baseline)."""
-        if self.spec.select == "random":
-            tile_scores = [random_priorities(p[None], len(layout))[0]
+        if not self.strategy.scored:
+            tile_scores = [self.strategy.unit_scores(p, len(layout))
                            for p, layout in zip(pixels, layouts, strict=True)]
         else:
             per_tile = torch.split(self.tile_scores(), tiles)
@@ -378,9 +396,9 @@ class AnyResTokenFilter(TiledTokenFilter):
         kept = []
         for layout, scores, count in zip(layouts, tile_scores, tiles, strict=True):
             base = 0 if count == 1 else self.tile_patches  # one tile: its patches form the one row
-            priority = -scores if self.spec.select == "inverse" else scores
-            slots = choose_slots(layout, priority, keep_count(len(layout), self.keep_ratio), base)
-            kept.append(slots)
-            self.last.append(Selection(features=slots, kept=slots, scores=scores))
+            selection = choose(RowUnits(layout, base), scores, keep_count(len(layout), self.keep_ratio),
+                               self.strategy)
+            kept.append(selection.kept)
+            self.last.append(selection)
         return kept
 

@@ -54,13 +54,14 @@ from sentilens.errors import SentilensError
 from sentilens.mllm import inputs
 from sentilens.mllm.families import ModelFamily, PatchView
 from sentilens.mllm.pruning import (
-    FilterSpec,
-    Selection,
+    FlatUnits,
+    Strategy,
     TiledTokenFilter,
+    choose,
     encoder_layers,
     keep_count,
-    random_priorities,
-    top_patches,
+    layer_indices,
+    parse_strategy,
 )
 
 FAKE = "<fake_token_around_image>"
@@ -308,10 +309,10 @@ class SmolVLMFamily(ModelFamily):
             vision_feature_layer=[-1] * config.scale_factor ** 2)
         if size is None:
             return prediction_flops(view, 0, text_tokens, answer_tokens)
-        spec = FilterSpec.parse(strategy)
+        parsed = parse_strategy(strategy)
         scored = 0
-        if keep_ratio is not None and spec.select != "random":
-            scored = len(spec.layer_indices(len(encoder_layers(self.vision_tower(model))), -1))
+        if keep_ratio is not None and parsed.scored:
+            scored = len(layer_indices(parsed.layers, len(encoder_layers(self.vision_tower(model))), -1))
         n, tiles = self.image_token_count(model, processor, size)
         kept = n if keep_ratio is None else keep_count(n, keep_ratio)
         layout = 2 * tiles + (2 if tiles > 1 else 0)
@@ -371,7 +372,7 @@ class SmolVLMFamily(ModelFamily):
         return out
 
     def make_reducer(self, model, keep_ratio: float, strategy: str = "all") -> ShuffleTokenFilter:
-        return ShuffleTokenFilter(self.vision_tower(model), keep_ratio, FilterSpec.parse(strategy))
+        return ShuffleTokenFilter(self.vision_tower(model), keep_ratio, parse_strategy(strategy))
 
     # --- the language model ------------------------------------------------------------------
     def assemble(self, model, token_ids, visual, targets=None, padding_side: str = "right", extras=None):
@@ -442,28 +443,28 @@ class SmolVLMFamily(ModelFamily):
 class ShuffleTokenFilter(TiledTokenFilter):
     """SmolVLM's filter (module docstring): received attention per patch, averaged over each pixel-shuffle
     block, one ``ceil(r N)`` budget over every tile of the image; ``last`` keeps each image's
-    :class:`Selection` (kept token indices over the image's tiles, per-token scores)."""
+    :class:`~sentilens.mllm.pruning.Selection` (kept token indices over the image's tiles, per-token scores)."""
 
-    family = "SmolVLM"
+    family = "smolvlm"
 
-    def __init__(self, tower, keep_ratio: float, spec: FilterSpec):
-        super().__init__(tower, keep_ratio, spec, spec.layer_indices(len(encoder_layers(tower)), -1))
+    def __init__(self, tower, keep_ratio: float, strategy: Strategy):
+        super().__init__(tower, keep_ratio, strategy, layer_indices(strategy.layers, len(encoder_layers(tower)), -1))
 
     @torch.no_grad()
     def choose(self, tiles: list[int], pixels: list[Tensor], groups: Tensor) -> list[Tensor]:
         """Kept token indices of each image (over its tiles, in order): ``tiles`` the tile counts, ``pixels``
         each image's real tiles (seeds of ``random``), ``groups`` the patches of each token of a tile."""
         per_tile = groups.shape[0]
-        if self.spec.select == "random":
-            token_scores = [random_priorities(p[None], n * per_tile)[0] for p, n in zip(pixels, tiles, strict=True)]
+        if not self.strategy.scored:
+            token_scores = [self.strategy.unit_scores(p, n * per_tile) for p, n in zip(pixels, tiles, strict=True)]
         else:
             patch_scores = self.tile_scores()  # (all tiles, patches)
             block = patch_scores[:, groups].mean(dim=-1)  # (all tiles, tokens per tile)
             token_scores = [t.reshape(-1) for t in torch.split(block, tiles)]
         self.last, kept = [], []
         for scores in token_scores:
-            count = keep_count(scores.numel(), self.keep_ratio)
-            chosen = top_patches(-scores if self.spec.select == "inverse" else scores, count)
-            kept.append(chosen)
-            self.last.append(Selection(features=chosen, kept=chosen, scores=scores))
+            selection = choose(FlatUnits(scores.numel()), scores, keep_count(scores.numel(), self.keep_ratio),
+                               self.strategy)
+            kept.append(selection.kept)
+            self.last.append(selection)
         return kept
