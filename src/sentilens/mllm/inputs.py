@@ -236,6 +236,13 @@ def language_model_hidden(llava, inputs: LmInputs, attention_mask: Tensor | None
     )
 
 
+def denormalised(pixels: Tensor, image_processor) -> Tensor:
+    """``pixels`` (``(..., C, H, W)``, normalised by ``image_processor``) back in [0, 1]: float32, on the CPU."""
+    mean = torch.tensor(image_processor.image_mean).view(-1, 1, 1)
+    std = torch.tensor(image_processor.image_std).view(-1, 1, 1)
+    return (pixels.float().cpu() * std + mean).clamp(0, 1)
+
+
 def pad_colour(image_processor) -> tuple[int, int, int]:
     """The processor's image mean as an RGB colour (LLaVA-1.5 pads with it: it normalises to zero)."""
     return tuple(int(channel * 255) for channel in image_processor.image_mean)

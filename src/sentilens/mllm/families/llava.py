@@ -93,10 +93,7 @@ class LlavaFamily(ModelFamily):
             raise SentilensError(f"the vision tower's {n} patches do not form a square grid; no heatmap can be drawn")
         kept = torch.zeros(n, dtype=torch.bool)
         kept[selection.kept.cpu()] = True
-        processor = builder.processor.image_processor
-        mean = torch.tensor(processor.image_mean).view(3, 1, 1)
-        std = torch.tensor(processor.image_std).view(3, 1, 1)
-        picture = (batch.pixel_values[0].float().cpu() * std + mean).clamp(0, 1).permute(1, 2, 0)
+        picture = inputs.denormalised(batch.pixel_values[0], builder.processor.image_processor).permute(1, 2, 0)
         name = "CLS attention" if reducer.scorer.cls else "mean attention received (no CLS token)"
         content = inputs.content_box(load_image(post.image).size, builder.settings.image_aspect, picture.shape[1])
         return PatchView(picture=picture, scores=selection.scores.float().cpu().view(side, side),

@@ -285,10 +285,7 @@ class LlavaNextFamily(LlavaFamily):
         kept[cell] = kept_slots[crop]
         shown = torch.zeros(side * side, dtype=torch.bool)
         shown[cell] = True
-        processor = builder.processor.image_processor
-        mean = torch.tensor(processor.image_mean).view(3, 1, 1)
-        std = torch.tensor(processor.image_std).view(3, 1, 1)
-        crops = (batch.pixel_values[0, 1:tiles].float().cpu() * std + mean).clamp(0, 1)
+        crops = inputs.denormalised(batch.pixel_values[0, 1:tiles], builder.processor.image_processor)
         picture = torch.zeros(3, side * config.vision_config.patch_size, side * config.vision_config.patch_size)
         for t in range(tiles - 1):
             i, j = divmod(t, nw)

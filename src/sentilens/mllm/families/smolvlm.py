@@ -53,6 +53,7 @@ from torch import Tensor, nn
 from sentilens.errors import SentilensError
 from sentilens.mllm import inputs
 from sentilens.mllm.families import ModelFamily, PatchView
+from sentilens.mllm.processor import CheckpointProcessor
 from sentilens.mllm.pruning import (
     FlatUnits,
     Strategy,
@@ -91,14 +92,13 @@ SMOL_CHAT_TEMPLATE = (
 """SmolVLM-Instruct's format (``<|im_start|>User:<image>...<end_of_utterance>\\nAssistant:``), text parts on lines."""
 
 
-class SmolProcessor:
-    """The checkpoint's tokenizer (its chat template) and image processor, and ``image_seq_len``."""
+class SmolProcessor(CheckpointProcessor):
+    """The checkpoint's tokenizer and image processor (:class:`~sentilens.mllm.processor.CheckpointProcessor`),
+    and ``image_seq_len`` (tokens per tile, from ``processor_config.json``)."""
 
     def __init__(self, tokenizer, image_processor, image_seq_len: int, chat_template: str | None = None):
-        self.tokenizer = tokenizer
-        self.image_processor = image_processor
+        super().__init__(tokenizer, image_processor, chat_template)
         self.image_seq_len = image_seq_len
-        self.chat_template = chat_template or getattr(tokenizer, "chat_template", None)
         self.image_token = "<image>"
         self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
 
@@ -106,36 +106,17 @@ class SmolProcessor:
     def from_pretrained(cls, source: str) -> SmolProcessor:
         import json
 
-        from transformers import AutoImageProcessor, AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(source)
-        image_processor = AutoImageProcessor.from_pretrained(source)
-        folder = Path(source)
-        settings = {}
-        if (folder / "processor_config.json").is_file():
-            settings = json.loads((folder / "processor_config.json").read_text(encoding="utf-8"))
-        template = getattr(tokenizer, "chat_template", None)
-        if template is None and (folder / "chat_template.jinja").is_file():
-            template = (folder / "chat_template.jinja").read_text(encoding="utf-8")
-        if template is None and (folder / "chat_template.json").is_file():
-            template = json.loads((folder / "chat_template.json").read_text(encoding="utf-8")).get("chat_template")
-        return cls(tokenizer, image_processor, int(settings.get("image_seq_len", 169)), template)
+        tokenizer, image_processor, template = cls.load_parts(source)
+        settings = Path(source) / "processor_config.json"
+        saved = json.loads(settings.read_text(encoding="utf-8")) if settings.is_file() else {}
+        return cls(tokenizer, image_processor, int(saved.get("image_seq_len", 169)), template)
 
     def save_pretrained(self, out_dir: str | Path) -> None:
         import json
 
-        self.tokenizer.save_pretrained(out_dir)
-        self.image_processor.save_pretrained(out_dir)
+        super().save_pretrained(out_dir)
         (Path(out_dir) / "processor_config.json").write_text(
             json.dumps({"processor_class": "SmolVLMProcessor", "image_seq_len": self.image_seq_len}), encoding="utf-8")
-        if self.chat_template:
-            (Path(out_dir) / "chat_template.jinja").write_text(self.chat_template, encoding="utf-8")
-
-    def apply_chat_template(self, messages, chat_template: str | None = None, add_generation_prompt: bool = False,
-                            tokenize: bool = False, **kwargs):
-        return self.tokenizer.apply_chat_template(messages, chat_template=chat_template or self.chat_template,
-                                                  add_generation_prompt=add_generation_prompt, tokenize=tokenize,
-                                                  **kwargs)
 
     def image_prompt(self, rows: int, cols: int, counts: Sequence[int] | None = None) -> str:
         """The text an image becomes (transformers' ``get_image_prompt_string``), with ``counts[t]`` image
@@ -426,15 +407,12 @@ class SmolVLMFamily(ModelFamily):
             scores[cells] = selection.scores[block].float().cpu().view(per_side, per_side)
             kept[cells] = kept_set[block].view(per_side, per_side)
             shown_cells[cells] = True
-        processor = builder.processor.image_processor
-        mean = torch.tensor(processor.image_mean).view(3, 1, 1)
-        std = torch.tensor(processor.image_std).view(3, 1, 1)
         size = vision.image_size
         picture = torch.zeros(3, side // per_side * size, side // per_side * size)
         for t in shown:
             r, c = divmod(t, cols)
-            picture[:, r * size:(r + 1) * size, c * size:(c + 1) * size] = (
-                batch.pixel_values[0, t].float().cpu() * std + mean).clamp(0, 1)
+            picture[:, r * size:(r + 1) * size, c * size:(c + 1) * size] = inputs.denormalised(
+                batch.pixel_values[0, t], builder.processor.image_processor)
         return PatchView(picture=picture.permute(1, 2, 0), scores=scores, kept=kept,
                          score_name="mean attention received (no CLS), per pixel-shuffle block",
                          content=(0.0, 0.0, float(cols * size), float(rows * size)), shown=shown_cells)

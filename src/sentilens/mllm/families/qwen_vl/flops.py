@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from sentilens.mllm.flops import language_flops
+
 
 def prediction_flops(config, image_tokens: int, kept: int, text_tokens: int, answer_tokens: int,
                      scored_layers: int = 0) -> dict:
@@ -33,14 +35,6 @@ def prediction_flops(config, image_tokens: int, kept: int, text_tokens: int, ans
         mergers = 1 + len(getattr(vision, "deepstack_visual_indexes", ()) or ())
         width = unit * d
         parts["projector"] = float(mergers * 2 * kept * (width * width + width * vision.out_hidden_size))
-    h = text.hidden_size
-    heads = text.num_attention_heads
-    kv_heads = text.num_key_value_heads or heads
-    head_dim = getattr(text, "head_dim", None) or h // heads
-    positions = text_tokens + kept + answer_tokens
-    per_token = 2 * (2 * h * heads * head_dim + 2 * h * kv_heads * head_dim + 3 * h * text.intermediate_size)
-    parts["language"] = float(text.num_hidden_layers * (positions * per_token
-                                                        + 4 * positions * positions * heads * head_dim))
-    parts["head"] = float(2 * answer_tokens * h * text.vocab_size)
+    parts.update(language_flops(text, text_tokens + kept + answer_tokens, answer_tokens))
     parts["total"] = sum(parts.values())
     return parts

@@ -1,9 +1,8 @@
-"""The Qwen processor shim and image preprocessing: the checkpoint's own tokenizer and image processor.
+"""The Qwen processor and image preprocessing: the checkpoint's own tokenizer and image processor.
 
 transformers' ``Qwen2_5_VLProcessor``/``Qwen3VLProcessor`` require a video processor, which needs
-torchvision; posts have no video, so :class:`QwenProcessor` holds the checkpoint's own tokenizer (with
-its chat template) and its own image processor (``Qwen2VLImageProcessor``), each loaded with
-``from_pretrained``.
+torchvision; posts have no video, so :class:`QwenProcessor` is the one processor shim
+(:mod:`sentilens.mllm.processor`) with the checkpoint's image processor (``Qwen2VLImageProcessor``).
 """
 
 from __future__ import annotations
@@ -15,54 +14,18 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from sentilens.mllm.inputs import denormalised
+from sentilens.mllm.processor import CheckpointProcessor
+
 CHATML_TEMPLATE = (Path(__file__).with_name("template.jinja")).read_text(encoding="utf-8")
 """The Qwen chat format (ChatML, image wrapped in vision start/end tokens) the tiny models ship;
 real checkpoints bring their own template."""
 
 
-class QwenProcessor:
-    """The checkpoint's tokenizer (chat template inside) and image processor: what prompts and pixels need."""
+class QwenProcessor(CheckpointProcessor):
+    """The checkpoint's tokenizer and image processor (:class:`~sentilens.mllm.processor.CheckpointProcessor`)."""
 
-    def __init__(self, tokenizer, image_processor, chat_template: str | None = None):
-        self.tokenizer = tokenizer
-        self.image_processor = image_processor
-        self.chat_template = chat_template or getattr(tokenizer, "chat_template", None)
-        self.image_token = getattr(tokenizer, "image_token", None) or "<|image_pad|>"
-        self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
-
-    @classmethod
-    def from_pretrained(cls, source: str) -> QwenProcessor:
-        from transformers import AutoImageProcessor, AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(source)
-        image_processor = AutoImageProcessor.from_pretrained(source)
-        return cls(tokenizer, image_processor, getattr(tokenizer, "chat_template", None) or chat_template_of(source))
-
-    def save_pretrained(self, out_dir: str | Path) -> None:
-        self.tokenizer.save_pretrained(out_dir)
-        self.image_processor.save_pretrained(out_dir)
-
-    def apply_chat_template(self, messages, chat_template: str | None = None, add_generation_prompt: bool = False,
-                            tokenize: bool = False, **kwargs):
-        return self.tokenizer.apply_chat_template(messages, chat_template=chat_template or self.chat_template,
-                                                  add_generation_prompt=add_generation_prompt, tokenize=tokenize,
-                                                  **kwargs)
-
-
-def chat_template_of(source: str) -> str | None:
-    """The checkpoint's processor-level chat template (``chat_template.jinja``, or ``chat_template.json`` as
-    Qwen2.5-VL's releases ship it), from the folder or the Hugging Face cache; None if it has none."""
-    import json
-
-    from transformers.utils import cached_file
-
-    for name in ("chat_template.jinja", "chat_template.json"):
-        path = cached_file(source, name, _raise_exceptions_for_missing_entries=False,
-                           _raise_exceptions_for_connection_errors=False)
-        if path:
-            text = Path(path).read_text(encoding="utf-8")
-            return text if name.endswith(".jinja") else json.loads(text)["chat_template"]
-    return None
+    default_image_token = "<|image_pad|>"
 
 
 @dataclass
@@ -126,6 +89,4 @@ def picture(image_processor, images: QwenImages, index: int = 0) -> Tensor:
     # rows are (gh/m, gw/m, m, m) patches of (C, temporal, p, p) pixels (the processor's flattening)
     grid = flat.view(gh // m, gw // m, m, m, channels, image_processor.temporal_patch_size, p, p)[:, :, :, :, :, 0]
     pixels = grid.permute(4, 0, 2, 5, 1, 3, 6).reshape(channels, gh * p, gw * p)
-    mean = torch.tensor(image_processor.image_mean).view(-1, 1, 1)
-    std = torch.tensor(image_processor.image_std).view(-1, 1, 1)
-    return (pixels * std + mean).clamp(0, 1).permute(1, 2, 0)
+    return denormalised(pixels, image_processor).permute(1, 2, 0)
