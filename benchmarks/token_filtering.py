@@ -309,7 +309,7 @@ def tiled_inputs(shape: TiledShape, model, batch: int, device: str, dtype: torch
         tiles = family.tiles(model, size[0].tolist())
         pixels = torch.randn(batch, tiles, 3, t, t, device=device, dtype=dtype)
         return pixels, {"image_sizes": size.to(device)}, pixels.flatten(0, 1)
-    from sentilens.mllm.families.smolvlm import PAD, TEXT
+    from sentilens.mllm.families.smolvlm.processor import PAD, TEXT
 
     rows, cols = shape.image_height // t, shape.image_width // t
     per_tile = (t // shape.patch_size) ** 2 // shape.scale_factor ** 2

@@ -16,7 +16,7 @@ from mllm_helpers import eval_sweep_predict_explain, image_posts, small_manifest
 from sentilens.cli import app
 from sentilens.errors import SentilensError
 from sentilens.mllm.families import family_of
-from sentilens.mllm.families.llava_next import NEWLINE, choose_slots
+from sentilens.mllm.families.llava_next.layout import NEWLINE, choose_slots
 from sentilens.mllm.inputs import build_inputs, language_model_hidden, make_batch
 from sentilens.mllm.scoring import label_log_probs
 

@@ -1,4 +1,4 @@
-"""The command line: parse, call the library, print (design.md, "CLI").
+"""The command line: parse, call the library, print (docs/cli.md).
 
 Every command prints a human table by default and JSON with ``--json``. A user mistake
 (:class:`SentilensError`) prints one line on stderr and exits with code 2.
@@ -512,7 +512,7 @@ def sweep_cmd(
     split: SplitOpt = "test",
     ratios: Annotated[str, typer.Option("--ratios", help="Keep ratios, comma-separated.")] = "1,0.8,0.6,0.4,0.2,0.05",
     strategy: StrategyOpt = "all",
-    repeats: Annotated[int, typer.Option("--repeats", help="Timed passes per ratio (the fastest is kept).")] = 3,
+    repeats: Annotated[int, typer.Option("--repeats", help="Timed passes per ratio (the median pass is reported).")] = 3,
     select_on: Annotated[str | None, typer.Option(
         "--select-on", help="Choose the strategy and ratio with the best weighted F1 on this split (e.g. val) and "
                             "flag that row of the --split sweep, instead of reading the best off the test set.")]

@@ -1,4 +1,4 @@
-"""``sentilens demo``: the whole job on what ships offline, stage by stage (issue 6).
+"""``sentilens demo``: the whole job on what ships offline, stage by stage.
 
 synthetic data -> fusion ablation (every variant, the real pretrained embedded encoders:
 EfficientNet-Lite0 + all-MiniLM-L6-v2) -> pretraining of the tiny LLaVA's vision tower ->
@@ -9,7 +9,7 @@ cue (``DIR/attention_on_cue.json``) -> heatmaps -> report. Each finished stage i
 and reuses the fusion feature cache and the pretrained tower (both under ``DIR/cache``), so it
 only rebuilds what is missing.
 
-The tiny LLaVA is shaped to show the paper's finding at a size 2 CPU cores can train (issue 11):
+The tiny LLaVA is shaped to show the paper's finding at a size 2 CPU cores can train:
 its tower is pretrained on synthetic images (:mod:`sentilens.mllm.tower`) and frozen, as LLaVA
 freezes CLIP, so its CLS attention finds the image's cue; the images put that cue in a box on
 uninformative background (:mod:`sentilens.data.synth`), so there is something to drop; and its
@@ -94,7 +94,7 @@ MLLM_RUN = "llava-tiny"
 CUE_ATTENTION = "attention_on_cue.json"
 KEEP_RATIO_FOR_HEATMAPS = 0.4
 FOCUS_RATIO = 0.2
-"""The keep ratio the report's text reads the filter against chance and the speedup at (issue 11's check)."""
+"""The keep ratio the report's text reads the filter against chance and the speedup at."""
 
 
 class Stages:

@@ -1,4 +1,5 @@
-"""The MLLM run's configuration: what ``config.json`` holds for ``family: mllm`` (design.md, "Run directory").
+"""The MLLM run's configuration: what ``config.json`` holds for ``family: mllm`` (docs/architecture.md, "The run
+directory").
 
 One pydantic model, saved by :func:`sentilens.mllm.train.train_mllm` and read back by
 :class:`sentilens.mllm.predictor.MllmPredictor`: the base checkpoint, the fine-tuning mode,

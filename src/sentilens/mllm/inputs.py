@@ -25,7 +25,7 @@ nothing; ``crop`` hands the image to the processor as it is (resize the short si
 which cuts the long side of a non-square image. Padding is done here, on the decoded image,
 not in the loader: the loader gives the image as it is and every consumer decides how to fit it.
 
-A reducer may also have ``capture(llava)``, a context manager entered around the vision
+A reducer may also have ``capture()``, a context manager entered around the vision
 tower's forward pass, so it can record what it needs (the CLS query and keys of every layer)
 from the very pass that produces the features, instead of running the tower twice.
 """
@@ -110,7 +110,7 @@ def encode_images(llava, pixel_values: Tensor) -> Tensor:
 def visual_tokens(llava, pixel_values: Tensor, reducer: Reducer | None = None) -> list[Tensor]:
     """Projected visual tokens of each image, ``(k_i, D_lm)``: encode, reduce, project."""
     capture = getattr(reducer, "capture", None)
-    with capture(llava) if capture is not None else nullcontext():
+    with capture() if capture is not None else nullcontext():
         features = encode_images(llava, pixel_values)
     kept = list(features) if reducer is None else list(reducer(features, pixel_values))
     if len(kept) != features.shape[0] or any(k.ndim != 2 or k.shape[1] != features.shape[2] for k in kept):

@@ -1,4 +1,5 @@
-"""The MLLM run's predictor (design.md, "Predictor"): rebuilds the fine-tuned LLaVA from a run directory.
+"""The MLLM run's predictor (docs/architecture.md, "The predictor protocol"): rebuilds the fine-tuned model
+from a run directory.
 
 ``config.json`` (:class:`sentilens.mllm.config.MllmRunConfig`) names the base checkpoint (an HF
 id, an absolute folder, or ``base-model`` inside the run for ``--model tiny``), the fine-tuning

@@ -45,7 +45,7 @@ class TokenDropout:
         """Reseed for ``epoch`` on process ``rank`` (a resumed run starts at an epoch's beginning)."""
         self.generator.manual_seed(((self.seed * 100_003 + epoch) * 1_009 + rank) & (2 ** 63 - 1))
 
-    def capture(self, llava=None):
+    def capture(self):
         return nullcontext(self)  # no scores to take from the tower pass
 
     @torch.no_grad()

@@ -1,4 +1,4 @@
-"""Pretraining the tiny LLaVA's vision tower, so that it is frozen *pretrained*, as in LLaVA (issue 11).
+"""Pretraining the tiny LLaVA's vision tower, so that it is frozen *pretrained*, as in LLaVA.
 
 LLaVA-1.5 freezes CLIP ViT-L/14-336, which was pretrained (contrastively, on 400 M image-text
 pairs) before LLaVA ever saw it; the paper's filter relies on that tower's CLS token looking at

@@ -71,8 +71,8 @@ DEFAULT_TINY_FAMILY = "llava"
 
 REGISTRY: dict[str, str] = {
     "llava": "sentilens.mllm.families.llava:LlavaFamily",
-    "llava-next": "sentilens.mllm.families.llava_next:LlavaNextFamily",
-    "smolvlm": "sentilens.mllm.families.smolvlm:SmolVLMFamily",
+    "llava-next": "sentilens.mllm.families.llava_next.family:LlavaNextFamily",
+    "smolvlm": "sentilens.mllm.families.smolvlm.family:SmolVLMFamily",
     "qwen2.5-vl": "sentilens.mllm.families.qwen_vl.family:Qwen25VLFamily",
     "qwen3-vl": "sentilens.mllm.families.qwen_vl.family:Qwen3VLFamily",
 }
@@ -254,9 +254,5 @@ def parse_tiny(base_model: str) -> str | None:
     return None
 
 
-def is_tiny(base_model: str) -> bool:
-    return parse_tiny(base_model) is not None
-
-
 __all__ = ["DEFAULT_TINY_FAMILY", "REGISTRY", "TINY", "TITLES", "ModelFamily", "PatchView", "family_for_config",
-           "family_for_processor", "family_of", "get_family", "is_tiny", "parse_tiny", "supported_classes"]
+           "family_for_processor", "family_of", "get_family", "parse_tiny", "supported_classes"]

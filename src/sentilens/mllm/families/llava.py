@@ -83,7 +83,7 @@ class LlavaFamily(ModelFamily):
         from sentilens.data.images import load_image
 
         batch = inputs.make_batch(builder, [post]).to(model.lm_head.weight.device)
-        with torch.no_grad(), reducer.capture(model):
+        with torch.no_grad(), reducer.capture():
             features = inputs.encode_images(model, batch.pixel_values)
         reducer(features, batch.pixel_values)
         selection = reducer.last[0]

@@ -52,7 +52,7 @@ class TokenFilter:
         """Whether :func:`sentilens.mllm.inputs.build_inputs` gives the kept tokens their r = 1 positions."""
 
     @contextmanager
-    def capture(self, llava: nn.Module | None = None) -> Iterator[TokenFilter]:
+    def capture(self) -> Iterator[TokenFilter]:
         """Score during the caller's own tower forward (no second tower pass; none at all without attention)."""
         with self.scorer.capture() if self.strategy.scored else nullcontext():
             yield self
@@ -93,11 +93,12 @@ def make_reducer(llava: nn.Module, keep_ratio: float, strategy: Strategy | str =
 
 
 class TiledTokenFilter:
-    """What the filters of the tiled families share (LLaVA-NeXT's :class:`~sentilens.mllm.families.llava_next.
-    AnyResTokenFilter`, SmolVLM's :class:`~sentilens.mllm.families.smolvlm.ShuffleTokenFilter`): an
-    :class:`AttentionScorer` on the tower's chosen ``layers``, entered by the family's own tower pass over every
-    tile (:meth:`capture`; no scoring without attention), one ``ceil(r N)`` budget per image chosen by the
-    subclass's ``choose``, and ``last``, each image's :class:`Selection` of the latest call."""
+    """What the filters of the tiled families share (LLaVA-NeXT's
+    :class:`~sentilens.mllm.families.llava_next.layout.AnyResTokenFilter`, SmolVLM's
+    :class:`~sentilens.mllm.families.smolvlm.layout.ShuffleTokenFilter`): an :class:`AttentionScorer` on the
+    tower's chosen ``layers``, entered by the family's own tower pass over every tile (:meth:`capture`; no
+    scoring without attention), one ``ceil(r N)`` budget per image chosen by the subclass's ``choose``, and
+    ``last``, each image's :class:`Selection` of the latest call."""
 
     family = ""
     """The family's name (``llava-next``...), which the strategy checks it supports."""
@@ -111,7 +112,7 @@ class TiledTokenFilter:
         self.last: list[Selection] = []
 
     @contextmanager
-    def capture(self, model: nn.Module | None = None) -> Iterator[TiledTokenFilter]:
+    def capture(self) -> Iterator[TiledTokenFilter]:
         with self.scorer.capture() if self.strategy.scored else nullcontext():
             yield self
 

@@ -100,7 +100,7 @@ def encode_images(model, images: QwenImages, scorer: ReceivedAttention | None = 
     unit = visual.spatial_merge_unit
     grid = images.grid_thw.to(visual.device)
     with torch.no_grad(), _recording_mergers(visual) as recorders, \
-            (scorer.capture(visual) if scorer is not None else nullcontext()):
+            (scorer.capture() if scorer is not None else nullcontext()):
         visual(images.pixel_values.to(device=visual.device, dtype=visual.dtype), grid_thw=grid)
     order = _window_order(visual, grid)
     merged = [(t, h // visual.spatial_merge_size, w // visual.spatial_merge_size) for t, h, w in grid.tolist()]
@@ -166,7 +166,7 @@ class ReceivedAttention:
         self._grid: Tensor | None = None
 
     @contextmanager
-    def capture(self, visual=None) -> Iterator[ReceivedAttention]:
+    def capture(self) -> Iterator[ReceivedAttention]:
         visual = self.visual
         handles = [visual.register_forward_pre_hook(self._start, with_kwargs=True),
                    visual.register_forward_hook(self._finish)]

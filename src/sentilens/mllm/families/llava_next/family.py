@@ -1,56 +1,9 @@
-"""LLaVA-NeXT (``LlavaNextForConditionalGeneration``, LLaVA-1.6): any-resolution tiles, and how they are filtered.
-
-How the model sees an image (transformers' ``modeling_llava_next`` and its image processor):
-
-- The image processor picks the grid resolution (``image_grid_pinpoints``) that keeps most of the
-  image, resizes the image into it (aspect kept, centred, padded) and cuts ``nh x nw`` crops of
-  the tower's size; a *base* tile, the whole image resized to one tile, comes first. Every tile
-  goes through the same CLIP tower on its own, so **every tile has its own CLS token**.
-- The language model reads the base tile's ``g x g`` patches, then the crops stitched into one
-  ``(nh g) x (nw g)`` grid with the padding rows/columns cut off (``unpad_image``), read row by
-  row with an ``image_newline`` embedding after each row. ``N = g^2 + H' (W' + 1)`` visual tokens.
-
-Filtering (issue 14), and why:
-
-- **Scores.** Each patch is scored by the CLS attention *of its own tile* (the paper's Eq. 3,
-  averaged over the chosen layers, :class:`sentilens.mllm.pruning.AttentionScorer` on the tower's
-  pass over all tiles). A tile's CLS summarises that tile only, so it is the natural judge of
-  its patches; the base tile's CLS sees the whole image at low resolution and scores the
-  global view. Each row is a softmax over one tile's tokens, so scores of different tiles are on
-  the same scale (a share of one CLS's attention) and are ranked together.
-- **Budget over the whole image.** The top patches are chosen across all tiles at once: a tile
-  showing the post's subject keeps many patches, a tile of sky few or none. Padding patches that
-  ``unpad_image`` removes are never candidates.
-- **Newline tokens** are handled by one rule: *a row's newline stays exactly when at least one
-  patch of that row stays*, and the newline counts against the budget like a patch. Why: the
-  newline marks where a row of the crop grid ends, which the language model was trained to read
-  after every row; keeping it for rows that still have patches keeps that layout, while a row
-  with nothing left has nothing to end. It costs the language model as much as a patch, so it is
-  counted: with ``N`` the native visual-token count (patches and newlines), exactly
-  ``k = ceil(r N)`` tokens reach the language model, and ``r = 1`` is the native model.
-  Patches are taken in score order; a patch opening a new crop row costs 2 (itself and the
-  row's newline), one in an open row or in the base tile 1. When one token of budget is left
-  and the next patch would open a row, it is passed over for the next patch that costs 1; if
-  none is left, the best row-opening patch is taken and the lowest-scored patch whose removal
-  closes no row is given back, so the count is always exactly ``k``.
-- **Order.** Kept tokens stay in the native reading order (base tile, then the grid row by row,
-  each kept row's newline after its patches).
-- ``random`` keeps a seeded draw under the same rule; ``inverse`` the lowest scores; ``+merge``
-  is not offered (its contextual tokens have no place in the row layout).
-
-Fine-tuning trains the projector and the language model as for LLaVA-1.5; the ``image_newline``
-embedding stays as the checkpoint has it (frozen with the tower: it marks row ends the language
-model already reads).
-
-The heatmap (``explain``) draws the crops stitched together (the image at full resolution, padded
-to a square grid); the base tile's patches are filtered too but not drawn.
-"""
+"""The LLaVA-NeXT adapter (``LlavaNextForConditionalGeneration``); the rules are the package docstring's."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -60,38 +13,14 @@ from sentilens.errors import SentilensError
 from sentilens.mllm import inputs
 from sentilens.mllm.families import PatchView
 from sentilens.mllm.families.llava import LlavaFamily
+from sentilens.mllm.families.llava_next.layout import NEWLINE, AnyResTokenFilter
 from sentilens.mllm.pruning import (
-    Strategy,
-    TiledTokenFilter,
-    choose,
-    encoder_layers,
-    keep_count,
-    layer_indices,
     parse_strategy,
 )
 
-NEXT_CHAT_TEMPLATE = (
-    "{%- for message in messages -%}"
-    "{%- if message['role'] == 'system' -%}"
-    "{{- '[INST] ' + (message['content'] if message['content'] is string else message['content'][0]['text'])"
-    " + '\\n\\n' -}}"
-    "{%- elif message['role'] == 'user' -%}"
-    "{%- if loop.first -%}{{- '[INST] ' -}}{%- endif -%}"
-    "{%- for part in message['content'] -%}"
-    "{%- if part['type'] == 'image' -%}{{- '<image>\\n' -}}"
-    "{%- else -%}{{- part['text'] + ('\\n' if not loop.last else '') -}}{%- endif -%}"
-    "{%- endfor -%}"
-    "{{- ' [/INST]' -}}"
-    "{%- else -%}"
-    "{{- ' ' + (message['content'] if message['content'] is string else message['content'][0]['text'])"
-    " + eos_token -}}"
-    "{%- endif -%}"
-    "{%- endfor -%}"
-)
-"""LLaVA-NeXT-Mistral's format (``llava-v1.6-mistral-7b-hf``): ``[INST] system, image, text, question [/INST]``."""
+NEXT_CHAT_TEMPLATE = Path(__file__).with_name("template.jinja").read_text(encoding="utf-8")
 
-NEWLINE = -1
-"""A newline slot in an image's layout (patch slots hold the row of the image's flattened tile features)."""
+"""LLaVA-NeXT-Mistral's format (``llava-v1.6-mistral-7b-hf``): ``[INST] system, image, text, question [/INST]``."""
 
 
 def tiny_pinpoints(size: int) -> list[list[int]]:
@@ -226,7 +155,7 @@ class LlavaNextFamily(LlavaFamily):
         """Each image's kept tokens in reading order: projected patches, ``image_newline`` at kept row ends."""
         image_sizes = extras["image_sizes"]
         capture = getattr(reducer, "capture", None)
-        with capture(model) if capture is not None else nullcontext():
+        with capture() if capture is not None else nullcontext():
             features, counts = self.encode_tiles(model, pixel_values, image_sizes)
         layouts = [self.layout(model, size.tolist()) for size in image_sizes]
         per_image = list(torch.split(features, counts))
@@ -298,104 +227,3 @@ class LlavaNextFamily(LlavaFamily):
                          score_name="CLS attention of each crop's own tile",
                          content=(float(x0), float(y0), float(x0 + new_w), float(y0 + new_h)),
                          shown=shown.view(side, side))
-
-
-def choose_slots(layout: Tensor, priority: Tensor, budget: int, base_patches: int) -> Tensor:
-    """The kept slots (sorted, reading order) of one image: exactly ``budget`` tokens under the newline rule of
-    the module docstring. ``priority`` ``(N,)``: higher is kept first (newline entries are ignored);
-    ``base_patches``: the first slots, the base tile, which have no newlines."""
-    n = len(layout)
-    if budget >= n:
-        return torch.arange(n)
-    is_patch = layout != NEWLINE
-    newline_at = (~is_patch).nonzero().flatten().tolist()
-    row = torch.full((n,), -1, dtype=torch.long)
-    start = base_patches
-    for r, end in enumerate(newline_at):
-        row[start:end + 1] = r
-        start = end + 1
-    order = torch.sort(torch.where(is_patch, priority.float(), float("-inf")), descending=True, stable=True).indices
-    order = order[: int(is_patch.sum())].tolist()
-    rows = row.tolist()
-    taken = [False] * n
-    count_in_row = [0] * len(newline_at)
-    left = budget
-    for slot in order:
-        r = rows[slot]
-        cost = 1 if r < 0 or count_in_row[r] else 2
-        if cost > left:
-            continue
-        taken[slot] = True
-        if r >= 0:
-            count_in_row[r] += 1
-            taken[newline_at[r]] = True
-        left -= cost
-        if left == 0:
-            break
-    if left == 1:  # every patch that costs 1 is taken: open the best closed row, give back one patch
-        opener = next(s for s in order if not taken[s])
-        givable = [s for s in order if taken[s] and (rows[s] < 0 or count_in_row[rows[s]] > 1)]
-        give = givable[-1]
-        taken[give] = False
-        if rows[give] >= 0:
-            count_in_row[rows[give]] -= 1
-        taken[opener] = True
-        count_in_row[rows[opener]] += 1
-        taken[newline_at[rows[opener]]] = True
-    return torch.tensor([s for s in range(n) if taken[s]], dtype=torch.long)
-
-
-@dataclass
-class RowUnits:
-    """One image's slots (:meth:`LlavaNextFamily.layout`) under the newline rule: a row's newline is kept with
-    its first kept patch and counts against the budget (:func:`choose_slots`)."""
-
-    layout: Tensor
-    base_patches: int
-
-    @property
-    def size(self) -> int:
-        return len(self.layout)
-
-    def pick(self, priorities: Tensor, budget: int) -> Tensor:
-        return choose_slots(self.layout, priorities, budget, self.base_patches)
-
-
-class AnyResTokenFilter(TiledTokenFilter):
-    """LLaVA-NeXT's filter (module docstring): own-tile CLS scores, one budget over the image, the newline rule.
-
-    :meth:`LlavaNextFamily.visual_tokens` enters :meth:`capture` around its tower pass over all tiles,
-    then asks :meth:`choose` for each image's kept slots; ``last`` keeps each image's
-    :class:`~sentilens.mllm.pruning.Selection` (kept slots, per-slot scores; newline slots score 0).
-    """
-
-    family = "llava-next"
-
-    def __init__(self, tower, keep_ratio: float, strategy: Strategy, vision_feature_layer):
-        super().__init__(tower, keep_ratio, strategy,
-                         layer_indices(strategy.layers, len(encoder_layers(tower)), vision_feature_layer))
-        self.tile_patches = (tower.config.image_size // tower.config.patch_size) ** 2
-
-    @torch.no_grad()
-    def choose(self, layouts: list[Tensor], tiles: list[int], pixels: list[Tensor]) -> list[Tensor]:
-        """Kept slots of each image (sorted): ``layouts`` from :meth:`LlavaNextFamily.layout`, ``tiles`` the tile
-        counts, ``pixels`` each image's real tiles (seeds of the ``random`` baseline)."""
-        if not self.strategy.scored:
-            tile_scores = [self.strategy.unit_scores(p, len(layout))
-                           for p, layout in zip(pixels, layouts, strict=True)]
-        else:
-            per_tile = torch.split(self.tile_scores(), tiles)
-            tile_scores = []
-            for scores, layout in zip(per_tile, layouts, strict=True):
-                flat = scores.reshape(-1)
-                tile_scores.append(torch.where(layout >= 0, flat[layout.clamp(min=0)], 0.0))
-        self.last = []
-        kept = []
-        for layout, scores, count in zip(layouts, tile_scores, tiles, strict=True):
-            base = 0 if count == 1 else self.tile_patches  # one tile: its patches form the one row
-            selection = choose(RowUnits(layout, base), scores, keep_count(len(layout), self.keep_ratio),
-                               self.strategy)
-            kept.append(selection.kept)
-            self.last.append(selection)
-        return kept
-

@@ -1,50 +1,9 @@
-"""SmolVLM (``SmolVLMForConditionalGeneration``, an Idefics3 architecture): SigLIP tiles, pixel shuffle, filtering.
-
-How the model sees an image (transformers' ``modeling_smolvlm`` and ``image_processing_pil_smolvlm``):
-
-- The image processor resizes the image (longest edge at most ``size``), then to multiples of the
-  tile size, and cuts it into ``rows x cols`` square tiles; a *global* tile, the whole image
-  resized to one tile, comes last (a small image is the global tile alone). Every tile goes
-  through the SigLIP tower on its own. SigLIP has **no CLS token**.
-- The connector *pixel-shuffles* each tile: every ``s x s`` block of patches (``s =
-  scale_factor``) becomes one language-model token (its ``s^2`` patch states concatenated), then
-  a linear projection. A tile of ``g x g`` patches gives ``(g / s)^2`` tokens.
-- The prompt around them is text: ``<fake_token_around_image><row_i_col_j>`` before each tile's
-  tokens, a newline after each row of tiles, ``\\n<fake_token_around_image><global-img>`` before
-  the global tile's tokens and ``<fake_token_around_image>`` after them
-  (``processing_smolvlm.get_image_prompt_string``).
-
-Filtering (issue 14), and why:
-
-- **Scores.** Without a CLS token, a patch is scored by the attention it *receives*: the mean over
-  the tile's queries and the heads of ``softmax(q K^T / sqrt(d))``, averaged over the chosen layers. A
-  scored layer computes its attention itself, every tile on its own, and sums each softmax block's
-  columns on the way (:func:`sentilens.mllm.pruning.attention_with_received`, the helper the Qwen
-  filter uses): the map the layer's output needs gives the scores too. Recomputing ``q K^T`` beside
-  the tower's own kernel instead cost 1.22x the tower on the CPU proxy.
-  A language-model token stands for its pixel-shuffle block, which the language model receives as
-  one token, so it is kept or dropped whole: its score is the **mean of its block's patch scores**.
-- **Budget over the whole image, global tile and crops alike.** All tiles have the same patch
-  count, and each query's attention sums to 1 over its tile, so scores of different tiles are on
-  one scale; the top ``ceil(r N)`` tokens are chosen over all tiles at once (``N`` = tiles x
-  tokens per tile), each tile's kept tokens in spatial order, tiles in the native order.
-- **The text around the tiles stays.** The ``<fake_token_around_image>``, ``<row_i_col_j>``,
-  ``<global-img>`` and newline tokens are prompt text, not visual tokens: they are kept for every
-  tile (even one that keeps no token), so the layout the language model was trained on is intact
-  and exactly ``ceil(r N)`` *visual* tokens reach it.
-- ``random`` keeps a seeded draw of the same count; ``inverse`` the lowest scores; ``+merge`` is not
-  offered.
-
-Processor: the checkpoint's tokenizer and image processor, loaded one by one (:class:`SmolProcessor`):
-transformers' ``SmolVLMProcessor`` insists on a video processor (torchvision) and ``num2words``,
-and posts have no video.
-"""
+"""The SmolVLM adapter (``SmolVLMForConditionalGeneration``); the rules are the package docstring's."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -53,98 +12,18 @@ from torch import Tensor, nn
 from sentilens.errors import SentilensError
 from sentilens.mllm import inputs
 from sentilens.mllm.families import ModelFamily, PatchView
-from sentilens.mllm.processor import CheckpointProcessor
+from sentilens.mllm.families.smolvlm.layout import ShuffleTokenFilter, SmolVisual
+from sentilens.mllm.families.smolvlm.processor import END_OF_UTTERANCE, FAKE, GLOBAL, MAX_GRID, PAD, TEXT, SmolProcessor
 from sentilens.mllm.pruning import (
-    FlatUnits,
-    Strategy,
-    TiledTokenFilter,
-    choose,
     encoder_layers,
     keep_count,
     layer_indices,
     parse_strategy,
 )
 
-FAKE = "<fake_token_around_image>"
-GLOBAL = "<global-img>"
-END_OF_UTTERANCE = "<end_of_utterance>"
-TEXT, PAD = -1, -2
-"""``span_tile`` values of a layout-text token and of padding past an image's span."""
-MAX_GRID = 4
-"""The tiny model's tokenizer has ``<row_i_col_j>`` tokens up to this grid (its images split into at most 2 x 2)."""
+SMOL_CHAT_TEMPLATE = Path(__file__).with_name("template.jinja").read_text(encoding="utf-8")
 
-SMOL_CHAT_TEMPLATE = (
-    "<|im_start|>"
-    "{%- for message in messages -%}"
-    "{{- message['role'] | capitalize -}}"
-    "{%- if message['content'] is string -%}{{- ': ' + message['content'] -}}"
-    "{%- else -%}"
-    "{%- if message['content'][0]['type'] == 'image' -%}{{- ':' -}}{%- else -%}{{- ': ' -}}{%- endif -%}"
-    "{%- for part in message['content'] -%}"
-    "{%- if part['type'] == 'image' -%}{{- '<image>' -}}"
-    "{%- else -%}{{- part['text'] + ('\\n' if not loop.last else '') -}}{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- endif -%}"
-    "{{- '<end_of_utterance>\\n' -}}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{- 'Assistant:' -}}{%- endif -%}"
-)
 """SmolVLM-Instruct's format (``<|im_start|>User:<image>...<end_of_utterance>\\nAssistant:``), text parts on lines."""
-
-
-class SmolProcessor(CheckpointProcessor):
-    """The checkpoint's tokenizer and image processor (:class:`~sentilens.mllm.processor.CheckpointProcessor`),
-    and ``image_seq_len`` (tokens per tile, from ``processor_config.json``)."""
-
-    def __init__(self, tokenizer, image_processor, image_seq_len: int, chat_template: str | None = None):
-        super().__init__(tokenizer, image_processor, chat_template)
-        self.image_seq_len = image_seq_len
-        self.image_token = "<image>"
-        self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
-
-    @classmethod
-    def from_pretrained(cls, source: str) -> SmolProcessor:
-        import json
-
-        tokenizer, image_processor, template = cls.load_parts(source)
-        settings = Path(source) / "processor_config.json"
-        saved = json.loads(settings.read_text(encoding="utf-8")) if settings.is_file() else {}
-        return cls(tokenizer, image_processor, int(saved.get("image_seq_len", 169)), template)
-
-    def save_pretrained(self, out_dir: str | Path) -> None:
-        import json
-
-        super().save_pretrained(out_dir)
-        (Path(out_dir) / "processor_config.json").write_text(
-            json.dumps({"processor_class": "SmolVLMProcessor", "image_seq_len": self.image_seq_len}), encoding="utf-8")
-
-    def image_prompt(self, rows: int, cols: int, counts: Sequence[int] | None = None) -> str:
-        """The text an image becomes (transformers' ``get_image_prompt_string``), with ``counts[t]`` image
-        tokens in tile ``t`` (row-major tiles, the global tile last; None: ``image_seq_len`` each)."""
-        tiles = rows * cols + 1 if rows or cols else 1
-        counts = list(counts) if counts is not None else [self.image_seq_len] * tiles
-        image = self.image_token
-        if not (rows or cols):
-            return f"{FAKE}{GLOBAL}" + image * counts[0] + FAKE
-        text = ""
-        for r in range(rows):
-            for c in range(cols):
-                text += f"{FAKE}<row_{r + 1}_col_{c + 1}>" + image * counts[r * cols + c]
-            text += "\n"
-        return text + f"\n{FAKE}{GLOBAL}" + image * counts[-1] + FAKE
-
-
-@dataclass
-class SmolVisual:
-    """One image's span in the language model's input: token ids (layout text and image tokens), the
-    projected visual tokens for the image-token slots, and how many of those there are."""
-
-    ids: Tensor
-    features: Tensor
-
-    @property
-    def count(self) -> int:
-        return self.features.shape[0]
 
 
 class SmolVLMFamily(ModelFamily):
@@ -323,7 +202,7 @@ class SmolVLMFamily(ModelFamily):
     def visual_tokens(self, model, pixel_values: Tensor, extras: dict[str, Tensor], reducer=None) -> list[SmolVisual]:
         grid = extras["grid"]
         capture = getattr(reducer, "capture", None)
-        with capture(model) if capture is not None else nullcontext():
+        with capture() if capture is not None else nullcontext():
             states, counts = self.encode_tiles(model, pixel_values, grid)
         connector = self.projector(model)
         shuffled = connector.pixel_shuffle(states, connector.scale_factor)  # (tiles, tokens per tile, s^2 Dv)
@@ -416,33 +295,3 @@ class SmolVLMFamily(ModelFamily):
         return PatchView(picture=picture.permute(1, 2, 0), scores=scores, kept=kept,
                          score_name="mean attention received (no CLS), per pixel-shuffle block",
                          content=(0.0, 0.0, float(cols * size), float(rows * size)), shown=shown_cells)
-
-
-class ShuffleTokenFilter(TiledTokenFilter):
-    """SmolVLM's filter (module docstring): received attention per patch, averaged over each pixel-shuffle
-    block, one ``ceil(r N)`` budget over every tile of the image; ``last`` keeps each image's
-    :class:`~sentilens.mllm.pruning.Selection` (kept token indices over the image's tiles, per-token scores)."""
-
-    family = "smolvlm"
-
-    def __init__(self, tower, keep_ratio: float, strategy: Strategy):
-        super().__init__(tower, keep_ratio, strategy, layer_indices(strategy.layers, len(encoder_layers(tower)), -1))
-
-    @torch.no_grad()
-    def choose(self, tiles: list[int], pixels: list[Tensor], groups: Tensor) -> list[Tensor]:
-        """Kept token indices of each image (over its tiles, in order): ``tiles`` the tile counts, ``pixels``
-        each image's real tiles (seeds of ``random``), ``groups`` the patches of each token of a tile."""
-        per_tile = groups.shape[0]
-        if not self.strategy.scored:
-            token_scores = [self.strategy.unit_scores(p, n * per_tile) for p, n in zip(pixels, tiles, strict=True)]
-        else:
-            patch_scores = self.tile_scores()  # (all tiles, patches)
-            block = patch_scores[:, groups].mean(dim=-1)  # (all tiles, tokens per tile)
-            token_scores = [t.reshape(-1) for t in torch.split(block, tiles)]
-        self.last, kept = [], []
-        for scores in token_scores:
-            selection = choose(FlatUnits(scores.numel()), scores, keep_count(scores.numel(), self.keep_ratio),
-                               self.strategy)
-            kept.append(selection.kept)
-            self.last.append(selection)
-        return kept
