@@ -512,7 +512,7 @@ def sweep_cmd(
     split: SplitOpt = "test",
     ratios: Annotated[str, typer.Option("--ratios", help="Keep ratios, comma-separated.")] = "1,0.8,0.6,0.4,0.2,0.05",
     strategy: StrategyOpt = "all",
-    repeats: Annotated[int, typer.Option("--repeats", help="Timed passes per ratio (the median pass is reported).")] = 3,
+    repeats: Annotated[int, typer.Option("--repeats", help="Timed passes per ratio (the median is used).")] = 3,
     select_on: Annotated[str | None, typer.Option(
         "--select-on", help="Choose the strategy and ratio with the best weighted F1 on this split (e.g. val) and "
                             "flag that row of the --split sweep, instead of reading the best off the test set.")]
