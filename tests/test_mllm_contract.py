@@ -3,7 +3,8 @@
 For each family of :data:`sentilens.mllm.families.REGISTRY` (its tiny random model, loaded back through
 ``from_pretrained``) and each strategy the registry showcases (:func:`showcase_strategies`: every
 registered strategy, with and without its modifiers): r = 1 gives transformers' own logits; exactly
-``ceil(r N)`` visual tokens reach the language model; a batch equals its posts one by one; the FLOP
+``ceil(r N)`` visual tokens reach the language model (for an LM-stage strategy, every token reaches the
+layers up to its layer K and the budget those after it); a batch equals its posts one by one; the FLOP
 count falls with r; the explain view has the shapes a heatmap draws. A combination the strategy does
 not support is skipped with the strategy's own one-line reason. A new family or strategy is covered by
 adding it to its registry.
@@ -17,8 +18,9 @@ import torch
 from mllm_helpers import image_posts, tiny_family_model
 from sentilens.data.images import load_image
 from sentilens.mllm.families import REGISTRY, family_of
+from sentilens.mllm.flops import strategy_flops
 from sentilens.mllm.inputs import build_inputs, language_model_hidden, make_batch
-from sentilens.mllm.pruning import keep_count, parse_strategy, showcase_strategies
+from sentilens.mllm.pruning import keep_count, parse_strategy, reducer_for, showcase_strategies
 from sentilens.mllm.scoring import label_log_probs
 
 STRATEGY_FORMS = showcase_strategies()
@@ -70,7 +72,7 @@ def native_logits(llava, builder, post) -> torch.Tensor:
 def test_r1_reproduces_the_native_logits(tiny, posts, form):
     family, llava, builder = tiny
     strategy = strategy_for(family, form)
-    reducer = family_of(llava).make_reducer(llava, 1.0, str(strategy))
+    reducer = reducer_for(llava, 1.0, str(strategy))
     ours = build_inputs(llava, make_batch(builder, posts), reducer=reducer, padding_side="right")
     logits = llava.lm_head(language_model_hidden(llava, ours).last_hidden_state)
     for i, post in enumerate(posts):
@@ -88,9 +90,15 @@ def test_exactly_the_budget_reaches_the_language_model(tiny, posts, form):
     full = build_inputs(llava, batch, padding_side="left").image_tokens
     assert full[2] == 0 and all(n > 0 for i, n in enumerate(full) if i != 2)
     for ratio in RATIOS[1:]:
-        reducer = family_of(llava).make_reducer(llava, ratio, str(strategy))
-        kept = build_inputs(llava, batch, reducer=reducer, padding_side="left").image_tokens
-        assert kept == [keep_count(n, ratio) if n else 0 for n in full], (family, form, ratio)
+        reducer = reducer_for(llava, ratio, str(strategy))
+        inputs = build_inputs(llava, batch, reducer=reducer, padding_side="left")
+        budget = [keep_count(n, ratio) if n else 0 for n in full]
+        assert inputs.image_tokens == budget, (family, form, ratio)
+        if strategy.stage == "lm":  # every token up to layer K, the budget after it, as each layer's mask says
+            label_log_probs(llava, inputs, [builder.answer_ids[label] for label in builder.labels])
+            layers = len(family_of(llava).language_model(llava).layers)
+            assert inputs.lm_plan.seen == {layer: full if layer <= strategy.lm_layer else budget
+                                           for layer in range(layers)}
 
 
 @pytest.mark.parametrize("form", STRATEGY_FORMS)
@@ -99,7 +107,7 @@ def test_a_batch_equals_its_posts_one_by_one(tiny, posts, form):
     family, llava, builder = tiny
     strategy = strategy_for(family, form)
     answers = [builder.answer_ids[label] for label in builder.labels]
-    reducer = family_of(llava).make_reducer(llava, 0.4, str(strategy))
+    reducer = reducer_for(llava, 0.4, str(strategy))
     together = build_inputs(llava, make_batch(builder, posts), reducer=reducer, padding_side="left")
     batched = label_log_probs(llava, together, answers)
     for i, post in enumerate(posts):
@@ -114,11 +122,10 @@ def test_flops_fall_with_the_keep_ratio(tiny, posts, form):
     strategy = strategy_for(family, form)
     size = load_image(posts[1].image).size
     answer_tokens = sum(len(ids) for ids in builder.answer_ids.values())
-    totals = [family_of(llava).prediction_flops(llava, builder.processor, size, ratio, str(strategy), 20,
-                                                answer_tokens)["total"] for ratio in RATIOS]
+    totals = [strategy_flops(llava, builder.processor, size, ratio, str(strategy), 20, answer_tokens)["total"]
+              for ratio in RATIOS]
     assert totals == sorted(totals, reverse=True) and totals[-1] < totals[0], (family, form, totals)
-    text_only = family_of(llava).prediction_flops(llava, builder.processor, None, 0.4, str(strategy), 20,
-                                                  answer_tokens)
+    text_only = strategy_flops(llava, builder.processor, None, 0.4, str(strategy), 20, answer_tokens)
     assert text_only["vision"] == text_only["scoring"] == text_only["projector"] == 0
 
 
@@ -127,7 +134,9 @@ def test_flops_fall_with_the_keep_ratio(tiny, posts, form):
 def test_the_explain_view_has_the_shapes_a_heatmap_draws(tiny, posts, form):
     family, llava, builder = tiny
     strategy = strategy_for(family, form)
-    reducer = family_of(llava).make_reducer(llava, 0.4, str(strategy))
+    if strategy.stage == "lm":
+        pytest.skip(f"{form}: a heatmap shows a vision-stage strategy's choice; this one prunes inside the LM")
+    reducer = reducer_for(llava, 0.4, str(strategy))
     view = family_of(llava).patch_view(llava, builder, posts[1], reducer)
     side = view.scores.shape[0]
     assert view.scores.shape == view.kept.shape == (side, side) and view.kept.dtype == torch.bool

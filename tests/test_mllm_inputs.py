@@ -74,13 +74,14 @@ def test_encode_images_is_the_feature_layer_without_cls(tiny, posts):
 class KeepFirst:
     """A reducer keeping the first k_i rows of image i, recording that it captured the tower's own pass."""
 
-    def __init__(self, counts):
+    def __init__(self, counts, tower):
         self.counts = counts
+        self.tower = tower
         self.tower_calls_inside = 0
 
     @contextmanager
-    def capture(self, llava):
-        handle = llava.model.vision_tower.register_forward_hook(lambda *_: self._count())
+    def capture(self):
+        handle = self.tower.register_forward_hook(lambda *_: self._count())
         try:
             yield
         finally:
@@ -100,7 +101,7 @@ def test_different_kept_counts_in_one_batch_match_one_by_one(tiny, posts):
     image_posts = [p for p in posts if p.image]
     counts = [5, 36, 1]
     answers = [builder.answer_ids[label] for label in builder.labels]
-    reducer = KeepFirst(counts)
+    reducer = KeepFirst(counts, llava.model.vision_tower)
     with torch.no_grad():
         inputs = build_inputs(llava, make_batch(builder, posts), reducer=reducer, padding_side="left")
         batched = label_log_probs(llava, inputs, answers)
@@ -109,7 +110,7 @@ def test_different_kept_counts_in_one_batch_match_one_by_one(tiny, posts):
     assert (inputs.input_ids == llava.config.image_token_id).sum(dim=1).tolist() == [5, 36, 0, 1]
     k = iter(counts)
     for i, post in enumerate(posts):
-        single = KeepFirst([next(k)]) if post.image else None
+        single = KeepFirst([next(k)], llava.model.vision_tower) if post.image else None
         with torch.no_grad():
             alone = build_inputs(llava, make_batch(builder, [post]), reducer=single, padding_side="left")
             torch.testing.assert_close(label_log_probs(llava, alone, answers)[0], batched[i], atol=1e-5, rtol=1e-5)

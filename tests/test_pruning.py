@@ -24,6 +24,7 @@ from sentilens.mllm.pruning import (
     NEEDS,
     STRATEGIES,
     AttentionScorer,
+    LastTokenAttention,
     LowestAttention,
     RandomDraw,
     TokenFilter,
@@ -326,18 +327,19 @@ def test_merge_strategy_through_the_tower(clip):
                                                    ("all+native", TopAttention, "native"),
                                                    ("1:3+native", TopAttention, "native"),
                                                    ("random+native", RandomDraw, "native"),
-                                                   ("inverse+native", LowestAttention, "native")])
+                                                   ("inverse+native", LowestAttention, "native"),
+                                                   ("lm:2", LastTokenAttention, "")])
 def test_strategies_parse_to_their_registry_class_and_print_back(text, kind, modifier):
     strategy = parse_strategy(text)
     assert type(strategy) is kind and STRATEGIES[kind.name] is kind and strategy.modifier == modifier
     assert str(strategy) == (text or "all") and parse_strategy(str(strategy)) == strategy
-    assert strategy.stage == "vision" and strategy.needs <= set(NEEDS)
-    assert strategy.scored == (kind is not RandomDraw)
+    assert strategy.stage == ("lm" if kind is LastTokenAttention else "vision") and strategy.needs <= set(NEEDS)
+    assert strategy.scored == (kind in (TopAttention, LowestAttention))
     assert strategy.merges == (modifier == "merge") and strategy.native_positions == (modifier == "native")
 
 
 @pytest.mark.parametrize("text", ["random+merge", "inverse+merge", "randomly", "all+merge+native", "all+natives",
-                                  "evil", "1:2:3", "feature+"])
+                                  "evil", "1:2:3", "feature+", "lm:", "lm:x", "lm:1+native"])
 def test_unknown_or_misspelt_strategies_are_one_line_errors(text):
     with pytest.raises(SentilensError, match=r"^unknown filtering strategy .*: expected all / feature") as err:
         parse_strategy(text)
@@ -353,14 +355,15 @@ def test_a_layer_beyond_the_tower_names_the_tower_size(clip):
 
 
 def test_the_registry_lists_the_forms_and_what_each_family_supports():
-    assert strategy_names() == ("all", "feature", "last", "A:B", "K", "random", "inverse", "+merge", "+native")
+    assert strategy_names() == ("all", "feature", "last", "A:B", "K", "random", "inverse", "lm:K", "+merge",
+                                "+native")
     assert strategy_names("llava") == strategy_names()
     for family in ("llava-next", "smolvlm", "qwen2.5-vl", "qwen3-vl"):
-        assert strategy_names(family) == ("all", "feature", "last", "A:B", "K", "random", "inverse")
+        assert strategy_names(family) == ("all", "feature", "last", "A:B", "K", "random", "inverse", "lm:K")
         assert parse_strategy("all+merge").unsupported(family).startswith("+merge is not available for ")
     assert parse_strategy("all+merge").unsupported("llava") is None
     assert showcase_strategies() == ("all", "feature", "all+merge", "all+native", "random", "random+native",
-                                     "inverse")
+                                     "inverse", "lm:0")
     help_text = strategy_help()
     for cls in STRATEGIES.values():
         assert cls.summary in help_text

@@ -47,6 +47,32 @@ def prediction_flops(config, kept: int, text_tokens: int, answer_tokens: int, sc
     return parts
 
 
+def strategy_flops(model, processor, size: tuple[int, int] | None, keep_ratio: float | None, strategy: str,
+                   text_tokens: int, answer_tokens: int) -> dict[str, float]:
+    """The family's ``prediction_flops`` of one post under any registered strategy. An LM-stage strategy runs
+    the vision stage whole and its language model on every token up to its layer ``K``, on the kept ones
+    after: the language part is the unfiltered one for ``K + 1`` layers and, for the others, the one a
+    vision-stage filter keeping as many tokens leaves (its one attention row of scores is left out, as norms
+    and softmax are)."""
+    from sentilens.mllm.families import family_of
+    from sentilens.mllm.pruning import parse_strategy
+
+    family = family_of(model)
+    parsed = parse_strategy(strategy)
+    if parsed.stage != "lm":
+        return family.prediction_flops(model, processor, size, keep_ratio, str(parsed), text_tokens, answer_tokens)
+    full = family.prediction_flops(model, processor, size, None, "random", text_tokens, answer_tokens)
+    if keep_ratio is None or size is None:
+        return full
+    kept = family.prediction_flops(model, processor, size, keep_ratio, "random", text_tokens, answer_tokens)
+    layers = len(family.language_model(model).layers)
+    whole = parsed.lm_layer + 1
+    parts = dict(full)
+    parts["language"] = (whole * full["language"] + (layers - whole) * kept["language"]) / layers
+    parts["total"] = sum(value for part, value in parts.items() if part != "total")
+    return parts
+
+
 def language_flops(text_config, positions: int | Sequence[int], answer_tokens: int) -> dict[str, float]:
     """``language`` (the decoder layers: projections, gated MLP, attention) and ``head`` (the LM head on the
     ``answer_tokens`` label scoring reads) FLOPs of a Llama-shaped language model; ``positions``: the

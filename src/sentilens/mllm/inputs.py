@@ -35,7 +35,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -87,6 +87,9 @@ class LmInputs:
     targets: Tensor | None
     image_tokens: list[int]
     lm_kwargs: dict = field(default_factory=dict)
+    lm_plan: Any = None
+    """An LM-stage strategy's :class:`~sentilens.mllm.pruning.LmPlan` for this batch (None: the visual tokens
+    the vision stage kept reach every layer)."""
 
 
 def encode_images(llava, pixel_values: Tensor) -> Tensor:
@@ -206,6 +209,9 @@ def build_inputs(llava, batch: MllmBatch, reducer: Reducer | None = None, paddin
     """Encode, reduce and project the batch's images, then assemble the language model input
     (both by the model's family: :func:`visual_tokens` and :func:`assemble` for LLaVA-1.5)."""
     family = family_of(llava)
+    lm_stage = reducer if getattr(reducer, "stage", "vision") == "lm" else None
+    if lm_stage is not None:  # every visual token passes the vision stage; the language model drops some
+        reducer = None
     visual: list[Tensor | None] = [None] * len(batch.token_ids)
     native: list[tuple[Tensor, int] | None] = [None] * len(batch.token_ids)
     native_positions = batch.pixel_values is not None and getattr(reducer, "native_positions", False)
@@ -220,20 +226,29 @@ def build_inputs(llava, batch: MllmBatch, reducer: Reducer | None = None, paddin
                     native[i] = (selection.kept, selection.scores.shape[0])
     # only LLaVA-1.5's filter offers +native (the other families refuse it when their filter is built)
     extra = {"native": native} if native_positions else {}
-    return family.assemble(llava, batch.token_ids, visual, batch.targets, padding_side, extras=batch.image_extras,
-                           **extra)
+    built = family.assemble(llava, batch.token_ids, visual, batch.targets, padding_side, extras=batch.image_extras,
+                            **extra)
+    if lm_stage is not None:
+        built.lm_plan = lm_stage.plan(built.input_ids, built.attention_mask)
+        built.image_tokens = list(built.lm_plan.budget)  # what the layers after the scoring layer see
+    return built
 
 
 def language_model_hidden(llava, inputs: LmInputs, attention_mask: Tensor | None = None, **kwargs):
-    """Run the language model on assembled inputs; returns its output (``last_hidden_state``, cache)."""
-    return family_of(llava).language_model_hidden(
-        llava,
-        inputs_embeds=inputs.inputs_embeds,
-        attention_mask=inputs.attention_mask if attention_mask is None else attention_mask,
-        position_ids=inputs.position_ids,
-        **inputs.lm_kwargs,
-        **kwargs,
-    )
+    """Run the language model on assembled inputs; returns its output (``last_hidden_state``, cache). Under an
+    LM-stage plan, its layers drop the visual tokens it names (:mod:`sentilens.mllm.pruning.lm_stage`)."""
+    from sentilens.mllm.pruning.lm_stage import lm_stage
+
+    family = family_of(llava)
+    with lm_stage(family.language_model(llava), inputs.lm_plan):
+        return family.language_model_hidden(
+            llava,
+            inputs_embeds=inputs.inputs_embeds,
+            attention_mask=inputs.attention_mask if attention_mask is None else attention_mask,
+            position_ids=inputs.position_ids,
+            **inputs.lm_kwargs,
+            **kwargs,
+        )
 
 
 def denormalised(pixels: Tensor, image_processor) -> Tensor:

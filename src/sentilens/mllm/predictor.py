@@ -27,6 +27,7 @@ from sentilens.distributed import default_device
 from sentilens.errors import SentilensError
 from sentilens.mllm.config import MllmRunConfig, describe_run, load_run_config
 from sentilens.mllm.families import family_of
+from sentilens.mllm.flops import strategy_flops
 from sentilens.mllm.inputs import Reducer
 from sentilens.mllm.model import MllmModel, num_image_tokens, prepare_model
 from sentilens.mllm.prompt import PromptBuilder
@@ -107,21 +108,22 @@ class MllmPredictor:
             return None
         check_keep_ratio(keep_ratio)
         llava = self.model.llava
-        return family_of(llava).make_reducer(llava, keep_ratio, strategy=self.strategy)
+        from sentilens.mllm.pruning import reducer_for
+
+        return reducer_for(llava, keep_ratio, strategy=self.strategy)
 
     def flops_per_post(self, posts: Sequence[Post], keep_ratio: float | None = None) -> dict:
         """Mean FLOPs of predicting ``posts`` at ``keep_ratio``, by part (:mod:`sentilens.mllm.flops`),
         under the configured filtering strategy; padding inside a batch is not counted."""
         llava, builder = self.model.llava, self.builder
-        family = family_of(llava)
         answer_tokens = sum(len(ids) for ids in builder.answer_ids.values())
         total: dict[str, float] = {}
         for post in posts:
             has_image = post.image is not None
             text_tokens = len(builder.prompt_ids(post.text, has_image)) - int(has_image)
             size = load_image(post.image).size if has_image else None
-            for part, value in family.prediction_flops(llava, builder.processor, size, keep_ratio, self.strategy,
-                                                       text_tokens, answer_tokens).items():
+            for part, value in strategy_flops(llava, builder.processor, size, keep_ratio, self.strategy,
+                                              text_tokens, answer_tokens).items():
                 total[part] = total.get(part, 0.0) + value
         return {part: value / max(len(posts), 1) for part, value in total.items()}
 
@@ -139,6 +141,11 @@ class MllmPredictor:
         """
         if post.image is None:
             raise SentilensError("a heatmap needs an image")
+        from sentilens.mllm.pruning import parse_strategy
+
+        if parse_strategy(self.strategy).stage != "vision":
+            raise SentilensError(f"strategy '{self.strategy}' prunes inside the language model; a heatmap shows a "
+                                 "vision-stage strategy's choice (explain with --strategy all, for one)")
         check_keep_ratio(keep_ratio)
         prediction = self.predict([post], keep_ratio=keep_ratio)[0]
         llava = self.model.llava

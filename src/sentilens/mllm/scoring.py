@@ -77,6 +77,7 @@ def label_log_probs(llava, inputs: LmInputs, answers: Sequence[Sequence[int]]) -
         targets=None,
         image_tokens=inputs.image_tokens,
         lm_kwargs=inputs.lm_kwargs,
+        lm_plan=inputs.lm_plan,
     )
     hidden = language_model_hidden(llava, branched, use_cache=False).last_hidden_state
     # each answer token is predicted from the prompt's last token (first step) or from its predecessor in the branch
@@ -109,7 +110,8 @@ def greedy_answers(llava, inputs: LmInputs, stop_ids: set[int], max_new_tokens: 
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
         position = position + 1
         step = LmInputs(input_ids=token[:, None], inputs_embeds=llava.get_input_embeddings()(token[:, None]),
-                        attention_mask=mask, position_ids=position, targets=None, image_tokens=inputs.image_tokens)
+                        attention_mask=mask, position_ids=position, targets=None, image_tokens=inputs.image_tokens,
+                        lm_plan=inputs.lm_plan)
         out = language_model_hidden(llava, step, past_key_values=out.past_key_values, use_cache=True)
     return generated
 

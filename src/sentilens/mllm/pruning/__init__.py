@@ -10,6 +10,7 @@ list) reads the registry.
 - :mod:`.top_attention`: the paper's top attention (``all``, ``feature``, ``last``, ``A:B``, ``K``,
   ``+merge``, ``+native``) and the ``inverse`` baseline;
 - :mod:`.random_draw`: the ``random`` baseline;
+- :mod:`.lm_stage`: ``lm:K``, pruning inside the language model after layer K;
 - :mod:`.attention`: the tower's attention as scores, from a hooked pass (CLS attention, or the
   attention received on a tower without CLS);
 - :mod:`.select`: the budget ``ceil(r N)``, :func:`~.select.choose` (what every family calls) and ``+merge``;
@@ -23,6 +24,7 @@ from __future__ import annotations
 import importlib
 
 from sentilens.errors import SentilensError
+from sentilens.mllm.pruning.lm_stage import LastTokenAttention, LmPlan, LmStage, lm_stage
 from sentilens.mllm.pruning.random_draw import RandomDraw, random_priorities
 from sentilens.mllm.pruning.strategy import MODIFIERS, NEEDS, Strategy
 from sentilens.mllm.pruning.top_attention import LowestAttention, TopAttention, feature_layer_index, layer_indices
@@ -47,6 +49,7 @@ STRATEGIES: dict[str, type[Strategy]] = {
     TopAttention.name: TopAttention,
     RandomDraw.name: RandomDraw,
     LowestAttention.name: LowestAttention,
+    LastTokenAttention.name: LastTokenAttention,
 }
 """Strategy name -> class; a strategy's text is one of its ``forms``, optionally ``+modifier``."""
 
@@ -66,6 +69,19 @@ def parse_strategy(text: str) -> Strategy:
             break
         return cls(head, modifier, **options)
     raise SentilensError(f"unknown filtering strategy '{text}': expected {strategy_grammar()}")
+
+
+def reducer_for(model, keep_ratio: float, strategy: str = DEFAULT_STRATEGY):
+    """The reducer of any registered strategy for a loaded model: its family's vision-stage filter
+    (``make_reducer``), or for an LM-stage strategy one that drops visual tokens inside the language model."""
+    from sentilens.mllm.families import family_of
+
+    family = family_of(model)
+    parsed = parse_strategy(strategy)
+    parsed.check(family.name)
+    if parsed.stage == "lm":
+        return LmStage(parsed, keep_ratio, len(family.language_model(model).layers), model.config.image_token_id)
+    return family.make_reducer(model, keep_ratio, str(parsed))
 
 
 def strategy_grammar() -> str:
@@ -107,10 +123,12 @@ def showcase_strategies() -> tuple[str, ...]:
     return tuple(form for cls in STRATEGIES.values() for form in cls.showcase)
 
 
-__all__ = ["DEFAULT_STRATEGY", "MODIFIERS", "NEEDS", "STRATEGIES", "AttentionScorer", "FlatUnits", "LowestAttention",
+__all__ = ["DEFAULT_STRATEGY", "MODIFIERS", "NEEDS", "STRATEGIES", "AttentionScorer", "FlatUnits", "LastTokenAttention",
+           "LmPlan", "LmStage", "LowestAttention", "lm_stage",
            "RandomDraw", "Selection", "Strategy", "TiledTokenFilter", "TokenFilter", "TopAttention",
            "attention_with_received", "choose", "encoder_layers", "feature_layer_index", "has_cls_token",
            "keep_count", "layer_indices", "make_reducer", "merge_context", "parse_strategy", "random_priorities",
+           "reducer_for",
            "received_attention", "received_attention_only", "received_by_route", "reduce_image", "scoring_route",
            "showcase_strategies", "strategy_grammar", "strategy_help", "strategy_legend", "strategy_names",
            "top_patches"]
