@@ -121,7 +121,7 @@ def test_native_positions_equal_the_full_sequence_with_the_dropped_tokens_masked
     assert (renumbered[:, -1] - reference[:, -1]).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("strategy", ["all", "feature", "all+merge", "all+native", "random+native"])
+@pytest.mark.parametrize("strategy", ["all", "feature", "all+merge", "all+native", "random+native", "lm:0"])
 @pytest.mark.parametrize("run", ["full_run", "lora_run"])
 def test_filtered_batches_equal_one_by_one(run, strategy, manifest, request):
     predictor = load_predictor(request.getfixturevalue(run)).with_options(strategy=strategy)
@@ -135,6 +135,23 @@ def test_filtered_batches_equal_one_by_one(run, strategy, manifest, request):
     for a, b in zip(batched, alone, strict=True):
         assert a.label == b.label
         assert all(abs(a.probabilities[k] - b.probabilities[k]) <= 1e-5 for k in a.probabilities)
+
+
+def test_an_lm_stage_strategy_predicts_counts_its_flops_and_draws_no_heatmap(full_run, manifest):
+    predictor = load_predictor(full_run).with_options(strategy="lm:0")
+    posts = read_split(manifest, "test")
+    image_post = next(p for p in posts if p.image)
+    whole, pruned = predictor.flops_per_post([image_post]), predictor.flops_per_post([image_post], keep_ratio=0.3)
+    assert pruned["vision"] == whole["vision"] and pruned["projector"] == whole["projector"]  # the tower sees all
+    assert pruned["language"] < whole["language"] and pruned["total"] < whole["total"]
+    scored = predictor.predict(posts, keep_ratio=0.3)
+    generated = predictor.with_options(decode="generate").predict(posts, keep_ratio=0.3)
+    assert [p.kept_tokens for p in generated] == [p.kept_tokens for p in scored]
+    assert [p.kept_tokens for p in scored] == [0 if p.image is None else math.ceil(0.3 * PATCHES) for p in posts]
+    with pytest.raises(SentilensError, match=r"^strategy 'lm:0' prunes inside the language model"):
+        predictor.explain(image_post, 0.3)
+    with pytest.raises(SentilensError, match=r"LM layer 9 leaves no layer after it in a \d+-layer language model"):
+        predictor.with_options(strategy="lm:9").predict(posts[:1], keep_ratio=0.3)
 
 
 def record_visual_tokens(monkeypatch) -> dict[str, list[int]]:
