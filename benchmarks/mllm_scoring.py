@@ -84,7 +84,8 @@ def llava15_7b_random(tmp: Path) -> dict:
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
     from sentilens.data.synth import LABELS
-    from sentilens.mllm.model import build_tiny, load_checkpoint, num_image_tokens
+    from sentilens.mllm.families.llava.tiny import build_tiny
+    from sentilens.mllm.model import load_checkpoint, num_image_tokens
 
     _, processor = load_checkpoint(build_tiny(tmp / "tokenizer"))
     size = {"height": 336, "width": 336}

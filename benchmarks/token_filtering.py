@@ -55,9 +55,10 @@ from pathlib import Path
 import torch
 
 from sentilens.machine import cpu_name
+from sentilens.mllm.families.llava.vision import TokenFilter, make_reducer
 from sentilens.mllm.flops import prediction_flops
 from sentilens.mllm.inputs import MllmBatch, build_inputs
-from sentilens.mllm.pruning import TokenFilter, keep_count, make_reducer
+from sentilens.mllm.pruning import keep_count
 from sentilens.mllm.scoring import label_log_probs
 from sentilens.runs import write_json
 

@@ -10,7 +10,8 @@ from pathlib import Path
 from sentilens.cli import app
 from sentilens.data.records import Post, read_manifest, read_split, write_manifest
 from sentilens.data.synth import LABELS, make_synthetic
-from sentilens.mllm.model import build_tiny, num_image_tokens, prepare_model
+from sentilens.mllm.families.llava.tiny import build_tiny
+from sentilens.mllm.model import num_image_tokens, prepare_model
 from sentilens.mllm.prompt import PromptBuilder, PromptSettings
 
 LONG_TEXT = " ".join(["what a long and winding story about the weather this week"] * 4)

@@ -12,7 +12,8 @@ from PIL import Image
 
 from mllm_helpers import tiny_model
 from sentilens.data.records import Post
-from sentilens.mllm.inputs import build_inputs, encode_images, language_model_hidden, make_batch
+from sentilens.mllm.families.llava.vision import encode_images
+from sentilens.mllm.inputs import build_inputs, language_model_hidden, make_batch
 from sentilens.mllm.scoring import label_log_probs
 
 

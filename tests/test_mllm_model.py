@@ -11,8 +11,9 @@ from PIL import Image
 from mllm_helpers import tiny_model
 from sentilens.data.records import Post
 from sentilens.errors import SentilensError
+from sentilens.mllm.families.llava.tiny import build_tiny
 from sentilens.mllm.inputs import make_batch
-from sentilens.mllm.model import build_tiny, load_checkpoint, prepare_model
+from sentilens.mllm.model import load_checkpoint, prepare_model
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,8 @@ from mllm_helpers import FAST_TINY, small_manifest
 from sentilens.data.synth import LABELS, SCENE_CLASSES, synth_image
 from sentilens.errors import SentilensError
 from sentilens.mllm import tower as tower_module
-from sentilens.mllm.model import TinySpec, build_tiny, load_checkpoint, tiny_image_processor
+from sentilens.mllm.families.llava.tiny import build_tiny
+from sentilens.mllm.model import TinySpec, load_checkpoint, tiny_image_processor
 from sentilens.mllm.tower import (
     BACKGROUND,
     REPORT,

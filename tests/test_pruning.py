@@ -19,6 +19,7 @@ from transformers import (
 )
 
 from sentilens.errors import SentilensError
+from sentilens.mllm.families.llava.vision import TokenFilter
 from sentilens.mllm.pruning import (
     MODIFIERS,
     NEEDS,
@@ -27,7 +28,6 @@ from sentilens.mllm.pruning import (
     LastTokenAttention,
     LowestAttention,
     RandomDraw,
-    TokenFilter,
     TopAttention,
     keep_count,
     layer_indices,

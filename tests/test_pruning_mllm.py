@@ -16,8 +16,9 @@ from mllm_helpers import FAST_TINY, small_manifest
 from sentilens.cli import app
 from sentilens.data.records import read_split
 from sentilens.errors import SentilensError
-from sentilens.mllm.inputs import build_inputs, encode_images, language_model_hidden, make_batch
-from sentilens.mllm.pruning import make_reducer, top_patches
+from sentilens.mllm.families.llava.vision import encode_images, make_reducer
+from sentilens.mllm.inputs import build_inputs, language_model_hidden, make_batch
+from sentilens.mllm.pruning import top_patches
 from sentilens.mllm.train import mllm_train_config, train_mllm
 from sentilens.predict import evaluate, load_predictor
 

@@ -5,7 +5,8 @@ LLaVA-1.5 (and the paper's Figure 2) turns an image into visual tokens in three 
 are done here one by one instead of inside ``LlavaForConditionalGeneration.forward`` so that a
 *reducer* can sit between them:
 
-1. :func:`encode_images`: the frozen vision tower's hidden state at ``config.vision_feature_layer``
+1. :func:`sentilens.mllm.families.llava.vision.encode_images`: the frozen vision tower's hidden state at
+   ``config.vision_feature_layer``
    (-2 for LLaVA-1.5), CLS dropped under the "default" selection strategy: ``(B, N, Dv)``;
 2. a reducer ``reduce(features, pixel_values) -> list[(k_i, Dv)]`` keeps some rows per image
    (the paper's CLS-attention token filtering, :mod:`sentilens.mllm.pruning`); none = all N rows;
@@ -33,7 +34,6 @@ from the very pass that produces the features, instead of running the tower twic
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -90,38 +90,6 @@ class LmInputs:
     lm_plan: Any = None
     """An LM-stage strategy's :class:`~sentilens.mllm.pruning.LmPlan` for this batch (None: the visual tokens
     the vision stage kept reach every layer)."""
-
-
-def encode_images(llava, pixel_values: Tensor) -> Tensor:
-    """Vision-tower features LLaVA projects: hidden state at ``vision_feature_layer``, CLS dropped if "default".
-
-    Several feature layers (a list in the config) are concatenated along the feature axis, as
-    LLaVA does. The tower is frozen, so this runs without gradients.
-    """
-    config = llava.config
-    tower = llava.model.vision_tower
-    layers = config.vision_feature_layer
-    layers = [layers] if isinstance(layers, int) else list(layers)
-    with torch.no_grad():
-        out = tower(pixel_values.to(device=tower.device, dtype=tower.dtype), output_hidden_states=True)
-        states = [out.hidden_states[layer] for layer in layers]
-        if config.vision_feature_select_strategy == "default":
-            states = [s[:, 1:] for s in states]
-        return torch.cat(states, dim=-1)
-
-
-def visual_tokens(llava, pixel_values: Tensor, reducer: Reducer | None = None) -> list[Tensor]:
-    """Projected visual tokens of each image, ``(k_i, D_lm)``: encode, reduce, project."""
-    capture = getattr(reducer, "capture", None)
-    with capture() if capture is not None else nullcontext():
-        features = encode_images(llava, pixel_values)
-    kept = list(features) if reducer is None else list(reducer(features, pixel_values))
-    if len(kept) != features.shape[0] or any(k.ndim != 2 or k.shape[1] != features.shape[2] for k in kept):
-        raise ValueError(f"a reducer must return one (k, {features.shape[2]}) tensor per image, "
-                         f"got {[tuple(k.shape) for k in kept]} for {features.shape[0]} images")
-    projector = llava.model.multi_modal_projector
-    rows = torch.cat(kept).to(dtype=projector.linear_1.weight.dtype)
-    return list(torch.split(projector(rows), [k.shape[0] for k in kept]))
 
 
 def assemble(
@@ -207,7 +175,8 @@ def assemble(
 
 def build_inputs(llava, batch: MllmBatch, reducer: Reducer | None = None, padding_side: str = "right") -> LmInputs:
     """Encode, reduce and project the batch's images, then assemble the language model input
-    (both by the model's family: :func:`visual_tokens` and :func:`assemble` for LLaVA-1.5)."""
+    (both by the model's family: :func:`~sentilens.mllm.families.llava.vision.visual_tokens` and
+    :func:`assemble` for LLaVA-1.5)."""
     family = family_of(llava)
     lm_stage = reducer if getattr(reducer, "stage", "vision") == "lm" else None
     if lm_stage is not None:  # every visual token passes the vision stage; the language model drops some

@@ -16,10 +16,10 @@ tiny LLaVA-1.5.
   runs in the numerics training validated in: the run saves them (``precision``: weights dtype
   and autocast) and the predictor loads and predicts the same way; a run without that record
   is predicted in bf16 on CUDA.
-- ``tiny`` (:func:`build_tiny`): a small random LLaVA for tests and the demo, built from configs
-  (CLIP ViT with a CLS token, Llama LM, a byte-level BPE tokenizer trained offline, a CLIP image
-  processor, the LLaVA-1.5 chat template), saved with ``save_pretrained`` and loaded back through
-  the same path as a real checkpoint.
+- The tiny models' shared parts (:class:`TinySpec`, :func:`tiny_tokenizer`, :func:`tiny_vision_config`,
+  :func:`tiny_text_config`, :func:`byte_level_bpe`): each family's ``tiny.py`` builds its small random
+  checkpoint from them (the tiny LLaVA-1.5: :func:`sentilens.mllm.families.llava.tiny.build_tiny`),
+  saved with ``save_pretrained`` and loaded back through the same path as a real checkpoint.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from sentilens.errors import SentilensError
 from sentilens.mllm.families import family_for_config, family_of
 from sentilens.mllm.inputs import MllmBatch, Reducer, build_inputs, language_model_hidden
-from sentilens.mllm.prompt import LLAVA15_CHAT_TEMPLATE, LLAVA15_SYSTEM, TASK_QUESTIONS
+from sentilens.mllm.prompt import LLAVA15_SYSTEM, TASK_QUESTIONS
 
 Mode = Literal["full", "lora", "qlora"]
 LM_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -143,41 +143,6 @@ def load_pretrained_tower(model_tower, vision, vision_tower: str | Path) -> None
         raise SentilensError(f"the pretrained vision tower does not have the tiny model's shape "
                              f"({', '.join(differs)} differ)", vision_tower)
     model_tower.load_state_dict(pretrained.state_dict())
-
-
-def build_tiny(out_dir: str | Path, corpus: Iterable[str] = (), seed: int = 0, spec: TinySpec | None = None,
-               vision_tower: str | Path | None = None) -> Path:
-    """Write a small LLaVA-1.5 checkpoint + processor to ``out_dir`` (loadable by :func:`load_checkpoint`).
-
-    The tokenizer (:func:`tiny_tokenizer`) is trained on the instruction strings plus ``corpus`` (e.g.
-    the training texts). Every weight is random, except the vision tower's when ``vision_tower`` names
-    a saved ``CLIPVisionModel`` of the spec's shape (:mod:`sentilens.mllm.tower` pretrains one), which
-    is loaded with ``from_pretrained`` and copied in, as LLaVA starts from a pretrained CLIP.
-    """
-    from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    spec = spec or TinySpec()
-    out_dir = Path(out_dir)
-    tokenizer = tiny_tokenizer(spec, corpus)
-    size = spec.image_size
-    processor = LlavaProcessor(image_processor=tiny_image_processor(spec), tokenizer=tokenizer,
-                               patch_size=spec.patch_size, vision_feature_select_strategy="default",
-                               num_additional_image_tokens=1, chat_template=LLAVA15_CHAT_TEMPLATE)
-    vision = tiny_vision_config(spec)
-    config = LlavaConfig(vision_config=vision, text_config=tiny_text_config(spec, tokenizer),
-                         image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
-                         image_seq_length=(size // spec.patch_size) ** 2, vision_feature_layer=TINY_FEATURE_LAYER,
-                         vision_feature_select_strategy="default")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = LlavaForConditionalGeneration(config)
-    if vision_tower is not None:
-        load_pretrained_tower(model.model.vision_tower, vision, vision_tower)
-    model.save_pretrained(out_dir)
-    processor.save_pretrained(out_dir)
-    return out_dir
 
 
 def load_checkpoint(source: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",

@@ -9,7 +9,7 @@ Nothing is unpickled.
 
 ``predict(posts, keep_ratio)`` scores labels (or decodes, ``with_options(decode="generate")``);
 with a keep ratio, the visual tokens are filtered by :mod:`sentilens.mllm.pruning`'s reducer
-(``make_reducer(llava, keep_ratio, strategy)``, ``with_options(strategy=...)``) before the
+(``reducer_for(model, keep_ratio, strategy)``, ``with_options(strategy=...)``) before the
 projector. ``explain(post, r)`` gives the patch scores and kept patches of that same reducer.
 """
 

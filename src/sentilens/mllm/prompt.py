@@ -14,8 +14,8 @@ Choices where the paper is silent, and why:
 
 - The conversation is rendered by the checkpoint's own chat template (LLaVA-1.5 checkpoints
   ship one); a checkpoint without one gets its model family's (for LLaVA-1.5
-  :data:`LLAVA15_CHAT_TEMPLATE`, the Vicuna-v1 format LLaVA-1.5 was trained with, which is also
-  what ``--model tiny`` ships).
+  ``mllm/families/llava/template.jinja``, the Vicuna-v1 format LLaVA-1.5 was trained with, which is
+  also what ``--model tiny`` ships).
 - The answer is ``answer_prefix + label`` (underscores read as spaces: "not informative")
   followed by the end-of-turn token, by default the tokenizer's end-of-sequence token
   (``</s>`` after the answer is exactly LLaVA-1.5's turn separator). Its tokens are the ones
@@ -45,23 +45,6 @@ LLAVA15_SYSTEM = (
     "A chat between a curious human and an artificial intelligence assistant. "
     "The assistant gives helpful, detailed, and polite answers to the human's questions."
 )
-
-LLAVA15_CHAT_TEMPLATE = (
-    "{%- for message in messages -%}"
-    "{%- if message['role'] == 'system' -%}"
-    "{{- (message['content'] if message['content'] is string else message['content'][0]['text']) + ' ' -}}"
-    "{%- else -%}"
-    "{{- message['role'].upper() + ': ' -}}"
-    "{%- for part in message['content'] -%}"
-    "{%- if part['type'] == 'image' -%}{{- '<image>\\n' -}}"
-    "{%- else -%}{{- part['text'] + ('\\n' if not loop.last else '') -}}{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- if message['role'] == 'assistant' -%}{{- eos_token -}}{%- else -%}{{- ' ' -}}{%- endif -%}"
-    "{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{- 'ASSISTANT:' -}}{%- endif -%}"
-)
-"""LLaVA-1.5's conversation format (Vicuna v1): ``SYSTEM USER: <image>\\ntext\\nquestion ASSISTANT: label</s>``."""
 
 Task = Literal["sentiment", "informative", "humanitarian", "custom"]
 

@@ -31,7 +31,7 @@ on it drops the cue as readily as the background. No pretrained CLIP can be down
 The tower is saved with ``save_pretrained`` (a ``CLIPVisionModel``, safetensors) and a
 ``pretraining.json`` (recipe, held-out accuracy, time) into ``CACHE/<key>``, where the key hashes
 the tower's shape, the recipe and :data:`CORPUS_VERSION`; a later run with the same key loads it
-instead of training again. :func:`sentilens.mllm.model.build_tiny` copies it into the LLaVA it
+instead of training again. :func:`sentilens.mllm.families.llava.tiny.build_tiny` copies it into the LLaVA it
 builds, and fine-tuning keeps it frozen (``requires_grad`` off, eval mode).
 """
 

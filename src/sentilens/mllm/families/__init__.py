@@ -48,10 +48,11 @@ register it in :data:`REGISTRY` as ``"name": "module:Class"``, imported on first
                            ``unquantized_modules`` what QLoRA leaves in full precision
 =========================  ====================================================================
 
-LLaVA-1.5 (:mod:`sentilens.mllm.families.llava`) is the reference implementation; its code lives
-where it always did (:mod:`sentilens.mllm.inputs`, :mod:`sentilens.mllm.pruning`,
-:func:`sentilens.mllm.model.build_tiny`). This module imports nothing of :mod:`sentilens.mllm` (the
-families are imported by name from :data:`REGISTRY`), so every mllm module may import it.
+LLaVA-1.5 (:mod:`sentilens.mllm.families.llava`) is the reference implementation; every family is
+one package here, split by job (docs/architecture.md, "How to add a VLM family").
+
+This module imports nothing of :mod:`sentilens.mllm` (the families are imported
+by name from :data:`REGISTRY`), so every mllm module may import it.
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ TINY = "tiny"
 DEFAULT_TINY_FAMILY = "llava"
 
 REGISTRY: dict[str, str] = {
-    "llava": "sentilens.mllm.families.llava:LlavaFamily",
+    "llava": "sentilens.mllm.families.llava.family:LlavaFamily",
     "llava-next": "sentilens.mllm.families.llava_next.family:LlavaNextFamily",
     "smolvlm": "sentilens.mllm.families.smolvlm.family:SmolVLMFamily",
     "qwen2.5-vl": "sentilens.mllm.families.qwen_vl.family:Qwen25VLFamily",

@@ -14,7 +14,7 @@ list) reads the registry.
 - :mod:`.attention`: the tower's attention as scores, from a hooked pass (CLS attention, or the
   attention received on a tower without CLS);
 - :mod:`.select`: the budget ``ceil(r N)``, :func:`~.select.choose` (what every family calls) and ``+merge``;
-- :mod:`.filters`: LLaVA-1.5's reducer and the base of the tiled families' ones.
+- :mod:`.filters`: the base of the tiled families' reducers (LLaVA-1.5's: ``families/llava/vision.py``).
 
 Adding a strategy: one module with a ``Strategy`` subclass, one line here (docs/architecture.md).
 """
@@ -32,7 +32,7 @@ from sentilens.mllm.pruning.top_attention import LowestAttention, TopAttention, 
 _LAZY = {
     "attention": ("AttentionScorer", "attention_with_received", "encoder_layers", "has_cls_token",
                   "received_attention", "received_attention_only", "received_by_route", "scoring_route"),
-    "filters": ("TiledTokenFilter", "TokenFilter", "make_reducer"),
+    "filters": ("TiledTokenFilter",),
     "select": ("FlatUnits", "Selection", "choose", "keep_count", "merge_context", "reduce_image", "top_patches"),
 }
 """Names of the torch modules, imported on first use, so the registry (CLI help) loads without torch."""
@@ -125,9 +125,9 @@ def showcase_strategies() -> tuple[str, ...]:
 
 __all__ = ["DEFAULT_STRATEGY", "MODIFIERS", "NEEDS", "STRATEGIES", "AttentionScorer", "FlatUnits", "LastTokenAttention",
            "LmPlan", "LmStage", "LowestAttention", "lm_stage",
-           "RandomDraw", "Selection", "Strategy", "TiledTokenFilter", "TokenFilter", "TopAttention",
+           "RandomDraw", "Selection", "Strategy", "TiledTokenFilter", "TopAttention",
            "attention_with_received", "choose", "encoder_layers", "feature_layer_index", "has_cls_token",
-           "keep_count", "layer_indices", "make_reducer", "merge_context", "parse_strategy", "random_priorities",
+           "keep_count", "layer_indices", "merge_context", "parse_strategy", "random_priorities",
            "reducer_for",
            "received_attention", "received_attention_only", "received_by_route", "reduce_image", "scoring_route",
            "showcase_strategies", "strategy_grammar", "strategy_help", "strategy_legend", "strategy_names",

@@ -12,7 +12,7 @@ from torch import Tensor
 from sentilens.errors import SentilensError
 from sentilens.mllm import inputs
 from sentilens.mllm.families import PatchView
-from sentilens.mllm.families.llava import LlavaFamily
+from sentilens.mllm.families.llava.family import LlavaFamily
 from sentilens.mllm.families.llava_next.layout import NEWLINE, AnyResTokenFilter
 from sentilens.mllm.pruning import (
     parse_strategy,

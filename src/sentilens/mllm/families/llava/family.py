@@ -1,12 +1,4 @@
-"""LLaVA-1.5 (``LlavaForConditionalGeneration``): the paper's model, and the defaults of every family.
-
-A CLIP ViT with a CLS token sees one square image (336 px for LLaVA-1.5: 576 patches); the
-feature layer's patch states (CLS dropped) go through the two-layer projector, one language-model
-token per patch. Filtering (:mod:`sentilens.mllm.pruning`, the paper's Eq. 3) scores each patch by
-the CLS attention averaged over the tower's layers and keeps the top ``ceil(r * N)`` in spatial
-order. The code is where it has always been: :mod:`sentilens.mllm.inputs` (encode, reduce,
-project, assemble), :mod:`sentilens.mllm.pruning`, :func:`sentilens.mllm.model.build_tiny`.
-"""
+"""The LLaVA-1.5 adapter (``LlavaForConditionalGeneration``), the reference every family defaults to."""
 
 from __future__ import annotations
 
@@ -20,7 +12,11 @@ from torch import Tensor
 from sentilens.errors import SentilensError
 from sentilens.mllm import inputs, pruning
 from sentilens.mllm.families import ModelFamily, PatchView
-from sentilens.mllm.prompt import LLAVA15_CHAT_TEMPLATE
+from sentilens.mllm.families.llava import vision
+from sentilens.mllm.families.llava.tiny import build_tiny
+
+LLAVA15_CHAT_TEMPLATE = Path(__file__).with_name("template.jinja").read_text(encoding="utf-8")
+"""LLaVA-1.5's conversation format (Vicuna v1): ``SYSTEM USER: <image>\\ntext\\nquestion ASSISTANT: label</s>``."""
 
 
 class LlavaFamily(ModelFamily):
@@ -44,18 +40,16 @@ class LlavaFamily(ModelFamily):
         return llava_image_tokens(model, processor)
 
     def visual_tokens(self, model, pixel_values: Tensor, extras: dict[str, Tensor], reducer=None) -> list[Tensor]:
-        return inputs.visual_tokens(model, pixel_values, reducer)
+        return vision.visual_tokens(model, pixel_values, reducer)
 
     def make_reducer(self, model, keep_ratio: float, strategy: str = "all"):
-        return pruning.make_reducer(model, keep_ratio, strategy)
+        return vision.make_reducer(model, keep_ratio, strategy)
 
     def assemble(self, model, token_ids, visual, targets=None, padding_side: str = "right", extras=None, native=None):
         return inputs.assemble(model, token_ids, visual, targets, padding_side, native)
 
     def build_tiny(self, out_dir: str | Path, corpus: Sequence[str] = (), seed: int = 0, spec=None,
                    vision_tower: str | Path | None = None) -> Path:
-        from sentilens.mllm.model import build_tiny
-
         return build_tiny(out_dir, corpus=corpus, seed=seed, spec=spec, vision_tower=vision_tower)
 
     def image_token_count(self, model, processor, size: tuple[int, int]) -> tuple[int, int]:
@@ -84,7 +78,7 @@ class LlavaFamily(ModelFamily):
 
         batch = inputs.make_batch(builder, [post]).to(model.lm_head.weight.device)
         with torch.no_grad(), reducer.capture():
-            features = inputs.encode_images(model, batch.pixel_values)
+            features = vision.encode_images(model, batch.pixel_values)
         reducer(features, batch.pixel_values)
         selection = reducer.last[0]
         n = selection.scores.numel()
