@@ -74,7 +74,7 @@ def tiny_cpu(n: int, tmp: Path) -> dict:
         "model": "tiny LLaVA (96 px CLIP ViT 3 layers, 36 visual tokens; Llama 2 layers x 64)",
         "trained": {"epochs": 10, "best_epoch": summary["best_epoch"], "val_accuracy": summary["val"]["accuracy"]},
         "posts": len(posts),
-        **compare(predictor.model.llava, predictor.builder, posts, (1, 16)),
+        **compare(predictor.model.vlm, predictor.builder, posts, (1, 16)),
     }
 
 

@@ -39,7 +39,7 @@ def posts(tmp_path_factory):
 def tiny(request, tmp_path_factory):
     model, builder = tiny_family_model(tmp_path_factory.mktemp("ckpt") / request.param, request.param)
     model.eval()
-    return request.param, model.llava, builder
+    return request.param, model.vlm, builder
 
 
 def strategy_for(family: str, form: str):

@@ -42,7 +42,7 @@ def posts(tmp_path_factory):
 
 def test_identity_path_reproduces_native_llava_logits(tiny, posts):
     model, builder = tiny
-    llava, processor = model.llava, model.processor
+    llava, processor = model.vlm, model.processor
     batch = make_batch(builder, posts)
     with torch.no_grad():
         ours = build_inputs(llava, batch, padding_side="right")
@@ -60,7 +60,7 @@ def test_identity_path_reproduces_native_llava_logits(tiny, posts):
 
 def test_encode_images_is_the_feature_layer_without_cls(tiny, posts):
     model, builder = tiny
-    llava = model.llava
+    llava = model.vlm
     pixels = make_batch(builder, posts).pixel_values
     with torch.no_grad():
         hidden = llava.model.vision_tower(pixels, output_hidden_states=True).hidden_states
@@ -98,7 +98,7 @@ class KeepFirst:
 
 def test_different_kept_counts_in_one_batch_match_one_by_one(tiny, posts):
     model, builder = tiny
-    llava = model.llava
+    llava = model.vlm
     image_posts = [p for p in posts if p.image]
     counts = [5, 36, 1]
     answers = [builder.answer_ids[label] for label in builder.labels]
@@ -121,12 +121,12 @@ def test_different_kept_counts_in_one_batch_match_one_by_one(tiny, posts):
 def test_reducer_must_return_one_tensor_per_image(tiny, posts):
     model, builder = tiny
     with pytest.raises(ValueError, match="one \\(k, 64\\) tensor per image"):
-        build_inputs(model.llava, make_batch(builder, posts), reducer=lambda f, p: list(f)[:1])
+        build_inputs(model.vlm, make_batch(builder, posts), reducer=lambda f, p: list(f)[:1])
 
 
 def test_one_pass_label_scoring_equals_summed_token_log_probs(tiny, posts):
     model, builder = tiny
-    llava = model.llava
+    llava = model.vlm
     answers = [builder.answer_ids[label] for label in builder.labels]
     with torch.no_grad():
         scores = label_log_probs(llava, build_inputs(llava, make_batch(builder, posts), padding_side="left"), answers)

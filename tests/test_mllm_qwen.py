@@ -388,7 +388,7 @@ def test_fine_tuning_trains_the_mergers_and_the_language_model_only(tiny_folder,
     trainable = [name for name, p in model.net.named_parameters() if p.requires_grad]
     assert not any(".visual.blocks." in name or ".visual.patch_embed." in name for name in trainable)
     assert any(".visual.merger." in name for name in trainable)
-    if model.llava.config.model_type == "qwen3_vl":
+    if model.vlm.config.model_type == "qwen3_vl":
         assert any(".visual.deepstack_merger_list." in name for name in trainable)
     lm = [name for name in trainable if ".language_model." in name]
     assert lm and (mode == "full" or all("lora_" in name for name in lm))
@@ -399,7 +399,7 @@ def test_fine_tuning_trains_the_mergers_and_the_language_model_only(tiny_folder,
     batch = MllmBatch([i + answer for i in ids], images.pixel_values, [0, 1],
                       [[-100] * len(i) + answer for i in ids], {"image_grid_thw": images.grid_thw})
     model(batch).backward()
-    merger = model.llava.model.visual.merger
+    merger = model.vlm.model.visual.merger
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in merger.parameters())
 
 

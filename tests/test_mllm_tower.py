@@ -106,7 +106,7 @@ def test_fine_tuning_starts_from_the_cached_tower_and_keeps_it_frozen(quick_towe
     assert read_json(tmp_path / "run" / "base-model" / TOWER_REPORT)["key"] == folder.name
     from sentilens.predict import load_predictor
 
-    tuned = load_predictor(tmp_path / "run").model.llava.model.vision_tower.state_dict()
+    tuned = load_predictor(tmp_path / "run").model.vlm.model.vision_tower.state_dict()
     expected = CLIPVisionModel.from_pretrained(folder).state_dict()
     assert all(torch.equal(tuned[k], expected[k]) for k in expected)
 

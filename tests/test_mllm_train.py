@@ -272,7 +272,7 @@ def test_validation_and_test_run_in_the_same_precision(manifest, tmp_path, fresh
     reloaded = predictor.predict(posts)
     for row, pred in zip(saved, reloaded, strict=True):
         assert row["probabilities"] == pred.probabilities, "val and test ran in different numerics"
-    float32 = predict_posts(predictor.model.llava, predictor.builder, posts, 8)
+    float32 = predict_posts(predictor.model.vlm, predictor.builder, posts, 8)
     gaps = [abs(p.probabilities[k] - q.probabilities[k]) for p, q in zip(float32, reloaded, strict=True)
             for k in p.probabilities]
     assert max(gaps) > 1e-4, "bf16 autocast must be visible in the probabilities for this test to mean anything"

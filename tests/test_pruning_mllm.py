@@ -50,7 +50,7 @@ def lora_run(manifest, tmp_path_factory):
 
 
 def logits_of(predictor, posts, reducer):
-    llava = predictor.model.llava
+    llava = predictor.model.vlm
     with torch.no_grad():
         inputs = build_inputs(llava, make_batch(predictor.builder, posts), reducer=reducer, padding_side="left")
         return inputs, llava.lm_head(language_model_hidden(llava, inputs).last_hidden_state)
@@ -61,7 +61,7 @@ def test_keep_ratio_one_reproduces_the_unfiltered_logits_exactly(run, manifest, 
     predictor = load_predictor(request.getfixturevalue(run))
     posts = read_split(manifest, "test")
     plain_inputs, plain = logits_of(predictor, posts, None)
-    kept_inputs, kept = logits_of(predictor, posts, make_reducer(predictor.model.llava, 1.0))
+    kept_inputs, kept = logits_of(predictor, posts, make_reducer(predictor.model.vlm, 1.0))
     assert kept_inputs.image_tokens == plain_inputs.image_tokens
     assert torch.equal(kept_inputs.inputs_embeds, plain_inputs.inputs_embeds)
     assert torch.equal(kept, plain)
@@ -71,7 +71,7 @@ def test_keep_ratio_one_reproduces_the_unfiltered_logits_exactly(run, manifest, 
 
 def test_the_language_model_sees_exactly_the_top_patches_of_the_eager_reference(full_run, manifest):
     predictor = load_predictor(full_run)
-    llava = predictor.model.llava
+    llava = predictor.model.vlm
     posts = [p for p in read_split(manifest, "test") if p.image][:3]
     batch = make_batch(predictor.builder, posts)
     eager = copy.deepcopy(llava.model.vision_tower)
@@ -98,7 +98,7 @@ def test_native_positions_equal_the_full_sequence_with_the_dropped_tokens_masked
     """The independent reference for +native: the r = 1 input (every visual token at its own position) with the
     dropped visual tokens masked out of attention. The paper's renumbered sequence is another computation."""
     predictor = load_predictor(full_run)
-    llava = predictor.model.llava
+    llava = predictor.model.vlm
     posts = [p for p in read_split(manifest, "test") if p.image][:3]
     reducer = make_reducer(llava, 0.3, strategy)
     inputs, logits = logits_of(predictor, posts, reducer)

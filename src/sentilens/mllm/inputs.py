@@ -93,7 +93,7 @@ class LmInputs:
 
 
 def assemble(
-    llava,
+    vlm,
     token_ids: Sequence[Sequence[int]],
     visual: Sequence[Tensor | None],
     targets: Sequence[Sequence[int]] | None = None,
@@ -108,7 +108,7 @@ def assemble(
     image's ``span`` patches; each visual token then sits at the image's first position plus its
     patch index and the text after the image ``span`` positions after that first one, as at r = 1.
     """
-    config = llava.config
+    config = vlm.config
     image_id = config.image_token_id
     pad_id = config.text_config.pad_token_id
     pad_id = 0 if pad_id is None else pad_id
@@ -128,7 +128,7 @@ def assemble(
         rows.append(ids)
         target_rows.append(tgt)
     width = max(len(r) for r in rows)
-    device = llava.lm_head.weight.device
+    device = vlm.lm_head.weight.device
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     tgt_tensor = torch.full((len(rows), width), -100, dtype=torch.long) if targets is not None else None
@@ -157,7 +157,7 @@ def assemble(
         if padding_side == "right":  # right padding goes on counting from the last real position
             positions[i, start + len(ids):] = own[-1] + 1 + torch.arange(width - start - len(ids))
     input_ids, mask, positions = input_ids.to(device), mask.to(device), positions.to(device)
-    embeds = llava.get_input_embeddings()(input_ids)
+    embeds = vlm.get_input_embeddings()(input_ids)
     kept = [v for v in visual if v is not None]
     if kept:
         features = torch.cat(kept).to(device=embeds.device, dtype=embeds.dtype)
@@ -173,11 +173,11 @@ def assemble(
     )
 
 
-def build_inputs(llava, batch: MllmBatch, reducer: Reducer | None = None, padding_side: str = "right") -> LmInputs:
+def build_inputs(vlm, batch: MllmBatch, reducer: Reducer | None = None, padding_side: str = "right") -> LmInputs:
     """Encode, reduce and project the batch's images, then assemble the language model input
     (both by the model's family: :func:`~sentilens.mllm.families.llava.vision.visual_tokens` and
     :func:`assemble` for LLaVA-1.5)."""
-    family = family_of(llava)
+    family = family_of(vlm)
     lm_stage = reducer if getattr(reducer, "stage", "vision") == "lm" else None
     if lm_stage is not None:  # every visual token passes the vision stage; the language model drops some
         reducer = None
@@ -186,7 +186,7 @@ def build_inputs(llava, batch: MllmBatch, reducer: Reducer | None = None, paddin
     native_positions = batch.pixel_values is not None and getattr(reducer, "native_positions", False)
     if batch.pixel_values is not None:
         with stage("vision"):
-            tokens = family.visual_tokens(llava, batch.pixel_values, batch.image_extras, reducer)
+            tokens = family.visual_tokens(vlm, batch.pixel_values, batch.image_extras, reducer)
         for i, row in enumerate(batch.image_index):
             if row is not None:
                 visual[i] = tokens[row]
@@ -195,7 +195,7 @@ def build_inputs(llava, batch: MllmBatch, reducer: Reducer | None = None, paddin
                     native[i] = (selection.kept, selection.scores.shape[0])
     # only LLaVA-1.5's filter offers +native (the other families refuse it when their filter is built)
     extra = {"native": native} if native_positions else {}
-    built = family.assemble(llava, batch.token_ids, visual, batch.targets, padding_side, extras=batch.image_extras,
+    built = family.assemble(vlm, batch.token_ids, visual, batch.targets, padding_side, extras=batch.image_extras,
                             **extra)
     if lm_stage is not None:
         built.lm_plan = lm_stage.plan(built.input_ids, built.attention_mask)
@@ -203,15 +203,15 @@ def build_inputs(llava, batch: MllmBatch, reducer: Reducer | None = None, paddin
     return built
 
 
-def language_model_hidden(llava, inputs: LmInputs, attention_mask: Tensor | None = None, **kwargs):
+def language_model_hidden(vlm, inputs: LmInputs, attention_mask: Tensor | None = None, **kwargs):
     """Run the language model on assembled inputs; returns its output (``last_hidden_state``, cache). Under an
     LM-stage plan, its layers drop the visual tokens it names (:mod:`sentilens.mllm.pruning.lm_stage`)."""
     from sentilens.mllm.pruning.lm_stage import lm_stage
 
-    family = family_of(llava)
-    with lm_stage(family.language_model(llava), inputs.lm_plan):
+    family = family_of(vlm)
+    with lm_stage(family.language_model(vlm), inputs.lm_plan):
         return family.language_model_hidden(
-            llava,
+            vlm,
             inputs_embeds=inputs.inputs_embeds,
             attention_mask=inputs.attention_mask if attention_mask is None else attention_mask,
             position_ids=inputs.position_ids,

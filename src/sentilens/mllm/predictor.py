@@ -62,7 +62,7 @@ class MllmPredictor:
         from sentilens.mllm.pruning import strategy_names
 
         self.capabilities = Capabilities(supports_keep_ratio=True, supports_explain=True, decodings=DECODINGS,
-                                         strategies=strategy_names(family_of(model.llava).name))
+                                         strategies=strategy_names(family_of(model.vlm).name))
 
     @classmethod
     def from_run(cls, run_dir: str | Path, device: str | torch.device | None = None) -> MllmPredictor:
@@ -72,7 +72,7 @@ class MllmPredictor:
         precision = settings.precision
         model = prepare_model(base_source(run_dir, settings.base_model), settings.mode, settings.lora, device=device,
                               training=False, dtype=None if precision is None else getattr(torch, precision.weights))
-        family = family_of(model.llava)
+        family = family_of(model.vlm)
         if settings.model_family is not None and settings.model_family != family.name:
             raise SentilensError(f"the run was trained as a {settings.model_family} model but its base model "
                                  f"'{settings.base_model}' is a {family.name} checkpoint", run_dir / CONFIG)
@@ -80,7 +80,7 @@ class MllmPredictor:
         model.load_trainable_state(load_weights(weights, device=device), weights)
         model.eval()
         builder = PromptBuilder(model.processor, settings.prompt, settings.labels,
-                                num_image_tokens(model.llava, model.processor), family=family)
+                                num_image_tokens(model.vlm, model.processor), family=family)
         return cls(model, builder, settings, batch_size=settings.predict_batch_size)
 
     def describe(self) -> dict:
@@ -98,7 +98,7 @@ class MllmPredictor:
             from sentilens.mllm.pruning import parse_strategy
 
             parsed = parse_strategy(strategy)
-            parsed.check(family_of(self.model.llava).name)
+            parsed.check(family_of(self.model.vlm).name)
             configured.strategy = str(parsed)
         return configured
 
@@ -107,28 +107,28 @@ class MllmPredictor:
         if keep_ratio is None:
             return None
         check_keep_ratio(keep_ratio)
-        llava = self.model.llava
+        vlm = self.model.vlm
         from sentilens.mllm.pruning import reducer_for
 
-        return reducer_for(llava, keep_ratio, strategy=self.strategy)
+        return reducer_for(vlm, keep_ratio, strategy=self.strategy)
 
     def flops_per_post(self, posts: Sequence[Post], keep_ratio: float | None = None) -> dict:
         """Mean FLOPs of predicting ``posts`` at ``keep_ratio``, by part (:mod:`sentilens.mllm.flops`),
         under the configured filtering strategy; padding inside a batch is not counted."""
-        llava, builder = self.model.llava, self.builder
+        vlm, builder = self.model.vlm, self.builder
         answer_tokens = sum(len(ids) for ids in builder.answer_ids.values())
         total: dict[str, float] = {}
         for post in posts:
             has_image = post.image is not None
             text_tokens = len(builder.prompt_ids(post.text, has_image)) - int(has_image)
             size = load_image(post.image).size if has_image else None
-            for part, value in strategy_flops(llava, builder.processor, size, keep_ratio, self.strategy,
+            for part, value in strategy_flops(vlm, builder.processor, size, keep_ratio, self.strategy,
                                               text_tokens, answer_tokens).items():
                 total[part] = total.get(part, 0.0) + value
         return {part: value / max(len(posts), 1) for part, value in total.items()}
 
     def predict(self, posts: Sequence[Post], keep_ratio: float | None = None) -> list[Prediction]:
-        return predict_posts(self.model.llava, self.builder, list(posts), self.batch_size,
+        return predict_posts(self.model.vlm, self.builder, list(posts), self.batch_size,
                              reducer=self.reducer(keep_ratio), decode=self.decode,
                              autocast=None if self.run_config.precision is None else self.run_config.precision.autocast)
 
@@ -148,8 +148,8 @@ class MllmPredictor:
                                  "vision-stage strategy's choice (explain with --strategy all, for one)")
         check_keep_ratio(keep_ratio)
         prediction = self.predict([post], keep_ratio=keep_ratio)[0]
-        llava = self.model.llava
-        view = family_of(llava).patch_view(llava, self.builder, post, self.reducer(keep_ratio))
+        vlm = self.model.vlm
+        view = family_of(vlm).patch_view(vlm, self.builder, post, self.reducer(keep_ratio))
         return Explanation(prediction=prediction, picture=view.picture, scores=view.scores, kept=view.kept,
                            score_name=view.score_name, strategy=self.strategy, content=view.content,
                            shown=view.shown)

@@ -124,7 +124,7 @@ class MllmTrainConfig(BaseModel):
     tiny: TinySpec = Field(default_factory=TinySpec, description="shapes of --model tiny")
     tiny_vision: Literal["pretrained", "random"] | None = Field(
         None, description="--model tiny: pretrain its vision tower first (cached), or leave it random; None: "
-                          "pretrained for the families with a CLIP tower (llava, llava-next), random for the others")
+                          "pretrained for the families with a CLIP tower (vlm, llava-next), random for the others")
     tiny_tower: TowerRecipe = Field(default_factory=TowerRecipe, description="how --model tiny pretrains its tower")
     cache: Path | None = Field(None, description="pretrained-tower cache (default ~/.cache/sentilens/towers)")
     image_aspect: Literal["pad", "crop"] | None = Field(
@@ -191,7 +191,7 @@ def evaluation_precision(model: MllmModel, mixed_precision: str, deepspeed: bool
     that dtype and predicts under the same autocast, so the best epoch is chosen under the numerics
     it is then used with.
     """
-    weights = model.llava.lm_head.weight.dtype
+    weights = model.vlm.lm_head.weight.dtype
     if deepspeed and mixed_precision == "bf16":
         weights = torch.bfloat16
     autocast = "bfloat16" if mixed_precision == "bf16" else None
@@ -250,9 +250,9 @@ def train_mllm(cfg: MllmTrainConfig) -> dict:
     base = _base_model(cfg, out, train_posts, accelerator)
     model = prepare_model(base, cfg.mode, cfg.lora, device=accelerator.device, training=True,
                           gradient_checkpointing=cfg.gradient_checkpointing)
-    family = family_of(model.llava)
+    family = family_of(model.vlm)
     if cfg.train_keep_ratio is not None:
-        model.reducer = family.make_reducer(model.llava, cfg.train_keep_ratio)
+        model.reducer = family.make_reducer(model.vlm, cfg.train_keep_ratio)
     if cfg.token_dropout is not None:
         if family.name != "llava":
             raise SentilensError(f"--token-dropout is offered for LLaVA-1.5 only, not {family.name}")
@@ -265,7 +265,7 @@ def train_mllm(cfg: MllmTrainConfig) -> dict:
                                   image_aspect=cfg.image_aspect, label_list=cfg.label_list,
                                   **{k: v for k, v in (("system", cfg.system), ("question", cfg.question),
                                                        ("chat_template", cfg.chat_template)) if v})
-    image_tokens = num_image_tokens(model.llava, model.processor)
+    image_tokens = num_image_tokens(model.vlm, model.processor)
     builder = PromptBuilder(model.processor, settings, labels, image_tokens, family=family)
     settings = resolved_settings(settings, builder.chat_template, saved=cfg.resume)
     builder = PromptBuilder(model.processor, settings, labels, image_tokens, family=family)
@@ -315,7 +315,7 @@ def train_mllm(cfg: MllmTrainConfig) -> dict:
                             epoch)
         core.eval()
         predictions = predict_sharded(
-            lambda posts: predict_posts(core.llava, builder, posts, cfg.eval_batch_size, reducer=core.reducer,
+            lambda posts: predict_posts(core.vlm, builder, posts, cfg.eval_batch_size, reducer=core.reducer,
                                         decode=cfg.decode, autocast=run_config.precision.autocast,
                                         description="val"),
             val_posts)
