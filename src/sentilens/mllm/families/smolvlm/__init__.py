@@ -20,8 +20,8 @@ Filtering, and why:
   the tile's queries and the heads of ``softmax(q K^T / sqrt(d))``, averaged over the chosen layers. A
   scored layer computes its attention itself, every tile on its own, and sums each softmax block's
   columns on the way (:func:`sentilens.mllm.pruning.attention_with_received`, the helper the Qwen
-  filter uses): the map the layer's output needs gives the scores too. Recomputing ``q K^T`` beside
-  the tower's own kernel instead cost 1.22x the tower on the CPU proxy.
+  filter uses): the map the layer's output needs gives the scores too, where recomputing ``q K^T``
+  beside the tower's own kernel would cost a good share of another tower pass (docs/pruning.md).
   A language-model token stands for its pixel-shuffle block, which the language model receives as
   one token, so it is kept or dropped whole: its score is the **mean of its block's patch scores**.
 - **Budget over the whole image, global tile and crops alike.** All tiles have the same patch
