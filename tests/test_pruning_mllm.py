@@ -152,7 +152,9 @@ def test_an_lm_stage_strategy_predicts_counts_its_flops_and_draws_no_heatmap(ful
     with pytest.raises(SentilensError, match=r"^strategy 'lm:0' prunes inside the language model"):
         predictor.explain(image_post, 0.3)
     with pytest.raises(SentilensError, match=r"LM layer 9 leaves no layer after it in a \d+-layer language model"):
-        predictor.with_options(strategy="lm:9").predict(posts[:1], keep_ratio=0.3)
+        predictor.with_options(strategy="lm:9")
+    with pytest.raises(SentilensError, match=r"^bad scoring layers '40': .*the tower has \d+ layers"):
+        predictor.with_options(strategy="40")
 
 
 def record_visual_tokens(monkeypatch) -> dict[str, list[int]]:

@@ -95,10 +95,10 @@ class MllmPredictor:
                                      f"got '{decode}'")
             configured.decode = decode
         if strategy is not None:
-            from sentilens.mllm.pruning import parse_strategy
+            from sentilens.mllm.pruning import parse_strategy, reducer_for
 
             parsed = parse_strategy(strategy)
-            parsed.check(family_of(self.model.vlm).name)
+            reducer_for(self.model.vlm, 1.0, str(parsed))  # refuses now what this model cannot run (family, layers)
             configured.strategy = str(parsed)
         return configured
 
