@@ -74,7 +74,7 @@ def tiny_cpu(n: int, tmp: Path) -> dict:
         "model": "tiny LLaVA (96 px CLIP ViT 3 layers, 36 visual tokens; Llama 2 layers x 64)",
         "trained": {"epochs": 10, "best_epoch": summary["best_epoch"], "val_accuracy": summary["val"]["accuracy"]},
         "posts": len(posts),
-        **compare(predictor.model.llava, predictor.builder, posts, (1, 16)),
+        **compare(predictor.model.vlm, predictor.builder, posts, (1, 16)),
     }
 
 
@@ -84,7 +84,8 @@ def llava15_7b_random(tmp: Path) -> dict:
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
     from sentilens.data.synth import LABELS
-    from sentilens.mllm.model import build_tiny, load_checkpoint, num_image_tokens
+    from sentilens.mllm.families.llava.tiny import build_tiny
+    from sentilens.mllm.model import load_checkpoint, num_image_tokens
 
     _, processor = load_checkpoint(build_tiny(tmp / "tokenizer"))
     size = {"height": 336, "width": 336}

@@ -18,9 +18,9 @@ Models have random weights (speed does not depend on them) and are built from co
 - Qwen-VL CPU proxies (``--families``; batch ``--qwen-batches``): Qwen2.5-VL-7B's tower shape (1280 wide,
   14-px patches, 112-px windows, every 8th layer full) on a 448-px image and Qwen3-VL-8B's (1152 wide,
   16-px patches, deepstack) on a 512-px image, both 256 merged tokens, with ``--vision-layers`` layers and
-  a Llama-style LM (1024 wide, 2 KV heads). The scorer is received attention (:mod:`sentilens.mllm.qwen`):
+  a Llama-style LM (1024 wide, 2 KV heads). The scorer is received attention (:mod:`sentilens.mllm.families.qwen_vl`):
   Qwen2.5-VL ``all`` (its full-attention layers), Qwen3-VL ``all`` (every layer) and ``feature`` (deepstack
-  layers + last); the FLOP-ideal speedup is :func:`sentilens.mllm.qwen.prediction_flops`.
+  layers + last); the FLOP-ideal speedup is :func:`sentilens.mllm.families.qwen_vl.flops.prediction_flops`.
 - LLaVA-NeXT and SmolVLM CPU proxies (``--families``; batch ``--tiled-batches``): LLaVA-NeXT's CLIP
   ViT-L/14-336 tower on a 336 x 672 image (base tile + 1 x 2 crops, 1,752 visual tokens with the row
   newlines; own-tile CLS scores, the newline rule) and SmolVLM-256M/500M's SigLIP-B/16-512 tower (768
@@ -55,9 +55,10 @@ from pathlib import Path
 import torch
 
 from sentilens.machine import cpu_name
+from sentilens.mllm.families.llava.vision import TokenFilter, make_reducer
 from sentilens.mllm.flops import prediction_flops
 from sentilens.mllm.inputs import MllmBatch, build_inputs
-from sentilens.mllm.pruning import FilterSpec, TokenFilter, keep_count, make_reducer
+from sentilens.mllm.pruning import keep_count
 from sentilens.mllm.scoring import label_log_probs
 from sentilens.runs import write_json
 
@@ -162,8 +163,10 @@ def measure_qwen(shape: QwenShape, batch: int, device: str, dtype: torch.dtype, 
     """As :func:`measure`, for a Qwen-VL family through its adapter (received-attention scoring on the
     ``strategy`` layers, merged tokens filtered, 3-D positions kept); the tower alone is the same pass with
     the merger recorder and no scoring hooks."""
-    from sentilens.mllm import qwen
     from sentilens.mllm.families import family_of
+    from sentilens.mllm.families.qwen_vl import flops as qwen_flops
+    from sentilens.mllm.families.qwen_vl import processor as qwen_processor
+    from sentilens.mllm.families.qwen_vl import vision as qwen_vision
 
     torch.manual_seed(0)
     model = build_qwen(shape, dtype, device)
@@ -173,11 +176,12 @@ def measure_qwen(shape: QwenShape, batch: int, device: str, dtype: torch.dtype, 
     patch_width = 3 * visual.config.temporal_patch_size * visual.patch_size ** 2
     pixels = torch.randn(batch * grid * grid, patch_width, device=device, dtype=dtype)
     grid_thw = torch.tensor([[1, grid, grid]] * batch, device=device)
-    images = qwen.QwenImages(pixels, grid_thw)
+    images = qwen_processor.QwenImages(pixels, grid_thw)
     scorer = family.make_reducer(model, 1.0, strategy).scorer
     with torch.no_grad():
-        tower_times = timed_passes({"alone": lambda: qwen.encode_images(model, images),
-                                    "scored": lambda: qwen.encode_images(model, images, scorer)}, repeats, device)
+        tower_times = timed_passes({"alone": lambda: qwen_vision.encode_images(model, images),
+                                    "scored": lambda: qwen_vision.encode_images(model, images, scorer)},
+                                   repeats, device)
 
     image_id = model.config.image_token_id
     ids = [100 + i for i in range(text_tokens // 2)] + [image_id] + [
@@ -194,12 +198,13 @@ def measure_qwen(shape: QwenShape, batch: int, device: str, dtype: torch.dtype, 
         times = timed_passes({ratio: predict(ratio) for ratio in RATIOS}, repeats, device)
     answer_tokens = sum(len(a) for a in ANSWERS)
     scored = len(scorer.layers)
-    base_flops = qwen.prediction_flops(model.config, n, n, text_tokens, answer_tokens, scored)["total"]
+    base_flops = qwen_flops.prediction_flops(model.config, n, n, text_tokens, answer_tokens, scored)["total"]
     rows = []
     for ratio in RATIOS:
         kept = keep_count(n, ratio)
         speedup = paired_ratio(times, 1.0, ratio)
-        ideal = base_flops / qwen.prediction_flops(model.config, n, kept, text_tokens, answer_tokens, scored)["total"]
+        flops = qwen_flops.prediction_flops(model.config, n, kept, text_tokens, answer_tokens, scored)
+        ideal = base_flops / flops["total"]
         rows.append({"ratio": ratio, "kept_tokens": kept, "latency_ms_per_post": 1000 * min(times[ratio]) / batch,
                      "speedup": speedup, "ideal_speedup": ideal, "speedup_of_ideal": speedup / ideal,
                      "paper_speedup": PAPER_SPEEDUP[ratio]})
@@ -305,7 +310,7 @@ def tiled_inputs(shape: TiledShape, model, batch: int, device: str, dtype: torch
         tiles = family.tiles(model, size[0].tolist())
         pixels = torch.randn(batch, tiles, 3, t, t, device=device, dtype=dtype)
         return pixels, {"image_sizes": size.to(device)}, pixels.flatten(0, 1)
-    from sentilens.mllm.families.smolvlm import PAD, TEXT
+    from sentilens.mllm.families.smolvlm.processor import PAD, TEXT
 
     rows, cols = shape.image_height // t, shape.image_width // t
     per_tile = (t // shape.patch_size) ** 2 // shape.scale_factor ** 2
@@ -475,7 +480,7 @@ def measure(shape: Shape, batch: int, device: str, dtype: torch.dtype, text_toke
     pixels = torch.randn(batch, 3, shape.image_size, shape.image_size, device=device, dtype=dtype)
     eager = copy.deepcopy(tower)
     eager.set_attn_implementation("eager")
-    scorer = TokenFilter(tower, 1.0, FilterSpec("all")).scorer
+    scorer = TokenFilter(tower, 1.0, "all").scorer
 
     def scored():
         with scorer.capture():

@@ -10,7 +10,8 @@ from pathlib import Path
 from sentilens.cli import app
 from sentilens.data.records import Post, read_manifest, read_split, write_manifest
 from sentilens.data.synth import LABELS, make_synthetic
-from sentilens.mllm.model import build_tiny, num_image_tokens, prepare_model
+from sentilens.mllm.families.llava.tiny import build_tiny
+from sentilens.mllm.model import num_image_tokens, prepare_model
 from sentilens.mllm.prompt import PromptBuilder, PromptSettings
 
 LONG_TEXT = " ".join(["what a long and winding story about the weather this week"] * 4)
@@ -28,7 +29,7 @@ def tiny_model(folder: Path, mode: str = "full", training: bool = False):
     if not (folder / "config.json").is_file():
         build_tiny(folder, corpus=["the sun is out and I love it", "another terrible storm"])
     model = prepare_model(folder, mode, training=training)
-    builder = PromptBuilder(model.processor, PromptSettings(), LABELS, num_image_tokens(model.llava, model.processor))
+    builder = PromptBuilder(model.processor, PromptSettings(), LABELS, num_image_tokens(model.vlm, model.processor))
     return model, builder
 
 
@@ -40,7 +41,7 @@ def tiny_family_model(folder: Path, family: str):
     get_family(family).build_tiny(folder, corpus=["the sun is out and I love it", "another terrible storm"])
     model = prepare_model(folder, training=False)
     builder = PromptBuilder(model.processor, PromptSettings(image_aspect="crop"), LABELS,
-                            num_image_tokens(model.llava, model.processor), family=family_of(model.llava))
+                            num_image_tokens(model.vlm, model.processor), family=family_of(model.vlm))
     return model, builder
 
 

@@ -16,7 +16,7 @@ from sentilens.mllm.predictor import MllmPredictor
 def predictor(tmp_path_factory):
     """The tiny LLaVA with eager attention everywhere, so that every attention product is a counted matmul."""
     model, builder = tiny_model(tmp_path_factory.mktemp("tiny") / "ckpt")
-    model.llava.set_attn_implementation("eager")
+    model.vlm.set_attn_implementation("eager")
     config = MllmRunConfig(base_model="tiny", labels=builder.labels, num_image_tokens=builder.num_image_tokens)
     return MllmPredictor(model, builder, config, batch_size=1)
 
@@ -38,7 +38,7 @@ def test_count_equals_torch_flop_counter_per_post(predictor, posts, strategy, ra
 
 
 def test_language_model_share_grows_with_its_width(predictor):
-    config = predictor.model.llava.config
+    config = predictor.model.vlm.config
     narrow = prediction_flops(config, kept=36, text_tokens=60, answer_tokens=8)
     assert narrow["vision"] > 0 and narrow["scoring"] == 0 and narrow["total"] == pytest.approx(
         sum(v for k, v in narrow.items() if k != "total"))

@@ -12,7 +12,8 @@ from PIL import Image
 
 from mllm_helpers import tiny_model
 from sentilens.data.records import Post
-from sentilens.mllm.inputs import build_inputs, encode_images, language_model_hidden, make_batch
+from sentilens.mllm.families.llava.vision import encode_images
+from sentilens.mllm.inputs import build_inputs, language_model_hidden, make_batch
 from sentilens.mllm.scoring import label_log_probs
 
 
@@ -41,7 +42,7 @@ def posts(tmp_path_factory):
 
 def test_identity_path_reproduces_native_llava_logits(tiny, posts):
     model, builder = tiny
-    llava, processor = model.llava, model.processor
+    llava, processor = model.vlm, model.processor
     batch = make_batch(builder, posts)
     with torch.no_grad():
         ours = build_inputs(llava, batch, padding_side="right")
@@ -59,7 +60,7 @@ def test_identity_path_reproduces_native_llava_logits(tiny, posts):
 
 def test_encode_images_is_the_feature_layer_without_cls(tiny, posts):
     model, builder = tiny
-    llava = model.llava
+    llava = model.vlm
     pixels = make_batch(builder, posts).pixel_values
     with torch.no_grad():
         hidden = llava.model.vision_tower(pixels, output_hidden_states=True).hidden_states
@@ -74,13 +75,14 @@ def test_encode_images_is_the_feature_layer_without_cls(tiny, posts):
 class KeepFirst:
     """A reducer keeping the first k_i rows of image i, recording that it captured the tower's own pass."""
 
-    def __init__(self, counts):
+    def __init__(self, counts, tower):
         self.counts = counts
+        self.tower = tower
         self.tower_calls_inside = 0
 
     @contextmanager
-    def capture(self, llava):
-        handle = llava.model.vision_tower.register_forward_hook(lambda *_: self._count())
+    def capture(self):
+        handle = self.tower.register_forward_hook(lambda *_: self._count())
         try:
             yield
         finally:
@@ -96,11 +98,11 @@ class KeepFirst:
 
 def test_different_kept_counts_in_one_batch_match_one_by_one(tiny, posts):
     model, builder = tiny
-    llava = model.llava
+    llava = model.vlm
     image_posts = [p for p in posts if p.image]
     counts = [5, 36, 1]
     answers = [builder.answer_ids[label] for label in builder.labels]
-    reducer = KeepFirst(counts)
+    reducer = KeepFirst(counts, llava.model.vision_tower)
     with torch.no_grad():
         inputs = build_inputs(llava, make_batch(builder, posts), reducer=reducer, padding_side="left")
         batched = label_log_probs(llava, inputs, answers)
@@ -109,7 +111,7 @@ def test_different_kept_counts_in_one_batch_match_one_by_one(tiny, posts):
     assert (inputs.input_ids == llava.config.image_token_id).sum(dim=1).tolist() == [5, 36, 0, 1]
     k = iter(counts)
     for i, post in enumerate(posts):
-        single = KeepFirst([next(k)]) if post.image else None
+        single = KeepFirst([next(k)], llava.model.vision_tower) if post.image else None
         with torch.no_grad():
             alone = build_inputs(llava, make_batch(builder, [post]), reducer=single, padding_side="left")
             torch.testing.assert_close(label_log_probs(llava, alone, answers)[0], batched[i], atol=1e-5, rtol=1e-5)
@@ -119,12 +121,12 @@ def test_different_kept_counts_in_one_batch_match_one_by_one(tiny, posts):
 def test_reducer_must_return_one_tensor_per_image(tiny, posts):
     model, builder = tiny
     with pytest.raises(ValueError, match="one \\(k, 64\\) tensor per image"):
-        build_inputs(model.llava, make_batch(builder, posts), reducer=lambda f, p: list(f)[:1])
+        build_inputs(model.vlm, make_batch(builder, posts), reducer=lambda f, p: list(f)[:1])
 
 
 def test_one_pass_label_scoring_equals_summed_token_log_probs(tiny, posts):
     model, builder = tiny
-    llava = model.llava
+    llava = model.vlm
     answers = [builder.answer_ids[label] for label in builder.labels]
     with torch.no_grad():
         scores = label_log_probs(llava, build_inputs(llava, make_batch(builder, posts), padding_side="left"), answers)

@@ -16,7 +16,7 @@ from mllm_helpers import eval_sweep_predict_explain, image_posts, small_manifest
 from sentilens.cli import app
 from sentilens.errors import SentilensError
 from sentilens.mllm.families import family_of
-from sentilens.mllm.families.llava_next import NEWLINE, choose_slots
+from sentilens.mllm.families.llava_next.layout import NEWLINE, choose_slots
 from sentilens.mllm.inputs import build_inputs, language_model_hidden, make_batch
 from sentilens.mllm.scoring import label_log_probs
 
@@ -49,14 +49,14 @@ def native_counts(model, posts):
 
 def test_the_tiny_model_loads_through_from_pretrained_as_llava_next(tiny):
     model, builder = tiny
-    assert type(model.llava).__name__ == "LlavaNextForConditionalGeneration"
+    assert type(model.vlm).__name__ == "LlavaNextForConditionalGeneration"
     assert builder.family.name == "llava-next"
     assert builder.render("hi", True).startswith("[INST] ") and builder.render("hi", True).endswith(" [/INST]")
 
 
 def test_identity_reproduces_native_llava_next_logits(tiny, posts):
     model, builder = tiny
-    llava, processor = model.llava, model.processor
+    llava, processor = model.vlm, model.processor
     batch = make_batch(builder, posts)
     images = [Image.open(p.image).convert("RGB") for p in posts if p.image]
     native_inputs = processor(images=images, text=[builder.render(p.text, p.image is not None) for p in posts],
@@ -93,7 +93,7 @@ def eager_own_tile_cls(tower, tiles, layers):
 @pytest.mark.parametrize("ratio", [0.05, 0.3, 0.7])
 def test_exactly_ceil_r_n_tokens_with_newlines_kept_for_rows_that_keep_patches(tiny, posts, ratio):
     model, builder = tiny
-    llava = model.llava
+    llava = model.vlm
     family = family_of(llava)
     batch = make_batch(builder, posts)
     reducer = family.make_reducer(llava, ratio)
@@ -140,7 +140,7 @@ def test_choose_slots_counts_newlines_and_swaps_when_one_token_is_left():
 
 def test_batched_equals_one_by_one_with_different_kept_counts(tiny, posts):
     model, builder = tiny
-    llava = model.llava
+    llava = model.vlm
     family = family_of(llava)
     answers = [builder.answer_ids[label] for label in builder.labels]
     with torch.no_grad():
@@ -171,7 +171,7 @@ def test_train_eval_sweep_predict_explain_from_the_command_line(tmp_path):
 
 
 def test_merge_strategies_are_refused_in_one_line(tiny):
-    llava = tiny[0].llava
+    llava = tiny[0].vlm
     with pytest.raises(SentilensError, match=r"^strategy 'feature\+merge': \+merge is not available for LLaVA-NeXT "
                                              r"\(its contextual tokens have no place in the row layout\); use"):
         family_of(llava).make_reducer(llava, 0.5, "feature+merge")

@@ -11,8 +11,9 @@ from PIL import Image
 from mllm_helpers import tiny_model
 from sentilens.data.records import Post
 from sentilens.errors import SentilensError
+from sentilens.mllm.families.llava.tiny import build_tiny
 from sentilens.mllm.inputs import make_batch
-from sentilens.mllm.model import build_tiny, load_checkpoint, prepare_model
+from sentilens.mllm.model import load_checkpoint, prepare_model
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +47,7 @@ def test_tiny_checkpoint_loads_back_through_from_pretrained(checkpoint):
 
 def test_training_steps_leave_the_vision_tower_bitwise_unchanged(checkpoint, training_posts):
     model, builder = tiny_model(checkpoint, training=True)
-    llava = model.llava
+    llava = model.vlm
     tower = {k: v.clone() for k, v in llava.model.vision_tower.state_dict().items()}
     projector = {k: v.clone() for k, v in llava.model.multi_modal_projector.state_dict().items()}
     language = {k: v.clone() for k, v in llava.model.language_model.state_dict().items()}

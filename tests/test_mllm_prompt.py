@@ -94,3 +94,40 @@ def test_parse_and_task_inference(tiny):
     assert infer_task(["informative", "not_informative"]) == "informative"
     assert infer_task(["not_humanitarian", "affected_individuals"]) == "humanitarian"
     assert infer_task(["spam", "ham"]) == "custom"
+
+
+def test_a_run_saved_without_its_question_keeps_the_default_of_its_time(tiny, monkeypatch):
+    from sentilens.mllm import prompt as prompt_module
+
+    model, base = tiny
+    before = base.render("my cat is asleep", has_image=True)
+    monkeypatch.setitem(prompt_module.TASK_QUESTIONS, "sentiment", "How does this post feel?")
+    monkeypatch.setattr(prompt_module, "LABEL_WORDING", "Pick: {labels}.")
+    old = PromptSettings(question=None)
+    builder = PromptBuilder(model.processor, old, base.labels, base.num_image_tokens)
+    assert builder.render("my cat is asleep", has_image=True) == before
+    new = prompt_module.resolved_settings(PromptSettings(), base.chat_template)
+    assert (new.question, new.label_wording) == ("How does this post feel?", "Pick: {labels}.")
+    resumed = prompt_module.resolved_settings(old, base.chat_template, saved=True)
+    assert PromptBuilder(model.processor, resumed, base.labels, base.num_image_tokens).render(
+        "my cat is asleep", has_image=True) == before
+
+
+def test_a_chat_template_in_the_settings_renders_the_prompt(tiny):
+    model, base = tiny
+    template = ("{%- for message in messages -%}{%- for part in message['content'] -%}"
+                "{%- if part['type'] == 'image' -%}<image>{%- else -%}[{{ part['text'] }}]{%- endif -%}"
+                "{%- endfor -%}{%- endfor -%}{%- if add_generation_prompt -%}=>{%- endif -%}")
+    builder = PromptBuilder(model.processor, PromptSettings(chat_template=template), base.labels,
+                            base.num_image_tokens)
+    assert builder.render("hi", has_image=True) == (
+        f"[{base.settings.system}]<image>[hi][What is the sentiment of the given text? "
+        "Answer with one of: positive, neutral, negative.]=>")
+
+
+def test_a_label_wording_without_the_labels_is_refused(tiny):
+    _, base = tiny
+    from sentilens.mllm.prompt import resolved_settings
+
+    with pytest.raises(SentilensError, match="label_wording"):
+        resolved_settings(PromptSettings(label_wording="Answer please."), base.chat_template)

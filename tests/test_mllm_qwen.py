@@ -1,4 +1,4 @@
-"""Qwen2.5-VL and Qwen3-VL input building and visual-token filtering (sentilens.mllm.qwen), on tiny random
+"""Qwen2.5-VL and Qwen3-VL input building and visual-token filtering (sentilens.mllm.families.qwen_vl), on tiny random
 models saved and loaded back with from_pretrained, checked against the native HF models."""
 
 from __future__ import annotations
@@ -11,16 +11,21 @@ import torch
 from PIL import Image
 
 from sentilens.errors import SentilensError
-from sentilens.mllm import qwen
+from sentilens.mllm.families.qwen_vl import flops as qwen_flops
+from sentilens.mllm.families.qwen_vl import positions as qwen_positions
+from sentilens.mllm.families.qwen_vl import processor as qwen_processor
+from sentilens.mllm.families.qwen_vl import tiny as qwen_tiny
+from sentilens.mllm.families.qwen_vl import vision as qwen_vision
 from sentilens.mllm.inputs import LmInputs, language_model_hidden
 from sentilens.mllm.model import load_checkpoint
+from sentilens.mllm.pruning import parse_strategy
 
 FAMILIES = ("qwen2.5-vl", "qwen3-vl")
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
 def tiny_folder(request, tmp_path_factory):
-    return qwen.build_tiny_qwen(tmp_path_factory.mktemp(request.param), request.param,
+    return qwen_tiny.build_tiny_qwen(tmp_path_factory.mktemp(request.param), request.param,
                                 corpus=["the sun is out", "another terrible storm"])
 
 
@@ -43,7 +48,7 @@ def _prompt(processor, text: str, image: bool = True) -> list[int]:
     return processor.tokenizer(rendered)["input_ids"]
 
 
-def _native_logits(model, ids: list[int], images: qwen.QwenImages | None, count: int) -> torch.Tensor:
+def _native_logits(model, ids: list[int], images: qwen_processor.QwenImages | None, count: int) -> torch.Tensor:
     """HF's own forward on one post: the placeholder repeated ``count`` times, HF's get_rope_index positions."""
     image_id = model.config.image_token_id
     if images is None:
@@ -63,12 +68,12 @@ def _logits(model, inputs: LmInputs) -> torch.Tensor:
 def test_all_tokens_reproduce_the_native_model(tiny):
     """r = 1 (no filter) gives HF's logits, in a left-padded batch mixing a square, a wide and no image."""
     model, processor = tiny
-    images = qwen.preprocess_images(processor.image_processor, _images())
+    images = qwen_processor.preprocess_images(processor.image_processor, _images())
     assert images.grid_thw.tolist() == [[1, 12, 12], [1, 10, 18]]
     ids = [_prompt(processor, "what a day"), _prompt(processor, "hi"), _prompt(processor, "no picture", False)]
-    filt = qwen.QwenTokenFilter(model, 1.0)
+    filt = qwen_vision.QwenTokenFilter(model, 1.0)
     for token_filter in (None, filt):
-        inputs = qwen.build_inputs(model, ids, images, [0, 1, None], token_filter, padding_side="left")
+        inputs = qwen_positions.build_inputs(model, ids, images, [0, 1, None], token_filter, padding_side="left")
         assert inputs.image_tokens == [36, 45, 0]
         mine = _logits(model, inputs)
         for i, row in enumerate([0, 1, None]):
@@ -81,15 +86,15 @@ def test_all_tokens_reproduce_the_native_model(tiny):
 def test_kept_tokens_keep_their_native_positions(tiny):
     """Each kept token has the 3-D position HF gives it in the full sequence; the text after the image too."""
     model, processor = tiny
-    images = qwen.preprocess_images(processor.image_processor, _images()[1:])
+    images = qwen_processor.preprocess_images(processor.image_processor, _images()[1:])
     ids = _prompt(processor, "a wide picture")
     image_id = model.config.image_token_id
     at = ids.index(image_id)
     full = torch.tensor([ids[:at] + [image_id] * 45 + ids[at + 1:]])
     native, _ = model.model.get_rope_index(full, mm_token_type_ids=(full == image_id).int(),
                                            image_grid_thw=images.grid_thw)
-    filt = qwen.QwenTokenFilter(model, 0.3)
-    inputs = qwen.build_inputs(model, [ids], images, [0], filt)
+    filt = qwen_vision.QwenTokenFilter(model, 0.3)
+    inputs = qwen_positions.build_inputs(model, [ids], images, [0], filt)
     kept = filt.last[0].kept
     assert inputs.image_tokens == [math.ceil(0.3 * 45)]
     keep_rows = torch.cat([torch.arange(at), at + kept, torch.arange(at + 45, full.shape[1])])
@@ -103,13 +108,13 @@ def test_kept_tokens_keep_their_native_positions(tiny):
 def test_kept_count_reaching_the_language_model(tiny, ratio):
     """ceil(r * N) visual tokens per image reach the language model (N = 36 and 45 here)."""
     model, processor = tiny
-    images = qwen.preprocess_images(processor.image_processor, _images())
+    images = qwen_processor.preprocess_images(processor.image_processor, _images())
     ids = [_prompt(processor, "one"), _prompt(processor, "two")]
     seen = {}
     hook = model.model.language_model.register_forward_pre_hook(
         lambda module, args, kwargs: seen.update(embeds=kwargs["inputs_embeds"].shape), with_kwargs=True)
     try:
-        inputs = qwen.build_inputs(model, ids, images, [0, 1], qwen.QwenTokenFilter(model, ratio))
+        inputs = qwen_positions.build_inputs(model, ids, images, [0, 1], qwen_vision.QwenTokenFilter(model, ratio))
         language_model_hidden(model, inputs)
     finally:
         hook.remove()
@@ -126,15 +131,15 @@ def test_kept_count_reaching_the_language_model(tiny, ratio):
 def test_batched_equals_one_by_one(tiny, strategy):
     """A batch of images with different kept counts gives each post the logits it gets alone."""
     model, processor = tiny
-    images = qwen.preprocess_images(processor.image_processor, _images())
+    images = qwen_processor.preprocess_images(processor.image_processor, _images())
     ids = [_prompt(processor, "first post"), _prompt(processor, "the second, longer post")]
-    batch = qwen.build_inputs(model, ids, images, [0, 1], qwen.QwenTokenFilter(model, 0.4, strategy),
+    batch = qwen_positions.build_inputs(model, ids, images, [0, 1], qwen_vision.QwenTokenFilter(model, 0.4, strategy),
                               padding_side="left")
     assert batch.image_tokens == [15, 18]
     together = _logits(model, batch)
     for i in range(2):
-        alone = qwen.build_inputs(model, [ids[i]], images.select([i]), [0], qwen.QwenTokenFilter(model, 0.4, strategy),
-                                  padding_side="left")
+        alone = qwen_positions.build_inputs(model, [ids[i]], images.select([i]), [0],
+                                            qwen_vision.QwenTokenFilter(model, 0.4, strategy), padding_side="left")
         single = _logits(model, alone)[0]
         torch.testing.assert_close(together[i, -single.shape[0]:], single, atol=1e-5, rtol=0)
 
@@ -146,7 +151,7 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return x * cos[:, None].float() + turned * sin[:, None].float()
 
 
-def _reference_scores(model, images: qwen.QwenImages, layers: list[int]) -> list[torch.Tensor]:
+def _reference_scores(model, images: qwen_processor.QwenImages, layers: list[int]) -> list[torch.Tensor]:
     """Received attention written out by hand: the full eager softmax map of each image at each scored layer
     (from the block's input, its norm and qkv weights and the rotary angles the tower passes it), mean over
     heads and queries, mean over the layers, mean over each 2x2 block, in raster order. The tower's patch order
@@ -202,10 +207,10 @@ def _reference_scores(model, images: qwen.QwenImages, layers: list[int]) -> list
 @torch.no_grad()
 def test_scores_match_hand_computed_attention_maps(tiny):
     model, processor = tiny
-    images = qwen.preprocess_images(processor.image_processor, _images())
-    filt = qwen.QwenTokenFilter(model, 0.4)
-    qwen.build_inputs(model, [_prompt(processor, "a"), _prompt(processor, "b")], images, [0, 1], filt)
-    layers = qwen.scored_layers(model.model.visual, filt.spec)
+    images = qwen_processor.preprocess_images(processor.image_processor, _images())
+    filt = qwen_vision.QwenTokenFilter(model, 0.4)
+    qwen_positions.build_inputs(model, [_prompt(processor, "a"), _prompt(processor, "b")], images, [0, 1], filt)
+    layers = qwen_vision.scored_layers(model.model.visual, filt.strategy)
     if model.config.model_type == "qwen2_5_vl":
         assert layers == [1, 3]  # the tiny tower's full-attention layers; 0 and 2 are windowed
     else:
@@ -220,16 +225,16 @@ def test_windowed_layers_and_merge_are_refused(tiny):
     model, _ = tiny
     if model.config.model_type == "qwen2_5_vl":
         with pytest.raises(SentilensError, match="windowed-attention layers"):
-            qwen.QwenTokenFilter(model, 0.5, "0")
-        assert qwen.scored_layers(model.model.visual, qwen.FilterSpec.parse("0:2")) == [1]
+            qwen_vision.QwenTokenFilter(model, 0.5, "0")
+        assert qwen_vision.scored_layers(model.model.visual, parse_strategy("0:2")) == [1]
     else:  # Qwen3-VL: "feature" = the layers whose outputs reach the language model (deepstack + last)
         assert model.config.vision_config.deepstack_visual_indexes == [2]
-        assert qwen.scored_layers(model.model.visual, qwen.FilterSpec.parse("feature")) == [2, 3]
-    assert qwen.scored_layers(model.model.visual, qwen.FilterSpec.parse("last")) == [3]
+        assert qwen_vision.scored_layers(model.model.visual, parse_strategy("feature")) == [2, 3]
+    assert qwen_vision.scored_layers(model.model.visual, parse_strategy("last")) == [3]
     with pytest.raises(SentilensError, match=r"\+merge"):
-        qwen.QwenTokenFilter(model, 0.5, "all+merge")
+        qwen_vision.QwenTokenFilter(model, 0.5, "all+merge")
     with pytest.raises(SentilensError, match=r"native 3-D position always"):
-        qwen.QwenTokenFilter(model, 0.5, "all+native")
+        qwen_vision.QwenTokenFilter(model, 0.5, "all+native")
 
 
 @torch.no_grad()
@@ -237,14 +242,14 @@ def test_deepstack_features_follow_the_kept_tokens(tiny):
     """Qwen3-VL: the deepstack features reach the language model for exactly the kept tokens, and matter.
     Qwen2.5-VL has none."""
     model, processor = tiny
-    images = qwen.preprocess_images(processor.image_processor, _images()[:1])
+    images = qwen_processor.preprocess_images(processor.image_processor, _images()[:1])
     ids = [_prompt(processor, "deep")]
-    filt = qwen.QwenTokenFilter(model, 0.5)
-    inputs = qwen.build_inputs(model, ids, images, [0], filt)
+    filt = qwen_vision.QwenTokenFilter(model, 0.5)
+    inputs = qwen_positions.build_inputs(model, ids, images, [0], filt)
     if model.config.model_type == "qwen2_5_vl":
         assert inputs.lm_kwargs == {}
         return
-    full = qwen.visual_tokens(model, images)[0]
+    full = qwen_vision.visual_tokens(model, images)[0]
     kept = filt.last[0].kept
     deepstack = inputs.lm_kwargs["deepstack_visual_embeds"]
     assert len(deepstack) == len(model.config.vision_config.deepstack_visual_indexes) > 0
@@ -261,14 +266,14 @@ def test_label_scoring_matches_the_native_model(tiny):
     from sentilens.mllm.scoring import label_log_probs
 
     model, processor = tiny
-    images = qwen.preprocess_images(processor.image_processor, _images())
+    images = qwen_processor.preprocess_images(processor.image_processor, _images())
     ids = [_prompt(processor, "what a day"), _prompt(processor, "hi"), _prompt(processor, "no image", False)]
     end = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
     answers = [processor.tokenizer(word)["input_ids"] + [end] for word in ("positive", "neutral", "not informative")]
     image_id = model.config.image_token_id
     for ratio in (None, 0.5):
-        token_filter = None if ratio is None else qwen.QwenTokenFilter(model, ratio)
-        inputs = qwen.build_inputs(model, ids, images, [0, 1, None], token_filter, padding_side="left")
+        token_filter = None if ratio is None else qwen_vision.QwenTokenFilter(model, ratio)
+        inputs = qwen_positions.build_inputs(model, ids, images, [0, 1, None], token_filter, padding_side="left")
         scored = label_log_probs(model, inputs, answers)
         for i, row in enumerate([0, 1, None]):
             for c, answer in enumerate(answers):
@@ -313,9 +318,9 @@ def test_picture_is_the_image_the_tower_sees(tiny):
     _, processor = tiny
     left_right = Image.new("RGB", (200, 120), (255, 0, 0))
     left_right.paste((0, 0, 255), (100, 0, 200, 120))
-    images = qwen.preprocess_images(processor.image_processor, [left_right])
+    images = qwen_processor.preprocess_images(processor.image_processor, [left_right])
     _, gh, gw = images.grid_thw[0].tolist()
-    view = qwen.picture(processor.image_processor, images)
+    view = qwen_processor.picture(processor.image_processor, images)
     p = processor.image_processor.patch_size
     assert tuple(view.shape) == (gh * p, gw * p, 3) and gw > gh
     half = view.shape[1] // 2
@@ -332,24 +337,24 @@ def test_flop_count_matches_the_operations_run(tiny):
     model, processor = tiny
     model.set_attn_implementation("eager")
     try:
-        images = qwen.preprocess_images(processor.image_processor, _images()[:1])
+        images = qwen_processor.preprocess_images(processor.image_processor, _images()[:1])
         ids = [_prompt(processor, "count me")]
-        filt = qwen.QwenTokenFilter(model, 0.5)
+        filt = qwen_vision.QwenTokenFilter(model, 0.5)
         counted = {}
         with torch.no_grad():
-            for name, run in (("vision", lambda: qwen.encode_images(model, images)),
-                              ("scored", lambda: qwen.encode_images(model, images, filt.scorer)),
-                              ("tokens", lambda: qwen.visual_tokens(model, images, filt))):
+            for name, run in (("vision", lambda: qwen_vision.encode_images(model, images)),
+                              ("scored", lambda: qwen_vision.encode_images(model, images, filt.scorer)),
+                              ("tokens", lambda: qwen_vision.visual_tokens(model, images, filt))):
                 with FlopCounterMode(display=False) as counter:
                     out = run()
                 counted[name] = counter.get_total_flops()
-            inputs = qwen.assemble(model, ids, out)
+            inputs = qwen_positions.assemble(model, ids, out)
             with FlopCounterMode(display=False) as counter:
                 language_model_hidden(model, inputs)
             counted["language"] = counter.get_total_flops()
     finally:
         model.set_attn_implementation("sdpa")
-    flops = qwen.prediction_flops(model.config, 36, 18, len(ids[0]) - 1, 0, len(filt.scorer.layers))
+    flops = qwen_flops.prediction_flops(model.config, 36, 18, len(ids[0]) - 1, 0, len(filt.scorer.layers))
     assert flops["vision"] == counted["vision"]
     # a scored layer's map serves its output too: no extra matmul, one addition per head and map entry
     assert counted["scored"] == counted["vision"]
@@ -367,8 +372,8 @@ def _first(level):
 def test_image_token_count_follows_the_processor(tiny):
     _, processor = tiny
     for size in ((168, 168), (180, 100), (37, 400)):
-        images = qwen.preprocess_images(processor.image_processor, [Image.new("RGB", size)])
-        assert qwen.image_tokens_for(processor.image_processor, size) == images.patch_counts()[0] // 4
+        images = qwen_processor.preprocess_images(processor.image_processor, [Image.new("RGB", size)])
+        assert qwen_processor.image_tokens_for(processor.image_processor, size) == images.patch_counts()[0] // 4
 
 
 @pytest.mark.parametrize("mode", ["full", "lora"])
@@ -383,18 +388,18 @@ def test_fine_tuning_trains_the_mergers_and_the_language_model_only(tiny_folder,
     trainable = [name for name, p in model.net.named_parameters() if p.requires_grad]
     assert not any(".visual.blocks." in name or ".visual.patch_embed." in name for name in trainable)
     assert any(".visual.merger." in name for name in trainable)
-    if model.llava.config.model_type == "qwen3_vl":
+    if model.vlm.config.model_type == "qwen3_vl":
         assert any(".visual.deepstack_merger_list." in name for name in trainable)
     lm = [name for name in trainable if ".language_model." in name]
     assert lm and (mode == "full" or all("lora_" in name for name in lm))
-    images = qwen.preprocess_images(model.processor.image_processor, _images())
+    images = qwen_processor.preprocess_images(model.processor.image_processor, _images())
     ids = [_prompt(model.processor, "one"), _prompt(model.processor, "two")]
     end = model.processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
     answer = model.processor.tokenizer("positive")["input_ids"] + [end]
     batch = MllmBatch([i + answer for i in ids], images.pixel_values, [0, 1],
                       [[-100] * len(i) + answer for i in ids], {"image_grid_thw": images.grid_thw})
     model(batch).backward()
-    merger = model.llava.model.visual.merger
+    merger = model.vlm.model.visual.merger
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in merger.parameters())
 
 
@@ -405,9 +410,9 @@ def test_greedy_generation_matches_the_native_model(tiny):
     from sentilens.mllm.scoring import greedy_answers
 
     model, processor = tiny
-    images = qwen.preprocess_images(processor.image_processor, _images())
+    images = qwen_processor.preprocess_images(processor.image_processor, _images())
     ids = [_prompt(processor, "what a day"), _prompt(processor, "hi")]
-    special = torch.tensor(processor.tokenizer.convert_tokens_to_ids(qwen.QWEN_SPECIALS))
+    special = torch.tensor(processor.tokenizer.convert_tokens_to_ids(qwen_tiny.QWEN_SPECIALS))
 
     def no_specials(module, args, logits):  # a random model may "generate" an image token; HF then refuses it
         return logits.index_fill(-1, special.to(logits.device), float("-inf"))
@@ -420,7 +425,7 @@ def test_greedy_generation_matches_the_native_model(tiny):
 
 
 def _compare_greedy(model, processor, ids, images, greedy_answers):
-    inputs = qwen.build_inputs(model, ids, images, [0, 1], padding_side="left")
+    inputs = qwen_positions.build_inputs(model, ids, images, [0, 1], padding_side="left")
     generated = greedy_answers(model, inputs, stop_ids=set(), max_new_tokens=4)
     image_id = model.config.image_token_id
     for i in range(2):
@@ -448,4 +453,4 @@ def test_a_processor_level_chat_template_is_read(tiny_folder, tmp_path):
     (folder / "chat_template.jinja").unlink(missing_ok=True)
     template = "{% for m in messages %}<|im_start|>{{ m['role'] }}<|im_end|>{% endfor %}"
     (folder / "chat_template.json").write_text(json.dumps({"chat_template": template}))
-    assert qwen.QwenProcessor.from_pretrained(str(folder)).chat_template == template
+    assert qwen_processor.QwenProcessor.from_pretrained(str(folder)).chat_template == template

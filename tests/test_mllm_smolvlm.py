@@ -68,7 +68,7 @@ def native_inputs(builder, batch, posts):
 
 def test_the_tiny_model_loads_through_from_pretrained_as_smolvlm(tiny, posts):
     model, builder = tiny
-    assert type(model.llava).__name__ == "SmolVLMForConditionalGeneration"
+    assert type(model.vlm).__name__ == "SmolVLMForConditionalGeneration"
     assert builder.family.name == "smolvlm"
     grid = make_batch(builder, posts).image_extras["grid"].tolist()
     assert grid == [[2, 2], [1, 2], [2, 1]]
@@ -76,7 +76,7 @@ def test_the_tiny_model_loads_through_from_pretrained_as_smolvlm(tiny, posts):
 
 def test_identity_reproduces_native_smolvlm_logits(tiny, posts):
     model, builder = tiny
-    llava = model.llava
+    llava = model.vlm
     batch = make_batch(builder, posts)
     ids, mask = native_inputs(builder, batch, posts)
     with torch.no_grad():
@@ -117,7 +117,7 @@ def block_groups(patches_a_side: int, scale: int) -> torch.Tensor:
 @pytest.mark.parametrize("ratio", [0.05, 0.3, 0.7])
 def test_exactly_ceil_r_n_visual_tokens_scored_per_pixel_shuffle_block(tiny, posts, ratio):
     model, builder = tiny
-    llava = model.llava
+    llava = model.vlm
     family = family_of(llava)
     batch = make_batch(builder, posts)
     vision = llava.config.vision_config
@@ -148,7 +148,7 @@ def test_exactly_ceil_r_n_visual_tokens_scored_per_pixel_shuffle_block(tiny, pos
 
 def test_batched_equals_one_by_one_with_different_kept_counts(tiny, posts):
     model, builder = tiny
-    llava = model.llava
+    llava = model.vlm
     family = family_of(llava)
     answers = [builder.answer_ids[label] for label in builder.labels]
     with torch.no_grad():
@@ -207,7 +207,7 @@ def test_resumed_lora_run_equals_an_uninterrupted_one(tmp_path, monkeypatch):
 
 
 def test_merge_strategies_are_refused_in_one_line(tiny):
-    llava = tiny[0].llava
+    llava = tiny[0].vlm
     with pytest.raises(SentilensError, match=r"^strategy 'all\+merge': \+merge is not available for SmolVLM; use"):
         family_of(llava).make_reducer(llava, 0.5, "all+merge")
     with pytest.raises(SentilensError, match=r"^strategy 'random\+native': \+native is offered for LLaVA-1.5 only"):

@@ -11,7 +11,8 @@ from mllm_helpers import FAST_TINY, small_manifest
 from sentilens.data.synth import LABELS, SCENE_CLASSES, synth_image
 from sentilens.errors import SentilensError
 from sentilens.mllm import tower as tower_module
-from sentilens.mllm.model import TinySpec, build_tiny, load_checkpoint, tiny_image_processor
+from sentilens.mllm.families.llava.tiny import build_tiny
+from sentilens.mllm.model import TinySpec, load_checkpoint, tiny_image_processor
 from sentilens.mllm.tower import (
     BACKGROUND,
     REPORT,
@@ -105,7 +106,7 @@ def test_fine_tuning_starts_from_the_cached_tower_and_keeps_it_frozen(quick_towe
     assert read_json(tmp_path / "run" / "base-model" / TOWER_REPORT)["key"] == folder.name
     from sentilens.predict import load_predictor
 
-    tuned = load_predictor(tmp_path / "run").model.llava.model.vision_tower.state_dict()
+    tuned = load_predictor(tmp_path / "run").model.vlm.model.vision_tower.state_dict()
     expected = CLIPVisionModel.from_pretrained(folder).state_dict()
     assert all(torch.equal(tuned[k], expected[k]) for k in expected)
 

@@ -125,6 +125,31 @@ def test_run_directory_rebuilds_the_best_epoch(three_epochs, manifest):
         assert all(abs(row["probabilities"][k] - pred.probabilities[k]) < 1e-6 for k in pred.probabilities)
 
 
+def test_a_run_keeps_its_prompt_when_the_defaults_change(three_epochs, monkeypatch):
+    from sentilens.mllm import prompt as prompt_module
+
+    run, _ = three_epochs
+    saved = load_config(run)
+    assert saved["model_family"] == "llava"
+    assert saved["prompt"]["question"] == "What is the sentiment of the given text?"
+    assert saved["prompt"]["label_wording"] == "Answer with one of: {labels}."
+    assert saved["prompt"]["chat_template"]
+    before = load_predictor(run).builder.render("sunny", has_image=True)
+    monkeypatch.setitem(prompt_module.TASK_QUESTIONS, "sentiment", "How does this post feel?")
+    monkeypatch.setattr(prompt_module, "LABEL_WORDING", "Pick: {labels}.")
+    assert load_predictor(run).builder.render("sunny", has_image=True) == before
+    # a run saved before prompts were recorded: the defaults of that time
+    config_file = run / "config.json"
+    text = config_file.read_text(encoding="utf-8")
+    old = {**saved, "model_family": None,
+           "prompt": {**saved["prompt"], "question": None, "label_wording": None, "chat_template": None}}
+    config_file.write_text(json.dumps(old), encoding="utf-8")
+    try:
+        assert load_predictor(run).builder.render("sunny", has_image=True) == before
+    finally:
+        config_file.write_text(text, encoding="utf-8")
+
+
 def test_lora_run_saves_adapters_and_projector_and_reloads_identically(manifest, tmp_path):
     out = tmp_path / "lora"
     train_mllm(mllm_train_config({"data": manifest, "out": out, "epochs": 2, "mode": "lora",
@@ -247,7 +272,7 @@ def test_validation_and_test_run_in_the_same_precision(manifest, tmp_path, fresh
     reloaded = predictor.predict(posts)
     for row, pred in zip(saved, reloaded, strict=True):
         assert row["probabilities"] == pred.probabilities, "val and test ran in different numerics"
-    float32 = predict_posts(predictor.model.llava, predictor.builder, posts, 8)
+    float32 = predict_posts(predictor.model.vlm, predictor.builder, posts, 8)
     gaps = [abs(p.probabilities[k] - q.probabilities[k]) for p, q in zip(float32, reloaded, strict=True)
             for k in p.probabilities]
     assert max(gaps) > 1e-4, "bf16 autocast must be visible in the probabilities for this test to mean anything"

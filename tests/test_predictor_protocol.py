@@ -9,6 +9,7 @@ from sentilens.cli import app
 from sentilens.data.records import Post, read_split
 from sentilens.errors import SentilensError
 from sentilens.fusion.config import FusionConfig
+from sentilens.mllm.pruning import strategy_names
 from sentilens.predict import Predictor, describe_run, load_predictor
 from serve_helpers import train_tiny_fusion
 
@@ -35,7 +36,7 @@ def test_the_fusion_predictor_says_it_filters_no_tokens_and_refuses_those_option
     assert isinstance(predictor, Predictor)
     can = predictor.capabilities
     assert (can.supports_keep_ratio, can.supports_explain, can.decodings, can.strategies) == (False, False,
-                                                                                              ("score",), False)
+                                                                                              ("score",), ())
     assert predictor.with_options() is predictor and predictor.with_options(decode="score") is predictor
     for options in ({"decode": "generate"}, {"strategy": "feature"}):
         with pytest.raises(SentilensError, match="not supported by this fusion run"):
@@ -58,7 +59,8 @@ def test_the_mllm_predictor_filters_explains_and_returns_configured_copies(mllm_
     predictor = load_predictor(mllm_run, device="cpu")
     assert isinstance(predictor, Predictor)
     can = predictor.capabilities
-    assert (can.supports_keep_ratio, can.supports_explain, can.strategies) == (True, True, True)
+    assert (can.supports_keep_ratio, can.supports_explain) == (True, True)
+    assert can.strategies == strategy_names("llava") and "feature" in can.strategies
     assert set(can.decodings) == {"score", "generate"}
     generating = predictor.with_options(decode="generate", strategy="feature+merge")
     assert generating is not predictor and generating.model is predictor.model  # one loaded model, two configurations
@@ -77,7 +79,7 @@ def test_the_mllm_predictor_filters_explains_and_returns_configured_copies(mllm_
     described = predictor.describe()
     assert described["family"] == "mllm" and described["labels"] == predictor.labels
     assert described["base_model"] == "base-model" and described["config"]["num_image_tokens"] == 36
-    assert described["description"] == "LLaVA (tiny, full fine-tuning)"
+    assert described["description"] == "LLaVA-1.5 (tiny, full fine-tuning)"
     assert describe_run(mllm_run) == described
 
 

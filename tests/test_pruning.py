@@ -19,16 +19,27 @@ from transformers import (
 )
 
 from sentilens.errors import SentilensError
-from sentilens.mllm import pruning
+from sentilens.mllm.families.llava.vision import TokenFilter
 from sentilens.mllm.pruning import (
+    MODIFIERS,
+    NEEDS,
+    STRATEGIES,
     AttentionScorer,
-    FilterSpec,
-    TokenFilter,
+    LastTokenAttention,
+    LowestAttention,
+    RandomDraw,
+    TopAttention,
     keep_count,
+    layer_indices,
     merge_context,
+    parse_strategy,
     reduce_image,
+    showcase_strategies,
+    strategy_help,
+    strategy_names,
     top_patches,
 )
+from sentilens.mllm.pruning import attention as pruning
 
 LAYERS = 4
 TOWER = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=LAYERS, num_attention_heads=4,
@@ -79,8 +90,8 @@ def test_cls_scores_equal_eager_attention_maps(clip, layers, expected):
     x = pixels()
     maps = eager_maps(eager, x)
     reference = torch.stack([maps[i][:, :, 0, 1:].mean(dim=1) for i in expected]).mean(dim=0)
-    assert FilterSpec(layers).layer_indices(LAYERS, -2) == expected
-    scorer = AttentionScorer(sdpa, FilterSpec(layers).layer_indices(LAYERS, -2))
+    assert layer_indices(layers, LAYERS, -2) == expected
+    scorer = AttentionScorer(sdpa, layer_indices(layers, LAYERS, -2))
     scores = scorer.score(x)
     assert sdpa.config._attn_implementation == "sdpa"
     assert scores.shape == (3, 16)
@@ -153,7 +164,7 @@ def test_attention_with_received_is_sdpa_plus_the_mean_of_the_softmax_map(monkey
 
 KERNEL_CHECK = """
 import torch
-from sentilens.mllm import pruning
+from sentilens.mllm.pruning import attention as pruning
 from sentilens.mllm.received_kernel import received_attention_fused
 
 generator = torch.Generator().manual_seed(1)
@@ -289,13 +300,13 @@ def test_merge_keeps_the_token_budget_and_the_dominant_patches():
     scores = torch.rand(40, generator=generator)
     for ratio in (1.0, 0.8, 0.5, 0.3, 0.1):
         total = keep_count(40, ratio)
-        merged = reduce_image(features, scores, ratio, keys, merge=True)
+        merged = reduce_image(features, scores, ratio, parse_strategy("all+merge"), keys)
         n_context = total // 6 if total < 40 else 0
-        assert merged.features.shape == (total, 6)
+        assert merged.tokens.shape == (total, 6)
         assert merged.kept.tolist() == top_patches(scores, total - n_context).tolist()
-        assert torch.equal(merged.features[:total - n_context], features[merged.kept])
+        assert torch.equal(merged.tokens[:total - n_context], features[merged.kept])
         if ratio == 1.0:
-            assert torch.equal(merged.features, features)
+            assert torch.equal(merged.tokens, features)
 
 
 def test_merge_strategy_through_the_tower(clip):
@@ -310,25 +321,53 @@ def test_merge_strategy_through_the_tower(clip):
     assert reducer.scorer.keys.shape == (2, 16, 32)
 
 
-@pytest.mark.parametrize("text", ["random", "inverse"])
-def test_baseline_strategies_parse_and_print_back(text):
-    spec = FilterSpec.parse(text)
-    assert str(spec) == text and spec.select == text and not spec.merge
-    assert FilterSpec.parse(str(FilterSpec.parse("feature+merge"))) == FilterSpec("feature", merge=True)
+@pytest.mark.parametrize("text, kind, modifier", [("random", RandomDraw, ""), ("inverse", LowestAttention, ""),
+                                                   ("all", TopAttention, ""), ("", TopAttention, ""),
+                                                   ("feature+merge", TopAttention, "merge"),
+                                                   ("all+native", TopAttention, "native"),
+                                                   ("1:3+native", TopAttention, "native"),
+                                                   ("random+native", RandomDraw, "native"),
+                                                   ("inverse+native", LowestAttention, "native"),
+                                                   ("lm:2", LastTokenAttention, "")])
+def test_strategies_parse_to_their_registry_class_and_print_back(text, kind, modifier):
+    strategy = parse_strategy(text)
+    assert type(strategy) is kind and STRATEGIES[kind.name] is kind and strategy.modifier == modifier
+    assert str(strategy) == (text or "all") and parse_strategy(str(strategy)) == strategy
+    assert strategy.stage == ("lm" if kind is LastTokenAttention else "vision") and strategy.needs <= set(NEEDS)
+    assert strategy.scored == (kind in (TopAttention, LowestAttention))
+    assert strategy.merges == (modifier == "merge") and strategy.native_positions == (modifier == "native")
 
 
-@pytest.mark.parametrize("text, spec", [("all+native", FilterSpec("all", native=True)),
-                                        ("feature+native", FilterSpec("feature", native=True)),
-                                        ("random+native", FilterSpec("all", select="random", native=True)),
-                                        ("inverse+native", FilterSpec("all", select="inverse", native=True))])
-def test_native_position_strategies_parse_and_print_back(text, spec):
-    assert FilterSpec.parse(text) == spec and str(spec) == text
+@pytest.mark.parametrize("text", ["random+merge", "inverse+merge", "randomly", "all+merge+native", "all+natives",
+                                  "evil", "1:2:3", "feature+", "lm:", "lm:x", "lm:1+native"])
+def test_unknown_or_misspelt_strategies_are_one_line_errors(text):
+    with pytest.raises(SentilensError, match=r"^unknown filtering strategy .*: expected all / feature") as err:
+        parse_strategy(text)
+    assert "\n" not in str(err.value)
 
 
-@pytest.mark.parametrize("text", ["random+merge", "inverse+merge", "randomly", "all+merge+native", "all+natives"])
-def test_baselines_with_merge_or_misspelt_are_refused(text):
-    with pytest.raises(SentilensError, match="unknown filtering strategy|bad scoring layers"):
-        FilterSpec.parse(text)
+def test_a_layer_beyond_the_tower_names_the_tower_size(clip):
+    sdpa, _ = clip
+    with pytest.raises(SentilensError, match=rf"^bad scoring layers '40': .*the tower has {LAYERS} layers, 0 to "
+                                             rf"{LAYERS - 1}\)$"):
+        TokenFilter(sdpa, 0.5, "40")
+    assert layer_indices("-1", LAYERS) == [LAYERS - 1] and layer_indices("1:", LAYERS) == [1, 2, 3]
+
+
+def test_the_registry_lists_the_forms_and_what_each_family_supports():
+    assert strategy_names() == ("all", "feature", "last", "A:B", "K", "random", "inverse", "lm:K", "+merge",
+                                "+native")
+    assert strategy_names("llava") == strategy_names()
+    for family in ("llava-next", "smolvlm", "qwen2.5-vl", "qwen3-vl"):
+        assert strategy_names(family) == ("all", "feature", "last", "A:B", "K", "random", "inverse", "lm:K")
+        assert parse_strategy("all+merge").unsupported(family).startswith("+merge is not available for ")
+    assert parse_strategy("all+merge").unsupported("llava") is None
+    assert showcase_strategies() == ("all", "feature", "all+merge", "all+native", "random", "random+native",
+                                     "inverse", "lm:0")
+    help_text = strategy_help()
+    for cls in STRATEGIES.values():
+        assert cls.summary in help_text
+    assert all(f"+{name}" in help_text for name in MODIFIERS)
 
 
 def test_inverse_keeps_the_lowest_scored_patches_of_the_eager_reference(clip):

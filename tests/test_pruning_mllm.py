@@ -16,8 +16,9 @@ from mllm_helpers import FAST_TINY, small_manifest
 from sentilens.cli import app
 from sentilens.data.records import read_split
 from sentilens.errors import SentilensError
-from sentilens.mllm.inputs import build_inputs, encode_images, language_model_hidden, make_batch
-from sentilens.mllm.pruning import make_reducer, top_patches
+from sentilens.mllm.families.llava.vision import encode_images, make_reducer
+from sentilens.mllm.inputs import build_inputs, language_model_hidden, make_batch
+from sentilens.mllm.pruning import top_patches
 from sentilens.mllm.train import mllm_train_config, train_mllm
 from sentilens.predict import evaluate, load_predictor
 
@@ -49,7 +50,7 @@ def lora_run(manifest, tmp_path_factory):
 
 
 def logits_of(predictor, posts, reducer):
-    llava = predictor.model.llava
+    llava = predictor.model.vlm
     with torch.no_grad():
         inputs = build_inputs(llava, make_batch(predictor.builder, posts), reducer=reducer, padding_side="left")
         return inputs, llava.lm_head(language_model_hidden(llava, inputs).last_hidden_state)
@@ -60,7 +61,7 @@ def test_keep_ratio_one_reproduces_the_unfiltered_logits_exactly(run, manifest, 
     predictor = load_predictor(request.getfixturevalue(run))
     posts = read_split(manifest, "test")
     plain_inputs, plain = logits_of(predictor, posts, None)
-    kept_inputs, kept = logits_of(predictor, posts, make_reducer(predictor.model.llava, 1.0))
+    kept_inputs, kept = logits_of(predictor, posts, make_reducer(predictor.model.vlm, 1.0))
     assert kept_inputs.image_tokens == plain_inputs.image_tokens
     assert torch.equal(kept_inputs.inputs_embeds, plain_inputs.inputs_embeds)
     assert torch.equal(kept, plain)
@@ -70,7 +71,7 @@ def test_keep_ratio_one_reproduces_the_unfiltered_logits_exactly(run, manifest, 
 
 def test_the_language_model_sees_exactly_the_top_patches_of_the_eager_reference(full_run, manifest):
     predictor = load_predictor(full_run)
-    llava = predictor.model.llava
+    llava = predictor.model.vlm
     posts = [p for p in read_split(manifest, "test") if p.image][:3]
     batch = make_batch(predictor.builder, posts)
     eager = copy.deepcopy(llava.model.vision_tower)
@@ -97,7 +98,7 @@ def test_native_positions_equal_the_full_sequence_with_the_dropped_tokens_masked
     """The independent reference for +native: the r = 1 input (every visual token at its own position) with the
     dropped visual tokens masked out of attention. The paper's renumbered sequence is another computation."""
     predictor = load_predictor(full_run)
-    llava = predictor.model.llava
+    llava = predictor.model.vlm
     posts = [p for p in read_split(manifest, "test") if p.image][:3]
     reducer = make_reducer(llava, 0.3, strategy)
     inputs, logits = logits_of(predictor, posts, reducer)
@@ -121,7 +122,7 @@ def test_native_positions_equal_the_full_sequence_with_the_dropped_tokens_masked
     assert (renumbered[:, -1] - reference[:, -1]).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("strategy", ["all", "feature", "all+merge", "all+native", "random+native"])
+@pytest.mark.parametrize("strategy", ["all", "feature", "all+merge", "all+native", "random+native", "lm:0"])
 @pytest.mark.parametrize("run", ["full_run", "lora_run"])
 def test_filtered_batches_equal_one_by_one(run, strategy, manifest, request):
     predictor = load_predictor(request.getfixturevalue(run)).with_options(strategy=strategy)
@@ -135,6 +136,25 @@ def test_filtered_batches_equal_one_by_one(run, strategy, manifest, request):
     for a, b in zip(batched, alone, strict=True):
         assert a.label == b.label
         assert all(abs(a.probabilities[k] - b.probabilities[k]) <= 1e-5 for k in a.probabilities)
+
+
+def test_an_lm_stage_strategy_predicts_counts_its_flops_and_draws_no_heatmap(full_run, manifest):
+    predictor = load_predictor(full_run).with_options(strategy="lm:0")
+    posts = read_split(manifest, "test")
+    image_post = next(p for p in posts if p.image)
+    whole, pruned = predictor.flops_per_post([image_post]), predictor.flops_per_post([image_post], keep_ratio=0.3)
+    assert pruned["vision"] == whole["vision"] and pruned["projector"] == whole["projector"]  # the tower sees all
+    assert pruned["language"] < whole["language"] and pruned["total"] < whole["total"]
+    scored = predictor.predict(posts, keep_ratio=0.3)
+    generated = predictor.with_options(decode="generate").predict(posts, keep_ratio=0.3)
+    assert [p.kept_tokens for p in generated] == [p.kept_tokens for p in scored]
+    assert [p.kept_tokens for p in scored] == [0 if p.image is None else math.ceil(0.3 * PATCHES) for p in posts]
+    with pytest.raises(SentilensError, match=r"^strategy 'lm:0' prunes inside the language model"):
+        predictor.explain(image_post, 0.3)
+    with pytest.raises(SentilensError, match=r"LM layer 9 leaves no layer after it in a \d+-layer language model"):
+        predictor.with_options(strategy="lm:9")
+    with pytest.raises(SentilensError, match=r"^bad scoring layers '40': .*the tower has \d+ layers"):
+        predictor.with_options(strategy="40")
 
 
 def record_visual_tokens(monkeypatch) -> dict[str, list[int]]:

@@ -130,6 +130,7 @@ def test_healthz_and_model_describe_the_served_run(client, mllm_run):
     assert info["family"] == "mllm" and info["run"] == mllm_run.name
     assert info["labels"] == json.loads((mllm_run / "config.json").read_text())["labels"]
     assert info["base_model"] == "base-model" and info["supports_keep_ratio"] and info["supports_explain"]
+    assert "random" in info["strategies"] and "+merge" in info["strategies"]
     assert info["config"]["mode"] == "full" and info["config"]["num_image_tokens"] == PATCHES
     assert info["limits"] == {"max_upload_bytes": MAX_UPLOAD, "max_pixels": MAX_PIXELS, "max_aspect_ratio": 20,
                               "max_text_chars": MAX_TEXT, "max_posts": MAX_POSTS}
@@ -408,6 +409,7 @@ def test_a_fusion_run_predicts_and_refuses_keep_ratio_and_heatmaps(fusion_server
         info = http.get("/v1/model").json()
         assert info["family"] == "fusion" and not info["supports_keep_ratio"] and not info["supports_explain"]
         assert info["base_model"].endswith("resnet") and " + " in info["base_model"]
+        assert info["strategies"] == []
         answer = http.post("/v1/predict", **multipart(post)).json()
         assert_same_prediction(answer, expected)
         assert answer["kept_tokens"] is None and answer["model"] == f"fusion/{fusion_run.name}"

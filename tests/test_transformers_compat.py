@@ -33,7 +33,7 @@ def test_the_clip_image_processor_lives_where_build_tiny_imports_it():
 
 @pytest.fixture(scope="module")
 def llava(tmp_path_factory):
-    from sentilens.mllm.model import build_tiny
+    from sentilens.mllm.families.llava.tiny import build_tiny
 
     folder = build_tiny(tmp_path_factory.mktemp("tiny"), corpus=["a post"])
     return transformers.LlavaForConditionalGeneration.from_pretrained(folder).eval()

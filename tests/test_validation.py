@@ -439,7 +439,7 @@ def test_broken_unsafe_or_looping_chat_templates_are_refused_at_load(tiny, templ
     try:
         with pytest.raises(SentilensError, match=fragment.replace("(", "\\(")) as info:
             PromptBuilder(model.processor, PromptSettings(), ["positive", "negative"],
-                          num_image_tokens(model.llava, model.processor))
+                          num_image_tokens(model.vlm, model.processor))
     finally:
         model.processor.chat_template = before
     assert "\n" not in str(info.value)

@@ -1,4 +1,4 @@
-"""The command line: parse, call the library, print (design.md, "CLI").
+"""The command line: parse, call the library, print (docs/cli.md).
 
 Every command prints a human table by default and JSON with ``--json``. A user mistake
 (:class:`SentilensError`) prints one line on stderr and exits with code 2.
@@ -17,6 +17,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from sentilens.errors import SentilensError
+from sentilens.mllm.pruning import strategy_grammar, strategy_help
 from sentilens.tables import printable
 
 app = typer.Typer(help="sentilens: sentiment and informativeness of image + text posts.",
@@ -532,20 +533,12 @@ def strategy_option(text: str) -> str:
     try:
         parse_strategies(text)
     except SentilensError:
-        raise SentilensError(f"--strategy {text!r}: not a filtering strategy (LAYERS: all, feature, last, a layer K "
-                             "or a slice A:B, optionally +merge or +native; or random / inverse, optionally "
-                             "+native)") from None
+        raise SentilensError(f"--strategy {text!r}: not a filtering strategy (expected {strategy_grammar()})") from None
     return text
 
 
-StrategyOpt = Annotated[str, typer.Option(
-    "--strategy", callback=strategy_option,
-    help="Token filtering: all (the paper: CLS attention averaged over all layers), feature (the "
-                       "layer LLaVA reads, as FasterVLM), last, or a layer slice A:B; add +merge to merge the "
-                       "dropped patches into contextual tokens (VisionZip-style), or +native to keep the kept "
-                       "tokens' positions as at r = 1 (LLaVA-1.5); baselines: random (a seeded uniform draw of the "
-                       "same count), inverse (the lowest-scored patches), each with or without +native. sweep takes "
-                       "a comma list.")]
+StrategyOpt = Annotated[str, typer.Option("--strategy", callback=strategy_option,
+                                          help=strategy_help() + " sweep takes a comma list.")]
 
 
 @app.command("sweep")
@@ -555,7 +548,7 @@ def sweep_cmd(
     split: SplitOpt = "test",
     ratios: Annotated[str, typer.Option("--ratios", help="Keep ratios, comma-separated.")] = "1,0.8,0.6,0.4,0.2,0.05",
     strategy: StrategyOpt = "all",
-    repeats: Annotated[int, typer.Option("--repeats", help="Timed passes per ratio (the fastest is kept).")] = 3,
+    repeats: Annotated[int, typer.Option("--repeats", help="Timed passes per ratio (the median is used).")] = 3,
     select_on: Annotated[str | None, typer.Option(
         "--select-on", help="Choose the strategy and ratio with the best weighted F1 on this split (e.g. val) and "
                             "flag that row of the --split sweep, instead of reading the best off the test set.")]
@@ -621,8 +614,7 @@ def explain_cmd(
     text: Annotated[str, typer.Option("--text", help="Text of the post.")] = "",
     keep_ratio: Annotated[float | None, typer.Option(
         "--keep-ratio", help="Fraction of visual tokens kept, in (0, 1] (default 0.4).")] = None,
-    strategy: Annotated[str, typer.Option("--strategy", callback=strategy_option, help="Layers scoring the "
-                                          "patches: all, feature, last, A:B (optionally +merge).")] = "all",
+    strategy: Annotated[str, typer.Option("--strategy", callback=strategy_option, help=strategy_help())] = "all",
     as_json: JsonOpt = False,
 ) -> None:
     """The paper's Figure 3: the CLS-attention heatmap of a post's image and the patches kept."""

@@ -1,4 +1,4 @@
-"""``sentilens demo``: the whole job on what ships offline, stage by stage (issue 6).
+"""``sentilens demo``: the whole job on what ships offline, stage by stage.
 
 synthetic data -> fusion ablation (every variant, the real pretrained embedded encoders:
 EfficientNet-Lite0 + all-MiniLM-L6-v2) -> pretraining of the tiny LLaVA's vision tower ->
@@ -9,7 +9,7 @@ cue (``DIR/attention_on_cue.json``) -> heatmaps -> report. Each finished stage i
 and reuses the fusion feature cache and the pretrained tower (both under ``DIR/cache``), so it
 only rebuilds what is missing.
 
-The tiny LLaVA is shaped to show the paper's finding at a size 2 CPU cores can train (issue 11):
+The tiny LLaVA is shaped to show the paper's finding at a size 2 CPU cores can train:
 its tower is pretrained on synthetic images (:mod:`sentilens.mllm.tower`) and frozen, as LLaVA
 freezes CLIP, so its CLS attention finds the image's cue; the images put that cue in a box on
 uninformative background (:mod:`sentilens.data.synth`), so there is something to drop; and its
@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sentilens.mllm.model import TinySpec
+from sentilens.mllm.pruning import showcase_strategies
 from sentilens.mllm.tower import TowerRecipe
 from sentilens.progress import console
 from sentilens.runs import read_json, write_json
@@ -76,7 +77,7 @@ SIZES = {
                       tower=TowerRecipe(images=1000, held_out=200, epochs=4)),
     "full": DemoSize(posts=1200, fusion_epochs=10, fusion_image_size=224, mllm_epochs=8, mllm_lr=1e-3,
                      ratios=(1.0, 0.8, 0.6, 0.4, 0.2, 0.05),
-                     strategies=("all", "random", "inverse", "feature", "all+merge", "all+native", "random+native"),
+                     strategies=showcase_strategies(),
                      tiny=DEMO_TINY, tower=TowerRecipe(images=4000, epochs=8, cue_side=FULL_CUE_SIDE),
                      token_dropout=0.2),
 }
@@ -93,7 +94,7 @@ MLLM_RUN = "llava-tiny"
 CUE_ATTENTION = "attention_on_cue.json"
 KEEP_RATIO_FOR_HEATMAPS = 0.4
 FOCUS_RATIO = 0.2
-"""The keep ratio the report's text reads the filter against chance and the speedup at (issue 11's check)."""
+"""The keep ratio the report's text reads the filter against chance and the speedup at."""
 
 
 class Stages:
@@ -198,14 +199,14 @@ def run_demo(out_dir: str | Path = "demo-out", size: str = "full", seed: int = 0
 
     def sweep() -> dict:
         from sentilens.data.records import read_split
-        from sentilens.mllm.pruning import FilterSpec
+        from sentilens.mllm.pruning import parse_strategy
         from sentilens.mllm.sweep import run_sweep, write_sweep
         from sentilens.predict import load_predictor
 
         predictor = load_predictor(mllm_dir, device="cpu")
         predictor.batch_size = spec.sweep_batch
         result = run_sweep(predictor, read_split(data_dir, "test"), ratios=spec.ratios,
-                           strategies=[FilterSpec.parse(s) for s in spec.strategies])
+                           strategies=[parse_strategy(s) for s in spec.strategies])
         json_path, plot_path = write_sweep(mllm_dir, result)
         return {"outputs": [rel(json_path, out_dir), rel(plot_path, out_dir)]}
 

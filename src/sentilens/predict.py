@@ -70,8 +70,9 @@ class Capabilities:
     """:meth:`Predictor.explain` draws where the model looks (the LLaVA paper's Figure 3)."""
     decodings: tuple[str, ...] = ("score",)
     """Values ``with_options(decode=...)`` accepts; the first is the default."""
-    strategies: bool = False
-    """``with_options(strategy=...)`` picks the layers that score visual tokens (``all``, ``feature``, ``A:B``...)."""
+    strategies: tuple[str, ...] = ()
+    """The token-pruning strategies ``with_options(strategy=...)`` accepts (``all``, ``feature``, ``A:B``,
+    ``random``..., and the ``+merge`` / ``+native`` modifiers the family takes); empty: none."""
     runtimes: tuple[str, ...] = ()
     """Values ``load_predictor(..., runtime=...)`` accepts: where the encoders run (fusion: auto, onnx, torch)."""
 

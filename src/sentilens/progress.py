@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TypeVar
 
@@ -73,14 +73,3 @@ def progress_bar(quiet: bool = False) -> Iterator[Progress]:
             yield progress
         finally:
             _active -= 1
-
-
-def track(items: Iterable[T], description: str, total: int | None = None, unit: str = "it") -> Iterator[T]:
-    """Iterate over ``items`` with a progress bar."""
-    if total is None and hasattr(items, "__len__"):
-        total = len(items)  # type: ignore[arg-type]
-    with progress_bar() as progress:
-        task = progress.add_task(description, total=total, unit=unit, status="")
-        for item in items:
-            yield item
-            progress.advance(task)

@@ -21,6 +21,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from sentilens.machine import environment  # noqa: E402
 from sentilens.metrics import with_interval  # noqa: E402
+from sentilens.mllm.pruning import strategy_legend  # noqa: E402
 from sentilens.outputs import atomic_write_text, save_figure  # noqa: E402
 from sentilens.predict import describe_run  # noqa: E402
 from sentilens.runs import load_config, read_json  # noqa: E402
@@ -87,9 +88,7 @@ def sweep_section(sweep: dict, plot: Path | None, out_dir: Path) -> str:
                      row.get("ideal_speedup", ""),
                      "" if paper_speedup is None else paper_speedup])
     text = ("## Token filtering\n\nLayout of the LLaVA paper's Table 4: visual tokens kept at each retention ratio, "
-            "per strategy (`all`: the paper's CLS attention averaged over every ViT layer; `feature`: LLaVA's feature "
-            "layer only; `+merge`: dropped patches merged into context tokens; baselines `random`: a seeded uniform "
-            "draw of the same count, `inverse`: the lowest-scored patches). Speedup is measured against r = 1 of the "
+            f"per strategy ({strategy_legend()}). Speedup is measured against r = 1 of the "
             "same strategy on the model's work (the prediction less reading and decoding the image files, which no "
             "keep ratio changes), end to end on the whole prediction (latency); FLOP-ideal is what the same token "
             "counts would give if time followed arithmetic. The last column is the paper's number (LLaVA-1.5-7B on a "

@@ -1,4 +1,5 @@
-"""The MLLM run's configuration: what ``config.json`` holds for ``family: mllm`` (design.md, "Run directory").
+"""The MLLM run's configuration: what ``config.json`` holds for ``family: mllm`` (docs/architecture.md, "The run
+directory").
 
 One pydantic model, saved by :func:`sentilens.mllm.train.train_mllm` and read back by
 :class:`sentilens.mllm.predictor.MllmPredictor`: the base checkpoint, the fine-tuning mode,
@@ -13,6 +14,8 @@ from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from sentilens.errors import SentilensError
+from sentilens.mllm.families import TITLES, parse_tiny
 from sentilens.mllm.model import LoraSettings, Mode
 from sentilens.mllm.prompt import PromptSettings
 from sentilens.mllm.scoring import Decode
@@ -37,6 +40,8 @@ class MllmRunConfig(BaseModel):
 
     family: Literal["mllm"] = "mllm"
     base_model: str = Field(description="HF id, absolute folder, or a folder inside the run (e.g. base-model)")
+    model_family: str | None = Field(None, description="the model family the run was trained as (llava, qwen2.5-vl, "
+                                                       "...); None: runs saved before it was recorded")
     mode: Mode = "full"
     lora: LoraSettings | None = None
     prompt: PromptSettings = Field(default_factory=PromptSettings)
@@ -66,10 +71,19 @@ def describe_run(config: dict, run_dir: Path | None = None) -> dict:
 
     settings = load_run_config(config, None if run_dir is None else run_dir / "config.json")
     base = settings.training.get("base_model") or settings.base_model
+    model_family = settings.model_family or _tiny_family(base)
     return {
         "family": settings.family,
         "labels": list(settings.labels),
         "base_model": settings.base_model,
-        "description": f"LLaVA ({base}, {settings.mode} fine-tuning)",
+        "description": f"{TITLES.get(model_family, 'vision-language model')} ({base}, {settings.mode} fine-tuning)",
         "config": config_summary(settings.model_dump(mode="json")),
     }
+
+
+def _tiny_family(base_model: str) -> str | None:
+    """The family of a ``tiny:<family>`` base (runs saved before ``model_family`` was recorded), else None."""
+    try:
+        return parse_tiny(base_model)
+    except SentilensError:
+        return None

@@ -11,7 +11,7 @@ The patch scores and the mask come from the predictor's ``explain`` (one extra t
 the image with the same reducer ``predict`` builds for ``r``), so the mask is exactly the set of
 patches the language model sees.
 
-Attention on the cue (issue 11). When a post's cue box is known (the synthetic set records it
+Attention on the cue. When a post's cue box is known (the synthetic set records it
 in ``meta["cue_box"]``), :func:`mass_over_area` measures how much the scores favour it: the
 share of the score mass on the box divided by the box's share of the frame. 1 is what uniform
 scores give, ``1 / area`` is every bit of mass inside the box. The box is carried into the

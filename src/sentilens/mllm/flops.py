@@ -17,6 +17,8 @@ and element-wise work are left out: they are a few percent, and the same at ever
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 
 def prediction_flops(config, kept: int, text_tokens: int, answer_tokens: int, scored_layers: int = 0,
                      tiles: int = 1) -> dict:
@@ -40,14 +42,46 @@ def prediction_flops(config, kept: int, text_tokens: int, answer_tokens: int, sc
         feature_width = d * (1 if isinstance(layers, int) else len(layers))
         h = text_config.hidden_size
         parts["projector"] = float(2 * kept * (feature_width * h + h * h))
+    parts.update(language_flops(text_config, text_tokens + kept + answer_tokens, answer_tokens))
+    parts["total"] = sum(parts.values())
+    return parts
+
+
+def strategy_flops(model, processor, size: tuple[int, int] | None, keep_ratio: float | None, strategy: str,
+                   text_tokens: int, answer_tokens: int) -> dict[str, float]:
+    """The family's ``prediction_flops`` of one post under any registered strategy. An LM-stage strategy runs
+    the vision stage whole and its language model on every token up to its layer ``K``, on the kept ones
+    after: the language part is the unfiltered one for ``K + 1`` layers and, for the others, the one a
+    vision-stage filter keeping as many tokens leaves (its one attention row of scores is left out, as norms
+    and softmax are)."""
+    from sentilens.mllm.families import family_of
+    from sentilens.mllm.pruning import parse_strategy
+
+    family = family_of(model)
+    parsed = parse_strategy(strategy)
+    if parsed.stage != "lm":
+        return family.prediction_flops(model, processor, size, keep_ratio, str(parsed), text_tokens, answer_tokens)
+    full = family.prediction_flops(model, processor, size, None, "random", text_tokens, answer_tokens)
+    if keep_ratio is None or size is None:
+        return full
+    kept = family.prediction_flops(model, processor, size, keep_ratio, "random", text_tokens, answer_tokens)
+    layers = len(family.language_model(model).layers)
+    whole = parsed.lm_layer + 1
+    parts = dict(full)
+    parts["language"] = (whole * full["language"] + (layers - whole) * kept["language"]) / layers
+    parts["total"] = sum(value for part, value in parts.items() if part != "total")
+    return parts
+
+
+def language_flops(text_config, positions: int | Sequence[int], answer_tokens: int) -> dict[str, float]:
+    """``language`` (the decoder layers: projections, gated MLP, attention) and ``head`` (the LM head on the
+    ``answer_tokens`` label scoring reads) FLOPs of a Llama-shaped language model; ``positions``: the
+    sequence length, or one length per layer where a strategy drops tokens inside the language model."""
     h = text_config.hidden_size
     heads = text_config.num_attention_heads
     kv_heads = text_config.num_key_value_heads or heads
     head_dim = getattr(text_config, "head_dim", None) or h // heads
-    positions = text_tokens + kept + answer_tokens
+    per_layer = [positions] * text_config.num_hidden_layers if isinstance(positions, int) else list(positions)
     per_token = 2 * (2 * h * heads * head_dim + 2 * h * kv_heads * head_dim + 3 * h * text_config.intermediate_size)
-    parts["language"] = float(text_config.num_hidden_layers * (positions * per_token
-                                                               + 4 * positions * positions * heads * head_dim))
-    parts["head"] = float(2 * answer_tokens * h * text_config.vocab_size)
-    parts["total"] = sum(parts.values())
-    return parts
+    language = sum(n * per_token + 4 * n * n * heads * head_dim for n in per_layer)
+    return {"language": float(language), "head": float(2 * answer_tokens * h * text_config.vocab_size)}

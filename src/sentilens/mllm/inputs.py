@@ -5,7 +5,8 @@ LLaVA-1.5 (and the paper's Figure 2) turns an image into visual tokens in three 
 are done here one by one instead of inside ``LlavaForConditionalGeneration.forward`` so that a
 *reducer* can sit between them:
 
-1. :func:`encode_images`: the frozen vision tower's hidden state at ``config.vision_feature_layer``
+1. :func:`sentilens.mllm.families.llava.vision.encode_images`: the frozen vision tower's hidden state at
+   ``config.vision_feature_layer``
    (-2 for LLaVA-1.5), CLS dropped under the "default" selection strategy: ``(B, N, Dv)``;
 2. a reducer ``reduce(features, pixel_values) -> list[(k_i, Dv)]`` keeps some rows per image
    (the paper's CLS-attention token filtering, :mod:`sentilens.mllm.pruning`); none = all N rows;
@@ -25,7 +26,7 @@ nothing; ``crop`` hands the image to the processor as it is (resize the short si
 which cuts the long side of a non-square image. Padding is done here, on the decoded image,
 not in the loader: the loader gives the image as it is and every consumer decides how to fit it.
 
-A reducer may also have ``capture(llava)``, a context manager entered around the vision
+A reducer may also have ``capture()``, a context manager entered around the vision
 tower's forward pass, so it can record what it needs (the CLS query and keys of every layer)
 from the very pass that produces the features, instead of running the tower twice.
 """
@@ -33,9 +34,8 @@ from the very pass that produces the features, instead of running the tower twic
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -87,42 +87,13 @@ class LmInputs:
     targets: Tensor | None
     image_tokens: list[int]
     lm_kwargs: dict = field(default_factory=dict)
-
-
-def encode_images(llava, pixel_values: Tensor) -> Tensor:
-    """Vision-tower features LLaVA projects: hidden state at ``vision_feature_layer``, CLS dropped if "default".
-
-    Several feature layers (a list in the config) are concatenated along the feature axis, as
-    LLaVA does. The tower is frozen, so this runs without gradients.
-    """
-    config = llava.config
-    tower = llava.model.vision_tower
-    layers = config.vision_feature_layer
-    layers = [layers] if isinstance(layers, int) else list(layers)
-    with torch.no_grad():
-        out = tower(pixel_values.to(device=tower.device, dtype=tower.dtype), output_hidden_states=True)
-        states = [out.hidden_states[layer] for layer in layers]
-        if config.vision_feature_select_strategy == "default":
-            states = [s[:, 1:] for s in states]
-        return torch.cat(states, dim=-1)
-
-
-def visual_tokens(llava, pixel_values: Tensor, reducer: Reducer | None = None) -> list[Tensor]:
-    """Projected visual tokens of each image, ``(k_i, D_lm)``: encode, reduce, project."""
-    capture = getattr(reducer, "capture", None)
-    with capture(llava) if capture is not None else nullcontext():
-        features = encode_images(llava, pixel_values)
-    kept = list(features) if reducer is None else list(reducer(features, pixel_values))
-    if len(kept) != features.shape[0] or any(k.ndim != 2 or k.shape[1] != features.shape[2] for k in kept):
-        raise ValueError(f"a reducer must return one (k, {features.shape[2]}) tensor per image, "
-                         f"got {[tuple(k.shape) for k in kept]} for {features.shape[0]} images")
-    projector = llava.model.multi_modal_projector
-    rows = torch.cat(kept).to(dtype=projector.linear_1.weight.dtype)
-    return list(torch.split(projector(rows), [k.shape[0] for k in kept]))
+    lm_plan: Any = None
+    """An LM-stage strategy's :class:`~sentilens.mllm.pruning.LmPlan` for this batch (None: the visual tokens
+    the vision stage kept reach every layer)."""
 
 
 def assemble(
-    llava,
+    vlm,
     token_ids: Sequence[Sequence[int]],
     visual: Sequence[Tensor | None],
     targets: Sequence[Sequence[int]] | None = None,
@@ -137,7 +108,7 @@ def assemble(
     image's ``span`` patches; each visual token then sits at the image's first position plus its
     patch index and the text after the image ``span`` positions after that first one, as at r = 1.
     """
-    config = llava.config
+    config = vlm.config
     image_id = config.image_token_id
     pad_id = config.text_config.pad_token_id
     pad_id = 0 if pad_id is None else pad_id
@@ -157,7 +128,7 @@ def assemble(
         rows.append(ids)
         target_rows.append(tgt)
     width = max(len(r) for r in rows)
-    device = llava.lm_head.weight.device
+    device = vlm.lm_head.weight.device
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     tgt_tensor = torch.full((len(rows), width), -100, dtype=torch.long) if targets is not None else None
@@ -186,7 +157,7 @@ def assemble(
         if padding_side == "right":  # right padding goes on counting from the last real position
             positions[i, start + len(ids):] = own[-1] + 1 + torch.arange(width - start - len(ids))
     input_ids, mask, positions = input_ids.to(device), mask.to(device), positions.to(device)
-    embeds = llava.get_input_embeddings()(input_ids)
+    embeds = vlm.get_input_embeddings()(input_ids)
     kept = [v for v in visual if v is not None]
     if kept:
         features = torch.cat(kept).to(device=embeds.device, dtype=embeds.dtype)
@@ -202,16 +173,20 @@ def assemble(
     )
 
 
-def build_inputs(llava, batch: MllmBatch, reducer: Reducer | None = None, padding_side: str = "right") -> LmInputs:
+def build_inputs(vlm, batch: MllmBatch, reducer: Reducer | None = None, padding_side: str = "right") -> LmInputs:
     """Encode, reduce and project the batch's images, then assemble the language model input
-    (both by the model's family: :func:`visual_tokens` and :func:`assemble` for LLaVA-1.5)."""
-    family = family_of(llava)
+    (both by the model's family: :func:`~sentilens.mllm.families.llava.vision.visual_tokens` and
+    :func:`assemble` for LLaVA-1.5)."""
+    family = family_of(vlm)
+    lm_stage = reducer if getattr(reducer, "stage", "vision") == "lm" else None
+    if lm_stage is not None:  # every visual token passes the vision stage; the language model drops some
+        reducer = None
     visual: list[Tensor | None] = [None] * len(batch.token_ids)
     native: list[tuple[Tensor, int] | None] = [None] * len(batch.token_ids)
     native_positions = batch.pixel_values is not None and getattr(reducer, "native_positions", False)
     if batch.pixel_values is not None:
         with stage("vision"):
-            tokens = family.visual_tokens(llava, batch.pixel_values, batch.image_extras, reducer)
+            tokens = family.visual_tokens(vlm, batch.pixel_values, batch.image_extras, reducer)
         for i, row in enumerate(batch.image_index):
             if row is not None:
                 visual[i] = tokens[row]
@@ -220,20 +195,36 @@ def build_inputs(llava, batch: MllmBatch, reducer: Reducer | None = None, paddin
                     native[i] = (selection.kept, selection.scores.shape[0])
     # only LLaVA-1.5's filter offers +native (the other families refuse it when their filter is built)
     extra = {"native": native} if native_positions else {}
-    return family.assemble(llava, batch.token_ids, visual, batch.targets, padding_side, extras=batch.image_extras,
-                           **extra)
+    built = family.assemble(vlm, batch.token_ids, visual, batch.targets, padding_side, extras=batch.image_extras,
+                            **extra)
+    if lm_stage is not None:
+        built.lm_plan = lm_stage.plan(built.input_ids, built.attention_mask)
+        built.image_tokens = list(built.lm_plan.budget)  # what the layers after the scoring layer see
+    return built
 
 
-def language_model_hidden(llava, inputs: LmInputs, attention_mask: Tensor | None = None, **kwargs):
-    """Run the language model on assembled inputs; returns its output (``last_hidden_state``, cache)."""
-    return family_of(llava).language_model_hidden(
-        llava,
-        inputs_embeds=inputs.inputs_embeds,
-        attention_mask=inputs.attention_mask if attention_mask is None else attention_mask,
-        position_ids=inputs.position_ids,
-        **inputs.lm_kwargs,
-        **kwargs,
-    )
+def language_model_hidden(vlm, inputs: LmInputs, attention_mask: Tensor | None = None, **kwargs):
+    """Run the language model on assembled inputs; returns its output (``last_hidden_state``, cache). Under an
+    LM-stage plan, its layers drop the visual tokens it names (:mod:`sentilens.mllm.pruning.lm_stage`)."""
+    from sentilens.mllm.pruning.lm_stage import lm_stage
+
+    family = family_of(vlm)
+    with lm_stage(family.language_model(vlm), inputs.lm_plan):
+        return family.language_model_hidden(
+            vlm,
+            inputs_embeds=inputs.inputs_embeds,
+            attention_mask=inputs.attention_mask if attention_mask is None else attention_mask,
+            position_ids=inputs.position_ids,
+            **inputs.lm_kwargs,
+            **kwargs,
+        )
+
+
+def denormalised(pixels: Tensor, image_processor) -> Tensor:
+    """``pixels`` (``(..., C, H, W)``, normalised by ``image_processor``) back in [0, 1]: float32, on the CPU."""
+    mean = torch.tensor(image_processor.image_mean).view(-1, 1, 1)
+    std = torch.tensor(image_processor.image_std).view(-1, 1, 1)
+    return (pixels.float().cpu() * std + mean).clamp(0, 1)
 
 
 def pad_colour(image_processor) -> tuple[int, int, int]:

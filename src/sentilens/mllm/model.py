@@ -16,10 +16,10 @@ tiny LLaVA-1.5.
   runs in the numerics training validated in: the run saves them (``precision``: weights dtype
   and autocast) and the predictor loads and predicts the same way; a run without that record
   is predicted in bf16 on CUDA.
-- ``tiny`` (:func:`build_tiny`): a small random LLaVA for tests and the demo, built from configs
-  (CLIP ViT with a CLS token, Llama LM, a byte-level BPE tokenizer trained offline, a CLIP image
-  processor, the LLaVA-1.5 chat template), saved with ``save_pretrained`` and loaded back through
-  the same path as a real checkpoint.
+- The tiny models' shared parts (:class:`TinySpec`, :func:`tiny_tokenizer`, :func:`tiny_vision_config`,
+  :func:`tiny_text_config`, :func:`byte_level_bpe`): each family's ``tiny.py`` builds its small random
+  checkpoint from them (the tiny LLaVA-1.5: :func:`sentilens.mllm.families.llava.tiny.build_tiny`),
+  saved with ``save_pretrained`` and loaded back through the same path as a real checkpoint.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from sentilens.errors import SentilensError
 from sentilens.mllm.families import family_for_config, family_of
 from sentilens.mllm.inputs import MllmBatch, Reducer, build_inputs, language_model_hidden
-from sentilens.mllm.prompt import LLAVA15_CHAT_TEMPLATE, LLAVA15_SYSTEM, TASK_QUESTIONS
+from sentilens.mllm.prompt import LLAVA15_SYSTEM, TASK_QUESTIONS
 from sentilens.validation import check_base_config
 
 Mode = Literal["full", "lora", "qlora"]
@@ -164,41 +164,6 @@ def load_pretrained_tower(model_tower, vision, vision_tower: str | Path) -> None
     model_tower.load_state_dict(pretrained.state_dict())
 
 
-def build_tiny(out_dir: str | Path, corpus: Iterable[str] = (), seed: int = 0, spec: TinySpec | None = None,
-               vision_tower: str | Path | None = None) -> Path:
-    """Write a small LLaVA-1.5 checkpoint + processor to ``out_dir`` (loadable by :func:`load_checkpoint`).
-
-    The tokenizer (:func:`tiny_tokenizer`) is trained on the instruction strings plus ``corpus`` (e.g.
-    the training texts). Every weight is random, except the vision tower's when ``vision_tower`` names
-    a saved ``CLIPVisionModel`` of the spec's shape (:mod:`sentilens.mllm.tower` pretrains one), which
-    is loaded with ``from_pretrained`` and copied in, as LLaVA starts from a pretrained CLIP.
-    """
-    from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    spec = spec or TinySpec()
-    out_dir = Path(out_dir)
-    tokenizer = tiny_tokenizer(spec, corpus)
-    size = spec.image_size
-    processor = LlavaProcessor(image_processor=tiny_image_processor(spec), tokenizer=tokenizer,
-                               patch_size=spec.patch_size, vision_feature_select_strategy="default",
-                               num_additional_image_tokens=1, chat_template=LLAVA15_CHAT_TEMPLATE)
-    vision = tiny_vision_config(spec)
-    config = LlavaConfig(vision_config=vision, text_config=tiny_text_config(spec, tokenizer),
-                         image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
-                         image_seq_length=(size // spec.patch_size) ** 2, vision_feature_layer=TINY_FEATURE_LAYER,
-                         vision_feature_select_strategy="default")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = LlavaForConditionalGeneration(config)
-    if vision_tower is not None:
-        load_pretrained_tower(model.model.vision_tower, vision, vision_tower)
-    model.save_pretrained(out_dir)
-    processor.save_pretrained(out_dir)
-    return out_dir
-
-
 def load_checkpoint(source: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
                     four_bit: bool = False):
     """(model, processor) from an HF id or a local folder; the model's class is its family's."""
@@ -222,15 +187,15 @@ def load_checkpoint(source: str | Path, dtype: torch.dtype = torch.float32, devi
         processor = family.load_processor(source)
         # safetensors only: a checkpoint whose weights exist only as a pickle (pytorch_model.bin) is refused,
         # never unpickled (a pickle can run code when loaded).
-        llava = family.model_class().from_pretrained(source, use_safetensors=True, **kwargs)
+        vlm = family.model_class().from_pretrained(source, use_safetensors=True, **kwargs)
     except (OSError, ValueError) as err:
         raise SentilensError(f"cannot load the model '{source}': {str(err).splitlines()[0]}") from None
     if not four_bit:
-        llava.to(device)
+        vlm.to(device)
     if not hasattr(processor, "image_token") or not hasattr(processor, "image_processor"):
         raise SentilensError(f"'{source}' has no {family.hf_class} processor (image processor + tokenizer with an "
                              "image token)")
-    return llava, processor
+    return vlm, processor
 
 
 def _four_bit_config(unquantized: tuple[str, ...]):
@@ -253,12 +218,12 @@ def num_image_tokens(model, processor) -> int:
     return family_of(model).num_image_tokens(model, processor)
 
 
-def llava_image_tokens(llava, processor) -> int:
+def llava_image_tokens(vlm, processor) -> int:
     """LLaVA-1.5: visual tokens one image becomes before filtering (576 at 336 px)."""
-    vision = llava.config.vision_config
+    vision = vlm.config.vision_config
     extra = 1 if "clip" in vision.model_type else int(getattr(processor, "num_additional_image_tokens", 0))
     tokens = (vision.image_size // vision.patch_size) ** 2 + extra  # CLIP towers prepend a CLS token
-    return tokens - (1 if llava.config.vision_feature_select_strategy == "default" else 0)
+    return tokens - (1 if vlm.config.vision_feature_select_strategy == "default" else 0)
 
 
 class MllmModel(nn.Module):
@@ -276,30 +241,31 @@ class MllmModel(nn.Module):
         self.token_dropout: Reducer | None = None  # training only (--token-dropout): mllm.token_dropout
 
     @property
-    def llava(self):
-        """The underlying ``LlavaForConditionalGeneration`` (LoRA layers live inside it)."""
+    def vlm(self):
+        """The underlying vision-language model (``LlavaForConditionalGeneration``,
+        ``Qwen3VLForConditionalGeneration``...; LoRA layers live inside it)."""
         from peft import PeftModel
 
         return self.net.get_base_model() if isinstance(self.net, PeftModel) else self.net
 
     def train(self, mode: bool = True) -> MllmModel:
         super().train(mode)
-        family_of(self.llava).vision_tower(self.llava).eval()
+        family_of(self.vlm).vision_tower(self.vlm).eval()
         return self
 
     def forward(self, batch: MllmBatch) -> Tensor:
         """Mean cross-entropy of the answer tokens (Eq. 1's label likelihood), other targets ignored."""
-        llava = self.llava
+        vlm = self.vlm
         reducer = self.token_dropout if self.training and self.token_dropout is not None else self.reducer
-        inputs = build_inputs(llava, batch, reducer=reducer, padding_side="right")
-        hidden = language_model_hidden(llava, inputs, use_cache=False).last_hidden_state
+        inputs = build_inputs(vlm, batch, reducer=reducer, padding_side="right")
+        hidden = language_model_hidden(vlm, inputs, use_cache=False).last_hidden_state
         targets = inputs.targets[:, 1:]
         scored = targets != -100
-        logits = llava.lm_head(hidden[:, :-1][scored]).float()
+        logits = vlm.lm_head(hidden[:, :-1][scored]).float()
         loss = nn.functional.cross_entropy(logits, targets[scored])
         if batch.pixel_values is None:
             # a text-only batch leaves the projector out of the graph; DDP needs every trainable parameter in it
-            loss = loss + 0.0 * sum(p.sum() for p in family_of(llava).projector(llava).parameters())
+            loss = loss + 0.0 * sum(p.sum() for p in family_of(vlm).projector(vlm).parameters())
         return loss
 
     def trainable_state(self) -> dict[str, Tensor]:
@@ -337,31 +303,31 @@ def prepare_model(source: str | Path, mode: Mode = "full", lora: LoraSettings | 
     four_bit = mode == "qlora" and (training or cuda)
     if dtype is None:
         dtype = torch.bfloat16 if cuda and (mode != "full" or not training) else torch.float32
-    llava, processor = load_checkpoint(source, dtype=dtype, device=device, four_bit=four_bit)
-    llava.config.use_cache = False
-    family = family_of(llava)
-    for p in llava.parameters():
+    vlm, processor = load_checkpoint(source, dtype=dtype, device=device, four_bit=four_bit)
+    vlm.config.use_cache = False
+    family = family_of(vlm)
+    for p in vlm.parameters():
         p.requires_grad_(False)
     if mode == "full":
-        for module in (family.projector(llava), family.language_model(llava), llava.lm_head):
+        for module in (family.projector(vlm), family.language_model(vlm), vlm.lm_head):
             module.requires_grad_(True)
-        net: nn.Module = llava
+        net: nn.Module = vlm
     else:
-        net = _with_lora(llava, lora or LoraSettings(), four_bit, gradient_checkpointing, family.lora_pattern)
-        family.projector(llava).requires_grad_(True)
+        net = _with_lora(vlm, lora or LoraSettings(), four_bit, gradient_checkpointing, family.lora_pattern)
+        family.projector(vlm).requires_grad_(True)
     if gradient_checkpointing:
-        llava.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        vlm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = MllmModel(net, processor, mode)
     model.train(training)
     return model
 
 
-def _with_lora(llava, lora: LoraSettings, four_bit: bool, gradient_checkpointing: bool, scope: str):
+def _with_lora(vlm, lora: LoraSettings, four_bit: bool, gradient_checkpointing: bool, scope: str):
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     if four_bit:
-        llava = prepare_model_for_kbit_training(llava, use_gradient_checkpointing=gradient_checkpointing)
+        vlm = prepare_model_for_kbit_training(vlm, use_gradient_checkpointing=gradient_checkpointing)
     names = "|".join(lora.target_modules)
     config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                         target_modules=rf"{scope}\.({names})")
-    return get_peft_model(llava, config)
+    return get_peft_model(vlm, config)

@@ -14,8 +14,8 @@ Choices where the paper is silent, and why:
 
 - The conversation is rendered by the checkpoint's own chat template (LLaVA-1.5 checkpoints
   ship one); a checkpoint without one gets its model family's (for LLaVA-1.5
-  :data:`LLAVA15_CHAT_TEMPLATE`, the Vicuna-v1 format LLaVA-1.5 was trained with, which is also
-  what ``--model tiny`` ships).
+  ``mllm/families/llava/template.jinja``, the Vicuna-v1 format LLaVA-1.5 was trained with, which is
+  also what ``--model tiny`` ships).
 - The answer is ``answer_prefix + label`` (underscores read as spaces: "not informative")
   followed by the end-of-turn token, by default the tokenizer's end-of-sequence token
   (``</s>`` after the answer is exactly LLaVA-1.5's turn separator). Its tokens are the ones
@@ -48,23 +48,6 @@ LLAVA15_SYSTEM = (
     "The assistant gives helpful, detailed, and polite answers to the human's questions."
 )
 
-LLAVA15_CHAT_TEMPLATE = (
-    "{%- for message in messages -%}"
-    "{%- if message['role'] == 'system' -%}"
-    "{{- (message['content'] if message['content'] is string else message['content'][0]['text']) + ' ' -}}"
-    "{%- else -%}"
-    "{{- message['role'].upper() + ': ' -}}"
-    "{%- for part in message['content'] -%}"
-    "{%- if part['type'] == 'image' -%}{{- '<image>\\n' -}}"
-    "{%- else -%}{{- part['text'] + ('\\n' if not loop.last else '') -}}{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- if message['role'] == 'assistant' -%}{{- eos_token -}}{%- else -%}{{- ' ' -}}{%- endif -%}"
-    "{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{- 'ASSISTANT:' -}}{%- endif -%}"
-)
-"""LLaVA-1.5's conversation format (Vicuna v1): ``SYSTEM USER: <image>\\ntext\\nquestion ASSISTANT: label</s>``."""
-
 Task = Literal["sentiment", "informative", "humanitarian", "custom"]
 
 TASK_QUESTIONS: dict[str, str] = {
@@ -74,6 +57,22 @@ TASK_QUESTIONS: dict[str, str] = {
     "custom": "Which label fits this post?",
 }
 """Table 1's X_p for sentiment (the paper's wording) and our questions for CrisisMMD's two tasks."""
+
+LABEL_WORDING = "Answer with one of: {labels}."
+"""The sentence after X_p naming the label words (``{labels}``: the labels, comma-separated)."""
+
+UNSAVED_PROMPT_DEFAULTS: dict = {
+    "question": {
+        "sentiment": "What is the sentiment of the given text?",
+        "informative": "Is this post informative for humanitarian aid?",
+        "humanitarian": "Which humanitarian category does this post belong to?",
+        "custom": "Which label fits this post?",
+    },
+    "label_wording": "Answer with one of: {labels}.",
+}
+"""The question and label wording of runs saved before a run recorded them (``question: null``):
+the defaults as they stood then, frozen here so that changing :data:`TASK_QUESTIONS` or
+:data:`LABEL_WORDING` never changes the prompt of an existing run."""
 
 HUMANITARIAN_LABELS = {
     "affected_individuals", "infrastructure_and_utility_damage", "injured_or_dead_people",
@@ -88,9 +87,15 @@ class PromptSettings(BaseModel):
 
     task: Task = "sentiment"
     system: str = LLAVA15_SYSTEM
-    question: str | None = Field(None, description="X_p; None = the task's question")
+    question: str | None = Field(None, description="X_p; training saves the task's question here. None (runs saved "
+                                                   "before it was recorded): the question of that time")
     label_list: bool = Field(True, description="append 'Answer with one of: <labels>.' to X_p (our default); "
                                                "False: Table 1's bare question, as the paper asked it")
+    label_wording: str | None = Field(None, description="the sentence naming the labels after X_p, '{labels}' "
+                                                        "standing for them; None: the wording of that time")
+    chat_template: str | None = Field(None, description="the Jinja chat template the prompt is rendered with; None "
+                                                        "(runs saved before it was recorded): the checkpoint's own, "
+                                                        "else its model family's")
     answer_prefix: str = " "
     end_token: str | None = Field(None, description="end-of-turn token; None = the tokenizer's eos token")
     max_length: int = Field(2048, gt=0, le=1 << 17, description="tokens, visual tokens and answer included")
@@ -119,10 +124,27 @@ def label_text(label: str) -> str:
 def full_question(settings: PromptSettings, labels: Sequence[str]) -> str:
     """X_p followed by the label words, e.g. "... text? Answer with one of: positive, neutral, negative.",
     or with ``label_list=False`` the bare X_p of Table 1 (the labels are then learnt from the answers only)."""
-    question = settings.question or TASK_QUESTIONS[settings.task]
+    question = settings.question or UNSAVED_PROMPT_DEFAULTS["question"][settings.task]
     if not settings.label_list:
         return question
-    return f"{question} Answer with one of: {', '.join(label_text(x) for x in labels)}."
+    wording = settings.label_wording or UNSAVED_PROMPT_DEFAULTS["label_wording"]
+    return f"{question} {wording.replace('{labels}', ', '.join(label_text(x) for x in labels))}"
+
+
+def resolved_settings(settings: PromptSettings, chat_template: str, saved: bool = False) -> PromptSettings:
+    """``settings`` with the question, label wording and chat template a run is trained with written out,
+    so the saved run keeps its prompt whatever the defaults later become. ``saved``: the settings come from
+    an existing run (a resumed one), whose unset values are the defaults of its time, not today's."""
+    if settings.label_wording is not None and "{labels}" not in settings.label_wording:
+        raise SentilensError(f"label_wording '{settings.label_wording}' must contain '{{labels}}' where the "
+                             "label words go")
+    questions, wording = ((UNSAVED_PROMPT_DEFAULTS["question"], UNSAVED_PROMPT_DEFAULTS["label_wording"]) if saved
+                          else (TASK_QUESTIONS, LABEL_WORDING))
+    return settings.model_copy(update={
+        "question": settings.question or questions[settings.task],
+        "label_wording": settings.label_wording or wording,
+        "chat_template": settings.chat_template or chat_template,
+    })
 
 
 class PromptBuilder:
@@ -148,7 +170,8 @@ class PromptBuilder:
         self.num_image_tokens = num_image_tokens
         self.image_token = processor.image_token
         self.image_token_id = self.tokenizer.convert_tokens_to_ids(self.image_token)
-        self.chat_template = getattr(processor, "chat_template", None) or self.family.chat_template
+        self.chat_template = (settings.chat_template or getattr(processor, "chat_template", None)
+                              or self.family.chat_template)
         self.question = full_question(settings, self.labels)
         end = settings.end_token or self.tokenizer.eos_token
         if end is None:

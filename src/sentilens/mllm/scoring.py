@@ -43,7 +43,7 @@ from sentilens.stages import stage
 Decode = Literal["score", "generate"]
 
 
-def label_log_probs(llava, inputs: LmInputs, answers: Sequence[Sequence[int]]) -> Tensor:
+def label_log_probs(vlm, inputs: LmInputs, answers: Sequence[Sequence[int]]) -> Tensor:
     """``(B, C)`` log-probabilities of each answer token sequence after each left-padded prompt, in one pass."""
     mask = inputs.attention_mask.bool()
     if not bool(mask[:, -1].all()):
@@ -65,7 +65,7 @@ def label_log_probs(llava, inputs: LmInputs, answers: Sequence[Sequence[int]]) -
     dtype = inputs.inputs_embeds.dtype
     additive = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
 
-    answer_embeds = llava.get_input_embeddings()(tokens).unsqueeze(0).expand(batch, -1, -1)
+    answer_embeds = vlm.get_input_embeddings()(tokens).unsqueeze(0).expand(batch, -1, -1)
     # each branch continues from the prompt's last position (its length for 1-D positions; for 3-D ones the
     # text after the image, where all three components are equal)
     next_position = inputs.position_ids[..., -1:] + 1
@@ -77,29 +77,30 @@ def label_log_probs(llava, inputs: LmInputs, answers: Sequence[Sequence[int]]) -
         targets=None,
         image_tokens=inputs.image_tokens,
         lm_kwargs=inputs.lm_kwargs,
+        lm_plan=inputs.lm_plan,
     )
-    hidden = language_model_hidden(llava, branched, use_cache=False).last_hidden_state
+    hidden = language_model_hidden(vlm, branched, use_cache=False).last_hidden_state
     # each answer token is predicted from the prompt's last token (first step) or from its predecessor in the branch
     offsets = torch.arange(len(tokens), device=device) + prompt_width
     predecessor = torch.where(step == 0, torch.full_like(offsets, prompt_width - 1), offsets - 1)
-    logits = llava.lm_head(hidden[:, predecessor]).float()
+    logits = vlm.lm_head(hidden[:, predecessor]).float()
     token_log_probs = logits.log_softmax(dim=-1).gather(-1, tokens[None, :, None].expand(batch, -1, 1)).squeeze(-1)
     return torch.zeros((batch, len(answers)), device=device).index_add_(1, branch, token_log_probs)
 
 
-def greedy_answers(llava, inputs: LmInputs, stop_ids: set[int], max_new_tokens: int) -> list[list[int]]:
+def greedy_answers(vlm, inputs: LmInputs, stop_ids: set[int], max_new_tokens: int) -> list[list[int]]:
     """Greedy continuation of each left-padded prompt until a stop token (kept) or ``max_new_tokens``."""
     from transformers import DynamicCache
 
-    cache = DynamicCache(config=llava.config)
+    cache = DynamicCache(config=vlm.config)
     with stage("lm"):  # the prefill; the decoding steps after it are timed apart
-        out = language_model_hidden(llava, inputs, past_key_values=cache, use_cache=True)
+        out = language_model_hidden(vlm, inputs, past_key_values=cache, use_cache=True)
     mask, position = inputs.attention_mask, inputs.position_ids[..., -1:]
     batch = mask.shape[0]
     generated: list[list[int]] = [[] for _ in range(batch)]
     done = [False] * batch
     for _ in range(max_new_tokens):
-        token = llava.lm_head(out.last_hidden_state[:, -1]).argmax(dim=-1)
+        token = vlm.lm_head(out.last_hidden_state[:, -1]).argmax(dim=-1)
         for i, t in enumerate(token.tolist()):
             if not done[i]:
                 generated[i].append(t)
@@ -108,14 +109,15 @@ def greedy_answers(llava, inputs: LmInputs, stop_ids: set[int], max_new_tokens: 
             break
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
         position = position + 1
-        step = LmInputs(input_ids=token[:, None], inputs_embeds=llava.get_input_embeddings()(token[:, None]),
-                        attention_mask=mask, position_ids=position, targets=None, image_tokens=inputs.image_tokens)
-        out = language_model_hidden(llava, step, past_key_values=out.past_key_values, use_cache=True)
+        step = LmInputs(input_ids=token[:, None], inputs_embeds=vlm.get_input_embeddings()(token[:, None]),
+                        attention_mask=mask, position_ids=position, targets=None, image_tokens=inputs.image_tokens,
+                        lm_plan=inputs.lm_plan)
+        out = language_model_hidden(vlm, step, past_key_values=out.past_key_values, use_cache=True)
     return generated
 
 
 def predict_posts(
-    llava,
+    vlm,
     builder: PromptBuilder,
     posts: Sequence[Post],
     batch_size: int = 8,
@@ -134,7 +136,7 @@ def predict_posts(
     labels = builder.labels
     answers = [builder.answer_ids[label] for label in labels]
     predictions: list[Prediction] = []
-    device = llava.lm_head.weight.device
+    device = vlm.lm_head.weight.device
     numerics = torch.autocast(device.type, dtype=getattr(torch, autocast)) if autocast else nullcontext()
     with progress_bar() as progress, torch.no_grad(), numerics:
         task = progress.add_task(description, total=len(posts), unit="posts", status="")
@@ -142,17 +144,17 @@ def predict_posts(
             chunk = posts[start:start + batch_size]
             with stage("image"):
                 batch = make_batch(builder, chunk)
-            batch = batch.to(llava.lm_head.weight.device)
-            inputs = build_inputs(llava, batch, reducer=reducer, padding_side="left")
+            batch = batch.to(vlm.lm_head.weight.device)
+            inputs = build_inputs(vlm, batch, reducer=reducer, padding_side="left")
             if decode == "score":
                 with stage("lm"):
-                    probs = label_log_probs(llava, inputs, answers).softmax(dim=-1).tolist()
+                    probs = label_log_probs(vlm, inputs, answers).softmax(dim=-1).tolist()
                 for row, kept in zip(probs, inputs.image_tokens, strict=True):
                     best = max(range(len(labels)), key=row.__getitem__)
                     predictions.append(Prediction(labels[best], dict(zip(labels, row, strict=True)), kept))
             else:
                 max_new = builder.max_answer_length + 2
-                for ids, kept in zip(greedy_answers(llava, inputs, {builder.end_token_id}, max_new),
+                for ids, kept in zip(greedy_answers(vlm, inputs, {builder.end_token_id}, max_new),
                                      inputs.image_tokens, strict=True):
                     predictions.append(_parsed(builder, ids, kept))
             progress.advance(task, len(chunk))

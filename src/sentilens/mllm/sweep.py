@@ -45,7 +45,7 @@ import torch
 
 from sentilens.data.records import Post
 from sentilens.errors import SentilensError
-from sentilens.mllm.pruning import FilterSpec, keep_count
+from sentilens.mllm.pruning import DEFAULT_STRATEGY, Strategy, keep_count, parse_strategy
 from sentilens.outputs import save_figure
 from sentilens.predict import Predictor, check_keep_ratio, check_labelled, prediction_metrics
 from sentilens.runs import write_json
@@ -77,15 +77,15 @@ def parse_ratios(text: str) -> list[float]:
     return list(dict.fromkeys(ratios))
 
 
-def parse_strategies(text: str) -> list[FilterSpec]:
-    specs = [FilterSpec.parse(part) for part in text.split(",") if part.strip()]
+def parse_strategies(text: str) -> list[Strategy]:
+    specs = [parse_strategy(part) for part in text.split(",") if part.strip()]
     if not specs:
         raise SentilensError("--strategy lists no strategy")
     return list(dict.fromkeys(specs))
 
 
 def run_sweep(predictor: Predictor, posts: Sequence[Post], ratios: Sequence[float] = DEFAULT_RATIOS,
-              strategies: Sequence[FilterSpec] = (FilterSpec(),), repeats: int = 3) -> dict:
+              strategies: Sequence[Strategy] = (parse_strategy(DEFAULT_STRATEGY),), repeats: int = 3) -> dict:
     """Table 4 rows for every strategy x ratio (``r = 1`` first, as each strategy's reference)."""
     image_tokens = _check_sweep(predictor, posts, repeats)
     posts = list(posts)
@@ -173,7 +173,7 @@ TIME_SPLIT = ("per post, from the pass with the median whole-call time: vision_m
 
 
 def select_ratio(predictor: Predictor, posts: Sequence[Post], ratios: Sequence[float],
-                 strategies: Sequence[FilterSpec], split: str) -> dict:
+                 strategies: Sequence[Strategy], split: str) -> dict:
     """The strategy and keep ratio with the best weighted F1 on ``posts`` (``sweep --select-on val``).
 
     Ties go to the smaller ratio (fewer tokens, faster), then to the strategy listed first. Only

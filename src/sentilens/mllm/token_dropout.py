@@ -14,7 +14,7 @@ with ``r`` uniform in ``[R, 1]``; positions are renumbered as at inference. A un
 scoring rule, so the paper's filter and its ``random`` baseline are later compared on the same model.
 Draws come from a generator seeded by the run's seed, the epoch and the process rank, so a resumed
 run draws what an uninterrupted one would. LLaVA-1.5 only (the reducer interface of
-:func:`sentilens.mllm.inputs.visual_tokens`).
+:func:`sentilens.mllm.families.llava.vision.visual_tokens`).
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ class TokenDropout:
         """Reseed for ``epoch`` on process ``rank`` (a resumed run starts at an epoch's beginning)."""
         self.generator.manual_seed(((self.seed * 100_003 + epoch) * 1_009 + rank) & (2 ** 63 - 1))
 
-    def capture(self, llava=None):
+    def capture(self):
         return nullcontext(self)  # no scores to take from the tower pass
 
     @torch.no_grad()

@@ -1,4 +1,4 @@
-"""Pretraining the tiny LLaVA's vision tower, so that it is frozen *pretrained*, as in LLaVA (issue 11).
+"""Pretraining the tiny LLaVA's vision tower, so that it is frozen *pretrained*, as in LLaVA.
 
 LLaVA-1.5 freezes CLIP ViT-L/14-336, which was pretrained (contrastively, on 400 M image-text
 pairs) before LLaVA ever saw it; the paper's filter relies on that tower's CLS token looking at
@@ -31,7 +31,7 @@ on it drops the cue as readily as the background. No pretrained CLIP can be down
 The tower is saved with ``save_pretrained`` (a ``CLIPVisionModel``, safetensors) and a
 ``pretraining.json`` (recipe, held-out accuracy, time) into ``CACHE/<key>``, where the key hashes
 the tower's shape, the recipe and :data:`CORPUS_VERSION`; a later run with the same key loads it
-instead of training again. :func:`sentilens.mllm.model.build_tiny` copies it into the LLaVA it
+instead of training again. :func:`sentilens.mllm.families.llava.tiny.build_tiny` copies it into the LLaVA it
 builds, and fine-tuning keeps it frozen (``requires_grad`` off, eval mode).
 """
 

@@ -45,7 +45,7 @@ from sentilens.data.records import Post, read_labels, read_split
 from sentilens.distributed import predict_sharded, process_state
 from sentilens.errors import SentilensError
 from sentilens.metrics import classification_metrics
-from sentilens.mllm.config import EvalPrecision, MllmRunConfig
+from sentilens.mllm.config import EvalPrecision, MllmRunConfig, load_run_config
 from sentilens.mllm.families import TINY, family_of, get_family, parse_tiny
 from sentilens.mllm.inputs import make_batch
 from sentilens.mllm.model import (
@@ -56,12 +56,13 @@ from sentilens.mllm.model import (
     num_image_tokens,
     prepare_model,
 )
-from sentilens.mllm.prompt import PromptBuilder, PromptSettings, Task, infer_task
+from sentilens.mllm.prompt import PromptBuilder, PromptSettings, Task, infer_task, resolved_settings
 from sentilens.mllm.scoring import Decode, predict_posts
 from sentilens.mllm.token_dropout import TokenDropout
 from sentilens.mllm.tower import TowerRecipe
 from sentilens.recipes import read_recipe
 from sentilens.runs import (
+    CONFIG,
     MODEL_WEIGHTS,
     check_resumable,
     clear_training_state,
@@ -104,6 +105,8 @@ class MllmTrainConfig(BaseModel):
     task: Task | None = Field(None, description="None: inferred from the labels")
     system: str | None = None
     question: str | None = None
+    chat_template: str | None = Field(None, description="Jinja chat template the prompts are rendered with; None: "
+                                                        "the checkpoint's own, else its model family's")
     label_list: bool = Field(True, description="append the label words to the question (False: the paper's "
                                                "bare question of Table 1)")
     decode: Decode = Field("score", description="how the run predicts, on val and after: score (one pass over "
@@ -122,7 +125,7 @@ class MllmTrainConfig(BaseModel):
     tiny: TinySpec = Field(default_factory=TinySpec, description="shapes of --model tiny")
     tiny_vision: Literal["pretrained", "random"] | None = Field(
         None, description="--model tiny: pretrain its vision tower first (cached), or leave it random; None: "
-                          "pretrained for the families with a CLIP tower (llava, llava-next), random for the others")
+                          "pretrained for the families with a CLIP tower (vlm, llava-next), random for the others")
     tiny_tower: TowerRecipe = Field(default_factory=TowerRecipe, description="how --model tiny pretrains its tower")
     cache: Path | None = Field(None, description="pretrained-tower cache (default ~/.cache/sentilens/towers)")
     image_aspect: Literal["pad", "crop"] | None = Field(
@@ -203,7 +206,7 @@ def evaluation_precision(model: MllmModel, mixed_precision: str, deepspeed: bool
     that dtype and predicts under the same autocast, so the best epoch is chosen under the numerics
     it is then used with.
     """
-    weights = model.llava.lm_head.weight.dtype
+    weights = model.vlm.lm_head.weight.dtype
     if deepspeed and mixed_precision == "bf16":
         weights = torch.bfloat16
     autocast = "bfloat16" if mixed_precision == "bf16" else None
@@ -263,20 +266,28 @@ def train_mllm(cfg: MllmTrainConfig) -> dict:
     base = _base_model(cfg, out, train_posts, accelerator)
     model = prepare_model(base, cfg.mode, cfg.lora, device=accelerator.device, training=True,
                           gradient_checkpointing=cfg.gradient_checkpointing)
+    family = family_of(model.vlm)
     if cfg.train_keep_ratio is not None:
-        model.reducer = family_of(model.llava).make_reducer(model.llava, cfg.train_keep_ratio)
+        model.reducer = family.make_reducer(model.vlm, cfg.train_keep_ratio)
     if cfg.token_dropout is not None:
-        family = family_of(model.llava).name
-        if family != "llava":
-            raise SentilensError(f"--token-dropout is offered for LLaVA-1.5 only, not {family}")
+        if family.name != "llava":
+            raise SentilensError(f"--token-dropout is offered for LLaVA-1.5 only, not {family.name}")
         model.token_dropout = TokenDropout(cfg.token_dropout, cfg.seed)
-    settings = PromptSettings(task=cfg.task or infer_task(labels), max_length=cfg.max_length,
-                              image_aspect=cfg.image_aspect, label_list=cfg.label_list,
-                              **{k: v for k, v in (("system", cfg.system), ("question", cfg.question)) if v})
-    builder = PromptBuilder(model.processor, settings, labels, num_image_tokens(model.llava, model.processor),
-                            family=family_of(model.llava))
+    if cfg.resume:
+        # A resumed run keeps the prompt it started with, even one saved before prompts were recorded.
+        settings = load_run_config(load_config(out), out / CONFIG).prompt
+    else:
+        settings = PromptSettings(task=cfg.task or infer_task(labels), max_length=cfg.max_length,
+                                  image_aspect=cfg.image_aspect, label_list=cfg.label_list,
+                                  **{k: v for k, v in (("system", cfg.system), ("question", cfg.question),
+                                                       ("chat_template", cfg.chat_template)) if v})
+    image_tokens = num_image_tokens(model.vlm, model.processor)
+    builder = PromptBuilder(model.processor, settings, labels, image_tokens, family=family)
+    settings = resolved_settings(settings, builder.chat_template, saved=cfg.resume)
+    builder = PromptBuilder(model.processor, settings, labels, image_tokens, family=family)
     run_config = MllmRunConfig(
         base_model=BASE_DIR if tiny is not None else _stored_source(cfg.base_model),
+        model_family=family.name,
         mode=cfg.mode,
         lora=cfg.lora if cfg.mode != "full" else None,
         prompt=settings,
@@ -320,7 +331,7 @@ def train_mllm(cfg: MllmTrainConfig) -> dict:
                             epoch)
         core.eval()
         predictions = predict_sharded(
-            lambda posts: predict_posts(core.llava, builder, posts, cfg.eval_batch_size, reducer=core.reducer,
+            lambda posts: predict_posts(core.vlm, builder, posts, cfg.eval_batch_size, reducer=core.reducer,
                                         decode=cfg.decode, autocast=run_config.precision.autocast,
                                         description="val"),
             val_posts)

@@ -151,7 +151,8 @@ class Service:
         described, can = self.predictor.describe(), self.predictor.capabilities
         return ModelInfo(family=described["family"], run=self.run_dir.resolve().name, labels=described["labels"],
                          base_model=described["base_model"], supports_keep_ratio=can.supports_keep_ratio,
-                         supports_explain=can.supports_explain, config=described["config"],
+                         supports_explain=can.supports_explain, strategies=list(can.strategies),
+                         config=described["config"],
                          limits=self.settings.limits())
 
 

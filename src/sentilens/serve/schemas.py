@@ -153,6 +153,8 @@ class ModelInfo(BaseModel):
     base_model: str = Field(description="MLLM: the LLaVA checkpoint; fusion: text encoder + image encoder.")
     supports_keep_ratio: bool
     supports_explain: bool
+    strategies: list[str] = Field(default_factory=list, description="The token-pruning strategies the run takes "
+                                  "(the registry's forms and modifiers); empty: none.")
     config: dict[str, str | int | float | bool | None] = Field(description="The run config's top-level settings.")
     limits: dict[str, int | float] = Field(
         description="max_upload_bytes, max_pixels, max_aspect_ratio, max_text_chars, max_posts.")

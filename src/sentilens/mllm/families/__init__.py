@@ -48,10 +48,11 @@ register it in :data:`REGISTRY` as ``"name": "module:Class"``, imported on first
                            ``unquantized_modules`` what QLoRA leaves in full precision
 =========================  ====================================================================
 
-LLaVA-1.5 (:mod:`sentilens.mllm.families.llava`) is the reference implementation; its code lives
-where it always did (:mod:`sentilens.mllm.inputs`, :mod:`sentilens.mllm.pruning`,
-:func:`sentilens.mllm.model.build_tiny`). This module imports nothing of :mod:`sentilens.mllm` (the
-families are imported by name from :data:`REGISTRY`), so every mllm module may import it.
+LLaVA-1.5 (:mod:`sentilens.mllm.families.llava`) is the reference implementation; every family is
+one package here, split by job (docs/architecture.md, "How to add a VLM family").
+
+This module imports nothing of :mod:`sentilens.mllm` (the families are imported
+by name from :data:`REGISTRY`), so every mllm module may import it.
 """
 
 from __future__ import annotations
@@ -70,13 +71,22 @@ TINY = "tiny"
 DEFAULT_TINY_FAMILY = "llava"
 
 REGISTRY: dict[str, str] = {
-    "llava": "sentilens.mllm.families.llava:LlavaFamily",
-    "llava-next": "sentilens.mllm.families.llava_next:LlavaNextFamily",
-    "smolvlm": "sentilens.mllm.families.smolvlm:SmolVLMFamily",
-    "qwen2.5-vl": "sentilens.mllm.families.qwen:Qwen25VLFamily",
-    "qwen3-vl": "sentilens.mllm.families.qwen:Qwen3VLFamily",
+    "llava": "sentilens.mllm.families.llava.family:LlavaFamily",
+    "llava-next": "sentilens.mllm.families.llava_next.family:LlavaNextFamily",
+    "smolvlm": "sentilens.mllm.families.smolvlm.family:SmolVLMFamily",
+    "qwen2.5-vl": "sentilens.mllm.families.qwen_vl.family:Qwen25VLFamily",
+    "qwen3-vl": "sentilens.mllm.families.qwen_vl.family:Qwen3VLFamily",
 }
 """``tiny:<name>`` -> ``"module:Class"`` of its :class:`ModelFamily` (imported on first use)."""
+
+TITLES: dict[str, str] = {
+    "llava": "LLaVA-1.5",
+    "llava-next": "LLaVA-NeXT",
+    "smolvlm": "SmolVLM",
+    "qwen2.5-vl": "Qwen2.5-VL",
+    "qwen3-vl": "Qwen3-VL",
+}
+"""How a run of each family names its model (``describe()``), without importing the family."""
 
 _LOADED: dict[str, ModelFamily] = {}
 
@@ -245,9 +255,5 @@ def parse_tiny(base_model: str) -> str | None:
     return None
 
 
-def is_tiny(base_model: str) -> bool:
-    return parse_tiny(base_model) is not None
-
-
-__all__ = ["DEFAULT_TINY_FAMILY", "REGISTRY", "TINY", "ModelFamily", "PatchView", "family_for_config",
-           "family_for_processor", "family_of", "get_family", "is_tiny", "parse_tiny", "supported_classes"]
+__all__ = ["DEFAULT_TINY_FAMILY", "REGISTRY", "TINY", "TITLES", "ModelFamily", "PatchView", "family_for_config",
+           "family_for_processor", "family_of", "get_family", "parse_tiny", "supported_classes"]

@@ -36,7 +36,8 @@ async function loadModel() {
     return;
   }
   model = await response.json();
-  $("model-line").textContent = `${model.family} run ${model.run} (${model.base_model}); labels: ${model.labels.join(", ")}`;
+  const strategies = model.strategies && model.strategies.length ? `; token pruning: ${model.strategies.join(", ")}` : "";
+  $("model-line").textContent = `${model.family} run ${model.run} (${model.base_model}); labels: ${model.labels.join(", ")}${strategies}`;
   $("ratio-row").hidden = !model.supports_keep_ratio;
 }
 

@@ -1,12 +1,4 @@
-"""LLaVA-1.5 (``LlavaForConditionalGeneration``): the paper's model, and the defaults of every family.
-
-A CLIP ViT with a CLS token sees one square image (336 px for LLaVA-1.5: 576 patches); the
-feature layer's patch states (CLS dropped) go through the two-layer projector, one language-model
-token per patch. Filtering (:mod:`sentilens.mllm.pruning`, the paper's Eq. 3) scores each patch by
-the CLS attention averaged over the tower's layers and keeps the top ``ceil(r * N)`` in spatial
-order. The code is where it has always been: :mod:`sentilens.mllm.inputs` (encode, reduce,
-project, assemble), :mod:`sentilens.mllm.pruning`, :func:`sentilens.mllm.model.build_tiny`.
-"""
+"""The LLaVA-1.5 adapter (``LlavaForConditionalGeneration``), the reference every family defaults to."""
 
 from __future__ import annotations
 
@@ -20,7 +12,11 @@ from torch import Tensor
 from sentilens.errors import SentilensError
 from sentilens.mllm import inputs, pruning
 from sentilens.mllm.families import ModelFamily, PatchView
-from sentilens.mllm.prompt import LLAVA15_CHAT_TEMPLATE
+from sentilens.mllm.families.llava import vision
+from sentilens.mllm.families.llava.tiny import build_tiny
+
+LLAVA15_CHAT_TEMPLATE = Path(__file__).with_name("template.jinja").read_text(encoding="utf-8")
+"""LLaVA-1.5's conversation format (Vicuna v1): ``SYSTEM USER: <image>\\ntext\\nquestion ASSISTANT: label</s>``."""
 
 
 class LlavaFamily(ModelFamily):
@@ -44,18 +40,16 @@ class LlavaFamily(ModelFamily):
         return llava_image_tokens(model, processor)
 
     def visual_tokens(self, model, pixel_values: Tensor, extras: dict[str, Tensor], reducer=None) -> list[Tensor]:
-        return inputs.visual_tokens(model, pixel_values, reducer)
+        return vision.visual_tokens(model, pixel_values, reducer)
 
     def make_reducer(self, model, keep_ratio: float, strategy: str = "all"):
-        return pruning.make_reducer(model, keep_ratio, strategy)
+        return vision.make_reducer(model, keep_ratio, strategy)
 
     def assemble(self, model, token_ids, visual, targets=None, padding_side: str = "right", extras=None, native=None):
         return inputs.assemble(model, token_ids, visual, targets, padding_side, native)
 
     def build_tiny(self, out_dir: str | Path, corpus: Sequence[str] = (), seed: int = 0, spec=None,
                    vision_tower: str | Path | None = None) -> Path:
-        from sentilens.mllm.model import build_tiny
-
         return build_tiny(out_dir, corpus=corpus, seed=seed, spec=spec, vision_tower=vision_tower)
 
     def image_token_count(self, model, processor, size: tuple[int, int]) -> tuple[int, int]:
@@ -69,11 +63,11 @@ class LlavaFamily(ModelFamily):
 
         if size is None:
             return prediction_flops(model.config, 0, text_tokens, answer_tokens)
-        spec = pruning.FilterSpec.parse(strategy)
+        parsed = pruning.parse_strategy(strategy)
         scored = 0
-        if keep_ratio is not None and spec.select != "random":
+        if keep_ratio is not None and parsed.scored:
             num_layers = len(pruning.encoder_layers(self.vision_tower(model)))
-            scored = len(spec.layer_indices(num_layers, model.config.vision_feature_layer))
+            scored = len(pruning.layer_indices(parsed.layers, num_layers, model.config.vision_feature_layer))
         n, tiles = self.image_token_count(model, processor, size)
         kept = n if keep_ratio is None else pruning.keep_count(n, keep_ratio)
         return prediction_flops(model.config, kept, text_tokens, answer_tokens, scored, tiles=tiles)
@@ -83,8 +77,8 @@ class LlavaFamily(ModelFamily):
         from sentilens.data.images import load_image
 
         batch = inputs.make_batch(builder, [post]).to(model.lm_head.weight.device)
-        with torch.no_grad(), reducer.capture(model):
-            features = inputs.encode_images(model, batch.pixel_values)
+        with torch.no_grad(), reducer.capture():
+            features = vision.encode_images(model, batch.pixel_values)
         reducer(features, batch.pixel_values)
         selection = reducer.last[0]
         n = selection.scores.numel()
@@ -93,10 +87,7 @@ class LlavaFamily(ModelFamily):
             raise SentilensError(f"the vision tower's {n} patches do not form a square grid; no heatmap can be drawn")
         kept = torch.zeros(n, dtype=torch.bool)
         kept[selection.kept.cpu()] = True
-        processor = builder.processor.image_processor
-        mean = torch.tensor(processor.image_mean).view(3, 1, 1)
-        std = torch.tensor(processor.image_std).view(3, 1, 1)
-        picture = (batch.pixel_values[0].float().cpu() * std + mean).clamp(0, 1).permute(1, 2, 0)
+        picture = inputs.denormalised(batch.pixel_values[0], builder.processor.image_processor).permute(1, 2, 0)
         name = "CLS attention" if reducer.scorer.cls else "mean attention received (no CLS token)"
         content = inputs.content_box(load_image(post.image).size, builder.settings.image_aspect, picture.shape[1])
         return PatchView(picture=picture, scores=selection.scores.float().cpu().view(side, side),

@@ -1,9 +1,7 @@
-"""Visual token filtering by CLS attention (paper, "Reduction of Redundant Visual Features", eq. 2-3).
+"""The tower's attention as patch scores (paper, "Reduction of Redundant Visual Features", eq. 2-3).
 
-Each ViT patch is scored by the attention the CLS query pays to it (eq. 3,
-``softmax(q_CLS K^T / sqrt(d_k))``), averaged over heads and over every encoder layer of the
-vision tower (the paper's rule); only the ``ceil(r * N)`` best patches reach the language model,
-in their original spatial order.
+A CLIP-style tower scores each ViT patch by the attention the CLS query pays to it (eq. 3,
+``softmax(q_CLS K^T / sqrt(d_k))``), averaged over heads and over the scored encoder layers.
 
 How the scores are obtained. ``output_attentions=True`` would force eager attention and
 materialise every ``T x T`` map of every layer. Instead, forward hooks on each scored layer's
@@ -15,64 +13,34 @@ running its own attention kernel (SDPA). The softmax runs over all ``T`` keys (t
 included, exactly as in the eager map); the CLS-to-CLS entry is then dropped, without
 renormalising, so the scores are the eager map's row 0, columns 1..T-1, averaged.
 
-Which layers. ``"all"`` (default, the paper): every encoder layer, including the last, which
-LLaVA-1.5 does not need for its features (it reads ``vision_feature_layer = -2``); the HF LLaVA
-tower runs all its layers anyway, so the all-layer mean costs no extra layer there. ``"feature"``
-scores only the layer that produces LLaVA's features (the ``-2`` layer, as FasterVLM does), so a
-tower cut after that layer still has everything it needs. ``"last"``, ``"A:B"`` (a Python slice
-over the encoder layers) and ``"K"`` (one layer) are also accepted. Hidden state ``h`` is produced
-by encoder layer ``h - 1``; for a negative ``vision_feature_layer`` ``f`` that is layer ``L + f``.
-
 Towers without a CLS token (SigLIP, where LLaVA-style models use all patches; SmolVLM's SigLIP; the
 Qwen towers). The paper's score does not exist there; the fallback is the attention each patch
 *receives*, averaged over all queries, heads and the chosen layers (``mean_i softmax(q_i K^T /
 sqrt(d))_j``). That needs every entry of a scored layer's ``T x T`` map, not one row, so a hook cannot
-get it for the price of the CLS row: recomputing ``QK^T`` and its softmax beside the tower's own
-kernel cost 1.22x the tower on the SmolVLM CPU proxy. Instead a scored layer computes its attention
+get it for the price of the CLS row. Instead a scored layer computes its attention
 itself (:func:`attention_with_received`, installed by :func:`received_attention` as the layer's
 attention function): one softmax block feeds both the output and the column sums, so scoring costs a
 column sum over the map the layer needs anyway, and no map is held whole. The other layers keep the
 tower's kernel. That holds on a CPU, where the tower's own kernel does the same arithmetic. On a GPU
-the tower's kernel is a fused flash kernel that never writes the map, and the fused float32 blocks cost
-2.7-4.5x the tower (H200, Qwen3-VL-8B, all 27 layers scored): there a scored layer takes its output from
-the tower's own kernel, unchanged, and the column sums from a Triton kernel that never writes the map
-either (:mod:`sentilens.mllm.received_kernel`; 1.9x there), or without Triton from
-:func:`received_attention_only` (query-key blocks in the inputs' dtype, softmax accumulating in float32;
-2.3x). :func:`scoring_route` picks the route. Any other tower is refused with a :class:`SentilensError`.
-
-Beyond the paper, ``merge`` (after VisionZip): instead of discarding the low-score patches, the
-same token budget ``k = ceil(r * N)`` is split into ``k - k // 6`` dominant patches (top scores,
-spatial order) and ``k // 6`` contextual tokens (VisionZip keeps 54 + 10 of 64, about 1/6). The
-contextual tokens summarise every other patch: ``k // 6`` targets are taken evenly spaced (in
-spatial order) among the non-dominant patches, each remaining non-dominant patch joins the target
-whose key (from the feature layer's attention, heads concatenated) is most cosine-similar, and a
-contextual token is the mean of its group's features. They follow the dominant tokens, in their
-targets' spatial order. With ``k < 6`` there are no contextual tokens and merge equals discard.
-
-Baselines, to show what CLS attention buys over chance (the paper has none): ``random`` keeps a
-uniformly random set of the same ``ceil(r * N)`` patches (seeded by the image's pixels, so an
-image gets the same draw alone or in a batch, and a smaller ratio keeps a subset of a larger
-one's patches; no scoring pass is run), and ``inverse`` keeps the ``ceil(r * N)`` *lowest*-scored
-patches under the paper's all-layer CLS scores.
+the tower's kernel is a fused flash kernel that never writes the map, and fused float32 blocks beside it
+cost several towers: there a scored layer takes its output from the tower's own kernel, unchanged, and the
+column sums from a Triton kernel that never writes the map either (:mod:`sentilens.mllm.received_kernel`),
+or without Triton from :func:`received_attention_only` (query-key blocks in the inputs' dtype, softmax
+accumulating in float32). :func:`scoring_route` picks the route (docs/pruning.md has the measured costs).
+Any other tower is refused with a :class:`SentilensError`.
 """
 
 from __future__ import annotations
 
 import importlib.util
-import math
 import sys
-import zlib
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from contextlib import contextmanager
 
 import torch
 from torch import nn
 
 from sentilens.errors import SentilensError
-
-CONTEXT_SHARE = 6
-"""One contextual token per this many kept tokens under ``merge`` (VisionZip's 10 of 64)."""
 
 QUERY_CHUNK_ELEMENTS = 1 << 27
 """Largest attention block (maps x queries x keys) :func:`received_attention_only` holds at once on a GPU
@@ -80,97 +48,10 @@ QUERY_CHUNK_ELEMENTS = 1 << 27
 
 CPU_QUERY_CHUNK_ELEMENTS = 1 << 20
 """The same on a CPU, where a block is one head's queries (at most all of them) x keys: a 4 MiB block stays
-in cache through the matmuls, softmax and column sum. Measured on one core, 3 tiles x 12 heads x 1,024
-tokens (SmolVLM proxy): 181 ms a layer against SDPA's 134 ms; blocks spanning every head, 200-245 ms."""
+in cache through the matmuls, softmax and column sum (docs/pruning.md has the measurements)."""
 
 NO_CLS_MODEL_TYPES = ("siglip_vision_model", "smolvlm_vision", "idefics3_vision")
 """SigLIP-style towers (no CLS token): SigLIP itself and the SigLIP towers of SmolVLM / Idefics3."""
-
-RANDOM_SEED = 0
-"""Seed of the ``random`` baseline, mixed with each image's pixel checksum."""
-
-BASELINES = ("random", "inverse")
-
-
-@dataclass(frozen=True)
-class FilterSpec:
-    """Which layers score the patches, which patches are kept, and what happens to the dropped ones.
-
-    Parsed from ``LAYERS``, ``LAYERS+merge`` or ``LAYERS+native``, where ``LAYERS`` is ``all`` (the
-    paper), ``feature`` (LLaVA's feature layer, FasterVLM), ``last``, ``A:B`` or ``K``; or from one
-    of the baselines ``random`` (a seeded uniform draw) and ``inverse`` (the lowest all-layer
-    scores), alone or with ``+native``.
-
-    ``+native`` (LLaVA-1.5 only; our addition, not the paper's): the kept visual tokens keep the
-    rotary positions they have at r = 1 (the image's first position plus the patch index) and the
-    text after the image keeps its own, so the language model sees exactly the relative distances
-    it was trained on, minus the dropped tokens: the same computation as attending to the full
-    sequence with the dropped tokens masked out. The paper drops the tokens and lets the sequence
-    close up (positions renumbered), which moves the text closer to the image by the number
-    dropped. Measured on the demo's tiny LLaVA (README): renumbering cost 0.05 accuracy at r = 0.4,
-    native positions none. Qwen-VL keeps native positions always; the tiled families refuse it.
-    """
-
-    layers: str = "all"
-    merge: bool = False
-    select: str = "top"
-    native: bool = False
-
-    @classmethod
-    def parse(cls, text: str) -> FilterSpec:
-        name = text.strip()
-        layers, _, suffix = name.partition("+")
-        if suffix not in ("", "merge", "native") or (layers in BASELINES and suffix == "merge"):
-            raise SentilensError(f"unknown filtering strategy '{text}': expected LAYERS, LAYERS+merge, "
-                                 f"LAYERS+native, {' or '.join(BASELINES)} (with or without +native)")
-        if layers in BASELINES:
-            return cls(layers="all", select=layers, native=suffix == "native")
-        spec = cls(layers=layers or "all", merge=suffix == "merge", native=suffix == "native")
-        # syntax check only, against a huge tower: a lazy range, never listed (the predictor parses the
-        # strategy on every predict call, and listing 2^20 layers cost 37 ms a call)
-        spec._layer_range(num_layers=1 << 20, vision_feature_layer=-2)
-        return spec
-
-    def __str__(self) -> str:
-        suffix = "+merge" if self.merge else "+native" if self.native else ""
-        return (self.select if self.select != "top" else self.layers) + suffix
-
-    def layer_indices(self, num_layers: int, vision_feature_layer: int | Sequence[int] = -2) -> list[int]:
-        """The 0-based encoder layers whose attention is averaged."""
-        return list(self._layer_range(num_layers, vision_feature_layer))
-
-    def _layer_range(self, num_layers: int, vision_feature_layer: int | Sequence[int]) -> Sequence[int]:
-        """:meth:`layer_indices` as a ``range`` where it is one (cheap to check for any tower size)."""
-        name = self.layers
-        if name == "all":
-            return range(num_layers)
-        if name == "last":
-            return [num_layers - 1]
-        if name == "feature":
-            feature_layers = [vision_feature_layer] if isinstance(vision_feature_layer, int) else vision_feature_layer
-            return sorted({feature_layer_index(f, num_layers) for f in feature_layers})
-        try:
-            if ":" in name:
-                start, stop = (int(part) if part.strip() else None for part in name.split(":", 1))
-                chosen = range(num_layers)[slice(start, stop)]
-            else:
-                chosen = [range(num_layers)[int(name)]]
-        except (ValueError, IndexError):
-            raise SentilensError(
-                f"bad scoring layers '{name}': use all, feature, last, a layer K or a slice A:B "
-                f"(the tower has {num_layers} layers)") from None
-        if not chosen:
-            raise SentilensError(f"scoring layers '{name}' select no layer of a {num_layers}-layer tower")
-        return chosen
-
-
-def feature_layer_index(vision_feature_layer: int, num_layers: int) -> int:
-    """The encoder layer whose output is ``hidden_states[vision_feature_layer]``."""
-    hidden = vision_feature_layer if vision_feature_layer >= 0 else num_layers + 1 + vision_feature_layer
-    if not 1 <= hidden <= num_layers:
-        raise SentilensError(f"vision_feature_layer {vision_feature_layer} is not the output of an attention layer "
-                             f"of a {num_layers}-layer tower")
-    return hidden - 1
 
 
 def tower_name(tower: nn.Module) -> str:
@@ -471,173 +352,3 @@ def received_attention(sinks: dict[nn.Module, Callable[[torch.Tensor], None]]) -
             config._attn_implementation_internal = before[key]
             _ORIGINAL.pop(key, None)
 
-
-def keep_count(num_patches: int, keep_ratio: float) -> int:
-    """``ceil(r * N)``, at least 1. ``r * N`` is rounded to 9 decimals first so that a product
-    that is an integer in exact arithmetic (0.2 * 5) is not pushed up by float error."""
-    if not 0.0 < keep_ratio <= 1.0:
-        raise SentilensError(f"keep ratio must be in (0, 1], got {keep_ratio}")
-    return max(1, min(num_patches, math.ceil(round(keep_ratio * num_patches, 9))))
-
-
-def top_patches(scores: torch.Tensor, count: int) -> torch.Tensor:
-    """Indices of the ``count`` highest ``scores`` (1-D), in increasing (spatial) order.
-
-    Ties go to the earlier patch: a stable descending sort keeps equal scores in index order.
-    """
-    order = torch.sort(scores, descending=True, stable=True).indices
-    return torch.sort(order[:count]).values
-
-
-def merge_context(features: torch.Tensor, keys: torch.Tensor, dominant: torch.Tensor, count: int) -> torch.Tensor:
-    """``count`` contextual tokens summarising the non-dominant patches (rule in the module docstring).
-
-    ``features``: ``(N, Dv)``; ``keys``: ``(N, Dk)``; ``dominant``: kept indices. Returns ``(count, Dv)``.
-    """
-    is_rest = torch.ones(features.shape[0], dtype=torch.bool, device=features.device)
-    is_rest[dominant] = False
-    rest = torch.nonzero(is_rest).flatten()
-    count = min(count, rest.numel())
-    if count == 0:
-        return features.new_zeros(0, features.shape[1])
-    target_pos = torch.div(torch.arange(count, device=rest.device) * rest.numel(), count, rounding_mode="floor")
-    unit = nn.functional.normalize(keys[rest].float(), dim=-1)
-    group = (unit @ unit[target_pos].T).argmax(dim=-1)  # each non-dominant patch -> most similar target
-    group[target_pos] = torch.arange(count, device=rest.device)  # a target always stays in its own group
-    sums = torch.zeros(count, features.shape[1], dtype=torch.float32, device=features.device)
-    sums.index_add_(0, group, features[rest].float())
-    sizes = torch.bincount(group, minlength=count).unsqueeze(1)
-    return (sums / sizes).to(features.dtype)
-
-
-@dataclass
-class Selection:
-    """What the filter did to one image: the reduced features and the patches kept."""
-
-    features: torch.Tensor
-    kept: torch.Tensor
-    scores: torch.Tensor
-
-
-def random_priorities(pixel_values: torch.Tensor, count: int) -> torch.Tensor:
-    """``(B, count)`` uniform draws, each image's seeded by ``RANDOM_SEED`` and a checksum of its pixels."""
-    rows = []
-    for image in pixel_values:
-        checksum = zlib.crc32(image.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-        generator = torch.Generator().manual_seed(RANDOM_SEED * (1 << 32) + checksum)
-        rows.append(torch.rand(count, generator=generator))
-    return torch.stack(rows)
-
-
-def reduce_image(features: torch.Tensor, scores: torch.Tensor, keep_ratio: float, keys: torch.Tensor | None = None,
-                 merge: bool = False, lowest: bool = False) -> Selection:
-    """Filter one image's ``(N, Dv)`` features by its ``(N,)`` scores to ``ceil(r * N)`` tokens
-    (the highest scores, or with ``lowest`` the lowest ones)."""
-    total = keep_count(features.shape[0], keep_ratio)
-    n_context = total // CONTEXT_SHARE if merge and total < features.shape[0] else 0
-    kept = top_patches(-scores if lowest else scores, total - n_context)
-    reduced = features[kept]
-    if n_context:
-        reduced = torch.cat([reduced, merge_context(features, keys, kept, n_context)])
-    return Selection(features=reduced, kept=kept, scores=scores)
-
-
-class TokenFilter:
-    """The reducer of :mod:`sentilens.mllm.inputs`: ``filter(features, pixel_values) -> [(k_i, Dv), ...]``.
-
-    :func:`sentilens.mllm.inputs.visual_tokens` enters :meth:`capture` around the tower forward
-    that produces ``features``, so the scores come from that very pass; called on pixels the
-    tower did not just see, the filter runs the tower itself once. ``last`` keeps each image's
-    :class:`Selection` of the latest call (kept patches and scores, for heatmaps).
-    """
-
-    def __init__(self, tower: nn.Module, keep_ratio: float, spec: FilterSpec | str = FilterSpec(),
-                 vision_feature_layer: int | Sequence[int] = -2):
-        self.spec = FilterSpec.parse(spec) if isinstance(spec, str) else spec
-        keep_count(1, keep_ratio)
-        self.keep_ratio = keep_ratio
-        num_layers = len(encoder_layers(tower))
-        layers = self.spec.layer_indices(num_layers, vision_feature_layer)
-        key_layer = None
-        if self.spec.merge:
-            first = vision_feature_layer if isinstance(vision_feature_layer, int) else vision_feature_layer[-1]
-            key_layer = feature_layer_index(first, num_layers)
-        self.scorer = AttentionScorer(tower, layers, keep_keys_of=key_layer)
-        self.last: list[Selection] = []
-        self.native_positions = self.spec.native
-        """Whether :func:`sentilens.mllm.inputs.build_inputs` gives the kept tokens their r = 1 positions."""
-
-    @contextmanager
-    def capture(self, llava: nn.Module | None = None) -> Iterator[TokenFilter]:
-        """Score during the caller's own tower forward (no second tower pass; none at all for ``random``)."""
-        with nullcontext() if self.spec.select == "random" else self.scorer.capture():
-            yield self
-
-    @torch.no_grad()
-    def __call__(self, features: torch.Tensor, pixel_values: torch.Tensor) -> list[torch.Tensor]:
-        if self.spec.select == "random":
-            priorities = random_priorities(pixel_values, features.shape[1]).to(features.device)
-            self.last = [reduce_image(features[i], priorities[i], self.keep_ratio) for i in range(features.shape[0])]
-            return [selection.features for selection in self.last]
-        scorer = self.scorer
-        seen = scorer.pixel_values
-        fresh = (scorer.scores is not None and seen is not None and seen.shape == pixel_values.shape
-                 and torch.equal(seen, pixel_values.to(device=seen.device, dtype=seen.dtype)))
-        if not fresh:
-            tower = scorer.tower
-            scorer.score(pixel_values.to(device=tower.device, dtype=tower.dtype))
-        scores = scorer.scores
-        if scores.shape != features.shape[:2]:
-            raise SentilensError(f"token filtering scores {scores.shape[1]} patches per image but the features have "
-                                 f"{features.shape[1]} rows (a CLIP tower needs vision_feature_select_strategy "
-                                 f"'default', which drops the CLS feature)")
-        lowest = self.spec.select == "inverse"
-        self.last = [
-            reduce_image(features[i], scores[i], self.keep_ratio,
-                         None if scorer.keys is None else scorer.keys[i], self.spec.merge, lowest)
-            for i in range(features.shape[0])
-        ]
-        return [selection.features for selection in self.last]
-
-
-def make_reducer(llava: nn.Module, keep_ratio: float, strategy: str = "all") -> TokenFilter:
-    """The filter for a ``LlavaForConditionalGeneration`` (the ``pruning`` section of an MLLM run config)."""
-    return TokenFilter(llava.model.vision_tower, keep_ratio, FilterSpec.parse(strategy),
-                       llava.config.vision_feature_layer)
-
-
-class TiledTokenFilter:
-    """What the filters of the tiled families share (LLaVA-NeXT's :class:`~sentilens.mllm.families.llava_next.
-    AnyResTokenFilter`, SmolVLM's :class:`~sentilens.mllm.families.smolvlm.ShuffleTokenFilter`): an
-    :class:`AttentionScorer` on the tower's chosen ``layers``, entered by the family's own tower pass over every
-    tile (:meth:`capture`; no scoring for ``random``), one ``ceil(r N)`` budget per image chosen by the
-    subclass's ``choose``, and ``last``, each image's :class:`Selection` of the latest call."""
-
-    family = ""
-    """The family's name, for the messages."""
-    no_merge_reason = ""
-    """Why ``+merge`` is refused (appended to the message)."""
-
-    def __init__(self, tower: nn.Module, keep_ratio: float, spec: FilterSpec, layers: Sequence[int]):
-        if spec.merge:
-            raise SentilensError(f"strategy '{spec}': +merge is not available for {self.family}{self.no_merge_reason}; "
-                                 "use the strategy without +merge")
-        if spec.native:
-            raise SentilensError(f"strategy '{spec}': +native is offered for LLaVA-1.5 only, not {self.family}; "
-                                 "use the strategy without +native")
-        keep_count(1, keep_ratio)
-        self.spec = spec
-        self.keep_ratio = keep_ratio
-        self.scorer = AttentionScorer(tower, layers)
-        self.last: list[Selection] = []
-
-    @contextmanager
-    def capture(self, model: nn.Module | None = None) -> Iterator[TiledTokenFilter]:
-        with nullcontext() if self.spec.select == "random" else self.scorer.capture():
-            yield self
-
-    def tile_scores(self) -> torch.Tensor:
-        """``(all tiles of the batch, patches)`` float32 scores of the latest captured tower pass."""
-        if self.scorer.scores is None:
-            raise RuntimeError(f"the {self.family} filter chose before the tower ran under its capture")
-        return self.scorer.scores.float().cpu()

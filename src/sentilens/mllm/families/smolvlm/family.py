@@ -1,168 +1,29 @@
-"""SmolVLM (``SmolVLMForConditionalGeneration``, an Idefics3 architecture): SigLIP tiles, pixel shuffle, filtering.
-
-How the model sees an image (transformers' ``modeling_smolvlm`` and ``image_processing_pil_smolvlm``):
-
-- The image processor resizes the image (longest edge at most ``size``), then to multiples of the
-  tile size, and cuts it into ``rows x cols`` square tiles; a *global* tile, the whole image
-  resized to one tile, comes last (a small image is the global tile alone). Every tile goes
-  through the SigLIP tower on its own. SigLIP has **no CLS token**.
-- The connector *pixel-shuffles* each tile: every ``s x s`` block of patches (``s =
-  scale_factor``) becomes one language-model token (its ``s^2`` patch states concatenated), then
-  a linear projection. A tile of ``g x g`` patches gives ``(g / s)^2`` tokens.
-- The prompt around them is text: ``<fake_token_around_image><row_i_col_j>`` before each tile's
-  tokens, a newline after each row of tiles, ``\\n<fake_token_around_image><global-img>`` before
-  the global tile's tokens and ``<fake_token_around_image>`` after them
-  (``processing_smolvlm.get_image_prompt_string``).
-
-Filtering (issue 14), and why:
-
-- **Scores.** Without a CLS token, a patch is scored by the attention it *receives*: the mean over
-  the tile's queries and the heads of ``softmax(q K^T / sqrt(d))``, averaged over the chosen layers. A
-  scored layer computes its attention itself, every tile on its own, and sums each softmax block's
-  columns on the way (:func:`sentilens.mllm.pruning.attention_with_received`, the helper the Qwen
-  filter uses): the map the layer's output needs gives the scores too. Recomputing ``q K^T`` beside
-  the tower's own kernel instead cost 1.22x the tower on the CPU proxy.
-  A language-model token stands for its pixel-shuffle block, which the language model receives as
-  one token, so it is kept or dropped whole: its score is the **mean of its block's patch scores**.
-- **Budget over the whole image, global tile and crops alike.** All tiles have the same patch
-  count, and each query's attention sums to 1 over its tile, so scores of different tiles are on
-  one scale; the top ``ceil(r N)`` tokens are chosen over all tiles at once (``N`` = tiles x
-  tokens per tile), each tile's kept tokens in spatial order, tiles in the native order.
-- **The text around the tiles stays.** The ``<fake_token_around_image>``, ``<row_i_col_j>``,
-  ``<global-img>`` and newline tokens are prompt text, not visual tokens: they are kept for every
-  tile (even one that keeps no token), so the layout the language model was trained on is intact
-  and exactly ``ceil(r N)`` *visual* tokens reach it.
-- ``random`` keeps a seeded draw of the same count; ``inverse`` the lowest scores; ``+merge`` is not
-  offered.
-
-Processor: the checkpoint's tokenizer and image processor, loaded one by one (:class:`SmolProcessor`):
-transformers' ``SmolVLMProcessor`` insists on a video processor (torchvision) and ``num2words``,
-and posts have no video.
-"""
+"""The SmolVLM adapter (``SmolVLMForConditionalGeneration``); the rules are the package docstring's."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
-from sentilens.errors import SentilensError
 from sentilens.mllm import inputs
 from sentilens.mllm.families import ModelFamily, PatchView
+from sentilens.mllm.families.smolvlm.layout import ShuffleTokenFilter, SmolVisual
+from sentilens.mllm.families.smolvlm.processor import PAD, TEXT, SmolProcessor
+from sentilens.mllm.families.smolvlm.tiny import build_tiny
 from sentilens.mllm.pruning import (
-    FilterSpec,
-    Selection,
-    TiledTokenFilter,
     encoder_layers,
     keep_count,
-    random_priorities,
-    top_patches,
+    layer_indices,
+    parse_strategy,
 )
 
-FAKE = "<fake_token_around_image>"
-GLOBAL = "<global-img>"
-END_OF_UTTERANCE = "<end_of_utterance>"
-TEXT, PAD = -1, -2
-"""``span_tile`` values of a layout-text token and of padding past an image's span."""
-MAX_GRID = 4
-"""The tiny model's tokenizer has ``<row_i_col_j>`` tokens up to this grid (its images split into at most 2 x 2)."""
+SMOL_CHAT_TEMPLATE = Path(__file__).with_name("template.jinja").read_text(encoding="utf-8")
 
-SMOL_CHAT_TEMPLATE = (
-    "<|im_start|>"
-    "{%- for message in messages -%}"
-    "{{- message['role'] | capitalize -}}"
-    "{%- if message['content'] is string -%}{{- ': ' + message['content'] -}}"
-    "{%- else -%}"
-    "{%- if message['content'][0]['type'] == 'image' -%}{{- ':' -}}{%- else -%}{{- ': ' -}}{%- endif -%}"
-    "{%- for part in message['content'] -%}"
-    "{%- if part['type'] == 'image' -%}{{- '<image>' -}}"
-    "{%- else -%}{{- part['text'] + ('\\n' if not loop.last else '') -}}{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- endif -%}"
-    "{{- '<end_of_utterance>\\n' -}}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{- 'Assistant:' -}}{%- endif -%}"
-)
 """SmolVLM-Instruct's format (``<|im_start|>User:<image>...<end_of_utterance>\\nAssistant:``), text parts on lines."""
-
-
-class SmolProcessor:
-    """The checkpoint's tokenizer (its chat template) and image processor, and ``image_seq_len``."""
-
-    def __init__(self, tokenizer, image_processor, image_seq_len: int, chat_template: str | None = None):
-        self.tokenizer = tokenizer
-        self.image_processor = image_processor
-        self.image_seq_len = image_seq_len
-        self.chat_template = chat_template or getattr(tokenizer, "chat_template", None)
-        self.image_token = "<image>"
-        self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
-
-    @classmethod
-    def from_pretrained(cls, source: str) -> SmolProcessor:
-        import json
-
-        from transformers import AutoImageProcessor, AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(source)
-        image_processor = AutoImageProcessor.from_pretrained(source)
-        folder = Path(source)
-        settings = {}
-        if (folder / "processor_config.json").is_file():
-            settings = json.loads((folder / "processor_config.json").read_text(encoding="utf-8"))
-        template = getattr(tokenizer, "chat_template", None)
-        if template is None and (folder / "chat_template.jinja").is_file():
-            template = (folder / "chat_template.jinja").read_text(encoding="utf-8")
-        if template is None and (folder / "chat_template.json").is_file():
-            template = json.loads((folder / "chat_template.json").read_text(encoding="utf-8")).get("chat_template")
-        return cls(tokenizer, image_processor, int(settings.get("image_seq_len", 169)), template)
-
-    def save_pretrained(self, out_dir: str | Path) -> None:
-        import json
-
-        self.tokenizer.save_pretrained(out_dir)
-        self.image_processor.save_pretrained(out_dir)
-        (Path(out_dir) / "processor_config.json").write_text(
-            json.dumps({"processor_class": "SmolVLMProcessor", "image_seq_len": self.image_seq_len}), encoding="utf-8")
-        if self.chat_template:
-            (Path(out_dir) / "chat_template.jinja").write_text(self.chat_template, encoding="utf-8")
-
-    def apply_chat_template(self, messages, chat_template: str | None = None, add_generation_prompt: bool = False,
-                            tokenize: bool = False, **kwargs):
-        return self.tokenizer.apply_chat_template(messages, chat_template=chat_template or self.chat_template,
-                                                  add_generation_prompt=add_generation_prompt, tokenize=tokenize,
-                                                  **kwargs)
-
-    def image_prompt(self, rows: int, cols: int, counts: Sequence[int] | None = None) -> str:
-        """The text an image becomes (transformers' ``get_image_prompt_string``), with ``counts[t]`` image
-        tokens in tile ``t`` (row-major tiles, the global tile last; None: ``image_seq_len`` each)."""
-        tiles = rows * cols + 1 if rows or cols else 1
-        counts = list(counts) if counts is not None else [self.image_seq_len] * tiles
-        image = self.image_token
-        if not (rows or cols):
-            return f"{FAKE}{GLOBAL}" + image * counts[0] + FAKE
-        text = ""
-        for r in range(rows):
-            for c in range(cols):
-                text += f"{FAKE}<row_{r + 1}_col_{c + 1}>" + image * counts[r * cols + c]
-            text += "\n"
-        return text + f"\n{FAKE}{GLOBAL}" + image * counts[-1] + FAKE
-
-
-@dataclass
-class SmolVisual:
-    """One image's span in the language model's input: token ids (layout text and image tokens), the
-    projected visual tokens for the image-token slots, and how many of those there are."""
-
-    ids: Tensor
-    features: Tensor
-
-    @property
-    def count(self) -> int:
-        return self.features.shape[0]
 
 
 class SmolVLMFamily(ModelFamily):
@@ -186,45 +47,8 @@ class SmolVLMFamily(ModelFamily):
 
     def build_tiny(self, out_dir: str | Path, corpus: Sequence[str] = (), seed: int = 0, spec=None,
                    vision_tower: str | Path | None = None) -> Path:
-        """A small random SmolVLM: a SigLIP-style tower (the tiny spec's width, depth and patch size, one tile
-        of ``image_size`` pixels), pixel shuffle 2, the tiny Llama, images split into at most 2 x 2 tiles
-        plus the global one, the SmolVLM chat template; saved with ``save_pretrained``."""
-        from transformers import SmolVLMConfig, SmolVLMForConditionalGeneration, SmolVLMVisionConfig
-        from transformers.models.smolvlm.image_processing_pil_smolvlm import SmolVLMImageProcessorPil
-        from transformers.utils import logging as hf_logging
-
-        from sentilens.mllm.model import TinySpec, tiny_text_config, tiny_tokenizer
-
-        if vision_tower is not None:
-            raise SentilensError("the tiny SmolVLM's SigLIP tower cannot take a pretrained CLIP tower")
-        hf_logging.disable_progress_bar()
-        spec = spec or TinySpec()
-        out_dir = Path(out_dir)
-        size, scale = spec.image_size, 2
-        if (size // spec.patch_size) % scale:
-            raise SentilensError(f"tiny SmolVLM: {size // spec.patch_size} patches a side do not pixel-shuffle by "
-                                 f"{scale}")
-        grid_tokens = [f"<row_{r}_col_{c}>" for r in range(1, MAX_GRID + 1) for c in range(1, MAX_GRID + 1)]
-        tokenizer = tiny_tokenizer(spec, corpus, instructions=["User: Assistant: System:"],
-                                   extra_specials={"fake_image_token": FAKE, "global_image_token": GLOBAL,
-                                                   "end_of_utterance_token": END_OF_UTTERANCE},
-                                   more_specials=["<|im_start|>", *grid_tokens])
-        tokenizer.eos_token = END_OF_UTTERANCE
-        image_seq_len = (size // spec.patch_size) ** 2 // scale ** 2
-        image_processor = SmolVLMImageProcessorPil(size={"longest_edge": 2 * size},
-                                                   max_image_size={"longest_edge": size}, do_image_splitting=True)
-        vision = SmolVLMVisionConfig(hidden_size=spec.vision_hidden, intermediate_size=4 * spec.vision_hidden,
-                                     num_hidden_layers=spec.vision_layers, num_attention_heads=spec.vision_heads,
-                                     image_size=size, patch_size=spec.patch_size)
-        config = SmolVLMConfig(vision_config=vision.to_dict(), text_config=tiny_text_config(spec, tokenizer).to_dict(),
-                               image_token_id=tokenizer.convert_tokens_to_ids("<image>"), scale_factor=scale,
-                               pad_token_id=tokenizer.pad_token_id)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            model = SmolVLMForConditionalGeneration(config)
-        model.save_pretrained(out_dir)
-        SmolProcessor(tokenizer, image_processor, image_seq_len, SMOL_CHAT_TEMPLATE).save_pretrained(out_dir)
-        return out_dir
+        """The tiny random model (:func:`.tiny.build_tiny`), with this family's chat template."""
+        return build_tiny(out_dir, corpus, seed, spec, vision_tower, self.chat_template)
 
     # --- parts -------------------------------------------------------------------------------
     def vision_tower(self, model) -> nn.Module:
@@ -308,10 +132,10 @@ class SmolVLMFamily(ModelFamily):
             vision_feature_layer=[-1] * config.scale_factor ** 2)
         if size is None:
             return prediction_flops(view, 0, text_tokens, answer_tokens)
-        spec = FilterSpec.parse(strategy)
+        parsed = parse_strategy(strategy)
         scored = 0
-        if keep_ratio is not None and spec.select != "random":
-            scored = len(spec.layer_indices(len(encoder_layers(self.vision_tower(model))), -1))
+        if keep_ratio is not None and parsed.scored:
+            scored = len(layer_indices(parsed.layers, len(encoder_layers(self.vision_tower(model))), -1))
         n, tiles = self.image_token_count(model, processor, size)
         kept = n if keep_ratio is None else keep_count(n, keep_ratio)
         layout = 2 * tiles + (2 if tiles > 1 else 0)
@@ -341,7 +165,7 @@ class SmolVLMFamily(ModelFamily):
     def visual_tokens(self, model, pixel_values: Tensor, extras: dict[str, Tensor], reducer=None) -> list[SmolVisual]:
         grid = extras["grid"]
         capture = getattr(reducer, "capture", None)
-        with capture(model) if capture is not None else nullcontext():
+        with capture() if capture is not None else nullcontext():
             states, counts = self.encode_tiles(model, pixel_values, grid)
         connector = self.projector(model)
         shuffled = connector.pixel_shuffle(states, connector.scale_factor)  # (tiles, tokens per tile, s^2 Dv)
@@ -371,7 +195,7 @@ class SmolVLMFamily(ModelFamily):
         return out
 
     def make_reducer(self, model, keep_ratio: float, strategy: str = "all") -> ShuffleTokenFilter:
-        return ShuffleTokenFilter(self.vision_tower(model), keep_ratio, FilterSpec.parse(strategy))
+        return ShuffleTokenFilter(self.vision_tower(model), keep_ratio, parse_strategy(strategy))
 
     # --- the language model ------------------------------------------------------------------
     def assemble(self, model, token_ids, visual, targets=None, padding_side: str = "right", extras=None):
@@ -425,45 +249,12 @@ class SmolVLMFamily(ModelFamily):
             scores[cells] = selection.scores[block].float().cpu().view(per_side, per_side)
             kept[cells] = kept_set[block].view(per_side, per_side)
             shown_cells[cells] = True
-        processor = builder.processor.image_processor
-        mean = torch.tensor(processor.image_mean).view(3, 1, 1)
-        std = torch.tensor(processor.image_std).view(3, 1, 1)
         size = vision.image_size
         picture = torch.zeros(3, side // per_side * size, side // per_side * size)
         for t in shown:
             r, c = divmod(t, cols)
-            picture[:, r * size:(r + 1) * size, c * size:(c + 1) * size] = (
-                batch.pixel_values[0, t].float().cpu() * std + mean).clamp(0, 1)
+            picture[:, r * size:(r + 1) * size, c * size:(c + 1) * size] = inputs.denormalised(
+                batch.pixel_values[0, t], builder.processor.image_processor)
         return PatchView(picture=picture.permute(1, 2, 0), scores=scores, kept=kept,
                          score_name="mean attention received (no CLS), per pixel-shuffle block",
                          content=(0.0, 0.0, float(cols * size), float(rows * size)), shown=shown_cells)
-
-
-class ShuffleTokenFilter(TiledTokenFilter):
-    """SmolVLM's filter (module docstring): received attention per patch, averaged over each pixel-shuffle
-    block, one ``ceil(r N)`` budget over every tile of the image; ``last`` keeps each image's
-    :class:`Selection` (kept token indices over the image's tiles, per-token scores)."""
-
-    family = "SmolVLM"
-
-    def __init__(self, tower, keep_ratio: float, spec: FilterSpec):
-        super().__init__(tower, keep_ratio, spec, spec.layer_indices(len(encoder_layers(tower)), -1))
-
-    @torch.no_grad()
-    def choose(self, tiles: list[int], pixels: list[Tensor], groups: Tensor) -> list[Tensor]:
-        """Kept token indices of each image (over its tiles, in order): ``tiles`` the tile counts, ``pixels``
-        each image's real tiles (seeds of ``random``), ``groups`` the patches of each token of a tile."""
-        per_tile = groups.shape[0]
-        if self.spec.select == "random":
-            token_scores = [random_priorities(p[None], n * per_tile)[0] for p, n in zip(pixels, tiles, strict=True)]
-        else:
-            patch_scores = self.tile_scores()  # (all tiles, patches)
-            block = patch_scores[:, groups].mean(dim=-1)  # (all tiles, tokens per tile)
-            token_scores = [t.reshape(-1) for t in torch.split(block, tiles)]
-        self.last, kept = [], []
-        for scores in token_scores:
-            count = keep_count(scores.numel(), self.keep_ratio)
-            chosen = top_patches(-scores if self.spec.select == "inverse" else scores, count)
-            kept.append(chosen)
-            self.last.append(Selection(features=chosen, kept=chosen, scores=scores))
-        return kept

@@ -4,12 +4,12 @@ Native-resolution images (a grid of 14- or 16-px patches per image), 2x2 patch m
 the projector: it is what fine-tuning trains beside the language model, the tower staying frozen),
 3-D rotary positions, no CLS token; Qwen2.5-VL's tower attends in windows in most layers, Qwen3-VL's
 tower also feeds "deepstack" features into the first language-model layers. The code and every
-filtering rule with its reason: :mod:`sentilens.mllm.qwen`.
+filtering rule with its reason: :mod:`sentilens.mllm.families.qwen_vl`.
 
 Choices here, and why:
 
 - Processor: the checkpoint's tokenizer and image processor, loaded one by one
-  (:class:`sentilens.mllm.qwen.QwenProcessor`): transformers' Qwen processors insist on a video
+  (:class:`sentilens.mllm.families.qwen_vl.processor.QwenProcessor`): transformers' Qwen processors insist on a video
   processor, which needs torchvision, and posts have no video.
 - Image size: at most :data:`MAX_IMAGE_TOKENS` visual tokens per image (Qwen's own recommended
   ``max_pixels = 1280 * 28 * 28`` for Qwen2.5-VL, the same token count at Qwen3-VL's 32-px merged
@@ -28,7 +28,20 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from sentilens.data.images import load_image
 from sentilens.mllm.families import ModelFamily, PatchView
+from sentilens.mllm.families.qwen_vl.flops import prediction_flops
+from sentilens.mllm.families.qwen_vl.positions import assemble, language_model_hidden
+from sentilens.mllm.families.qwen_vl.processor import (
+    CHATML_TEMPLATE,
+    QwenImages,
+    QwenProcessor,
+    image_tokens_for,
+    preprocess_images,
+)
+from sentilens.mllm.families.qwen_vl.tiny import TinyQwenSpec, build_tiny_qwen
+from sentilens.mllm.families.qwen_vl.vision import QwenTokenFilter, heatmap, scored_layers, visual_tokens
+from sentilens.mllm.pruning import keep_count, parse_strategy
 
 MAX_IMAGE_TOKENS = 1280
 """Most visual tokens one image becomes (Qwen2.5-VL's recommended ``max_pixels = 1280 * 28 * 28``)."""
@@ -44,21 +57,15 @@ class QwenFamily(ModelFamily):
 
     @property
     def chat_template(self) -> str:
-        from sentilens.mllm.qwen import CHATML_TEMPLATE
-
         return CHATML_TEMPLATE
 
     def build_tiny(self, out_dir: str | Path, corpus: Sequence[str] = (), seed: int = 0, spec=None,
                    vision_tower: str | Path | None = None) -> Path:
         """The tiny random model; ``spec`` (the run's tiny shapes) gives the widths, depths and vocabulary."""
-        from sentilens.mllm.qwen import TinyQwenSpec, build_tiny_qwen
-
         shared = {} if spec is None else {k: getattr(spec, k) for k in TinyQwenSpec.model_fields if hasattr(spec, k)}
         return build_tiny_qwen(out_dir, self.name, corpus=corpus, seed=seed, spec=TinyQwenSpec(**shared))
 
     def load_processor(self, source: str):
-        from sentilens.mllm.qwen import QwenProcessor
-
         processor = QwenProcessor.from_pretrained(source)
         image_processor = processor.image_processor
         cell = image_processor.patch_size * image_processor.merge_size
@@ -78,8 +85,6 @@ class QwenFamily(ModelFamily):
 
     # --- images and visual tokens --------------------------------------------------------------
     def image_inputs(self, processor, images: Sequence, aspect: str) -> tuple[Tensor, dict[str, Tensor]]:
-        from sentilens.mllm.qwen import preprocess_images
-
         prepared = preprocess_images(processor.image_processor, images, aspect)
         return prepared.pixel_values, {"image_grid_thw": prepared.grid_thw}
 
@@ -89,35 +94,26 @@ class QwenFamily(ModelFamily):
         return image_processor.size["longest_edge"] // (cell * cell)
 
     def visual_tokens(self, model, pixel_values: Tensor, extras: dict[str, Tensor], reducer=None) -> list:
-        from sentilens.mllm.qwen import QwenImages, visual_tokens
-
         return visual_tokens(model, QwenImages(pixel_values, extras["image_grid_thw"]), reducer)
 
     def make_reducer(self, model, keep_ratio: float, strategy: str = "all"):
-        from sentilens.mllm.qwen import QwenTokenFilter
-
         return QwenTokenFilter(model, keep_ratio, strategy)
 
     def prediction_flops(self, model, processor, size: tuple[int, int] | None, keep_ratio: float | None,
                          strategy: str, text_tokens: int, answer_tokens: int) -> dict[str, float]:
-        """:func:`sentilens.mllm.qwen.prediction_flops` for an image of ``size`` as the processor resizes it
-        (handed over as it is, ``crop``; a ``pad`` run's square is not known here and is counted as given)."""
-        from sentilens.mllm.pruning import FilterSpec, keep_count
-        from sentilens.mllm.qwen import image_tokens_for, prediction_flops, scored_layers
-
+        """:func:`sentilens.mllm.families.qwen_vl.flops.prediction_flops` for an image of ``size`` as the processor
+        resizes it (handed over as it is, ``crop``; a ``pad`` run's square is not known here and is counted as
+        given)."""
         n = 0 if size is None else image_tokens_for(processor.image_processor, size)
         kept = 0 if size is None else n if keep_ratio is None else keep_count(n, keep_ratio)
-        spec = FilterSpec.parse(strategy)
-        scored = 0 if keep_ratio is None or spec.select == "random" or size is None else len(
-            scored_layers(model.model.visual, spec))
+        parsed = parse_strategy(strategy)
+        scored = 0 if keep_ratio is None or not parsed.scored or size is None else len(
+            scored_layers(model.model.visual, parsed))
         return prediction_flops(model.config, n, kept, text_tokens, answer_tokens, scored)
 
     def patch_view(self, model, builder, post, reducer) -> PatchView:
         """The merged-token grid over the image as the tower sees it; a rectangular grid (native resolution)
         is padded to a square with score 0, never kept, and ``content`` marks the real region."""
-        from sentilens.data.images import load_image
-        from sentilens.mllm.qwen import heatmap
-
         picture, scores, kept, content = heatmap(model, builder.processor, load_image(post.image),
                                                  builder.settings.image_aspect, reducer)
         rows, cols = scores.shape
@@ -137,14 +133,10 @@ class QwenFamily(ModelFamily):
 
     # --- the language model ----------------------------------------------------------------------
     def assemble(self, model, token_ids, visual, targets=None, padding_side: str = "right", extras=None):
-        from sentilens.mllm.qwen import assemble
-
         return assemble(model, token_ids, visual, targets, padding_side)
 
     def language_model_hidden(self, model, inputs_embeds: Tensor, attention_mask: Tensor, position_ids: Tensor,
                               **kwargs):
-        from sentilens.mllm.qwen import language_model_hidden
-
         return language_model_hidden(model, inputs_embeds, attention_mask, position_ids, **kwargs)
 
 
