@@ -15,15 +15,10 @@ from sentilens.mllm.families import PatchView
 from sentilens.mllm.families.llava.family import LlavaFamily
 from sentilens.mllm.families.llava_next.layout import NEWLINE, AnyResTokenFilter
 from sentilens.mllm.families.llava_next.tiny import build_tiny
-from sentilens.mllm.pruning import (
-    parse_strategy,
-)
+from sentilens.mllm.pruning import parse_strategy
 
 NEXT_CHAT_TEMPLATE = Path(__file__).with_name("template.jinja").read_text(encoding="utf-8")
-
 """LLaVA-NeXT-Mistral's format (``llava-v1.6-mistral-7b-hf``): ``[INST] system, image, text, question [/INST]``."""
-
-
 
 
 class LlavaNextFamily(LlavaFamily):

@@ -22,7 +22,6 @@ from sentilens.mllm.pruning import (
 )
 
 SMOL_CHAT_TEMPLATE = Path(__file__).with_name("template.jinja").read_text(encoding="utf-8")
-
 """SmolVLM-Instruct's format (``<|im_start|>User:<image>...<end_of_utterance>\\nAssistant:``), text parts on lines."""
 
 
