@@ -7,8 +7,8 @@ import json
 
 import pytest
 
+from cli_helpers import cli
 from mllm_helpers import small_manifest
-from sentilens.cli import main
 from sentilens.errors import SentilensError
 from sentilens.mllm.families import REGISTRY, family_for_config, get_family, parse_tiny, supported_classes
 from sentilens.mllm.model import load_checkpoint
@@ -43,28 +43,17 @@ def test_an_unsupported_checkpoint_class_is_one_line_naming_the_supported_ones(t
     assert "'blip-2' checkpoint" in message and supported_classes() in message
 
 
-def cli(monkeypatch, capsys, *args: str) -> tuple[int, str]:
-    """``sentilens ARGS`` through the real entry point: (exit code, stderr)."""
-    monkeypatch.setattr("sys.argv", ["sentilens", *args])
-    try:
-        main()
-        code = 0
-    except SystemExit as exit_info:
-        code = exit_info.code if isinstance(exit_info.code, int) else 1
-    return code, capsys.readouterr().err
-
-
 def test_cli_refuses_an_unknown_tiny_family_and_an_unsupported_checkpoint(tmp_path, monkeypatch, capsys):
     data = small_manifest(tmp_path, n_train=12, n_val=2, n_test=4)  # 12: the first posts with two labels
-    code, err = cli(monkeypatch, capsys, "train", "mllm", "--data", str(data), "--out", str(tmp_path / "run"),
-                    "--model", "tiny:nope", "--epochs", "1")
+    code, _, err = cli(monkeypatch, capsys, "train", "mllm", "--data", str(data), "--out", str(tmp_path / "run"),
+                       "--model", "tiny:nope", "--epochs", "1")
     assert code == 2 and "Traceback" not in err
     assert err.strip().splitlines()[-1].startswith("error: unknown model family 'nope'")
     assert not (tmp_path / "run").exists()
     folder = tmp_path / "t5"
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps({"model_type": "t5"}))
-    code, err = cli(monkeypatch, capsys, "train", "mllm", "--data", str(data), "--out", str(tmp_path / "run2"),
-                    "--model", str(folder), "--epochs", "1")
+    code, _, err = cli(monkeypatch, capsys, "train", "mllm", "--data", str(data), "--out", str(tmp_path / "run2"),
+                       "--model", str(folder), "--epochs", "1")
     assert code == 2 and "Traceback" not in err
     assert "'t5' checkpoint; the MLLM family supports LlavaForConditionalGeneration" in err.strip().splitlines()[-1]
