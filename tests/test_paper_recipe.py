@@ -73,3 +73,14 @@ def test_eval_reports_the_agreement_of_both_decodings(paper_run, manifest):
         assert compared[name]["weighted_f1"] == pytest.approx(expected["weighted_f1"])
     assert metrics["accuracy"] == compared["generate"]["accuracy"], "the headline is the run's own decoding"
     assert compared["generate"]["unparsable"] == sum(not p.extra["parsed"] for p in generated)
+
+
+def test_both_families_merge_a_recipe_and_the_command_line_alike(tmp_path):
+    """One rule: a given option replaces the recipe's value, an option left out (None) keeps it."""
+    from sentilens.fusion.config import recipe_config
+
+    fusion = recipe_config(REPO / "configs" / "fusion_crisismmd.yaml", {"image_size": 64, "text_lr": None})
+    assert (fusion.image_size, fusion.text_lr, fusion.variant) == (64, 2e-5, "full")
+    mllm = mllm_train_config({"data": tmp_path, "out": tmp_path / "run", "epochs": 2, "learning_rate": None},
+                             REPO / "configs" / "mvsa_single_llava15_7b.yaml")
+    assert (mllm.epochs, mllm.learning_rate, mllm.base_model) == (2, 2e-5, "llava-hf/llava-1.5-7b-hf")

@@ -30,3 +30,9 @@ def read_recipe(path: str | Path) -> dict:
     if not all(isinstance(key, str) for key in recipe):
         raise SentilensError("a recipe's options must be names (strings)", path)
     return recipe
+
+
+def with_options(fields: dict, options: dict) -> dict:
+    """A recipe's ``fields`` with the options a user gave on the command line on top (``None``: not given).
+    The one merge rule of every family's training command."""
+    return {**fields, **{key: value for key, value in options.items() if value is not None}}

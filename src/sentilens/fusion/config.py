@@ -14,7 +14,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from sentilens.errors import SentilensError
-from sentilens.recipes import read_recipe
+from sentilens.recipes import read_recipe, with_options
 from sentilens.validation import fusion_footprint, memory_problem, pydantic_error
 
 Variant = Literal["probe", "text", "image", "concat", "attention", "full"]
@@ -176,8 +176,7 @@ def parse_fusion_config(fields: dict, path: Path | None = None) -> FusionConfig:
 
 def recipe_config(recipe: str | Path | None, overrides: dict) -> FusionConfig:
     """A config from an optional YAML recipe, with the options a user gave (non-``None``) on top."""
-    fields = load_recipe(recipe) if recipe is not None else {}
-    fields.update({k: v for k, v in overrides.items() if v is not None})
+    fields = with_options(load_recipe(recipe) if recipe is not None else {}, overrides)
     return parse_fusion_config(fields, None if recipe is None else Path(recipe))
 
 

@@ -60,7 +60,7 @@ from sentilens.mllm.prompt import PromptBuilder, PromptSettings, Task, infer_tas
 from sentilens.mllm.scoring import Decode, predict_posts
 from sentilens.mllm.token_dropout import TokenDropout
 from sentilens.mllm.tower import TowerRecipe
-from sentilens.recipes import read_recipe
+from sentilens.recipes import read_recipe, with_options
 from sentilens.runs import (
     CONFIG,
     MODEL_WEIGHTS,
@@ -176,12 +176,11 @@ def mllm_train_config(options: dict, recipe: str | Path | None = None) -> MllmTr
 
     With ``resume``, the run's saved options come first, so only what is given again is compared.
     """
-    given = {k: v for k, v in options.items() if v is not None}
     merged = read_recipe(recipe) if recipe else {}
-    out = given.get("out")
-    if given.get("resume") and out is not None and (Path(out) / "config.json").is_file():
+    out = options.get("out")
+    if options.get("resume") and out is not None and (Path(out) / "config.json").is_file():
         merged.update(load_config(out).get("training", {}))
-    merged.update(given)
+    merged = with_options(merged, options)
     try:
         return MllmTrainConfig(**merged)
     except ValidationError as err:
