@@ -12,6 +12,7 @@ from torch import Tensor
 from sentilens.errors import SentilensError
 from sentilens.mllm import inputs
 from sentilens.mllm.families import PatchView
+from sentilens.mllm.families.llava import vision
 from sentilens.mllm.families.llava.family import LlavaFamily
 from sentilens.mllm.families.llava_next.layout import NEWLINE, AnyResTokenFilter
 from sentilens.mllm.families.llava_next.tiny import build_tiny
@@ -94,18 +95,9 @@ class LlavaNextFamily(LlavaFamily):
     def encode_tiles(self, model, pixel_values: Tensor, image_sizes: Tensor) -> tuple[Tensor, list[int]]:
         """Feature-layer patch states of every real tile of the batch, ``(tiles, g^2, Dv)`` (CLS dropped),
         and the tile count of each image. One tower pass; a reducer's capture sees it."""
-        config = model.config
         counts = [self.tiles(model, size.tolist()) for size in image_sizes]
         tiles = torch.cat([pixels[:n] for pixels, n in zip(pixel_values, counts, strict=True)])
-        tower = self.vision_tower(model)
-        layers = config.vision_feature_layer
-        layers = [layers] if isinstance(layers, int) else list(layers)
-        with torch.no_grad():
-            out = tower(tiles.to(device=tower.device, dtype=tower.dtype), output_hidden_states=True)
-            states = [out.hidden_states[layer] for layer in layers]
-            if config.vision_feature_select_strategy == "default":
-                states = [s[:, 1:] for s in states]
-            return torch.cat(states, dim=-1), counts
+        return vision.encode_images(model, tiles), counts  # every tile is an image to LLaVA-1.5's tower
 
     def visual_tokens(self, model, pixel_values: Tensor, extras: dict[str, Tensor], reducer=None) -> list[Tensor]:
         """Each image's kept tokens in reading order: projected patches, ``image_newline`` at kept row ends."""
