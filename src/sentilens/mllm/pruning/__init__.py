@@ -11,6 +11,7 @@ list) reads the registry.
   ``+merge``, ``+native``) and the ``inverse`` baseline;
 - :mod:`.random_draw`: the ``random`` baseline;
 - :mod:`.lm_stage`: ``lm:K``, pruning inside the language model after layer K;
+- :mod:`.divprune`: ``divprune``, the most mutually different tokens (greedy max-min cosine distance);
 - :mod:`.attention`: the tower's attention as scores, from a hooked pass (CLS attention, or the
   attention received on a tower without CLS);
 - :mod:`.select`: the budget ``ceil(r N)``, :func:`~.select.choose` (what every family calls) and ``+merge``;
@@ -24,9 +25,10 @@ from __future__ import annotations
 import importlib
 
 from sentilens.errors import SentilensError
+from sentilens.mllm.pruning.divprune import DiversityPrune
 from sentilens.mllm.pruning.lm_stage import LastTokenAttention, LmPlan, LmStage, lm_stage
 from sentilens.mllm.pruning.random_draw import RandomDraw, random_priorities
-from sentilens.mllm.pruning.strategy import MODIFIERS, NEEDS, Strategy
+from sentilens.mllm.pruning.strategy import MODIFIERS, NEEDS, Strategy, UnitInputs
 from sentilens.mllm.pruning.top_attention import LowestAttention, TopAttention, feature_layer_index, layer_indices
 
 _LAZY = {
@@ -50,6 +52,7 @@ STRATEGIES: dict[str, type[Strategy]] = {
     RandomDraw.name: RandomDraw,
     LowestAttention.name: LowestAttention,
     LastTokenAttention.name: LastTokenAttention,
+    DiversityPrune.name: DiversityPrune,
 }
 """Strategy name -> class; a strategy's text is one of its ``forms``, optionally ``+modifier``."""
 
@@ -123,9 +126,10 @@ def showcase_strategies() -> tuple[str, ...]:
     return tuple(form for cls in STRATEGIES.values() for form in cls.showcase)
 
 
-__all__ = ["DEFAULT_STRATEGY", "MODIFIERS", "NEEDS", "STRATEGIES", "AttentionScorer", "FlatUnits", "LastTokenAttention",
+__all__ = ["DEFAULT_STRATEGY", "MODIFIERS", "NEEDS", "STRATEGIES", "AttentionScorer", "DiversityPrune", "FlatUnits",
+           "LastTokenAttention",
            "LmPlan", "LmStage", "LowestAttention", "lm_stage",
-           "RandomDraw", "Selection", "Strategy", "TiledTokenFilter", "TopAttention",
+           "RandomDraw", "Selection", "Strategy", "TiledTokenFilter", "TopAttention", "UnitInputs",
            "attention_with_received", "choose", "encoder_layers", "feature_layer_index", "has_cls_token",
            "keep_count", "layer_indices", "merge_context", "parse_strategy", "random_priorities",
            "reducer_for",

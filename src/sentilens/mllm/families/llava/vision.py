@@ -19,7 +19,7 @@ from sentilens.mllm.inputs import Reducer
 from sentilens.mllm.pruning.attention import AttentionScorer, encoder_layers
 from sentilens.mllm.pruning.filters import parsed
 from sentilens.mllm.pruning.select import Selection, keep_count, reduce_image
-from sentilens.mllm.pruning.strategy import Strategy
+from sentilens.mllm.pruning.strategy import Strategy, UnitInputs
 from sentilens.mllm.pruning.top_attention import feature_layer_index, layer_indices
 
 
@@ -89,7 +89,10 @@ class TokenFilter:
     def __call__(self, features: torch.Tensor, pixel_values: torch.Tensor) -> list[torch.Tensor]:
         strategy = self.strategy
         if not strategy.scored:
-            self.last = [reduce_image(features[i], strategy.unit_scores(pixel_values[i], features.shape[1])
+            count = features.shape[1]
+            budget = keep_count(count, self.keep_ratio)
+            self.last = [reduce_image(features[i], strategy.unit_scores(UnitInputs(pixel_values[i], count, budget,
+                                                                                   features[i]))
                                       .to(features.device), self.keep_ratio, strategy)
                          for i in range(features.shape[0])]
             return [selection.tokens for selection in self.last]

@@ -18,6 +18,7 @@ from sentilens.mllm.pruning import (
     FlatUnits,
     Selection,
     Strategy,
+    UnitInputs,
     choose,
     keep_count,
     layer_indices,
@@ -234,8 +235,9 @@ class QwenTokenFilter:
         starts = [0, *torch.tensor(images.patch_counts()).cumsum(0).tolist()]
         for i, blocks in enumerate(tower.blocks):
             n = blocks.shape[0]
-            if self.scorer is None:
-                scores = self.strategy.unit_scores(images.pixel_values[starts[i]:starts[i + 1]], n)
+            if self.scorer is None:  # a unit's row is the merger's input: its 2 x 2 block, concatenated
+                scores = self.strategy.unit_scores(UnitInputs(images.pixel_values[starts[i]:starts[i + 1]], n,
+                                                              keep_count(n, self.keep_ratio), blocks.reshape(n, -1)))
             else:
                 scores = self.scorer.scores[i].float().cpu()
             self.last.append(choose(FlatUnits(n), scores, keep_count(n, self.keep_ratio), self.strategy))

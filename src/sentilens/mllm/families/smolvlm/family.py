@@ -212,7 +212,8 @@ class SmolVLMFamily(ModelFamily):
             kept = [torch.arange(n * per_tile) for n in counts]
         else:
             real = [pixels[:n] for pixels, n in zip(pixel_values, counts, strict=True)]
-            kept = reducer.choose(counts, real, self.shuffle_groups(model))
+            flat = [rows.reshape(-1, rows.shape[-1]) for rows in per_image]
+            kept = reducer.choose(counts, real, self.shuffle_groups(model), flat)
         out = []
         for i, (rows, chosen) in enumerate(zip(per_image, kept, strict=True)):
             flat = rows.reshape(-1, rows.shape[-1])

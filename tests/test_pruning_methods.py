@@ -1,0 +1,90 @@
+"""The field's pruning methods against hand computations on a few tokens with chosen vectors.
+
+Each method's rule is its module's docstring; here each is worked out by hand on an input small enough
+to follow in the comments. (The contract test, tests/test_mllm_contract.py, runs every method on every
+family: r = 1 gives the native logits and exactly the budget reaches the language model.)
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from sentilens.mllm.pruning import UnitInputs, parse_strategy
+from sentilens.mllm.pruning.divprune import DiversityPrune, max_min_order, order_priorities
+from sentilens.mllm.pruning.select import FlatUnits, choose
+
+
+def at_angles(degrees, lengths=None) -> torch.Tensor:
+    """Vectors in the first two of three dimensions at the given angles (cosine distance = 1 - cos(angle between))."""
+    lengths = lengths or [1.0] * len(degrees)
+    return torch.tensor([[r * math.cos(math.radians(a)), r * math.sin(math.radians(a)), 0.0]
+                         for a, r in zip(degrees, lengths, strict=True)])
+
+
+# ---------------------------------------------------------------------------------------------- divprune
+
+DIV_ANGLES = [0, 10, 90, 180, 45]
+"""Five tokens. Nearest-neighbour cosine distances: t0 (0) and t1 (10): 1 - cos 10 = 0.015 (each other);
+t2 (90): t4, 1 - cos 45 = 0.293; t3 (180): t2, 1 - cos 90 = 1; t4 (45): t1, 1 - cos 35 = 0.181.
+Step 1 takes t3, the farthest from its nearest neighbour.
+Step 2, distance to {t3}: t0 2, t1 1 - cos 170 = 1.985, t2 1, t4 1 - cos 135 = 1.707: t0.
+Step 3, min distance to {t3, t0}: t1 min(1.985, 0.015) = 0.015, t2 min(1, 1) = 1, t4 min(1.707, 0.293) = 0.293: t2.
+Step 4, to {t3, t0, t2}: t1 min(0.015, 1 - cos 80 = 0.826) = 0.015, t4 min(0.293, 0.293) = 0.293: t4.
+Step 5: t1. The greedy order is t3, t0, t2, t4, t1."""
+
+
+def test_divprune_follows_the_greedy_max_min_order_worked_out_by_hand():
+    # lengths differ: cosine distance ignores them
+    features = at_angles(DIV_ANGLES, [1.0, 2.0, 0.5, 5.0, 1.0])
+    assert max_min_order(features, 5).tolist() == [3, 0, 2, 4, 1]
+    assert max_min_order(features, 2).tolist() == [3, 0]  # the order does not depend on k
+    strategy = parse_strategy("divprune")
+    assert type(strategy) is DiversityPrune and not strategy.scored and strategy.needs == {"features"}
+    kept = {}
+    for budget in (1, 2, 3, 4):
+        scores = strategy.unit_scores(UnitInputs(torch.zeros(3, 4, 4), 5, budget, features))
+        kept[budget] = choose(FlatUnits(5), scores, budget, strategy).kept.tolist()
+    # the first k of the order, handed on in spatial order; a smaller budget keeps a subset
+    assert kept == {1: [3], 2: [0, 3], 3: [0, 2, 3], 4: [0, 2, 3, 4]}
+
+
+def test_divprune_keeps_everything_at_r1_and_never_takes_a_token_twice():
+    # three duplicates at 0 and one at 90. Nearest distances: t0, t1, t2 have a duplicate (0), t3 is 1 from
+    # them: t3 first. Distance to {t3}: 1 for each of t0, t1, t2: t0 (the earliest). Then t1 and t2 are at
+    # 0 from t0, a tie: t1, then t2, and no chosen token comes back although every distance left is 0
+    features = at_angles([0, 0, 0, 90])
+    assert max_min_order(features, 4).tolist() == [3, 0, 1, 2]
+    scores = DiversityPrune("divprune").unit_scores(UnitInputs(torch.zeros(1), 4, 4, features))
+    assert torch.equal(scores, torch.ones(4))  # r = 1: every token, nothing computed
+
+
+def test_divprune_chooses_among_the_candidates_only():
+    # LLaVA-NeXT's newline slots are no candidates: here slot 1 (the far token) is a newline and is skipped
+    features = at_angles([0, 180, 90, 45])
+    candidates = torch.tensor([True, False, True, True])
+    scores = DiversityPrune("divprune").unit_scores(UnitInputs(torch.zeros(1), 4, 2, features, candidates))
+    # among t0, t2, t3: nearest distances t0 0.293 (t3), t2 0.293 (t3), t3 0.293: t0 first (earliest);
+    # then distance to t0: t2 1, t3 0.293: t2
+    assert scores.tolist() == [2.0, 0.0, 1.0, 0.0]
+    assert order_priorities(torch.tensor([2, 0]), 4).tolist() == [1.0, 0.0, 2.0, 0.0]
+
+
+@pytest.mark.parametrize("rows", [1, 7, 1030])
+def test_divprune_blocks_give_the_nearest_neighbour_of_the_whole_matrix(rows, monkeypatch):
+    # the first step's similarity is computed in row blocks; any block size gives the full matrix's answer
+    from sentilens.mllm.pruning import divprune
+
+    features = torch.randn(40, 6, generator=torch.Generator().manual_seed(3))
+    unit = torch.nn.functional.normalize(features, dim=-1)
+    distance = 1 - unit @ unit.T
+    distance.fill_diagonal_(float("inf"))
+    order = [int(distance.min(dim=1).values.argmax())]
+    distance.fill_diagonal_(0)
+    while len(order) < 12:  # the reference: the whole distance matrix, one step at a time
+        left = [i for i in range(40) if i not in order]
+        order.append(max(left, key=lambda i: min(distance[i, j] for j in order)))
+    monkeypatch.setattr(divprune, "SIMILARITY_BLOCK_ROWS", rows)
+    assert max_min_order(features, 12).tolist() == order
