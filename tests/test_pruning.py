@@ -356,7 +356,7 @@ def test_a_layer_beyond_the_tower_names_the_tower_size(clip):
 
 def test_the_registry_lists_the_forms_and_what_each_family_supports():
     assert strategy_names() == ("all", "feature", "last", "A:B", "K", "random", "inverse", "lm:K", "divprune",
-                                "+merge", "+native")
+                                "downsample", "+merge", "+native")
     assert strategy_names("llava") == strategy_names()
     for family in ("llava-next", "smolvlm", "qwen2.5-vl", "qwen3-vl"):
         assert strategy_names(family) == ("all", "feature", "last", "A:B", "K", "random", "inverse", "lm:K",
@@ -364,7 +364,7 @@ def test_the_registry_lists_the_forms_and_what_each_family_supports():
         assert parse_strategy("all+merge").unsupported(family).startswith("+merge is not available for ")
     assert parse_strategy("all+merge").unsupported("llava") is None
     assert showcase_strategies() == ("all", "feature", "all+merge", "all+native", "random", "random+native",
-                                     "inverse", "lm:0", "divprune")
+                                     "inverse", "lm:0", "divprune", "downsample")
     help_text = strategy_help()
     for cls in STRATEGIES.values():
         assert cls.summary in help_text

@@ -88,3 +88,45 @@ def test_divprune_blocks_give_the_nearest_neighbour_of_the_whole_matrix(rows, mo
         order.append(max(left, key=lambda i: min(distance[i, j] for j in order)))
     monkeypatch.setattr(divprune, "SIMILARITY_BLOCK_ROWS", rows)
     assert max_min_order(features, 12).tolist() == order
+
+
+# ---------------------------------------------------------------------------------------------- downsample
+
+
+def test_downsample_pools_a_4x4_grid_to_3_tokens_as_worked_out_by_hand():
+    # each patch's feature is its (row, col): a cell's mean is its centre of mass.
+    # k = 3 on 4 x 4: rows = round(sqrt(3 * 4 / 4)) = 2 bands, widths floor(3/2) = 1 and 3 - 1 = 2.
+    # Band 0 = rows 0-1 whole: mean (0.5, 1.5); band 1 = rows 2-3, cols 0-1: (2.5, 0.5) and cols 2-3: (2.5, 2.5)
+    from sentilens.mllm.pruning.downsample import area_pool, band_widths
+
+    rows, cols = torch.meshgrid(torch.arange(4.0), torch.arange(4.0), indexing="ij")
+    features = torch.stack([rows, cols], dim=-1).reshape(16, 2)
+    assert band_widths(3, 4, 4) == [1, 2]
+    pooled = area_pool(features, 3, 4, 4)
+    assert pooled.tokens.tolist() == [[0.5, 1.5], [2.5, 0.5], [2.5, 2.5]]
+    # centre patches: (0, 1) = 1, (2, 0) = 8, (2, 2) = 10; a patch of band 0 is 1/8 of a token, of band 1 1/4
+    assert pooled.kept.tolist() == [1, 8, 10]
+    assert pooled.scores.tolist() == [0.125] * 8 + [0.25] * 8
+
+
+def test_downsample_shapes_any_budget_exactly_and_is_the_identity_at_r1():
+    from sentilens.mllm.pruning.downsample import area_pool, band_widths, pool_cells
+
+    # k = 7 on 4 x 4: 3 bands (round(sqrt 7)), widths 2, 2, 3; rows [0, 2), [1, 3), [2, 4) as adaptive pooling
+    assert band_widths(7, 4, 4) == [2, 2, 3]
+    assert [cell[:2] for cell in pool_cells(7, 4, 4)] == [(0, 2)] * 2 + [(1, 3)] * 2 + [(2, 4)] * 3
+    # a wide grid gets wide bands: k = 4 on 2 x 8: round(sqrt(4 * 2 / 8)) = 1 band of 4 cells, 2 x 2 each
+    assert band_widths(4, 2, 8) == [4] and pool_cells(4, 2, 8)[1] == (0, 2, 2, 4)
+    features = torch.randn(576, 5, generator=torch.Generator().manual_seed(0))
+    for k in (1, 2, 5, 64, 115, 300, 575):
+        assert area_pool(features, k, 24, 24).tokens.shape == (k, 5)
+    same = area_pool(features, 576, 24, 24)
+    assert torch.equal(same.tokens, features) and same.kept.tolist() == list(range(576))
+
+
+def test_downsample_refuses_the_families_without_one_pooled_grid_in_one_line():
+    strategy = parse_strategy("downsample")
+    assert strategy.pools and strategy.unsupported("llava") is None
+    for family in ("llava-next", "smolvlm", "qwen2.5-vl", "qwen3-vl"):
+        reason = strategy.unsupported(family)
+        assert reason.startswith("'downsample' is not available for ") and "\n" not in reason

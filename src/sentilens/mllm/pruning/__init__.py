@@ -12,6 +12,7 @@ list) reads the registry.
 - :mod:`.random_draw`: the ``random`` baseline;
 - :mod:`.lm_stage`: ``lm:K``, pruning inside the language model after layer K;
 - :mod:`.divprune`: ``divprune``, the most mutually different tokens (greedy max-min cosine distance);
+- :mod:`.downsample`: ``downsample``, the patch grid area-pooled to the budget (LLaVA-1.5);
 - :mod:`.attention`: the tower's attention as scores, from a hooked pass (CLS attention, or the
   attention received on a tower without CLS);
 - :mod:`.select`: the budget ``ceil(r N)``, :func:`~.select.choose` (what every family calls) and ``+merge``;
@@ -26,6 +27,7 @@ import importlib
 
 from sentilens.errors import SentilensError
 from sentilens.mllm.pruning.divprune import DiversityPrune
+from sentilens.mllm.pruning.downsample import Downsample
 from sentilens.mllm.pruning.lm_stage import LastTokenAttention, LmPlan, LmStage, lm_stage
 from sentilens.mllm.pruning.random_draw import RandomDraw, random_priorities
 from sentilens.mllm.pruning.strategy import MODIFIERS, NEEDS, Strategy, UnitInputs
@@ -53,6 +55,7 @@ STRATEGIES: dict[str, type[Strategy]] = {
     LowestAttention.name: LowestAttention,
     LastTokenAttention.name: LastTokenAttention,
     DiversityPrune.name: DiversityPrune,
+    Downsample.name: Downsample,
 }
 """Strategy name -> class; a strategy's text is one of its ``forms``, optionally ``+modifier``."""
 
@@ -126,8 +129,8 @@ def showcase_strategies() -> tuple[str, ...]:
     return tuple(form for cls in STRATEGIES.values() for form in cls.showcase)
 
 
-__all__ = ["DEFAULT_STRATEGY", "MODIFIERS", "NEEDS", "STRATEGIES", "AttentionScorer", "DiversityPrune", "FlatUnits",
-           "LastTokenAttention",
+__all__ = ["DEFAULT_STRATEGY", "MODIFIERS", "NEEDS", "STRATEGIES", "AttentionScorer", "DiversityPrune", "Downsample",
+           "FlatUnits", "LastTokenAttention",
            "LmPlan", "LmStage", "LowestAttention", "lm_stage",
            "RandomDraw", "Selection", "Strategy", "TiledTokenFilter", "TopAttention", "UnitInputs",
            "attention_with_received", "choose", "encoder_layers", "feature_layer_index", "has_cls_token",

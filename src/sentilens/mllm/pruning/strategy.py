@@ -88,6 +88,8 @@ class Strategy:
     """The forms the full demo's sweep shows."""
     families: ClassVar[tuple[str, ...] | None] = None
     """The families it works for; None: every family."""
+    pools: ClassVar[bool] = False
+    """Whether it makes new tokens from the grid (``downsample``) instead of choosing among the units."""
 
     def __init__(self, head: str, modifier: str = "", layers: str = "all"):
         self.head = head

@@ -8,6 +8,7 @@ multimodal projector (:func:`visual_tokens`).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 
@@ -17,6 +18,7 @@ from torch import Tensor, nn
 from sentilens.errors import SentilensError
 from sentilens.mllm.inputs import Reducer
 from sentilens.mllm.pruning.attention import AttentionScorer, encoder_layers
+from sentilens.mllm.pruning.downsample import area_pool
 from sentilens.mllm.pruning.filters import parsed
 from sentilens.mllm.pruning.select import Selection, keep_count, reduce_image
 from sentilens.mllm.pruning.strategy import Strategy, UnitInputs
@@ -88,6 +90,14 @@ class TokenFilter:
     @torch.no_grad()
     def __call__(self, features: torch.Tensor, pixel_values: torch.Tensor) -> list[torch.Tensor]:
         strategy = self.strategy
+        if strategy.pools:
+            side = math.isqrt(features.shape[1])
+            if side * side != features.shape[1]:
+                raise SentilensError(f"strategy '{strategy}' pools a square patch grid; this tower gives "
+                                     f"{features.shape[1]} patches")
+            budget = keep_count(features.shape[1], self.keep_ratio)
+            self.last = [area_pool(image, budget, side, side) for image in features]
+            return [selection.tokens for selection in self.last]
         if not strategy.scored:
             count = features.shape[1]
             budget = keep_count(count, self.keep_ratio)
