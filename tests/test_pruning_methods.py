@@ -12,8 +12,9 @@ import math
 import pytest
 import torch
 
-from sentilens.mllm.pruning import UnitInputs, parse_strategy
+from sentilens.mllm.pruning import LmStage, UnitInputs, parse_strategy
 from sentilens.mllm.pruning.divprune import DiversityPrune, max_min_order, order_priorities
+from sentilens.mllm.pruning.fastv import TextAttention, text_after_image
 from sentilens.mllm.pruning.select import FlatUnits, choose
 
 
@@ -130,3 +131,43 @@ def test_downsample_refuses_the_families_without_one_pooled_grid_in_one_line():
     for family in ("llava-next", "smolvlm", "qwen2.5-vl", "qwen3-vl"):
         reason = strategy.unsupported(family)
         assert reason.startswith("'downsample' is not available for ") and "\n" not in reason
+
+
+# ---------------------------------------------------------------------------------------------- fastv
+
+IMAGE = 9
+
+
+def lm_choice(form: str, ratio: float, input_ids, query, key, value=None, mask=None) -> list[list[int]]:
+    """The visual positions each post keeps when ``form`` chooses at its layer from these queries and keys."""
+    ids = torch.tensor(input_ids)
+    mask = torch.ones_like(ids) if mask is None else torch.tensor(mask)
+    strategy = parse_strategy(form)
+    plan = LmStage(strategy, ratio, strategy.lm_layer + 2, IMAGE).plan(ids, mask)
+    plan.choose(query, key, key if value is None else value, 1.0)
+    return [[p for p in range(ids.shape[1]) if plan.visual[b, p] and plan.keep[b, p]] for b in range(ids.shape[0])]
+
+
+def test_fastv_keeps_what_the_text_after_the_image_attends_to_as_worked_out_by_hand():
+    # one head, d = 1, scaling 1. Prompt: text, 3 visual tokens (1-3), 2 text tokens (4, 5).
+    # keys ln(1, 2, 1, 4, 1, 1): a query of 1 attends in proportion to (1, 2, 1, 4, 1, 1), a query of 0 evenly.
+    # Row 4 (q = 1) over positions 0..4: the visual tokens get 2/9, 1/9, 4/9.
+    # Row 5 (q = 0) over positions 0..5: 1/6 each.
+    # FastV's mean: 7/36, 5/36, 11/36: at r = 0.5 (ceil(1.5) = 2 of 3) it keeps positions 1 and 3.
+    # lm:0 reads row 5 alone: a three-way tie, which goes to the earlier tokens, 1 and 2.
+    ids = [[5, IMAGE, IMAGE, IMAGE, 5, 5]]
+    key = torch.tensor([1.0, 2.0, 1.0, 4.0, 1.0, 1.0]).log().view(1, 1, 6, 1)
+    query = torch.tensor([0.0, 0.0, 0.0, 0.0, 1.0, 0.0]).view(1, 1, 6, 1)
+    strategy = parse_strategy("fastv")
+    assert strategy.lm_layer == 2 and strategy.stage == "lm" and str(parse_strategy("fastv:1")) == "fastv:1"
+    assert isinstance(strategy, TextAttention)
+    assert lm_choice("fastv:0", 0.5, ids, query, key) == [[1, 3]]
+    assert lm_choice("lm:0", 0.5, ids, query, key) == [[1, 2]]
+    plan = LmStage(parse_strategy("fastv:0"), 0.5, 2, IMAGE).plan(torch.tensor(ids), torch.ones(1, 6, dtype=torch.long))
+    scores = strategy.lm_priorities(plan, query, key, key, 1.0)[0, 1:4]
+    torch.testing.assert_close(scores, torch.tensor([7 / 36, 5 / 36, 11 / 36]))
+    # a left-padded second post of the same prompt chooses the same, and its padding asks nothing
+    padded = [[0, 5, IMAGE, IMAGE, IMAGE, 5, 5], [0, 0, 5, IMAGE, IMAGE, IMAGE, 5]]
+    rows, real = text_after_image(LmStage(parse_strategy("fastv:0"), 0.5, 2, IMAGE).plan(
+        torch.tensor(padded), torch.tensor([[0, 1, 1, 1, 1, 1, 1], [0, 0, 1, 1, 1, 1, 1]])))
+    assert rows.tolist() == [[5, 6], [6, 6]] and real.tolist() == [[True, True], [True, False]]

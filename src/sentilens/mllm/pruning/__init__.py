@@ -13,6 +13,7 @@ list) reads the registry.
 - :mod:`.lm_stage`: ``lm:K``, pruning inside the language model after layer K;
 - :mod:`.divprune`: ``divprune``, the most mutually different tokens (greedy max-min cosine distance);
 - :mod:`.downsample`: ``downsample``, the patch grid area-pooled to the budget (LLaVA-1.5);
+- :mod:`.fastv`: ``fastv:K``, inside the LM: the visual tokens the text after the image attends to most;
 - :mod:`.attention`: the tower's attention as scores, from a hooked pass (CLS attention, or the
   attention received on a tower without CLS);
 - :mod:`.select`: the budget ``ceil(r N)``, :func:`~.select.choose` (what every family calls) and ``+merge``;
@@ -28,7 +29,8 @@ import importlib
 from sentilens.errors import SentilensError
 from sentilens.mllm.pruning.divprune import DiversityPrune
 from sentilens.mllm.pruning.downsample import Downsample
-from sentilens.mllm.pruning.lm_stage import LastTokenAttention, LmPlan, LmStage, lm_stage
+from sentilens.mllm.pruning.fastv import TextAttention
+from sentilens.mllm.pruning.lm_stage import LastTokenAttention, LmPlan, LmStage, LmStrategy, lm_stage
 from sentilens.mllm.pruning.random_draw import RandomDraw, random_priorities
 from sentilens.mllm.pruning.strategy import MODIFIERS, NEEDS, Strategy, UnitInputs
 from sentilens.mllm.pruning.top_attention import LowestAttention, TopAttention, feature_layer_index, layer_indices
@@ -56,6 +58,7 @@ STRATEGIES: dict[str, type[Strategy]] = {
     LastTokenAttention.name: LastTokenAttention,
     DiversityPrune.name: DiversityPrune,
     Downsample.name: Downsample,
+    TextAttention.name: TextAttention,
 }
 """Strategy name -> class; a strategy's text is one of its ``forms``, optionally ``+modifier``."""
 
@@ -131,7 +134,7 @@ def showcase_strategies() -> tuple[str, ...]:
 
 __all__ = ["DEFAULT_STRATEGY", "MODIFIERS", "NEEDS", "STRATEGIES", "AttentionScorer", "DiversityPrune", "Downsample",
            "FlatUnits", "LastTokenAttention",
-           "LmPlan", "LmStage", "LowestAttention", "lm_stage",
+           "LmPlan", "LmStage", "LmStrategy", "LowestAttention", "TextAttention", "lm_stage",
            "RandomDraw", "Selection", "Strategy", "TiledTokenFilter", "TopAttention", "UnitInputs",
            "attention_with_received", "choose", "encoder_layers", "feature_layer_index", "has_cls_token",
            "keep_count", "layer_indices", "merge_context", "parse_strategy", "random_priorities",
