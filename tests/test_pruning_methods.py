@@ -171,3 +171,29 @@ def test_fastv_keeps_what_the_text_after_the_image_attends_to_as_worked_out_by_h
     rows, real = text_after_image(LmStage(parse_strategy("fastv:0"), 0.5, 2, IMAGE).plan(
         torch.tensor(padded), torch.tensor([[0, 1, 1, 1, 1, 1, 1], [0, 0, 1, 1, 1, 1, 1]])))
     assert rows.tolist() == [[5, 6], [6, 6]] and real.tolist() == [[True, True], [True, False]]
+
+
+# ---------------------------------------------------------------------------------------------- dart
+
+
+def test_dart_keeps_the_pivots_and_the_least_duplicated_tokens_as_worked_out_by_hand(monkeypatch):
+    # Prompt: text, 6 visual tokens v0..v5 at positions 1..6, text. Two pivots (the setting lowered from 4 so
+    # that k = 4 leaves a choice). Key norms of v0..v5: 1, 3, 1, 2, 1, 1: the pivots are v1 (3) and v3 (2).
+    # Values at angles v0 10, v1 0, v2 90, v3 180, v4 80, v5 175. Duplication = the largest cosine with a pivot:
+    # v0 max(cos 10, cos 170) = 0.985, v2 max(cos 90, cos 90) = 0, v4 max(cos 80, cos 100) = 0.174,
+    # v5 max(cos 175, cos 5) = 0.996. r = 0.6: k = ceil(3.6) = 4: v1, v3 and the two least duplicated, v2 and v4,
+    # at positions 2, 3, 4, 5.
+    from sentilens.mllm.pruning import dart
+
+    monkeypatch.setattr(dart, "DART_PIVOTS", 2)
+    ids = [[5, IMAGE, IMAGE, IMAGE, IMAGE, IMAGE, IMAGE, 5]]
+    norms = torch.tensor([1.0, 1.0, 3.0, 1.0, 2.0, 1.0, 1.0, 1.0])
+    key = torch.stack([norms, torch.zeros(8)], dim=-1).view(1, 1, 8, 2)
+    value = at_angles([0, 10, 0, 90, 180, 80, 175, 0])[:, :2].view(1, 1, 8, 2)
+    query = torch.zeros(1, 2, 8, 2)  # two query heads share the one key head; dart reads no query
+    strategy = parse_strategy("dart")
+    assert isinstance(strategy, dart.PivotDuplication) and strategy.lm_layer == 2 and strategy.needs == set()
+    assert lm_choice("dart:0", 0.6, ids, query, key, value) == [[2, 3, 4, 5]]
+    # k = 2 keeps the pivots alone; k = 1 the one pivot of largest key norm
+    assert lm_choice("dart:0", 2 / 6, ids, query, key, value) == [[2, 4]]
+    assert lm_choice("dart:0", 1 / 6, ids, query, key, value) == [[2]]

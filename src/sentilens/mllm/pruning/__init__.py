@@ -14,6 +14,7 @@ list) reads the registry.
 - :mod:`.divprune`: ``divprune``, the most mutually different tokens (greedy max-min cosine distance);
 - :mod:`.downsample`: ``downsample``, the patch grid area-pooled to the budget (LLaVA-1.5);
 - :mod:`.fastv`: ``fastv:K``, inside the LM: the visual tokens the text after the image attends to most;
+- :mod:`.dart`: ``dart:K``, inside the LM: a few pivots and the visual tokens least duplicated with them;
 - :mod:`.attention`: the tower's attention as scores, from a hooked pass (CLS attention, or the
   attention received on a tower without CLS);
 - :mod:`.select`: the budget ``ceil(r N)``, :func:`~.select.choose` (what every family calls) and ``+merge``;
@@ -27,6 +28,7 @@ from __future__ import annotations
 import importlib
 
 from sentilens.errors import SentilensError
+from sentilens.mllm.pruning.dart import PivotDuplication
 from sentilens.mllm.pruning.divprune import DiversityPrune
 from sentilens.mllm.pruning.downsample import Downsample
 from sentilens.mllm.pruning.fastv import TextAttention
@@ -59,6 +61,7 @@ STRATEGIES: dict[str, type[Strategy]] = {
     DiversityPrune.name: DiversityPrune,
     Downsample.name: Downsample,
     TextAttention.name: TextAttention,
+    PivotDuplication.name: PivotDuplication,
 }
 """Strategy name -> class; a strategy's text is one of its ``forms``, optionally ``+modifier``."""
 
@@ -134,7 +137,8 @@ def showcase_strategies() -> tuple[str, ...]:
 
 __all__ = ["DEFAULT_STRATEGY", "MODIFIERS", "NEEDS", "STRATEGIES", "AttentionScorer", "DiversityPrune", "Downsample",
            "FlatUnits", "LastTokenAttention",
-           "LmPlan", "LmStage", "LmStrategy", "LowestAttention", "TextAttention", "lm_stage",
+           "LmPlan", "LmStage", "LmStrategy", "LowestAttention", "PivotDuplication", "TextAttention",
+           "lm_stage",
            "RandomDraw", "Selection", "Strategy", "TiledTokenFilter", "TopAttention", "UnitInputs",
            "attention_with_received", "choose", "encoder_layers", "feature_layer_index", "has_cls_token",
            "keep_count", "layer_indices", "merge_context", "parse_strategy", "random_priorities",
