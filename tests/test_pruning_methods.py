@@ -15,7 +15,7 @@ import torch
 from sentilens.mllm.pruning import LmStage, UnitInputs, parse_strategy
 from sentilens.mllm.pruning.divprune import DiversityPrune, max_min_order, order_priorities
 from sentilens.mllm.pruning.fastv import TextAttention, text_after_image
-from sentilens.mllm.pruning.select import FlatUnits, choose
+from sentilens.mllm.pruning.select import FlatUnits, choose, gather_rows
 
 
 def at_angles(degrees, lengths=None) -> torch.Tensor:
@@ -197,3 +197,36 @@ def test_dart_keeps_the_pivots_and_the_least_duplicated_tokens_as_worked_out_by_
     # k = 2 keeps the pivots alone; k = 1 the one pivot of largest key norm
     assert lm_choice("dart:0", 2 / 6, ids, query, key, value) == [[2, 4]]
     assert lm_choice("dart:0", 1 / 6, ids, query, key, value) == [[2]]
+
+
+# ---------------------------------------------------------------------------------------------- visionzip
+
+
+def test_visionzip_splits_the_budget_as_the_paper_and_merges_by_hand():
+    from sentilens.mllm.pruning.visionzip import DominantAndContext, context_count
+
+    # VisionZip's own splits: 54 + 10 of 64, 108 + 20 of 128, 162 + 30 of 192; nothing merged at r = 1
+    assert [context_count(k, 576) for k in (64, 128, 192, 576)] == [10, 20, 30, 0]
+    # 16 units, k = 13: c = floor(65 / 32) = 2 contextual, 11 dominant. The five lowest scores are units
+    # 1, 4, 7, 10, 13 (the rest, in order); targets rest[floor(0 * 5 / 2)] = 1 and rest[floor(1 * 5 / 2)] = 7.
+    # Rows: u1 (1, 0), u7 (0, 1); u4 (1, 0.1) is nearer u1, u10 (0.2, 1) nearer u7, u13 (0.9, -0.5) nearer u1
+    # (cosines 0.87 against -0.49). Token at u1: mean of u1, u4, u13 = (2.9 / 3, -0.4 / 3); at u7: (0.1, 1).
+    rest = [1, 4, 7, 10, 13]
+    scores = torch.tensor([0.0 if u in rest else 10.0 + u for u in range(16)])
+    scores[rest] = torch.tensor([0.5, 0.4, 0.3, 0.2, 0.1])
+    features = torch.full((16, 2), 5.0)
+    features[rest] = torch.tensor([[1.0, 0.0], [1.0, 0.1], [0.0, 1.0], [0.2, 1.0], [0.9, -0.5]])
+    strategy = parse_strategy("visionzip")
+    assert isinstance(strategy, DominantAndContext) and strategy.layers == "feature" and strategy.scored
+    selection = choose(FlatUnits(16), scores, 13, strategy, features)
+    assert selection.kept.tolist() == [u for u in range(16) if u not in (4, 10, 13)]
+    assert selection.groups.tolist() == [-1, 1, -1, -1, 1, -1, -1, 7, -1, -1, 7, -1, -1, 1, -1, -1]
+    rows = gather_rows(features, selection)
+    kept = selection.kept.tolist()
+    torch.testing.assert_close(rows[kept.index(1)], torch.tensor([2.9 / 3, -0.4 / 3]))
+    torch.testing.assert_close(rows[kept.index(7)], torch.tensor([0.1, 1.0]))
+    assert torch.equal(rows[kept.index(0)], features[0])  # a dominant unit is sent as it is
+    # r = 1: every unit, none merged
+    whole = choose(FlatUnits(16), scores, 16, strategy, features)
+    assert whole.groups is None and torch.equal(gather_rows(features, whole), features)
+    assert strategy.unsupported("llava-next").startswith("'visionzip' is not available for LLaVA-NeXT: ")

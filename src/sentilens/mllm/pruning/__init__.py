@@ -15,6 +15,7 @@ list) reads the registry.
 - :mod:`.downsample`: ``downsample``, the patch grid area-pooled to the budget (LLaVA-1.5);
 - :mod:`.fastv`: ``fastv:K``, inside the LM: the visual tokens the text after the image attends to most;
 - :mod:`.dart`: ``dart:K``, inside the LM: a few pivots and the visual tokens least duplicated with them;
+- :mod:`.visionzip`: ``visionzip``, dominant tokens by attention and contextual tokens merged from the rest;
 - :mod:`.attention`: the tower's attention as scores, from a hooked pass (CLS attention, or the
   attention received on a tower without CLS);
 - :mod:`.select`: the budget ``ceil(r N)``, :func:`~.select.choose` (what every family calls) and ``+merge``;
@@ -36,12 +37,14 @@ from sentilens.mllm.pruning.lm_stage import LastTokenAttention, LmPlan, LmStage,
 from sentilens.mllm.pruning.random_draw import RandomDraw, random_priorities
 from sentilens.mllm.pruning.strategy import MODIFIERS, NEEDS, Strategy, UnitInputs
 from sentilens.mllm.pruning.top_attention import LowestAttention, TopAttention, feature_layer_index, layer_indices
+from sentilens.mllm.pruning.visionzip import DominantAndContext
 
 _LAZY = {
     "attention": ("AttentionScorer", "attention_with_received", "encoder_layers", "has_cls_token",
                   "received_attention", "received_attention_only", "received_by_route", "scoring_route"),
     "filters": ("TiledTokenFilter",),
-    "select": ("FlatUnits", "Selection", "choose", "keep_count", "merge_context", "reduce_image", "top_patches"),
+    "select": ("FlatUnits", "Selection", "choose", "gather_rows", "keep_count", "merge_context", "reduce_image",
+               "top_patches"),
 }
 """Names of the torch modules, imported on first use, so the registry (CLI help) loads without torch."""
 
@@ -62,6 +65,7 @@ STRATEGIES: dict[str, type[Strategy]] = {
     Downsample.name: Downsample,
     TextAttention.name: TextAttention,
     PivotDuplication.name: PivotDuplication,
+    DominantAndContext.name: DominantAndContext,
 }
 """Strategy name -> class; a strategy's text is one of its ``forms``, optionally ``+modifier``."""
 
@@ -135,14 +139,11 @@ def showcase_strategies() -> tuple[str, ...]:
     return tuple(form for cls in STRATEGIES.values() for form in cls.showcase)
 
 
-__all__ = ["DEFAULT_STRATEGY", "MODIFIERS", "NEEDS", "STRATEGIES", "AttentionScorer", "DiversityPrune", "Downsample",
-           "FlatUnits", "LastTokenAttention",
-           "LmPlan", "LmStage", "LmStrategy", "LowestAttention", "PivotDuplication", "TextAttention",
-           "lm_stage",
-           "RandomDraw", "Selection", "Strategy", "TiledTokenFilter", "TopAttention", "UnitInputs",
-           "attention_with_received", "choose", "encoder_layers", "feature_layer_index", "has_cls_token",
-           "keep_count", "layer_indices", "merge_context", "parse_strategy", "random_priorities",
-           "reducer_for",
-           "received_attention", "received_attention_only", "received_by_route", "reduce_image", "scoring_route",
-           "showcase_strategies", "strategy_grammar", "strategy_help", "strategy_legend", "strategy_names",
-           "top_patches"]
+__all__ = ["DEFAULT_STRATEGY", "MODIFIERS", "NEEDS", "STRATEGIES", "AttentionScorer", "DiversityPrune",
+           "DominantAndContext", "Downsample", "FlatUnits", "LastTokenAttention", "LmPlan", "LmStage", "LmStrategy",
+           "LowestAttention", "PivotDuplication", "RandomDraw", "Selection", "Strategy", "TextAttention",
+           "TiledTokenFilter", "TopAttention", "UnitInputs", "attention_with_received", "choose", "encoder_layers",
+           "feature_layer_index", "gather_rows", "has_cls_token", "keep_count", "layer_indices", "lm_stage",
+           "merge_context", "parse_strategy", "random_priorities", "received_attention", "received_attention_only",
+           "received_by_route", "reduce_image", "reducer_for", "scoring_route", "showcase_strategies",
+           "strategy_grammar", "strategy_help", "strategy_legend", "strategy_names", "top_patches"]

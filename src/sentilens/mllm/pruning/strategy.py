@@ -90,6 +90,8 @@ class Strategy:
     """The families it works for; None: every family."""
     pools: ClassVar[bool] = False
     """Whether it makes new tokens from the grid (``downsample``) instead of choosing among the units."""
+    merges_rest: ClassVar[bool] = False
+    """Whether some kept units carry the mean of dropped ones (``visionzip``: :meth:`merge_groups`)."""
 
     def __init__(self, head: str, modifier: str = "", layers: str = "all"):
         self.head = head
@@ -160,3 +162,11 @@ class Strategy:
     def ranking(self, scores: torch.Tensor) -> torch.Tensor:
         """The priorities tokens are kept by (highest first) given their ``scores``: the scores themselves."""
         return scores
+
+    def priorities(self, scores: torch.Tensor, budget: int) -> torch.Tensor:
+        """The priorities for a budget of ``budget`` tokens: :meth:`ranking` unless the choice depends on it."""
+        return self.ranking(scores)
+
+    def merge_groups(self, scores: torch.Tensor, budget: int, features: torch.Tensor) -> torch.Tensor:
+        """``(N,)`` the unit each unit's row is averaged into, -1 for none (:attr:`merges_rest` strategies)."""
+        raise NotImplementedError(f"strategy '{self}' merges no units")

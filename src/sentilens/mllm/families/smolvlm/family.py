@@ -16,6 +16,7 @@ from sentilens.mllm.families.smolvlm.layout import ShuffleTokenFilter, SmolVisua
 from sentilens.mllm.families.smolvlm.processor import END_OF_UTTERANCE, FAKE, GLOBAL, MAX_GRID, PAD, TEXT, SmolProcessor
 from sentilens.mllm.pruning import (
     encoder_layers,
+    gather_rows,
     keep_count,
     layer_indices,
     parse_strategy,
@@ -218,7 +219,8 @@ class SmolVLMFamily(ModelFamily):
         for i, (rows, chosen) in enumerate(zip(per_image, kept, strict=True)):
             flat = rows.reshape(-1, rows.shape[-1])
             projection = connector.modality_projection
-            features = projection(flat[chosen.to(flat.device)].to(projection.proj.weight.dtype))
+            rows = flat if reducer is None else gather_rows(flat, reducer.last[i])
+            features = projection(rows.to(projection.proj.weight.dtype))
             tile_counts = torch.bincount(chosen.cpu() // per_tile, minlength=rows.shape[0])
             tile = extras["span_tile"][i].cpu()
             ids = extras["span_ids"][i].cpu()[tile != PAD]

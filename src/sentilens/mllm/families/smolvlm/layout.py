@@ -58,9 +58,9 @@ class ShuffleTokenFilter(TiledTokenFilter):
             block = patch_scores[:, groups].mean(dim=-1)  # (all tiles, tokens per tile)
             token_scores = [t.reshape(-1) for t in torch.split(block, tiles)]
         self.last, kept = [], []
-        for scores in token_scores:
+        for i, scores in enumerate(token_scores):
             selection = choose(FlatUnits(scores.numel()), scores, keep_count(scores.numel(), self.keep_ratio),
-                               self.strategy)
+                               self.strategy, None if features is None else features[i])
             kept.append(selection.kept)
             self.last.append(selection)
         return kept
