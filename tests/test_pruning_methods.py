@@ -230,3 +230,23 @@ def test_visionzip_splits_the_budget_as_the_paper_and_merges_by_hand():
     whole = choose(FlatUnits(16), scores, 16, strategy, features)
     assert whole.groups is None and torch.equal(gather_rows(features, whole), features)
     assert strategy.unsupported("llava-next").startswith("'visionzip' is not available for LLaVA-NeXT: ")
+
+
+def test_fastv_and_lm_rows_equal_the_eager_attention_map_with_grouped_heads_and_padding():
+    # random queries and keys, 4 query heads on 2 key heads, a left-padded batch: the rows FastV and lm:K read
+    # are the eager causal map's rows (padding masked), heads averaged
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.tensor([[0, 5, IMAGE, IMAGE, IMAGE, 5, 5, 5], [5, 5, IMAGE, IMAGE, IMAGE, IMAGE, 5, 5]])
+    mask = torch.tensor([[0, 1, 1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1, 1, 1]])
+    query = torch.randn(2, 4, 8, 3, generator=generator)
+    key = torch.randn(2, 2, 8, 3, generator=generator)
+    logits = query @ key.repeat_interleave(2, dim=1).transpose(-1, -2) * 0.5
+    causal = torch.ones(8, 8, dtype=torch.bool).tril()
+    allowed = causal[None, None] & mask.bool()[:, None, None, :]
+    eager = logits.masked_fill(~allowed, float("-inf")).softmax(dim=-1).mean(dim=1)  # (B, 8, 8)
+    text = {0: [5, 6, 7], 1: [6, 7]}  # the positions after each post's image
+    for form, rows in (("fastv:0", text), ("lm:0", {0: [7], 1: [7]})):
+        plan = LmStage(parse_strategy(form), 0.5, 2, IMAGE).plan(ids, mask)
+        got = parse_strategy(form).lm_priorities(plan, query, key, key, 0.5)
+        for b in (0, 1):
+            torch.testing.assert_close(got[b], eager[b, rows[b]].mean(dim=0))

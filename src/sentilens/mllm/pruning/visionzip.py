@@ -103,8 +103,9 @@ class DominantAndContext(Strategy):
         is_rest = torch.ones(scores.numel(), dtype=torch.bool)
         is_rest[dominant] = False
         rest = is_rest.nonzero().flatten()
-        unit = nn.functional.normalize(features.detach().float().cpu(), dim=-1)
-        nearest = (unit[rest] @ unit[targets].T).argmax(dim=1)
+        unit = nn.functional.normalize(features.detach().float(), dim=-1)
+        device = unit.device
+        nearest = (unit[rest.to(device)] @ unit[targets.to(device)].T).argmax(dim=1).cpu()
         groups[rest] = targets[nearest]
         groups[targets] = targets  # a target always stays in its own group
         return groups
