@@ -250,3 +250,72 @@ def test_fastv_and_lm_rows_equal_the_eager_attention_map_with_grouped_heads_and_
         got = parse_strategy(form).lm_priorities(plan, query, key, key, 0.5)
         for b in (0, 1):
             torch.testing.assert_close(got[b], eager[b, rows[b]].mean(dim=0))
+
+
+# ---------------------------------------------------------------------------------------------- cdpruner / dpp
+
+
+def test_greedy_map_conditional_and_relevance_free_as_worked_out_by_hand():
+    from sentilens.mllm.pruning.cdpruner import greedy_map
+
+    # four tokens at angles 0, 10, 90, 45 with qualities q = 1, 2, 1, 1.5 (L_ij = q_i q_j cos(angle i - j)).
+    # Step 1 takes the largest L_jj = q_j^2 (1, 4, 1, 2.25): t1. The gain of j given {t1} is
+    # L_jj - L_1j^2 / L_11 = q_j^2 sin^2(angle j - 10): t0 sin^2 10 = 0.030, t2 sin^2 80 = 0.970,
+    # t3 2.25 sin^2 35 = 0.740: t2. The conditional DPP keeps {t1, t2}.
+    # Without relevance (q = 1) step 1 is a four-way tie of L_jj = 1: t0; then gains sin^2(angle j):
+    # t1 0.030, t2 1, t3 0.5: t2. The relevance-free DPP keeps {t0, t2}.
+    features = at_angles([0, 10, 90, 45])
+    assert greedy_map(features, torch.tensor([1.0, 2.0, 1.0, 1.5]), 2).tolist() == [1, 2]
+    assert greedy_map(features, torch.ones(4), 2).tolist() == [0, 2]
+    # in the plane two tokens span everything: the remaining gains are 0, yet exactly k come, none twice
+    assert sorted(greedy_map(features, torch.ones(4), 4).tolist()) == [0, 1, 2, 3]
+
+
+def test_greedy_map_gains_are_the_determinant_ratios_of_the_kernel():
+    from sentilens.mllm.pruning.cdpruner import greedy_map
+
+    generator = torch.Generator().manual_seed(1)
+    features = torch.randn(12, 8, generator=generator, dtype=torch.float64).float()
+    quality = torch.rand(12, generator=generator) + 0.5
+    unit = torch.nn.functional.normalize(features.double(), dim=-1)
+    kernel = quality.double()[:, None] * (unit @ unit.T) * quality.double()[None, :]
+    order = []
+    for _ in range(6):  # the reference: each step the largest det(L_{S + j}) by brute force
+        left = [j for j in range(12) if j not in order]
+        order.append(max(left, key=lambda j: float(torch.linalg.det(kernel[order + [j]][:, order + [j]]))))
+    assert greedy_map(features, quality, 6).tolist() == order
+
+
+def test_text_relevance_is_the_min_max_normalised_mean_cosine_with_the_text():
+    from sentilens.mllm.pruning.cdpruner import text_relevance
+
+    # tokens along x, y and the diagonal; text embeddings along x and the diagonal. Mean cosines:
+    # x: (1 + 0.707) / 2 = 0.854, y: (0 + 0.707) / 2 = 0.354, diagonal: (0.707 + 1) / 2 = 0.854 -> 1, 0, 1
+    projected = torch.tensor([[1.0, 0.0], [0.0, 2.0], [3.0, 3.0]])
+    text = torch.tensor([[2.0, 0.0], [1.0, 1.0]])
+    torch.testing.assert_close(text_relevance(projected, text), torch.tensor([1.0, 0.0, 1.0]))
+    assert text_relevance(torch.ones(3, 2), text).tolist() == [0.0, 0.0, 0.0]  # all alike: no preference
+
+
+def test_cdpruner_reads_the_prompt_after_the_image_but_not_the_answer():
+    from sentilens.mllm.inputs import MllmBatch, give_text
+
+    class Filter:
+        texts = None
+        strategy = parse_strategy("cdpruner")
+
+    class Config:
+        image_token_id = IMAGE
+
+    class Vlm:
+        config = Config()
+
+    reducer = Filter()
+    batch = MllmBatch(token_ids=[[1, IMAGE, 3, 4, 7, 8], [2, 3], [IMAGE, 6]], pixel_values=None,
+                      image_index=[1, None, 0], targets=[[-100, -100, -100, -100, 7, 8], [-100, -100], [-100, -100]])
+    give_text(reducer, Vlm(), batch)
+    assert {row: ids.tolist() for row, ids in reducer.texts.items()} == {1: [3, 4], 0: [6]}
+    assert parse_strategy("cdpruner").needs == {"features", "text_tokens"} and parse_strategy("dpp").needs == {
+        "features"}
+    assert parse_strategy("cdpruner").unsupported("qwen3-vl").startswith("'cdpruner' is not available for Qwen3-VL")
+    assert parse_strategy("dpp").unsupported("qwen3-vl") is None

@@ -16,6 +16,7 @@ list) reads the registry.
 - :mod:`.fastv`: ``fastv:K``, inside the LM: the visual tokens the text after the image attends to most;
 - :mod:`.dart`: ``dart:K``, inside the LM: a few pivots and the visual tokens least duplicated with them;
 - :mod:`.visionzip`: ``visionzip``, dominant tokens by attention and contextual tokens merged from the rest;
+- :mod:`.cdpruner`: ``cdpruner`` / ``dpp``, greedy MAP of a (text-conditioned) determinantal point process;
 - :mod:`.attention`: the tower's attention as scores, from a hooked pass (CLS attention, or the
   attention received on a tower without CLS);
 - :mod:`.select`: the budget ``ceil(r N)``, :func:`~.select.choose` (what every family calls) and ``+merge``;
@@ -29,6 +30,7 @@ from __future__ import annotations
 import importlib
 
 from sentilens.errors import SentilensError
+from sentilens.mllm.pruning.cdpruner import ConditionalDpp
 from sentilens.mllm.pruning.dart import PivotDuplication
 from sentilens.mllm.pruning.divprune import DiversityPrune
 from sentilens.mllm.pruning.downsample import Downsample
@@ -66,6 +68,7 @@ STRATEGIES: dict[str, type[Strategy]] = {
     TextAttention.name: TextAttention,
     PivotDuplication.name: PivotDuplication,
     DominantAndContext.name: DominantAndContext,
+    ConditionalDpp.name: ConditionalDpp,
 }
 """Strategy name -> class; a strategy's text is one of its ``forms``, optionally ``+modifier``."""
 
@@ -127,7 +130,10 @@ def strategy_names(family: str | None = None) -> tuple[str, ...]:
     def works(text: str) -> bool:
         return family is None or parse_strategy(text).unsupported(family) is None
 
-    names = [form for cls in STRATEGIES.values() if works(cls.showcase[0].partition("+")[0]) for form in cls.forms]
+    def usable(cls, form: str) -> bool:  # a form with a parameter (lm:K, A:B) stands for the class's showcase
+        return works(form if cls.parse_head(form) is not None else cls.showcase[0].partition("+")[0])
+
+    names = [form for cls in STRATEGIES.values() for form in cls.forms if usable(cls, form)]
     names += [f"+{modifier}" for modifier in MODIFIERS
               if any(works(f"{cls.showcase[0].partition('+')[0]}+{modifier}")
                      for cls in STRATEGIES.values() if modifier in cls.modifiers)]
@@ -139,11 +145,12 @@ def showcase_strategies() -> tuple[str, ...]:
     return tuple(form for cls in STRATEGIES.values() for form in cls.showcase)
 
 
-__all__ = ["DEFAULT_STRATEGY", "MODIFIERS", "NEEDS", "STRATEGIES", "AttentionScorer", "DiversityPrune",
-           "DominantAndContext", "Downsample", "FlatUnits", "LastTokenAttention", "LmPlan", "LmStage", "LmStrategy",
-           "LowestAttention", "PivotDuplication", "RandomDraw", "Selection", "Strategy", "TextAttention",
-           "TiledTokenFilter", "TopAttention", "UnitInputs", "attention_with_received", "choose", "encoder_layers",
-           "feature_layer_index", "gather_rows", "has_cls_token", "keep_count", "layer_indices", "lm_stage",
-           "merge_context", "parse_strategy", "random_priorities", "received_attention", "received_attention_only",
-           "received_by_route", "reduce_image", "reducer_for", "scoring_route", "showcase_strategies",
-           "strategy_grammar", "strategy_help", "strategy_legend", "strategy_names", "top_patches"]
+__all__ = ["DEFAULT_STRATEGY", "MODIFIERS", "NEEDS", "STRATEGIES", "AttentionScorer", "ConditionalDpp",
+           "DiversityPrune", "DominantAndContext", "Downsample", "FlatUnits", "LastTokenAttention", "LmPlan",
+           "LmStage", "LmStrategy", "LowestAttention", "PivotDuplication", "RandomDraw", "Selection", "Strategy",
+           "TextAttention", "TiledTokenFilter", "TopAttention", "UnitInputs", "attention_with_received", "choose",
+           "encoder_layers", "feature_layer_index", "gather_rows", "has_cls_token", "keep_count", "layer_indices",
+           "lm_stage", "merge_context", "parse_strategy", "random_priorities", "received_attention",
+           "received_attention_only", "received_by_route", "reduce_image", "reducer_for", "scoring_route",
+           "showcase_strategies", "strategy_grammar", "strategy_help", "strategy_legend", "strategy_names",
+           "top_patches"]

@@ -69,6 +69,9 @@ class UnitInputs:
     candidates: torch.Tensor | None = None
     """``(count,)`` bool: the units a strategy may choose by their features (LLaVA-NeXT's newline slots are not:
     its budget rule keeps them with their rows); None: every unit."""
+    relevance: torch.Tensor | None = None
+    """``(count,)`` each unit's relevance to the post's text in ``[0, 1]``, for a strategy that needs
+    ``text_tokens`` at the vision stage (``cdpruner``); None where it is not computed."""
 
 
 class Strategy:
