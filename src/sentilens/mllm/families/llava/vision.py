@@ -130,7 +130,6 @@ class TokenFilter:
         ]
         return [selection.tokens for selection in self.last]
 
-
     def relevance(self, row: int, features: torch.Tensor, budget: int) -> torch.Tensor | None:
         """``(N,)`` relevance of image ``row``'s patches to its prompt text (:func:`text_relevance`: the projected
         patches against the text's input embeddings) where the strategy reads the text and chooses; else None."""

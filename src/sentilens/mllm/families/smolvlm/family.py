@@ -213,14 +213,14 @@ class SmolVLMFamily(ModelFamily):
             kept = [torch.arange(n * per_tile) for n in counts]
         else:
             real = [pixels[:n] for pixels, n in zip(pixel_values, counts, strict=True)]
-            flat = [rows.reshape(-1, rows.shape[-1]) for rows in per_image]
-            kept = reducer.choose(counts, real, self.shuffle_groups(model), flat)
+            unit_rows = [rows.reshape(-1, rows.shape[-1]) for rows in per_image]
+            kept = reducer.choose(counts, real, self.shuffle_groups(model), unit_rows)
         out = []
         for i, (rows, chosen) in enumerate(zip(per_image, kept, strict=True)):
             flat = rows.reshape(-1, rows.shape[-1])
             projection = connector.modality_projection
-            rows = flat if reducer is None else gather_rows(flat, reducer.last[i])
-            features = projection(rows.to(projection.proj.weight.dtype))
+            picked = flat if reducer is None else gather_rows(flat, reducer.last[i])
+            features = projection(picked.to(projection.proj.weight.dtype))
             tile_counts = torch.bincount(chosen.cpu() // per_tile, minlength=rows.shape[0])
             tile = extras["span_tile"][i].cpu()
             ids = extras["span_ids"][i].cpu()[tile != PAD]
