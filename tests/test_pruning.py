@@ -339,7 +339,8 @@ def test_strategies_parse_to_their_registry_class_and_print_back(text, kind, mod
 
 
 @pytest.mark.parametrize("text", ["random+merge", "inverse+merge", "randomly", "all+merge+native", "all+natives",
-                                  "evil", "1:2:3", "feature+", "lm:", "lm:x", "lm:1+native"])
+                                  "evil", "1:2:3", "feature+", "lm:", "lm:x", "lm:1+native", "lm",
+                                  "fastv:", "fastv:x", "fastv+native"])
 def test_unknown_or_misspelt_strategies_are_one_line_errors(text):
     with pytest.raises(SentilensError, match=r"^unknown filtering strategy .*: expected all / feature") as err:
         parse_strategy(text)
@@ -355,15 +356,19 @@ def test_a_layer_beyond_the_tower_names_the_tower_size(clip):
 
 
 def test_the_registry_lists_the_forms_and_what_each_family_supports():
-    assert strategy_names() == ("all", "feature", "last", "A:B", "K", "random", "inverse", "lm:K", "+merge",
-                                "+native")
+    assert strategy_names() == ("all", "feature", "last", "A:B", "K", "random", "inverse", "lm:K", "divprune",
+                                "downsample", "fastv", "fastv:K", "dart", "dart:K", "visionzip", "cdpruner",
+                                "dpp", "+merge", "+native")
     assert strategy_names("llava") == strategy_names()
     for family in ("llava-next", "smolvlm", "qwen2.5-vl", "qwen3-vl"):
-        assert strategy_names(family) == ("all", "feature", "last", "A:B", "K", "random", "inverse", "lm:K")
+        assert strategy_names(family) == ("all", "feature", "last", "A:B", "K", "random", "inverse", "lm:K",
+                                          "divprune", "fastv", "fastv:K", "dart", "dart:K",
+                                          *(("visionzip",) if family != "llava-next" else ()), "dpp")
         assert parse_strategy("all+merge").unsupported(family).startswith("+merge is not available for ")
     assert parse_strategy("all+merge").unsupported("llava") is None
     assert showcase_strategies() == ("all", "feature", "all+merge", "all+native", "random", "random+native",
-                                     "inverse", "lm:0")
+                                     "inverse", "lm:0", "divprune", "downsample", "fastv:0",
+                                     "dart:0", "visionzip", "cdpruner", "dpp")
     help_text = strategy_help()
     for cls in STRATEGIES.values():
         assert cls.summary in help_text

@@ -173,6 +173,22 @@ def assemble(
     )
 
 
+def give_text(reducer, vlm, batch: MllmBatch) -> None:
+    """Hand a reducer that reads the prompt's text (``texts``: ``cdpruner``) each image's prompt tokens after the
+    image placeholder, by image row; a training batch's answer tokens are left out (they are the label)."""
+    if getattr(reducer, "texts", False) is False or "text_tokens" not in reducer.strategy.needs:
+        return
+    image_id = vlm.config.image_token_id
+    texts = {}
+    for i, (ids, row) in enumerate(zip(batch.token_ids, batch.image_index, strict=True)):
+        if row is None:
+            continue
+        after = range(ids.index(image_id) + 1, len(ids))
+        prompt = [ids[p] for p in after if batch.targets is None or batch.targets[i][p] == -100]
+        texts[row] = torch.tensor(prompt, dtype=torch.long)
+    reducer.texts = texts
+
+
 def build_inputs(vlm, batch: MllmBatch, reducer: Reducer | None = None, padding_side: str = "right") -> LmInputs:
     """Encode, reduce and project the batch's images, then assemble the language model input
     (both by the model's family: :func:`~sentilens.mllm.families.llava.vision.visual_tokens` and
@@ -185,6 +201,7 @@ def build_inputs(vlm, batch: MllmBatch, reducer: Reducer | None = None, padding_
     native: list[tuple[Tensor, int] | None] = [None] * len(batch.token_ids)
     native_positions = batch.pixel_values is not None and getattr(reducer, "native_positions", False)
     if batch.pixel_values is not None:
+        give_text(reducer, vlm, batch)
         with stage("vision"):
             tokens = family.visual_tokens(vlm, batch.pixel_values, batch.image_extras, reducer)
         for i, row in enumerate(batch.image_index):

@@ -11,6 +11,12 @@ list) reads the registry.
   ``+merge``, ``+native``) and the ``inverse`` baseline;
 - :mod:`.random_draw`: the ``random`` baseline;
 - :mod:`.lm_stage`: ``lm:K``, pruning inside the language model after layer K;
+- :mod:`.divprune`: ``divprune``, the most mutually different tokens (greedy max-min cosine distance);
+- :mod:`.downsample`: ``downsample``, the patch grid area-pooled to the budget (LLaVA-1.5);
+- :mod:`.fastv`: ``fastv:K``, inside the LM: the visual tokens the text after the image attends to most;
+- :mod:`.dart`: ``dart:K``, inside the LM: a few pivots and the visual tokens least duplicated with them;
+- :mod:`.visionzip`: ``visionzip``, dominant tokens by attention and contextual tokens merged from the rest;
+- :mod:`.cdpruner`: ``cdpruner`` / ``dpp``, greedy MAP of a (text-conditioned) determinantal point process;
 - :mod:`.attention`: the tower's attention as scores, from a hooked pass (CLS attention, or the
   attention received on a tower without CLS);
 - :mod:`.select`: the budget ``ceil(r N)``, :func:`~.select.choose` (what every family calls) and ``+merge``;
@@ -24,16 +30,23 @@ from __future__ import annotations
 import importlib
 
 from sentilens.errors import SentilensError
-from sentilens.mllm.pruning.lm_stage import LastTokenAttention, LmPlan, LmStage, lm_stage
+from sentilens.mllm.pruning.cdpruner import ConditionalDpp
+from sentilens.mllm.pruning.dart import PivotDuplication
+from sentilens.mllm.pruning.divprune import DiversityPrune
+from sentilens.mllm.pruning.downsample import Downsample
+from sentilens.mllm.pruning.fastv import TextAttention
+from sentilens.mllm.pruning.lm_stage import LastTokenAttention, LmPlan, LmStage, LmStrategy, lm_stage
 from sentilens.mllm.pruning.random_draw import RandomDraw, random_priorities
-from sentilens.mllm.pruning.strategy import MODIFIERS, NEEDS, Strategy
+from sentilens.mllm.pruning.strategy import MODIFIERS, NEEDS, Strategy, UnitInputs
 from sentilens.mllm.pruning.top_attention import LowestAttention, TopAttention, feature_layer_index, layer_indices
+from sentilens.mllm.pruning.visionzip import DominantAndContext
 
 _LAZY = {
     "attention": ("AttentionScorer", "attention_with_received", "encoder_layers", "has_cls_token",
                   "received_attention", "received_attention_only", "received_by_route", "scoring_route"),
     "filters": ("TiledTokenFilter",),
-    "select": ("FlatUnits", "Selection", "choose", "keep_count", "merge_context", "reduce_image", "top_patches"),
+    "select": ("FlatUnits", "Selection", "choose", "gather_rows", "keep_count", "merge_context", "reduce_image",
+               "top_patches"),
 }
 """Names of the torch modules, imported on first use, so the registry (CLI help) loads without torch."""
 
@@ -50,6 +63,12 @@ STRATEGIES: dict[str, type[Strategy]] = {
     RandomDraw.name: RandomDraw,
     LowestAttention.name: LowestAttention,
     LastTokenAttention.name: LastTokenAttention,
+    DiversityPrune.name: DiversityPrune,
+    Downsample.name: Downsample,
+    TextAttention.name: TextAttention,
+    PivotDuplication.name: PivotDuplication,
+    DominantAndContext.name: DominantAndContext,
+    ConditionalDpp.name: ConditionalDpp,
 }
 """Strategy name -> class; a strategy's text is one of its ``forms``, optionally ``+modifier``."""
 
@@ -111,7 +130,10 @@ def strategy_names(family: str | None = None) -> tuple[str, ...]:
     def works(text: str) -> bool:
         return family is None or parse_strategy(text).unsupported(family) is None
 
-    names = [form for cls in STRATEGIES.values() if works(cls.showcase[0].partition("+")[0]) for form in cls.forms]
+    def usable(cls, form: str) -> bool:  # a form with a parameter (lm:K, A:B) stands for the class's showcase
+        return works(form if cls.parse_head(form) is not None else cls.showcase[0].partition("+")[0])
+
+    names = [form for cls in STRATEGIES.values() for form in cls.forms if usable(cls, form)]
     names += [f"+{modifier}" for modifier in MODIFIERS
               if any(works(f"{cls.showcase[0].partition('+')[0]}+{modifier}")
                      for cls in STRATEGIES.values() if modifier in cls.modifiers)]
@@ -123,12 +145,12 @@ def showcase_strategies() -> tuple[str, ...]:
     return tuple(form for cls in STRATEGIES.values() for form in cls.showcase)
 
 
-__all__ = ["DEFAULT_STRATEGY", "MODIFIERS", "NEEDS", "STRATEGIES", "AttentionScorer", "FlatUnits", "LastTokenAttention",
-           "LmPlan", "LmStage", "LowestAttention", "lm_stage",
-           "RandomDraw", "Selection", "Strategy", "TiledTokenFilter", "TopAttention",
-           "attention_with_received", "choose", "encoder_layers", "feature_layer_index", "has_cls_token",
-           "keep_count", "layer_indices", "merge_context", "parse_strategy", "random_priorities",
-           "reducer_for",
-           "received_attention", "received_attention_only", "received_by_route", "reduce_image", "scoring_route",
+__all__ = ["DEFAULT_STRATEGY", "MODIFIERS", "NEEDS", "STRATEGIES", "AttentionScorer", "ConditionalDpp",
+           "DiversityPrune", "DominantAndContext", "Downsample", "FlatUnits", "LastTokenAttention", "LmPlan",
+           "LmStage", "LmStrategy", "LowestAttention", "PivotDuplication", "RandomDraw", "Selection", "Strategy",
+           "TextAttention", "TiledTokenFilter", "TopAttention", "UnitInputs", "attention_with_received", "choose",
+           "encoder_layers", "feature_layer_index", "gather_rows", "has_cls_token", "keep_count", "layer_indices",
+           "lm_stage", "merge_context", "parse_strategy", "random_priorities", "received_attention",
+           "received_attention_only", "received_by_route", "reduce_image", "reducer_for", "scoring_route",
            "showcase_strategies", "strategy_grammar", "strategy_help", "strategy_legend", "strategy_names",
            "top_patches"]

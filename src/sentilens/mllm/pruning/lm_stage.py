@@ -6,6 +6,11 @@ averaged over heads, computed from that layer's own rotated queries and keys (on
 post: no attention map is formed); the ``ceil(r N)`` best of each post's ``N`` visual tokens stay
 for layers ``K+1..L`` and the others leave the sequence there.
 
+Every LM-stage strategy extends :class:`LmStrategy` (written ``NAME:K``): it gives layer ``K``'s prompt
+positions priorities (:meth:`LmStrategy.lm_priorities`, from that layer's queries, keys and values) and
+this module does the rest; :func:`attention_rows` is the attention of a few query rows, which
+``lm:K`` and ``fastv`` read.
+
 How a token leaves. The decoder layers run under :func:`lm_stage` as their attention function: layer
 ``K`` scores, and from layer ``K+1`` on the dropped tokens' key columns are masked out of every
 query row (the prompt, the answers label scoring appends, each generated token), which is the same
@@ -28,22 +33,18 @@ from sentilens.mllm.pruning.strategy import Strategy
 if TYPE_CHECKING:
     import torch
 
-LM_FORM = re.compile(r"^lm:(\d+)$")
-
 LM_STAGE_ATTENTION = "sentilens_lm_stage"
 """The attention implementation a language model runs under while an LM-stage plan is active."""
 
 
-class LastTokenAttention(Strategy):
-    """``lm:K``: the visual tokens the last text token attends to most at LM layer ``K``."""
+class LmStrategy(Strategy):
+    """The base of the LM-stage strategies: written ``NAME:K`` (or ``NAME`` for its ``default_layer``), it gives
+    each prompt position a priority at layer ``K`` (:meth:`lm_priorities`); each post keeps its ``ceil(r N)``
+    visual tokens of highest priority for the layers after ``K``."""
 
-    name = "lm"
-    forms = ("lm:K",)
-    summary = ("lm:K (inside the language model: the visual tokens the prompt's last token attends to most at "
-               "LM layer K stay for the layers after it)")
     stage = "lm"
-    needs: ClassVar[frozenset[str]] = frozenset({"text_tokens"})
-    showcase = ("lm:0",)
+    default_layer: ClassVar[int | None] = None
+    """The layer ``K`` of the bare name; None: ``K`` must be written."""
 
     def __init__(self, head: str, modifier: str = "", lm_layer: int = 0):
         super().__init__(head, modifier)
@@ -52,8 +53,53 @@ class LastTokenAttention(Strategy):
 
     @classmethod
     def parse_head(cls, head: str) -> dict | None:
-        found = LM_FORM.match(head)
-        return None if found is None else {"lm_layer": int(found.group(1))}
+        found = re.match(rf"^{re.escape(cls.name)}(?::(\d+))?$", head)
+        if found is None or (found.group(1) is None and cls.default_layer is None):
+            return None
+        return {"lm_layer": cls.default_layer if found.group(1) is None else int(found.group(1))}
+
+    def lm_priorities(self, plan: LmPlan, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                      scaling: float) -> torch.Tensor:
+        """``(B, width)`` float priorities of the prompt's positions (only the visual ones are read) from layer
+        ``K``'s rotated ``query`` ``(B, H, Q, D)``, ``key`` and ``value`` ``(B, H_kv, Kv, D)``."""
+        raise NotImplementedError
+
+
+def repeated_keys(plan: LmPlan, key: torch.Tensor, heads: int) -> torch.Tensor:
+    """The prompt's keys, float32, one per query head ``(B, H, width, D)`` (grouped-query heads repeated)."""
+    return key[:, :, :plan.prompt_mask.shape[1]].repeat_interleave(heads // key.shape[1], dim=1).float()
+
+
+def attention_rows(plan: LmPlan, query: torch.Tensor, key: torch.Tensor, scaling: float,
+                   rows: torch.Tensor) -> torch.Tensor:
+    """``(B, H, R, width)`` causal softmax attention of the query positions ``rows`` ``(B, R)`` of each post over
+    the prompt (padding and later positions masked), from layer ``K``'s rotated queries and keys: ``R`` rows
+    per post, no ``width x width`` map."""
+    import torch
+
+    batch, heads = query.shape[:2]
+    width = plan.prompt_mask.shape[1]
+    device = query.device
+    rows = rows.to(device)
+    picked = query[torch.arange(batch, device=device)[:, None], :, rows].transpose(1, 2).float()  # (B, H, R, D)
+    logits = torch.einsum("bhrd,bhkd->bhrk", picked, repeated_keys(plan, key, heads)) * scaling
+    positions = torch.arange(width, device=device)
+    allowed = plan.prompt_mask.to(device)[:, None, :] & (positions[None, None, :] <= rows[:, :, None])
+    return logits.masked_fill(~allowed[:, None], float("-inf")).softmax(dim=-1)
+
+
+class LastTokenAttention(LmStrategy):
+    """``lm:K``: the visual tokens the last text token attends to most at LM layer ``K``."""
+
+    name = "lm"
+    forms = ("lm:K",)
+    summary = ("lm:K (inside the language model: the visual tokens the prompt's last token attends to most at "
+               "LM layer K stay for the layers after it)")
+    needs: ClassVar[frozenset[str]] = frozenset({"text_tokens"})
+    showcase = ("lm:0",)
+
+    def lm_priorities(self, plan, query, key, value, scaling):
+        return attention_rows(plan, query, key, scaling, plan.query_index[:, None]).mean(dim=1)[:, 0]
 
 
 class LmStage:
@@ -63,7 +109,7 @@ class LmStage:
     stage = "lm"
     native_positions = False
 
-    def __init__(self, strategy: LastTokenAttention, keep_ratio: float, num_layers: int, image_token_id: int):
+    def __init__(self, strategy: LmStrategy, keep_ratio: float, num_layers: int, image_token_id: int):
         from sentilens.mllm.pruning.select import keep_count
 
         keep_count(1, keep_ratio)
@@ -102,20 +148,13 @@ class LmPlan:
         self.keep: torch.Tensor | None = None
         self.seen: dict[int, list[int]] = {}
 
-    def choose(self, query: torch.Tensor, key: torch.Tensor, scaling: float) -> None:
-        """Layer ``K``'s choice from its rotated ``query`` ``(B, H, Q, D)`` and ``key`` ``(B, H_kv, Kv, D)``."""
-        import torch
-
+    def choose(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float) -> None:
+        """Layer ``K``'s choice from its rotated ``query`` ``(B, H, Q, D)``, ``key`` and ``value``
+        ``(B, H_kv, Kv, D)``: each post's ``budget`` visual tokens of highest strategy priority."""
         from sentilens.mllm.pruning.select import top_patches
 
-        batch, heads, _, _ = query.shape
-        width = self.prompt_mask.shape[1]
-        keys = key[:, :, :width].repeat_interleave(heads // key.shape[1], dim=1).float()
-        last = query[torch.arange(batch, device=query.device), :, self.query_index.to(query.device)].float()
-        logits = torch.einsum("bhd,bhkd->bhk", last, keys) * scaling
-        positions = torch.arange(width, device=query.device)
-        allowed = self.prompt_mask.to(query.device) & (positions[None, :] <= self.query_index[:, None].to(query.device))
-        weights = logits.masked_fill(~allowed[:, None, :], float("-inf")).softmax(dim=-1).mean(dim=1)
+        batch = query.shape[0]
+        weights = self.stage.strategy.lm_priorities(self, query, key, value, scaling).float()
         keep = ~self.visual.clone()
         for row in range(batch):
             visual_at = self.visual[row].nonzero().flatten()
@@ -173,7 +212,7 @@ def _lm_stage_attention(module, query, key, value, attention_mask, scaling=None,
     layer = module.layer_idx
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
     if layer == plan.layer and plan.keep is None:
-        plan.choose(query, key, scale)
+        plan.choose(query, key, value, scale)
     if layer > plan.layer and plan.keep is not None:
         attention_mask = plan.mask(attention_mask, query, key)
     if query.shape[2] > 1:  # a pass over the prompt (the prefill, or label scoring's one pass)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import zlib
 from typing import TYPE_CHECKING, ClassVar
 
-from sentilens.mllm.pruning.strategy import Strategy
+from sentilens.mllm.pruning.strategy import Strategy, UnitInputs
 
 if TYPE_CHECKING:
     import torch
@@ -40,5 +40,5 @@ class RandomDraw(Strategy):
     modifiers = ("native",)
     showcase = ("random", "random+native")
 
-    def unit_scores(self, pixels: torch.Tensor, count: int) -> torch.Tensor:
-        return random_priorities(pixels[None], count)[0]
+    def unit_scores(self, units: UnitInputs) -> torch.Tensor:
+        return random_priorities(units.pixels[None], units.count)[0]

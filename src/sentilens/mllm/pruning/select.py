@@ -59,6 +59,10 @@ class Selection:
     tokens: torch.Tensor | None = None
     """The reduced visual features sent on (``(k, D)``; with ``+merge`` the contextual tokens follow the kept
     ones), for the families that select features; None where the family gathers them from ``kept``."""
+    groups: torch.Tensor | None = None
+    """``(N,)`` long, for a strategy that merges the dropped units into kept ones (``visionzip``): the unit whose
+    token each unit is averaged into (itself for a kept unit that merges), -1 for the others; None: no merging.
+    :func:`gather_rows` applies it."""
 
 
 class Units(Protocol):
@@ -82,9 +86,33 @@ class FlatUnits:
         return top_patches(priorities, budget)
 
 
-def choose(units: Units, scores: torch.Tensor, k: int, strategy) -> Selection:
-    """The ``k`` tokens ``strategy`` keeps among ``units`` scored ``scores``, under the units' budget rule."""
-    return Selection(kept=units.pick(strategy.ranking(scores), k), scores=scores)
+def choose(units: Units, scores: torch.Tensor, k: int, strategy, features: torch.Tensor | None = None) -> Selection:
+    """The ``k`` tokens ``strategy`` keeps among ``units`` scored ``scores``, under the units' budget rule;
+    ``features`` ``(N, D)``: the units' rows, for a strategy that merges by them (:attr:`Selection.groups`)."""
+    selection = Selection(kept=units.pick(strategy.priorities(scores, k), k), scores=scores)
+    if strategy.merges_rest and k < units.size:
+        if features is None:
+            raise RuntimeError(f"strategy '{strategy}' merges by the units' rows and was given none")
+        selection.groups = strategy.merge_groups(scores, k, features)
+    return selection
+
+
+def gather_rows(rows: torch.Tensor, selection: Selection) -> torch.Tensor:
+    """The kept units' ``rows`` (``(N, ...)``, e.g. Qwen's ``(N, 4, Dv)`` blocks): ``rows[kept]``, each merging
+    unit's row replaced by the mean of its group's rows (:attr:`Selection.groups`)."""
+    kept = selection.kept.to(rows.device)
+    if selection.groups is None:
+        return rows[kept]
+    groups = selection.groups.to(rows.device)
+    members = groups >= 0
+    sums = torch.zeros_like(rows, dtype=torch.float32)
+    sums.index_add_(0, groups[members], rows[members].float())
+    sizes = torch.bincount(groups[members], minlength=rows.shape[0]).to(torch.float32)
+    out = rows[kept].clone()
+    merged = sizes[kept] > 0
+    shape = (-1,) + (1,) * (rows.ndim - 1)
+    out[merged] = (sums[kept][merged] / sizes[kept][merged].view(shape)).to(rows.dtype)
+    return out
 
 
 def merge_context(features: torch.Tensor, keys: torch.Tensor, dominant: torch.Tensor, count: int) -> torch.Tensor:
@@ -114,8 +142,8 @@ def reduce_image(features: torch.Tensor, scores: torch.Tensor, keep_ratio: float
     ``strategy`` (with ``+merge``, dominant tokens then contextual ones from ``keys``)."""
     total = keep_count(features.shape[0], keep_ratio)
     n_context = total // CONTEXT_SHARE if strategy.merges and total < features.shape[0] else 0
-    selection = choose(FlatUnits(features.shape[0]), scores, total - n_context, strategy)
-    reduced = features[selection.kept]
+    selection = choose(FlatUnits(features.shape[0]), scores, total - n_context, strategy, features)
+    reduced = gather_rows(features, selection)
     if n_context:
         reduced = torch.cat([reduced, merge_context(features, keys, selection.kept, n_context)])
     selection.tokens = reduced

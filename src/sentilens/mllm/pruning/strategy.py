@@ -10,12 +10,13 @@ It declares
 - which families it works for: :meth:`Strategy.unsupported` gives the one-line reason otherwise;
 
 and gives the families what they choose by: :meth:`Strategy.unit_scores` (its own scores where it
-does not read attention) and :meth:`Strategy.ranking` (the order tokens are kept in). The families
-call :func:`sentilens.mllm.pruning.select.choose` with those.
+does not read attention, from one image's :class:`UnitInputs`) and :meth:`Strategy.ranking` (the order
+tokens are kept in). The families call :func:`sentilens.mllm.pruning.select.choose` with those.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
 from sentilens.errors import SentilensError
@@ -26,7 +27,8 @@ if TYPE_CHECKING:
 NEEDS: dict[str, str] = {
     "attention": "the vision tower's attention: CLS attention where the tower has a CLS token, else the attention "
                  "each patch receives",
-    "features": "the visual features and the feature layer's keys",
+    "features": "the visual features (the rows the family sends to its projector; for +merge also the feature "
+                "layer's keys)",
     "pixels": "the image's pixels",
     "text_tokens": "the post's text tokens",
 }
@@ -51,6 +53,27 @@ MODIFIER_REFUSALS: dict[str, dict[str, str]] = {
 }
 """Why a family refuses a modifier, where there is more to say than that it does."""
 
+@dataclass
+class UnitInputs:
+    """What a family gives a strategy that reads no attention about one image's units (:meth:`Strategy.unit_scores`)."""
+
+    pixels: torch.Tensor
+    """The image's pixel values (its tiles, for a tiled family): what ``random`` seeds its draw by."""
+    count: int
+    """How many units the image has (the ``N`` of ``ceil(r N)``)."""
+    budget: int
+    """How many tokens will be kept (``ceil(r N)``)."""
+    features: torch.Tensor | None = None
+    """``(count, D)``: each unit's row as the family sends it to its projector (LLaVA's feature-layer state, Qwen's
+    2 x 2 block and SmolVLM's pixel-shuffle block concatenated); None where the family has not computed them."""
+    candidates: torch.Tensor | None = None
+    """``(count,)`` bool: the units a strategy may choose by their features (LLaVA-NeXT's newline slots are not:
+    its budget rule keeps them with their rows); None: every unit."""
+    relevance: torch.Tensor | None = None
+    """``(count,)`` each unit's relevance to the post's text in ``[0, 1]``, for a strategy that needs
+    ``text_tokens`` at the vision stage (``cdpruner``); None where it is not computed."""
+
+
 class Strategy:
     """One parsed strategy (subclasses set the class attributes and :meth:`parse_head`)."""
 
@@ -68,6 +91,10 @@ class Strategy:
     """The forms the full demo's sweep shows."""
     families: ClassVar[tuple[str, ...] | None] = None
     """The families it works for; None: every family."""
+    pools: ClassVar[bool] = False
+    """Whether it makes new tokens from the grid (``downsample``) instead of choosing among the units."""
+    merges_rest: ClassVar[bool] = False
+    """Whether some kept units carry the mean of dropped ones (``visionzip``: :meth:`merge_groups`)."""
 
     def __init__(self, head: str, modifier: str = "", layers: str = "all"):
         self.head = head
@@ -130,11 +157,19 @@ class Strategy:
             raise SentilensError(f"strategy '{self}': {reason}")
 
     # --- what the families choose by ---------------------------------------------------------------
-    def unit_scores(self, pixels: torch.Tensor, count: int) -> torch.Tensor:
-        """``(count,)`` scores of one image's units for a strategy that reads no attention (``pixels``: that
-        image's pixel values)."""
+    def unit_scores(self, units: UnitInputs) -> torch.Tensor:
+        """``(units.count,)`` scores of one image's units for a strategy that reads no attention (higher: kept
+        first)."""
         raise NotImplementedError(f"strategy '{self}' scores tokens by the tower's attention")
 
     def ranking(self, scores: torch.Tensor) -> torch.Tensor:
         """The priorities tokens are kept by (highest first) given their ``scores``: the scores themselves."""
         return scores
+
+    def priorities(self, scores: torch.Tensor, budget: int) -> torch.Tensor:
+        """The priorities for a budget of ``budget`` tokens: :meth:`ranking` unless the choice depends on it."""
+        return self.ranking(scores)
+
+    def merge_groups(self, scores: torch.Tensor, budget: int, features: torch.Tensor) -> torch.Tensor:
+        """``(N,)`` the unit each unit's row is averaged into, -1 for none (:attr:`merges_rest` strategies)."""
+        raise NotImplementedError(f"strategy '{self}' merges no units")

@@ -77,6 +77,7 @@ class LlavaFamily(ModelFamily):
         from sentilens.data.images import load_image
 
         batch = inputs.make_batch(builder, [post]).to(model.lm_head.weight.device)
+        inputs.give_text(reducer, model, batch)
         with torch.no_grad(), reducer.capture():
             features = vision.encode_images(model, batch.pixel_values)
         reducer(features, batch.pixel_values)

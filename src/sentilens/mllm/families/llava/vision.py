@@ -8,6 +8,7 @@ multimodal projector (:func:`visual_tokens`).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 
@@ -17,9 +18,10 @@ from torch import Tensor, nn
 from sentilens.errors import SentilensError
 from sentilens.mllm.inputs import Reducer
 from sentilens.mllm.pruning.attention import AttentionScorer, encoder_layers
+from sentilens.mllm.pruning.downsample import area_pool
 from sentilens.mllm.pruning.filters import parsed
 from sentilens.mllm.pruning.select import Selection, keep_count, reduce_image
-from sentilens.mllm.pruning.strategy import Strategy
+from sentilens.mllm.pruning.strategy import Strategy, UnitInputs
 from sentilens.mllm.pruning.top_attention import feature_layer_index, layer_indices
 
 
@@ -78,6 +80,11 @@ class TokenFilter:
         self.last: list[Selection] = []
         self.native_positions = self.strategy.native_positions
         """Whether :func:`sentilens.mllm.inputs.build_inputs` gives the kept tokens their r = 1 positions."""
+        self.texts: dict[int, torch.Tensor] | None = None
+        """Each image's prompt text after it, as token ids (:func:`sentilens.mllm.inputs.give_text`), for a strategy
+        that reads it (``cdpruner``)."""
+        self.text_space: tuple[nn.Module, nn.Module] | None = None
+        """(projector, the language model's input embeddings): where the relevance to the text is measured."""
 
     @contextmanager
     def capture(self) -> Iterator[TokenFilter]:
@@ -88,8 +95,19 @@ class TokenFilter:
     @torch.no_grad()
     def __call__(self, features: torch.Tensor, pixel_values: torch.Tensor) -> list[torch.Tensor]:
         strategy = self.strategy
+        if strategy.pools:
+            side = math.isqrt(features.shape[1])
+            if side * side != features.shape[1]:
+                raise SentilensError(f"strategy '{strategy}' pools a square patch grid; this tower gives "
+                                     f"{features.shape[1]} patches")
+            budget = keep_count(features.shape[1], self.keep_ratio)
+            self.last = [area_pool(image, budget, side, side) for image in features]
+            return [selection.tokens for selection in self.last]
         if not strategy.scored:
-            self.last = [reduce_image(features[i], strategy.unit_scores(pixel_values[i], features.shape[1])
+            count = features.shape[1]
+            budget = keep_count(count, self.keep_ratio)
+            self.last = [reduce_image(features[i], strategy.unit_scores(UnitInputs(
+                pixel_values[i], count, budget, features[i], relevance=self.relevance(i, features[i], budget)))
                                       .to(features.device), self.keep_ratio, strategy)
                          for i in range(features.shape[0])]
             return [selection.tokens for selection in self.last]
@@ -112,9 +130,27 @@ class TokenFilter:
         ]
         return [selection.tokens for selection in self.last]
 
+    def relevance(self, row: int, features: torch.Tensor, budget: int) -> torch.Tensor | None:
+        """``(N,)`` relevance of image ``row``'s patches to its prompt text (:func:`text_relevance`: the projected
+        patches against the text's input embeddings) where the strategy reads the text and chooses; else None."""
+        if "text_tokens" not in self.strategy.needs or budget >= features.shape[0]:
+            return None
+        if self.text_space is None or self.texts is None or row not in self.texts:
+            raise RuntimeError(f"strategy '{self.strategy}' chose before it was given the prompt's text")
+        from sentilens.mllm.pruning.cdpruner import text_relevance
+
+        projector, embeddings = self.text_space
+        ids = self.texts[row]
+        if not ids.numel():  # nothing after the image to be relevant to: every patch alike
+            return torch.zeros(features.shape[0])
+        projected = projector(features.to(projector.linear_1.weight.dtype))
+        return text_relevance(projected, embeddings(ids.to(embeddings.weight.device))).cpu()
+
 
 def make_reducer(llava: nn.Module, keep_ratio: float, strategy: Strategy | str = "all") -> TokenFilter:
     """The filter for a ``LlavaForConditionalGeneration``."""
     strategy = parsed(strategy)
     strategy.check("llava")
-    return TokenFilter(llava.model.vision_tower, keep_ratio, strategy, llava.config.vision_feature_layer)
+    reducer = TokenFilter(llava.model.vision_tower, keep_ratio, strategy, llava.config.vision_feature_layer)
+    reducer.text_space = (llava.model.multi_modal_projector, llava.get_input_embeddings())
+    return reducer

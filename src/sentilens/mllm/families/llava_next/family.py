@@ -111,7 +111,7 @@ class LlavaNextFamily(LlavaFamily):
             slots = layouts
         else:
             real = [pixels[:n] for pixels, n in zip(pixel_values, counts, strict=True)]
-            kept = reducer.choose(layouts, counts, real)  # positions in each layout
+            kept = reducer.choose(layouts, counts, real, per_image)  # positions in each layout
             slots = [layout[positions] for layout, positions in zip(layouts, kept, strict=True)]
         projector = self.projector(model)
         newline = model.model.image_newline

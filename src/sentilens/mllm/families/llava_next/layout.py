@@ -10,6 +10,7 @@ from torch import Tensor
 from sentilens.mllm.pruning import (
     Strategy,
     TiledTokenFilter,
+    UnitInputs,
     choose,
     encoder_layers,
     keep_count,
@@ -97,12 +98,20 @@ class AnyResTokenFilter(TiledTokenFilter):
         self.tile_patches = (tower.config.image_size // tower.config.patch_size) ** 2
 
     @torch.no_grad()
-    def choose(self, layouts: list[Tensor], tiles: list[int], pixels: list[Tensor]) -> list[Tensor]:
+    def choose(self, layouts: list[Tensor], tiles: list[int], pixels: list[Tensor],
+               features: list[Tensor] | None = None) -> list[Tensor]:
         """Kept slots of each image (sorted): ``layouts`` from :meth:`LlavaNextFamily.layout`, ``tiles`` the tile
-        counts, ``pixels`` each image's real tiles (seeds of the ``random`` baseline)."""
+        counts, ``pixels`` each image's real tiles (seeds of the ``random`` baseline), ``features`` each image's
+        ``(tiles, g^2, Dv)`` feature-layer states (for a strategy that chooses by them)."""
         if not self.strategy.scored:
-            tile_scores = [self.strategy.unit_scores(p, len(layout))
-                           for p, layout in zip(pixels, layouts, strict=True)]
+            tile_scores = []
+            for i, (p, layout) in enumerate(zip(pixels, layouts, strict=True)):
+                rows = None
+                if features is not None:  # a slot's row: its patch's state; a newline slot is no candidate
+                    flat = features[i].reshape(-1, features[i].shape[-1])
+                    rows = flat[layout.clamp(min=0).to(flat.device)]
+                tile_scores.append(self.strategy.unit_scores(UnitInputs(
+                    p, len(layout), keep_count(len(layout), self.keep_ratio), rows, candidates=layout != NEWLINE)))
         else:
             per_tile = torch.split(self.tile_scores(), tiles)
             tile_scores = []

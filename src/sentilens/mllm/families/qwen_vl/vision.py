@@ -18,7 +18,9 @@ from sentilens.mllm.pruning import (
     FlatUnits,
     Selection,
     Strategy,
+    UnitInputs,
     choose,
+    gather_rows,
     keep_count,
     layer_indices,
     parse_strategy,
@@ -234,11 +236,13 @@ class QwenTokenFilter:
         starts = [0, *torch.tensor(images.patch_counts()).cumsum(0).tolist()]
         for i, blocks in enumerate(tower.blocks):
             n = blocks.shape[0]
-            if self.scorer is None:
-                scores = self.strategy.unit_scores(images.pixel_values[starts[i]:starts[i + 1]], n)
+            if self.scorer is None:  # a unit's row is the merger's input: its 2 x 2 block, concatenated
+                scores = self.strategy.unit_scores(UnitInputs(images.pixel_values[starts[i]:starts[i + 1]], n,
+                                                              keep_count(n, self.keep_ratio), blocks.reshape(n, -1)))
             else:
                 scores = self.scorer.scores[i].float().cpu()
-            self.last.append(choose(FlatUnits(n), scores, keep_count(n, self.keep_ratio), self.strategy))
+            self.last.append(choose(FlatUnits(n), scores, keep_count(n, self.keep_ratio), self.strategy,
+                                    blocks.reshape(n, -1)))
         return [k.kept for k in self.last]
 
 
@@ -279,12 +283,16 @@ def visual_tokens(model, images: QwenImages, token_filter: QwenTokenFilter | Non
     tower = encode_images(model, images, scorer)
     kept = (token_filter.select(images, tower) if token_filter is not None
             else [torch.arange(b.shape[0]) for b in tower.blocks])
-    device = tower.blocks[0].device if tower.blocks else visual.device
-    rows = [k.to(device) for k in kept]
-    main = project(visual.merger, torch.cat([b[r] for b, r in zip(tower.blocks, rows, strict=True)]))
-    sizes = [r.numel() for r in rows]
+
+    def kept_rows(blocks: list[Tensor]) -> Tensor:  # each image's kept blocks (a merging strategy's means)
+        if token_filter is None:
+            return torch.cat(blocks)
+        return torch.cat([gather_rows(b, selection) for b, selection in zip(blocks, token_filter.last, strict=True)])
+
+    main = project(visual.merger, kept_rows(tower.blocks))
+    sizes = [k.numel() for k in kept]
     deep_levels = [
-        torch.split(project(merger, torch.cat([b[r] for b, r in zip(level, rows, strict=True)])), sizes)
+        torch.split(project(merger, kept_rows(level)), sizes)
         for merger, level in zip(getattr(visual, "deepstack_merger_list", []), tower.deepstack, strict=False)]
     out = []
     for i, (embeds, grid) in enumerate(zip(torch.split(main, sizes), tower.grids, strict=True)):

@@ -16,6 +16,7 @@ from sentilens.mllm.families.smolvlm.processor import PAD, TEXT, SmolProcessor
 from sentilens.mllm.families.smolvlm.tiny import build_tiny
 from sentilens.mllm.pruning import (
     encoder_layers,
+    gather_rows,
     keep_count,
     layer_indices,
     parse_strategy,
@@ -174,12 +175,14 @@ class SmolVLMFamily(ModelFamily):
             kept = [torch.arange(n * per_tile) for n in counts]
         else:
             real = [pixels[:n] for pixels, n in zip(pixel_values, counts, strict=True)]
-            kept = reducer.choose(counts, real, self.shuffle_groups(model))
+            unit_rows = [rows.reshape(-1, rows.shape[-1]) for rows in per_image]
+            kept = reducer.choose(counts, real, self.shuffle_groups(model), unit_rows)
         out = []
         for i, (rows, chosen) in enumerate(zip(per_image, kept, strict=True)):
             flat = rows.reshape(-1, rows.shape[-1])
             projection = connector.modality_projection
-            features = projection(flat[chosen.to(flat.device)].to(projection.proj.weight.dtype))
+            picked = flat if reducer is None else gather_rows(flat, reducer.last[i])
+            features = projection(picked.to(projection.proj.weight.dtype))
             tile_counts = torch.bincount(chosen.cpu() // per_tile, minlength=rows.shape[0])
             tile = extras["span_tile"][i].cpu()
             ids = extras["span_ids"][i].cpu()[tile != PAD]

@@ -11,6 +11,7 @@ from sentilens.mllm.pruning import (
     FlatUnits,
     Strategy,
     TiledTokenFilter,
+    UnitInputs,
     choose,
     encoder_layers,
     keep_count,
@@ -42,20 +43,24 @@ class ShuffleTokenFilter(TiledTokenFilter):
         super().__init__(tower, keep_ratio, strategy, layer_indices(strategy.layers, len(encoder_layers(tower)), -1))
 
     @torch.no_grad()
-    def choose(self, tiles: list[int], pixels: list[Tensor], groups: Tensor) -> list[Tensor]:
+    def choose(self, tiles: list[int], pixels: list[Tensor], groups: Tensor,
+               features: list[Tensor] | None = None) -> list[Tensor]:
         """Kept token indices of each image (over its tiles, in order): ``tiles`` the tile counts, ``pixels``
-        each image's real tiles (seeds of ``random``), ``groups`` the patches of each token of a tile."""
+        each image's real tiles (seeds of ``random``), ``groups`` the patches of each token of a tile,
+        ``features`` each image's ``(tokens, s^2 Dv)`` pixel-shuffled rows (for a strategy that chooses by them)."""
         per_tile = groups.shape[0]
         if not self.strategy.scored:
-            token_scores = [self.strategy.unit_scores(p, n * per_tile) for p, n in zip(pixels, tiles, strict=True)]
+            token_scores = [self.strategy.unit_scores(UnitInputs(
+                p, n * per_tile, keep_count(n * per_tile, self.keep_ratio), None if features is None else features[i]))
+                for i, (p, n) in enumerate(zip(pixels, tiles, strict=True))]
         else:
             patch_scores = self.tile_scores()  # (all tiles, patches)
             block = patch_scores[:, groups].mean(dim=-1)  # (all tiles, tokens per tile)
             token_scores = [t.reshape(-1) for t in torch.split(block, tiles)]
         self.last, kept = [], []
-        for scores in token_scores:
+        for i, scores in enumerate(token_scores):
             selection = choose(FlatUnits(scores.numel()), scores, keep_count(scores.numel(), self.keep_ratio),
-                               self.strategy)
+                               self.strategy, None if features is None else features[i])
             kept.append(selection.kept)
             self.last.append(selection)
         return kept

@@ -1,0 +1,137 @@
+"""``cdpruner`` and ``dpp``: the visual tokens of a (conditional) determinantal point process, by greedy MAP.
+
+The paper followed: Zhang et al., "Beyond Attention or Similarity: Maximizing Conditional Diversity for
+Token Pruning in MLLMs" (CDPruner, 2025). The kept set ``S`` of ``k`` visual tokens maximises
+``det(L_S)`` for the conditional kernel
+
+    L_ij = q_i S_ij q_j,    S_ij = cos(x_i, x_j),    q_i = exp(alpha r_i),
+
+``S`` the tokens' similarity (diversity), ``r_i`` each token's relevance to the post's text, so a set
+scores high when its tokens are both relevant and unlike each other. The MAP set is found greedily
+(each step the token of largest gain ``log det(L_{S + j}) - log det(L_S)``) with the incremental
+Cholesky updates of Chen, Zhang and Zhou, "Fast Greedy MAP Inference for Determinantal Point Process
+to Improve Recommendation Diversity" (NeurIPS 2018): with ``d_j^2`` the gain of ``j`` and ``c_j`` its
+Cholesky row, choosing ``j*`` updates every ``e_j = (L_{j* j} - <c_j*, c_j>) / d_j*``, ``c_j += [e_j]``,
+``d_j^2 -= e_j^2``: ``O(N k)`` per step for the kernel row and ``O(N k^2)`` in all, no ``N x N`` matrix.
+
+``dpp`` is the same with ``q = 1`` (relevance-free diversity): the sweep compares it with ``cdpruner`` on
+the user's own data, which is how the relevance below is to be judged.
+
+What the paper leaves open (or sets for towers with a text encoder), and the choice made:
+
+- **Relevance.** CDPruner uses CLIP's text tower; LLaVA-style checkpoints carry none. Here ``r_i`` is the
+  mean cosine between the token as the language model receives it (the projector's output) and the
+  language model's input embeddings of the prompt's text after the image (the post's text and the
+  question: what the model is asked about the image), min-max normalised over the image's tokens to
+  ``[0, 1]`` (CDPruner normalises its relevance the same way).
+- **alpha** ``= theta / (2 (1 - theta))`` with ``theta = 0.5`` (:data:`THETA`): Chen et al.'s relevance /
+  diversity trade-off, an even one; ``q`` then ranges over ``[1, e^0.5]``.
+- **Similarity** ``S``: the cosine of the rows the family sends to its projector (as ``divprune``);
+  a zero row is normalised with an epsilon.
+- **Exactly k.** Greedy MAP stops when no gain is left (duplicates); the budget is the number of tokens,
+  so the remaining picks take the largest remaining gain (0 for duplicates), the earliest on ties, never a
+  chosen token twice.
+- ``cdpruner`` runs on LLaVA-1.5, whose filter is given the prompt's text and projects the tokens it
+  scores; the other families refuse it (:data:`REFUSALS`) and take ``dpp``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from sentilens.mllm.pruning.divprune import order_priorities
+from sentilens.mllm.pruning.strategy import Strategy, UnitInputs
+
+if TYPE_CHECKING:
+    import torch
+
+THETA = 0.5
+"""The relevance / diversity trade-off: ``alpha = theta / (2 (1 - theta))``."""
+
+REFUSALS = "its filter is not given the prompt's text nor projects the tokens it scores; use 'dpp'"
+"""Why the families other than LLaVA-1.5 refuse ``cdpruner``."""
+
+
+def greedy_map(features: torch.Tensor, quality: torch.Tensor, k: int) -> torch.Tensor:
+    """The first ``k`` tokens of the greedy MAP order of ``L = diag(q) S diag(q)`` (``S``: cosine of ``features``
+    ``(N, D)``, ``q``: ``quality`` ``(N,)``), by the incremental Cholesky updates of the module docstring."""
+    import torch
+    from torch import nn
+
+    n = features.shape[0]
+    k = min(k, n)
+    unit = nn.functional.normalize(features.detach().float(), dim=-1)
+    q = quality.detach().float().to(unit.device)
+    rows = torch.zeros(k, n, dtype=torch.float32, device=unit.device)  # the Cholesky rows c_j, one per step
+    gain = q * q  # d_j^2 = L_jj for the empty set (S_jj = 1)
+    chosen = torch.zeros(n, dtype=torch.bool, device=unit.device)
+    order = torch.empty(k, dtype=torch.long, device=unit.device)
+    for step in range(k):
+        pick = torch.argmax(gain.masked_fill(chosen, float("-inf")))
+        order[step] = pick
+        chosen[pick] = True
+        if step == k - 1:
+            break
+        kernel_row = q[pick] * q * (unit @ unit[pick])  # L_{pick, j}
+        scale = gain[pick].clamp(min=0).sqrt()
+        update = kernel_row - rows[:step, pick] @ rows[:step]
+        update = torch.where(scale > 1e-12, update / scale.clamp(min=1e-12), torch.zeros_like(update))
+        rows[step] = update
+        gain = gain - update * update
+    return order.cpu()
+
+
+def text_relevance(projected: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+    """``(N,)`` relevance in ``[0, 1]``: each projected token's mean cosine with the ``(T, D)`` ``text`` embeddings,
+    min-max normalised (all ``0`` when every token is equally relevant)."""
+    from torch import nn
+
+    similarity = nn.functional.normalize(projected.float(), dim=-1) @ nn.functional.normalize(text.float(), dim=-1).T
+    relevance = similarity.mean(dim=1)
+    spread = relevance.max() - relevance.min()
+    return (relevance - relevance.min()) / spread if float(spread) > 0 else relevance * 0
+
+
+class ConditionalDpp(Strategy):
+    """``cdpruner`` (relevance-conditioned) or ``dpp`` (relevance-free): greedy MAP of a DPP over the tokens."""
+
+    name = "dpp"
+    forms = ("cdpruner", "dpp")
+    summary = ("cdpruner (CDPruner: the greedy MAP set of a DPP whose kernel couples token similarity with "
+               "relevance to the post's text; LLaVA-1.5), dpp (the same without relevance)")
+    showcase = ("cdpruner", "dpp")
+
+    @property
+    def conditional(self) -> bool:
+        return self.head == "cdpruner"
+
+    @property
+    def needs(self) -> frozenset[str]:
+        return frozenset({"features", "text_tokens"}) if self.conditional else frozenset({"features"})
+
+    def unsupported(self, family: str) -> str | None:
+        from sentilens.mllm.families import TITLES
+
+        if self.conditional and family != "llava":
+            return f"'cdpruner' is not available for {TITLES.get(family, family)}: {REFUSALS}"
+        return super().unsupported(family)
+
+    def unit_scores(self, units: UnitInputs) -> torch.Tensor:
+        import torch
+
+        if units.features is None:
+            raise RuntimeError(f"strategy '{self}' was given no features to choose by")
+        if units.budget >= units.count:
+            return torch.ones(units.count)
+        candidates = (torch.arange(units.count) if units.candidates is None
+                      else units.candidates.cpu().nonzero().flatten())
+        quality = torch.ones(len(candidates))
+        if self.conditional:
+            if units.relevance is None:
+                raise RuntimeError("strategy 'cdpruner' was given no relevance to the post's text")
+            alpha = THETA / (2 * (1 - THETA))
+            quality = torch.exp(alpha * units.relevance.float().cpu()[candidates])
+        device = units.features.device
+        order = greedy_map(units.features[candidates.to(device)], quality, units.budget)
+        return order_priorities(candidates[order], units.count)
+

@@ -1,0 +1,113 @@
+"""``divprune``: the most mutually different visual tokens, by greedy max-min selection; no attention needed.
+
+The paper followed: Alvar et al., "DivPrune: Diversity-based Visual Token Pruning for Large Multimodal
+Models" (CVPR 2025). Pruning is posed as the Max-Min Diversity Problem: among the ``N`` visual tokens,
+choose the ``k`` whose smallest pairwise distance ``min_{i != j in S} d(x_i, x_j)`` is largest, with the
+cosine distance ``d(x, y) = 1 - x.y / (|x| |y|)``. It is solved greedily, as the paper's Algorithm 1:
+
+1. the first token is the one farthest from its nearest neighbour, ``argmax_i min_{j != i} d(x_i, x_j)``;
+2. then, ``k - 1`` times, the token farthest from the chosen set,
+   ``argmax_{i not in S} min_{j in S} d(x_i, x_j)``.
+
+The chosen tokens reach the language model in their original (spatial) order.
+
+What the paper leaves open, and the choice made:
+
+- **Which vectors.** The rows each family sends to its projector (LLaVA-1.5's and LLaVA-NeXT's
+  feature-layer states, Qwen-VL's 2 x 2 block and SmolVLM's pixel-shuffle block, each concatenated: the
+  merger's input), not the projected tokens DivPrune's code measures. Choosing before the projector
+  keeps divprune a vision-stage strategy like every other (only the kept rows are projected, on every
+  family), and for Qwen-VL and SmolVLM those rows are exactly the units the language model receives
+  whole. The projector maps each token on its own, so the rule is the paper's, on the projector's
+  input space.
+- **Ties** (duplicate tokens, a flat region): the earliest token (``argmax`` takes the first maximum), so
+  the choice does not depend on the batch. A chosen token is never chosen again, even when every token
+  left duplicates a chosen one.
+- **A zero row** (a blank block) has no direction: it is normalised with an epsilon, so its cosine with
+  anything is 0 (distance 1).
+- **Cost.** Step 1 needs each token's nearest neighbour: one ``N x N`` similarity, computed in blocks of
+  rows so it is never held whole; each later step one ``N``-vector of similarities to the token just
+  chosen and an elementwise minimum: ``O(N k D)`` after the first. At ``k = N`` (r = 1) nothing is
+  computed: every token is kept.
+- **Nesting.** The greedy order does not depend on ``k``: a smaller budget keeps a subset of a larger one's
+  tokens.
+- **The families' budget rules** take priorities: the ``i``-th chosen token (0-based) gets ``k - i``, every
+  other 0. Under a flat budget that keeps exactly the chosen ``k``; under LLaVA-NeXT's newline rule the
+  chosen patches are taken in greedy order (its newline slots are no candidates: they stay with their
+  rows), and a token of budget a row opening could not use goes to the next patch in reading order.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, ClassVar
+
+from sentilens.mllm.pruning.strategy import Strategy, UnitInputs
+
+if TYPE_CHECKING:
+    import torch
+
+SIMILARITY_BLOCK_ROWS = 1024
+"""Rows of the nearest-neighbour similarity computed at once (bounds its memory at ``1024 x N`` floats)."""
+
+
+def max_min_order(features: torch.Tensor, k: int) -> torch.Tensor:
+    """The first ``k`` tokens of the greedy max-min order of ``features`` ``(N, D)`` under cosine distance
+    (module docstring), as indices in the order they are chosen."""
+    import torch
+    from torch import nn
+
+    n = features.shape[0]
+    k = min(k, n)
+    if k == 0:
+        return torch.zeros(0, dtype=torch.long)
+    unit = nn.functional.normalize(features.detach().float(), dim=-1)
+    if n == 1:
+        return torch.zeros(1, dtype=torch.long)
+    nearest = torch.empty(n, dtype=torch.float32, device=unit.device)  # each token's distance to its nearest other
+    for start in range(0, n, SIMILARITY_BLOCK_ROWS):
+        rows = torch.arange(start, min(n, start + SIMILARITY_BLOCK_ROWS), device=unit.device)
+        similar = unit[rows] @ unit.T
+        similar[torch.arange(len(rows), device=unit.device), rows] = float("-inf")  # not its own neighbour
+        nearest[rows] = 1.0 - similar.max(dim=1).values
+    order = torch.empty(k, dtype=torch.long, device=unit.device)
+    order[0] = torch.argmax(nearest)
+    chosen = torch.zeros(n, dtype=torch.bool, device=unit.device)
+    chosen[order[0]] = True
+    to_set = 1.0 - unit @ unit[order[0]]  # each token's distance to its nearest chosen token
+    for step in range(1, k):
+        order[step] = torch.argmax(to_set.masked_fill(chosen, float("-inf")))
+        chosen[order[step]] = True
+        to_set = torch.minimum(to_set, 1.0 - unit @ unit[order[step]])
+    return order.cpu()
+
+
+def order_priorities(order: torch.Tensor, count: int) -> torch.Tensor:
+    """``(count,)`` priorities: the ``i``-th token of ``order`` gets ``len(order) - i``, every other 0."""
+    import torch
+
+    priorities = torch.zeros(count, dtype=torch.float32)
+    priorities[order] = torch.arange(len(order), 0, -1, dtype=torch.float32)
+    return priorities
+
+
+class DiversityPrune(Strategy):
+    """``divprune``: the ``ceil(r N)`` tokens of the greedy max-min cosine diversity order."""
+
+    name = "divprune"
+    forms = ("divprune",)
+    summary = ("divprune (DivPrune: the most mutually different tokens by greedy max-min cosine distance of the "
+               "projector's inputs; no attention)")
+    needs: ClassVar[frozenset[str]] = frozenset({"features"})
+    showcase = ("divprune",)
+
+    def unit_scores(self, units: UnitInputs) -> torch.Tensor:
+        import torch
+
+        if units.features is None:
+            raise RuntimeError(f"strategy '{self}' was given no features to choose by")
+        candidates = (torch.arange(units.count) if units.candidates is None
+                      else units.candidates.cpu().nonzero().flatten())
+        if units.budget >= units.count:
+            return torch.ones(units.count)
+        order = max_min_order(units.features[candidates.to(units.features.device)], units.budget)
+        return order_priorities(candidates[order], units.count)
