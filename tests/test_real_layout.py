@@ -82,10 +82,10 @@ def expand2square(image, colour):
 
 
 def released_prompt(processor, text: str, question: str) -> str:
-    """The prompt as the released chat template renders a system turn and a user turn of image + text."""
+    """The prompt as the released chat template renders a system turn and a user turn of the image and one
+    text: the post, then the question on the next line."""
     messages = [{"role": "system", "content": [{"type": "text", "text": LLAVA15_SYSTEM}]},
-                {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text},
-                                             {"type": "text", "text": question}]}]
+                {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": f"{text}\n{question}"}]}]
     return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
 
@@ -143,7 +143,7 @@ def test_llava15_table1_prompt_tokenizes_as_the_released_processor_does(llava, w
     assert num_image_tokens(model, processor) == 576
     builder = PromptBuilder(processor, PromptSettings(), ["positive", "neutral", "negative"], 576)
     # the released template: system text, USER: image first, each text followed by a space, ASSISTANT:
-    literal = f"{LLAVA15_SYSTEM} USER: <image>\n{TEXT} {SENTIMENT_QUESTION} ASSISTANT:"
+    literal = f"{LLAVA15_SYSTEM} USER: <image>\n{TEXT}\n{SENTIMENT_QUESTION} ASSISTANT:"
     assert released_prompt(processor, TEXT, SENTIMENT_QUESTION) == literal
     assert builder.render(TEXT, has_image=True) == literal
 
@@ -248,8 +248,6 @@ def test_qwen_family_loads_the_released_processor(name, family):
 
 
 # --- mismatches with the other released folders ----------------------------------------------------------
-@pytest.mark.xfail(strict=True, reason="prompt.py PromptBuilder.render: post text and question are two text parts; "
-                                       "templates that join parts with nothing (SmolVLM, Qwen) run them together")
 def test_smolvlm_prompt_separates_the_post_from_the_question():
     from sentilens.mllm.families import get_family
 
@@ -258,8 +256,7 @@ def test_smolvlm_prompt_separates_the_post_from_the_question():
                             family=get_family("smolvlm"))
     prompt = builder.render(TEXT, has_image=True)
     assert prompt.startswith(f"<|im_start|>System: {LLAVA15_SYSTEM}<end_of_utterance>\nUser:<image>")
-    assert prompt.endswith("<end_of_utterance>\nAssistant:")
-    assert TEXT + SENTIMENT_QUESTION not in prompt
+    assert prompt.endswith(f"User:<image>{TEXT}\n{SENTIMENT_QUESTION}<end_of_utterance>\nAssistant:")
 
 
 @pytest.mark.xfail(strict=True, reason="families: SmolVLM v1 (Idefics3ForConditionalGeneration, model_type idefics3) "
@@ -273,8 +270,6 @@ def test_smolvlm_v1_config_is_accepted():
     assert family_for_config(config, "SmolVLM-256M-Instruct").name == "smolvlm"
 
 
-@pytest.mark.xfail(strict=True, reason="prompt.py PromptBuilder.render always sends a system turn; LLaVA-NeXT-Mistral"
-                                       "'s released template raises 'Only user and assistant roles are supported!'")
 def test_llava_next_mistral_template_renders_the_prompt():
     from transformers import AutoProcessor
 
@@ -284,8 +279,11 @@ def test_llava_next_mistral_template_renders_the_prompt():
     builder = PromptBuilder(processor, PromptSettings(), ["positive", "neutral", "negative"], 2928,
                             family=get_family("llava-next"))
     prompt = builder.render(TEXT, has_image=True)
-    assert prompt.startswith("[INST] <image>\n") and prompt.endswith(" [/INST]")
-    assert TEXT in prompt and SENTIMENT_QUESTION in prompt
+    # the template takes no system turn: its text opens the user's, as Mistral's own template writes it
+    assert prompt == f"[INST] <image>\n{LLAVA15_SYSTEM}\n\n{TEXT}\n{SENTIMENT_QUESTION} [/INST]"
+    assert not builder.system_turn
+    tokenizer = processor.tokenizer
+    assert tokenizer.convert_ids_to_tokens(builder.answer_ids["negative"]) == ["▁negative", "</s>"]
 
 
 # --- Qwen-VL: the released ChatML templates ---------------------------------------------------------------
@@ -335,8 +333,6 @@ def test_qwen_prompt_has_the_released_turns_and_one_image_placeholder(name, fami
     assert builder.end_token_id == tokenizer.convert_tokens_to_ids("<|im_end|>")
 
 
-@pytest.mark.xfail(strict=True, reason="prompt.py PromptSettings.answer_prefix ' ' is LLaVA's ('ASSISTANT: label'); "
-                                       "Qwen's template answers 'label<|im_end|>' right after 'assistant\\n'")
 @pytest.mark.parametrize("name, family", QWEN)
 def test_qwen_answers_are_the_released_assistant_turn(name, family):
     from sentilens.mllm.families import get_family
@@ -355,15 +351,31 @@ def test_qwen_answers_are_the_released_assistant_turn(name, family):
         assert answer == tokenizer(words + "<|im_end|>", add_special_tokens=False)["input_ids"]
 
 
-@pytest.mark.xfail(strict=True, reason="prompt.py PromptBuilder.render: post text and question are two text parts; "
-                                       "Qwen's template joins parts with nothing, so they run together")
 def test_qwen_prompt_separates_the_post_from_the_question():
     from sentilens.mllm.families import get_family
 
     processor = ReleasedQwenProcessor(DATA / "Qwen2.5-VL-7B-Instruct")
     builder = PromptBuilder(processor, PromptSettings(), ["positive", "neutral", "negative"], 256,
                             family=get_family("qwen2.5-vl"))
-    assert TEXT + SENTIMENT_QUESTION not in builder.render(TEXT, has_image=True)
+    assert f"{TEXT}\n{SENTIMENT_QUESTION}<|im_end|>" in builder.render(TEXT, has_image=True)
+
+
+@pytest.mark.parametrize("name, family", QWEN)
+def test_a_qwen_run_saved_before_the_layout_keeps_the_prompt_it_trained_with(name, family):
+    from sentilens.mllm.config import load_run_config
+    from sentilens.mllm.families import get_family
+
+    processor = ReleasedQwenProcessor(DATA / name)
+    saved = {"family": "mllm", "base_model": name, "labels": ["informative", "not_informative"],
+             "num_image_tokens": 256, "prompt": {"task": "informative", "question": None, "label_wording": None,
+                                                 "chat_template": processor.chat_template}}
+    settings = load_run_config(saved).prompt
+    assert (settings.layout, settings.answer_prefix) == ("parts", " ")
+    builder = PromptBuilder(processor, settings, saved["labels"], 256, family=get_family(family))
+    # two text parts, which this template runs together, and ' label': what such a run was trained on
+    assert TEXT + "Is this post informative" in builder.render(TEXT, has_image=True)
+    assert processor.tokenizer.convert_ids_to_tokens(builder.answer_ids["informative"]) == ["Ġinformative",
+                                                                                             "<|im_end|>"]
 
 
 # --- the other folders' real layouts (slower: each builds and loads a checkpoint) ----------------------------

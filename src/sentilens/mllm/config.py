@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from sentilens.errors import SentilensError
 from sentilens.mllm.families import TITLES, parse_tiny
 from sentilens.mllm.model import LoraSettings, Mode
-from sentilens.mllm.prompt import PromptSettings
+from sentilens.mllm.prompt import PromptSettings, saved_prompt
 from sentilens.mllm.scoring import Decode
 
 DECODINGS: tuple[str, ...] = get_args(Decode)
@@ -57,9 +57,10 @@ class MllmRunConfig(BaseModel):
 
 
 def load_run_config(config: dict, path: Path | None = None) -> MllmRunConfig:
-    """The typed config of ``config.json``'s mapping; a problem is a one-line user error naming ``path``."""
+    """The typed config of ``config.json``'s mapping (prompt settings it predates as they were then:
+    :func:`sentilens.mllm.prompt.saved_prompt`); a problem is a one-line user error naming ``path``."""
     try:
-        return MllmRunConfig(**config)
+        return MllmRunConfig(**{**config, "prompt": saved_prompt(config.get("prompt"))})
     except ValidationError as err:
         first = err.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "config"

@@ -267,7 +267,7 @@ def train_mllm(cfg: MllmTrainConfig) -> dict:
                                                        ("chat_template", cfg.chat_template)) if v})
     image_tokens = num_image_tokens(model.vlm, model.processor)
     builder = PromptBuilder(model.processor, settings, labels, image_tokens, family=family)
-    settings = resolved_settings(settings, builder.chat_template, saved=cfg.resume)
+    settings = resolved_settings(settings, builder.chat_template, saved=cfg.resume, answer_prefix=builder.answer_prefix)
     builder = PromptBuilder(model.processor, settings, labels, image_tokens, family=family)
     run_config = MllmRunConfig(
         base_model=BASE_DIR if tiny is not None else _stored_source(cfg.base_model),
