@@ -9,32 +9,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from sentilens.cli import main
+from cli_helpers import cli, one_line_error
 from serve_helpers import train_tiny_fusion
 
 pytestmark = pytest.mark.slow  # trains a real tiny model
-
-
-def cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
-    """Run ``sentilens ARGS`` in-process through the real entry point: (exit code, stdout, stderr)."""
-    monkeypatch.setattr("sys.argv", ["sentilens", *args])
-    try:
-        main()
-        code = 0
-    except SystemExit as exit_info:
-        code = exit_info.code if isinstance(exit_info.code, int) else 1
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def one_line_error(code: int, err: str, *fragments: str) -> None:
-    """Exit 2 and one ``error:`` line holding ``fragments`` (model loading may draw its progress bar before)."""
-    assert code == 2, err
-    assert "Traceback" not in err
-    lines = [line for line in err.replace("\r", "\n").splitlines() if line.strip()]
-    assert lines[-1].startswith("error: ") and sum("error" in line.lower() for line in lines) == 1, err
-    for fragment in fragments:
-        assert fragment in lines[-1], err
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:

@@ -415,7 +415,7 @@ def test_table_csv_keeps_split_column_and_text_only_posts(tmp_path):
 
 
 def test_table_jsonl_without_split_is_split_per_class(tmp_path):
-    rows = [{"id": i, "text": f"post {i}", "label": "urgent" if i % 2 else "calm", "meta": {"k": i}}
+    rows = [{"id": str(i), "text": f"post {i}", "label": "urgent" if i % 2 else "calm", "meta": {"k": i}}
             for i in range(20)]
     lines = [json.dumps(row) for row in rows]
     lines.insert(3, "{not json")

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 pytestmark = pytest.mark.slow  # trains real models: left out of `make test-fast`, run by `make test`
 
@@ -71,17 +72,57 @@ def test_report_has_every_section_and_tables_in_range(demo):
     assert accuracy["full"] > max(accuracy["text"], accuracy["image"])
 
 
-def test_the_filter_beats_chance_because_the_tower_looks_at_the_cue(demo):
-    """The paper's finding at smoke size: CLS attention sits on the cue box, so at the smallest ratio the
-    filter keeps accuracy a random choice of as many patches loses."""
+def cue_patches(explanation, image_size: tuple[int, int], box: list[int]) -> torch.Tensor:
+    """(g, g) bool: the patches whose centre lies inside the cue box, from the box in the post's own pixels and
+    where the image lies in the tower's frame (``content``): the geometry, computed apart from sentilens."""
+    grid = explanation.kept.shape[0]
+    side = explanation.picture.shape[0]
+    x0, y0, x1, y1 = explanation.content
+    sx, sy = (x1 - x0) / image_size[0], (y1 - y0) / image_size[1]
+    centres = (torch.arange(grid, dtype=torch.float64) + 0.5) * side / grid
+    inside_x = (centres >= x0 + box[0] * sx) & (centres < x0 + box[2] * sx)
+    inside_y = (centres >= y0 + box[1] * sy) & (centres < y0 + box[3] * sy)
+    return inside_y[:, None] & inside_x[None, :]
+
+
+def test_the_filter_keeps_the_cue_because_the_tower_looks_at_it(demo):
+    """The paper's mechanism at smoke size: CLS attention sits on the cue box, so at the smallest ratio the
+    patches the filter keeps lie on the cue far more often than a random choice of as many patches does.
+
+    (Accuracy at r = 0.2, filter against random, is the paper's finding, but on the smoke set's 40 test posts
+    the two differ by a post or two either way; the committed full run holds it:
+    ``test_benchmark_results.py``.)"""
+    from PIL import Image
+
+    from sentilens.data.records import read_split
+    from sentilens.predict import load_predictor
+
     out, _ = demo
     cue = json.loads((out / "attention_on_cue.json").read_text())
     test_rows = [json.loads(line) for line in (out / "data" / "test.jsonl").read_text().splitlines()]
     assert cue["n"] == sum(row["image"] is not None for row in test_rows)
     assert cue["mass_over_area"] >= 1.5  # uniform attention gives 1
+
+    predictor = load_predictor(out / "runs" / "llava-tiny", device="cpu")
+    share = {"all": [], "random": []}
+    for post in read_split(out / "data", "test"):
+        box = (post.meta or {}).get("cue_box")
+        if post.image is None or box is None:
+            continue
+        with Image.open(post.image) as image:
+            size = image.size
+        for strategy in share:
+            shown = predictor.with_options(strategy=strategy).explain(post, 0.2)
+            on_cue = cue_patches(shown, size, box)
+            assert int(shown.kept.sum()) == 29  # ceil(0.2 * 144)
+            share[strategy].append(float((shown.kept & on_cue).sum()) / 29 / float(on_cue.double().mean()))
+    mean = {strategy: sum(values) / len(values) for strategy, values in share.items()}
+    assert len(share["all"]) == cue["n"]
+    assert mean["all"] >= 1.5 * mean["random"], mean  # kept-on-cue over the cue's share: random expects 1
+    assert 0.5 <= mean["random"] <= 1.5, mean
+
     sweep = json.loads((out / "runs" / "llava-tiny" / "sweep.json").read_text())
     accuracy = {(row["strategy"], row["ratio"]): row["accuracy"] for row in sweep["rows"]}
-    assert accuracy[("all", 0.2)] > accuracy[("random", 0.2)]
     assert accuracy[("all", 1.0)] == accuracy[("random", 1.0)]  # r = 1 keeps every patch either way
     assert all(row["ideal_speedup"] >= 1.0 for row in sweep["rows"])
     assert 0.0 < sweep["language_model_flop_share"] < 1.0  # the smoke LM is small; full: see README

@@ -55,7 +55,7 @@ def cli(monkeypatch, capsys, *args: str) -> tuple[int, str]:
 
 
 def test_cli_refuses_an_unknown_tiny_family_and_an_unsupported_checkpoint(tmp_path, monkeypatch, capsys):
-    data = small_manifest(tmp_path, n_train=4, n_val=2, n_test=4)
+    data = small_manifest(tmp_path, n_train=12, n_val=2, n_test=4)  # 12: the first posts with two labels
     code, err = cli(monkeypatch, capsys, "train", "mllm", "--data", str(data), "--out", str(tmp_path / "run"),
                     "--model", "tiny:nope", "--epochs", "1")
     assert code == 2 and "Traceback" not in err

@@ -195,7 +195,7 @@ def test_train_command_refuses_user_mistakes(manifest, tmp_path):
                                  "--model", "tiny"])
     assert isinstance(result.exception, SentilensError) and "already a run directory" in str(result.exception)
     result = runner.invoke(app, ["train", "mllm", "--out", str(tmp_path / "s"), "--model", "tiny"])
-    assert isinstance(result.exception, SentilensError) and "'data'" in str(result.exception)
+    assert isinstance(result.exception, SentilensError) and "option data: Field required" in str(result.exception)
 
 
 def test_paper_recipe_is_a_valid_config(tmp_path):

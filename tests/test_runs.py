@@ -50,12 +50,17 @@ def test_both_families_write_the_same_files(data, encoders, tmp_path):
     names = {run: sorted(p.name for p in (tmp_path / run).iterdir() if p.name != "base-model")
              for run in ("fusion", "mllm")}
     assert names["fusion"] == names["mllm"] == ["config.json", "history.json", "metrics-test.json", "metrics-val.json",
-                                                "model.safetensors", "predictions-val.jsonl"]
+                                                "model.safetensors", "plots", "predictions-val.jsonl"]
+    assert [sorted(p.name for p in (tmp_path / run / "plots").iterdir()) for run in ("fusion", "mllm")] == [
+        ["training.png"], ["training.png"]]
     for run in ("fusion", "mllm"):
         config, history = read_json(tmp_path / run / "config.json"), read_json(tmp_path / run / "history.json")
         assert config["labels"] == ["positive", "neutral", "negative"]  # the one place labels are kept
         assert [r["epoch"] for r in history] == [1, 2]
-        assert all(set(r) == {"epoch", "train_loss", "seconds", "val"} for r in history)
+        assert all(set(r) == {"epoch", "train_loss", "seconds", "val", "steps"} for r in history)
+        assert all(set(step) == {"step", "loss", "lr"} for r in history for step in r["steps"])
+        assert [step["step"] for r in history for step in r["steps"]] == list(
+            range(1, 1 + sum(len(r["steps"]) for r in history)))  # global steps, counted on across epochs
         assert set(history[0]["val"]) == {"accuracy", "weighted_f1", "macro_f1"}
         rows = [json.loads(line) for line in (tmp_path / run / "predictions-val.jsonl").read_text().splitlines()]
         assert [r["id"] for r in rows] == [p.id for p in read_split(data, "val")]

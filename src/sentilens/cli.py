@@ -6,7 +6,7 @@ Every command prints a human table by default and JSON with ``--json``. A user m
 
 from __future__ import annotations
 
-import json
+import errno
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -17,7 +17,8 @@ from rich.markup import escape
 from rich.table import Table
 
 from sentilens.errors import SentilensError
-from sentilens.mllm.pruning import strategy_help
+from sentilens.mllm.pruning import strategy_grammar, strategy_help
+from sentilens.tables import printable
 
 app = typer.Typer(help="sentilens: sentiment and informativeness of image + text posts.",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
@@ -47,30 +48,42 @@ RuntimeOpt = Annotated[str | None, typer.Option(
 
 
 def folder_path(path: Path | None) -> Path | None:
-    """An ``--out`` folder: refused in one line when it, or a folder above it, is a file (typer callback)."""
+    """An ``--out`` folder: refused in one line when it, or a folder above it, is a file, a device or another
+    non-folder, or its name is too long (typer callback)."""
     if path is not None:
+        from sentilens.outputs import file_kind, name_problem
+
+        problem = name_problem(path)
+        if problem:
+            raise SentilensError(problem, path)
         for place in (path, *path.parents):
-            if place.exists() and not place.is_dir():
-                raise SentilensError("--out must name a folder, and this is a file", place)
+            try:
+                kind = file_kind(place.stat().st_mode)
+            except OSError:
+                continue
+            if kind != "a folder":
+                raise SentilensError(f"--out must name a folder, and this is {kind or 'a file'}", place)
     return path
 
 
 def file_path(path: Path | None) -> Path | None:
-    """An output file (``--output``, explain's ``--out``): refused in one line when it is a folder, or a folder
-    above it is a file (typer callback)."""
+    """An output file (``--output``, explain's ``--out``): refused in one line when it cannot be written: a
+    folder, a named pipe or device, a folder above it that is a file, a name too long (typer callback)."""
     if path is not None:
-        if path.is_dir():
-            raise SentilensError("names a folder; give the path of a file to write", path)
-        for place in path.parents:
-            if place.exists() and not place.is_dir():
-                raise SentilensError("is a file, so it cannot hold the output", place)
+        from sentilens.outputs import path_problem
+
+        problem = path_problem(path)
+        if problem:
+            raise SentilensError(problem, path)
     return path
 
 
 def emit(obj: object, as_json: bool, title: str | None = None) -> None:
     """Print ``obj`` as JSON, or as a two-column table of its top-level scalar fields."""
     if as_json:
-        sys.stdout.write(json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+        from sentilens.jsonio import dumps
+
+        sys.stdout.write(dumps(obj, indent=2) + "\n")
         return
     if isinstance(obj, dict):
         table = Table(title=title, show_header=False)
@@ -78,7 +91,7 @@ def emit(obj: object, as_json: bool, title: str | None = None) -> None:
             if isinstance(value, float):
                 value = f"{value:.4f}"
             if not isinstance(value, (dict, list)):
-                table.add_row(str(key), str(value))
+                table.add_row(printable(key), printable(value))
         out.print(table)
     else:
         out.print(obj)
@@ -90,7 +103,8 @@ def metrics_table(metrics: dict, title: str) -> Table:
     for col in ("label", "precision", "recall", "f1", "support"):
         table.add_column(col, justify="left" if col == "label" else "right")
     for label, row in metrics["per_class"].items():
-        table.add_row(label, f"{row['precision']:.4f}", f"{row['recall']:.4f}", f"{row['f1']:.4f}", str(row["support"]))
+        table.add_row(printable(label), f"{row['precision']:.4f}", f"{row['recall']:.4f}", f"{row['f1']:.4f}",
+                      str(row["support"]))
     from sentilens.metrics import with_interval
 
     binary = (f"  F1 of {metrics['positive_label']}={metrics['binary_f1']:.4f}" if "binary_f1" in metrics else "")
@@ -126,11 +140,12 @@ def prepare_cmd(
         emit(stats, True)
         return
     for item in stats["dropped"]:
-        out.print(f"skipped {item['id']}: {item['reason']} ({item['source']})", highlight=False, soft_wrap=True)
-    table = Table(title=f"posts per split x label in {out_dir}")
+        out.print(printable(f"skipped {item['id']}: {item['reason']} ({item['source']})"), highlight=False,
+                  soft_wrap=True)
+    table = Table(title=f"posts per split x label in {printable(out_dir)}")
     table.add_column("split")
     for label in stats["labels"]:
-        table.add_column(label, justify="right")
+        table.add_column(printable(label), justify="right")
     table.add_column("total", justify="right")
     for split in SPLITS:
         counts = stats["counts"][split]
@@ -142,7 +157,7 @@ def prepare_cmd(
         reasons.add_column("reason")
         reasons.add_column("posts", justify="right")
         for reason, count in dropped.items():
-            reasons.add_row(reason, str(count))
+            reasons.add_row(printable(reason), str(count))
         out.print(reasons)
     dup = stats["source"]["duplicates"]
     out.print(f"near-duplicates: {dup['groups']} groups of {dup['posts_in_groups']} posts (same text: "
@@ -184,7 +199,7 @@ def synth_cmd(
             table.add_row(split, *(str(rows[split][col]) for col in columns))
         out.print(table)
     ceilings = source["ceilings"]
-    out.print(f"{n} posts written to {out_dir}; best accuracy by construction: text only "
+    out.print(f"{n} posts written to {printable(out_dir)}; best accuracy by construction: text only "
               f"{ceilings['text_only']:.0%}, image only {ceilings['image_only']:.0%}, both {ceilings['both']:.0%}")
 
 
@@ -421,8 +436,10 @@ def eval_cmd(run: RunOpt, data: DataOpt, split: SplitOpt = "test", keep_ratio: K
     from sentilens.runs import save_metrics
 
     check_keep_ratio(keep_ratio)
-    predictor = load_predictor(run, runtime=runtime).with_options(decode=decode)
     posts = read_split(data, split)
+    if not posts:
+        raise SentilensError(f"the {split} split is empty: nothing to evaluate", Path(data) / f"{split}.jsonl")
+    predictor = load_predictor(run, runtime=runtime).with_options(decode=decode)
     if compare_decodings:
         headline = decode or predictor.describe()["config"].get("decode")
         metrics = both_decodings(predictor, posts, keep_ratio=keep_ratio, headline=headline)
@@ -475,6 +492,10 @@ def predict_cmd(
         raise SentilensError("--input needs --output for the predictions file")
     if resume and input is None:
         raise SentilensError("--resume continues an --input/--output job")
+    if output is not None:
+        from sentilens.outputs import check_output
+
+        check_output(output, input, append=resume)  # before the model loads: an input is never overwritten
     posts = read_posts(input) if input is not None else [
         Post(id="post", text=text or "", image=str(image) if image else None)]
     predictor = load_predictor(run, runtime=runtime).with_options(decode=decode)
@@ -484,25 +505,40 @@ def predict_cmd(
     else:
         rows = []
         summary = predict_to_file(predictor, posts, output, keep_ratio, resume,
-                                  on_rows=lambda chunk: rows.extend(chunk[: 50 - len(rows)]))
+                                  on_rows=lambda chunk: rows.extend(chunk[: 50 - len(rows)]), source=input)
     if not is_main_process():
         return
     if as_json:
         emit(summary if input is not None else rows[0], True)
         return
-    table = Table(title=f"predictions of {run}" + (" (the first 50)" if len(rows) == 50 else ""))
+    table = Table(title=f"predictions of {printable(run)}" + (" (the first 50)" if len(rows) == 50 else ""))
     for col in ("id", "label", *predictor.labels, "kept tokens"):
-        table.add_column(col)
+        table.add_column(printable(col), overflow="fold")  # an id is shown whole, folded, never cut off
     for row in rows:
         probs = [f"{row['probabilities'][label]:.3f}" for label in predictor.labels]
-        table.add_row(row["id"], row["label"], *probs, "" if row["kept_tokens"] is None else str(row["kept_tokens"]))
+        table.add_row(printable(row["id"]), printable(row["label"]), *probs,
+                      "" if row["kept_tokens"] is None else str(row["kept_tokens"]))
     out.print(table)
     if input is not None:
         skipped = f", {summary['skipped']} already there" if summary["skipped"] else ""
-        out.print(f"{summary['predicted']} predictions written to {output}{skipped} ({summary['posts_per_s']} posts/s)")
+        out.print(f"{summary['predicted']} predictions written to {printable(output)}{skipped} "
+                  f"({summary['posts_per_s']} posts/s)")
 
 
-StrategyOpt = Annotated[str, typer.Option("--strategy", help=strategy_help() + " sweep takes a comma list.")]
+def strategy_option(text: str) -> str:
+    """``--strategy``: checked with the filtering strategies' own parser before any run is loaded (typer
+    callback); the parser's message about a tower's layers would speak of a tower that is not there yet."""
+    from sentilens.mllm.sweep import parse_strategies
+
+    try:
+        parse_strategies(text)
+    except SentilensError:
+        raise SentilensError(f"--strategy {text!r}: not a filtering strategy (expected {strategy_grammar()})") from None
+    return text
+
+
+StrategyOpt = Annotated[str, typer.Option("--strategy", callback=strategy_option,
+                                          help=strategy_help() + " sweep takes a comma list.")]
 
 
 @app.command("sweep")
@@ -578,15 +614,17 @@ def explain_cmd(
     text: Annotated[str, typer.Option("--text", help="Text of the post.")] = "",
     keep_ratio: Annotated[float | None, typer.Option(
         "--keep-ratio", help="Fraction of visual tokens kept, in (0, 1] (default 0.4).")] = None,
-    strategy: Annotated[str, typer.Option("--strategy", help=strategy_help())] = "all",
+    strategy: Annotated[str, typer.Option("--strategy", callback=strategy_option, help=strategy_help())] = "all",
     as_json: JsonOpt = False,
 ) -> None:
     """The paper's Figure 3: the CLS-attention heatmap of a post's image and the patches kept."""
     from sentilens.mllm.explain import explain
+    from sentilens.outputs import check_output
     from sentilens.predict import load_predictor
 
     if "," in strategy:
         raise SentilensError("--strategy takes one strategy here")
+    check_output(out_path, image)
     predictor = load_predictor(run)
     if predictor.capabilities.strategies:
         predictor = predictor.with_options(strategy=strategy)
@@ -594,8 +632,8 @@ def explain_cmd(
     if as_json:
         emit(result, True)
     else:
-        out.print(f"{result['label']}: kept {result['kept_patches']} of {result['patches']} patches "
-                  f"(r = {result['keep_ratio']:g}); heatmap written to {result['out']}")
+        out.print(f"{printable(result['label'])}: kept {result['kept_patches']} of {result['patches']} patches "
+                  f"(r = {result['keep_ratio']:g}); heatmap written to {printable(result['out'])}")
 
 
 @app.command("demo")
@@ -763,16 +801,30 @@ def main() -> None:
     try:
         app()
     except SentilensError as err:
-        Console(stderr=True).print(f"[red]error:[/red] {escape(str(err))}", highlight=False, soft_wrap=True)
+        Console(stderr=True).print(f"[red]error:[/red] {escape(printable(err))}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except (IsADirectoryError, NotADirectoryError, FileExistsError, PermissionError) as err:
-        # A file or folder of the user's in the way (or not writable): theirs to fix, so one line, no traceback.
-        where = f"{err.filename}: " if err.filename else ""
-        Console(stderr=True).print(f"[red]error:[/red] {escape(where + (err.strerror or str(err)))}", highlight=False,
-                                   soft_wrap=True)
-        sys.exit(2)
+        fail_on(err)
+    except OSError as err:
+        if err.errno not in WRITE_ERRNOS:
+            raise
+        fail_on(err)
     except KeyboardInterrupt:
         sys.exit(130)
+
+
+WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG, errno.ENAMETOOLONG)
+"""Failed writes the user's machine causes (full disk, quota, read-only file system, file-size limit, a name too
+long): theirs to fix, so one line, where a writer of a library (safetensors, a tracker) raised them as they are."""
+
+
+def fail_on(err: OSError) -> None:
+    """Print ``err`` as the one-line error and exit 2: a file or folder of the user's in the way, not writable, or
+    a full disk is theirs to fix, so one line, no traceback."""
+    where = f"{err.filename}: " if err.filename else ""
+    Console(stderr=True).print(f"[red]error:[/red] {escape(printable(where + (err.strerror or str(err))))}",
+                               highlight=False, soft_wrap=True)
+    sys.exit(2)
 
 
 if __name__ == "__main__":

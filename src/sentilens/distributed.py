@@ -65,6 +65,32 @@ def default_device() -> torch.device:
     return torch.device(f"cuda:{local_rank()}" if is_distributed() else "cuda")
 
 
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """The device a command was given (``--device``), checked: ``None`` is :func:`default_device`; otherwise
+    ``cpu``, ``cuda`` or ``cuda:N`` of a GPU this machine has, else a one-line error (exit 2), before
+    anything is loaded."""
+    from sentilens.errors import SentilensError
+
+    if device is None:
+        return default_device()
+    if isinstance(device, torch.device):
+        chosen = device
+    else:
+        try:
+            chosen = torch.device(str(device).strip())
+        except (RuntimeError, ValueError):
+            chosen = None
+        if chosen is None or chosen.type not in ("cpu", "cuda"):
+            raise SentilensError(f"--device {device!r}: not a device (cpu, cuda or cuda:N)")
+    if chosen.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SentilensError(f"--device {device}: this machine has no usable CUDA GPU (use --device cpu)")
+        if chosen.index is not None and chosen.index >= torch.cuda.device_count():
+            raise SentilensError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA GPU(s), "
+                                 f"numbered from 0")
+    return chosen
+
+
 def process_state():
     """accelerate's process state, set up for this process's device (the first call decides, for the process).
 

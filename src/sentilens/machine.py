@@ -31,3 +31,24 @@ def environment() -> dict:
         "threads": torch.get_num_threads(),
         "cpus": os.cpu_count(),
     }
+
+
+def memory_bytes() -> int:
+    """Memory a model could be built in on this machine: the physical RAM plus every CUDA device's memory.
+
+    The whole, not what is free now: a size this bound refuses can never be built here, whatever else runs,
+    and the answer does not change from one second to the next (so a run is refused or accepted the same way).
+    """
+    try:
+        ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        ram = 0
+    gpus = 0
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            gpus = sum(torch.cuda.get_device_properties(i).total_memory for i in range(torch.cuda.device_count()))
+    except Exception:  # a broken CUDA set-up: the RAM alone is the bound
+        gpus = 0
+    return ram + gpus

@@ -10,8 +10,8 @@ is: a new family registers itself in :data:`FAMILIES` and implements the protoco
 
 from __future__ import annotations
 
+import contextlib
 import importlib
-import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -21,9 +21,12 @@ from typing import TYPE_CHECKING, Protocol, runtime_checkable
 from sentilens.data.records import Post
 from sentilens.distributed import is_main_process, predict_sharded
 from sentilens.errors import SentilensError
+from sentilens.jsonio import jsonl_lines
 from sentilens.metrics import classification_metrics
+from sentilens.outputs import RowAppender, check_output
 from sentilens.progress import progress_bar
 from sentilens.runs import load_config
+from sentilens.validation import check_probabilities, parse_json
 
 if TYPE_CHECKING:
     import torch
@@ -49,6 +52,9 @@ class Prediction:
     probabilities: dict[str, float]
     kept_tokens: int | None = None
     extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        check_probabilities(self.probabilities)  # a NaN would reach the output as bare NaN (not JSON)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -238,49 +244,62 @@ def done_ids(output: Path) -> set[str]:
     if len(complete) != len(data):
         with output.open("r+b") as f:  # keep every whole row, drop the half-written one
             f.truncate(len(complete))
+    try:
+        text = complete.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise SentilensError(f"not UTF-8 text (byte {err.start} cannot be decoded); cannot resume from it",
+                             output) from None
     ids = set()
-    for line_no, line in enumerate(complete.decode("utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            ids.add(str(json.loads(line)["id"]))
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise SentilensError("not a predictions row (JSON with an 'id'); cannot resume from it",
-                                 output, line_no) from None
+    for line_no, line in jsonl_lines(text):
+        row = parse_json(line, output, line_no)
+        if not isinstance(row, dict) or not isinstance(row.get("id"), str):
+            raise SentilensError("not a predictions row (JSON with a string 'id'); cannot resume from it",
+                                 output, line_no)
+        ids.add(row["id"])
     return ids
 
 
 def predict_to_file(predictor: Predictor, posts: Sequence[Post], output: Path, keep_ratio: float | None = None,
-                    resume: bool = False, on_rows: Callable[[list[dict]], None] | None = None) -> dict:
+                    resume: bool = False, on_rows: Callable[[list[dict]], None] | None = None,
+                    source: Path | None = None) -> dict:
     """Predict ``posts`` into the JSONL ``output`` as it goes, with a progress bar (posts/s, ETA).
 
     Rows are appended and flushed every :data:`WRITE_CHUNK` posts, so an interrupted job keeps
     what it wrote; with ``resume`` the posts whose ids are already in ``output`` are skipped (else
-    ``output`` is started afresh). Under ``accelerate launch`` every chunk is sharded across the
-    processes (:func:`sentilens.distributed.predict_sharded`) and only the main process writes. ``on_rows`` sees
-    each chunk's rows. Returns the counts and the rate.
+    ``output`` is started afresh). ``output`` is locked while it is written
+    (:class:`sentilens.outputs.RowAppender`): a second job on it is refused in one line, and a failed
+    write (a full disk) keeps every complete row, for ``resume`` to continue from. ``source``, the file
+    ``posts`` were read from, must not be ``output``. Under ``accelerate launch`` every chunk is sharded
+    across the processes (:func:`sentilens.distributed.predict_sharded`) and only the main process writes.
+    ``on_rows`` sees each chunk's rows. Returns the counts and the rate.
     """
-    skip = done_ids(output) if resume else set()
-    todo = [p for p in posts if p.id not in skip]
     main = is_main_process()
     if main:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        if not resume:
-            output.write_bytes(b"")
-    started = time.perf_counter()
-    with progress_bar() as bar:
-        task = bar.add_task("predicting", total=len(todo), unit="post",
-                            status=f"{len(posts) - len(todo)} already in {output.name}" if skip else "")
-        for start in range(0, len(todo), WRITE_CHUNK):
-            chunk = todo[start:start + WRITE_CHUNK]
-            predictions = predict_sharded(lambda shard: predictor.predict(shard, keep_ratio=keep_ratio), chunk)
-            rows = [{"id": p.id, **pred.to_dict()} for p, pred in zip(chunk, predictions, strict=True)]
-            if main:
-                with output.open("a", encoding="utf-8") as f:
-                    f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
-            if on_rows is not None:
-                on_rows(rows)
-            bar.advance(task, len(chunk))
+        check_output(output, source, append=resume)
+    with RowAppender(output, fresh=not resume) if main else contextlib.nullcontext() as writer:
+        skip = done_ids(output) if resume else set()
+        todo = [p for p in posts if p.id not in skip]
+        started = time.perf_counter()
+        with progress_bar() as bar:
+            task = bar.add_task("predicting", total=len(todo), unit="post",
+                                status=f"{len(posts) - len(todo)} already in {output.name}" if skip else "")
+            for start in range(0, len(todo), WRITE_CHUNK):
+                chunk = todo[start:start + WRITE_CHUNK]
+                try:
+                    predictions = predict_sharded(lambda shard: predictor.predict(shard, keep_ratio=keep_ratio),
+                                                  chunk)
+                except SentilensError as err:  # a bad post: what was predicted before it stays, and is named
+                    kept = len(posts) - len(todo) + start
+                    if not kept or not main:
+                        raise
+                    raise SentilensError(f"{err.problem} (the {kept} predictions before it are kept in {output}: fix "
+                                         "the post and run again with --resume)", err.path, err.line) from None
+                rows = [{"id": p.id, **pred.to_dict()} for p, pred in zip(chunk, predictions, strict=True)]
+                if writer is not None:
+                    writer.write(rows)
+                if on_rows is not None:
+                    on_rows(rows)
+                bar.advance(task, len(chunk))
     seconds = time.perf_counter() - started
     return {"output": str(output), "predicted": len(todo), "skipped": len(posts) - len(todo),
             "seconds": round(seconds, 3), "posts_per_s": round(len(todo) / seconds, 2) if seconds > 0 else None}

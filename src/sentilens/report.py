@@ -22,6 +22,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from sentilens.machine import environment  # noqa: E402
 from sentilens.metrics import with_interval  # noqa: E402
 from sentilens.mllm.pruning import strategy_legend  # noqa: E402
+from sentilens.outputs import atomic_write_text, save_figure  # noqa: E402
 from sentilens.predict import describe_run  # noqa: E402
 from sentilens.runs import load_config, read_json  # noqa: E402
 from sentilens.tables import markdown_table  # noqa: E402
@@ -150,8 +151,7 @@ def plot_confusion(metrics: dict, path: Path, title: str) -> Path:
             ax.text(j, i, str(count), ha="center", va="center", color="white" if count > top / 2 else "black")
     ax.set_title(title)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
+    save_figure(fig, path, dpi=100)
     plt.close(fig)
     return path
 
@@ -241,5 +241,5 @@ def build_report(
         parts.append(heatmap_section(heatmaps, out_dir))
     parts.append(environment_section(stage_seconds, stage_record))
     path = out_dir / "report.md"
-    path.write_text("\n".join(parts), encoding="utf-8")
+    atomic_write_text(path, "\n".join(parts))
     return path

@@ -18,7 +18,6 @@ they are; :func:`upgrade_run` (``sentilens upgrade-run``) converts what resuming
 
 from __future__ import annotations
 
-import json
 import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -28,7 +27,9 @@ import torch
 from pydantic import BaseModel
 from safetensors.torch import load_file, save_file
 
+from sentilens import outputs
 from sentilens.errors import SentilensError
+from sentilens.validation import check_labels, check_weights, load_json_file, parse_json
 
 CONFIG = "config.json"
 MODEL_WEIGHTS = "model.safetensors"
@@ -40,22 +41,14 @@ RESUME_STATE = "state.json"
 
 
 def write_json(path: str | Path, obj: object) -> None:
-    """Write ``obj`` as indented UTF-8 JSON, atomically (a crash never leaves half a file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    tmp.replace(path)
+    """Write ``obj`` as indented strict UTF-8 JSON, atomically (a crash or a full disk never leaves half a file;
+    :func:`sentilens.outputs.write_json`)."""
+    outputs.write_json(path, obj)
 
 
 def read_json(path: str | Path) -> object:
-    path = Path(path)
-    if not path.is_file():
-        raise SentilensError("no such file", path)
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise SentilensError(f"not valid JSON ({err.msg})", path, err.lineno) from None
+    """A JSON file of a run (or one a command is given), strictly: :func:`sentilens.validation.load_json_file`."""
+    return load_json_file(path)
 
 
 def save_config(run_dir: str | Path, config: BaseModel) -> None:
@@ -71,8 +64,10 @@ def load_config(run_dir: str | Path) -> dict:
     if not (run_dir / CONFIG).is_file():
         raise SentilensError("not a run directory (no config.json)", run_dir)
     config = read_json(run_dir / CONFIG)
-    if not isinstance(config, dict) or "family" not in config:
-        raise SentilensError("config.json does not name a model family", run_dir / CONFIG)
+    if not isinstance(config, dict) or not isinstance(config.get("family"), str):
+        raise SentilensError("config.json does not name a model family (a string)", run_dir / CONFIG)
+    if config.get("labels"):  # an empty list is each family's own error (the earlier layout kept labels apart)
+        check_labels(config["labels"], run_dir / CONFIG)
     legacy_labels = run_dir / LEGACY_LABELS
     if legacy_labels.is_file() and read_json(legacy_labels) != config.get("labels"):
         # A run of an earlier version keeps its labels twice; when they disagree, which one the weights were
@@ -88,8 +83,15 @@ def save_weights(path: str | Path, state: dict[str, torch.Tensor], metadata: dic
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
     tmp = path.with_suffix(path.suffix + ".tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
-    tmp.replace(path)
+    try:
+        save_file(tensors, str(tmp), metadata=metadata)
+        tmp.replace(path)
+    except Exception as err:  # safetensors reports a full disk as its own error type, holding the OS error
+        tmp.unlink(missing_ok=True)
+        if isinstance(err, OSError) or "Os {" in str(err):
+            detail = err.strerror if isinstance(err, OSError) and err.strerror else str(err).splitlines()[0][:200]
+            raise SentilensError(f"cannot write ({detail}); the file is as it was", path) from None
+        raise
 
 
 def load_weights(path: str | Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
@@ -97,9 +99,11 @@ def load_weights(path: str | Path, device: str | torch.device = "cpu") -> dict[s
     if not path.is_file():
         raise SentilensError("weights file not found", path)
     try:
-        return load_file(str(path), device=str(device))
+        tensors = load_file(str(path), device=str(device))
     except Exception as err:  # safetensors raises its own error types for a bad header
         raise SentilensError(f"not a valid safetensors file ({err})", path) from None
+    check_weights(tensors, path)
+    return tensors
 
 
 def save_metrics(run_dir: str | Path, split: str, metrics: dict) -> Path:
@@ -125,12 +129,8 @@ def load_history(run_dir: str | Path) -> list[dict]:
 def save_predictions(run_dir: str | Path, split: str, ids: Sequence[str], predictions: Sequence[object]) -> Path:
     """``predictions-<split>.jsonl``: one ``{"id", "label", "probabilities", ...}`` row per post, in order."""
     path = Path(run_dir) / f"predictions-{split}.jsonl"
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        for post_id, prediction in zip(ids, predictions, strict=True):
-            f.write(json.dumps({"id": post_id, **prediction.to_dict()}, ensure_ascii=False) + "\n")
-    tmp.replace(path)
-    return path
+    return outputs.write_jsonl(path, ({"id": post_id, **prediction.to_dict()}
+                                      for post_id, prediction in zip(ids, predictions, strict=True)))
 
 
 @dataclass
@@ -236,7 +236,7 @@ def upgrade_run(run_dir: str | Path) -> list[str]:
     if legacy.is_file():
         tensors = load_weights(legacy)
         with safe_open(str(legacy), framework="pt") as f:
-            state = json.loads((f.metadata() or {}).get("state", "null"))
+            state = parse_json((f.metadata() or {}).get("state", "null"), legacy)
         if not isinstance(state, dict) or "param_groups" not in state:
             raise SentilensError("checkpoint has no training state", legacy)
         history = [{"epoch": r["epoch"], "train_loss": r["train_loss"],

@@ -22,6 +22,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 from sentilens.errors import SentilensError
+from sentilens.outputs import save_figure
 from sentilens.progress import progress_bar
 
 PLOT = Path("plots") / "training.png"
@@ -91,9 +92,11 @@ def plot_training(history: Sequence[dict], path: str | Path, title: str = "") ->
     loss_ax.legend(loc="upper right", fontsize=8)
     scored = [r for r in history if r.get("val")]
     if scored:
-        val_ax.plot([r["epoch"] for r in scored], [r["val"]["accuracy"] for r in scored], "o-", label="accuracy")
-        val_ax.plot([r["epoch"] for r in scored], [r["val"]["weighted_f1"] for r in scored], "s-",
-                    label="weighted F1")
+        # Runs upgraded from the earlier layout recorded weighted F1 only: plot the metrics a record has.
+        for key, marker, label in (("accuracy", "o-", "accuracy"), ("weighted_f1", "s-", "weighted F1")):
+            points = [(r["epoch"], r["val"][key]) for r in scored if key in r["val"]]
+            if points:
+                val_ax.plot(*zip(*points, strict=True), marker, label=label)
         val_ax.legend(loc="lower right", fontsize=8)
     else:
         val_ax.text(0.5, 0.5, "no validation split", ha="center", va="center", transform=val_ax.transAxes)
@@ -112,10 +115,7 @@ def plot_training(history: Sequence[dict], path: str | Path, title: str = "") ->
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    tmp.replace(path)
+    save_figure(fig, path, dpi=100)
     return path
 
 

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sentilens.data.labels import merge_modality_labels
-from sentilens.data.records import Dropped, Post, RawDataset
+from sentilens.data.records import Dropped, Post, RawDataset, path_escapes
 from sentilens.data.text import csv_records, read_text
 from sentilens.errors import SentilensError
 
@@ -172,6 +172,10 @@ class _Collector:
         image = self.cell(row, columns, image_column)
         if not image:
             self.dropped.append(Dropped(image_id, f"image missing: '{image_column}' is empty", where))
+            return None
+        unsafe = path_escapes(image)
+        if unsafe:  # image paths are relative to ROOT: one leading elsewhere is a tampered file's
+            self.dropped.append(Dropped(image_id, f"unsafe path: {unsafe} in '{image_column}'", where))
             return None
         post = Post(id=image_id, text=self.cell(row, columns, "tweet_text"), image=str(self.root / image),
                     label=label, meta={"tweet_id": self.cell(row, columns, "tweet_id"), **meta})

@@ -34,6 +34,7 @@ from pathlib import Path
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from sentilens.errors import SentilensError
+from sentilens.outputs import input_problem
 
 ALLOWED_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF")
 """Pillow plugins allowed to identify and decode an image; no other decoder is ever run."""
@@ -55,8 +56,8 @@ class ImageLimits:
 
 
 class ImageError(SentilensError):
-    """An image that cannot be used. ``kind``: missing, too_large, too_many_pixels, unsupported,
-    extreme_aspect_ratio or corrupt."""
+    """An image that cannot be used. ``kind``: missing, too_large, too_many_pixels, unsupported (also a folder,
+    named pipe or device given as an image), extreme_aspect_ratio or corrupt."""
 
     def __init__(self, problem: str, path: str | Path | None = None, kind: str = "corrupt"):
         super().__init__(problem, path)
@@ -78,8 +79,9 @@ def load_image(source: str | Path | bytes, limits: ImageLimits | None = None,
         size = len(source)
     else:
         path = Path(source)
-        if not path.is_file():
-            raise ImageError("image file not found", name, "missing")
+        problem = input_problem(path, "an image file", missing="image file not found")
+        if problem:  # a folder, FIFO or device is named as such (a FIFO is never opened: that would block)
+            raise ImageError(problem, name, "missing" if problem == "image file not found" else "unsupported")
         size = path.stat().st_size
     if size == 0:
         raise ImageError("empty file (0 bytes)", name, "corrupt")

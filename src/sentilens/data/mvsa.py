@@ -30,7 +30,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from sentilens.data.labels import SENTIMENT_LABELS, merge_modality_labels
-from sentilens.data.records import Dropped, Post, RawDataset
+from sentilens.data.records import Dropped, Post, RawDataset, path_escapes
 from sentilens.data.text import read_text
 from sentilens.errors import SentilensError
 
@@ -81,7 +81,7 @@ def _read_mvsa(root: Path, annotators: int) -> RawDataset:
     dropped: list[Dropped] = []
     first_line_of: dict[str, int] = {}
     first_error: tuple[int, str] | None = None
-    for line_no, line in enumerate(read_text(label_path).splitlines(), start=1):
+    for line_no, line in enumerate(read_text(label_path).split("\n"), start=1):
         fields = line.split()
         if not fields:
             continue
@@ -89,6 +89,12 @@ def _read_mvsa(root: Path, annotators: int) -> RawDataset:
             _check_header(fields, annotators, label_path, line_no)
             continue
         post_id, where = fields[0], f"{label_path}:{line_no}"
+        unsafe = path_escapes(post_id)
+        if unsafe is None and ("/" in post_id or "\\" in post_id or post_id in (".", "..")):
+            unsafe = f"'{post_id}' is not a file name in data/"
+        if unsafe:  # the id names data/ID.txt and data/ID.jpg: it must not lead anywhere else
+            dropped.append(Dropped(post_id, f"unsafe id: {unsafe}", where))
+            continue
         try:
             text_votes, image_votes = _parse_votes(fields[1:], annotators)
         except _BadRow as err:

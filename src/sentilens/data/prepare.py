@@ -25,14 +25,18 @@ import os
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 
 from sentilens.data.duplicates import group_duplicates
 from sentilens.data.images import ImageError, load_image
+from sentilens.data.labels import SENTIMENT_LABELS
 from sentilens.data.records import SPLITS, Dropped, Post, RawDataset, write_manifest
 from sentilens.data.splits import stratified_split
 from sentilens.errors import SentilensError
+from sentilens.outputs import check_output
 from sentilens.progress import progress_bar
+from sentilens.validation import clean_label, label_problem, label_skeleton
 
 READERS: dict[str, str] = {
     "mvsa-single": "sentilens.data.mvsa:read_mvsa_single",
@@ -74,15 +78,55 @@ def read_raw(fmt: str, root: str | Path, **options: object) -> RawDataset:
     return reader_of(fmt)(Path(root), **given)
 
 
+def fold_labels(raw: RawDataset) -> RawDataset:
+    """Labels as one class each: NFKC-normalised with invisible characters stripped (full-width or zero-width
+    spellings join their label); a look-alike spelling (letters of two scripts, a stray combining mark, the
+    same skeleton as a more frequent label, :mod:`sentilens.validation`) is dropped with its reason, never
+    made a class of its own. ``source.labels_folded`` lists each spelling that was folded."""
+    cleaned = [(post, clean_label(post.label or "")) for post in raw.posts]
+    kept: list[tuple[Post, str]] = []
+    dropped = list(raw.dropped)
+    for post, label in cleaned:
+        problem = label_problem(label)
+        if problem and post.label is not None:
+            dropped.append(Dropped(post.id, f"confusable label: {post.label!r} {problem}"))
+        else:
+            kept.append((post, label))
+    counts = Counter(label for _, label in kept)
+    usual: dict[str, str] = {}
+    for label, _ in sorted(counts.items(), key=lambda item: -item[1]):  # the most frequent spelling wins
+        usual.setdefault(label_skeleton(label), label)
+    posts, folded = [], {}
+    for post, label in kept:
+        winner = usual[label_skeleton(label)]
+        if post.label is not None and winner != label:
+            dropped.append(Dropped(post.id, f"confusable label: {post.label!r} looks like {winner!r}"))
+            continue
+        if post.label is not None and label != post.label:
+            folded[post.label] = label
+            post = replace(post, label=label)
+        posts.append(post)
+    if not folded and len(posts) == len(raw.posts):
+        return raw
+    present, read = {post.label for post in posts}, {label for _, label in cleaned}
+    # a label of the source's fixed list that no post uses stays; one whose every post was dropped goes
+    labels = [label for label in dict.fromkeys(clean_label(label) for label in raw.labels)
+              if label in present or (label not in read and not label_problem(label))]
+    if set(labels) <= set(SENTIMENT_LABELS):
+        labels = [label for label in SENTIMENT_LABELS if label in labels]
+    source = {**raw.source, "labels_folded": folded} if folded else raw.source
+    return replace(raw, labels=labels, posts=posts, dropped=dropped, source=source)
+
+
 def image_problem(post: Post) -> Dropped | None:
     """Open the post's image with the one loader; a :class:`Dropped` saying why if it is unusable."""
     if post.image is None:
         return None
-    if not Path(post.image).is_file():
-        return Dropped(post.id, "image missing: file not found", post.image)
     try:
         load_image(post.image)
     except ImageError as err:
+        if err.kind == "missing":
+            return Dropped(post.id, "image missing: file not found", post.image)
         return Dropped(post.id, f"image unreadable: {err.problem}", post.image)
     return None
 
@@ -128,7 +172,9 @@ def prepare(
     """
     if duplicates not in ("group", "ignore"):
         raise SentilensError(f"--duplicates must be group or ignore, got '{duplicates}'")
-    raw = read_raw(fmt, root, task=task, agreed_only=agreed_only)
+    for name in (*(f"{split}.jsonl" for split in SPLITS), "stats.json"):  # before reading: fail at once
+        check_output(Path(out_dir) / name, root)
+    raw = fold_labels(read_raw(fmt, root, task=task, agreed_only=agreed_only))
     kept, image_dropped = check_images(raw.posts, show_progress=show_progress)
     dropped = [*raw.dropped, *image_dropped]
     if not kept:

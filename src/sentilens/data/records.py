@@ -12,9 +12,12 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 
 from sentilens.errors import SentilensError
+from sentilens.jsonio import jsonl_lines
+from sentilens.outputs import input_problem, write_json, write_jsonl
+from sentilens.validation import parse_json
 
 SPLITS = ("train", "val", "test")
 
@@ -65,6 +68,19 @@ class RawDataset:
     source: dict = field(default_factory=dict)
 
 
+def path_escapes(relative: str) -> str | None:
+    """Why ``relative``, a path a data set names inside its own folder, would lead out of it (absolute, or
+    climbing with ``..``), else None. Readers drop such rows: a tampered label file must not pull files from
+    elsewhere on the machine into a manifest."""
+    if not relative:
+        return None
+    if relative.startswith(("/", "\\")) or PureWindowsPath(relative).drive or Path(relative).is_absolute():
+        return f"'{relative}' is an absolute path"
+    if ".." in PurePosixPath(relative.replace("\\", "/")).parts:
+        return f"'{relative}' climbs out of the data set's folder with '..'"
+    return None
+
+
 def post_from_row(row: object, path: Path, line: int, base: Path) -> Post:
     """Validate one JSON row; image paths are resolved against ``base``."""
     if not isinstance(row, dict):
@@ -72,6 +88,9 @@ def post_from_row(row: object, path: Path, line: int, base: Path) -> Post:
     for key in ("id", "text"):
         if key not in row:
             raise SentilensError(f"missing field '{key}'", path, line)
+    if not isinstance(row["id"], str) or not row["id"]:
+        # Coerced, null became "None" and 1 and 1.0 the same "1": a predictions file could not be matched back.
+        raise SentilensError(f"'id' must be a non-empty string, got {json.dumps(row['id'])[:40]}", path, line)
     text, image, label = row["text"], row.get("image"), row.get("label")
     if not isinstance(text, str):
         raise SentilensError("'text' must be a string", path, line)
@@ -84,24 +103,17 @@ def post_from_row(row: object, path: Path, line: int, base: Path) -> Post:
         raise SentilensError("'meta' must be an object", path, line)
     if image:
         image = str(Path(image) if Path(image).is_absolute() else (base / image))
-    return Post(id=str(row["id"]), text=text, image=image or None, label=label, meta=meta)
+    return Post(id=row["id"], text=text, image=image or None, label=label, meta=meta)
 
 
 def read_posts(path: str | Path) -> list[Post]:
     """Read a JSONL file of posts (a manifest split or a user's ``posts.jsonl``)."""
     path = Path(path)
-    if not path.is_file():
-        raise SentilensError("no such file", path)
-    posts = []
-    for line_no, line in enumerate(_jsonl_text(path).split("\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise SentilensError(f"not valid JSON ({err.msg})", path, line_no) from None
-        posts.append(post_from_row(row, path, line_no, path.parent))
-    return posts
+    problem = input_problem(path, "a JSONL file of posts")  # a FIFO would block the read, a folder fail it
+    if problem:
+        raise SentilensError(problem, path)
+    return [post_from_row(parse_json(line, path, line_no), path, line_no, path.parent)
+            for line_no, line in jsonl_lines(_jsonl_text(path))]
 
 
 def _jsonl_text(path: Path) -> str:
@@ -167,14 +179,11 @@ def write_manifest(
     Image paths are stored relative to ``out_dir`` where they lie below it, else absolute.
     """
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     labels = list(labels)
     counts = {}
     for split in SPLITS:
         posts = splits.get(split, [])
-        with (out_dir / f"{split}.jsonl").open("w", encoding="utf-8") as f:
-            for post in posts:
-                f.write(json.dumps(post.to_row(out_dir), ensure_ascii=False) + "\n")
+        write_jsonl(out_dir / f"{split}.jsonl", (post.to_row(out_dir) for post in posts))
         counts[split] = {label: sum(p.label == label for p in posts) for label in labels}
     dropped = list(dropped)
     stats = {
@@ -184,5 +193,5 @@ def write_manifest(
         "dropped": [{"id": d.id, "reason": d.reason, "source": d.source} for d in dropped],
         "source": source or {},
     }
-    (out_dir / "stats.json").write_text(json.dumps(stats, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    write_json(out_dir / "stats.json", stats)
     return stats

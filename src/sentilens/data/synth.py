@@ -72,6 +72,7 @@ from sentilens.data.labels import SENTIMENT_LABELS
 from sentilens.data.records import SPLITS, Post, write_manifest
 from sentilens.data.splits import split_sizes
 from sentilens.errors import SentilensError
+from sentilens.outputs import atomic_writer
 
 LABELS = list(SENTIMENT_LABELS)
 KINDS = ("text_only", "image_only", "sarcasm", "agree", "neutral")
@@ -455,7 +456,8 @@ def make_synthetic(out_dir: str | Path, n: int = 600, seed: int = 0, image_size:
         post_id = f"synth-{i:0{width}d}"
         image, scene, box, layout = synth_image(cell.image_sentiment, image_size, seed * 1_000_003 + i, cue_side)
         path = image_dir / f"{post_id}.png"
-        image.save(path, format="PNG", compress_level=3)
+        with atomic_writer(path, binary=True, fsync=False) as f:  # not synced: the seed rebuilds the same bytes
+            image.save(f, format="PNG", compress_level=3)
         meta = {"kind": cell.kind, "text_sentiment": cell.text_sentiment, "image_sentiment": cell.image_sentiment,
                 "scene": scene, "cue_box": box, "layout": layout}
         by_cell[cell].append(Post(post_id, synth_text(cell.text_sentiment, rng), str(path), cell.label, meta))

@@ -19,7 +19,6 @@ with no usable row is an error.
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from dataclasses import replace
 from pathlib import Path
@@ -28,6 +27,9 @@ from sentilens.data.labels import SENTIMENT_LABELS
 from sentilens.data.records import Dropped, Post, RawDataset
 from sentilens.data.text import csv_records, read_table_text
 from sentilens.errors import SentilensError
+from sentilens.jsonio import jsonl_lines
+from sentilens.outputs import input_problem
+from sentilens.validation import clean_label, parse_json
 
 REQUIRED = ("id", "text", "label")
 SPLIT_NAMES = {"train": "train", "val": "val", "dev": "val", "valid": "val", "validation": "val", "test": "test"}
@@ -40,8 +42,10 @@ class _BadRow(ValueError):
 def read_table(path: str | Path) -> RawDataset:
     """Posts of a CSV, TSV or JSONL table (see module doc)."""
     path = Path(path)
-    if not path.is_file():
-        raise SentilensError("no such file (for --format table, --root is the CSV/TSV/JSONL file)", path)
+    problem = input_problem(path, "a CSV, TSV or JSONL file",
+                            missing="no such file (for --format table, --root is the CSV/TSV/JSONL file)")
+    if problem:
+        raise SentilensError(problem, path)
     suffix = path.suffix.lower()
     if suffix in (".csv", ".tsv"):
         rows, has_split = _csv_rows(path, "\t" if suffix == ".tsv" else ",")
@@ -90,7 +94,8 @@ def read_table(path: str | Path) -> RawDataset:
 
 
 def normal(label: str) -> str:
-    return " ".join(label.split()).casefold()
+    """The spelling two labels share when they are one: NFKC, invisible characters gone, spaces and case folded."""
+    return clean_label(label).casefold()
 
 
 def reconcile_labels(posts: list[Post]) -> tuple[list[Post], dict[str, str], list[tuple[Post, str]]]:
@@ -179,13 +184,11 @@ def _csv_rows(path: Path, delimiter: str) -> tuple[list[tuple[int, dict | str]],
 
 def _jsonl_rows(path: Path) -> tuple[list[tuple[int, dict | str]], bool]:
     rows: list[tuple[int, dict | str]] = []
-    for line_no, line in enumerate(read_table_text(path).splitlines(), start=1):
-        if not line.strip():
-            continue
+    for line_no, line in jsonl_lines(read_table_text(path)):  # "\n" only: U+2028 may sit inside a row
         try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            rows.append((line_no, f"not valid JSON ({err.msg})"))
+            row = parse_json(line)
+        except SentilensError as err:
+            rows.append((line_no, err.problem))
             continue
         rows.append((line_no, row if isinstance(row, dict) else "not a JSON object"))
     has_split = any(isinstance(row, dict) and "split" in row for _, row in rows)
@@ -219,9 +222,10 @@ def _post(row: dict | str, base: Path) -> tuple[Post, str | None]:
 
 
 def _word(value: object, key: str) -> str:
-    """A string or integer cell as a stripped string ('' when absent)."""
+    """A string cell, stripped ('' when absent); a label may be an integer too. An id must be a string:
+    coerced, 1 and "1" became one id (a predictions file could not be matched back to its rows)."""
     if value is None:
         return ""
-    if isinstance(value, bool) or not isinstance(value, (str, int)):
-        raise _BadRow(f"'{key}' must be a string")
+    if isinstance(value, bool) or not isinstance(value, (str, int)) or (key == "id" and not isinstance(value, str)):
+        raise _BadRow(f"'{key}' must be a string, got {type(value).__name__} {str(value)[:40]}")
     return str(value).strip()

@@ -16,13 +16,14 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from sentilens.data.records import read_manifest
-from sentilens.distributed import default_device
+from sentilens.distributed import resolve_device
 from sentilens.errors import SentilensError
 from sentilens.fusion.cache import FeatureCache, PostFeatures, featurize
 from sentilens.fusion.config import VARIANT_DESCRIPTIONS, FusionConfig
 from sentilens.fusion.encoders import ImageEncoder, TextEncoder, build_encoders
 from sentilens.fusion.train import featurize_splits, train_fusion
 from sentilens.metrics import with_interval
+from sentilens.outputs import atomic_write_text
 from sentilens.runs import write_json
 from sentilens.tables import markdown_table
 
@@ -58,7 +59,7 @@ def ablate(config: FusionConfig, data_dir: str | Path, out_dir: str | Path, rows
         raise SentilensError(f"unknown ablation rows {unknown} (choose from {', '.join(ROWS)})")
     rows = [BASELINE, *(row for row in rows if row != BASELINE)]
     data_dir, out_dir = Path(data_dir), Path(out_dir)
-    device = device or str(default_device())
+    device = str(resolve_device(device))
     splits = read_manifest(data_dir)
     split = "test" if splits["test"] and all(p.label is not None for p in splits["test"]) else "val"
     if not splits[split]:
@@ -98,5 +99,5 @@ def ablate(config: FusionConfig, data_dir: str | Path, out_dir: str | Path, rows
                 "text_encoder": config.text_encoder, "image_encoder": config.image_encoder, "prompt": config.prompt,
                 "epochs": config.epochs, "seed": config.seed, "cache": stats.to_dict(), "variants": results}
     write_json(out_dir / "ablation.json", ablation)
-    (out_dir / "ablation.md").write_text(markdown(ablation), encoding="utf-8")
+    atomic_write_text(out_dir / "ablation.md", markdown(ablation))
     return ablation

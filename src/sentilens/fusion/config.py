@@ -15,9 +15,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from sentilens.errors import SentilensError
 from sentilens.recipes import read_recipe
+from sentilens.validation import fusion_footprint, memory_problem, pydantic_error
 
 Variant = Literal["probe", "text", "image", "concat", "attention", "full"]
 VARIANTS: tuple[str, ...] = ("probe", "text", "image", "concat", "attention", "full")
+
+MAX_WIDTH = 65536
+"""Largest feature or hidden width (the widest released encoders are 16384 wide); memory bounds it further."""
 
 VARIANT_DESCRIPTIONS = {
     "probe": "baseline: logistic regression (C chosen on val) on the frozen pooled features",
@@ -65,14 +69,14 @@ def resolve_prompt(prompt: str) -> str | None:
 class FusionConfig(BaseModel):
     """Everything a fusion run needs to be rebuilt; saved as ``config.json`` with ``family: fusion``."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     family: Literal["fusion"] = "fusion"
     variant: Variant = "full"
     text_encoder: str = EMBEDDED_TEXT
     image_encoder: str = EMBEDDED_IMAGE
     prompt: str = AUTO_PROMPT
-    max_text_tokens: int = Field(64, ge=8)
+    max_text_tokens: int = Field(64, ge=8, le=8192)
     """Tweets are short: 99 % of MVSA-Multiple / HFM posts fit in 50 / 60 MiniLM tokens."""
     image_size: int = Field(224, ge=32, le=1024)
     """Square side images are resized to; at most 1024 (4.7x the CNNs' 224): 100000 was accepted and the OOM
@@ -80,13 +84,13 @@ class FusionConfig(BaseModel):
     fine_tune_text: bool = False
     fine_tune_image: bool = False
     """Train the CNN too (the paper trains end to end); its features are then computed live, not cached."""
-    text_dim: int | None = None
-    image_dim: int | None = None
-    hidden: int = Field(256, ge=8)
+    text_dim: int | None = Field(None, ge=1, le=MAX_WIDTH)
+    image_dim: int | None = Field(None, ge=1, le=MAX_WIDTH)
+    hidden: int = Field(256, ge=8, le=MAX_WIDTH)
     """Common width of both modalities after projection; the paper only says features are aligned."""
-    capsules: int = Field(4, ge=1)
+    capsules: int = Field(4, ge=1, le=256)
     """Output capsules of the routing layer = steps of the RNN; as many as the input capsules."""
-    routing_iterations: int = Field(3, ge=1)
+    routing_iterations: int = Field(3, ge=1, le=100)
     """Routing-by-agreement iterations, 3 as in Sabour et al. (2017) whose routing the paper cites."""
     rnn: Literal["gru", "lstm"] = "gru"
     dropout: float = Field(0.5, ge=0.0, lt=1.0)
@@ -97,10 +101,10 @@ class FusionConfig(BaseModel):
     """Learning rate of the image CNN when it is fine-tuned: the usual rate for fine-tuning an ImageNet
     CNN with AdamW, between the head's 1e-3 and the LM's 2e-5 (the paper gives one rate, 1e-3, for all)."""
     weight_decay: float = Field(0.01, ge=0.0)
-    batch_size: int = Field(32, ge=1)
-    epochs: int = Field(20, ge=1)
+    batch_size: int = Field(32, ge=1, le=65536)
+    epochs: int = Field(20, ge=1, le=100_000)
     """The paper trains "100 iterations"; on frozen cached features the head converges well before."""
-    patience: int | None = Field(None, ge=1)
+    patience: int | None = Field(None, ge=1, le=100_000)
     """Early stopping: end training once validation weighted F1 has not improved for this many epochs
     (the best epoch's weights are kept either way)."""
     class_weight: Literal["none", "balanced"] = "none"
@@ -121,6 +125,19 @@ class FusionConfig(BaseModel):
             raise ValueError("the probe is a logistic regression on frozen features: it cannot fine-tune an encoder")
         return self
 
+    @model_validator(mode="after")
+    def _fits_in_memory(self) -> FusionConfig:
+        # Checked on the config alone, so a run or recipe too large for this machine is refused before any
+        # tensor is made; the encoders' widths are not known before they load (1024 stands in for them).
+        params, activations = fusion_footprint(self.hidden, self.capsules, self.text_dim or 1024,
+                                               self.image_dim or 1024, self.batch_size, self.variant == "full")
+        needed = 4 * (4 * params + activations)  # float32 weights, gradients and AdamW's two moments
+        problem = memory_problem(needed, f"training hidden {self.hidden} x capsules {self.capsules} x batch_size "
+                                         f"{self.batch_size}")
+        if problem:
+            raise ValueError(problem)
+        return self
+
     @property
     def prompt_template(self) -> str | None:
         return resolve_prompt(self.prompt)
@@ -139,13 +156,6 @@ class FusionConfig(BaseModel):
         return self.variant != "text"
 
 
-def config_error(err: ValidationError, path: Path | None = None) -> SentilensError:
-    """A one-line user error for the first problem pydantic found."""
-    first = err.errors()[0]
-    where = ".".join(str(p) for p in first["loc"]) or "config"
-    return SentilensError(f"{where}: {first['msg'].removeprefix('Value error, ')}", path)
-
-
 def load_recipe(path: str | Path) -> dict:
     """The fields of a YAML recipe (e.g. ``configs/fusion_crisismmd.yaml``), validated."""
     fields = read_recipe(path)
@@ -153,7 +163,7 @@ def load_recipe(path: str | Path) -> dict:
     try:
         FusionConfig(**fields)
     except ValidationError as err:
-        raise config_error(err, path) from None
+        raise pydantic_error(err, path) from None
     return fields
 
 
@@ -161,7 +171,7 @@ def parse_fusion_config(fields: dict, path: Path | None = None) -> FusionConfig:
     try:
         return FusionConfig(**fields)
     except ValidationError as err:
-        raise config_error(err, path) from None
+        raise pydantic_error(err, path) from None
 
 
 def recipe_config(recipe: str | Path | None, overrides: dict) -> FusionConfig:

@@ -29,6 +29,7 @@ import torch
 from PIL import Image
 
 from sentilens.data.images import load_image
+from sentilens.data.text import clip_text
 from sentilens.errors import SentilensError
 from sentilens.fusion.config import EMBEDDED_IMAGE, EMBEDDED_TEXT, PROMPTS, FusionConfig
 
@@ -260,8 +261,11 @@ class TextEncoder(torch.nn.Module):
         return [self.template.replace("{text}", t) for t in texts]
 
     def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
-        """Token ids of each prompted text, truncated to ``max_tokens``, unpadded."""
-        return self.tokenizer(self.prompts(texts), truncation=True, max_length=self.max_tokens)["input_ids"]
+        """Token ids of each prompted text, truncated to ``max_tokens``, unpadded (a long text is cut to a
+        character budget first, on the side the tokenizer truncates: :func:`sentilens.data.text.clip_text`)."""
+        keep = "end" if self.tokenizer.truncation_side == "left" else "start"
+        clipped = [clip_text(text, self.max_tokens, keep) for text in texts]
+        return self.tokenizer(self.prompts(clipped), truncation=True, max_length=self.max_tokens)["input_ids"]
 
     def pad(self, ids: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """input_ids and attention_mask (B x T, padded on the right to the longest)."""

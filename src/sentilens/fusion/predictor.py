@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from sentilens.data.records import Post
-from sentilens.distributed import default_device
+from sentilens.distributed import resolve_device
 from sentilens.errors import SentilensError
 from sentilens.fusion.cache import PostFeatures, has_text
 from sentilens.fusion.config import FusionConfig, describe_run, parse_fusion_config
@@ -119,7 +119,7 @@ class FusionPredictor:
     def from_run(cls, run_dir: str | Path, device: str | None = None, runtime: str = "auto") -> FusionPredictor:
         """The run's predictor; ``runtime`` says where the encoders run (see :meth:`use_runtime`)."""
         run_dir = Path(run_dir)
-        device = device or str(default_device())
+        device = str(resolve_device(device))
         settings = parse_fusion_config(load_config(run_dir), run_dir / CONFIG)
         if not settings.labels:
             raise SentilensError("config.json lists no labels", run_dir / CONFIG)

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from sentilens.data.records import SPLITS, Post, read_labels, read_manifest
-from sentilens.distributed import default_device
+from sentilens.distributed import resolve_device
 from sentilens.errors import SentilensError
 from sentilens.fusion.cache import CacheStats, FeatureCache, PostFeatures, featurize
 from sentilens.fusion.config import FusionConfig, parse_fusion_config
@@ -52,6 +52,7 @@ from sentilens.runs import (
     save_weights,
 )
 from sentilens.training_log import TrainingLog
+from sentilens.validation import check_training_labels
 
 Encoders = tuple[TextEncoder | None, ImageEncoder | None]
 SplitFeatures = dict[str, list[PostFeatures]]
@@ -162,13 +163,14 @@ def fit(config: FusionConfig, data_dir: str | Path, run_dir: str | Path, *, resu
     """
     started = time.perf_counter()
     data_dir, run_dir = Path(data_dir), Path(run_dir)
-    device = device or str(default_device())
+    device = str(resolve_device(device))
     splits = read_manifest(data_dir)
     labels = read_labels(data_dir)
     for split in ("train", "val"):
         _check_labelled(splits[split], split, data_dir)
     if not splits["train"]:
         raise SentilensError("the train split is empty", data_dir / "train.jsonl")
+    check_training_labels(labels, [p.label for p in splits["train"]], data_dir / "train.jsonl")
     if config.labels and config.labels != labels:
         raise SentilensError(f"this run was trained on labels {config.labels}, the data has {labels}", data_dir)
     encoders = encoders or build_encoders(config, device)

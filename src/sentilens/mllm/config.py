@@ -19,6 +19,7 @@ from sentilens.mllm.families import TITLES, parse_tiny
 from sentilens.mllm.model import LoraSettings, Mode
 from sentilens.mllm.prompt import PromptSettings, saved_prompt
 from sentilens.mllm.scoring import Decode
+from sentilens.validation import pydantic_error
 
 DECODINGS: tuple[str, ...] = get_args(Decode)
 
@@ -35,7 +36,7 @@ class EvalPrecision(BaseModel):
 class MllmRunConfig(BaseModel):
     """Everything an MLLM run needs to be rebuilt; saved as ``config.json`` with ``family: mllm``."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     family: Literal["mllm"] = "mllm"
     base_model: str = Field(description="HF id, absolute folder, or a folder inside the run (e.g. base-model)")
@@ -46,9 +47,9 @@ class MllmRunConfig(BaseModel):
     prompt: PromptSettings = Field(default_factory=PromptSettings)
     labels: list[str]
     weights: str = "model.safetensors"
-    num_image_tokens: int = Field(gt=0)
+    num_image_tokens: int = Field(gt=0, le=1 << 17)
     decode: Decode = "score"
-    predict_batch_size: int = Field(8, gt=0)
+    predict_batch_size: int = Field(8, gt=0, le=4096)
     best_epoch: int | None = None
     precision: EvalPrecision | None = Field(None, description="None (runs made before it was saved): bf16 on CUDA")
     batch: dict[str, int] | None = Field(None, description="the batch training used: global, per_device, "
@@ -62,9 +63,7 @@ def load_run_config(config: dict, path: Path | None = None) -> MllmRunConfig:
     try:
         return MllmRunConfig(**{**config, "prompt": saved_prompt(config.get("prompt"))})
     except ValidationError as err:
-        first = err.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "config"
-        raise SentilensError(f"MLLM run config: {where}: {first['msg']}", path) from None
+        raise pydantic_error(err, path, what="MLLM run config: ") from None
 
 
 def describe_run(config: dict, run_dir: Path | None = None) -> dict:

@@ -30,6 +30,7 @@ import torch
 from sentilens.data.records import Post
 from sentilens.errors import SentilensError
 from sentilens.mllm.inputs import preprocess_images
+from sentilens.outputs import save_figure
 from sentilens.predict import Explanation, Predictor, check_keep_ratio
 
 FIGURE_INCHES = (10.0, 5.0)
@@ -178,6 +179,6 @@ def draw(picture: torch.Tensor, scores: torch.Tensor, kept: torch.Tensor, score_
         axis.set_yticks([])
     fig.suptitle(title, fontsize=10)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=DPI)
+    save_figure(fig, out, dpi=DPI)
     plt.close(fig)
     return out

@@ -29,13 +29,14 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor, nn
 
 from sentilens.errors import SentilensError
 from sentilens.mllm.families import family_for_config, family_of
 from sentilens.mllm.inputs import MllmBatch, Reducer, build_inputs, language_model_hidden
 from sentilens.mllm.prompt import LLAVA15_SYSTEM, TASK_QUESTIONS
+from sentilens.validation import check_base_config
 
 Mode = Literal["full", "lora", "qlora"]
 LM_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -44,25 +45,43 @@ LM_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj"
 class LoraSettings(BaseModel):
     """LoRA on the language model's linear projections (LLaVA-1.5's LoRA recipe by default)."""
 
-    r: int = Field(128, gt=0)
-    alpha: int = Field(256, gt=0)
+    r: int = Field(128, gt=0, le=65536)
+    alpha: int = Field(256, gt=0, le=1 << 20)
     dropout: float = Field(0.05, ge=0.0, lt=1.0)
     target_modules: list[str] = Field(default_factory=lambda: list(LM_PROJECTIONS))
 
 
 class TinySpec(BaseModel):
-    """Shapes of the tiny random LLaVA (a 96-px image is 6 x 6 = 36 patches + CLS)."""
+    """Shapes of the tiny random LLaVA (a 96-px image is 6 x 6 = 36 patches + CLS).
 
-    image_size: int = 96
-    patch_size: int = 16
-    vision_hidden: int = 64
-    vision_layers: int = 3
-    vision_heads: int = 4
-    text_hidden: int = 64
-    text_layers: int = 2
-    text_heads: int = 4
-    text_kv_heads: int = 2
-    vocab_size: int = 1024
+    Bounded so that a tiny model stays tiny: the widest spec weighs about 1 GB and an image is at most
+    4,096 patches (a recipe's 100,000-px image would have written a 10 GB checkpoint)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    image_size: int = Field(96, ge=16, le=1024)
+    patch_size: int = Field(16, ge=2, le=256)
+    vision_hidden: int = Field(64, ge=8, le=1024)
+    vision_layers: int = Field(3, ge=2, le=24)
+    vision_heads: int = Field(4, ge=1, le=64)
+    text_hidden: int = Field(64, ge=8, le=2048)
+    text_layers: int = Field(2, ge=1, le=24)
+    text_heads: int = Field(4, ge=1, le=64)
+    text_kv_heads: int = Field(2, ge=1, le=64)
+    vocab_size: int = Field(1024, ge=300, le=65536)
+    """At least the byte alphabet (256) and the special tokens."""
+
+    @model_validator(mode="after")
+    def _buildable(self) -> TinySpec:
+        if self.patch_size > self.image_size or (self.image_size // self.patch_size) ** 2 > 4096:
+            raise ValueError(f"image_size {self.image_size} / patch_size {self.patch_size}: an image must be 1 to "
+                             "4096 patches")
+        for width, heads in (("vision_hidden", "vision_heads"), ("text_hidden", "text_heads")):
+            if getattr(self, width) % getattr(self, heads):
+                raise ValueError(f"{width} {getattr(self, width)} is not a multiple of {heads} {getattr(self, heads)}")
+        if self.text_heads % self.text_kv_heads:
+            raise ValueError(f"text_heads {self.text_heads} is not a multiple of text_kv_heads {self.text_kv_heads}")
+        return self
 
 
 TINY_FEATURE_LAYER = -2
@@ -158,6 +177,8 @@ def load_checkpoint(source: str | Path, dtype: torch.dtype = torch.float32, devi
     except (OSError, ValueError) as err:
         raise SentilensError(f"cannot load the model '{source}': {str(err).splitlines()[0]}") from None
     family = family_for_config(config, source)
+    check_base_config(config.to_dict(), Path(source) / "config.json" if Path(source).is_dir() else source,
+                      bytes_per_param=0.5 if four_bit else dtype.itemsize)
     kwargs: dict = {"dtype": dtype}
     if four_bit:
         kwargs.update(quantization_config=_four_bit_config(family.unquantized_modules),

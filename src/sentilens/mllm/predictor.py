@@ -23,7 +23,7 @@ import torch
 
 from sentilens.data.images import load_image
 from sentilens.data.records import Post
-from sentilens.distributed import default_device
+from sentilens.distributed import resolve_device
 from sentilens.errors import SentilensError
 from sentilens.mllm.config import MllmRunConfig, describe_run, load_run_config
 from sentilens.mllm.families import family_of
@@ -68,7 +68,7 @@ class MllmPredictor:
     def from_run(cls, run_dir: str | Path, device: str | torch.device | None = None) -> MllmPredictor:
         run_dir = Path(run_dir)
         settings = load_run_config(load_config(run_dir), run_dir / CONFIG)
-        device = torch.device(device) if device is not None else default_device()
+        device = resolve_device(device)
         precision = settings.precision
         model = prepare_model(base_source(run_dir, settings.base_model), settings.mode, settings.lora, device=device,
                               training=False, dtype=None if precision is None else getattr(torch, precision.weights))

@@ -48,7 +48,9 @@ from typing import Literal
 from pydantic import BaseModel, Field
 
 from sentilens.data.labels import SENTIMENT_LABELS
+from sentilens.data.text import clip_text
 from sentilens.errors import SentilensError
+from sentilens.validation import check_chat_template
 
 LLAVA15_SYSTEM = (
     "A chat between a curious human and an artificial intelligence assistant. "
@@ -116,7 +118,7 @@ class PromptSettings(BaseModel):
     answer_prefix: str | None = Field(None, description="text between the generation prompt and the label; None: "
                                                         "what the chat template writes there")
     end_token: str | None = Field(None, description="end-of-turn token; None = the tokenizer's eos token")
-    max_length: int = Field(2048, gt=0, description="tokens, visual tokens and answer included")
+    max_length: int = Field(2048, gt=0, le=1 << 17, description="tokens, visual tokens and answer included")
     image_aspect: Literal["pad", "crop"] = Field(
         "crop", description="pad: pad to a square with the processor's mean colour first (LLaVA-1.5); crop: the "
                             "processor's resize + centre crop. Runs made before this setting existed cropped.")
@@ -209,9 +211,19 @@ class PromptBuilder:
         self._specials = [t for t in self.tokenizer.all_special_tokens if t.startswith("<")]
         if self.image_token not in self._specials:
             self._specials.append(self.image_token)
-        self.system_turn = self._accepts_system_turn()
-        self.answer_prefix = (settings.answer_prefix if settings.answer_prefix is not None
-                              else self._template_answer_prefix())
+        self.system_turn = True
+        self.answer_prefix = settings.answer_prefix
+
+        def first_prompt() -> str:
+            # what the template does with a system turn and an assistant's answer, found by rendering it:
+            # inside the template check, so these renders run under its deadline and sandbox too
+            self.system_turn = self._accepts_system_turn()
+            if self.answer_prefix is None:
+                self.answer_prefix = self._template_answer_prefix()
+            return self.render("", has_image=True)
+
+        check_chat_template(self.chat_template, first_prompt,
+                            getattr(self.tokenizer, "name_or_path", None) or None)
         probe = self._encode(self.render("", has_image=False))
         self.answer_ids = {label: self._answer_tokens(probe, label) + [self.end_token_id] for label in self.labels}
         self.max_answer_length = max(len(ids) for ids in self.answer_ids.values())
@@ -273,6 +285,7 @@ class PromptBuilder:
     def prompt_ids(self, text: str, has_image: bool) -> list[int]:
         """Prompt token ids (one image placeholder if ``has_image``), the text truncated to fit ``max_length``."""
         budget = self.settings.max_length - self.max_answer_length - (self.num_image_tokens if has_image else 0)
+        text = clip_text(text, budget)  # before any tokenizing, whose cost grows with the whole text
         ids = self._encode(self.render(text, has_image))
         if self._length(ids, has_image) <= budget:
             return self._checked(ids, has_image)

@@ -46,6 +46,7 @@ import torch
 from sentilens.data.records import Post
 from sentilens.errors import SentilensError
 from sentilens.mllm.pruning import DEFAULT_STRATEGY, Strategy, keep_count, parse_strategy
+from sentilens.outputs import save_figure
 from sentilens.predict import Predictor, check_keep_ratio, check_labelled, prediction_metrics
 from sentilens.runs import write_json
 from sentilens.stages import record_stages
@@ -241,7 +242,7 @@ def plot_sweep(result: dict, path: Path) -> Path:
         axis.legend(fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
+    save_figure(fig, path, dpi=100)
     plt.close(fig)
     return path
 

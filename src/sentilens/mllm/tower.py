@@ -68,16 +68,17 @@ REPORT = "pretraining.json"
 class TowerRecipe(BaseModel):
     """How the tiny tower is pretrained (the cache key includes every field)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
-    images: int = Field(2000, gt=0, description="training images of the corpus")
-    held_out: int = Field(300, ge=0, description="corpus images kept out of training, for the accuracy")
-    frame_size: int = Field(128, ge=32, description="side of the generated images before preprocessing")
+    # Bounded: the corpus is drawn and held in memory whole before pretraining (1e9 images ran away).
+    images: int = Field(2000, gt=0, le=50_000, description="training images of the corpus")
+    held_out: int = Field(300, ge=0, le=10_000, description="corpus images kept out of training, for the accuracy")
+    frame_size: int = Field(128, ge=32, le=1024, description="side of the generated images before preprocessing")
     cue_side: tuple[float, float] = Field(CUE_BOX_SIDE, description="the cue box's side range, as a fraction of "
                                                                     "the frame's (the data's own: synth cue_side)")
-    epochs: int = Field(6, gt=0)
+    epochs: int = Field(6, gt=0, le=10_000)
     patch_loss_weight: float = Field(1.0, ge=0, description="weight of the per-patch cue-class term (0: CLS only)")
-    batch_size: int = Field(64, gt=0)
+    batch_size: int = Field(64, gt=0, le=4096)
     lr: float = Field(2e-3, gt=0)
     weight_decay: float = Field(0.05, ge=0)
     warmup_ratio: float = Field(0.05, ge=0, lt=1)

@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from sentilens.data.records import Post, read_labels, read_split
 from sentilens.distributed import predict_sharded, process_state
@@ -78,6 +78,7 @@ from sentilens.runs import (
     save_weights,
 )
 from sentilens.training_log import TrainingLog, check_tracker
+from sentilens.validation import check_training_labels, memory_problem, pydantic_error
 
 BASE_DIR = "base-model"
 TOWER_REPORT = "vision_pretraining.json"
@@ -86,17 +87,17 @@ TOWER_REPORT = "vision_pretraining.json"
 class MllmTrainConfig(BaseModel):
     """Everything ``sentilens train mllm`` takes (CLI options, or a YAML recipe under ``configs/``)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     data: Path
     out: Path
     base_model: str = Field(TINY, description="HF id, local folder, or 'tiny:<family>' ('tiny' = 'tiny:llava')")
     mode: Mode = "full"
     lora: LoraSettings = Field(default_factory=LoraSettings)
-    epochs: int = Field(10, gt=0)
+    epochs: int = Field(10, gt=0, le=100_000)
     lr: float | None = Field(None, gt=0, description="None: 2e-5 for full fine-tuning, 2e-4 for (Q)LoRA")
-    batch_size: int = Field(4, gt=0, description="posts per device per micro-batch")
-    global_batch_size: int = Field(16, gt=0, description="posts per optimizer step over all processes "
+    batch_size: int = Field(4, gt=0, le=4096, description="posts per device per micro-batch")
+    global_batch_size: int = Field(16, gt=0, le=1 << 20, description="posts per optimizer step over all processes "
                                    "(the paper: 16); gradient accumulation is derived from it")
     warmup_ratio: float = Field(0.03, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
@@ -110,8 +111,8 @@ class MllmTrainConfig(BaseModel):
                                                "bare question of Table 1)")
     decode: Decode = Field("score", description="how the run predicts, on val and after: score (one pass over "
                                                 "every label's answer) or generate (greedy, parsed: the paper)")
-    max_length: int = Field(2048, gt=0)
-    eval_batch_size: int = Field(8, gt=0)
+    max_length: int = Field(2048, gt=0, le=1 << 17)
+    eval_batch_size: int = Field(8, gt=0, le=4096)
     gradient_checkpointing: bool = False
     mixed_precision: Literal["auto", "no", "bf16"] = Field(
         "auto", description="bf16 autocast in training and in every evaluation (val, test, serving); auto: bf16 on "
@@ -134,6 +135,22 @@ class MllmTrainConfig(BaseModel):
     resume: bool = False
     log_with: Literal["tensorboard", "mlflow", "wandb"] | None = Field(
         None, description="also log the training curve to this tracker (sentilens.training_log)")
+
+    @model_validator(mode="after")
+    def _tiny_fits(self) -> MllmTrainConfig:
+        # --model tiny is built in this process and its tower pretrained on a corpus held whole in memory:
+        # both are sized here, before a byte is allocated (float32 weights with gradients and AdamW moments).
+        if not self.base_model.startswith("tiny"):
+            return self
+        s, t = self.tiny, self.tiny_tower
+        corpus = (t.images + t.held_out) * 3 * s.image_size ** 2
+        params = (12 * (s.vision_layers * s.vision_hidden ** 2 + s.text_layers * s.text_hidden ** 2)
+                  + 2 * s.vocab_size * s.text_hidden + (s.image_size // s.patch_size) ** 2 * s.vision_hidden)
+        problem = memory_problem(corpus + 16 * params, f"the tiny model ({params / 1e6:.0f} million parameters, a "
+                                                       f"{t.images + t.held_out}-image tower corpus)")
+        if problem:
+            raise ValueError(problem)
+        return self
 
     @property
     def learning_rate(self) -> float:
@@ -168,9 +185,7 @@ def mllm_train_config(options: dict, recipe: str | Path | None = None) -> MllmTr
     try:
         return MllmTrainConfig(**merged)
     except ValidationError as err:
-        first = err.errors()[0]
-        where = ".".join(str(x) for x in first["loc"])
-        raise SentilensError(f"option '{where}': {first['msg']}", recipe) from None
+        raise pydantic_error(err, recipe, what="option ") from None
 
 
 def accumulation_steps(global_batch_size: int, batch_size: int, world: int) -> int:
@@ -233,6 +248,7 @@ def train_mllm(cfg: MllmTrainConfig) -> dict:
     train_posts, val_posts = read_split(cfg.data, "train"), read_split(cfg.data, "val")
     _check_labelled(train_posts, cfg.data / "train.jsonl", required=True)
     _check_labelled(val_posts, cfg.data / "val.jsonl", required=False)
+    check_training_labels(labels, [p.label for p in train_posts], cfg.data / "train.jsonl")
     out = cfg.out
     _check_run_dir(out, cfg)
 

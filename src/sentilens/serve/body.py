@@ -27,6 +27,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from sentilens.serve.errors import ApiError, error_response
 from sentilens.serve.schemas import RequestModels
+from sentilens.validation import validation_problem
 
 FORM_FIELDS = ("text", "image", "keep_ratio")
 
@@ -122,14 +123,13 @@ def validated(model: type[BaseModel], data: bytes | dict) -> BaseModel:
     try:
         return model.model_validate_json(data) if isinstance(data, bytes) else model.model_validate(data)
     except ValidationError as err:
-        first = err.errors()[0]
-        loc = tuple(str(part) for part in first["loc"])
-        field = ".".join(loc) or None
-        message = first["msg"] if field is None else f"{field}: {first['msg']}"
+        field, problem, kind = validation_problem(err)
+        loc = tuple((field or "").split("."))
+        message = problem if field is None else f"{field}: {problem}"
         code = "malformed_body"
-        if first["type"] == "too_long" and loc == ("posts",):
+        if kind == "too_long" and loc == ("posts",):
             code = "batch_too_large"
-        elif first["type"] == "string_too_long" and loc[-1:] == ("text",):
+        elif kind == "string_too_long" and loc[-1:] == ("text",):
             code = "text_too_long"
         raise ApiError(422, code, message, field) from None
 

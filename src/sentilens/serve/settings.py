@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 
 from sentilens.data.images import DEFAULT_MAX_ASPECT_RATIO, DEFAULT_MAX_PIXELS, ImageLimits
 from sentilens.errors import SentilensError
+from sentilens.validation import pydantic_error, validation_problem
 
 
 class ServeSettings(BaseModel):
@@ -101,7 +102,8 @@ def make_settings(options: dict) -> ServeSettings:
     try:
         return ServeSettings(**{key: value for key, value in options.items() if value is not None})
     except ValidationError as err:
-        first = err.errors()[0]
-        option = OPTIONS.get(str(first["loc"][0]), "--" + str(first["loc"][0]).replace("_", "-")) if first["loc"] \
-            else "serve"
-        raise SentilensError(f"{option}: {first['msg']}") from None
+        field = validation_problem(err)[0]
+        head = (field or "").split(".")[0]
+        option = OPTIONS.get(head, "--" + head.replace("_", "-")) if head else "serve"
+        raise pydantic_error(err, names={head: option}) if head else SentilensError(
+            f"serve: {validation_problem(err)[1]}") from None

@@ -45,7 +45,8 @@ model already reads).
 The heatmap (``explain``) draws the crops stitched together (the image at full resolution, padded
 to a square grid); the base tile's patches are filtered too but not drawn.
 
-The package, by job: :mod:`.family` (the adapter: preprocessing, tiles, visual tokens, heatmap, the tiny
-model), :mod:`.layout` (an image's slots with its row newlines, the budget rule, the filter),
+The package, by job: :mod:`.family` (the adapter: preprocessing, tiles, visual tokens, heatmap),
+:mod:`.layout` (an image's slots with its row newlines, the budget rule, the filter), :mod:`.tiny` (the
+tiny model),
 ``template.jinja`` (LLaVA-NeXT-Mistral's chat format, which the tiny model ships).
 """

@@ -39,7 +39,7 @@ Processor: the checkpoint's tokenizer and image processor, loaded one by one (:c
 transformers' ``SmolVLMProcessor`` insists on a video processor (torchvision) and ``num2words``,
 and posts have no video.
 
-The package, by job: :mod:`.family` (the adapter: tiles, visual tokens, assembly, heatmap, the tiny
-model), :mod:`.processor` (the processor and its image layout text), :mod:`.layout` (the visual
-tokens of one image and the pixel-shuffle filter), ``template.jinja`` (SmolVLM-Instruct's chat format).
+The package, by job: :mod:`.family` (the adapter: tiles, visual tokens, assembly, heatmap),
+:mod:`.processor` (the processor and its image layout text), :mod:`.layout` (the visual tokens of one
+image and the pixel-shuffle filter), :mod:`.tiny` (the tiny model), ``template.jinja`` (SmolVLM-Instruct's chat format).
 """
