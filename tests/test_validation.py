@@ -123,7 +123,8 @@ def test_base_model_config_sizes_are_bounded(changes, fragment):
 def test_a_base_checkpoint_with_100000_layers_is_refused_before_its_weights_load(tmp_path):
     from transformers import AutoConfig
 
-    from sentilens.mllm.model import build_tiny, prepare_model
+    from sentilens.mllm.families.llava.tiny import build_tiny
+    from sentilens.mllm.model import prepare_model
 
     folder = build_tiny(tmp_path / "ckpt", corpus=["a post"])
     config = json.loads((folder / "config.json").read_text())
