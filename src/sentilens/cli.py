@@ -692,6 +692,25 @@ def upgrade_run_cmd(run: RunOpt) -> None:
               soft_wrap=True)
 
 
+@app.command("export")
+def export_cmd(
+    run: RunOpt,
+    out_dir: Annotated[Path, typer.Option("--out", help="New folder for the Hugging Face checkpoint.",
+        callback=folder_path)],
+    as_json: JsonOpt = False,
+) -> None:
+    """An MLLM run as a standard Hugging Face checkpoint: LoRA merged, the trained projector, processor, chat
+    template, and a README with the prompt it used (serving engines apply no token pruning)."""
+    from sentilens.mllm.export import export_run
+
+    result = export_run(run, out_dir)
+    if as_json:
+        emit(result, True)
+    else:
+        out.print(f"{result['model_class']} ({result['dtype']}) written to {printable(result['out'])}; its "
+                  f"README.md gives the prompt", highlight=False, soft_wrap=True)
+
+
 @app.command("serve")
 def serve_cmd(
     run: RunOpt,

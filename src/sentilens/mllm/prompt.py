@@ -230,9 +230,9 @@ class PromptBuilder:
 
     def render(self, text: str, has_image: bool) -> str:
         """The prompt string up to and including the assistant's generation prompt."""
-        return self._apply(self._messages(self._defuse(text), has_image), add_generation_prompt=True)
+        return self._apply(self.messages(self._defuse(text), has_image), add_generation_prompt=True)
 
-    def _messages(self, text: str, has_image: bool, system_turn: bool | None = None) -> list[dict]:
+    def messages(self, text: str, has_image: bool, system_turn: bool | None = None) -> list[dict]:
         """The conversation of one post: a system turn (or its text atop the user's) and the user turn."""
         system_turn = self.system_turn if system_turn is None else system_turn
         system = self.settings.system
@@ -258,9 +258,9 @@ class PromptBuilder:
         from jinja2.exceptions import TemplateError
 
         try:
-            self._apply(self._messages("", False, system_turn=True), add_generation_prompt=True)
+            self._apply(self.messages("", False, system_turn=True), add_generation_prompt=True)
         except TemplateError:
-            self._apply(self._messages("", False, system_turn=False), add_generation_prompt=True)
+            self._apply(self.messages("", False, system_turn=False), add_generation_prompt=True)
             return False
         return True
 
@@ -271,7 +271,7 @@ class PromptBuilder:
         from jinja2.exceptions import TemplateError
 
         marker = "answer"
-        messages = self._messages("", False)
+        messages = self.messages("", False)
         try:
             prompt = self._apply(messages, add_generation_prompt=True)
             turn = self._apply(messages + [{"role": "assistant", "content": [{"type": "text", "text": marker}]}],
