@@ -141,7 +141,7 @@ def prompt_record(predictor) -> dict:
     return {
         "labels": list(builder.labels),
         "model_family": builder.family.name,
-        "base_model": predictor.run_config.base_model,
+        "base_model": predictor.run_config.training.get("base_model") or predictor.run_config.base_model,
         "prompt_settings": builder.settings.model_dump(mode="json", exclude={"chat_template"}),
         "system": builder.settings.system,
         "system_turn": builder.system_turn,
@@ -157,6 +157,7 @@ def prompt_record(predictor) -> dict:
 def readme(predictor, info: dict, model_class: str, dtype: str, merged: bool, run_name: str) -> str:
     """The exported folder's README: what the model is, its prompt, how to score and serve it."""
     from sentilens.mllm.inputs import pad_colour
+    from sentilens.mllm.processor import CheckpointProcessor
 
     builder = predictor.builder
     settings = builder.settings
@@ -178,13 +179,17 @@ def readme(predictor, info: dict, model_class: str, dtype: str, merged: bool, ru
         image = "given to the image processor as it is"
     answers = "\n".join(f"| `{label}` | `{a['text']}` then `{a['end_token']}` | {len(a['token_ids'])} |"
                         for label, a in info["answers"].items())
+    shim = ""
+    if isinstance(builder.processor, CheckpointProcessor):
+        shim = ("\ntransformers' processor class of this family also needs a video processor (torchvision); "
+                "without it,\nload `AutoTokenizer` and `AutoImageProcessor` from the folder, as sentilens does.")
     lora = "LoRA adapters merged into the language model" if merged else f"{predictor.run_config.mode} fine-tuning"
     return f"""# {title} fine-tuned by sentilens for {', '.join(builder.labels)}
 
 Exported from the sentilens run `{run_name}` (`sentilens export`): base model `{info['base_model']}`
 ({title}, `{model_class}`), {lora}, the trained projector, the frozen vision tower; weights in
 `{dtype}`. A standard Hugging Face checkpoint: `AutoModelForImageTextToText.from_pretrained(folder)`
-(or `{model_class}`) loads it with the tokenizer, image processor and chat template beside it.
+(or `{model_class}`) loads it with the tokenizer, image processor and chat template beside it.{shim}
 
 ## The prompt the run used
 
@@ -194,7 +199,11 @@ with {user}. The assistant answers with the label's words and the end token.
 
 - System text: `{settings.system}`
 - Question: `{builder.question}`
-- Image: {image}; one image becomes up to {builder.num_image_tokens} visual tokens.
+- Image: {image}; one image becomes up to {builder.num_image_tokens} visual tokens, the processor widening
+  the one `{builder.image_token}` placeholder of the prompt to them.
+- The post's text: special-token strings typed in it (`{builder.image_token}`, `{builder.tokenizer.eos_token}`...) are
+  written with a space after their `<`, so a post never adds an image or ends a turn; the prompt, image
+  and answer fit in {settings.max_length} tokens, the post's text cut at a token boundary where they do not.
 
 The prompt of a post with an image, `{POST}` standing for its text (a post without an image has no
 image placeholder):
