@@ -422,24 +422,39 @@ def train_mllm_cmd(
 
 
 @app.command("eval")
-def eval_cmd(run: RunOpt, data: DataOpt, split: SplitOpt = "test", keep_ratio: KeepRatioOpt = None,
+def eval_cmd(data: DataOpt,
+             run: Annotated[Path | None, typer.Option(
+                 "--run", help="Run directory made by 'sentilens train'; with --model, the zero-shot run's folder "
+                               "(default runs/zero-shot-NAME).")] = None,
+             split: SplitOpt = "test", keep_ratio: KeepRatioOpt = None,
+             model: Annotated[str | None, typer.Option(
+                 "--model", help="Zero-shot: an instruct checkpoint (HF id or folder) never fine-tuned, scored "
+                                 "with the task's question; the result is a run folder.")] = None,
              decode: DecodeOpt = None,
              compare_decodings: Annotated[bool, typer.Option(
                  "--compare-decodings", help="MLLM runs: also predict with the other decoding and report both "
                                              "decodings' scores and how often their labels agree.")] = False,
              runtime: RuntimeOpt = None, as_json: JsonOpt = False) -> None:
-    """Evaluate a run on a split; writes RUN/metrics-SPLIT.json."""
+    """Evaluate a run (or, zero-shot, an instruct checkpoint with --model) on a split; writes RUN/metrics-SPLIT.json."""
     from sentilens.data.records import read_split
     from sentilens.distributed import is_main_process
     from sentilens.predict import check_keep_ratio, evaluate, load_predictor
     from sentilens.predict import compare_decodings as both_decodings
     from sentilens.runs import save_metrics
 
+    if run is None and model is None:
+        raise SentilensError("eval needs --run RUN (a trained run) or --model MODEL (zero-shot)")
     check_keep_ratio(keep_ratio)
     posts = read_split(data, split)
     if not posts:
         raise SentilensError(f"the {split} split is empty: nothing to evaluate", Path(data) / f"{split}.jsonl")
-    predictor = load_predictor(run, runtime=runtime).with_options(decode=decode)
+    if model is not None:
+        from sentilens.mllm.zero_shot import default_run_dir, zero_shot_predictor
+
+        run = folder_path(run or default_run_dir(model))
+        predictor = zero_shot_predictor(model, data, run).with_options(decode=decode)
+    else:
+        predictor = load_predictor(run, runtime=runtime).with_options(decode=decode)
     if compare_decodings:
         headline = decode or predictor.describe()["config"].get("decode")
         metrics = both_decodings(predictor, posts, keep_ratio=keep_ratio, headline=headline)

@@ -46,7 +46,8 @@ class MllmRunConfig(BaseModel):
     lora: LoraSettings | None = None
     prompt: PromptSettings = Field(default_factory=PromptSettings)
     labels: list[str]
-    weights: str = "model.safetensors"
+    weights: str | None = Field("model.safetensors", description="the trained tensors; None: a zero-shot run "
+                                                                "(the base checkpoint as it is)")
     num_image_tokens: int = Field(gt=0, le=1 << 17)
     decode: Decode = "score"
     predict_batch_size: int = Field(8, gt=0, le=4096)
@@ -77,7 +78,8 @@ def describe_run(config: dict, run_dir: Path | None = None) -> dict:
         "family": settings.family,
         "labels": list(settings.labels),
         "base_model": settings.base_model,
-        "description": f"{TITLES.get(model_family, 'vision-language model')} ({base}, {settings.mode} fine-tuning)",
+        "description": f"{TITLES.get(model_family, 'vision-language model')} ({base}, "
+                       f"{'zero-shot' if settings.weights is None else settings.mode + ' fine-tuning'})",
         "config": config_summary(settings.model_dump(mode="json")),
     }
 
