@@ -1,8 +1,8 @@
 """``sentilens export``: plain transformers loads the exported folder and scores the labels as the run's predictor.
 
-The reference (``mllm_helpers.plain_probabilities``) uses no sentilens code: the exported ``sentilens_prompt.json`` (the conversation and
-the answers), the folder's own chat template, tokenizer and image processor, and the model class's own
-forward on the prompt followed by each answer.
+The reference (``mllm_helpers.plain_probabilities``) uses no sentilens code: the exported
+``sentilens_prompt.json`` (the conversation and the answers), the folder's own chat template, tokenizer
+and image processor, and the model class's own forward on the prompt followed by each answer.
 """
 
 import json
