@@ -87,3 +87,27 @@ def test_eval_model_refuses_a_tiny_model_and_another_run_folder(tmp_path, data, 
     one_line_error(code, err, "already holds another run", str(other), alone=True)
     code, _, err = cli(monkeypatch, capsys, "eval", "--data", str(data))
     one_line_error(code, err, "--run", "--model", alone=True)
+
+
+def test_predict_model_labels_a_post_zero_shot_and_reuses_its_run(tmp_path, data, monkeypatch, capsys):
+    from sentilens.mllm.families import get_family
+
+    folder = get_family("llava").build_tiny(tmp_path / "checkpoint", corpus=["a post"])
+    run = tmp_path / "zero-shot"
+    image = next(p.image for p in read_split(data, "test") if p.image)
+    args = ["predict", "--model", str(folder), "--labels", "informative, not_informative", "--run", str(run),
+            "--image", image, "--text", "the bridge is closed", "--json"]
+    code, out, err = cli(monkeypatch, capsys, *args)
+    assert code == 0, err
+    first = json.loads(out)
+    assert set(first["probabilities"]) == {"informative", "not_informative"}
+    config = json.loads((run / "config.json").read_text())
+    assert config["labels"] == ["informative", "not_informative"] and config["prompt"]["task"] == "informative"
+    code, out, err = cli(monkeypatch, capsys, *args)  # the same zero-shot run, loaded back: the same answer
+    assert code == 0, err
+    assert json.loads(out)["probabilities"] == pytest.approx(first["probabilities"], abs=1e-6)
+    other = [a if a != "informative, not_informative" else "positive,negative" for a in args]
+    code, _, err = cli(monkeypatch, capsys, *other)
+    one_line_error(code, err, "for the labels", "give another --run")
+    code, _, err = cli(monkeypatch, capsys, "predict", "--model", str(folder), "--text", "hi")
+    one_line_error(code, err, "--labels", alone=True)

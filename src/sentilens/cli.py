@@ -452,7 +452,9 @@ def eval_cmd(data: DataOpt,
         from sentilens.mllm.zero_shot import default_run_dir, zero_shot_predictor
 
         run = folder_path(run or default_run_dir(model))
-        predictor = zero_shot_predictor(model, data, run).with_options(decode=decode)
+        from sentilens.data.records import read_labels
+
+        predictor = zero_shot_predictor(model, read_labels(data), run, data=data).with_options(decode=decode)
     else:
         predictor = load_predictor(run, runtime=runtime).with_options(decode=decode)
     if compare_decodings:
@@ -480,7 +482,15 @@ def eval_cmd(data: DataOpt,
 
 @app.command("predict")
 def predict_cmd(
-    run: RunOpt,
+    run: Annotated[Path | None, typer.Option(
+        "--run", help="Run directory made by 'sentilens train'; with --model, the zero-shot run's folder "
+                      "(default runs/zero-shot-NAME).")] = None,
+    model: Annotated[str | None, typer.Option(
+        "--model", help="Zero-shot: an instruct checkpoint (HF id or folder) never fine-tuned; needs --labels.")]
+    = None,
+    labels: Annotated[str | None, typer.Option(
+        "--labels", help="With --model: the labels to choose from, comma-separated (e.g. positive,neutral,negative)."
+    )] = None,
     image: Annotated[Path | None, typer.Option("--image", help="Image of a single post.")] = None,
     text: Annotated[str | None, typer.Option("--text", help="Text of a single post.")] = None,
     input: Annotated[Path | None, typer.Option("--input", help="JSONL of posts {id, text, image}.")] = None,
@@ -499,6 +509,12 @@ def predict_cmd(
     from sentilens.predict import check_keep_ratio, load_predictor, predict_to_file
 
     check_keep_ratio(keep_ratio)
+    if run is None and model is None:
+        raise SentilensError("predict needs --run RUN (a trained run) or --model MODEL --labels A,B (zero-shot)")
+    if model is not None and labels is None:
+        raise SentilensError("--model needs --labels A,B,... : the labels the zero-shot model chooses from")
+    if labels is not None and model is None:
+        raise SentilensError("--labels goes with --model (a trained run keeps its own labels)")
     if input is None and image is None and text is None:
         raise SentilensError("give --image and/or --text for one post, or --input posts.jsonl")
     if input is not None and (image is not None or text is not None):
@@ -513,7 +529,14 @@ def predict_cmd(
         check_output(output, input, append=resume)  # before the model loads: an input is never overwritten
     posts = read_posts(input) if input is not None else [
         Post(id="post", text=text or "", image=str(image) if image else None)]
-    predictor = load_predictor(run, runtime=runtime).with_options(decode=decode)
+    if model is not None:
+        from sentilens.mllm.zero_shot import default_run_dir, zero_shot_predictor
+
+        run = folder_path(run or default_run_dir(model))
+        names = [name.strip() for name in labels.split(",") if name.strip()]
+        predictor = zero_shot_predictor(model, names, run).with_options(decode=decode)
+    else:
+        predictor = load_predictor(run, runtime=runtime).with_options(decode=decode)
     if input is None:
         (prediction,) = predictor.predict(posts, keep_ratio=keep_ratio)
         rows = [{"id": "post", **prediction.to_dict()}]

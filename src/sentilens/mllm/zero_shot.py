@@ -24,10 +24,11 @@ def default_run_dir(model: str) -> Path:
     return Path("runs") / f"zero-shot-{name}"
 
 
-def zero_shot_predictor(model: str, data: str | Path, run_dir: str | Path, device=None):
-    """The predictor of ``model`` (an HF id or a checkpoint folder) never fine-tuned, for the labels of the
-    manifest ``data``; its run folder ``run_dir`` is written (or, when it already is this zero-shot run, reused)."""
-    from sentilens.data.records import read_labels
+def zero_shot_predictor(model: str, labels: list[str], run_dir: str | Path, device=None,
+                        data: str | Path | None = None):
+    """The predictor of ``model`` (an HF id or a checkpoint folder) never fine-tuned, for ``labels`` (``data``: the
+    manifest they come from, recorded); its run folder ``run_dir`` is written, or reused when it already is this
+    zero-shot run (with its saved prompt and labels)."""
     from sentilens.distributed import default_device
     from sentilens.mllm.config import EvalPrecision, MllmRunConfig
     from sentilens.mllm.families import family_of, parse_tiny
@@ -44,9 +45,13 @@ def zero_shot_predictor(model: str, data: str | Path, run_dir: str | Path, devic
     if (run_dir / CONFIG).is_file():
         saved = load_config(run_dir)
         if saved.get("weights", "") is None and saved.get("base_model") == source:
+            if saved.get("labels") != list(labels):
+                raise SentilensError(f"holds a zero-shot run of this model for the labels {saved.get('labels')}, "
+                                     f"not {list(labels)}: give another --run", run_dir)
             return MllmPredictor.from_run(run_dir, device=device)  # this zero-shot run again: its saved prompt
         raise SentilensError("already holds another run: give another --run for the zero-shot run", run_dir)
-    labels = read_labels(data)
+    if len(labels) < 2 or len(set(labels)) != len(labels):
+        raise SentilensError(f"zero-shot needs at least two distinct labels to choose from, got {labels}")
     loaded = prepare_model(model, "full", device=device or default_device(), training=False)
     family = family_of(loaded.vlm)
     tokens = num_image_tokens(loaded.vlm, loaded.processor)
@@ -58,7 +63,7 @@ def zero_shot_predictor(model: str, data: str | Path, run_dir: str | Path, devic
         base_model=source, model_family=family.name, mode="full", prompt=settings, labels=labels, weights=None,
         num_image_tokens=tokens, decode="score",
         precision=EvalPrecision(weights=str(loaded.vlm.lm_head.weight.dtype).split(".")[-1]),
-        training={"zero_shot": True, "base_model": model, "data": str(data)},
+        training={"zero_shot": True, "base_model": model, "data": None if data is None else str(data)},
     )
     save_config(run_dir, config)
     return MllmPredictor(loaded, builder, config, batch_size=config.predict_batch_size)
