@@ -100,3 +100,25 @@ def test_export_refuses_a_fusion_run_and_a_folder_with_files_in_one_line(tmp_pat
     code, _, err = cli(monkeypatch, capsys, "export", "--run", str(mllm), "--out", str(mine))
     one_line_error(code, err, "not empty", str(mine), alone=True)
     assert [p.name for p in mine.iterdir()] == ["notes.txt"] and (mine / "notes.txt").read_text() == "keep"
+
+
+@pytest.mark.parametrize("model", ["tiny:llava-next", "tiny:smolvlm", "tiny:qwen3-vl"])
+def test_every_family_exports_a_checkpoint_that_loads_whole_and_scores_text_as_the_predictor(tmp_path, data, model):
+    from transformers import AutoModelForImageTextToText
+
+    from sentilens.mllm.export import export_run
+    from sentilens.mllm.train import mllm_train_config, train_mllm
+    from sentilens.predict import load_predictor
+
+    run = tmp_path / "run"
+    train_mllm(mllm_train_config({"data": data, "out": run, **FAST_TINY, "base_model": model, "epochs": 1,
+                                  "mode": "lora", "lora": {"r": 4, "alpha": 8}}))
+    out = tmp_path / "exported"
+    assert export_run(run, out)["merged_lora"]
+    _, info = AutoModelForImageTextToText.from_pretrained(out, output_loading_info=True)
+    assert {key: list(info[key]) for key in ("missing_keys", "unexpected_keys", "mismatched_keys")} == {
+        "missing_keys": [], "unexpected_keys": [], "mismatched_keys": []}
+    post = Post("t", "another terrible storm, the bridge is closed", None)
+    got = load_predictor(run).predict([post])[0].probabilities
+    reference = plain_probabilities(out, post.text, None)
+    assert all(abs(reference[label] - got[label]) < 1e-4 for label in got), (reference, got)
