@@ -272,6 +272,18 @@ def test_smolvlm_v1_config_is_accepted():
     assert family.name == "smolvlm" and family.model_class(config).__name__ == "Idefics3ForConditionalGeneration"
 
 
+
+def test_smolvlm_v1_processor_is_saved_back_as_its_own_class(tmp_path):
+    from transformers import AutoProcessor
+
+    from sentilens.mllm.families import get_family
+
+    # what an exported SmolVLM v1 run carries: transformers' Idefics3Processor loads it, with no video part
+    get_family("smolvlm").load_processor(str(DATA / "SmolVLM-256M-Instruct")).save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "processor_config.json").read_text())["processor_class"] == "Idefics3Processor"
+    assert type(AutoProcessor.from_pretrained(tmp_path)).__name__ == "Idefics3Processor"
+
+
 def test_llava_next_mistral_template_renders_the_prompt():
     from transformers import AutoProcessor
 
