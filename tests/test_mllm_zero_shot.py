@@ -74,6 +74,7 @@ def test_eval_model_scores_a_checkpoint_never_trained_and_leaves_a_run(tmp_path,
     reference = plain_probabilities(out, post.text, post.image)
     assert all(abs(reference[label] - got[label]) < 1e-4 for label in got), (reference, got)
     assert "zero-shot" in load_predictor(run).describe()["description"]
+    assert "never fine-tuned" in (out / "README.md").read_text()
 
 
 def test_eval_model_refuses_a_tiny_model_and_another_run_folder(tmp_path, data, monkeypatch, capsys):

@@ -183,11 +183,16 @@ def readme(predictor, info: dict, model_class: str, dtype: str, merged: bool, ru
     if isinstance(builder.processor, CheckpointProcessor):
         shim = ("\ntransformers' processor class of this family also needs a video processor (torchvision); "
                 "without it,\nload `AutoTokenizer` and `AutoImageProcessor` from the folder, as sentilens does.")
-    lora = "LoRA adapters merged into the language model" if merged else f"{predictor.run_config.mode} fine-tuning"
-    return f"""# {title} fine-tuned by sentilens for {', '.join(builder.labels)}
+    if predictor.run_config.weights is None:
+        heading, weights = "prompted by sentilens", "never fine-tuned (a zero-shot run: the base checkpoint as it is)"
+    else:
+        heading = "fine-tuned by sentilens"
+        weights = ("LoRA adapters merged into the language model" if merged
+                   else f"{predictor.run_config.mode} fine-tuning") + ", the trained projector, the frozen vision tower"
+    return f"""# {title} {heading} for {', '.join(builder.labels)}
 
 Exported from the sentilens run `{run_name}` (`sentilens export`): base model `{info['base_model']}`
-({title}, `{model_class}`), {lora}, the trained projector, the frozen vision tower; weights in
+({title}, `{model_class}`), {weights}; weights in
 `{dtype}`. A standard Hugging Face checkpoint: `AutoModelForImageTextToText.from_pretrained(folder)`
 (or `{model_class}`) loads it with the tokenizer, image processor and chat template beside it.{shim}
 
