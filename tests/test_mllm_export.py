@@ -122,3 +122,22 @@ def test_every_family_exports_a_checkpoint_that_loads_whole_and_scores_text_as_t
     got = load_predictor(run).predict([post])[0].probabilities
     reference = plain_probabilities(out, post.text, None)
     assert all(abs(reference[label] - got[label]) < 1e-4 for label in got), (reference, got)
+
+
+def test_a_failed_export_leaves_nothing_behind(tmp_path, data, monkeypatch, capsys):
+    import errno
+
+    from sentilens.mllm import export as export_module
+    from sentilens.mllm.train import mllm_train_config, train_mllm
+
+    run = tmp_path / "runs" / "run"
+    train_mllm(mllm_train_config({"data": data, "out": run, **FAST_TINY, "epochs": 1}))
+
+    def full_disk(path, obj):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(export_module, "write_json", full_disk)
+    out = tmp_path / "exports" / "model"
+    code, _, err = cli(monkeypatch, capsys, "export", "--run", str(run), "--out", str(out))
+    one_line_error(code, err, "No space left on device")
+    assert list((tmp_path / "exports").iterdir()) == []  # neither the folder nor its temporary

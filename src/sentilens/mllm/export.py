@@ -81,8 +81,9 @@ def export_run(run_dir: str | Path, out_dir: str | Path) -> dict:
         write_json(work / PROMPT_FILE, info)
         atomic_write_text(work / README, readme(predictor, info, type(vlm).__name__, str(vlm.dtype).split(".")[-1],
                                                 merged, run_dir.name))
+        _check_out(out_dir)  # again: something may have been put there while the export ran
         if out_dir.is_dir():
-            out_dir.rmdir()  # empty (checked above): the finished folder takes its place
+            out_dir.rmdir()  # empty: the finished folder takes its place
         os.rename(work, out_dir)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
