@@ -62,6 +62,20 @@ def test_eval_model_scores_a_checkpoint_never_trained_and_leaves_a_run(tmp_path,
     rows = json.loads((run / "sweep.json").read_text())["rows"]
     assert rows[1]["kept_tokens"] < rows[0]["kept_tokens"]
 
+    result = runner.invoke(app, ["report", "--runs", str(run), "--out", str(tmp_path / "report")])
+    assert result.exit_code == 0, result.output
+    assert "zero-shot" in (tmp_path / "report" / "report.md").read_text()
+    from fastapi.testclient import TestClient
+
+    from sentilens.serve.app import create_app
+
+    with TestClient(create_app(run), base_url="http://127.0.0.1") as client:  # serve takes it as any run
+        info = client.get("/v1/model").json()
+        assert info["labels"] == config["labels"] and info["config"]["weights"] is None
+        answer = client.post("/v1/predict", json={"text": "another terrible storm"})
+        assert answer.status_code == 200, answer.text
+        assert set(answer.json()["probabilities"]) == set(config["labels"])
+
     # exported, it is the checkpoint itself with the run's prompt: plain transformers scores as the run predicts
     out = tmp_path / "exported"
     result = runner.invoke(app, ["export", "--run", str(run), "--out", str(out), "--json"])
