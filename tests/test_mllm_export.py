@@ -74,6 +74,14 @@ def test_an_exported_run_loads_in_plain_transformers_and_scores_as_the_predictor
     assert not any(name.startswith(tower) and "merger" not in name for name in moved), moved
     assert set(exported) == set(base)  # the base's own names: no LoRA tensors left
 
+    # a smaller copy for serving: the dtype asked for, the same names
+    half = tmp_path / "exported-bf16"
+    result = runner.invoke(app, ["export", "--run", str(run), "--out", str(half), "--dtype", "bfloat16", "--json"])
+    assert result.exit_code == 0, result.output
+    halved = load_file(half / "model.safetensors")
+    assert set(halved) == set(exported) and {t.dtype for t in halved.values()} == {torch.bfloat16}
+    assert json.loads((half / "config.json").read_text())["dtype"] == "bfloat16"
+
     predictor = load_predictor(run)
     posts = [Post("a", "sun and sea, love it", str(square_image)), Post("b", "another terrible storm", None)]
     for post, got in zip(posts, predictor.predict(posts), strict=True):

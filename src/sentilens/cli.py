@@ -735,13 +735,16 @@ def export_cmd(
     run: RunOpt,
     out_dir: Annotated[Path, typer.Option("--out", help="New folder for the Hugging Face checkpoint.",
         callback=folder_path)],
+    dtype: Annotated[str | None, typer.Option(
+        "--dtype", help="Weights' dtype: float32, bfloat16 or float16 (default: the one the run was validated in).")]
+    = None,
     as_json: JsonOpt = False,
 ) -> None:
     """An MLLM run as a standard Hugging Face checkpoint: LoRA merged, the trained projector, processor, chat
     template, and a README with the prompt it used (serving engines apply no token pruning)."""
     from sentilens.mllm.export import export_run
 
-    result = export_run(run, out_dir)
+    result = export_run(run, out_dir, dtype=dtype)
     if as_json:
         emit(result, True)
     else:

@@ -48,9 +48,14 @@ NOT_COPIED_NAMES = {CONFIG, README, "chat_template.json", TEMPLATE_FILE, "model.
 template (the run's replace them), the base's own README."""
 
 
-def export_run(run_dir: str | Path, out_dir: str | Path) -> dict:
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def export_run(run_dir: str | Path, out_dir: str | Path, dtype: str | None = None) -> dict:
     """Write the Hugging Face checkpoint of the MLLM run ``run_dir`` to the new folder ``out_dir``; returns
-    what was written (``out``, ``files``, ``dtype``, ``model_class``, ``merged_lora``)."""
+    what was written (``out``, ``files``, ``dtype``, ``model_class``, ``merged_lora``). ``dtype``: the weights'
+    dtype (None: the one the run was validated in; another one halves a float32 export, and its scores then
+    differ from the predictor's by that rounding)."""
     from sentilens.mllm.predictor import MllmPredictor, base_source
 
     run_dir, out_dir = Path(run_dir), Path(out_dir)
@@ -58,9 +63,13 @@ def export_run(run_dir: str | Path, out_dir: str | Path) -> dict:
     if config.get("family") != "mllm":
         raise SentilensError(f"export writes a Hugging Face vision-language checkpoint; this is a "
                              f"{config.get('family')} run, whose model has no transformers class", run_dir / CONFIG)
+    if dtype is not None and dtype not in DTYPES:
+        raise SentilensError(f"--dtype must be one of {', '.join(DTYPES)}, got '{dtype}'")
     _check_out(out_dir)
     predictor = MllmPredictor.from_run(run_dir, device="cpu")
     vlm, merged = _merged(predictor.model.net)
+    if dtype is not None:
+        vlm.to(getattr(torch, dtype))
     vlm.config.use_cache = True  # training switched it off; generation (serving) wants it
     builder = predictor.builder
     template = builder.chat_template
