@@ -233,7 +233,8 @@ class PromptBuilder:
         return self._apply(self.messages(self._defuse(text), has_image), add_generation_prompt=True)
 
     def messages(self, text: str, has_image: bool, system_turn: bool | None = None) -> list[dict]:
-        """The conversation of one post: a system turn (or its text atop the user's) and the user turn."""
+        """The conversation of one post: a system turn (or its text atop the user's) and the user turn, ``text``
+        as it goes in (:meth:`render` defuses a post's text first); ``system_turn`` None: what the template takes."""
         system_turn = self.system_turn if system_turn is None else system_turn
         system = self.settings.system
         if self.settings.layout == "parts":
