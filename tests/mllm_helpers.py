@@ -143,3 +143,56 @@ def interrupt_after_first_epoch(monkeypatch, options: dict, out: Path) -> None:
         train_mllm(mllm_train_config({**options, "out": out}))
     assert json.loads((out / "resume" / "state.json").read_text())["epochs_done"] == 1
     monkeypatch.setattr(train_module, "_train_epoch", original)
+
+
+def plain_probabilities(folder, text: str, image_path) -> dict[str, float]:
+    """Label probabilities of one post by plain transformers from an exported folder alone (``sentilens export``):
+    its ``sentilens_prompt.json`` (the conversation, the answers), chat template, tokenizer and image processor,
+    and the model class's own forward on the prompt followed by each answer. No sentilens code."""
+    import torch
+    from PIL import Image
+    from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
+
+    info = json.loads((folder / "sentilens_prompt.json").read_text())
+    model = AutoModelForImageTextToText.from_pretrained(folder).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    messages = json.loads(json.dumps(info["messages"]).replace("{post}", text))
+    if image_path is None:
+        messages[-1]["content"] = [part for part in messages[-1]["content"] if part["type"] != "image"]
+    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False,
+                                           chat_template=(folder / "chat_template.jinja").read_text())
+    bos = tokenizer.bos_token
+    ids = tokenizer(prompt, add_special_tokens=not (bos and prompt.startswith(bos)))["input_ids"]
+    extra = {}
+    if image_path is not None:
+        image_processor = AutoImageProcessor.from_pretrained(folder)
+        pixels = image_processor(Image.open(image_path).convert("RGB"), return_tensors="pt")
+        extra["pixel_values"] = pixels["pixel_values"]
+        config = model.config
+        image_id = config.image_token_id
+        if "image_grid_thw" in pixels:  # Qwen: one pad token per merged 2 x 2 patch cell
+            extra["image_grid_thw"] = pixels["image_grid_thw"]
+            count = int(pixels["image_grid_thw"].prod()) // image_processor.merge_size ** 2
+        else:  # LLaVA: one token per patch
+            vision = config.vision_config
+            count = (vision.image_size // vision.patch_size) ** 2
+        at = ids.index(image_id)
+        ids = ids[:at] + [image_id] * count + ids[at + 1:]
+    scores = []
+    with torch.no_grad():
+        for label in info["labels"]:
+            answer = info["answers"][label]
+            whole = tokenizer(prompt + answer["text"], add_special_tokens=not (bos and prompt.startswith(bos)))
+            words = whole["input_ids"][len(tokenizer(prompt, add_special_tokens=not (
+                bos and prompt.startswith(bos)))["input_ids"]):]
+            tokens = words + [tokenizer.convert_tokens_to_ids(answer["end_token"])]
+            assert tokens == answer["token_ids"]  # the README's answer text tokenizes to what sentilens scores
+            full = torch.tensor([ids + tokens])
+            kwargs = dict(extra)
+            if "image_grid_thw" in extra:
+                kwargs["mm_token_type_ids"] = (full == model.config.image_token_id).int()
+            logits = model(input_ids=full, **kwargs).logits[0].float()
+            log_probs = logits[len(ids) - 1:-1].log_softmax(-1)
+            scores.append(log_probs.gather(-1, torch.tensor(tokens)[:, None]).sum())
+    probabilities = torch.stack(scores).softmax(-1)
+    return dict(zip(info["labels"], probabilities.tolist(), strict=True))

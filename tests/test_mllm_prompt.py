@@ -120,9 +120,13 @@ def test_a_chat_template_in_the_settings_renders_the_prompt(tiny):
                 "{%- endfor -%}{%- endfor -%}{%- if add_generation_prompt -%}=>{%- endif -%}")
     builder = PromptBuilder(model.processor, PromptSettings(chat_template=template), base.labels,
                             base.num_image_tokens)
-    assert builder.render("hi", has_image=True) == (
-        f"[{base.settings.system}]<image>[hi][What is the sentiment of the given text? "
-        "Answer with one of: positive, neutral, negative.]=>")
+    question = "What is the sentiment of the given text? Answer with one of: positive, neutral, negative."
+    # the post and the question: one text part, on two lines
+    assert builder.render("hi", has_image=True) == f"[{base.settings.system}]<image>[hi\n{question}]=>"
+    # runs saved before the layout was recorded sent them as two parts, and keep doing so
+    old = PromptBuilder(model.processor, PromptSettings(chat_template=template, layout="parts"), base.labels,
+                        base.num_image_tokens)
+    assert old.render("hi", has_image=True) == f"[{base.settings.system}]<image>[hi][{question}]=>"
 
 
 def test_a_label_wording_without_the_labels_is_refused(tiny):

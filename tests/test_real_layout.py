@@ -12,7 +12,10 @@ against sentilens' own output:
   released model class's own forward; an image is padded with the processor's mean colour;
   the real-layout checkpoint loads with no missing or unexpected key.
 - Qwen2.5-VL / Qwen3-VL: the fast tokenizer built from ``vocab.json`` + ``merges.txt`` + the added tokens.
-- Mismatches the released files reveal are ``xfail(strict=True)`` tests naming them.
+- What the released files revealed, each held by a test: the Qwen preprocessors' ``SizeDict`` (no mapping);
+  templates that join text parts with nothing (the post and the question are one part now); LLaVA-NeXT-Mistral's
+  template refusing a system turn; Qwen answering ``label<|im_end|>`` with no leading space; SmolVLM v1
+  (``Idefics3ForConditionalGeneration``) refused.
 """
 
 import functools
@@ -82,10 +85,10 @@ def expand2square(image, colour):
 
 
 def released_prompt(processor, text: str, question: str) -> str:
-    """The prompt as the released chat template renders a system turn and a user turn of image + text."""
+    """The prompt as the released chat template renders a system turn and a user turn of the image and one
+    text: the post, then the question on the next line."""
     messages = [{"role": "system", "content": [{"type": "text", "text": LLAVA15_SYSTEM}]},
-                {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text},
-                                             {"type": "text", "text": question}]}]
+                {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": f"{text}\n{question}"}]}]
     return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
 
@@ -143,7 +146,7 @@ def test_llava15_table1_prompt_tokenizes_as_the_released_processor_does(llava, w
     assert num_image_tokens(model, processor) == 576
     builder = PromptBuilder(processor, PromptSettings(), ["positive", "neutral", "negative"], 576)
     # the released template: system text, USER: image first, each text followed by a space, ASSISTANT:
-    literal = f"{LLAVA15_SYSTEM} USER: <image>\n{TEXT} {SENTIMENT_QUESTION} ASSISTANT:"
+    literal = f"{LLAVA15_SYSTEM} USER: <image>\n{TEXT}\n{SENTIMENT_QUESTION} ASSISTANT:"
     assert released_prompt(processor, TEXT, SENTIMENT_QUESTION) == literal
     assert builder.render(TEXT, has_image=True) == literal
 
@@ -229,8 +232,6 @@ def test_qwen_fast_tokenizer_is_built_from_vocab_merges_and_added_tokens(name):
     assert tokenizer.convert_ids_to_tokens(ids) == ["Hello", "Ġworld", "Ġ", "<|image_pad|>", "Ġnot", "Ġinformative"]
 
 
-@pytest.mark.xfail(strict=True, reason="families/qwen.py load_processor: {**image_processor.size} fails on the "
-                                       "SizeDict of a released Qwen preprocessor (TypeError)")
 @pytest.mark.parametrize("name, family", [("Qwen2.5-VL-7B-Instruct", "qwen2.5-vl"),
                                           ("Qwen3-VL-4B-Instruct", "qwen3-vl")])
 def test_qwen_family_loads_the_released_processor(name, family):
@@ -238,13 +239,18 @@ def test_qwen_family_loads_the_released_processor(name, family):
 
     processor = get_family(family).load_processor(str(DATA / name))
     assert processor.image_token == "<|image_pad|>"
-    cell = processor.image_processor.patch_size * processor.image_processor.merge_size
-    assert processor.image_processor.size["longest_edge"] <= 4096 * cell * cell
+    from sentilens.mllm.families.qwen_vl.family import MAX_IMAGE_TOKENS
+    from sentilens.mllm.families.qwen_vl.processor import preprocess_images
+
+    image_processor = processor.image_processor
+    cell = image_processor.patch_size * image_processor.merge_size
+    # the released processors allow 16,384 tokens an image; the family caps them, in the processor's own SizeDict
+    assert image_processor.size["longest_edge"] == MAX_IMAGE_TOKENS * cell * cell
+    images = preprocess_images(image_processor, [Image.new("RGB", (2000, 1500))])
+    assert int(images.grid_thw.prod()) // image_processor.merge_size ** 2 <= MAX_IMAGE_TOKENS
 
 
 # --- mismatches with the other released folders ----------------------------------------------------------
-@pytest.mark.xfail(strict=True, reason="prompt.py PromptBuilder.render: post text and question are two text parts; "
-                                       "templates that join parts with nothing (SmolVLM, Qwen) run them together")
 def test_smolvlm_prompt_separates_the_post_from_the_question():
     from sentilens.mllm.families import get_family
 
@@ -253,23 +259,31 @@ def test_smolvlm_prompt_separates_the_post_from_the_question():
                             family=get_family("smolvlm"))
     prompt = builder.render(TEXT, has_image=True)
     assert prompt.startswith(f"<|im_start|>System: {LLAVA15_SYSTEM}<end_of_utterance>\nUser:<image>")
-    assert prompt.endswith("<end_of_utterance>\nAssistant:")
-    assert TEXT + SENTIMENT_QUESTION not in prompt
+    assert prompt.endswith(f"User:<image>{TEXT}\n{SENTIMENT_QUESTION}<end_of_utterance>\nAssistant:")
 
 
-@pytest.mark.xfail(strict=True, reason="families: SmolVLM v1 (Idefics3ForConditionalGeneration, model_type idefics3) "
-                                       "is refused; it has SmolVLM2's layout")
 def test_smolvlm_v1_config_is_accepted():
     from transformers import AutoConfig
 
     from sentilens.mllm.families import family_for_config
 
     config = AutoConfig.from_pretrained(DATA / "SmolVLM-256M-Instruct")
-    assert family_for_config(config, "SmolVLM-256M-Instruct").name == "smolvlm"
+    family = family_for_config(config, "SmolVLM-256M-Instruct")
+    assert family.name == "smolvlm" and family.model_class(config).__name__ == "Idefics3ForConditionalGeneration"
 
 
-@pytest.mark.xfail(strict=True, reason="prompt.py PromptBuilder.render always sends a system turn; LLaVA-NeXT-Mistral"
-                                       "'s released template raises 'Only user and assistant roles are supported!'")
+
+def test_smolvlm_v1_processor_is_saved_back_as_its_own_class(tmp_path):
+    from transformers import AutoProcessor
+
+    from sentilens.mllm.families import get_family
+
+    # what an exported SmolVLM v1 run carries: transformers' Idefics3Processor loads it, with no video part
+    get_family("smolvlm").load_processor(str(DATA / "SmolVLM-256M-Instruct")).save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "processor_config.json").read_text())["processor_class"] == "Idefics3Processor"
+    assert type(AutoProcessor.from_pretrained(tmp_path)).__name__ == "Idefics3Processor"
+
+
 def test_llava_next_mistral_template_renders_the_prompt():
     from transformers import AutoProcessor
 
@@ -279,8 +293,11 @@ def test_llava_next_mistral_template_renders_the_prompt():
     builder = PromptBuilder(processor, PromptSettings(), ["positive", "neutral", "negative"], 2928,
                             family=get_family("llava-next"))
     prompt = builder.render(TEXT, has_image=True)
-    assert prompt.startswith("[INST] <image>\n") and prompt.endswith(" [/INST]")
-    assert TEXT in prompt and SENTIMENT_QUESTION in prompt
+    # the template takes no system turn: its text opens the user's, as Mistral's own template writes it
+    assert prompt == f"[INST] <image>\n{LLAVA15_SYSTEM}\n\n{TEXT}\n{SENTIMENT_QUESTION} [/INST]"
+    assert not builder.system_turn
+    tokenizer = processor.tokenizer
+    assert tokenizer.convert_ids_to_tokens(builder.answer_ids["negative"]) == ["▁negative", "</s>"]
 
 
 # --- Qwen-VL: the released ChatML templates ---------------------------------------------------------------
@@ -330,8 +347,6 @@ def test_qwen_prompt_has_the_released_turns_and_one_image_placeholder(name, fami
     assert builder.end_token_id == tokenizer.convert_tokens_to_ids("<|im_end|>")
 
 
-@pytest.mark.xfail(strict=True, reason="prompt.py PromptSettings.answer_prefix ' ' is LLaVA's ('ASSISTANT: label'); "
-                                       "Qwen's template answers 'label<|im_end|>' right after 'assistant\\n'")
 @pytest.mark.parametrize("name, family", QWEN)
 def test_qwen_answers_are_the_released_assistant_turn(name, family):
     from sentilens.mllm.families import get_family
@@ -350,15 +365,31 @@ def test_qwen_answers_are_the_released_assistant_turn(name, family):
         assert answer == tokenizer(words + "<|im_end|>", add_special_tokens=False)["input_ids"]
 
 
-@pytest.mark.xfail(strict=True, reason="prompt.py PromptBuilder.render: post text and question are two text parts; "
-                                       "Qwen's template joins parts with nothing, so they run together")
 def test_qwen_prompt_separates_the_post_from_the_question():
     from sentilens.mllm.families import get_family
 
     processor = ReleasedQwenProcessor(DATA / "Qwen2.5-VL-7B-Instruct")
     builder = PromptBuilder(processor, PromptSettings(), ["positive", "neutral", "negative"], 256,
                             family=get_family("qwen2.5-vl"))
-    assert TEXT + SENTIMENT_QUESTION not in builder.render(TEXT, has_image=True)
+    assert f"{TEXT}\n{SENTIMENT_QUESTION}<|im_end|>" in builder.render(TEXT, has_image=True)
+
+
+@pytest.mark.parametrize("name, family", QWEN)
+def test_a_qwen_run_saved_before_the_layout_keeps_the_prompt_it_trained_with(name, family):
+    from sentilens.mllm.config import load_run_config
+    from sentilens.mllm.families import get_family
+
+    processor = ReleasedQwenProcessor(DATA / name)
+    saved = {"family": "mllm", "base_model": name, "labels": ["informative", "not_informative"],
+             "num_image_tokens": 256, "prompt": {"task": "informative", "question": None, "label_wording": None,
+                                                 "chat_template": processor.chat_template}}
+    settings = load_run_config(saved).prompt
+    assert (settings.layout, settings.answer_prefix) == ("parts", " ")
+    builder = PromptBuilder(processor, settings, saved["labels"], 256, family=get_family(family))
+    # two text parts, which this template runs together, and ' label': what such a run was trained on
+    assert TEXT + "Is this post informative" in builder.render(TEXT, has_image=True)
+    assert processor.tokenizer.convert_ids_to_tokens(builder.answer_ids["informative"]) == ["Ġinformative",
+                                                                                             "<|im_end|>"]
 
 
 # --- the other folders' real layouts (slower: each builds and loads a checkpoint) ----------------------------
@@ -387,8 +418,6 @@ def test_real_layout_of_the_other_folders_loads_with_no_missing_key(tmp_path, na
         assert vision["fullatt_block_indexes"] == [1]
 
 
-@pytest.mark.xfail(strict=True, reason="families/qwen.py load_processor: {**image_processor.size} fails on the "
-                                       "SizeDict of a released Qwen preprocessor (TypeError)")
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["Qwen2.5-VL-7B-Instruct", "Qwen3-VL-4B-Instruct"])
 def test_qwen_real_layout_scores_through_sentilens_as_the_released_model_class(tmp_path, wide_image, name):

@@ -422,24 +422,41 @@ def train_mllm_cmd(
 
 
 @app.command("eval")
-def eval_cmd(run: RunOpt, data: DataOpt, split: SplitOpt = "test", keep_ratio: KeepRatioOpt = None,
+def eval_cmd(data: DataOpt,
+             run: Annotated[Path | None, typer.Option(
+                 "--run", help="Run directory made by 'sentilens train'; with --model, the zero-shot run's folder "
+                               "(default runs/zero-shot-NAME).")] = None,
+             split: SplitOpt = "test", keep_ratio: KeepRatioOpt = None,
+             model: Annotated[str | None, typer.Option(
+                 "--model", help="Zero-shot: an instruct checkpoint (HF id or folder) never fine-tuned, scored "
+                                 "with the task's question; the result is a run folder.")] = None,
              decode: DecodeOpt = None,
              compare_decodings: Annotated[bool, typer.Option(
                  "--compare-decodings", help="MLLM runs: also predict with the other decoding and report both "
                                              "decodings' scores and how often their labels agree.")] = False,
              runtime: RuntimeOpt = None, as_json: JsonOpt = False) -> None:
-    """Evaluate a run on a split; writes RUN/metrics-SPLIT.json."""
+    """Evaluate a run (or, zero-shot, an instruct checkpoint with --model) on a split; writes RUN/metrics-SPLIT.json."""
     from sentilens.data.records import read_split
     from sentilens.distributed import is_main_process
     from sentilens.predict import check_keep_ratio, evaluate, load_predictor
     from sentilens.predict import compare_decodings as both_decodings
     from sentilens.runs import save_metrics
 
+    if run is None and model is None:
+        raise SentilensError("eval needs --run RUN (a trained run) or --model MODEL (zero-shot)")
     check_keep_ratio(keep_ratio)
     posts = read_split(data, split)
     if not posts:
         raise SentilensError(f"the {split} split is empty: nothing to evaluate", Path(data) / f"{split}.jsonl")
-    predictor = load_predictor(run, runtime=runtime).with_options(decode=decode)
+    if model is not None:
+        from sentilens.mllm.zero_shot import default_run_dir, zero_shot_predictor
+
+        run = folder_path(run or default_run_dir(model))
+        from sentilens.data.records import read_labels
+
+        predictor = zero_shot_predictor(model, read_labels(data), run, data=data).with_options(decode=decode)
+    else:
+        predictor = load_predictor(run, runtime=runtime).with_options(decode=decode)
     if compare_decodings:
         headline = decode or predictor.describe()["config"].get("decode")
         metrics = both_decodings(predictor, posts, keep_ratio=keep_ratio, headline=headline)
@@ -465,7 +482,15 @@ def eval_cmd(run: RunOpt, data: DataOpt, split: SplitOpt = "test", keep_ratio: K
 
 @app.command("predict")
 def predict_cmd(
-    run: RunOpt,
+    run: Annotated[Path | None, typer.Option(
+        "--run", help="Run directory made by 'sentilens train'; with --model, the zero-shot run's folder "
+                      "(default runs/zero-shot-NAME).")] = None,
+    model: Annotated[str | None, typer.Option(
+        "--model", help="Zero-shot: an instruct checkpoint (HF id or folder) never fine-tuned; needs --labels.")]
+    = None,
+    labels: Annotated[str | None, typer.Option(
+        "--labels", help="With --model: the labels to choose from, comma-separated (e.g. positive,neutral,negative)."
+    )] = None,
     image: Annotated[Path | None, typer.Option("--image", help="Image of a single post.")] = None,
     text: Annotated[str | None, typer.Option("--text", help="Text of a single post.")] = None,
     input: Annotated[Path | None, typer.Option("--input", help="JSONL of posts {id, text, image}.")] = None,
@@ -484,6 +509,12 @@ def predict_cmd(
     from sentilens.predict import check_keep_ratio, load_predictor, predict_to_file
 
     check_keep_ratio(keep_ratio)
+    if run is None and model is None:
+        raise SentilensError("predict needs --run RUN (a trained run) or --model MODEL --labels A,B (zero-shot)")
+    if model is not None and labels is None:
+        raise SentilensError("--model needs --labels A,B,... : the labels the zero-shot model chooses from")
+    if labels is not None and model is None:
+        raise SentilensError("--labels goes with --model (a trained run keeps its own labels)")
     if input is None and image is None and text is None:
         raise SentilensError("give --image and/or --text for one post, or --input posts.jsonl")
     if input is not None and (image is not None or text is not None):
@@ -498,7 +529,14 @@ def predict_cmd(
         check_output(output, input, append=resume)  # before the model loads: an input is never overwritten
     posts = read_posts(input) if input is not None else [
         Post(id="post", text=text or "", image=str(image) if image else None)]
-    predictor = load_predictor(run, runtime=runtime).with_options(decode=decode)
+    if model is not None:
+        from sentilens.mllm.zero_shot import default_run_dir, zero_shot_predictor
+
+        run = folder_path(run or default_run_dir(model))
+        names = [name.strip() for name in labels.split(",") if name.strip()]
+        predictor = zero_shot_predictor(model, names, run).with_options(decode=decode)
+    else:
+        predictor = load_predictor(run, runtime=runtime).with_options(decode=decode)
     if input is None:
         (prediction,) = predictor.predict(posts, keep_ratio=keep_ratio)
         rows = [{"id": "post", **prediction.to_dict()}]
@@ -690,6 +728,28 @@ def upgrade_run_cmd(run: RunOpt) -> None:
     done = upgrade_run(run)
     out.print("\n".join(done) if done else f"{run} is already in the current layout", highlight=False,
               soft_wrap=True)
+
+
+@app.command("export")
+def export_cmd(
+    run: RunOpt,
+    out_dir: Annotated[Path, typer.Option("--out", help="New folder for the Hugging Face checkpoint.",
+        callback=folder_path)],
+    dtype: Annotated[str | None, typer.Option(
+        "--dtype", help="Weights' dtype: float32, bfloat16 or float16 (default: the one the run was validated in).")]
+    = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """An MLLM run as a standard Hugging Face checkpoint: LoRA merged, the trained projector, processor, chat
+    template, and a README with the prompt it used (serving engines apply no token pruning)."""
+    from sentilens.mllm.export import export_run
+
+    result = export_run(run, out_dir, dtype=dtype)
+    if as_json:
+        emit(result, True)
+    else:
+        out.print(f"{result['model_class']} ({result['dtype']}) written to {printable(result['out'])}; its "
+                  f"README.md gives the prompt", highlight=False, soft_wrap=True)
 
 
 @app.command("serve")

@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from sentilens.errors import SentilensError
 from sentilens.mllm.families import TITLES, parse_tiny
 from sentilens.mllm.model import LoraSettings, Mode
-from sentilens.mllm.prompt import PromptSettings
+from sentilens.mllm.prompt import PromptSettings, saved_prompt
 from sentilens.mllm.scoring import Decode
 from sentilens.validation import pydantic_error
 
@@ -46,7 +46,8 @@ class MllmRunConfig(BaseModel):
     lora: LoraSettings | None = None
     prompt: PromptSettings = Field(default_factory=PromptSettings)
     labels: list[str]
-    weights: str = "model.safetensors"
+    weights: str | None = Field("model.safetensors", description="the trained tensors; None: a zero-shot run "
+                                                                "(the base checkpoint as it is)")
     num_image_tokens: int = Field(gt=0, le=1 << 17)
     decode: Decode = "score"
     predict_batch_size: int = Field(8, gt=0, le=4096)
@@ -58,9 +59,10 @@ class MllmRunConfig(BaseModel):
 
 
 def load_run_config(config: dict, path: Path | None = None) -> MllmRunConfig:
-    """The typed config of ``config.json``'s mapping; a problem is a one-line user error naming ``path``."""
+    """The typed config of ``config.json``'s mapping (prompt settings it predates as they were then:
+    :func:`sentilens.mllm.prompt.saved_prompt`); a problem is a one-line user error naming ``path``."""
     try:
-        return MllmRunConfig(**config)
+        return MllmRunConfig(**{**config, "prompt": saved_prompt(config.get("prompt"))})
     except ValidationError as err:
         raise pydantic_error(err, path, what="MLLM run config: ") from None
 
@@ -76,7 +78,8 @@ def describe_run(config: dict, run_dir: Path | None = None) -> dict:
         "family": settings.family,
         "labels": list(settings.labels),
         "base_model": settings.base_model,
-        "description": f"{TITLES.get(model_family, 'vision-language model')} ({base}, {settings.mode} fine-tuning)",
+        "description": f"{TITLES.get(model_family, 'vision-language model')} ({base}, "
+                       f"{'zero-shot' if settings.weights is None else settings.mode + ' fine-tuning'})",
         "config": config_summary(settings.model_dump(mode="json")),
     }
 

@@ -187,7 +187,7 @@ def load_checkpoint(source: str | Path, dtype: torch.dtype = torch.float32, devi
         processor = family.load_processor(source)
         # safetensors only: a checkpoint whose weights exist only as a pickle (pytorch_model.bin) is refused,
         # never unpickled (a pickle can run code when loaded).
-        vlm = family.model_class().from_pretrained(source, use_safetensors=True, **kwargs)
+        vlm = family.model_class(config).from_pretrained(source, use_safetensors=True, **kwargs)
     except (OSError, ValueError) as err:
         raise SentilensError(f"cannot load the model '{source}': {str(err).splitlines()[0]}") from None
     if not four_bit:

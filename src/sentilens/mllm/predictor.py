@@ -76,8 +76,9 @@ class MllmPredictor:
         if settings.model_family is not None and settings.model_family != family.name:
             raise SentilensError(f"the run was trained as a {settings.model_family} model but its base model "
                                  f"'{settings.base_model}' is a {family.name} checkpoint", run_dir / CONFIG)
-        weights = run_dir / settings.weights
-        model.load_trainable_state(load_weights(weights, device=device), weights)
+        if settings.weights is not None:  # None: a zero-shot run, the base checkpoint as it is
+            weights = run_dir / settings.weights
+            model.load_trainable_state(load_weights(weights, device=device), weights)
         model.eval()
         builder = PromptBuilder(model.processor, settings.prompt, settings.labels,
                                 num_image_tokens(model.vlm, model.processor), family=family)

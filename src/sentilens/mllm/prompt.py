@@ -16,9 +16,18 @@ Choices where the paper is silent, and why:
   ship one); a checkpoint without one gets its model family's (for LLaVA-1.5
   ``mllm/families/llava/template.jinja``, the Vicuna-v1 format LLaVA-1.5 was trained with, which is
   also what ``--model tiny`` ships).
+- The post text and the question are one text part, on two lines (``layout: joined``): released
+  templates differ in what they put between parts (LLaVA-1.5 a space, Qwen and SmolVLM nothing, so
+  two parts would run the post into the question). Runs saved before the layout was recorded sent
+  them as two parts and keep doing so (``layout: parts``, :data:`UNSAVED_PROMPT_DEFAULTS`).
+- The system text is a system turn; a template that refuses system turns (LLaVA-NeXT-Mistral's
+  raises "Only user and assistant roles are supported!") gets it at the top of the user's text
+  instead, as Mistral's own template writes a system prompt.
 - The answer is ``answer_prefix + label`` (underscores read as spaces: "not informative")
   followed by the end-of-turn token, by default the tokenizer's end-of-sequence token
-  (``</s>`` after the answer is exactly LLaVA-1.5's turn separator). Its tokens are the ones
+  (``</s>`` after the answer is exactly LLaVA-1.5's turn separator). The prefix is what the chat
+  template itself writes between the generation prompt and an assistant's text (rendered once:
+  LLaVA-1.5 and SmolVLM a space, Qwen's ChatML nothing); a run saves it. Its tokens are the ones
   the tokenizer gives after a real generation prompt, computed once per label, and are the
   same sequences in training, label scoring and generation.
 - The loss covers the answer tokens and the end token only; every other target is -100.
@@ -69,10 +78,16 @@ UNSAVED_PROMPT_DEFAULTS: dict = {
         "custom": "Which label fits this post?",
     },
     "label_wording": "Answer with one of: {labels}.",
+    "layout": "parts",
+    "answer_prefix": " ",
 }
-"""The question and label wording of runs saved before a run recorded them (``question: null``):
-the defaults as they stood then, frozen here so that changing :data:`TASK_QUESTIONS` or
-:data:`LABEL_WORDING` never changes the prompt of an existing run."""
+"""The prompt of runs saved before a run recorded each part: the question and label wording
+(``question: null``), the layout of the user turn and the answer prefix (keys absent from the saved
+``prompt``); the defaults as they stood then, frozen here so that changing :data:`TASK_QUESTIONS`,
+:data:`LABEL_WORDING` or the settings' defaults never changes the prompt of an existing run."""
+
+SAVED_LATER = ("layout", "answer_prefix")
+"""Prompt settings a saved run may lack: :func:`saved_prompt` gives them their value of that time."""
 
 HUMANITARIAN_LABELS = {
     "affected_individuals", "infrastructure_and_utility_damage", "injured_or_dead_people",
@@ -96,7 +111,12 @@ class PromptSettings(BaseModel):
     chat_template: str | None = Field(None, description="the Jinja chat template the prompt is rendered with; None "
                                                         "(runs saved before it was recorded): the checkpoint's own, "
                                                         "else its model family's")
-    answer_prefix: str = " "
+    layout: Literal["joined", "parts"] = Field(
+        "joined", description="joined: the post text and the question in one text part, on two lines; parts: two "
+                              "text parts (runs saved before the layout was recorded), which templates that join "
+                              "parts with nothing run together")
+    answer_prefix: str | None = Field(None, description="text between the generation prompt and the label; None: "
+                                                        "what the chat template writes there")
     end_token: str | None = Field(None, description="end-of-turn token; None = the tokenizer's eos token")
     max_length: int = Field(2048, gt=0, le=1 << 17, description="tokens, visual tokens and answer included")
     image_aspect: Literal["pad", "crop"] = Field(
@@ -131,8 +151,18 @@ def full_question(settings: PromptSettings, labels: Sequence[str]) -> str:
     return f"{question} {wording.replace('{labels}', ', '.join(label_text(x) for x in labels))}"
 
 
-def resolved_settings(settings: PromptSettings, chat_template: str, saved: bool = False) -> PromptSettings:
-    """``settings`` with the question, label wording and chat template a run is trained with written out,
+def saved_prompt(prompt: dict | None) -> dict:
+    """A saved run's ``prompt`` mapping with the settings it predates (:data:`SAVED_LATER`) as they were then."""
+    prompt = dict(prompt or {})
+    for key in SAVED_LATER:
+        prompt.setdefault(key, UNSAVED_PROMPT_DEFAULTS[key])
+    return prompt
+
+
+def resolved_settings(settings: PromptSettings, chat_template: str, saved: bool = False,
+                      answer_prefix: str | None = None) -> PromptSettings:
+    """``settings`` with the question, label wording, chat template and answer prefix (``answer_prefix``: the
+    one the builder derived, :attr:`PromptBuilder.answer_prefix`) a run is trained with written out,
     so the saved run keeps its prompt whatever the defaults later become. ``saved``: the settings come from
     an existing run (a resumed one), whose unset values are the defaults of its time, not today's."""
     if settings.label_wording is not None and "{labels}" not in settings.label_wording:
@@ -144,6 +174,7 @@ def resolved_settings(settings: PromptSettings, chat_template: str, saved: bool 
         "question": settings.question or questions[settings.task],
         "label_wording": settings.label_wording or wording,
         "chat_template": settings.chat_template or chat_template,
+        "answer_prefix": settings.answer_prefix if settings.answer_prefix is not None else answer_prefix,
     })
 
 
@@ -180,7 +211,18 @@ class PromptBuilder:
         self._specials = [t for t in self.tokenizer.all_special_tokens if t.startswith("<")]
         if self.image_token not in self._specials:
             self._specials.append(self.image_token)
-        check_chat_template(self.chat_template, lambda: self.render("", has_image=True),
+        self.system_turn = True
+        self.answer_prefix = settings.answer_prefix
+
+        def first_prompt() -> str:
+            # what the template does with a system turn and an assistant's answer, found by rendering it:
+            # inside the template check, so these renders run under its deadline and sandbox too
+            self.system_turn = self._accepts_system_turn()
+            if self.answer_prefix is None:
+                self.answer_prefix = self._template_answer_prefix()
+            return self.render("", has_image=True)
+
+        check_chat_template(self.chat_template, first_prompt,
                             getattr(self.tokenizer, "name_or_path", None) or None)
         probe = self._encode(self.render("", has_image=False))
         self.answer_ids = {label: self._answer_tokens(probe, label) + [self.end_token_id] for label in self.labels}
@@ -188,15 +230,58 @@ class PromptBuilder:
 
     def render(self, text: str, has_image: bool) -> str:
         """The prompt string up to and including the assistant's generation prompt."""
-        content = [{"type": "image"}] if has_image else []
-        content += [{"type": "text", "text": self._defuse(text)}, {"type": "text", "text": self.question}]
-        messages = [
-            {"role": "system", "content": [{"type": "text", "text": self.settings.system}]},
-            {"role": "user", "content": content},
-        ]
-        return self.processor.apply_chat_template(
-            messages, chat_template=self.chat_template, add_generation_prompt=True, tokenize=False
-        )
+        return self._apply(self.messages(self._defuse(text), has_image), add_generation_prompt=True)
+
+    def messages(self, text: str, has_image: bool, system_turn: bool | None = None) -> list[dict]:
+        """The conversation of one post: a system turn (or its text atop the user's) and the user turn, ``text``
+        as it goes in (:meth:`render` defuses a post's text first); ``system_turn`` None: what the template takes."""
+        system_turn = self.system_turn if system_turn is None else system_turn
+        system = self.settings.system
+        if self.settings.layout == "parts":
+            texts = [text, self.question]
+        else:
+            texts = ["\n".join(part for part in (text, self.question) if part)]
+        if not system_turn:
+            texts = [system, *texts] if self.settings.layout == "parts" else [f"{system}\n\n{texts[0]}"]
+        content = ([{"type": "image"}] if has_image else []) + [{"type": "text", "text": t} for t in texts]
+        messages = [{"role": "user", "content": content}]
+        if system_turn:
+            messages.insert(0, {"role": "system", "content": [{"type": "text", "text": system}]})
+        return messages
+
+    def _apply(self, messages: list[dict], add_generation_prompt: bool) -> str:
+        return self.processor.apply_chat_template(messages, chat_template=self.chat_template,
+                                                  add_generation_prompt=add_generation_prompt, tokenize=False)
+
+    def _accepts_system_turn(self) -> bool:
+        """Whether the chat template renders a system turn: False when it raises on one but renders the
+        conversation without it."""
+        from jinja2.exceptions import TemplateError
+
+        try:
+            self._apply(self.messages("", False, system_turn=True), add_generation_prompt=True)
+        except TemplateError:
+            self._apply(self.messages("", False, system_turn=False), add_generation_prompt=True)
+            return False
+        return True
+
+    def _template_answer_prefix(self) -> str:
+        """What the chat template writes between the generation prompt and an assistant's text (a space
+        after LLaVA-1.5's ``ASSISTANT:``, nothing after Qwen's ``assistant\\n``); a template that renders no
+        assistant turn after its generation prompt gets a space."""
+        from jinja2.exceptions import TemplateError
+
+        marker = "answer"
+        messages = self.messages("", False)
+        try:
+            prompt = self._apply(messages, add_generation_prompt=True)
+            turn = self._apply(messages + [{"role": "assistant", "content": [{"type": "text", "text": marker}]}],
+                               add_generation_prompt=False)
+        except TemplateError:
+            return " "
+        if not turn.startswith(prompt) or marker not in turn[len(prompt):]:
+            return " "
+        return turn[len(prompt):turn.index(marker, len(prompt))]
 
     def prompt_ids(self, text: str, has_image: bool) -> list[int]:
         """Prompt token ids (one image placeholder if ``has_image``), the text truncated to fit ``max_length``."""
@@ -239,7 +324,7 @@ class PromptBuilder:
 
     def _answer_tokens(self, probe: list[int], label: str) -> list[int]:
         """The tokens ``answer_prefix + label`` adds after a generation prompt (the tokenizer's own split there)."""
-        answer = self.settings.answer_prefix + label_text(label)
+        answer = self.answer_prefix + label_text(label)
         full = self._encode(self.render("", has_image=False) + answer)
         if full[: len(probe)] == probe and len(full) > len(probe):
             return full[len(probe):]

@@ -282,10 +282,10 @@ def train_mllm(cfg: MllmTrainConfig) -> dict:
                                                        ("chat_template", cfg.chat_template)) if v})
     image_tokens = num_image_tokens(model.vlm, model.processor)
     builder = PromptBuilder(model.processor, settings, labels, image_tokens, family=family)
-    settings = resolved_settings(settings, builder.chat_template, saved=cfg.resume)
+    settings = resolved_settings(settings, builder.chat_template, saved=cfg.resume, answer_prefix=builder.answer_prefix)
     builder = PromptBuilder(model.processor, settings, labels, image_tokens, family=family)
     run_config = MllmRunConfig(
-        base_model=BASE_DIR if tiny is not None else _stored_source(cfg.base_model),
+        base_model=BASE_DIR if tiny is not None else stored_source(cfg.base_model),
         model_family=family.name,
         mode=cfg.mode,
         lora=cfg.lora if cfg.mode != "full" else None,
@@ -417,7 +417,7 @@ def _check_run_dir(out: Path, cfg: MllmTrainConfig) -> None:
         raise SentilensError("already a run directory: pick another --out, or --resume", out)
 
 
-def _stored_source(source: str) -> str:
+def stored_source(source: str) -> str:
     """A local checkpoint folder is stored as an absolute path, an HF id as it is."""
     path = Path(source)
     return str(path.resolve()) if path.exists() else source

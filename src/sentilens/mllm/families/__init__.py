@@ -18,6 +18,8 @@ register it in :data:`REGISTRY` as ``"name": "module:Class"``, imported on first
 ``hf_class``               the transformers class of its checkpoints (loaded with ``from_pretrained``)
 ``processor_class``        the class name of its processor (a processor alone tells the family)
 ``model_types``            the ``config.model_type`` values it reads
+``classes_by_type``        the transformers class of a ``model_type`` whose checkpoints are not ``hf_class``
+                           (SmolVLM v1: ``idefics3`` -> ``Idefics3ForConditionalGeneration``)
 ``build_tiny(...)``        write a small random checkpoint + processor (tokenizer, image processor,
                            chat template) to a folder, offline; it is loaded back like a real one
 ``load_processor(source)`` the checkpoint's processor (default ``AutoProcessor.from_pretrained``)
@@ -122,6 +124,7 @@ class ModelFamily(ABC):
     hf_class: str = ""
     processor_class: str = ""
     model_types: tuple[str, ...] = ()
+    classes_by_type: dict[str, str] = {}
     unquantized_modules: tuple[str, ...] = ("vision_tower", "multi_modal_projector", "lm_head")
     pretrains_tower: bool = False
     default_image_aspect: str = "crop"
@@ -133,10 +136,11 @@ class ModelFamily(ABC):
         ...
 
     # --- checkpoints -------------------------------------------------------------------------
-    def model_class(self):
+    def model_class(self, config=None):
+        """The transformers class of a checkpoint of this family with ``config`` (None: :attr:`hf_class`)."""
         import transformers
 
-        return getattr(transformers, self.hf_class)
+        return getattr(transformers, self.classes_by_type.get(getattr(config, "model_type", None), self.hf_class))
 
     @abstractmethod
     def build_tiny(self, out_dir: str | Path, corpus: Sequence[str] = (), seed: int = 0, spec=None,
@@ -203,7 +207,8 @@ class ModelFamily(ABC):
 
 def supported_classes() -> str:
     """``"LlavaForConditionalGeneration, ..."``: the classes of every registered family."""
-    return ", ".join(get_family(name).hf_class for name in REGISTRY)
+    families = [get_family(name) for name in REGISTRY]
+    return ", ".join(name for family in families for name in (family.hf_class, *family.classes_by_type.values()))
 
 
 def get_family(name: str) -> ModelFamily:

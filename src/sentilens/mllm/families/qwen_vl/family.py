@@ -22,6 +22,7 @@ Choices here, and why:
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -45,6 +46,14 @@ from sentilens.mllm.pruning import keep_count, parse_strategy
 
 MAX_IMAGE_TOKENS = 1280
 """Most visual tokens one image becomes (Qwen2.5-VL's recommended ``max_pixels = 1280 * 28 * 28``)."""
+
+
+def capped_size(size, longest_edge: int):
+    """The image processor's ``size`` with ``longest_edge`` lowered, in the type it came in: transformers v5's
+    processors hold a ``SizeDict`` (a dataclass, not a mapping), older or hand-built ones a plain dict."""
+    if dataclasses.is_dataclass(size):
+        return dataclasses.replace(size, longest_edge=longest_edge)
+    return {**size, "longest_edge": longest_edge}
 
 
 class QwenFamily(ModelFamily):
@@ -71,7 +80,7 @@ class QwenFamily(ModelFamily):
         cell = image_processor.patch_size * image_processor.merge_size
         cap = MAX_IMAGE_TOKENS * cell * cell
         if image_processor.size["longest_edge"] > cap:
-            image_processor.size = {**image_processor.size, "longest_edge": cap}
+            image_processor.size = capped_size(image_processor.size, cap)
         return processor
 
     # --- parts: the tower is model.model.visual, its merger(s) the projector ---------------------

@@ -48,7 +48,9 @@ def build_tiny_qwen(out_dir: str | Path, family: str, corpus: Sequence[str] = ()
     spec = spec or TinyQwenSpec()
     out_dir = Path(out_dir)
     instructions = [LLAVA15_SYSTEM, *TASK_QUESTIONS.values(), "system user assistant Answer with one of:",
-                    "positive neutral negative informative not informative"]
+                    "positive neutral negative informative not informative",
+                    # ChatML answers right after 'assistant\n', with no space: the label words as a line begins
+                    "positive", "neutral", "negative", "informative", "not informative"]
     bpe = byte_level_bpe(spec.vocab_size, QWEN_SPECIALS, [*instructions, *corpus])
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>", model_max_length=4096,

@@ -1,4 +1,5 @@
-"""The SmolVLM adapter (``SmolVLMForConditionalGeneration``); the rules are the package docstring's."""
+"""The SmolVLM adapter (SmolVLM2's ``SmolVLMForConditionalGeneration``, SmolVLM v1's
+``Idefics3ForConditionalGeneration``); the rules are the package docstring's."""
 
 from __future__ import annotations
 
@@ -30,7 +31,10 @@ class SmolVLMFamily(ModelFamily):
     name = "smolvlm"
     hf_class = "SmolVLMForConditionalGeneration"
     processor_class = "SmolProcessor"
-    model_types = ("smolvlm",)
+    model_types = ("smolvlm", "idefics3")
+    classes_by_type = {"idefics3": "Idefics3ForConditionalGeneration"}
+    """SmolVLM v1 (the 256M / 500M / 2B Instruct releases) is an Idefics3 checkpoint: the same tower, connector,
+    pixel shuffle, image layout text and text model under the same names as SmolVLM2."""
     unquantized_modules = ("vision_model", "connector", "lm_head")
     pretrains_tower = False
     default_image_aspect = "crop"

@@ -24,9 +24,12 @@ class SmolProcessor(CheckpointProcessor):
     """The checkpoint's tokenizer and image processor (:class:`~sentilens.mllm.processor.CheckpointProcessor`),
     and ``image_seq_len`` (tokens per tile, from ``processor_config.json``)."""
 
-    def __init__(self, tokenizer, image_processor, image_seq_len: int, chat_template: str | None = None):
+    def __init__(self, tokenizer, image_processor, image_seq_len: int, chat_template: str | None = None,
+                 processor_class: str = "SmolVLMProcessor"):
         super().__init__(tokenizer, image_processor, chat_template)
         self.image_seq_len = image_seq_len
+        # transformers' processor class of the checkpoint (SmolVLM v1's is Idefics3Processor), saved back as it was
+        self.processor_class = processor_class
         self.image_token = "<image>"
         self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
 
@@ -37,14 +40,16 @@ class SmolProcessor(CheckpointProcessor):
         tokenizer, image_processor, template = cls.load_parts(source)
         settings = Path(source) / "processor_config.json"
         saved = json.loads(settings.read_text(encoding="utf-8")) if settings.is_file() else {}
-        return cls(tokenizer, image_processor, int(saved.get("image_seq_len", 169)), template)
+        return cls(tokenizer, image_processor, int(saved.get("image_seq_len", 169)), template,
+                   saved.get("processor_class", "SmolVLMProcessor"))
 
     def save_pretrained(self, out_dir: str | Path) -> None:
         import json
 
         super().save_pretrained(out_dir)
         (Path(out_dir) / "processor_config.json").write_text(
-            json.dumps({"processor_class": "SmolVLMProcessor", "image_seq_len": self.image_seq_len}), encoding="utf-8")
+            json.dumps({"processor_class": self.processor_class, "image_seq_len": self.image_seq_len}),
+            encoding="utf-8")
 
     def image_prompt(self, rows: int, cols: int, counts: Sequence[int] | None = None) -> str:
         """The text an image becomes (transformers' ``get_image_prompt_string``), with ``counts[t]`` image
