@@ -234,6 +234,21 @@ def test_sweep_writes_table_4_and_the_plot(full_run, manifest):
         assert plot.size == (1100, 420)
 
 
+def test_sweep_every_runs_each_registered_method_a_llava_run_can_run(full_run, manifest):
+    """LLaVA-1.5 runs every method of the registry (the family every method supports), each at the budget."""
+    result = CliRunner().invoke(app, ["sweep", "--run", str(full_run), "--data", str(manifest), "--ratios", "0.5",
+                                      "--strategy", "every", "--repeats", "1", "--json"])
+    assert result.exit_code == 0, result.output
+    sweep = json.loads((full_run / "sweep.json").read_text())
+    names = ["all", "feature", "all+merge", "all+native", "random", "random+native", "inverse", "lm:0", "divprune",
+             "downsample", "fastv:0", "dart:0", "visionzip", "cdpruner", "dpp"]
+    assert [(r["strategy"], r["ratio"]) for r in sweep["rows"]] == [(n, r) for n in names for r in (1.0, 0.5)]
+    assert "refused_strategies" not in sweep
+    vision = {r["strategy"]: r["kept_tokens"] for r in sweep["rows"] if r["ratio"] == 0.5
+              and not r["strategy"].startswith(("lm:", "fastv", "dart"))}
+    assert set(vision.values()) == {18}, vision  # ceil(0.5 x 36) for every vision-stage method
+
+
 def test_select_on_val_chooses_on_val_and_reports_on_test(full_run, manifest):
     ratios = [1.0, 0.5, 0.05]
     result = CliRunner().invoke(app, ["sweep", "--run", str(full_run), "--data", str(manifest), "--ratios",

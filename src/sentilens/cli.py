@@ -566,8 +566,10 @@ def predict_cmd(
 def strategy_option(text: str) -> str:
     """``--strategy``: checked with the filtering strategies' own parser before any run is loaded (typer
     callback); the parser's message about a tower's layers would speak of a tower that is not there yet."""
-    from sentilens.mllm.sweep import parse_strategies
+    from sentilens.mllm.sweep import EVERY_STRATEGY, parse_strategies
 
+    if text.strip() == EVERY_STRATEGY:
+        return text
     try:
         parse_strategies(text)
     except SentilensError:
@@ -576,7 +578,8 @@ def strategy_option(text: str) -> str:
 
 
 StrategyOpt = Annotated[str, typer.Option("--strategy", callback=strategy_option,
-                                          help=strategy_help() + " sweep takes a comma list.")]
+                                          help=strategy_help() + " sweep takes a comma list, or every (each "
+                                          "registered method the run's model can run).")]
 
 
 @app.command("sweep")
@@ -597,23 +600,31 @@ def sweep_cmd(
     from sentilens.data.records import read_split
     from sentilens.metrics import with_interval
     from sentilens.mllm.sweep import (
+        EVERY_STRATEGY,
         mark_selection,
         parse_ratios,
         parse_strategies,
         run_sweep,
+        runnable_strategies,
         select_ratio,
         write_sweep,
     )
     from sentilens.predict import load_predictor
 
-    ratio_list, strategies = parse_ratios(ratios), parse_strategies(strategy)
+    every = strategy.strip() == EVERY_STRATEGY
+    ratio_list, strategies = parse_ratios(ratios), [] if every else parse_strategies(strategy)
     if select_on is not None and select_on == split:
         raise SentilensError(f"--select-on {select_on} is the swept split itself: choose on another one (e.g. val)")
     posts = read_split(data, split)
     chooser = read_split(data, select_on) if select_on is not None else None
     predictor = load_predictor(run)
+    refused: dict[str, str] = {}
+    if every:  # a run without token filtering runs none: the sweep then says why
+        strategies, refused = runnable_strategies(predictor)
     selection = None if chooser is None else select_ratio(predictor, chooser, ratio_list, strategies, select_on)
     result = {"run": str(run), "split": split, **run_sweep(predictor, posts, ratio_list, strategies, repeats)}
+    if refused:
+        result["refused_strategies"] = refused
     if selection is not None:
         result = mark_selection(result, selection)
     json_path, plot_path = write_sweep(run, result)

@@ -77,7 +77,28 @@ def parse_ratios(text: str) -> list[float]:
     return list(dict.fromkeys(ratios))
 
 
+EVERY_STRATEGY = "every"
+"""``--strategy every``: each registered strategy's showcase form that the run's model can run."""
+
+
+def runnable_strategies(predictor: Predictor) -> tuple[list[Strategy], dict[str, str]]:
+    """Every registered strategy's showcase form (registry order) that ``predictor``'s model runs, and for the
+    others the one-line reason it refuses them (another family, too few tower or LM layers)."""
+    from sentilens.mllm.pruning import showcase_strategies
+
+    kept, refused = [], {}
+    for text in showcase_strategies():
+        try:
+            predictor.with_options(strategy=text)
+        except SentilensError as err:
+            refused[text] = str(err)
+            continue
+        kept.append(parse_strategy(text))
+    return kept, refused
+
+
 def parse_strategies(text: str) -> list[Strategy]:
+    """A comma list of strategies, each once, in the order given."""
     specs = [parse_strategy(part) for part in text.split(",") if part.strip()]
     if not specs:
         raise SentilensError("--strategy lists no strategy")
