@@ -111,6 +111,37 @@ def sweep_section(sweep: dict, plot: Path | None, out_dir: Path) -> str:
     return text
 
 
+def methods_section(sweep: dict) -> str:
+    """The pruning methods side by side: one row per method, one column per keep ratio below 1, each cell the
+    accuracy and the measured speedup; the best accuracy of each ratio in bold. Empty for fewer than two."""
+    strategies = list(dict.fromkeys(row["strategy"] for row in sweep["rows"]))
+    ratios = sorted({row["ratio"] for row in sweep["rows"] if row["ratio"] < 1.0}, reverse=True)
+    if len(strategies) < 2 or not ratios:
+        return ""
+    cells = {(row["strategy"], row["ratio"]): row for row in sweep["rows"]}
+    best = {r: max(cells[s, r]["accuracy"] for s in strategies if (s, r) in cells) for r in ratios}
+    rows = []
+    for strategy in strategies:
+        line = [strategy]
+        for ratio in ratios:
+            row = cells.get((strategy, ratio))
+            if row is None:
+                line.append("")
+                continue
+            accuracy = f"{row['accuracy']:.3f}"
+            line.append(f"{f'**{accuracy}**' if row['accuracy'] == best[ratio] else accuracy} "
+                        f"({row['speedup']:.2f}x)")
+        rows.append(line)
+    text = (f"## Pruning methods side by side\n\nAccuracy on {sweep['n']} {sweep.get('split', 'test')} posts "
+            "(measured speedup against each method's r = 1) at each keep ratio; the best accuracy of a ratio in "
+            "bold. A method chosen for deployment is chosen on val (`sweep --select-on val`), not here.\n\n"
+            + markdown_table(["method", *(f"r = {r:g}" for r in ratios)], rows) + "\n")
+    refused = sweep.get("refused_strategies")
+    if refused:
+        text += "\nNot run on this model: " + "; ".join(f"`{k}` ({v})" for k, v in refused.items()) + ".\n"
+    return text
+
+
 def training_section(run_dirs: Sequence[Path], out_dir: Path) -> str:
     """Each run's training curve (``RUN/plots/training.png``, drawn by the trainers), copied beside the report."""
     text = ""
@@ -232,7 +263,11 @@ def build_report(
             plot = run_dir / "plots" / "sweep.png"
             if plot.is_file():
                 plot = Path(shutil.copyfile(plot, out_dir / "plots" / f"sweep-{run_dir.name}.png"))
-            parts.append(sweep_section(read_json(run_dir / "sweep.json"), plot, out_dir))
+            sweep = read_json(run_dir / "sweep.json")
+            parts.append(sweep_section(sweep, plot, out_dir))
+            methods = methods_section(sweep)
+            if methods:
+                parts.append(methods)
     if cue_attention is not None:
         parts.append(cue_section(cue_attention))
     if records:
