@@ -23,6 +23,7 @@ language model's FLOP count follows the per-layer token counts
 from __future__ import annotations
 
 import re
+from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, ClassVar
@@ -37,7 +38,7 @@ LM_STAGE_ATTENTION = "sentilens_lm_stage"
 """The attention implementation a language model runs under while an LM-stage plan is active."""
 
 
-class LmStrategy(Strategy):
+class LmStrategy(Strategy, ABC):
     """The base of the LM-stage strategies: written ``NAME:K`` (or ``NAME`` for its ``default_layer``), it gives
     each prompt position a priority at layer ``K`` (:meth:`lm_priorities`); each post keeps its ``ceil(r N)``
     visual tokens of highest priority for the layers after ``K``."""
@@ -58,11 +59,11 @@ class LmStrategy(Strategy):
             return None
         return {"lm_layer": cls.default_layer if found.group(1) is None else int(found.group(1))}
 
+    @abstractmethod
     def lm_priorities(self, plan: LmPlan, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                       scaling: float) -> torch.Tensor:
         """``(B, width)`` float priorities of the prompt's positions (only the visual ones are read) from layer
         ``K``'s rotated ``query`` ``(B, H, Q, D)``, ``key`` and ``value`` ``(B, H_kv, Kv, D)``."""
-        raise NotImplementedError
 
 
 def repeated_keys(plan: LmPlan, key: torch.Tensor, heads: int) -> torch.Tensor:

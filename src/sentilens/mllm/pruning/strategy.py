@@ -160,7 +160,9 @@ class Strategy:
     def unit_scores(self, units: UnitInputs) -> torch.Tensor:
         """``(units.count,)`` scores of one image's units for a strategy that reads no attention (higher: kept
         first)."""
-        raise NotImplementedError(f"strategy '{self}' scores tokens by the tower's attention")
+        # Families call this only when ``scored`` is False; an attention-reading strategy gets its scores
+        # from the tower's hooked pass instead, so reaching here is a caller's bug, not a user's mistake.
+        raise TypeError(f"strategy '{self}' scores tokens by the tower's attention, not by unit_scores")
 
     def ranking(self, scores: torch.Tensor) -> torch.Tensor:
         """The priorities tokens are kept by (highest first) given their ``scores``: the scores themselves."""
@@ -171,5 +173,8 @@ class Strategy:
         return self.ranking(scores)
 
     def merge_groups(self, scores: torch.Tensor, budget: int, features: torch.Tensor) -> torch.Tensor:
-        """``(N,)`` the unit each unit's row is averaged into, -1 for none (:attr:`merges_rest` strategies)."""
-        raise NotImplementedError(f"strategy '{self}' merges no units")
+        """``(N,)`` the unit each unit's row is averaged into, -1 for none; overridden by the
+        :attr:`merges_rest` strategies, every other strategy merges nothing."""
+        import torch
+
+        return torch.full((scores.shape[0],), -1, dtype=torch.long, device=scores.device)
