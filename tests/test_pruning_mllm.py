@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import time
 
 import pytest
 import torch
@@ -228,6 +229,8 @@ def test_sweep_writes_table_4_and_the_plot(full_run, manifest):
         assert row["vision_ms"] + row["lm_ms"] <= row["total_ms"] * 1.001
         # the whole call = the split's total + the image decoding (one pass, repeats = 1)
         assert row["total_ms"] + row["image_decode_ms"] == pytest.approx(row["latency_ms_per_post"], rel=1e-6)
+        assert 0 < row["selection_ms"] < row["vision_ms"], row  # the CLS scoring + the pick, inside the tower stage
+        assert "kept_tokens_per_layer" not in row, "a vision-stage method's tokens are the same in every LM layer"
     assert "selection" not in sweep and all("selected" not in r for r in rows)
     assert sweep["n"] == 8 and sweep["split"] == "test"
     with Image.open(full_run / "plots" / "sweep.png") as plot:
@@ -247,6 +250,37 @@ def test_sweep_every_runs_each_registered_method_a_llava_run_can_run(full_run, m
     vision = {r["strategy"]: r["kept_tokens"] for r in sweep["rows"] if r["ratio"] == 0.5
               and not r["strategy"].startswith(("lm:", "fastv", "dart"))}
     assert set(vision.values()) == {18}, vision  # ceil(0.5 x 36) for every vision-stage method
+    layers = load_predictor(full_run).lm_layers()
+    for row in sweep["rows"]:
+        assert row["selection_ms"] >= 0
+        if row["strategy"].startswith(("lm:", "fastv", "dart")):  # K = 0: layer 0 sees all 36, the others the kept
+            assert row["kept_tokens_per_layer"] == [36] + [row["kept_tokens"]] * (layers - 1)
+            assert row["selection_ms"] < row["lm_ms"]
+        else:
+            assert "kept_tokens_per_layer" not in row
+
+
+def test_sweep_selection_cost_times_the_method_s_own_choosing(full_run, manifest, monkeypatch):
+    """A method made slower in its own scoring by a known 20 ms an image shows it in selection_ms, not elsewhere."""
+    from sentilens.mllm.pruning import DiversityPrune, parse_strategy
+    from sentilens.mllm.sweep import run_sweep
+
+    plain = DiversityPrune.unit_scores
+
+    def slow(self, units):
+        time.sleep(0.02)
+        return plain(self, units)
+
+    posts = read_split(manifest, "test")
+    images = sum(1 for p in posts if p.image)
+    predictor = load_predictor(full_run)
+    before = {r["ratio"]: r for r in run_sweep(predictor, posts, [0.5], [parse_strategy("divprune")], 1)["rows"]}
+    monkeypatch.setattr(DiversityPrune, "unit_scores", slow)
+    after = {r["ratio"]: r for r in run_sweep(predictor, posts, [0.5], [parse_strategy("divprune")], 1)["rows"]}
+    for ratio in (1.0, 0.5):
+        added = after[ratio]["selection_ms"] - before[ratio]["selection_ms"]
+        assert added >= 20 * images / len(posts) * 0.95, (ratio, added)
+        assert after[ratio]["selection_ms"] < after[ratio]["vision_ms"]
 
 
 def test_select_on_val_chooses_on_val_and_reports_on_test(full_run, manifest):
@@ -315,9 +349,11 @@ def test_prediction_stages_are_recorded_only_when_asked(full_run, manifest):
     posts = read_split(manifest, "test")
     with record_stages() as stages:
         predictor.predict(posts, keep_ratio=0.5)
-    assert set(stages) == {"image", "vision", "lm"} and all(v > 0 for v in stages.values())
+    # "select": the CLS scoring the tower pass adds and the pick, inside "vision"
+    assert set(stages) == {"image", "vision", "lm", "select"} and all(v > 0 for v in stages.values())
+    assert stages["select"] < stages["vision"]
     predictor.predict(posts, keep_ratio=0.5)
-    assert set(stages) == {"image", "vision", "lm"}, "nothing is recorded outside record_stages"
+    assert set(stages) == {"image", "vision", "lm", "select"}, "nothing is recorded outside record_stages"
     text_only = [p for p in posts if p.image is None]
     with record_stages() as stages:
         predictor.predict(text_only)

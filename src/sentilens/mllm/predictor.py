@@ -128,6 +128,11 @@ class MllmPredictor:
                 total[part] = total.get(part, 0.0) + value
         return {part: value / max(len(posts), 1) for part, value in total.items()}
 
+    def lm_layers(self) -> int:
+        """The language model's decoder layers (what an LM-stage method's per-layer token counts span)."""
+        vlm = self.model.vlm
+        return len(family_of(vlm).language_model(vlm).layers)
+
     def predict(self, posts: Sequence[Post], keep_ratio: float | None = None) -> list[Prediction]:
         return predict_posts(self.model.vlm, self.builder, list(posts), self.batch_size,
                              reducer=self.reducer(keep_ratio), decode=self.decode,

@@ -26,7 +26,13 @@ the language model's share of the FLOPs at ``r = 1``; the plot goes to ``RUN/plo
 Each row also splits the time per post by stage (:mod:`sentilens.stages`), from the pass with the
 median whole-call time: ``vision_ms`` (vision tower + token scoring + projector), ``lm_ms`` (the
 language model's prefill) and ``total_ms`` (the whole ``predict`` call without the image files'
-reading, decoding and preprocessing, reported apart as ``image_decode_ms``).
+reading, decoding and preprocessing, reported apart as ``image_decode_ms``), and ``selection_ms``, the
+method's own selection cost per post, from the same pass: the time the prediction spends inside the
+method's choosing of tokens, timed around that step itself (:data:`sentilens.stages.SELECT` lists what is
+timed: its own scores, the ranking and pick, and for an attention-scored method the scoring its tower pass
+adds; it lies inside ``vision_ms``, or inside ``lm_ms`` for an LM-stage method). An LM-stage method's row
+also has ``kept_tokens_per_layer``: the visual tokens each decoder layer sees, the r = 1 count for layers
+``0..K`` and the kept count after (from the strategy's ``K`` and the measured counts).
 
 The paper reads its best ratio off the test set. ``sweep --select-on val`` instead picks the
 strategy and ratio with the best weighted F1 on val (:func:`select_ratio`) and flags that row of
@@ -49,7 +55,7 @@ from sentilens.mllm.pruning import DEFAULT_STRATEGY, Strategy, keep_count, parse
 from sentilens.outputs import save_figure
 from sentilens.predict import Predictor, check_keep_ratio, check_labelled, prediction_metrics
 from sentilens.runs import write_json
-from sentilens.stages import record_stages
+from sentilens.stages import SELECT, record_stages
 
 DEFAULT_RATIOS = (1.0, 0.8, 0.6, 0.4, 0.2, 0.05)
 
@@ -151,16 +157,20 @@ def run_sweep(predictor: Predictor, posts: Sequence[Post], ratios: Sequence[floa
             middle = sorted(range(repeats), key=lambda rep, ratio=ratio: seconds[ratio][rep])[(repeats - 1) // 2]
             split = stage_seconds[ratio][middle]
             ms = 1000 / len(posts)
+            kept = _mean_kept(predictions[ratio], image_tokens, ratio)
+            every = _mean_kept(predictions[1.0], image_tokens, 1.0)
+            per_layer = {} if spec.stage != "lm" else {
+                "kept_tokens_per_layer": tokens_per_layer(every, kept, spec.lm_layer, predictor.lm_layers())}
             rows.append({
                 "strategy": str(spec), "ratio": ratio,
-                "kept_tokens": _mean_kept(predictions[ratio], image_tokens, ratio),
-                "image_tokens": _mean_kept(predictions[1.0], image_tokens, 1.0), "accuracy": metrics["accuracy"],
+                "kept_tokens": kept, **per_layer, "image_tokens": every, "accuracy": metrics["accuracy"],
                 "weighted_f1": metrics["weighted_f1"], "macro_f1": metrics["macro_f1"],
                 "accuracy_ci": metrics["accuracy_ci"], "weighted_f1_ci": metrics["weighted_f1_ci"],
                 "latency_ms_per_post": 1000 * statistics.median(seconds[ratio]) / len(posts), "speedup": speedup,
                 "end_to_end_speedup": end_to_end, "ideal_speedup": ideal, "speedup_of_ideal": speedup / ideal,
                 "vision_ms": ms * split["vision"], "lm_ms": ms * split["lm"],
                 "total_ms": ms * (seconds[ratio][middle] - split["image"]), "image_decode_ms": ms * split["image"],
+                "selection_ms": ms * split["select"],
                 "gflops_per_post": flops[ratio]["total"] / 1e9,
                 "reference_run": ratio not in ratios,
             })
@@ -183,12 +193,20 @@ def _mean_kept(predictions: Sequence, image_tokens: int, ratio: float) -> float 
     return int(mean) if mean == int(mean) else round(mean, 2)
 
 
-STAGES = ("image", "vision", "lm")
-"""The stages :mod:`sentilens.stages` marks in a prediction."""
+STAGES = ("image", "vision", "lm", SELECT)
+"""The stages :mod:`sentilens.stages` marks in a prediction (``select`` lies inside ``vision`` or ``lm``)."""
+
+
+def tokens_per_layer(every: float | int, kept: float | int, layer: int, layers: int) -> list[float | int]:
+    """The visual tokens each of ``layers`` decoder layers sees under an LM-stage method scoring at ``layer``
+    (0-based): ``every`` for layers ``0..layer``, ``kept`` after."""
+    return [every] * (layer + 1) + [kept] * (layers - layer - 1)
 
 TIME_SPLIT = ("per post, from the pass with the median whole-call time: vision_ms = vision tower + token scoring + "
               "projector, lm_ms = the language model's prefill, total_ms = the whole predict call without "
-              "image_decode_ms (reading, decoding and preprocessing the image files, reported apart); "
+              "image_decode_ms (reading, decoding and preprocessing the image files, reported apart), selection_ms = "
+              "the method's own choosing of tokens (inside vision_ms, or lm_ms for an LM-stage method; "
+              "sentilens.stages.SELECT lists what is timed); "
               "latency_ms_per_post and end_to_end_speedup include the image decoding, speedup does not (it times "
               "the model's work, which the FLOP-ideal counts)")
 

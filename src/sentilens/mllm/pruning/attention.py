@@ -41,6 +41,7 @@ import torch
 from torch import nn
 
 from sentilens.errors import SentilensError
+from sentilens.stages import selection
 
 QUERY_CHUNK_ELEMENTS = 1 << 27
 """Largest attention block (maps x queries x keys) :func:`received_attention_only` holds at once on a GPU
@@ -158,7 +159,8 @@ class AttentionScorer:
         # attention does); softmax and the means wait for the end of the forward, where they run once over all
         # layers. Per-layer float copies of K and per-layer softmaxes cost x1.27-1.59 over the tower on an H200
         # (launch- and memory-bound; token_filtering_gpu.json).
-        self._logits.append((cls_logits(q[:, 0], k, attn.num_heads), attn.scale))
+        with selection():
+            self._logits.append((cls_logits(q[:, 0], k, attn.num_heads), attn.scale))
 
     def _received(self, layer_scores: torch.Tensor) -> None:
         """A no-CLS scored layer's ``(B, T)`` mean attention received, from :func:`attention_with_received`."""
@@ -167,7 +169,8 @@ class AttentionScorer:
 
     def _finish(self, module: nn.Module, args: tuple, output: object) -> None:
         if self._logits:
-            self._sum = cls_scores_from_logits(self._logits)
+            with selection():
+                self._sum = cls_scores_from_logits(self._logits)
             self._logits = []
         if self._sum is None:
             raise RuntimeError("the vision tower ran without reaching the scored layers")
@@ -235,7 +238,8 @@ def attention_with_received(query: torch.Tensor, key: torch.Tensor, value: torch
     budget = CPU_QUERY_CHUNK_ELEMENTS if query.device.type == "cpu" else QUERY_CHUNK_ELEMENTS
     for block, queries in attention_blocks(maps, tokens, budget):
         weights = torch.softmax(torch.matmul(q[block, queries], k_t[block]), dim=-1)
-        received[block] += weights.sum(dim=-2)
+        with selection():  # the scoring: a column sum over the block the layer's output needs anyway
+            received[block] += weights.sum(dim=-2)
         out[block, queries] = torch.matmul(weights.to(v.dtype), v[block])
     out = out.view(batch, heads, tokens, -1).transpose(1, 2).contiguous()
     return out, received.view(batch, heads, tokens).sum(dim=1) / (tokens * heads)
@@ -315,7 +319,8 @@ def _scoring_attention(module, query, key, value, attention_mask, scaling=None, 
     if route == "layer":
         out, received = attention_with_received(query, key, value, scale, attention_mask)
     else:
-        received = received_by_route(route, query, key, scale, attention_mask)
+        with selection():  # a pass of its own beside the tower's kernel: all of it is the scoring
+            received = received_by_route(route, query, key, scale, attention_mask)
         out = kernel(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)[0]
     sink(received)
     return out, None

@@ -208,12 +208,15 @@ def _lm_stage_attention(module, query, key, value, attention_mask, scaling=None,
     the layers after it masking the dropped tokens."""
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+    from sentilens.stages import selection
+
     kernel = ALL_ATTENTION_FUNCTIONS.get_interface("sdpa", None)
     plan = _ACTIVE[id(module.config)]
     layer = module.layer_idx
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
     if layer == plan.layer and plan.keep is None:
-        plan.choose(query, key, value, scale)
+        with selection():
+            plan.choose(query, key, value, scale)
     if layer > plan.layer and plan.keep is not None:
         attention_mask = plan.mask(attention_mask, query, key)
     if query.shape[2] > 1:  # a pass over the prompt (the prefill, or label scoring's one pass)

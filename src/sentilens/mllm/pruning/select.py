@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from sentilens.errors import SentilensError
+from sentilens.stages import selection as timed_selection
 
 CONTEXT_SHARE = 6
 """One contextual token per this many kept tokens under ``merge`` (VisionZip's 10 of 64)."""
@@ -89,11 +90,12 @@ class FlatUnits:
 def choose(units: Units, scores: torch.Tensor, k: int, strategy, features: torch.Tensor | None = None) -> Selection:
     """The ``k`` tokens ``strategy`` keeps among ``units`` scored ``scores``, under the units' budget rule;
     ``features`` ``(N, D)``: the units' rows, for a strategy that merges by them (:attr:`Selection.groups`)."""
-    selection = Selection(kept=units.pick(strategy.priorities(scores, k), k), scores=scores)
-    if strategy.merges_rest and k < units.size:
-        if features is None:
-            raise RuntimeError(f"strategy '{strategy}' merges by the units' rows and was given none")
-        selection.groups = strategy.merge_groups(scores, k, features)
+    with timed_selection():
+        selection = Selection(kept=units.pick(strategy.priorities(scores, k), k), scores=scores)
+        if strategy.merges_rest and k < units.size:
+            if features is None:
+                raise RuntimeError(f"strategy '{strategy}' merges by the units' rows and was given none")
+            selection.groups = strategy.merge_groups(scores, k, features)
     return selection
 
 
@@ -142,9 +144,10 @@ def reduce_image(features: torch.Tensor, scores: torch.Tensor, keep_ratio: float
     ``strategy`` (with ``+merge``, dominant tokens then contextual ones from ``keys``)."""
     total = keep_count(features.shape[0], keep_ratio)
     n_context = total // CONTEXT_SHARE if strategy.merges and total < features.shape[0] else 0
-    selection = choose(FlatUnits(features.shape[0]), scores, total - n_context, strategy, features)
-    reduced = gather_rows(features, selection)
-    if n_context:
-        reduced = torch.cat([reduced, merge_context(features, keys, selection.kept, n_context)])
+    with timed_selection():
+        selection = choose(FlatUnits(features.shape[0]), scores, total - n_context, strategy, features)
+        reduced = gather_rows(features, selection)
+        if n_context:
+            reduced = torch.cat([reduced, merge_context(features, keys, selection.kept, n_context)])
     selection.tokens = reduced
     return selection

@@ -23,6 +23,7 @@ from sentilens.mllm.pruning.filters import parsed
 from sentilens.mllm.pruning.select import Selection, keep_count, reduce_image
 from sentilens.mllm.pruning.strategy import Strategy, UnitInputs
 from sentilens.mllm.pruning.top_attention import feature_layer_index, layer_indices
+from sentilens.stages import selection as timed_selection
 
 
 def encode_images(llava, pixel_values: Tensor) -> Tensor:
@@ -101,15 +102,17 @@ class TokenFilter:
                 raise SentilensError(f"strategy '{strategy}' pools a square patch grid; this tower gives "
                                      f"{features.shape[1]} patches")
             budget = keep_count(features.shape[1], self.keep_ratio)
-            self.last = [area_pool(image, budget, side, side) for image in features]
+            with timed_selection():
+                self.last = [area_pool(image, budget, side, side) for image in features]
             return [selection.tokens for selection in self.last]
         if not strategy.scored:
             count = features.shape[1]
             budget = keep_count(count, self.keep_ratio)
-            self.last = [reduce_image(features[i], strategy.unit_scores(UnitInputs(
-                pixel_values[i], count, budget, features[i], relevance=self.relevance(i, features[i], budget)))
-                                      .to(features.device), self.keep_ratio, strategy)
-                         for i in range(features.shape[0])]
+            with timed_selection():
+                self.last = [reduce_image(features[i], strategy.unit_scores(UnitInputs(
+                    pixel_values[i], count, budget, features[i], relevance=self.relevance(i, features[i], budget)))
+                                          .to(features.device), self.keep_ratio, strategy)
+                             for i in range(features.shape[0])]
             return [selection.tokens for selection in self.last]
         scorer = self.scorer
         seen = scorer.pixel_values

@@ -17,6 +17,7 @@ from sentilens.mllm.families.llava.family import LlavaFamily
 from sentilens.mllm.families.llava_next.layout import NEWLINE, AnyResTokenFilter
 from sentilens.mllm.families.llava_next.tiny import build_tiny
 from sentilens.mllm.pruning import parse_strategy
+from sentilens.stages import selection as timed_selection
 
 NEXT_CHAT_TEMPLATE = Path(__file__).with_name("template.jinja").read_text(encoding="utf-8")
 """LLaVA-NeXT-Mistral's format (``llava-v1.6-mistral-7b-hf``): ``[INST] system, image, text, question [/INST]``."""
@@ -111,7 +112,8 @@ class LlavaNextFamily(LlavaFamily):
             slots = layouts
         else:
             real = [pixels[:n] for pixels, n in zip(pixel_values, counts, strict=True)]
-            kept = reducer.choose(layouts, counts, real, per_image)  # positions in each layout
+            with timed_selection():
+                kept = reducer.choose(layouts, counts, real, per_image)  # positions in each layout
             slots = [layout[positions] for layout, positions in zip(layouts, kept, strict=True)]
         projector = self.projector(model)
         newline = model.model.image_newline

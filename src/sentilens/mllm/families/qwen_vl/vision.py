@@ -26,6 +26,7 @@ from sentilens.mllm.pruning import (
     parse_strategy,
     received_attention,
 )
+from sentilens.stages import selection as timed_selection
 
 QWEN_MODEL_TYPES = {"qwen2_5_vl": "Qwen2.5-VL", "qwen3_vl": "Qwen3-VL"}
 
@@ -196,13 +197,18 @@ class ReceivedAttention:
 
     def _layer_done(self, index: int):
         def hook(module, args, output) -> None:
-            received = torch.cat(self._parts.pop(index))  # the layer's images, in the tower's token order
-            self._sum = received if self._sum is None else self._sum + received
+            with timed_selection():
+                received = torch.cat(self._parts.pop(index))  # the layer's images, in the tower's token order
+                self._sum = received if self._sum is None else self._sum + received
         return hook
 
     def _finish(self, module, args, output) -> None:
         if self._sum is None:
             raise RuntimeError("the vision tower ran without reaching the scored layers")
+        with timed_selection():
+            self._scores_from_sum()
+
+    def _scores_from_sum(self) -> None:
         visual = self.visual
         per_patch = self._sum / len(self.layers)
         per_block = per_patch.view(-1, visual.spatial_merge_unit).mean(dim=1)  # a merged token = its 2x2 block
@@ -237,8 +243,10 @@ class QwenTokenFilter:
         for i, blocks in enumerate(tower.blocks):
             n = blocks.shape[0]
             if self.scorer is None:  # a unit's row is the merger's input: its 2 x 2 block, concatenated
-                scores = self.strategy.unit_scores(UnitInputs(images.pixel_values[starts[i]:starts[i + 1]], n,
-                                                              keep_count(n, self.keep_ratio), blocks.reshape(n, -1)))
+                with timed_selection():
+                    scores = self.strategy.unit_scores(UnitInputs(images.pixel_values[starts[i]:starts[i + 1]], n,
+                                                                  keep_count(n, self.keep_ratio),
+                                                                  blocks.reshape(n, -1)))
             else:
                 scores = self.scorer.scores[i].float().cpu()
             self.last.append(choose(FlatUnits(n), scores, keep_count(n, self.keep_ratio), self.strategy,

@@ -22,6 +22,7 @@ from sentilens.mllm.pruning import (
     layer_indices,
     parse_strategy,
 )
+from sentilens.stages import selection as timed_selection
 
 SMOL_CHAT_TEMPLATE = Path(__file__).with_name("template.jinja").read_text(encoding="utf-8")
 """SmolVLM-Instruct's format (``<|im_start|>User:<image>...<end_of_utterance>\\nAssistant:``), text parts on lines."""
@@ -180,7 +181,8 @@ class SmolVLMFamily(ModelFamily):
         else:
             real = [pixels[:n] for pixels, n in zip(pixel_values, counts, strict=True)]
             unit_rows = [rows.reshape(-1, rows.shape[-1]) for rows in per_image]
-            kept = reducer.choose(counts, real, self.shuffle_groups(model), unit_rows)
+            with timed_selection():
+                kept = reducer.choose(counts, real, self.shuffle_groups(model), unit_rows)
         out = []
         for i, (rows, chosen) in enumerate(zip(per_image, kept, strict=True)):
             flat = rows.reshape(-1, rows.shape[-1])
