@@ -304,6 +304,25 @@ def test_select_on_val_chooses_on_val_and_reports_on_test(full_run, manifest):
     assert same.exit_code != 0 and "choose on another one" in str(same.exception)
 
 
+def test_report_chooses_the_method_per_budget_on_the_sweep_s_val_rows(full_run, manifest, tmp_path):
+    runner = CliRunner()
+    result = runner.invoke(app, ["sweep", "--run", str(full_run), "--data", str(manifest), "--ratios", "0.5",
+                                 "--strategy", "all,random", "--repeats", "1", "--select-on", "val"])
+    assert result.exit_code == 0, result.output
+    candidates = json.loads((full_run / "sweep.json").read_text())["selection"]["candidates"]
+    val = {c["strategy"]: c["weighted_f1"] for c in candidates if c["ratio"] == 0.5}
+    expected = "all" if val["all"] >= val["random"] else "random"  # ties: the method listed first
+    result = runner.invoke(app, ["report", "--runs", str(full_run), "--out", str(tmp_path / "r"), "--split", "val"])
+    assert result.exit_code == 0, result.output
+    report = (tmp_path / "r" / "report.md").read_text()
+    assert f"| 0.5 | `{expected}` | {val[expected]:.3f} |" in report  # the default: chosen on val
+    assert (tmp_path / "r" / "plots" / "methods-full.png").is_file()
+    result = runner.invoke(app, ["report", "--runs", str(full_run), "--out", str(tmp_path / "t"), "--split", "val",
+                                 "--select-on", "train"])
+    assert result.exit_code == 0, result.output
+    assert "This sweep holds no train rows" in (tmp_path / "t" / "report.md").read_text()
+
+
 def test_sweep_rejects_bad_ratios(full_run, manifest):
     result = CliRunner().invoke(app, ["sweep", "--run", str(full_run), "--data", str(manifest), "--ratios", "0.5,1.5"])
     assert result.exit_code != 0

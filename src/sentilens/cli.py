@@ -716,6 +716,9 @@ def report_cmd(
     data: Annotated[Path | None, typer.Option("--data", help="Manifest folder: adds its counts table.")] = None,
     ablation: Annotated[Path | None, typer.Option("--ablation", help="ablation.json of 'ablate fusion'.")] = None,
     split: SplitOpt = "test",
+    select_on: Annotated[str, typer.Option(
+        "--select-on", help="The split a sweep's best pruning method per budget is chosen on (its rows come from "
+                            "'sweep --select-on'); the swept split only reports the choice.")] = "val",
 ) -> None:
     """The papers' tables (Table 3 layout, ablation, Table 4 layout) and plots for any runs."""
     from sentilens.data.records import read_stats
@@ -727,7 +730,7 @@ def report_cmd(
         raise SentilensError(f"no metrics-{split}.json: run 'sentilens eval --run {missing[0]} --split {split}' first",
                              missing[0])
     path = build_report(out_dir, runs, stats=read_stats(data) if data else None,
-                        ablation=read_json(ablation) if ablation else None, split=split)
+                        ablation=read_json(ablation) if ablation else None, split=split, select_on=select_on)
     out.print(f"report: {path}")
 
 

@@ -111,15 +111,22 @@ def sweep_section(sweep: dict, plot: Path | None, out_dir: Path) -> str:
     return text
 
 
-def methods_section(sweep: dict) -> str:
+def methods_section(sweep: dict, select_on: str | None = "val", plot: Path | None = None,
+                    out_dir: Path | None = None) -> str:
     """The pruning methods side by side: one row per method, one column per keep ratio below 1, each cell the
-    accuracy and the measured speedup; the best accuracy of each ratio in bold. Empty for fewer than two."""
-    strategies = list(dict.fromkeys(row["strategy"] for row in sweep["rows"]))
+    accuracy and the measured speedup; the best accuracy of each ratio in bold. Empty for fewer than two.
+
+    ``select_on``: the split the best method per budget is chosen on (:func:`chosen_per_budget`), never the
+    swept one; the choice is marked in the table and listed with its score there and on the swept split. A sweep
+    without rows of that split says so in one line. ``plot``: the accuracy-against-speedup plot to link."""
+    strategies = list(dict.fromkeys(row.get("strategy", "") for row in sweep["rows"]))
     ratios = sorted({row["ratio"] for row in sweep["rows"] if row["ratio"] < 1.0}, reverse=True)
     if len(strategies) < 2 or not ratios:
         return ""
-    cells = {(row["strategy"], row["ratio"]): row for row in sweep["rows"]}
+    split = sweep.get("split", "test")
+    cells = {(row.get("strategy", ""), row["ratio"]): row for row in sweep["rows"]}
     best = {r: max(cells[s, r]["accuracy"] for s in strategies if (s, r) in cells) for r in ratios}
+    chosen = None if select_on is None else chosen_per_budget(sweep, select_on, ratios)
     rows = []
     for strategy in strategies:
         line = [strategy]
@@ -129,17 +136,97 @@ def methods_section(sweep: dict) -> str:
                 line.append("")
                 continue
             accuracy = f"{row['accuracy']:.3f}"
+            mark = " †" if chosen and ratio in chosen and chosen[ratio]["strategy"] == strategy else ""
             line.append(f"{f'**{accuracy}**' if row['accuracy'] == best[ratio] else accuracy} "
-                        f"({row['speedup']:.2f}x)")
+                        f"({row['speedup']:.2f}x){mark}")
         rows.append(line)
-    text = (f"## Pruning methods side by side\n\nAccuracy on {sweep['n']} {sweep.get('split', 'test')} posts "
+    text = (f"## Pruning methods side by side\n\nAccuracy on {sweep['n']} {split} posts "
             "(measured speedup against each method's r = 1) at each keep ratio; the best accuracy of a ratio in "
-            "bold. A method chosen for deployment is chosen on val (`sweep --select-on val`), not here.\n\n"
+            f"bold (read off {split}: a description, not a choice)"
+            + ("" if not chosen else f"; † the method chosen for that budget on {select_on}") + ".\n\n"
             + markdown_table(["method", *(f"r = {r:g}" for r in ratios)], rows) + "\n")
+    if select_on is not None:
+        text += "\n" + selection_text(sweep, select_on, chosen, cells, best) + "\n"
     refused = sweep.get("refused_strategies")
     if refused:
         text += "\nNot run on this model: " + "; ".join(f"`{k}` ({v})" for k, v in refused.items()) + ".\n"
+    if plot is not None and out_dir is not None and plot.is_file():
+        text += f"\n![accuracy against measured speedup]({os.path.relpath(plot, out_dir)})\n"
     return text
+
+
+def select_rows(sweep: dict, select_on: str) -> list[dict]:
+    """The rows a sweep holds of split ``select_on``: those ``sweep --select-on`` scored there (its
+    ``selection.candidates``); none when the sweep chose on another split or on none."""
+    selection = sweep.get("selection") or {}
+    return list(selection.get("candidates") or []) if selection.get("on") == select_on else []
+
+
+def chosen_per_budget(sweep: dict, select_on: str, ratios: Sequence[float]) -> dict[float, dict]:
+    """Per keep ratio, the method with the best score on ``select_on``'s rows (the metric the sweep chose by,
+    weighted F1 by default; ties to the method listed first); a ratio not scored there has no choice."""
+    metric = (sweep.get("selection") or {}).get("metric", "weighted_f1")
+    chosen: dict[float, dict] = {}
+    for row in select_rows(sweep, select_on):
+        ratio = row["ratio"]
+        if ratio in ratios and (ratio not in chosen or row[metric] > chosen[ratio][metric]):
+            chosen[ratio] = {**row, "metric": metric}
+    return chosen
+
+
+METRIC_NAMES = {"accuracy": "accuracy", "weighted_f1": "weighted F1", "macro_f1": "macro F1"}
+
+
+def selection_text(sweep: dict, select_on: str, chosen: dict[float, dict] | None, cells: dict,
+                   best: dict[float, float]) -> str:
+    """The methods chosen per budget on ``select_on`` with their scores there and on the swept split, or the one
+    line saying the sweep has no rows to choose on."""
+    split = sweep.get("split", "test")
+    if select_on == split:
+        return (f"The {split} split is the swept one, so it cannot choose the method it reports: no method is "
+                "chosen per budget here (choose on another split, e.g. `--select-on val`).")
+    if not chosen:
+        return (f"This sweep holds no {select_on} rows (`sentilens sweep --select-on {select_on}` scores them), so "
+                "no method is chosen per budget here.")
+    metric = next(iter(chosen.values()))["metric"]
+    named = METRIC_NAMES.get(metric, metric)
+    n = (sweep.get("selection") or {}).get("n", "")
+    rows = []
+    for ratio, row in sorted(chosen.items(), reverse=True):
+        reported = cells.get((row["strategy"], ratio))
+        accuracy = "" if reported is None else f"{reported['accuracy']:.3f}"
+        rows.append([f"{ratio:g}", f"`{row['strategy']}`", f"{row[metric]:.3f}", accuracy,
+                     "yes" if reported is not None and reported["accuracy"] == best[ratio] else "no"])
+    return (f"The method to deploy at each budget, chosen on {select_on} ({n} posts; best {named}, "
+            f"ties to the method listed first), then reported on {split}, which did not choose it:\n\n"
+            + markdown_table(["ratio", f"chosen on {select_on}", f"{select_on} {named}",
+                              f"{split} accuracy", f"also the {split} best"], rows))
+
+
+def plot_methods(sweep: dict, path: Path) -> Path:
+    """:func:`methods_figure` written to ``path``."""
+    fig = methods_figure(sweep)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_figure(fig, path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def methods_figure(sweep: dict):
+    """Accuracy against measured speedup, one line per method, a point per keep ratio (labelled with it)."""
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    for strategy in dict.fromkeys(row.get("strategy", "") for row in sweep["rows"]):
+        rows = sorted((r for r in sweep["rows"] if r.get("strategy", "") == strategy), key=lambda r: -r["ratio"])
+        line = ax.plot([r["speedup"] for r in rows], [r["accuracy"] for r in rows], marker="o", label=strategy)[0]
+        for row in rows:
+            ax.annotate(f"{row['ratio']:g}", (row["speedup"], row["accuracy"]), textcoords="offset points",
+                        xytext=(3, 3), fontsize=7, color=line.get_color())
+    ax.set(xlabel="measured speedup vs the method's r = 1 (x)", ylabel="accuracy",
+           title=f"accuracy against speedup ({sweep['n']} {sweep.get('split', 'test')} posts; labels: keep ratio)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    return fig
 
 
 def training_section(run_dirs: Sequence[Path], out_dir: Path) -> str:
@@ -238,10 +325,12 @@ def build_report(
     cue_attention: dict | None = None,
     split: str = "test",
     notes: str | None = None,
+    select_on: str | None = "val",
 ) -> Path:
     """Write ``out_dir/report.md`` (+ ``plots/``) comparing ``run_dirs``; returns the report path.
 
-    Sections without material (no sweep.json in any run, no ablation) are left out.
+    Sections without material (no sweep.json in any run, no ablation) are left out. ``select_on``: the split the
+    best pruning method per budget is chosen on (:func:`methods_section`).
     """
     out_dir = Path(out_dir)
     (out_dir / "plots").mkdir(parents=True, exist_ok=True)
@@ -265,7 +354,9 @@ def build_report(
                 plot = Path(shutil.copyfile(plot, out_dir / "plots" / f"sweep-{run_dir.name}.png"))
             sweep = read_json(run_dir / "sweep.json")
             parts.append(sweep_section(sweep, plot, out_dir))
-            methods = methods_section(sweep)
+            several = len({row.get("strategy", "") for row in sweep["rows"]}) > 1
+            figure = plot_methods(sweep, out_dir / "plots" / f"methods-{run_dir.name}.png") if several else None
+            methods = methods_section(sweep, select_on, figure, out_dir)
             if methods:
                 parts.append(methods)
     if cue_attention is not None:
