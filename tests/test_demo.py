@@ -13,7 +13,7 @@ pytestmark = pytest.mark.slow  # trains real models: left out of `make test-fast
 
 
 SECTIONS = ["## Data", "## Model comparison", "## Fusion ablation", "## Training", "## Token filtering",
-            "## Attention on the cue",
+            "## Pruning methods side by side", "## Attention on the cue",
             "## Confusion matrices", "## CLS-attention heatmaps", "## Environment"]
 FUSION_ROWS = ["probe", "text-noprompt", "text", "image", "concat", "attention", "full"]
 
@@ -67,6 +67,10 @@ def test_report_has_every_section_and_tables_in_range(demo):
     # kept tokens follow ceil(r * N) of the demo tower's 12 x 12 = 144 patches, for the filter and its baseline
     assert [int(row[2]) for row in sweep] == [144, 87, 29] * 2
     assert "What it cannot show" in report and "no real LLaVA weights" in report
+    # the methods: the best per budget read off the rows in the notes, the deployable one chosen on val
+    assert "Best accuracy per budget: at r = 0.6 (87 tokens)" in report and "evidence sits in one small box" in report
+    methods = report.split("## Pruning methods side by side", 1)[1].split("\n## ", 1)[0]
+    assert "chosen on val" in methods and "†" in methods and "(plots/methods-llava-tiny.png)" in methods
     # the full fusion model must beat both single-modality rows (the set's ceilings: 55 % / 70 %)
     accuracy = {row[0]: point(row[2]) for row in ablation}
     assert accuracy["full"] > max(accuracy["text"], accuracy["image"])
