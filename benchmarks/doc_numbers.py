@@ -287,12 +287,128 @@ def abuse() -> str:
                      "p99 ms", "/healthz failures", "server memory growth MB"], rows))
 
 
+# ----------------------------------------------------------------------------- choosing a pruning method
+
+METHOD_COST = {
+    "TopAttention": "O(L N D) scoring (the CLS row of L layers) + O(N log N) ranking",
+    "LowestAttention": "O(L N D) scoring + O(N log N) ranking",
+    "RandomDraw": "O(N log N) (a seeded draw, ranked)",
+    "LastTokenAttention": "O(N D) at LM layer K (one query row)",
+    "DiversityPrune": "O(N k D) (greedy max-min)",
+    "Downsample": "O(N D) (area pooling)",
+    "TextAttention": "O(R N D) at LM layer K (the R text tokens after the image)",
+    "PivotDuplication": "O(p N D) at LM layer K (p pivots)",
+    "DominantAndContext": "O(L N D) scoring + O((N - k) c D) merging (c = 5k/32 contextual tokens)",
+    "ConditionalDpp": "O(N k (D + k)) greedy MAP",
+}
+"""Each registered strategy class's own selection cost: N visual tokens of width D, k kept, L scored tower
+layers (a method's rule and its complexity are in its module's docstring). A class missing here is an error."""
+
+MERGE_COST = " + O((N - k) (k/6) D) merging"
+RELEVANCE_COST = " + O(N T D) relevance (T text tokens)"
+
+PUBLISHED_64 = {
+    "visionzip": "93.2 % (a)",
+    "fastv:0": "75.6 % (b)",
+    "divprune": "94.8 % (c)",
+}
+"""Published LLaVA-1.5-7B figures at 64 of 576 visual tokens, % of the unpruned model's average, by method (the
+letters are :data:`PUBLISHED_NOTE`'s sources); a method absent here has none that could be read."""
+
+PUBLISHED_NOTE = (
+    "Published figures (not ours; LLaVA-1.5-7B, 64 of 576 visual tokens, % of the unpruned model's average score), "
+    "all read from one table, MMTok's (Dong et al., arXiv 2508.18264, Table 1: GQA, MMB, MME, POPE, SQA, VQAv2, "
+    "TextVQA, MMMU, SEED), which takes its baselines' scores from VisionZip's paper and reruns DivPrune's official "
+    "code: (a) VisionZip's own benchmark scores (Yang et al., CVPR 2025), training-free, averaged by MMTok; (b) "
+    "FastV (Chen et al., ECCV 2024) as VisionZip's paper ran it, not FastV's own paper; (c) DivPrune (Alvar et al., "
+    "CVPR 2025) as MMTok reran it, not the DivPrune paper's own table. \"—\": no figure could be read: the stored "
+    "copies of the VisionZip, DivPrune, CDPruner, DART and FasterVLM papers opened only as far as their abstracts, "
+    "which give none at 64 tokens. What those abstracts say: CDPruner (Zhang et al., NeurIPS 2025, arXiv 2506.10967) "
+    "keeps 94 % of LLaVA's accuracy at 95 % fewer FLOPs; DART (Wen et al., arXiv 2502.11494) reports \"comparable "
+    "performance\" with 88.9 % of the tokens pruned (64 of 576), without a figure; FasterVLM (Zhang et al., arXiv "
+    "2412.01818: the CLS attention of the feature layer, our `feature`) keeps 90 % of LLaVA-1.5-7B's performance "
+    "with 95 % pruned (29 of 576)."
+)
+
+
+def method_needs(strategy) -> str:
+    """What a strategy reads to choose, in the README's words, from its registry attributes."""
+    if strategy.stage == "lm":
+        return ("the text's attention at LM layer K" if "text_tokens" in strategy.needs
+                else "the LM's keys and values at layer K")
+    parts = []
+    if "attention" in strategy.needs:
+        parts.append("CLS attention (attention received without CLS)")
+    if "features" in strategy.needs:
+        parts.append("keys" if strategy.merges else "features")
+    if "text_tokens" in strategy.needs:
+        parts.append("text")
+    if "pixels" in strategy.needs:
+        parts.append("nothing (seeded by the pixels)")
+    return " + ".join(parts) or "nothing"
+
+
+def attention_map_free(strategy) -> bool:
+    """Whether it reads no attention at all (the tower's, or the text's at LM layer K)."""
+    return not (strategy.scored or (strategy.stage == "lm" and "text_tokens" in strategy.needs))
+
+
+def measured_selection(form: str, strategy) -> str:
+    """The selection cost ``benchmarks/token_filtering.py`` measured for ``form`` at N = 576 (its LLaVA-1.5 shape,
+    batch 1), where its results hold one: today the scored tower's time over the plain tower's, for the
+    attention-scored methods it ran."""
+    for setting in result("token_filtering")["settings"]:
+        if setting.get("family") or setting["batch"] != 1 or (setting.get("strategy") or "all") != form:
+            continue
+        if strategy.scored and "scoring_overhead" in setting:
+            return f"tower x{setting['scoring_overhead']:.2f} with scoring"
+    return "not measured yet"
+
+
+def demo_accuracy(form: str) -> str:
+    rows = {round(r["ratio"], 2): r["accuracy"] for r in result("demo_full")["sweep"]["rows"] if r["strategy"] == form}
+    if not rows:
+        return "not measured yet"
+    return " / ".join(f3(rows[r]) if r in rows else "—" for r in (0.4, 0.2, 0.05))
+
+
+def pruning_methods() -> str:
+    """README "Choosing a pruning method": a row per registered method's showcase form (``+native``, a position
+    modifier, left out), its traits read off the registry, its measured numbers off the results files."""
+    from sentilens.mllm.families import TITLES
+    from sentilens.mllm.pruning import parse_strategy, showcase_strategies
+
+    rows = []
+    for form in showcase_strategies():
+        strategy = parse_strategy(form)
+        if strategy.native_positions:
+            continue
+        cost = METHOD_COST[type(strategy).__name__] + (MERGE_COST if strategy.merges else "") + (
+            RELEVANCE_COST if strategy.stage == "vision" and "text_tokens" in strategy.needs else "")
+        families = [title for family, title in TITLES.items() if strategy.unsupported(family) is None]
+        rows.append([f"`{form}`", "LM" if strategy.stage == "lm" else "vision", method_needs(strategy),
+                     "yes" if attention_map_free(strategy) else "no",
+                     "all five" if len(families) == len(TITLES) else ", ".join(families), cost,
+                     measured_selection(form, strategy), demo_accuracy(form), PUBLISHED_64.get(form, "—")])
+    demo = result("demo_full")["sweep"]
+    return (f"Per method as the full demo and the sweep run it (`K` = 0 in the demo's 4-layer tiny model, 2 by "
+            f"default). Demo accuracy: the committed full demo (`benchmarks/results/demo_full.json`, {demo['n']} "
+            f"test posts of the synthetic cue task, {demo['image_tokens']} visual tokens an image; at r = 1 every "
+            "method scores the same). Measured selection cost: `benchmarks/results/token_filtering.json` on the "
+            "CPU proxy of LLaVA-1.5's tower (N = 576, batch 1). The last column is "
+            "published, not ours (sources below the table).\n\n"
+            + table(["method", "stage", "needs", "attention-map free", "families", "selection cost",
+                     "measured selection cost", "demo accuracy, r = 0.4 / 0.2 / 0.05",
+                     "published, LLaVA-1.5-7B at 64 tokens"], rows)
+            + "\n" + PUBLISHED_NOTE + "\n")
+
+
 GENERATORS: dict[str, Callable[[], str]] = {
     "demo-headline": demo_headline, "demo-timing": demo_timing, "demo-sweep": demo_sweep, "demo-bars": demo_bars,
     "predict-throughput": predict_throughput, "fusion-cache": fusion_cache, "real-text-cpu": real_text_cpu,
     "real-text-gpu": real_text_gpu, "token-filtering-gpu": token_filtering_gpu,
     "token-filtering-cpu": token_filtering_cpu, "received-kernel": received_kernel, "mllm-scoring": mllm_scoring,
-    "serve-load": serve_load, "abuse": abuse,
+    "serve-load": serve_load, "abuse": abuse, "pruning-methods": pruning_methods,
 }
 
 

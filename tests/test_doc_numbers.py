@@ -57,3 +57,40 @@ def test_a_results_file_that_changes_makes_its_pages_stale_and_the_script_rewrit
 def test_an_unknown_mark_is_an_error(numbers):
     with pytest.raises(KeyError, match="no generator for <!-- numbers:nope -->"):
         numbers.render("<!-- numbers:nope -->\nx\n<!-- /numbers:nope -->\n")
+
+
+def method_rows(text: str) -> dict[str, list[str]]:
+    lines = [line for line in text.splitlines() if line.startswith("| `")]
+    return {cells[0].strip("`"): cells[1:] for cells in ([c.strip() for c in line.strip("|").split("|")]
+                                                         for line in lines)}
+
+
+def test_the_methods_table_has_a_row_and_a_cost_for_every_registered_method(numbers):
+    from sentilens.mllm.pruning import STRATEGIES, parse_strategy, showcase_strategies
+
+    assert set(numbers.METHOD_COST) == {cls.__name__ for cls in STRATEGIES.values()}
+    rows = method_rows(numbers.pruning_methods())
+    assert list(rows) == [f for f in showcase_strategies() if not parse_strategy(f).native_positions]
+    assert rows["divprune"][:4] == ["vision", "features", "yes", "all five"]
+    assert rows["fastv:0"][:3] == ["LM", "the text's attention at LM layer K", "no"]
+    assert rows["dart:0"][2] == "yes" and rows["cdpruner"][3] == "LLaVA-1.5"
+
+
+def test_the_families_column_is_read_off_the_refusals(numbers, monkeypatch):
+    from sentilens.mllm.pruning import DiversityPrune
+
+    monkeypatch.setattr(DiversityPrune, "families", ("llava", "qwen3-vl"))
+    assert method_rows(numbers.pruning_methods())["divprune"][3] == "LLaVA-1.5, Qwen3-VL"
+
+
+def test_the_methods_table_reads_demo_accuracy_and_measured_cost_off_the_results(numbers, monkeypatch):
+    demo = {"sweep": {"n": 10, "image_tokens": 144, "rows": [
+        {"strategy": "divprune", "ratio": r, "accuracy": a} for r, a in ((1.0, 0.9), (0.4, 0.8), (0.05, 0.5))]}}
+    filtering = {"settings": [{"batch": 1, "scoring_overhead": 1.25, "shape_name": "CLIP"},
+                              {"batch": 1, "family": "qwen3-vl", "strategy": "feature", "scoring_overhead": 2.0}]}
+    monkeypatch.setattr(numbers, "result", {"demo_full": demo, "token_filtering": filtering}.__getitem__)
+    rows = method_rows(numbers.pruning_methods())
+    assert rows["divprune"][6] == "0.800 / — / 0.500" and rows["visionzip"][6] == "not measured yet"
+    # the LLaVA-1.5 shape's setting (no family, batch 1) is the paper's rule's; another family's is not N = 576
+    assert rows["all"][5] == "tower x1.25 with scoring" and rows["feature"][5] == "not measured yet"
+    assert rows["divprune"][5] == "not measured yet", "a method that scores nothing has no scoring overhead"

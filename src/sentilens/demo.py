@@ -366,10 +366,11 @@ def methods_note(sweep: dict, cue: dict) -> str:
         "method (DivPrune's max-min distance, a DPP) spends the budget on covering the image's variety, and the "
         "backdrop, bars and borders are varied too, so at small budgets the box can go; pooling averages the box "
         "into its surroundings; a random draw misses it by chance. On real posts the evidence is spread over the "
-        "scene, several objects or text in the image, where covering the image is worth more: the papers' own "
-        "LLaVA-1.5-7B comparisons (README, \"Choosing a pruning method\") put diversity methods level with the "
-        "attention-guided ones at 64 tokens. Which method to deploy is for a sweep on the user's own val split "
-        "to say (`sentilens sweep --strategy every --select-on val`), not this demo.\n\n"
+        "scene, several objects or text in the image, where covering the image is worth more: the published "
+        "LLaVA-1.5-7B comparisons at 64 tokens (README, \"Choosing a pruning method\", with their sources) find "
+        "DivPrune, a diversity method, level with attention-guided VisionZip. Which method to deploy is for a "
+        "sweep on the user's own val split to say (`sentilens sweep --strategy every --select-on val`), not "
+        "this demo.\n\n"
     )
 
 
