@@ -57,6 +57,15 @@ def disagreeing_sweep() -> dict:
                           "candidates": val}}
 
 
+def test_the_selection_cost_is_listed_where_the_rows_have_it():
+    sweep = disagreeing_sweep()
+    for row in sweep["rows"]:
+        row["selection_ms"] = {"all": 0.25, "divprune": 3.5, "random": 0.01}[row["strategy"]] * (2 - row["ratio"])
+    text = methods_section(sweep)
+    assert "selection cost at r = 0.2 (ms per post" in text and "`all` 0.45, `divprune` 6.30, `random` 0.02." in text
+    assert "selection cost" not in methods_section(disagreeing_sweep()), "rows of an older sweep have none"
+
+
 def test_the_method_per_budget_is_chosen_on_val_not_on_test():
     text = methods_section(disagreeing_sweep(), "val")
     lines = table(text)

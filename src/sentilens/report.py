@@ -145,6 +145,12 @@ def methods_section(sweep: dict, select_on: str | None = "val", plot: Path | Non
             f"bold (read off {split}: a description, not a choice)"
             + ("" if not chosen else f"; † the method chosen for that budget on {select_on}") + ".\n\n"
             + markdown_table(["method", *(f"r = {r:g}" for r in ratios)], rows) + "\n")
+    costs = [(s, cells[s, ratios[-1]]["selection_ms"]) for s in strategies
+             if "selection_ms" in cells.get((s, ratios[-1]), {})]
+    if costs:
+        text += (f"\nEach method's own selection cost at r = {ratios[-1]:g} (ms per post, timed around its choosing "
+                 "of tokens inside the prediction: its scores, ranking and pick, and the scoring an attention-scored "
+                 "method adds to the tower): " + ", ".join(f"`{s}` {ms:.2f}" for s, ms in costs) + ".\n")
     if select_on is not None:
         text += "\n" + selection_text(sweep, select_on, chosen, cells, best) + "\n"
     refused = sweep.get("refused_strategies")
