@@ -126,7 +126,7 @@ def methods_section(sweep: dict, select_on: str | None = "val", plot: Path | Non
     split = sweep.get("split", "test")
     cells = {(row.get("strategy", ""), row["ratio"]): row for row in sweep["rows"]}
     best = {r: max(cells[s, r]["accuracy"] for s in strategies if (s, r) in cells) for r in ratios}
-    chosen = None if select_on is None else chosen_per_budget(sweep, select_on, ratios)
+    chosen = None if select_on in (None, split) else chosen_per_budget(sweep, select_on, ratios)
     rows = []
     for strategy in strategies:
         line = [strategy]

@@ -202,6 +202,7 @@ def tokens_per_layer(every: float | int, kept: float | int, layer: int, layers: 
     (0-based): ``every`` for layers ``0..layer``, ``kept`` after."""
     return [every] * (layer + 1) + [kept] * (layers - layer - 1)
 
+
 TIME_SPLIT = ("per post, from the pass with the median whole-call time: vision_ms = vision tower + token scoring + "
               "projector, lm_ms = the language model's prefill, total_ms = the whole predict call without "
               "image_decode_ms (reading, decoding and preprocessing the image files, reported apart), selection_ms = "
