@@ -8,6 +8,21 @@
    through the same path, beside the ideal speedup implied by the FLOPs at that token count
    (:func:`sentilens.mllm.flops.prediction_flops`, as the sweep counts them); target: measured >= 0.85 x ideal.
 
+3. Every registered method (the registry's showcase strategies, ``--methods-families``: the LLaVA-1.5 and
+   Qwen2.5-VL proxies on a CPU): for each keep ratio (``--method-ratios``) the end-to-end speedup against the same
+   method at r = 1 (paired as above, through ``reducer_for``: the family's filter or the LM-stage plan), the
+   FLOP-ideal one (:func:`sentilens.mllm.flops.strategy_flops`: an LM-stage method's first K + 1 layers at full
+   length) and their ratio; on LLaVA-1.5 (N = 576) each method's own selection cost (the reducer's call on the
+   tower's features, plus what capturing attention adds to the tower pass; an LM-stage method's layer-K
+   choice) as a share of the released 24-layer tower's time, measured (``--full-tower-layers``). Targets for
+   the vision-stage methods: measured >= 0.85 x ideal, selection <= 10 % of the tower. LM-stage methods mask the
+   dropped tokens out of the later layers instead of shortening the sequence, so they report the ideal beside a
+   measured speedup near 1.
+4. On a GPU, the same on LLaVA-1.5-7B and Qwen2.5-VL-7B at batch 1 and 16, and batch 1 again cheap to launch
+   (:func:`launch_cheap`: ``torch.compile(mode="reduce-overhead")``, CUDA graphs over the few static shapes the
+   keep ratios give). ``--gpu-code-on-cpu`` runs that code on the CPU proxies (eagerly, the compile skipped with
+   its reason printed) and writes nothing: no GPU number ever comes from a CPU.
+
 Models have random weights (speed does not depend on them) and are built from configs:
 - CPU proxy: the CLIP ViT-L/14-336 tower shape (577 tokens, width 1024, 16 heads, MLP 4096) with
   fewer layers than its 24 (``--vision-layers``, default 4: 2 shared cores) and a small Llama-style
@@ -39,6 +54,10 @@ stalls a 2-thread kernel at every barrier, which swamps the differences being me
 
 Usage: ``python benchmarks/token_filtering.py [--repeats 5] [--threads 1] [--out FILE.json]``; on a GPU
 machine ``--skip-cpu --out benchmarks/results/token_filtering_gpu.json`` keeps the two machines' results apart.
+Every method only, CPU: ``python benchmarks/token_filtering.py --families '' --methods-families llava,qwen2.5-vl
+--repeats 3 --vision-layers 2 --lm-layers 2``. GPU, every method + the CUDA-graph batch 1, one command:
+``python benchmarks/token_filtering.py --skip-cpu --families '' --methods-families llava,qwen2.5-vl --repeats 3
+--out benchmarks/results/token_filtering_gpu.json`` (check first, anywhere: add ``--gpu-code-on-cpu``).
 """
 
 from __future__ import annotations
