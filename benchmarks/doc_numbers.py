@@ -238,6 +238,44 @@ def token_filtering_cpu() -> str:
             f"released shape, float32):\n\n" + table(FILTER_HEADER, filtering_rows(r["settings"])))
 
 
+def token_filtering_methods() -> str:
+    """Every registered method on the CPU proxies: measured / FLOP-ideal speedup per ratio, and (LLaVA-1.5, N = 576)
+    the selection's own cost as a share of the released tower."""
+    r = result("token_filtering")
+    blocks = []
+    for s in r.get("method_settings", []):
+        if s["device"] != "cpu":
+            continue
+        ratios = [row["ratio"] for row in next(iter(s["methods"].values()))["ratios"] if row["ratio"] < 1]
+        header = ["method", "stage"] + [f"r = {ratio:g}: measured / ideal" for ratio in ratios] + ["of ideal (min)"]
+        shares = "selection_share_of_tower" in next(iter(s["methods"].values()))
+        if shares:
+            header += ["selection ms (worst ratio)", f"share of the {s['tower_layers']}-layer tower"]
+        rows = []
+        for method, entry in s["methods"].items():
+            cut = [row for row in entry["ratios"] if row["ratio"] < 1]
+            row = [f"`{method}`", entry["stage"]]
+            row += [f"{times(c['speedup'])} / {times(c['ideal_speedup'])}" for c in cut]
+            row.append(f"{min(c['speedup_of_ideal'] for c in cut):.2f}")
+            if shares:
+                row += [f"{entry['selection_worst_ms']:.1f}", f"{100 * entry['selection_share_of_tower']:.1f} %"]
+            rows.append(row)
+        name = s["shape_name"].split(" (")[0]
+        tower = (f"; the released tower ({s['tower_layers']} layers, batch 1) {s['tower_ms']:.0f} ms, the proxy's "
+                 f"{s['proxy_tower_ms']:.0f} ms" if s.get("tower_ms") else "")
+        refused = "; refused: " + ", ".join(f"`{m}`" for m in s["refused"]) if s["refused"] else ""
+        blocks.append(f"{name} proxy ({s['shape_name'].split(' (')[1].split(')')[0]}; {s['image_tokens']} visual "
+                      f"tokens), batch {s['batch']}{tower}{refused}:\n\n" + table(header, rows))
+    greedy = next((s["greedy_ms"] for s in r.get("method_settings", []) if "greedy_ms" in s), None)
+    if greedy:
+        blocks.append("The greedy selections alone at N = 576 (ms): "
+                      + ", ".join(f"{k} {v:.1f}" for k, v in greedy.items()) + ".\n")
+    machine = r["machine"]
+    return (f"{machine['cpu']}, {machine['cpu_threads']} thread, float32, {r['repeats']} repeats; load average "
+            f"{machine['load_average_before'][0]:.1f} before, {machine['load_average_after'][0]:.1f} after (a shared "
+            f"machine).\n\n" + "\n".join(blocks))
+
+
 def received_kernel() -> str:
     rows = []
     for line in result("token_filtering_gpu")["kernel_check"][1:]:
@@ -407,7 +445,8 @@ GENERATORS: dict[str, Callable[[], str]] = {
     "demo-headline": demo_headline, "demo-timing": demo_timing, "demo-sweep": demo_sweep, "demo-bars": demo_bars,
     "predict-throughput": predict_throughput, "fusion-cache": fusion_cache, "real-text-cpu": real_text_cpu,
     "real-text-gpu": real_text_gpu, "token-filtering-gpu": token_filtering_gpu,
-    "token-filtering-cpu": token_filtering_cpu, "received-kernel": received_kernel, "mllm-scoring": mllm_scoring,
+    "token-filtering-cpu": token_filtering_cpu, "token-filtering-methods": token_filtering_methods,
+    "received-kernel": received_kernel, "mllm-scoring": mllm_scoring,
     "serve-load": serve_load, "abuse": abuse, "pruning-methods": pruning_methods,
 }
 

@@ -8,6 +8,21 @@
    through the same path, beside the ideal speedup implied by the FLOPs at that token count
    (:func:`sentilens.mllm.flops.prediction_flops`, as the sweep counts them); target: measured >= 0.85 x ideal.
 
+3. Every registered method (the registry's showcase strategies, ``--methods-families``: the LLaVA-1.5 and
+   Qwen2.5-VL proxies on a CPU): for each keep ratio (``--method-ratios``) the end-to-end speedup against the same
+   method at r = 1 (paired as above, through ``reducer_for``: the family's filter or the LM-stage plan), the
+   FLOP-ideal one (:func:`sentilens.mllm.flops.strategy_flops`: an LM-stage method's first K + 1 layers at full
+   length) and their ratio; on LLaVA-1.5 (N = 576) each method's own selection cost (the reducer's call on the
+   tower's features, plus what capturing attention adds to the tower pass; an LM-stage method's layer-K
+   choice) as a share of the released 24-layer tower's time, measured (``--full-tower-layers``). Targets for
+   the vision-stage methods: measured >= 0.85 x ideal, selection <= 10 % of the tower. LM-stage methods mask the
+   dropped tokens out of the later layers instead of shortening the sequence, so they report the ideal beside a
+   measured speedup near 1.
+4. On a GPU, the same on LLaVA-1.5-7B and Qwen2.5-VL-7B at batch 1 and 16, and batch 1 again cheap to launch
+   (:func:`launch_cheap`: ``torch.compile(mode="reduce-overhead")``, CUDA graphs over the few static shapes the
+   keep ratios give). ``--gpu-code-on-cpu`` runs that code on the CPU proxies (eagerly, the compile skipped with
+   its reason printed) and writes nothing: no GPU number ever comes from a CPU.
+
 Models have random weights (speed does not depend on them) and are built from configs:
 - CPU proxy: the CLIP ViT-L/14-336 tower shape (577 tokens, width 1024, 16 heads, MLP 4096) with
   fewer layers than its 24 (``--vision-layers``, default 4: 2 shared cores) and a small Llama-style
@@ -39,6 +54,10 @@ stalls a 2-thread kernel at every barrier, which swamps the differences being me
 
 Usage: ``python benchmarks/token_filtering.py [--repeats 5] [--threads 1] [--out FILE.json]``; on a GPU
 machine ``--skip-cpu --out benchmarks/results/token_filtering_gpu.json`` keeps the two machines' results apart.
+Every method only, CPU: ``python benchmarks/token_filtering.py --families '' --methods-families llava,qwen2.5-vl
+--repeats 3 --vision-layers 2 --lm-layers 2``. GPU, every method + the CUDA-graph batch 1, one command:
+``python benchmarks/token_filtering.py --skip-cpu --families '' --methods-families llava,qwen2.5-vl --repeats 3
+--out benchmarks/results/token_filtering_gpu.json`` (check first, anywhere: add ``--gpu-code-on-cpu``).
 """
 
 from __future__ import annotations
@@ -49,6 +68,7 @@ import json
 import os
 import statistics
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -440,6 +460,390 @@ def tiled_real_size() -> list[TiledShape]:
     return [next_, smol]
 
 
+# ----------------------------------------------------------------------------------------------- every method
+
+METHOD_RATIOS = (1.0, 0.4, 0.2, 0.05)
+SELECTION_BUDGETS = (230, 115, 29)  # of N = 576: the k DivPrune and DPP are timed at, beside the ratios' own
+
+
+def registered_methods(family: str) -> tuple[list[str], dict[str, str]]:
+    """(the registry's showcase strategies ``family`` runs, {refused strategy: the family's one-line reason})."""
+    from sentilens.mllm.pruning import parse_strategy, showcase_strategies
+
+    runs, refused = [], {}
+    for text in showcase_strategies():
+        reason = parse_strategy(text).unsupported(family)
+        if reason is None:
+            runs.append(text)
+        else:
+            refused[text] = reason
+    return runs, refused
+
+
+@contextmanager
+def timed_lm_choice(record: list[float], device: str):
+    """For the duration, every LM-stage choice at layer K (:meth:`LmPlan.choose`) appends its wall time to
+    ``record``: the LM-stage methods' own selection cost, measured inside the pass that makes it."""
+    from sentilens.mllm.pruning.lm_stage import LmPlan
+
+    original = LmPlan.choose
+
+    def choose(plan, *args, **kwargs):
+        synchronize(device)
+        start = time.perf_counter()
+        original(plan, *args, **kwargs)
+        synchronize(device)
+        record.append(time.perf_counter() - start)
+
+    LmPlan.choose = choose
+    try:
+        yield
+    finally:
+        LmPlan.choose = original
+
+
+def method_flops(model, processor, size: tuple[int, int], ratio: float, method: str, text_tokens: int) -> float:
+    """The project's FLOP count of one post under ``method`` (:func:`sentilens.mllm.flops.strategy_flops`: an
+    LM-stage method's first K + 1 layers at full length)."""
+    from sentilens.mllm.flops import strategy_flops
+
+    answer_tokens = sum(len(a) for a in ANSWERS)
+    return strategy_flops(model, processor, size, ratio, method, text_tokens, answer_tokens)["total"]
+
+
+def measure_methods(model, posts: MllmBatch, size: tuple[int, int], n: int, device: str, text_tokens: int,
+                    repeats: int, methods: list[str], ratios: tuple[float, ...], processor=None) -> dict:
+    """End-to-end speedup of every method at every ratio against the same method at r = 1, through the
+    prediction path (``reducer_for``: the family's filter, or the LM-stage plan; then label scoring), paired
+    as :func:`measure`, beside the FLOP-ideal speedup; and each LM-stage method's layer-K choice time."""
+    from sentilens.mllm.pruning import parse_strategy, reducer_for
+
+    out = {}
+    for method in methods:
+        def predict(ratio: float, method=method):
+            reducer = reducer_for(model, ratio, method)
+            return lambda: label_log_probs(model, build_inputs(model, posts, reducer, padding_side="left"), ANSWERS)
+
+        lm_choice: list[float] = []
+        with torch.no_grad(), timed_lm_choice(lm_choice, device):
+            times = timed_passes({ratio: predict(ratio) for ratio in ratios}, repeats, device)
+        base = method_flops(model, processor, size, 1.0, method, text_tokens)
+        rows = []
+        for ratio in ratios:
+            ideal = base / method_flops(model, processor, size, ratio, method, text_tokens)
+            speedup = paired_ratio(times, 1.0, ratio)
+            rows.append({"ratio": ratio, "kept_tokens": keep_count(n, ratio),
+                         "latency_ms_per_post": 1000 * min(times[ratio]) / posts_count(posts),
+                         "speedup": speedup, "ideal_speedup": ideal, "speedup_of_ideal": speedup / ideal})
+        entry = {"stage": parse_strategy(method).stage, "ratios": rows}
+        if lm_choice:
+            entry["lm_choice_ms"] = 1000 * statistics.median(lm_choice)
+        out[method] = entry
+        print(f"  {method:>12} " + "  ".join(f"r={r['ratio']:g} {r['speedup']:.2f}x/{r['ideal_speedup']:.2f}x"
+                                               for r in rows), flush=True)
+    return out
+
+
+def posts_count(posts: MllmBatch) -> int:
+    return len(posts.token_ids)
+
+
+def llava_selection_costs(llava, pixels: torch.Tensor, posts: MllmBatch, repeats: int, methods: list[str],
+                          device: str) -> dict:
+    """Each vision-stage method's own cost on one image of the LLaVA-1.5 shape (N = 576): the reducer's call on
+    the tower's features (top-k and gather, the greedy of DivPrune / DPP, CDPruner's projection and relevance,
+    VisionZip's merge) at each ratio and, for DivPrune and DPP, at k in :data:`SELECTION_BUDGETS`; plus, for an
+    attention method, what capturing the scores adds to the tower pass."""
+    from sentilens.mllm.families.llava import vision as llava_vision
+    from sentilens.mllm.inputs import give_text
+    from sentilens.mllm.pruning import parse_strategy, reducer_for
+    from sentilens.mllm.pruning.cdpruner import greedy_map
+    from sentilens.mllm.pruning.divprune import max_min_order
+
+    image = pixels[:1]
+    one = MllmBatch(token_ids=posts.token_ids[:1], pixel_values=image, image_index=[0])
+    tower = llava.model.vision_tower
+    with torch.no_grad():
+        features = llava_vision.encode_images(llava, image)
+    n = features.shape[1]
+    out = {"tokens": n}
+    for method in methods:
+        strategy = parse_strategy(method)
+        if strategy.stage != "vision":
+            continue
+        calls, capture = {}, None
+        for ratio in METHOD_RATIOS[1:]:
+            reducer = reducer_for(llava, ratio, method)
+            give_text(reducer, llava, one)
+            with torch.no_grad(), reducer.capture():
+                llava_vision.encode_images(llava, image)  # the scores the reducer call reads
+            calls[ratio] = (lambda reducer=reducer: reducer(features, image))
+            if capture is None and strategy.scored:
+                def scored(reducer=reducer):
+                    with reducer.capture():
+                        tower(image, output_hidden_states=True)
+                capture = scored
+        with torch.no_grad():
+            times = timed_passes(calls, repeats, device)
+            entry = {"selection_ms": {f"{r:g}": 1000 * statistics.median(times[r]) for r in calls}}
+            if capture is not None:
+                tower_times = timed_passes({"alone": lambda: tower(image, output_hidden_states=True),
+                                            "scored": capture}, repeats, device)
+                entry["scoring_capture_ms"] = max(0.0, 1000 * statistics.median(
+                    a - b for a, b in zip(tower_times["scored"], tower_times["alone"], strict=True)))
+        out[method] = entry
+    unit = features[0]
+    quality = torch.ones(n, device=unit.device)
+    with torch.no_grad():
+        greedy = timed_passes({(name, k): (lambda fn=fn, k=k: fn(k)) for k in SELECTION_BUDGETS
+                               for name, fn in (("divprune", lambda k: max_min_order(unit, k)),
+                                                ("dpp", lambda k: greedy_map(unit, quality, k)))}, repeats, device)
+    out["greedy_ms"] = {f"{name} k={k}": 1000 * statistics.median(t) for (name, k), t in greedy.items()}
+    return out
+
+
+def tower_ms(vision_layers: int, batch: int, device: str, dtype: torch.dtype, repeats: int) -> float:
+    """The fastest pass of a CLIP ViT-L/14-336 tower (random weights) with ``vision_layers`` layers on ``batch``
+    images: the time the selection costs are a share of."""
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    config = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=vision_layers,
+                              num_attention_heads=16, image_size=336, patch_size=14, hidden_act="quick_gelu")
+    torch.manual_seed(0)
+    with torch.device(device):
+        tower = CLIPVisionModel(config).to(dtype).eval().requires_grad_(False)
+    pixels = torch.randn(batch, 3, 336, 336, device=device, dtype=dtype)
+    with torch.no_grad():
+        times = timed_passes({"tower": lambda: tower(pixels, output_hidden_states=True)}, repeats, device)
+    return 1000 * min(times["tower"])
+
+
+def measure_llava_methods(shape: Shape, batch: int, device: str, dtype: torch.dtype, text_tokens: int,
+                          repeats: int, ratios: tuple[float, ...], full_tower_layers: int | None,
+                          methods: list[str] | None = None) -> dict:
+    """Every registered method on the LLaVA-1.5 shape ``shape`` at ``batch``: end-to-end speedups
+    (:func:`measure_methods`), each method's selection cost (:func:`llava_selection_costs`) and its share of the
+    tower, the proxy's own and (``full_tower_layers``) the released 24-layer one's, both measured."""
+    torch.manual_seed(0)
+    llava = build_llava(shape, dtype, device)
+    pixels = torch.randn(batch, 3, shape.image_size, shape.image_size, device=device, dtype=dtype)
+    image_id = llava.config.image_token_id
+    ids = [1] + [100 + i for i in range(text_tokens // 2)] + [image_id] + [
+        200 + i for i in range(text_tokens - 1 - text_tokens // 2)]
+    posts = MllmBatch(token_ids=[ids] * batch, pixel_values=pixels, image_index=list(range(batch)))
+    n = (shape.image_size // shape.patch_size) ** 2
+    runs, refused = registered_methods("llava")
+    runs = [m for m in runs if methods is None or m in methods]
+    print(f"\n[{device}] every method, {shape.name}, batch {batch}, {str(dtype).replace('torch.', '')}", flush=True)
+    per_method = measure_methods(llava, posts, (shape.image_size, shape.image_size), n, device, text_tokens,
+                                 repeats, runs, ratios)
+    costs = llava_selection_costs(llava, pixels, posts, repeats, runs, device)
+    with torch.no_grad():
+        proxy_tower = tower_ms(shape.vision_layers, 1, device, dtype, repeats)
+    llava = None
+    if full_tower_layers == shape.vision_layers:
+        full_tower = proxy_tower
+    else:
+        full_tower = None if full_tower_layers is None else tower_ms(full_tower_layers, 1, device, dtype,
+                                                                     max(2, repeats // 2))
+    for method, entry in per_method.items():
+        own = costs.get(method)
+        if own is not None:
+            entry["selection_ms"] = own["selection_ms"]
+            if "scoring_capture_ms" in own:
+                entry["scoring_capture_ms"] = own["scoring_capture_ms"]
+            worst = max(own["selection_ms"].values()) + own.get("scoring_capture_ms", 0.0)
+        else:  # an LM-stage method: its layer-K choice
+            worst = entry.get("lm_choice_ms", 0.0)
+        entry["selection_worst_ms"] = worst
+        entry["selection_share_of_proxy_tower"] = worst / proxy_tower
+        if full_tower is not None:
+            entry["selection_share_of_tower"] = worst / full_tower
+    return {
+        "device": device, "family": "llava", "shape_name": shape.name, "model_shape": asdict(shape), "batch": batch,
+        "dtype": str(dtype).replace("torch.", ""), "text_tokens": text_tokens, "image_tokens": n,
+        "proxy_tower_ms": proxy_tower, "tower_ms": full_tower, "tower_layers": full_tower_layers,
+        "greedy_ms": costs["greedy_ms"], "refused": refused, "methods": per_method,
+        "load_average_after": list(os.getloadavg()),
+    }
+
+
+def report_methods(setting: dict) -> None:
+    print(f"\n[{setting['device']}] every method, {setting['shape_name']}, batch {setting['batch']}: tower "
+          f"{setting['tower_ms'] or float('nan'):.0f} ms ({setting['tower_layers']} layers), proxy tower "
+          f"{setting['proxy_tower_ms']:.0f} ms")
+    print(f"  {'method':>12} {'stage':>6} " + " ".join(f"{'r=' + format(r, 'g'):>17}" for r in METHOD_RATIOS[1:])
+          + f" {'selection':>10} {'share':>6}")
+    for method, entry in setting["methods"].items():
+        cells = [f"{r['speedup']:.2f}/{r['ideal_speedup']:.2f}={r['speedup_of_ideal']:.2f}"
+                 for r in entry["ratios"] if r["ratio"] < 1]
+        share = entry.get("selection_share_of_tower", entry["selection_share_of_proxy_tower"])
+        print(f"  {method:>12} {entry['stage']:>6} " + " ".join(f"{c:>17}" for c in cells)
+              + f" {entry['selection_worst_ms']:>8.2f}ms {100 * share:>5.1f}%")
+    print("  greedy alone: " + ", ".join(f"{k} {v:.1f} ms" for k, v in setting["greedy_ms"].items()))
+
+
+def measure_qwen_methods(shape: QwenShape, batch: int, device: str, dtype: torch.dtype, text_tokens: int,
+                         repeats: int, ratios: tuple[float, ...], methods: list[str] | None = None) -> dict:
+    """Every registered method the Qwen-VL family runs, on ``shape`` at ``batch`` (:func:`measure_methods`; the
+    image-token count of the FLOP count from the image processor's rule, ``image_tokens_for``)."""
+    from types import SimpleNamespace
+
+    from sentilens.mllm.families.qwen_vl import processor as qwen_processor
+
+    torch.manual_seed(0)
+    model = build_qwen(shape, dtype, device)
+    visual = model.model.visual
+    grid = shape.image_size // visual.patch_size
+    patch_width = 3 * visual.config.temporal_patch_size * visual.patch_size ** 2
+    pixels = torch.randn(batch * grid * grid, patch_width, device=device, dtype=dtype)
+    grid_thw = torch.tensor([[1, grid, grid]] * batch, device=device)
+    image_id = model.config.image_token_id
+    ids = [100 + i for i in range(text_tokens // 2)] + [image_id] + [
+        200 + i for i in range(text_tokens - text_tokens // 2)]
+    posts = MllmBatch(token_ids=[ids] * batch, pixel_values=pixels, image_index=list(range(batch)),
+                      image_extras={"image_grid_thw": grid_thw})
+    n = (grid // visual.spatial_merge_size) ** 2
+    # the resize rule of the processor, at a size it keeps as it is
+    processor = SimpleNamespace(image_processor=SimpleNamespace(
+        patch_size=visual.patch_size, merge_size=visual.spatial_merge_size,
+        size={"shortest_edge": 4 * visual.patch_size ** 2, "longest_edge": 4 * shape.image_size ** 2}))
+    assert qwen_processor.image_tokens_for(processor.image_processor, (shape.image_size, shape.image_size)) == n
+    runs, refused = registered_methods(shape.family)
+    runs = [m for m in runs if methods is None or m in methods]
+    print(f"\n[{device}] every method, {shape.name}, batch {batch}, {str(dtype).replace('torch.', '')}", flush=True)
+    per_method = measure_methods(model, posts, (shape.image_size, shape.image_size), n, device, text_tokens,
+                                 repeats, runs, ratios, processor)
+    return {
+        "device": device, "family": shape.family, "shape_name": shape.name, "model_shape": asdict(shape),
+        "batch": batch, "dtype": str(dtype).replace("torch.", ""), "text_tokens": text_tokens, "image_tokens": n,
+        "refused": refused, "methods": per_method, "load_average_after": list(os.getloadavg()),
+    }
+
+
+# ---------------------------------------------------------------------------------- batch 1, cheap to launch
+
+COMPILE_SKIPPED_CPU = ("skipped: CUDA graphs (torch.compile mode='reduce-overhead') need a CUDA device; the "
+                       "passes ran eagerly, which exercises the code path and measures nothing about CUDA graphs")
+
+
+@contextmanager
+def launch_cheap(model, device: str, compile_tower: bool):
+    """For the duration, the language model's forward (and, ``compile_tower``, the vision tower's) is
+    ``torch.compile(mode="reduce-overhead", dynamic=False)``: CUDA graphs, one per static shape. A keep ratio
+    gives one prompt length (text + ``ceil(r N)`` + answers), so a served batch-1 request replays a captured
+    graph instead of launching a kernel per operation. Yields what was done, for the results file; off CUDA
+    nothing is compiled (the reason is yielded and printed)."""
+    from sentilens.mllm.families import family_of
+
+    family = family_of(model)
+    modules = [family.language_model(model)] + ([family.vision_tower(model)] if compile_tower else [])
+    if device != "cuda":
+        print(f"  compiled path: {COMPILE_SKIPPED_CPU}", flush=True)
+        yield COMPILE_SKIPPED_CPU
+        return
+    import torch._dynamo
+
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    for module in modules:  # an instance attribute shadows the class's forward until it is deleted
+        module.forward = torch.compile(module.forward, mode="reduce-overhead", dynamic=False)
+    try:
+        yield "torch.compile(mode='reduce-overhead', dynamic=False) on the language model" + (
+            " and the vision tower" if compile_tower else "")
+    finally:
+        for module in modules:
+            del module.forward
+
+
+def measure_launch_cheap(model, posts: MllmBatch, size: tuple[int, int], n: int, device: str, text_tokens: int,
+                         repeats: int, methods: list[str], ratios: tuple[float, ...], processor=None) -> dict:
+    """:func:`measure_methods` at batch 1 with the passes cheap to launch (:func:`launch_cheap`): the tower is
+    compiled for the methods that capture no attention (an attention capture hooks the tower's layers for the
+    duration of one pass, which a captured graph would not see), the language model for every method but the
+    LM-stage ones (their layer-K choice is Python between the layers)."""
+    from sentilens.mllm.pruning import parse_strategy
+
+    out = {}
+    for method in methods:
+        strategy = parse_strategy(method)
+        if strategy.stage == "lm":
+            out[method] = {"skipped": "LM-stage: the layer-K choice runs between the layers, outside one graph"}
+            continue
+        with launch_cheap(model, device, compile_tower=not strategy.scored) as how:
+            try:
+                entry = measure_methods(model, posts, size, n, device, text_tokens, repeats, [method], ratios,
+                                        processor)[method]
+            except Exception as error:  # noqa: BLE001 - a compiler failure is a result to record, not a crash
+                entry = {"failed": f"{type(error).__name__}: {str(error).splitlines()[0][:300]}"}
+        entry["compiled"] = how
+        out[method] = entry
+    return out
+
+
+LLAVA_7B = Shape(name="LLaVA-1.5-7B (CLIP ViT-L/14-336, 24 layers + Llama-2-7B)", vision_layers=24, lm_hidden=4096,
+                 lm_layers=32, lm_heads=32, lm_kv_heads=32, lm_mlp=11008, vocab=32064)
+
+
+def method_key(setting: dict) -> tuple:
+    """What identifies an every-method setting in the results file (a new run replaces the same one)."""
+    return setting["device"], setting["family"], setting["batch"], setting.get("launch", "eager")
+
+
+def selection_shares(method_settings: list[dict]) -> dict[str, float]:
+    """{method: its selection cost as a share of the released LLaVA-1.5 tower at N = 576}, from the CPU batch-1
+    LLaVA setting (the ``selection_share_of_tower`` of each of its methods)."""
+    for setting in method_settings:
+        if (setting["device"], setting["family"], setting["batch"]) == ("cpu", "llava", 1):
+            return {method: entry["selection_share_of_tower"] for method, entry in setting["methods"].items()
+                    if "selection_share_of_tower" in entry}
+    return {}
+
+
+def gpu_methods(llava_shape: Shape, qwen_shape: QwenShape, device: str, dtype: torch.dtype, args,
+                families: set[str], methods: list[str] | None, ratios: tuple[float, ...], batches: list[int],
+                repeats: int) -> list[dict]:
+    """The GPU part's every-method settings: LLaVA-1.5-7B and Qwen2.5-VL-7B at ``batches``, each method eagerly,
+    and at batch 1 again cheap to launch (:func:`measure_launch_cheap`). With ``device`` cpu (the proxies'
+    shapes, ``--gpu-code-on-cpu``) the same code runs eagerly and its numbers are printed, never written."""
+    out = []
+    for batch in batches:
+        if "llava" in families:
+            out.append(measure_llava_methods(llava_shape, batch, device, dtype, args.text_tokens, repeats, ratios,
+                                             llava_shape.vision_layers, methods))
+            report_methods(out[-1])
+            free(device)
+        if "qwen2.5-vl" in families:
+            out.append(measure_qwen_methods(qwen_shape, batch, device, dtype, args.text_tokens, repeats, ratios,
+                                            methods))
+            free(device)
+    if 1 in batches and "llava" in families:
+        torch.manual_seed(0)
+        llava = build_llava(llava_shape, dtype, device)
+        size = llava_shape.image_size
+        pixels = torch.randn(1, 3, size, size, device=device, dtype=dtype)
+        image_id = llava.config.image_token_id
+        ids = [1] + [100 + i for i in range(args.text_tokens // 2)] + [image_id] + [
+            200 + i for i in range(args.text_tokens - 1 - args.text_tokens // 2)]
+        posts = MllmBatch(token_ids=[ids], pixel_values=pixels, image_index=[0])
+        runs, refused = registered_methods("llava")
+        runs = [m for m in runs if methods is None or m in methods]
+        print(f"\n[{device}] batch 1 cheap to launch, {llava_shape.name}", flush=True)
+        cheap = measure_launch_cheap(llava, posts, (size, size), (size // llava_shape.patch_size) ** 2, device,
+                                     args.text_tokens, repeats, runs, ratios)
+        out.append({"device": device, "family": "llava", "shape_name": llava_shape.name,
+                    "model_shape": asdict(llava_shape), "batch": 1, "launch": "cuda-graphs",
+                    "dtype": str(dtype).replace("torch.", ""), "text_tokens": args.text_tokens,
+                    "paper_speedup": PAPER_SPEEDUP, "refused": refused, "methods": cheap})
+        llava = None
+        free(device)
+    return out
+
+
+def free(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.empty_cache()
+
+
 GPU_RUN = ("run: released architectures of the families measured (--families), random weights, bf16, batches "
            "--gpu-batches (LLaVA-1.5, Qwen) and --tiled-gpu-batches (LLaVA-NeXT, SmolVLM)")
 GPU_NOT_RUN = ("not run: no CUDA device on the machine that wrote this file; the LLaVA-1.5-7B bf16 settings are "
@@ -562,6 +966,18 @@ def main() -> None:
     parser.add_argument("--tiled-batches", default="1", help="batches of the LLaVA-NeXT and SmolVLM CPU proxies")
     parser.add_argument("--tiled-gpu-batches", default="1,4",
                         help="batches of the LLaVA-NeXT-7B and SmolVLM2-2.2B GPU settings")
+    parser.add_argument("--methods-families", default="llava",
+                        help="every registered method on these families' CPU proxies (llava, qwen2.5-vl; '' for "
+                             "none); on a GPU, on LLaVA-1.5-7B / Qwen2.5-VL-7B")
+    parser.add_argument("--methods-batches", default="1", help="batches of the every-method CPU settings")
+    parser.add_argument("--methods", default="", help="only these methods (comma-separated; default: every one)")
+    parser.add_argument("--method-ratios", default=",".join(f"{r:g}" for r in METHOD_RATIOS))
+    parser.add_argument("--full-tower-layers", type=int, default=24,
+                        help="layers of the CLIP ViT-L/14-336 tower the selection costs are a share of (24: the "
+                             "released one; 0: the proxy's only)")
+    parser.add_argument("--gpu-code-on-cpu", action="store_true",
+                        help="run the GPU part's code (every method, the compiled batch-1 path) on the CPU proxies "
+                             "with one repeat, print it and write nothing: a check that the GPU script runs")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "token_filtering.json")
     args = parser.parse_args()
     families = {name.strip() for name in args.families.split(",") if name.strip()}
@@ -589,9 +1005,29 @@ def main() -> None:
             settings.append(measure_tiled(shape, batch, "cpu", torch.float32, args.text_tokens, args.repeats))
             settings[-1]["load_average_after"] = list(os.getloadavg())
             report(settings[-1])
+    method_families = {name.strip() for name in args.methods_families.split(",") if name.strip()}
+    methods = [name.strip() for name in args.methods.split(",") if name.strip()] or None
+    ratios = tuple(float(r) for r in args.method_ratios.split(","))
+    if ratios[0] != 1.0:
+        raise SystemExit("--method-ratios: the first ratio must be 1 (every speedup is against it)")
+    method_settings = []
+    if args.gpu_code_on_cpu:
+        gpu_methods(proxy, qwen_proxies(args.vision_layers, args.lm_layers)[0][0], "cpu", torch.float32, args,
+                    method_families, methods, ratios, [1], repeats=1)
+        print("\n--gpu-code-on-cpu: the GPU part's code ran on the CPU proxies; nothing was written")
+        return
+    for batch in (int(b) for b in args.methods_batches.split(",")) if cpu else ():
+        if "llava" in method_families:
+            method_settings.append(measure_llava_methods(proxy, batch, "cpu", torch.float32, args.text_tokens,
+                                                         args.repeats, ratios, args.full_tower_layers or None,
+                                                         methods))
+            report_methods(method_settings[-1])
+        if "qwen2.5-vl" in method_families:
+            q25 = qwen_proxies(args.vision_layers, args.lm_layers)[0][0]
+            method_settings.append(measure_qwen_methods(q25, batch, "cpu", torch.float32, args.text_tokens,
+                                                        args.repeats, ratios, methods))
     if torch.cuda.is_available():
-        llava7b = Shape(name="LLaVA-1.5-7B (CLIP ViT-L/14-336, 24 layers + Llama-2-7B)", vision_layers=24,
-                        lm_hidden=4096, lm_layers=32, lm_heads=32, lm_kv_heads=32, lm_mlp=11008, vocab=32064)
+        llava7b = LLAVA_7B
         for batch in (int(b) for b in args.gpu_batches.split(",")) if "llava" in families else ():
             settings.append(measure(llava7b, batch, "cuda", torch.bfloat16, args.text_tokens, args.repeats))
             report(settings[-1])
@@ -606,6 +1042,9 @@ def main() -> None:
                 settings.append(measure_tiled(shape, batch, "cuda", torch.bfloat16, args.text_tokens, args.repeats))
                 report(settings[-1])
                 torch.cuda.empty_cache()
+        method_settings += gpu_methods(LLAVA_7B, qwen_real_size()[0][0], "cuda", torch.bfloat16, args,
+                                       method_families, methods, ratios,
+                                       [int(b) for b in args.gpu_batches.split(",")], args.repeats)
         gpu = torch.cuda.get_device_name()
     else:
         gpu = None
@@ -615,6 +1054,10 @@ def main() -> None:
         earlier = json.loads(args.out.read_text())["settings"]
         settings = [s for s in earlier if (s["device"], s.get("family", "llava")) not in measured
                     and (s["device"] == "cpu" or gpu)] + settings
+    measured_methods = {method_key(s) for s in method_settings}
+    earlier_methods = json.loads(args.out.read_text()).get("method_settings", []) if args.out.is_file() else []
+    method_settings = [s for s in earlier_methods if method_key(s) not in measured_methods
+                       and (s["device"] == "cpu" or gpu)] + method_settings
     write_json(args.out, {
         "machine": {"cpu": cpu_name(), "cpu_threads": torch.get_num_threads(), "gpu": gpu,
                     "torch": torch.__version__, "load_average_before": load_before,
@@ -622,6 +1065,10 @@ def main() -> None:
         "gpu_part": GPU_RUN if gpu else GPU_NOT_RUN,
         "targets": {"scoring_overhead_max": 1.10, "speedup_of_ideal_min": 0.85},
         "repeats": args.repeats, "settings": settings,
+        "method_targets": {"speedup_of_ideal_min": 0.85, "selection_share_of_tower_max": 0.10,
+                           "applies_to": "vision-stage methods; LM-stage methods report their FLOP-ideal"},
+        "method_settings": method_settings,
+        "selection_share_of_tower": selection_shares(method_settings),
     })
     print(f"\nwritten to {args.out}")
 

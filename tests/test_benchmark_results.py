@@ -17,6 +17,23 @@ def test_token_filtering_results_say_whether_the_gpu_part_ran():
         assert result["gpu_part"].startswith("run") and "cuda" in devices
 
 
+def test_token_filtering_results_measure_every_registered_method_at_its_budget():
+    """The committed every-method table covers the registry as it is: each showcase strategy measured on the LLaVA-1.5
+    proxy or refused with its reason, at the budget ``ceil(r N)``, and each measured one has its selection share."""
+    from sentilens.mllm.pruning import keep_count, parse_strategy, showcase_strategies
+
+    result = json.loads((RESULTS / "token_filtering.json").read_text())
+    llava = next(s for s in result["method_settings"] if (s["device"], s["family"], s["batch"]) == ("cpu", "llava", 1))
+    assert sorted(llava["methods"]) + sorted(llava["refused"]) == sorted(showcase_strategies())
+    for method, entry in llava["methods"].items():
+        assert entry["stage"] == parse_strategy(method).stage
+        assert [row["kept_tokens"] for row in entry["ratios"]] == [keep_count(576, row["ratio"])
+                                                                  for row in entry["ratios"]]
+        assert entry["ratios"][0]["ratio"] == 1.0 and entry["ratios"][0]["ideal_speedup"] == 1.0
+        assert result["selection_share_of_tower"][method] == entry["selection_share_of_tower"]
+    assert llava["tower_layers"] == 24
+
+
 def test_the_abuse_results_hold_healthz_within_a_second_under_1100_idle_sockets():
     result = json.loads((RESULTS / "abuse.json").read_text())
     flood = result["scenarios"]["idle_flood"]

@@ -12,7 +12,8 @@ scores high when its tokens are both relevant and unlike each other. The MAP set
 Cholesky updates of Chen, Zhang and Zhou, "Fast Greedy MAP Inference for Determinantal Point Process
 to Improve Recommendation Diversity" (NeurIPS 2018): with ``d_j^2`` the gain of ``j`` and ``c_j`` its
 Cholesky row, choosing ``j*`` updates every ``e_j = (L_{j* j} - <c_j*, c_j>) / d_j*``, ``c_j += [e_j]``,
-``d_j^2 -= e_j^2``: ``O(N k)`` per step for the kernel row and ``O(N k^2)`` in all, no ``N x N`` matrix.
+``d_j^2 -= e_j^2``: ``O(N k)`` per step and ``O(N k^2)`` in all, after one ``N x N`` cosine product whose rows the
+steps read (kept whole up to a few thousand tokens, else each step computes its row: ``O(N D)``).
 
 ``dpp`` is the same with ``q = 1`` (relevance-free diversity): the sweep compares it with ``cdpruner`` on
 the user's own data, which is how the relevance below is to be judged.
@@ -54,31 +55,38 @@ REFUSALS = "its filter is not given the prompt's text nor projects the tokens it
 
 def greedy_map(features: torch.Tensor, quality: torch.Tensor, k: int) -> torch.Tensor:
     """The first ``k`` tokens of the greedy MAP order of ``L = diag(q) S diag(q)`` (``S``: cosine of ``features``
-    ``(N, D)``, ``q``: ``quality`` ``(N,)``), by the incremental Cholesky updates of the module docstring."""
+    ``(N, D)``, ``q``: ``quality`` ``(N,)``), by the incremental Cholesky updates of the module docstring.
+
+    Each step reads one row of ``S`` (:class:`~sentilens.mllm.pruning.divprune.CosineRows`: one matrix product
+    for the whole selection) and updates every gain at once, ``O(N step)``; a chosen token's gain is set to
+    ``-inf``, which later updates keep, so no mask is rebuilt and no index leaves the device until the end."""
     import torch
-    from torch import nn
+
+    from sentilens.mllm.pruning.divprune import CosineRows
 
     n = features.shape[0]
     k = min(k, n)
-    unit = nn.functional.normalize(features.detach().float(), dim=-1)
-    q = quality.detach().float().to(unit.device)
-    rows = torch.zeros(k, n, dtype=torch.float32, device=unit.device)  # the Cholesky rows c_j, one per step
+    if k == 0:
+        return torch.zeros(0, dtype=torch.long)
+    cosine = CosineRows(features)
+    q = quality.detach().float().to(cosine.unit.device)
+    rows = torch.zeros(k, n, dtype=torch.float32, device=q.device)  # the Cholesky rows c_j, one per step
     gain = q * q  # d_j^2 = L_jj for the empty set (S_jj = 1)
-    chosen = torch.zeros(n, dtype=torch.bool, device=unit.device)
-    order = torch.empty(k, dtype=torch.long, device=unit.device)
+    order = []
     for step in range(k):
-        pick = torch.argmax(gain.masked_fill(chosen, float("-inf")))
-        order[step] = pick
-        chosen[pick] = True
+        pick = torch.argmax(gain)
+        order.append(pick)
         if step == k - 1:
             break
-        kernel_row = q[pick] * q * (unit @ unit[pick])  # L_{pick, j}
-        scale = gain[pick].clamp(min=0).sqrt()
-        update = kernel_row - rows[:step, pick] @ rows[:step]
+        at = pick.view(1)
+        kernel_row = q.index_select(0, at) * q * cosine.row(pick)  # L_{pick, j}
+        scale = gain.index_select(0, at).clamp(min=0).sqrt()
+        update = kernel_row - rows[:step].index_select(1, at)[:, 0] @ rows[:step]
         update = torch.where(scale > 1e-12, update / scale.clamp(min=1e-12), torch.zeros_like(update))
         rows[step] = update
         gain = gain - update * update
-    return order.cpu()
+        gain.index_fill_(0, at, float("-inf"))
+    return torch.stack(order).cpu()
 
 
 def text_relevance(projected: torch.Tensor, text: torch.Tensor) -> torch.Tensor:

@@ -25,10 +25,11 @@ What the paper leaves open, and the choice made:
   left duplicates a chosen one.
 - **A zero row** (a blank block) has no direction: it is normalised with an epsilon, so its cosine with
   anything is 0 (distance 1).
-- **Cost.** Step 1 needs each token's nearest neighbour: one ``N x N`` similarity, computed in blocks of
-  rows so it is never held whole; each later step one ``N``-vector of similarities to the token just
-  chosen and an elementwise minimum: ``O(N k D)`` after the first. At ``k = N`` (r = 1) nothing is
-  computed: every token is kept.
+- **Cost.** Step 1 needs each token's nearest neighbour: one ``N x N`` similarity (``O(N^2 D)``, one matrix
+  product in blocks of rows), kept whole up to a few thousand tokens (:class:`CosineRows`); each later step
+  reads the row of the token just chosen and takes an elementwise minimum, ``O(N)``: ``O(N^2 D + N k)`` in
+  all, with no per-step product and no host round trip (the chosen indices stay on the device until the
+  end). At ``k = N`` (r = 1) nothing is computed: every token is kept.
 - **Nesting.** The greedy order does not depend on ``k``: a smaller budget keeps a subset of a larger one's
   tokens.
 - **The families' budget rules** take priorities: the ``i``-th chosen token (0-based) gets ``k - i``, every
@@ -47,38 +48,84 @@ if TYPE_CHECKING:
     import torch
 
 SIMILARITY_BLOCK_ROWS = 1024
-"""Rows of the nearest-neighbour similarity computed at once (bounds its memory at ``1024 x N`` floats)."""
+"""Rows of the similarity computed at once (bounds the working memory of one block at ``1024 x N`` floats)."""
+
+WHOLE_MATRIX_MAX_TOKENS = 4096
+"""Up to this many tokens the ``N x N`` cosine similarity is kept whole (64 MiB of float32 at the bound) and
+each greedy step reads one of its rows; above it each step computes its row again (``O(N D)``)."""
+
+
+class CosineRows:
+    """The rows of the cosine similarity of ``features`` ``(N, D)`` (each row normalised with an epsilon, so a zero
+    row's cosine with anything is 0), for the greedy selections of :mod:`.divprune` and :mod:`.cdpruner`.
+
+    Up to :data:`WHOLE_MATRIX_MAX_TOKENS` tokens the matrix is computed once, in blocks of
+    :data:`SIMILARITY_BLOCK_ROWS` rows, and kept: a greedy step is then an ``O(N)`` read instead of an ``O(N D)``
+    product, which is what makes a selection of ``k`` tokens cost one matrix product and ``k`` cheap steps.
+    Whether the matrix is kept depends on ``N`` only, so for a given ``N`` a row is always the same numbers and
+    a greedy order never depends on ``k``."""
+
+    def __init__(self, features: torch.Tensor, keep: bool | None = None):
+        import torch
+        from torch import nn
+
+        self.unit = nn.functional.normalize(features.detach().float(), dim=-1)
+        self.n = self.unit.shape[0]
+        keep = self.n <= WHOLE_MATRIX_MAX_TOKENS if keep is None else keep
+        self.matrix: torch.Tensor | None = None
+        if keep:
+            self.matrix = torch.empty(self.n, self.n, dtype=torch.float32, device=self.unit.device)
+            for start in range(0, self.n, SIMILARITY_BLOCK_ROWS):
+                stop = min(self.n, start + SIMILARITY_BLOCK_ROWS)
+                torch.matmul(self.unit[start:stop], self.unit.T, out=self.matrix[start:stop])
+
+    def blocks(self):
+        """``(rows, similarity)`` for consecutive row blocks covering every token (views of the kept matrix)."""
+        import torch
+
+        for start in range(0, self.n, SIMILARITY_BLOCK_ROWS):
+            stop = min(self.n, start + SIMILARITY_BLOCK_ROWS)
+            rows = torch.arange(start, stop, device=self.unit.device)
+            yield rows, (self.unit[start:stop] @ self.unit.T if self.matrix is None else self.matrix[start:stop])
+
+    def row(self, index: torch.Tensor) -> torch.Tensor:
+        """``(N,)`` cosine of token ``index`` (a 0-d long tensor: no host round trip) with every token."""
+        if self.matrix is not None:
+            return self.matrix.index_select(0, index.view(1))[0]
+        return (self.unit.index_select(0, index.view(1)) @ self.unit.T)[0]
 
 
 def max_min_order(features: torch.Tensor, k: int) -> torch.Tensor:
     """The first ``k`` tokens of the greedy max-min order of ``features`` ``(N, D)`` under cosine distance
-    (module docstring), as indices in the order they are chosen."""
+    (module docstring), as indices in the order they are chosen.
+
+    One similarity row per step (:class:`CosineRows`) and an elementwise minimum; a chosen token's distance is
+    set to ``-inf``, which every later minimum keeps, so it is never chosen again and no mask is rebuilt."""
     import torch
-    from torch import nn
 
     n = features.shape[0]
     k = min(k, n)
     if k == 0:
         return torch.zeros(0, dtype=torch.long)
-    unit = nn.functional.normalize(features.detach().float(), dim=-1)
     if n == 1:
         return torch.zeros(1, dtype=torch.long)
-    nearest = torch.empty(n, dtype=torch.float32, device=unit.device)  # each token's distance to its nearest other
-    for start in range(0, n, SIMILARITY_BLOCK_ROWS):
-        rows = torch.arange(start, min(n, start + SIMILARITY_BLOCK_ROWS), device=unit.device)
-        similar = unit[rows] @ unit.T
-        similar[torch.arange(len(rows), device=unit.device), rows] = float("-inf")  # not its own neighbour
+    cosine = CosineRows(features)
+    device = cosine.unit.device
+    nearest = torch.empty(n, dtype=torch.float32, device=device)  # each token's distance to its nearest other
+    for rows, similar in cosine.blocks():
+        similar = similar.clone()
+        similar[torch.arange(len(rows), device=device), rows] = float("-inf")  # not its own neighbour
         nearest[rows] = 1.0 - similar.max(dim=1).values
-    order = torch.empty(k, dtype=torch.long, device=unit.device)
-    order[0] = torch.argmax(nearest)
-    chosen = torch.zeros(n, dtype=torch.bool, device=unit.device)
-    chosen[order[0]] = True
-    to_set = 1.0 - unit @ unit[order[0]]  # each token's distance to its nearest chosen token
-    for step in range(1, k):
-        order[step] = torch.argmax(to_set.masked_fill(chosen, float("-inf")))
-        chosen[order[step]] = True
-        to_set = torch.minimum(to_set, 1.0 - unit @ unit[order[step]])
-    return order.cpu()
+    pick = torch.argmax(nearest)
+    order = [pick]
+    to_set = 1.0 - cosine.row(pick)  # each token's distance to its nearest chosen token (-inf: chosen)
+    to_set.index_fill_(0, pick.view(1), float("-inf"))
+    for _ in range(1, k):
+        pick = torch.argmax(to_set)
+        order.append(pick)
+        torch.minimum(to_set, 1.0 - cosine.row(pick), out=to_set)
+        to_set.index_fill_(0, pick.view(1), float("-inf"))
+    return torch.stack(order).cpu()
 
 
 def order_priorities(order: torch.Tensor, count: int) -> torch.Tensor:

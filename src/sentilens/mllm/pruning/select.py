@@ -64,6 +64,9 @@ class Selection:
     """``(N,)`` long, for a strategy that merges the dropped units into kept ones (``visionzip``): the unit whose
     token each unit is averaged into (itself for a kept unit that merges), -1 for the others; None: no merging.
     :func:`gather_rows` applies it."""
+    projected: torch.Tensor | None = None
+    """``(k, D_lm)``: the kept tokens already through the family's projector, where the strategy projected every
+    unit to choose (``cdpruner``'s relevance), so the family does not project them again; None: not projected."""
 
 
 class Units(Protocol):

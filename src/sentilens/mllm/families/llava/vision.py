@@ -53,6 +53,9 @@ def visual_tokens(llava, pixel_values: Tensor, reducer: Reducer | None = None) -
     if len(kept) != features.shape[0] or any(k.ndim != 2 or k.shape[1] != features.shape[2] for k in kept):
         raise ValueError(f"a reducer must return one (k, {features.shape[2]}) tensor per image, "
                          f"got {[tuple(k.shape) for k in kept]} for {features.shape[0]} images")
+    chosen = getattr(reducer, "last", None) or []
+    if len(chosen) == len(kept) and all(getattr(selection, "projected", None) is not None for selection in chosen):
+        return [selection.projected for selection in chosen]  # projected to choose them (cdpruner)
     projector = llava.model.multi_modal_projector
     rows = torch.cat(kept).to(dtype=projector.linear_1.weight.dtype)
     return list(torch.split(projector(rows), [k.shape[0] for k in kept]))
@@ -108,11 +111,16 @@ class TokenFilter:
         if not strategy.scored:
             count = features.shape[1]
             budget = keep_count(count, self.keep_ratio)
+            self.last = []
             with timed_selection():
-                self.last = [reduce_image(features[i], strategy.unit_scores(UnitInputs(
-                    pixel_values[i], count, budget, features[i], relevance=self.relevance(i, features[i], budget)))
-                                          .to(features.device), self.keep_ratio, strategy)
-                             for i in range(features.shape[0])]
+                for i in range(features.shape[0]):
+                    relevance, projected = self.relevance(i, features[i], budget)
+                    selection = reduce_image(features[i], strategy.unit_scores(UnitInputs(
+                        pixel_values[i], count, budget, features[i], relevance=relevance)).to(features.device),
+                                             self.keep_ratio, strategy)
+                    if projected is not None:  # every patch was projected to measure relevance: keep the chosen ones
+                        selection.projected = projected[selection.kept.to(projected.device)]
+                    self.last.append(selection)
             return [selection.tokens for selection in self.last]
         scorer = self.scorer
         seen = scorer.pixel_values
@@ -133,11 +141,13 @@ class TokenFilter:
         ]
         return [selection.tokens for selection in self.last]
 
-    def relevance(self, row: int, features: torch.Tensor, budget: int) -> torch.Tensor | None:
-        """``(N,)`` relevance of image ``row``'s patches to its prompt text (:func:`text_relevance`: the projected
-        patches against the text's input embeddings) where the strategy reads the text and chooses; else None."""
+    def relevance(self, row: int, features: torch.Tensor,
+                  budget: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(``(N,)`` relevance of image ``row``'s patches to its prompt text (:func:`text_relevance`: the projected
+        patches against the text's input embeddings), the ``(N, D_lm)`` projected patches) where the strategy
+        reads the text and chooses; else (None, None)."""
         if "text_tokens" not in self.strategy.needs or budget >= features.shape[0]:
-            return None
+            return None, None
         if self.text_space is None or self.texts is None or row not in self.texts:
             raise RuntimeError(f"strategy '{self.strategy}' chose before it was given the prompt's text")
         from sentilens.mllm.pruning.cdpruner import text_relevance
@@ -145,9 +155,9 @@ class TokenFilter:
         projector, embeddings = self.text_space
         ids = self.texts[row]
         if not ids.numel():  # nothing after the image to be relevant to: every patch alike
-            return torch.zeros(features.shape[0])
+            return torch.zeros(features.shape[0]), None
         projected = projector(features.to(projector.linear_1.weight.dtype))
-        return text_relevance(projected, embeddings(ids.to(embeddings.weight.device))).cpu()
+        return text_relevance(projected, embeddings(ids.to(embeddings.weight.device))).cpu(), projected
 
 
 def make_reducer(llava: nn.Module, keep_ratio: float, strategy: Strategy | str = "all") -> TokenFilter:
