@@ -56,7 +56,14 @@ from sentilens.mllm.model import (
     num_image_tokens,
     prepare_model,
 )
-from sentilens.mllm.prompt import PromptBuilder, PromptSettings, Task, infer_task, resolved_settings
+from sentilens.mllm.prompt import (
+    PromptBuilder,
+    PromptSettings,
+    Task,
+    default_max_length,
+    infer_task,
+    resolved_settings,
+)
 from sentilens.mllm.scoring import Decode, predict_posts
 from sentilens.mllm.token_dropout import TokenDropout
 from sentilens.mllm.tower import TowerRecipe
@@ -111,7 +118,8 @@ class MllmTrainConfig(BaseModel):
                                                "bare question of Table 1)")
     decode: Decode = Field("score", description="how the run predicts, on val and after: score (one pass over "
                                                 "every label's answer) or generate (greedy, parsed: the paper)")
-    max_length: int = Field(2048, gt=0, le=1 << 17)
+    max_length: int | None = Field(None, gt=0, le=1 << 17, description="tokens per post, visual tokens included; "
+                                   "None: 2048, more for a model whose images take most of it (default_max_length)")
     eval_batch_size: int = Field(8, gt=0, le=4096)
     gradient_checkpointing: bool = False
     mixed_precision: Literal["auto", "no", "bf16"] = Field(
@@ -272,15 +280,16 @@ def train_mllm(cfg: MllmTrainConfig) -> dict:
         if family.name != "llava":
             raise SentilensError(f"--token-dropout is offered for LLaVA-1.5 only, not {family.name}")
         model.token_dropout = TokenDropout(cfg.token_dropout, cfg.seed)
+    image_tokens = num_image_tokens(model.vlm, model.processor)
     if cfg.resume:
         # A resumed run keeps the prompt it started with, even one saved before prompts were recorded.
         settings = load_run_config(load_config(out), out / CONFIG).prompt
     else:
-        settings = PromptSettings(task=cfg.task or infer_task(labels), max_length=cfg.max_length,
+        settings = PromptSettings(task=cfg.task or infer_task(labels),
+                                  max_length=cfg.max_length or default_max_length(image_tokens),
                                   image_aspect=cfg.image_aspect, label_list=cfg.label_list,
                                   **{k: v for k, v in (("system", cfg.system), ("question", cfg.question),
                                                        ("chat_template", cfg.chat_template)) if v})
-    image_tokens = num_image_tokens(model.vlm, model.processor)
     builder = PromptBuilder(model.processor, settings, labels, image_tokens, family=family)
     settings = resolved_settings(settings, builder.chat_template, saved=cfg.resume, answer_prefix=builder.answer_prefix)
     builder = PromptBuilder(model.processor, settings, labels, image_tokens, family=family)
