@@ -129,3 +129,48 @@ def test_the_users_path_on_a_released_folder(tmp_path, data, name):
         served = answer.json()
     assert served["kept_tokens"] == math.ceil(0.4 * n)
     assert served["probabilities"] == pytest.approx(predictions[0]["probabilities"], abs=1e-5)
+
+
+# --- LLaVA-1.5 at its real widths ------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def real_llava(tmp_path_factory):
+    """LLaVA-1.5's real-layout checkpoint at its released widths (4096 wide, vocabulary 32,064, CLIP-L/14-336),
+    2 LM and 2 tower layers, in the release's float16; built once for the module."""
+    return build_checkpoint("llava-1.5-7b-hf", tmp_path_factory.mktemp("real-width") / "llava-1.5", width=None)
+
+
+@pytest.mark.slow
+def test_llava15_at_real_widths_trains_evaluates_sweeps_and_predicts(tmp_path, real_llava):
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(real_llava)
+    assert (config.text_config.hidden_size, config.text_config.vocab_size) == (4096, 32064)
+    assert (config.vision_config.hidden_size, config.vision_config.image_size) == (1024, 336)
+    # two posts of two labels, batch 1: two optimizer steps; no val split (training keeps its last epoch)
+    data = small_manifest(tmp_path, n_train=2, n_val=0, n_test=2, mixed=True)
+    run = tmp_path / "run"
+    invoke("train", "mllm", "--data", str(data), "--out", str(run), "--model", str(real_llava), "--lora",
+           "--epochs", "1", "--batch-size", "1", "--global-batch-size", "1", "--mixed-precision", "bf16", "--json")
+    history = json.loads((run / "history.json").read_text())
+    assert len(history[0]["steps"]) == 2 and all(math.isfinite(s["loss"]) for s in history[0]["steps"])
+    saved = json.loads((run / "config.json").read_text())
+    # LoRA under bf16 autocast: the frozen base held in bf16 (no float32 copy), what test and serving load too
+    assert saved["precision"] == {"weights": "bfloat16", "autocast": "bfloat16"}
+    from safetensors import safe_open
+
+    with safe_open(run / "model.safetensors", "pt") as trained:
+        dtypes = {name: trained.get_slice(name).get_dtype() for name in trained.keys()}
+    assert {dtype for name, dtype in dtypes.items() if "lora_" in name} == {"F32"}  # the adapters: float32
+
+    test = read_split(data, "test")
+    assert [p.image is not None for p in test] == [True, False]
+    metrics = json.loads(invoke("eval", "--run", str(run), "--data", str(data), "--json"))
+    assert metrics["n"] == 2 and metrics["mean_kept_tokens"] == 576 / 2
+
+    invoke("sweep", "--run", str(run), "--data", str(data), "--ratios", "1,0.4", "--repeats", "1", "--json")
+    rows = json.loads((run / "sweep.json").read_text())["rows"]
+    assert [(r["ratio"], r["kept_tokens"]) for r in rows] == [(1.0, 576), (0.4, 231)]  # ceil(0.4 x 576)
+
+    result = json.loads(invoke("predict", "--run", str(run), "--image", test[0].image, "--text", test[0].text,
+                               "--keep-ratio", "0.4", "--json"))
+    assert result["kept_tokens"] == 231 and abs(sum(result["probabilities"].values()) - 1) < 1e-5

@@ -204,6 +204,13 @@ def accumulation_steps(global_batch_size: int, batch_size: int, world: int) -> i
     return global_batch_size // per_pass
 
 
+def lora_base_dtype(mode: Mode, mixed_precision: str) -> torch.dtype | None:
+    """The frozen base's dtype: (Q)LoRA under bf16 autocast holds it in bf16 on any device, as on CUDA, so weights
+    that never train get no float32 copy (half the memory) and a CPU with bf16 matrix units runs them at its bf16
+    speed; the adapters stay float32. None: ``prepare_model``'s rule."""
+    return torch.bfloat16 if mode != "full" and mixed_precision == "bf16" else None
+
+
 def evaluation_precision(model: MllmModel, mixed_precision: str, deepspeed: bool) -> dict:
     """The numerics validation runs in, saved in the run so that test and serving run in the same.
 
@@ -272,7 +279,7 @@ def train_mllm(cfg: MllmTrainConfig) -> dict:
 
     base = _base_model(cfg, out, train_posts, accelerator)
     model = prepare_model(base, cfg.mode, cfg.lora, device=accelerator.device, training=True,
-                          gradient_checkpointing=cfg.gradient_checkpointing)
+                          gradient_checkpointing=cfg.gradient_checkpointing, dtype=lora_base_dtype(cfg.mode, mixed))
     family = family_of(model.vlm)
     if cfg.train_keep_ratio is not None:
         model.reducer = family.make_reducer(model.vlm, cfg.train_keep_ratio)
