@@ -79,6 +79,7 @@ def test_every_released_folder_is_tested():
     assert sorted(p.name for p in DATA.iterdir() if p.is_dir()) == FOLDERS
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", FOLDERS)
 def test_the_users_path_on_a_released_folder(tmp_path, data, name):
     checkpoint = build_checkpoint(name, tmp_path / "checkpoint")
@@ -89,6 +90,8 @@ def test_the_users_path_on_a_released_folder(tmp_path, data, name):
     assert [s["step"] for s in history[0]["steps"]] == [1, 2] and math.isfinite(history[0]["train_loss"])
     config = json.loads((run / "config.json").read_text())
     assert config["base_model"] == str(checkpoint.resolve()) and config["mode"] == "lora"
+    # the default prompt budget holds the largest image: LLaVA-NeXT's 2,928 visual tokens + 400 (default_max_length)
+    assert config["prompt"]["max_length"] == (2928 + 400 if name == "llava-v1.6-mistral-7b-hf" else 2048)
 
     test = read_split(data, "test")
     with_image = sum(p.image is not None for p in test)
