@@ -63,18 +63,22 @@ def image_posts(folder: Path, specs, step: int, slope: int) -> list[Post]:
             Post("c", "text only", None), Post("d", "ok", str(paths[2]))]
 
 
-def small_manifest(folder: Path, n_train: int = 32, n_val: int = 8, n_test: int = 8) -> Path:
+def small_manifest(folder: Path, n_train: int = 32, n_val: int = 8, n_test: int = 8, mixed: bool = False) -> Path:
     """A manifest cut from the synthetic set (made once per folder); the test split also gets a long
-    post and a text-only post. With ``n_val=0`` there is no val split, so training keeps its last epoch."""
+    post and a text-only post. With ``n_val=0`` there is no val split, so training keeps its last epoch.
+    ``mixed``: the training posts take the labels in turn, so even two posts are two labels."""
     source = folder / "synth"
     if not (source / "stats.json").is_file():
         make_synthetic(source, n=200, seed=3)
     full = read_manifest(source)
+    if mixed:
+        by_label = [[p for p in full["train"] if p.label == label] for label in LABELS]
+        full["train"] = [post for group in zip(*by_label, strict=False) for post in group]
     test = full["test"][: n_test - 2]
     test.append(dataclasses.replace(full["test"][n_test - 2], id="long", text=LONG_TEXT))
     test.append(Post(id="text-only", text="worst day ever, everything went wrong", image=None, label="negative"))
     splits = {"train": full["train"][:n_train], "val": full["val"][:n_val], "test": test}
-    out = folder / f"manifest-{n_train}-{n_val}-{n_test}"
+    out = folder / f"manifest-{n_train}-{n_val}-{n_test}{'-mixed' if mixed else ''}"
     write_manifest(out, splits, LABELS, source={"name": "synthetic subset"})
     return out
 

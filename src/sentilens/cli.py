@@ -360,7 +360,8 @@ def train_mllm_cmd(
         "--global-batch-size", help="Posts per optimizer step over all processes (default 16, the paper's); "
                                     "gradient accumulation = global / (batch size x processes).")] = None,
     max_length: Annotated[int | None, typer.Option("--max-length", help="Tokens per post, visual tokens "
-                                                   "included; longer texts are truncated.")] = None,
+                                                   "included; longer texts are truncated (default 2048, or an "
+                                                   "image's most visual tokens + 400 where that is more).")] = None,
     task: Annotated[str | None, typer.Option("--task", help="sentiment, informative, humanitarian or custom "
                                              "(default: from the labels).")] = None,
     gradient_checkpointing: Annotated[bool | None, typer.Option(

@@ -12,7 +12,8 @@ tiny LLaVA-1.5.
   bitsandbytes; CUDA only). The vision tower never trains: ``requires_grad`` off and eval mode.
 - Precision: float32 on CPU. On CUDA, full fine-tuning keeps float32 weights and trains under
   bf16 autocast (bf16 weights would round away most 2e-5 updates); LoRA loads the frozen base
-  in bf16 and keeps adapters in float32. Evaluation (val in training, then test and serving)
+  in bf16 and keeps adapters in float32, and so does LoRA on a CPU under ``--mixed-precision bf16``
+  (``train.lora_base_dtype``). Evaluation (val in training, then test and serving)
   runs in the numerics training validated in: the run saves them (``precision``: weights dtype
   and autocast) and the predictor loads and predicts the same way; a run without that record
   is predicted in bf16 on CUDA.

@@ -96,6 +96,18 @@ HUMANITARIAN_LABELS = {
 }
 
 
+DEFAULT_MAX_LENGTH = 2048
+TEXT_ROOM = 400
+"""Tokens a prompt keeps beside its image's visual tokens (the post, the instruction and the answer) when the
+default :data:`DEFAULT_MAX_LENGTH` cannot hold them (LLaVA-NeXT's up to 2,928 visual tokens: 3,328, the
+budget of its recipe)."""
+
+
+def default_max_length(image_tokens: int) -> int:
+    """The prompt budget when none is given: 2048 tokens, raised for a model whose largest image takes most of it."""
+    return max(DEFAULT_MAX_LENGTH, image_tokens + TEXT_ROOM)
+
+
 class PromptSettings(BaseModel):
     """Everything that shapes the model's input (the instruction, and how an image is fitted to the
     tower); saved in a run's config so scoring rebuilds it exactly."""
@@ -118,7 +130,9 @@ class PromptSettings(BaseModel):
     answer_prefix: str | None = Field(None, description="text between the generation prompt and the label; None: "
                                                         "what the chat template writes there")
     end_token: str | None = Field(None, description="end-of-turn token; None = the tokenizer's eos token")
-    max_length: int = Field(2048, gt=0, le=1 << 17, description="tokens, visual tokens and answer included")
+    max_length: int = Field(DEFAULT_MAX_LENGTH, gt=0, le=1 << 17, description="tokens, visual tokens and answer "
+                                                                            "included (training and zero-shot "
+                                                                            "runs: default_max_length)")
     image_aspect: Literal["pad", "crop"] = Field(
         "crop", description="pad: pad to a square with the processor's mean colour first (LLaVA-1.5); crop: the "
                             "processor's resize + centre crop. Runs made before this setting existed cropped.")

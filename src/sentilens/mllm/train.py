@@ -56,7 +56,14 @@ from sentilens.mllm.model import (
     num_image_tokens,
     prepare_model,
 )
-from sentilens.mllm.prompt import PromptBuilder, PromptSettings, Task, infer_task, resolved_settings
+from sentilens.mllm.prompt import (
+    PromptBuilder,
+    PromptSettings,
+    Task,
+    default_max_length,
+    infer_task,
+    resolved_settings,
+)
 from sentilens.mllm.scoring import Decode, predict_posts
 from sentilens.mllm.token_dropout import TokenDropout
 from sentilens.mllm.tower import TowerRecipe
@@ -111,7 +118,8 @@ class MllmTrainConfig(BaseModel):
                                                "bare question of Table 1)")
     decode: Decode = Field("score", description="how the run predicts, on val and after: score (one pass over "
                                                 "every label's answer) or generate (greedy, parsed: the paper)")
-    max_length: int = Field(2048, gt=0, le=1 << 17)
+    max_length: int | None = Field(None, gt=0, le=1 << 17, description="tokens per post, visual tokens included; "
+                                   "None: 2048, more for a model whose images take most of it (default_max_length)")
     eval_batch_size: int = Field(8, gt=0, le=4096)
     gradient_checkpointing: bool = False
     mixed_precision: Literal["auto", "no", "bf16"] = Field(
@@ -196,6 +204,13 @@ def accumulation_steps(global_batch_size: int, batch_size: int, world: int) -> i
     return global_batch_size // per_pass
 
 
+def lora_base_dtype(mode: Mode, mixed_precision: str) -> torch.dtype | None:
+    """The frozen base's dtype: (Q)LoRA under bf16 autocast holds it in bf16 on any device, as on CUDA, so weights
+    that never train get no float32 copy (half the memory) and a CPU with bf16 matrix units runs them at its bf16
+    speed; the adapters stay float32. None: ``prepare_model``'s rule."""
+    return torch.bfloat16 if mode != "full" and mixed_precision == "bf16" else None
+
+
 def evaluation_precision(model: MllmModel, mixed_precision: str, deepspeed: bool) -> dict:
     """The numerics validation runs in, saved in the run so that test and serving run in the same.
 
@@ -264,7 +279,7 @@ def train_mllm(cfg: MllmTrainConfig) -> dict:
 
     base = _base_model(cfg, out, train_posts, accelerator)
     model = prepare_model(base, cfg.mode, cfg.lora, device=accelerator.device, training=True,
-                          gradient_checkpointing=cfg.gradient_checkpointing)
+                          gradient_checkpointing=cfg.gradient_checkpointing, dtype=lora_base_dtype(cfg.mode, mixed))
     family = family_of(model.vlm)
     if cfg.train_keep_ratio is not None:
         model.reducer = family.make_reducer(model.vlm, cfg.train_keep_ratio)
@@ -272,15 +287,16 @@ def train_mllm(cfg: MllmTrainConfig) -> dict:
         if family.name != "llava":
             raise SentilensError(f"--token-dropout is offered for LLaVA-1.5 only, not {family.name}")
         model.token_dropout = TokenDropout(cfg.token_dropout, cfg.seed)
+    image_tokens = num_image_tokens(model.vlm, model.processor)
     if cfg.resume:
         # A resumed run keeps the prompt it started with, even one saved before prompts were recorded.
         settings = load_run_config(load_config(out), out / CONFIG).prompt
     else:
-        settings = PromptSettings(task=cfg.task or infer_task(labels), max_length=cfg.max_length,
+        settings = PromptSettings(task=cfg.task or infer_task(labels),
+                                  max_length=cfg.max_length or default_max_length(image_tokens),
                                   image_aspect=cfg.image_aspect, label_list=cfg.label_list,
                                   **{k: v for k, v in (("system", cfg.system), ("question", cfg.question),
                                                        ("chat_template", cfg.chat_template)) if v})
-    image_tokens = num_image_tokens(model.vlm, model.processor)
     builder = PromptBuilder(model.processor, settings, labels, image_tokens, family=family)
     settings = resolved_settings(settings, builder.chat_template, saved=cfg.resume, answer_prefix=builder.answer_prefix)
     builder = PromptBuilder(model.processor, settings, labels, image_tokens, family=family)

@@ -34,7 +34,7 @@ def zero_shot_predictor(model: str, labels: list[str], run_dir: str | Path, devi
     from sentilens.mllm.families import family_of, parse_tiny
     from sentilens.mllm.model import num_image_tokens, prepare_model
     from sentilens.mllm.predictor import MllmPredictor
-    from sentilens.mllm.prompt import PromptBuilder, PromptSettings, infer_task, resolved_settings
+    from sentilens.mllm.prompt import PromptBuilder, PromptSettings, default_max_length, infer_task, resolved_settings
     from sentilens.mllm.train import default_image_aspect, stored_source
 
     if parse_tiny(model) is not None:
@@ -55,7 +55,8 @@ def zero_shot_predictor(model: str, labels: list[str], run_dir: str | Path, devi
     loaded = prepare_model(model, "full", device=device or default_device(), training=False)
     family = family_of(loaded.vlm)
     tokens = num_image_tokens(loaded.vlm, loaded.processor)
-    settings = PromptSettings(task=infer_task(labels), image_aspect=default_image_aspect(model))
+    settings = PromptSettings(task=infer_task(labels), image_aspect=default_image_aspect(model),
+                              max_length=default_max_length(tokens))
     builder = PromptBuilder(loaded.processor, settings, labels, tokens, family=family)
     settings = resolved_settings(settings, builder.chat_template, answer_prefix=builder.answer_prefix)
     builder = PromptBuilder(loaded.processor, settings, labels, tokens, family=family)

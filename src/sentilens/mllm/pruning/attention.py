@@ -56,7 +56,11 @@ NO_CLS_MODEL_TYPES = ("siglip_vision_model", "smolvlm_vision", "idefics3_vision"
 
 
 def tower_name(tower: nn.Module) -> str:
-    return getattr(getattr(tower, "config", None), "model_type", None) or type(tower).__name__
+    """The tower config class's own ``model_type``: a released sub-config may carry its parent's instead
+    (SmolVLM-256M's ``vision_config`` says ``idefics3``, read into an ``Idefics3VisionConfig``)."""
+    config = getattr(tower, "config", None)
+    return (getattr(type(config), "model_type", None) or getattr(config, "model_type", None)
+            or type(tower).__name__)
 
 
 def encoder_layers(tower: nn.Module) -> nn.ModuleList:
