@@ -250,16 +250,6 @@ def test_two_process_cpu_accelerate_run(manifest, fit_run, tmp_path):
         assert all(abs(row["probabilities"][k] - pred.probabilities[k]) < 1e-5 for k in pred.probabilities)
 
 
-@pytest.fixture
-def fresh_accelerate_state():
-    """accelerate keeps one mixed-precision setting per process: start and leave this test with none set."""
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state()
-    yield
-    AcceleratorState._reset_state()
-
-
 def test_validation_and_test_run_in_the_same_precision(manifest, tmp_path, fresh_accelerate_state):
     """A run trained under bf16 autocast validates under it, saves that, and its predictor predicts the same way:
     the saved val predictions are reproduced exactly, while float32 numerics give other probabilities."""

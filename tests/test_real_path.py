@@ -143,7 +143,7 @@ def real_llava(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_llava15_at_real_widths_trains_evaluates_sweeps_and_predicts(tmp_path, real_llava):
+def test_llava15_at_real_widths_trains_evaluates_sweeps_and_predicts(tmp_path, real_llava, fresh_accelerate_state):
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(real_llava)
