@@ -234,7 +234,8 @@ def token_filtering_gpu() -> str:
 
 def token_filtering_cpu() -> str:
     r = result("token_filtering")
-    return (f"CPU proxies ({r['machine']['cpu']}, {r['machine']['cpu_threads']} thread, a few tower layers of each "
+    machine = r.get("settings_machine", r["machine"])  # the method rows may come from a later run
+    return (f"CPU proxies ({machine['cpu']}, {machine['cpu_threads']} thread, a few tower layers of each "
             f"released shape, float32):\n\n" + table(FILTER_HEADER, filtering_rows(r["settings"])))
 
 
@@ -272,8 +273,8 @@ def token_filtering_methods() -> str:
                       + ", ".join(f"{k} {v:.1f}" for k, v in greedy.items()) + ".\n")
     machine = r["machine"]
     return (f"{machine['cpu']}, {machine['cpu_threads']} thread, float32, {r['repeats']} repeats; load average "
-            f"{machine['load_average_before'][0]:.1f} before, {machine['load_average_after'][0]:.1f} after (a shared "
-            f"machine).\n\n" + "\n".join(blocks))
+            f"{machine['load_average_before'][0]:.1f} before, {machine['load_average_after'][0]:.1f} after "
+            f"(2 cores).\n\n" + "\n".join(blocks))
 
 
 def received_kernel() -> str:
