@@ -134,3 +134,62 @@ def test_encoders_saved_only_as_pickles_are_refused_not_unpickled(tmp_path, monk
         TextEncoder(str(folders["text"]))
     with pytest.raises(SentilensError, match="cannot load vision model"):
         ImageEncoder(str(folders["image"])).model  # noqa: B018
+
+
+def save_tiny_mpnet(folder, tokenizer_source):
+    """A 3-layer MPNet (relative position buckets, a layer stack under encoder.layer like BERT's) with the
+    embedded MiniLM's WordPiece tokenizer (MPNet's own vocabulary is a WordPiece one of the same kind)."""
+    import shutil
+
+    from transformers import MPNetConfig, MPNetModel
+
+    torch.manual_seed(0)
+    MPNetModel(MPNetConfig(vocab_size=30527, hidden_size=32, num_hidden_layers=3, num_attention_heads=2,
+                           intermediate_size=64)).save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        if (tokenizer_source / name).is_file():
+            shutil.copy(tokenizer_source / name, folder / name)
+    return folder
+
+
+@pytest.mark.parametrize("architecture", ["minilm", "mpnet"])
+def test_top_layers_on_cached_lower_states_give_the_whole_encoders_output(architecture, tmp_path):
+    from sentilens.fusion.cache import PostFeatures
+    from sentilens.fusion.encoders import TopLayers, embedded_text_path
+    from sentilens.fusion.model import collate
+
+    name = str(save_tiny_mpnet(tmp_path / "mpnet", embedded_text_path())) if architecture == "mpnet" else None
+    encoder = TextEncoder(name) if name else TextEncoder()
+    texts = ["great day at the beach", "worst service ever, never again!!", "ok"]
+    ids, mask = encoder.pad(encoder.tokenize(texts))
+    with torch.no_grad():
+        whole = encoder.model(input_ids=ids, attention_mask=mask).last_hidden_state  # the reference: one HF pass
+    depth = len(encoder.model.encoder.layer)
+    fingerprints = set()
+    for count in range(1, depth + 1):
+        top = TopLayers(encoder, count)
+        fingerprints.add(top.fingerprint)
+        lower = top.encode(texts)
+        assert [f["states"].shape[0] for f in lower] == mask.sum(dim=1).tolist()  # unpadded, as cached
+        batch = collate([PostFeatures(text=f) for f in lower], encoder.dim, 1)
+        with torch.no_grad():
+            states, pooled = top(batch.text_states, batch.text_mask)
+        for i in range(len(texts)):
+            real = mask[i].bool()
+            assert torch.allclose(states[i, real], whole[i, real], atol=1e-5)
+            assert torch.allclose(pooled[i], whole[i, real].mean(0), atol=1e-5)
+        trained = {id(p) for p in top.layers.parameters()}
+        assert all(p.requires_grad == (id(p) in trained) for p in encoder.model.parameters())
+        top_modules = encoder.model.encoder.layer[depth - count:]
+        assert len(trained) == sum(1 for layer in top_modules for _ in layer.parameters())
+    assert len(fingerprints) == depth and encoder.fingerprint not in fingerprints  # each split caches its own states
+    with pytest.raises(SentilensError, match=f"has {depth} layers"):
+        TopLayers(encoder, depth + 1)
+
+
+def test_top_layers_refuse_a_causal_lm_in_one_line(gpt2_dir):
+    from sentilens.fusion.encoders import TopLayers
+
+    with pytest.raises(SentilensError, match="bidirectional encoder") as err:
+        TopLayers(TextEncoder(str(gpt2_dir)), 1)
+    assert "\n" not in str(err.value)

@@ -238,3 +238,66 @@ def test_patience_stops_once_validation_stops_improving(synth, ablation, tmp_pat
     assert len(history) == summary["epochs"]
     assert history[summary["best_epoch"] - 1] == max(history)
     assert all(f1 <= max(history) for f1 in history[summary["best_epoch"]:])
+
+
+def test_text_top_layers_train_only_the_top_and_predict_like_their_cached_path(synth, tmp_path):
+    from safetensors.torch import load_file
+
+    from sentilens.fusion.cache import featurize
+    from sentilens.fusion.encoders import embedded_text_path
+
+    data = subset_manifest(synth, tmp_path / "small", {"train": 64, "val": 24, "test": 24}, drop_images=True)
+    result = runner.invoke(app, ["train", "fusion", "--data", str(data), "--out", str(tmp_path / "run"), "--variant",
+                                 "text", "--epochs", "2", "--text-top-layers", "2", "--cache", str(tmp_path / "cache"),
+                                 "--json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    weights = load_weights(tmp_path / "run" / "model.safetensors")
+    pretrained = load_file(embedded_text_path() / "model.safetensors")  # the released file, as published
+    tuned = {k.removeprefix("text_encoder."): v for k, v in weights.items() if k.startswith("text_encoder.")}
+    # exactly the top two of MiniLM's six layers are saved, named as in the released file, and they moved
+    assert tuned.keys() == {k for k in pretrained if k.startswith(("encoder.layer.4.", "encoder.layer.5."))}
+    assert any(not torch.equal(v, pretrained[k]) for k, v in tuned.items())
+    predictor = load_predictor(tmp_path / "run", device="cpu")
+    for k, v in tuned.items():  # the predicting encoder carries them; the layers below are the released ones
+        assert torch.equal(predictor.text_encoder.model.state_dict()[k], v)
+    assert torch.equal(predictor.text_encoder.model.state_dict()["encoder.layer.3.output.dense.weight"],
+                       pretrained["encoder.layer.3.output.dense.weight"])
+    posts = read_split(data, "test")
+    live = torch.tensor([[p.probabilities[label] for label in predictor.labels] for p in predictor.predict(posts)])
+    cached = predictor.probabilities(featurize(posts, *predictor.feature_encoders, None)[0], posts)
+    assert torch.allclose(live, cached, atol=1e-5)  # one whole-encoder pass == cached lower states + top layers
+    assert evaluate(predictor, posts)["confusion"] == summary["test"]["confusion"]
+
+
+def test_text_top_layers_resume_where_they_stopped(synth, tmp_path, monkeypatch):
+    data = subset_manifest(synth, tmp_path / "small", {"train": 64, "val": 16, "test": 16}, drop_images=True)
+    cache = FeatureCache(tmp_path / "cache")
+    config = FusionConfig(variant="text", epochs=2, seed=3, text_top_layers=1, batch_size=32)
+    train_fusion(config, data, tmp_path / "straight", cache=cache, device="cpu")
+    forward, calls = FusionModel.forward, {"n": 0}
+
+    def interrupted(model, batch):
+        calls["n"] += 1
+        if calls["n"] == 4:  # epoch 2: 2 training batches + 1 validation batch per epoch
+            raise KeyboardInterrupt
+        return forward(model, batch)
+
+    monkeypatch.setattr(FusionModel, "forward", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train_fusion(config, data, tmp_path / "resumed", cache=cache, device="cpu")
+    monkeypatch.setattr(FusionModel, "forward", forward)
+    resume_fusion(tmp_path / "resumed", data, cache=cache, device="cpu")
+    a = load_weights(tmp_path / "straight" / "model.safetensors")
+    b = load_weights(tmp_path / "resumed" / "model.safetensors")
+    assert any(k.startswith("text_encoder.encoder.layer.5.") for k in a)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_text_top_layers_refuse_what_they_cannot_do():
+    from pydantic import ValidationError
+
+    for fields in ({"variant": "probe", "text_top_layers": 1}, {"variant": "image", "text_top_layers": 1},
+                   {"variant": "text", "text_top_layers": 1, "fine_tune_text": True}):
+        with pytest.raises(ValidationError):
+            FusionConfig(**fields)

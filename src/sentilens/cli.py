@@ -254,6 +254,9 @@ def train_fusion_cmd(
     fine_tune_image: Annotated[bool | None, typer.Option("--fine-tune-image/--no-fine-tune-image", help="Fine-tune "
                                "the image CNN too, at image_lr (not cached either); default: the recipe's, else no.")]
     = None,
+    text_top_layers: Annotated[int | None, typer.Option("--text-top-layers", min=0, help="Train the top N layers "
+                               "of the text encoder on the cached states of the frozen layers below (0: none); "
+                               "default: the recipe's, else 0.")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its checkpoint.")] = False,
     cache: CacheOpt = None,
     no_cache: NoCacheOpt = False,
@@ -278,7 +281,8 @@ def train_fusion_cmd(
         config = recipe_config(recipe, {
             "variant": variant, "text_encoder": text_encoder, "image_encoder": image_encoder, "prompt": prompt,
             "epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed, "image_size": image_size,
-            "rnn": rnn, "fine_tune_text": fine_tune_text, "fine_tune_image": fine_tune_image})
+            "rnn": rnn, "fine_tune_text": fine_tune_text, "fine_tune_image": fine_tune_image,
+            "text_top_layers": text_top_layers})
         summary = train_fusion(config, data, out_dir, cache=feature_cache, device=device, log_with=log_with)
     if as_json:
         emit(summary, True)

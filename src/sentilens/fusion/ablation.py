@@ -64,7 +64,7 @@ def ablate(config: FusionConfig, data_dir: str | Path, out_dir: str | Path, rows
     split = "test" if splits["test"] and all(p.label is not None for p in splits["test"]) else "val"
     if not splits[split]:
         raise SentilensError("the ablation needs a labelled test or val split", data_dir)
-    frozen = {"fine_tune_text": False, "fine_tune_image": False}
+    frozen = {"fine_tune_text": False, "fine_tune_image": False, "text_top_layers": 0}
     # Frozen features of both modalities, once: the probe reads them even when the other rows fine-tune.
     shared = config.model_copy(update={"variant": "full", **frozen})
     text_encoder, image_encoder = build_encoders(shared, device)
@@ -75,12 +75,15 @@ def ablate(config: FusionConfig, data_dir: str | Path, out_dir: str | Path, rows
         row_config = config.model_copy(update={"variant": variant, "prompt": "none" if row == NO_PROMPT
                                                else config.prompt, **(frozen if row == BASELINE else {})})
         row_text, row_image, row_features = text_encoder, image_encoder, features
-        if row == NO_PROMPT or row_config.fine_tune_text:  # a fine-tuned encoder is fresh in every row
+        # A fine-tuned encoder (or one whose top layers train) is fresh in every row.
+        if row == NO_PROMPT or row_config.fine_tune_text or row_config.text_top_layers:
             row_text = TextEncoder(row_config.text_encoder, row_config.prompt_template, row_config.max_text_tokens,
                                    trainable=row_config.fine_tune_text, device=device)
         if row_config.fine_tune_image:
             row_image = ImageEncoder(row_config.image_encoder, row_config.image_size, device=device, trainable=True)
-        if row == NO_PROMPT and not row_config.fine_tune_text:
+        if row_config.text_top_layers:
+            row_features = None  # the states below the top layers: featurized (and cached) by the run
+        elif row == NO_PROMPT and not row_config.fine_tune_text:
             row_features = {}
             for name, posts in splits.items():
                 plain, _ = featurize(posts, row_text, None, cache)

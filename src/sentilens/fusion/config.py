@@ -82,6 +82,12 @@ class FusionConfig(BaseModel):
     """Square side images are resized to; at most 1024 (4.7x the CNNs' 224): 100000 was accepted and the OOM
     killer ended the run (a batch of 32 would need 3.8 TB)."""
     fine_tune_text: bool = False
+    text_top_layers: int = Field(0, ge=0, le=1024)
+    """Train the top N layers of the text encoder (0: none), on the cached output of the frozen layers below:
+    most of what fine-tuning the whole encoder gains, at the cost of N layers instead of all of them."""
+    text_top_lr: float = Field(1e-4, gt=0.0)
+    """Learning rate of the trained top text layers: above ``text_lr``, as only a few layers move, from a
+    head that starts untrained."""
     fine_tune_image: bool = False
     """Train the CNN too (the paper trains end to end); its features are then computed live, not cached."""
     text_dim: int | None = Field(None, ge=1, le=MAX_WIDTH)
@@ -121,8 +127,13 @@ class FusionConfig(BaseModel):
 
     @model_validator(mode="after")
     def _probe_reads_frozen_features(self) -> FusionConfig:
-        if self.variant == "probe" and (self.fine_tune_text or self.fine_tune_image):
+        if self.variant == "probe" and (self.fine_tune_text or self.fine_tune_image or self.text_top_layers):
             raise ValueError("the probe is a logistic regression on frozen features: it cannot fine-tune an encoder")
+        if self.text_top_layers and self.fine_tune_text:
+            raise ValueError("text_top_layers trains the top layers of a frozen encoder; fine_tune_text trains all of "
+                             "them: choose one")
+        if self.text_top_layers and not self.uses_text:
+            raise ValueError(f"text_top_layers: the {self.variant} variant reads no text")
         return self
 
     @model_validator(mode="after")

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -332,6 +333,70 @@ class TextEncoder(torch.nn.Module):
     def encode(self, texts: Sequence[str]) -> list[Features]:
         """Per text: ``states`` T x D (its own tokens only) and ``pooled`` D, on the CPU."""
         return self.encode_ids(self.tokenize(texts))
+
+
+class TopLayers:
+    """The top ``count`` layers of a bidirectional text encoder, trained on the cached output of the layers below.
+
+    Fine-tuning a whole encoder on a CPU repeats the forward pass of every layer for every post in every
+    epoch. The layers below the top ``count`` stay frozen, so their output is a feature like any other:
+    computed once and cached (:meth:`encode`, under :attr:`fingerprint`); training then runs only the top
+    layers and the head. The trained layers are the encoder's own modules, so after training the plain
+    encoder (:meth:`TextEncoder.hidden`) computes the same states in one pass, and prediction is as fast
+    as with the frozen encoder.
+    """
+
+    def __init__(self, encoder: TextEncoder, count: int):
+        layers = getattr(getattr(encoder.model, "encoder", None), "layer", None)
+        if encoder.causal or not isinstance(layers, torch.nn.ModuleList):
+            raise SentilensError(f"--text-top-layers needs a bidirectional encoder whose layers are "
+                                 f"encoder.layer (BERT, MiniLM, MPNet); '{encoder.name}' is not one")
+        if not 1 <= count <= len(layers):
+            raise SentilensError(f"--text-top-layers {count}: text encoder '{encoder.name}' has {len(layers)} layers")
+        self.encoder = encoder
+        self.count = count
+        self.all_layers = layers
+        # The encoder's own modules, not copies: training them trains the encoder that predicts.
+        self.layers = torch.nn.ModuleList(layers[len(layers) - count:])
+        encoder.model.requires_grad_(False)
+        self.layers.requires_grad_(True)
+        self.fingerprint = hashlib.sha256(f"{encoder.fingerprint}|below the top {count} layers".encode()).hexdigest()
+
+    @contextmanager
+    def _only(self, layers: torch.nn.ModuleList):
+        self.encoder.model.encoder.layer = layers
+        try:
+            yield
+        finally:
+            self.encoder.model.encoder.layer = self.all_layers
+
+    @torch.inference_mode()
+    def encode(self, texts: Sequence[str]) -> list[Features]:
+        """Per text: ``states`` T x D, the output of the frozen layers below the top ones (``pooled``: their mean)."""
+        input_ids, attention_mask = self.encoder.pad(self.encoder.tokenize(texts))
+        device = _device_of(self.encoder.model)
+        was_training = self.encoder.model.training
+        self.encoder.model.eval()
+        lower = torch.nn.ModuleList(self.all_layers[:len(self.all_layers) - self.count])
+        with self._only(lower):
+            (states,) = self.encoder.hidden(input_ids.to(device), attention_mask.to(device))
+        self.encoder.model.train(was_training)
+        mask = attention_mask.bool().to(states.device)
+        pooled = self.encoder.pool(states, mask)
+        states, mask, pooled = states.float().cpu(), mask.cpu(), pooled.float().cpu()
+        return [{"states": states[i, mask[i]].contiguous(), "pooled": pooled[i].contiguous()}
+                for i in range(len(texts))]
+
+    def __call__(self, states: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The top layers on padded lower states B x T x D with mask B x T: final states and their pooled vector."""
+        from transformers.masking_utils import create_bidirectional_mask
+
+        model = self.encoder.model
+        states = states.to(model.dtype)
+        attention = create_bidirectional_mask(config=model.config, inputs_embeds=states, attention_mask=mask.long())
+        with self._only(self.layers):
+            out = model.encoder(states, attention_mask=attention)[0]  # a tuple or a ModelOutput, by architecture
+        return out.float(), self.encoder.pool(out, mask).float()
 
 
 def build_encoders(config: FusionConfig, device: str | torch.device = "cpu"

@@ -35,7 +35,7 @@ from torch import nn
 from sentilens.data.records import Post
 from sentilens.fusion.cache import PostFeatures, has_text
 from sentilens.fusion.config import FusionConfig
-from sentilens.fusion.encoders import ImageEncoder, TextEncoder, stack_pixels
+from sentilens.fusion.encoders import ImageEncoder, TextEncoder, TopLayers, stack_pixels
 from sentilens.fusion.layers import ContextualAttention, DynamicRouting, RecurrentHead
 
 
@@ -80,13 +80,23 @@ def collate(features: Sequence[PostFeatures], text_dim: int, image_dim: int) -> 
 
 def collate_features(features: Sequence[PostFeatures], posts: Sequence[Post], text_dim: int, image_dim: int,
                live_text: TextEncoder | None = None, device: str | torch.device = "cpu",
-               live_image: ImageEncoder | None = None) -> FusionBatch:
+               live_image: ImageEncoder | None = None, text_top: TopLayers | None = None) -> FusionBatch:
     """The batch for ``posts``: cached features, or for a fine-tuned encoder its live outputs.
 
-    ``live_text`` and ``live_image`` run inside the caller's grad mode, so gradients reach them in training.
+    ``live_text``, ``live_image`` and ``text_top`` (the trained top layers, run on the cached states of the
+    layers below) run inside the caller's grad mode, so gradients reach them in training.
     """
     batch = collate(features, text_dim, image_dim).to(device)
     n = len(posts)
+    if text_top is not None and bool(batch.text_present.any()):
+        # Only posts with text: a row with no real token has nothing to attend to.
+        index = batch.text_present.nonzero().squeeze(1)
+        length = int(batch.text_mask[index].sum(dim=1).max())
+        mask = batch.text_mask[index, :length]
+        states, pooled = text_top(batch.text_states[index, :length], mask)
+        batch.text_states = batch.text_states[:, :length].index_copy(0, index, states.to(batch.text_states.dtype))
+        batch.text_mask = batch.text_mask[:, :length]
+        batch.text_pooled = batch.text_pooled.index_copy(0, index, pooled.to(batch.text_pooled.dtype))
     pictured = [i for i, post in enumerate(posts) if post.image]
     if live_image is not None and pictured:
         pixels = stack_pixels([live_image.load_pixels(posts[i].image) for i in pictured]).to(live_image.device)

@@ -32,7 +32,7 @@ from sentilens.distributed import resolve_device
 from sentilens.errors import SentilensError
 from sentilens.fusion.cache import PostFeatures, has_text
 from sentilens.fusion.config import FusionConfig, describe_run, parse_fusion_config
-from sentilens.fusion.encoders import ImageEncoder, TextEncoder, build_encoders, stack_pixels
+from sentilens.fusion.encoders import ImageEncoder, TextEncoder, TopLayers, build_encoders, stack_pixels
 from sentilens.fusion.model import FusionModel, build_model, collate, collate_features
 from sentilens.fusion.runtime import RUNTIMES, resolve_runtime
 from sentilens.predict import Capabilities, Explanation, Prediction, unsupported
@@ -67,12 +67,20 @@ def torch_threads(n: int | None):
         torch.set_num_threads(before)
 
 
-def run_weights(model: FusionModel, text_encoder: TextEncoder | None,
-                image_encoder: ImageEncoder | None = None) -> dict[str, torch.Tensor]:
-    """Everything trained: the fusion head, and each encoder that was fine-tuned."""
+def top_layer_weights(top: TopLayers) -> dict[str, torch.Tensor]:
+    """The trained top layers' weights, named as in the text encoder's own state dict."""
+    names = {id(module): name for name, module in top.encoder.model.named_modules()}
+    return {f"{names[id(layer)]}.{k}": v for layer in top.layers for k, v in layer.state_dict().items()}
+
+
+def run_weights(model: FusionModel, text_encoder: TextEncoder | None, image_encoder: ImageEncoder | None = None,
+                text_top: TopLayers | None = None) -> dict[str, torch.Tensor]:
+    """Everything trained: the fusion head, each encoder that was fine-tuned, the text encoder's trained top layers."""
     weights = dict(model.state_dict())
     if text_encoder is not None and text_encoder.trainable:
         weights.update({TEXT_ENCODER_PREFIX + k: v for k, v in text_encoder.model.state_dict().items()})
+    if text_top is not None:
+        weights.update({TEXT_ENCODER_PREFIX + k: v for k, v in top_layer_weights(text_top).items()})
     if image_encoder is not None and image_encoder.trainable:
         weights.update({IMAGE_ENCODER_PREFIX + k: v for k, v in image_encoder.model.state_dict().items()})
     return weights
@@ -95,6 +103,15 @@ class FusionPredictor:
         self.image_encoder = image_encoder
         self.device = device
         self.decode_workers = decode_workers
+        # A run that trained the text encoder's top layers caches the states below them: probabilities()
+        # reads those features and runs the top layers; prediction runs the whole encoder once.
+        self.text_top = TopLayers(text_encoder, settings.text_top_layers) \
+            if text_encoder is not None and settings.text_top_layers else None
+
+    @property
+    def feature_encoders(self) -> tuple[TextEncoder | TopLayers | None, ImageEncoder | None]:
+        """What computes the features :meth:`probabilities` reads (``featurize`` them with these)."""
+        return self.text_top or self.text_encoder, self.image_encoder
 
     @property
     def runtime(self) -> str:
@@ -129,6 +146,13 @@ class FusionPredictor:
             encoder_weights = {k[len(TEXT_ENCODER_PREFIX):]: weights.pop(k) for k in list(weights)
                                if k.startswith(TEXT_ENCODER_PREFIX)}
             _load_state(text_encoder.model, encoder_weights, run_dir / MODEL_WEIGHTS)
+        if text_encoder is not None and settings.text_top_layers:
+            top = TopLayers(text_encoder, settings.text_top_layers)
+            expected = top_layer_weights(top)
+            encoder_weights = {k[len(TEXT_ENCODER_PREFIX):]: weights.pop(k) for k in list(weights)
+                               if k.startswith(TEXT_ENCODER_PREFIX)}
+            _check_state(expected, encoder_weights, run_dir / MODEL_WEIGHTS)
+            text_encoder.model.load_state_dict(encoder_weights, strict=False)  # exactly the top layers' keys
         if image_encoder is not None and settings.fine_tune_image:
             encoder_weights = {k[len(IMAGE_ENCODER_PREFIX):]: weights.pop(k) for k in list(weights)
                                if k.startswith(IMAGE_ENCODER_PREFIX)}
@@ -155,7 +179,7 @@ class FusionPredictor:
         for start in range(0, len(posts), PREDICT_BATCH):
             end = start + PREDICT_BATCH
             batch = collate_features(features[start:end], posts[start:end], *self.settings.feature_dims, live_text,
-                                     self.device, live_image)
+                                     self.device, live_image, self.text_top)
             out.append(torch.softmax(self.model(batch), dim=-1).cpu())
         return torch.cat(out) if out else torch.zeros(0, len(self.labels))
 
@@ -232,15 +256,19 @@ class FusionPredictor:
 
 
 def _load_state(module: torch.nn.Module, weights: dict[str, torch.Tensor], path: Path) -> None:
-    expected = set(module.state_dict())
+    _check_state(module.state_dict(), weights, path)
+    module.load_state_dict(weights)
+
+
+def _check_state(shapes: dict[str, torch.Tensor], weights: dict[str, torch.Tensor], path: Path) -> None:
+    """``weights`` has exactly the names of ``shapes``, each with its shape; else one line naming the file."""
+    expected = set(shapes)
     missing, unexpected = sorted(expected - set(weights)), sorted(set(weights) - expected)
     if missing or unexpected:
         raise SentilensError(f"weights do not match config.json (missing {missing[:3]}, unexpected {unexpected[:3]})",
                              path)
-    shapes = module.state_dict()
     wrong = [f"{name} {tuple(tensor.shape)} (the model has {tuple(shapes[name].shape)})"
              for name, tensor in weights.items() if tensor.shape != shapes[name].shape]
     if wrong:
         raise SentilensError(f"weights do not match config.json: {len(wrong)} tensors have another shape, e.g. "
                              f"{wrong[0]}", path)
-    module.load_state_dict(weights)

@@ -28,7 +28,7 @@ from sentilens.distributed import resolve_device
 from sentilens.errors import SentilensError
 from sentilens.fusion.cache import CacheStats, FeatureCache, PostFeatures, featurize
 from sentilens.fusion.config import FusionConfig, parse_fusion_config
-from sentilens.fusion.encoders import ImageEncoder, TextEncoder, build_encoders
+from sentilens.fusion.encoders import ImageEncoder, TextEncoder, TopLayers, build_encoders
 from sentilens.fusion.model import FusionModel, build_model, collate_features
 from sentilens.fusion.predictor import FusionPredictor, run_weights
 from sentilens.fusion.probe import fit_probe
@@ -64,9 +64,12 @@ def epoch_seed(seed: int, epoch: int) -> int:
 
 def featurize_splits(splits: dict[str, list[Post]], config: FusionConfig, encoders: Encoders,
                      cache: FeatureCache | None) -> tuple[SplitFeatures, CacheStats]:
-    """Frozen features of every split (a modality is left out when its encoder is fine-tuned)."""
+    """Frozen features of every split (a modality is left out when its encoder is fine-tuned; with
+    ``text_top_layers`` the text features are the states below the trained top layers)."""
     text_encoder, image_encoder = encoders
     frozen_text = None if config.fine_tune_text else text_encoder
+    if frozen_text is not None and config.text_top_layers:
+        frozen_text = TopLayers(frozen_text, config.text_top_layers)
     frozen_image = None if config.fine_tune_image else image_encoder
     posts = [post for split in SPLITS for post in splits[split]]
     features, stats = featurize(posts, frozen_text, frozen_image, cache)
@@ -84,22 +87,26 @@ def _check_labelled(posts: Sequence[Post], split: str, data_dir: Path) -> None:
                              data_dir / f"{split}.jsonl")
 
 
-def _optimizer(config: FusionConfig, model: FusionModel, live: Encoders) -> torch.optim.AdamW:
-    """AdamW with one parameter group per trained part, each at its own rate (head, text LM, image CNN)."""
+def _optimizer(config: FusionConfig, model: FusionModel, live: Encoders,
+               text_top: TopLayers | None = None) -> torch.optim.AdamW:
+    """AdamW with one parameter group per trained part, each at its own rate (head, text LM or its top
+    layers, image CNN)."""
     text_encoder, image_encoder = live
     groups = [{"params": list(model.parameters()), "lr": config.lr}]
     if text_encoder is not None:
         groups.append({"params": list(text_encoder.model.parameters()), "lr": config.text_lr})
+    if text_top is not None:
+        groups.append({"params": list(text_top.layers.parameters()), "lr": config.text_top_lr})
     if image_encoder is not None:
         groups.append({"params": list(image_encoder.model.parameters()), "lr": config.image_lr})
     return torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
 
 
-def _restore(run_dir: Path, model: FusionModel, live: Encoders,
-             optimizer: torch.optim.Optimizer) -> tuple[dict, list[dict]]:
+def _restore(run_dir: Path, model: FusionModel, live: Encoders, optimizer: torch.optim.Optimizer,
+             text_top: TopLayers | None = None) -> tuple[dict, list[dict]]:
     """Weights and optimizer of the last finished epoch from ``resume/``; returns the scalar state and history."""
     saved = load_training_state(run_dir)
-    trained = run_weights(model, *live)
+    trained = run_weights(model, *live, text_top)
     if set(saved.trainable) != set(trained):
         raise SentilensError("the resume state does not match this run's model", run_dir / RESUME_DIR)
     for name, value in saved.trainable.items():
@@ -110,14 +117,16 @@ def _restore(run_dir: Path, model: FusionModel, live: Encoders,
 
 def _train_epoch(model: FusionModel, optimizer: torch.optim.Optimizer, posts: Sequence[Post],
                  features: Sequence[PostFeatures], config: FusionConfig, epoch: int, live: Encoders,
-                 device: str, on_batch: Callable[[float, float], None], class_weights: torch.Tensor | None = None
-                 ) -> float:
+                 device: str, on_batch: Callable[[float, float], None], class_weights: torch.Tensor | None = None,
+                 text_top: TopLayers | None = None) -> float:
     """One pass over the training posts in this epoch's seeded order; returns the mean loss."""
     label_index = {label: i for i, label in enumerate(config.labels)}
     model.train()
     for encoder in live:
         if encoder is not None:
             encoder.model.train()
+    if text_top is not None:
+        text_top.layers.train()
     seed = epoch_seed(config.seed, epoch)
     torch.manual_seed(seed)
     order = torch.randperm(len(posts), generator=torch.Generator().manual_seed(seed)).tolist()
@@ -126,7 +135,7 @@ def _train_epoch(model: FusionModel, optimizer: torch.optim.Optimizer, posts: Se
         idx = order[start:start + config.batch_size]
         batch_posts = [posts[i] for i in idx]
         batch = collate_features([features[i] for i in idx], batch_posts, *config.feature_dims, live[0], device,
-                                 live[1])
+                                 live[1], text_top)
         targets = torch.tensor([label_index[p.label] for p in batch_posts], device=device)
         loss = F.cross_entropy(model(batch), targets, weight=class_weights)
         optimizer.zero_grad(set_to_none=True)
@@ -189,13 +198,14 @@ def fit(config: FusionConfig, data_dir: str | Path, run_dir: str | Path, *, resu
 
     torch.manual_seed(config.seed)
     model = FusionModel(config, *config.feature_dims).to(device)
-    optimizer = _optimizer(config, model, live)
+    predictor = FusionPredictor(config, model, text_encoder, image_encoder, device=device)
+    text_top = predictor.text_top  # the predictor scores val with the very layers trained here
+    optimizer = _optimizer(config, model, live, text_top)
     state: dict = {"epochs_done": 0, "best_epoch": None, "best": None}
     history: list[dict] = []
     if resume:
-        state, history = _restore(run_dir, model, live, optimizer)
+        state, history = _restore(run_dir, model, live, optimizer, text_top)
     save_config(run_dir, config)
-    predictor = FusionPredictor(config, model, text_encoder, image_encoder, device=device)
 
     train_posts, n_train = splits["train"], len(splits["train"])
     class_weights = _class_weights(config, train_posts, device)
@@ -205,7 +215,7 @@ def fit(config: FusionConfig, data_dir: str | Path, run_dir: str | Path, *, resu
         for epoch in range(state["epochs_done"], config.epochs):
             epoch_started = time.perf_counter()
             loss = _train_epoch(model, optimizer, train_posts, features["train"], config, epoch, live, device,
-                                log.step, class_weights)
+                                log.step, class_weights, text_top)
             val = _score(predictor, splits["val"], features["val"])[0] if splits["val"] else None
             record = {"epoch": epoch + 1, "train_loss": loss, "seconds": round(time.perf_counter() - epoch_started, 2)}
             if val is not None:
@@ -215,15 +225,15 @@ def fit(config: FusionConfig, data_dir: str | Path, run_dir: str | Path, *, resu
             best = state["best"]
             if val is None or best is None or val_f1 > best["weighted_f1"]:
                 state["best_epoch"], state["best"] = epoch + 1, record.get("val")
-                save_weights(run_dir / MODEL_WEIGHTS, run_weights(model, *live))
+                save_weights(run_dir / MODEL_WEIGHTS, run_weights(model, *live, text_top))
             state["epochs_done"] = epoch + 1
             save_history(run_dir, history)
-            save_training_state(run_dir, run_weights(model, *live), optimizer.state_dict(), state)
+            save_training_state(run_dir, run_weights(model, *live, text_top), optimizer.state_dict(), state)
             if config.patience and val_f1 is not None and state["epochs_done"] - state["best_epoch"] >= config.patience:
                 break  # early stopping: no gain on val for `patience` epochs (the best epoch's weights are kept)
 
     best = load_weights(run_dir / MODEL_WEIGHTS, device)
-    trained = run_weights(model, *live)
+    trained = run_weights(model, *live, text_top)
     for name, value in best.items():
         trained[name].copy_(value)
     summary = {"run": str(run_dir), "variant": config.variant, "epochs": state["epochs_done"],
