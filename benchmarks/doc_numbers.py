@@ -172,19 +172,51 @@ def variant(entry: dict, name: str) -> dict:
 def real_text_cpu() -> str:
     rows, costs = [], []
     for entry in result("real_text")["sets"]:
-        probe, text, full = (variant(entry, v) for v in ("probe", "text", "full"))
+        names = [v for v in ("probe", "text", "full") if any(r["variant"] == v for r in entry["variants"])]
+        cells = {v: variant(entry, v) for v in names}
         train = f"{entry['posts']['train']:,}"
-        rows.append([SET_NAMES.get(entry["set"], entry["set"]), train,
-                     *(f"{f3(v['weighted_f1'])} {interval(v['weighted_f1_ci'])}" for v in (probe, text, full)),
-                     points(entry["minus_probe"]["text"]["weighted_f1_diff_ci"]),
-                     points(entry["minus_text"]["full"]["weighted_f1_diff_ci"])])
-        costs.append(f"{SET_NAMES.get(entry['set'], entry['set'])}: probe {probe['train_seconds']:.0f} / "
-                     f"{probe['train_cpu_seconds']:.0f}, text {text['train_seconds']:.0f} / "
-                     f"{text['train_cpu_seconds']:.0f}, full {full['train_seconds']:.0f} / "
-                     f"{full['train_cpu_seconds']:.0f}")
+
+        def cell(name: str) -> str:
+            v = cells.get(name)
+            return f"{f3(v['weighted_f1'])} {interval(v['weighted_f1_ci'])}" if v else "not measured"
+
+        def diff(baseline: str, name: str) -> str:
+            ci = entry.get(f"minus_{baseline}", {}).get(name)
+            return points(ci["weighted_f1_diff_ci"]) if ci else "-"
+
+        rows.append([SET_NAMES.get(entry["set"], entry["set"]), train, cell("probe"), cell("text"), cell("full"),
+                     diff("probe", "text"), diff("text", "full")])
+        costs.append(f"{SET_NAMES.get(entry['set'], entry['set'])}: " + ", ".join(
+            f"{name} {v['train_seconds']:.0f} / {v['train_cpu_seconds']:.0f}" for name, v in cells.items()))
     return (table(["set", "train posts", "probe", "text (frozen MiniLM)", "full, posts without images",
                    "text - probe (paired)", "full - text (paired)"], rows)
             + "\nTrain seconds, wall / CPU: " + "; ".join(costs) + ".\n")
+
+
+LEVERS = ("probe", "text", "text-balanced", "text-top1", "text-top2", "text-top3", "full")
+
+
+def real_text_levers() -> str:
+    """Every variant measured on the CPU, against today's default (``text``), with what its training cost."""
+    blocks = []
+    for entry in result("real_text")["sets"]:
+        rows = []
+        for name in (v for v in LEVERS if any(r["variant"] == v for r in entry["variants"])):
+            v = variant(entry, name)
+            against = entry.get("minus_text", {}).get(name)
+            load = v["machine"]["load_average_before"][0], v["machine"]["load_average_after"][0]
+            rows.append([f"`{name}`", v["description"], f"{f3(v['weighted_f1'])} {interval(v['weighted_f1_ci'])}",
+                         f3(v["accuracy"]), "(today's default)" if name == "text" else
+                         points(against["weighted_f1_diff_ci"]) if against else "-",
+                         minutes(v["train_seconds"]), f"{v['train_cpu_seconds']:,.0f}",
+                         f"{v['machine']['threads']}", f"{load[0]:.1f} / {load[1]:.1f}"])
+        blocks.append(f"{SET_NAMES.get(entry['set'], entry['set'])}, {entry['posts']['train']:,} train posts"
+                      f"{' (a seeded subset)' if entry.get('train_subset') else ''}, "
+                      f"{entry['posts']['test']:,} test posts:\n\n"
+                      + table(["variant", "what", "test weighted F1 [95 % CI]", "accuracy",
+                               "minus today's default (paired 95 % CI)", "train (wall)", "train CPU-s",
+                               "threads", "load before / after"], rows))
+    return "\n".join(blocks)
 
 
 def real_text_gpu() -> str:
@@ -393,14 +425,15 @@ def attention_map_free(strategy) -> bool:
 
 
 def measured_selection(form: str, strategy) -> str:
-    """The selection cost ``benchmarks/token_filtering.py`` measured for ``form`` at N = 576 (its LLaVA-1.5 shape,
-    batch 1), where its results hold one: today the scored tower's time over the plain tower's, for the
-    attention-scored methods it ran."""
-    for setting in result("token_filtering")["settings"]:
-        if setting.get("family") or setting["batch"] != 1 or (setting.get("strategy") or "all") != form:
+    """The selection cost ``benchmarks/token_filtering.py`` measured for ``form`` on its LLaVA-1.5 CPU proxy
+    (N = 576, batch 1): worst milliseconds over the ratios, and that as a share of the released tower."""
+    for setting in result("token_filtering").get("method_settings", []):
+        if setting["device"] != "cpu" or setting["family"] != "llava" or setting["batch"] != 1:
             continue
-        if strategy.scored and "scoring_overhead" in setting:
-            return f"tower x{setting['scoring_overhead']:.2f} with scoring"
+        method = setting["methods"].get(form)
+        if method and "selection_worst_ms" in method:  # the choosing step plus what capturing attention adds
+            return (f"{method['selection_worst_ms']:.1f} ms ({100 * method['selection_share_of_tower']:.1f} % of "
+                    f"the {setting['tower_layers']}-layer tower)")
     return "not measured yet"
 
 
@@ -445,6 +478,7 @@ def pruning_methods() -> str:
 GENERATORS: dict[str, Callable[[], str]] = {
     "demo-headline": demo_headline, "demo-timing": demo_timing, "demo-sweep": demo_sweep, "demo-bars": demo_bars,
     "predict-throughput": predict_throughput, "fusion-cache": fusion_cache, "real-text-cpu": real_text_cpu,
+    "real-text-levers": real_text_levers,
     "real-text-gpu": real_text_gpu, "token-filtering-gpu": token_filtering_gpu,
     "token-filtering-cpu": token_filtering_cpu, "token-filtering-methods": token_filtering_methods,
     "received-kernel": received_kernel, "mllm-scoring": mllm_scoring,

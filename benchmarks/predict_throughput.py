@@ -72,7 +72,7 @@ def todays_path(predictor: FusionPredictor, posts: list[Post], output: Path) -> 
     rows = []
     for start in range(0, len(posts), OLD_CHUNK):
         chunk = posts[start:start + OLD_CHUNK]
-        features = featurize(chunk, predictor.text_encoder, predictor.image_encoder, None)[0]
+        features = featurize(chunk, *predictor.feature_encoders, None)[0]
         predictions = predictor.to_predictions(predictor.probabilities(features, chunk))
         rows.extend({"id": p.id, **pred.to_dict()} for p, pred in zip(chunk, predictions, strict=True))
     with output.open("w", encoding="utf-8") as f:
@@ -127,7 +127,7 @@ def breakdown(plain: FusionPredictor, fast: FusionPredictor, posts: list[Post], 
     batches = encoder_batches(plain, posts)
     ms["image_encoder_torch"], ms["text_encoder_torch"] = encoders_only(plain, batches)
     ms["image_encoder_onnx"], ms["text_encoder_onnx"] = encoders_only(fast, batches)
-    features = featurize(posts, plain.text_encoder, plain.image_encoder, None)[0]
+    features = featurize(posts, *plain.feature_encoders, None)[0]
     batch = collate(features, *plain.settings.feature_dims)
     with torch.inference_mode():
         ms["head"] = seconds(lambda: torch.softmax(plain.model(batch), dim=-1))
@@ -144,7 +144,7 @@ def breakdown(plain: FusionPredictor, fast: FusionPredictor, posts: list[Post], 
 
 def weighted_f1(predictor: FusionPredictor, posts: list[Post], path: str) -> float:
     if path == "todays":
-        features = featurize(posts, predictor.text_encoder, predictor.image_encoder, None)[0]
+        features = featurize(posts, *predictor.feature_encoders, None)[0]
         predictions = predictor.to_predictions(predictor.probabilities(features, posts))
     else:
         predictions = predictor.predict(posts)

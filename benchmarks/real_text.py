@@ -45,7 +45,7 @@ import torch
 
 from sentilens.data.prepare import prepare
 from sentilens.data.records import read_labels, read_manifest, write_manifest
-from sentilens.fusion.cache import FeatureCache
+from sentilens.fusion.cache import FeatureCache, featurize
 from sentilens.fusion.config import FusionConfig
 from sentilens.fusion.encoders import build_encoders
 from sentilens.fusion.predictor import FusionPredictor
@@ -63,7 +63,15 @@ VARIANTS = {
     "full": ({"variant": "full"}, "full fusion model (attention + routing) on image-less posts"),
     "text-tuned": ({"variant": "text", "fine_tune_text": True, "epochs": 5},
                    "text head with MiniLM fine-tuned end to end (LM lr 2e-5, head 1e-3), best val epoch of 5"),
+    "text-top1": ({"variant": "text", "text_top_layers": 1, "epochs": 3},
+                  "text head + the encoder's top layer trained on cached states (lr 1e-4), best val epoch of 3"),
+    "text-top2": ({"variant": "text", "text_top_layers": 2, "epochs": 3},
+                  "text head + the encoder's top 2 layers trained on cached states (lr 1e-4), best val epoch of 3"),
+    "text-top3": ({"variant": "text", "text_top_layers": 3, "epochs": 3},
+                  "text head + the encoder's top 3 layers trained on cached states (lr 1e-4), best val epoch of 3"),
 }
+BASELINES = ("probe", "text")
+"""Every variant is compared (paired bootstrap) with each of these: the probe, and today's default head."""
 DEFAULT_VARIANTS = "probe,text,text-balanced,full"
 METRIC_KEYS = ("accuracy", "accuracy_ci", "weighted_f1", "weighted_f1_ci", "macro_f1", "binary_f1", "positive_label")
 
@@ -128,6 +136,9 @@ def run_set(name: str, file: Path, work: Path, cache: FeatureCache, variants: li
         row_encoders, row_features = encoders, features
         if config.fine_tune_text:  # the run trains its own copy of the encoder; the shared one stays frozen
             row_encoders = build_encoders(config, device)
+        elif config.text_top_layers:  # its own copy too (the top layers train in place), on the states below them
+            row_encoders = build_encoders(config, device)
+            row_features, _ = featurize_splits(splits, config, row_encoders, cache)
         elif config.prompt != shared.prompt:  # another prompt: other text features (cached under their own key)
             row_encoders = build_encoders(config.model_copy(update={"variant": "full"}), device)
             row_features, _ = featurize_splits(splits, config, row_encoders, cache)
@@ -159,8 +170,9 @@ def run_set(name: str, file: Path, work: Path, cache: FeatureCache, variants: li
         if variant in predictions or not (run / "metrics-test.json").is_file():
             continue
         predictor = FusionPredictor.from_run(run, device=device)
+        run_features = featurize(splits["test"], *predictor.feature_encoders, cache)[0]
         labels_now = [p.label for p in predictor.to_predictions(
-            predictor.probabilities(features["test"], splits["test"]))]
+            predictor.probabilities(run_features, splits["test"]))]
         recorded = read_json(run / "metrics-test.json")["weighted_f1"]
         truth = [p.label for p in splits["test"]]
         again = classification_metrics(truth, labels_now, labels, intervals=False)["weighted_f1"]
@@ -170,7 +182,8 @@ def run_set(name: str, file: Path, work: Path, cache: FeatureCache, variants: li
             continue
         predictions[variant] = labels_now
     truth = [p.label for p in splits["test"]]
-    for variant, baseline in [*((v, "probe") for v in VARIANTS if v != "probe"), ("full", "text")]:
+    pairs = [(v, b) for i, b in enumerate(BASELINES) for v in VARIANTS if v not in BASELINES[:i + 1]]
+    for variant, baseline in pairs:
         if variant in predictions and baseline in predictions:
             result.setdefault(f"minus_{baseline}", {})[variant] = paired_difference_interval(
                 truth, predictions[variant], predictions[baseline], labels)

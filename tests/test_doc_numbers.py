@@ -86,11 +86,17 @@ def test_the_families_column_is_read_off_the_refusals(numbers, monkeypatch):
 def test_the_methods_table_reads_demo_accuracy_and_measured_cost_off_the_results(numbers, monkeypatch):
     demo = {"sweep": {"n": 10, "image_tokens": 144, "rows": [
         {"strategy": "divprune", "ratio": r, "accuracy": a} for r, a in ((1.0, 0.9), (0.4, 0.8), (0.05, 0.5))]}}
-    filtering = {"settings": [{"batch": 1, "scoring_overhead": 1.25, "shape_name": "CLIP"},
-                              {"batch": 1, "family": "qwen3-vl", "strategy": "feature", "scoring_overhead": 2.0}]}
+    def llava(family: str, batch: int, methods: dict) -> dict:
+        return {"device": "cpu", "family": family, "batch": batch, "tower_ms": 1000.0, "tower_layers": 24,
+                "methods": methods}
+
+    filtering = {"method_settings": [
+        llava("llava", 1, {"all": {"selection_worst_ms": 12.0, "selection_share_of_tower": 0.012}, "feature": {}}),
+        llava("llava", 16, {"feature": {"selection_worst_ms": 5.0, "selection_share_of_tower": 0.005}}),
+        llava("qwen2.5-vl", 1, {"divprune": {"selection_worst_ms": 3.0, "selection_share_of_tower": 0.003}})]}
     monkeypatch.setattr(numbers, "result", {"demo_full": demo, "token_filtering": filtering}.__getitem__)
     rows = method_rows(numbers.pruning_methods())
     assert rows["divprune"][6] == "0.800 / — / 0.500" and rows["visionzip"][6] == "not measured yet"
-    # the LLaVA-1.5 shape's setting (no family, batch 1) is the paper's rule's; another family's is not N = 576
-    assert rows["all"][5] == "tower x1.25 with scoring" and rows["feature"][5] == "not measured yet"
-    assert rows["divprune"][5] == "not measured yet", "a method that scores nothing has no scoring overhead"
+    # only the LLaVA-1.5 proxy at batch 1 is N = 576 a post: another family's or batch's row is not read
+    assert rows["all"][5] == "12.0 ms (1.2 % of the 24-layer tower)"
+    assert rows["feature"][5] == rows["divprune"][5] == "not measured yet"
