@@ -193,3 +193,68 @@ def test_top_layers_refuse_a_causal_lm_in_one_line(gpt2_dir):
     with pytest.raises(SentilensError, match="bidirectional encoder") as err:
         TopLayers(TextEncoder(str(gpt2_dir)), 1)
     assert "\n" not in str(err.value)
+
+
+def split_zip_of(folder, name, out_dir, parts=3):
+    """``folder`` zipped as ``name/...`` (as the released split archive is) and cut into ``parts`` files."""
+    import zipfile
+
+    archive = out_dir / f"{name}.zip"
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as z:
+        for f in sorted(folder.iterdir()):
+            z.write(f, f"{name}/{f.name}")
+        z.writestr(f"{name}/README.md", "not needed by from_pretrained")
+    data = archive.read_bytes()
+    step = -(-len(data) // parts)
+    paths = []
+    for i in range(parts):
+        path = out_dir / f"{name}.zip.{i + 1:03d}"
+        path.write_bytes(data[i * step:(i + 1) * step])
+        paths.append(path)
+    return paths
+
+
+@pytest.fixture
+def split_mpnet(tmp_path, monkeypatch):
+    """A tiny MPNet folder packed like all-mpnet-base-v2's five PyPI parts, the cache in tmp_path."""
+    from sentilens.fusion import embedded
+    from sentilens.fusion.encoders import embedded_text_path
+
+    source = save_tiny_mpnet(tmp_path / "source", embedded_text_path())
+    (tmp_path / "parts").mkdir()
+    parts = split_zip_of(source, "all-mpnet-base-v2", tmp_path / "parts", parts=5)
+    packages = dict(zip(embedded.EMBEDDED_TEXT_ENCODERS["all-mpnet-base-v2"].packages, parts, strict=True))
+    monkeypatch.setattr(embedded, "_package_files", lambda package: [packages[package]] if package in packages else [])
+    monkeypatch.setenv("SENTILENS_CACHE", str(tmp_path / "cache"))
+    return source, parts
+
+
+def test_a_split_embedded_encoder_is_joined_once_into_the_cache_and_loads_by_name(split_mpnet):
+    from sentilens.fusion.embedded import MODEL_FILES, embedded_folder
+
+    source, _ = split_mpnet
+    encoder = TextEncoder("sentence-transformers/all-mpnet-base-v2")
+    folder = embedded_folder("all-mpnet-base-v2")
+    assert encoder.source == str(folder) and sorted(p.name for p in folder.iterdir()) == sorted(MODEL_FILES)
+    for name in MODEL_FILES:  # byte for byte the released files
+        assert (folder / name).read_bytes() == (source / name).read_bytes()
+    reference = TextEncoder(str(source))
+    assert torch.equal(encoder.encode(["great day"])[0]["states"], reference.encode(["great day"])[0]["states"])
+    stamp = (folder / "model.safetensors").stat().st_mtime_ns
+    assert embedded_folder("all-mpnet-base-v2") == folder and (folder / "model.safetensors").stat().st_mtime_ns == stamp
+
+
+def test_a_damaged_or_missing_split_encoder_is_one_line_and_leaves_no_folder(split_mpnet, monkeypatch, tmp_path):
+    from sentilens.fusion import embedded
+
+    _, parts = split_mpnet
+    data = bytearray(parts[2].read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte inside the weights
+    parts[2].write_bytes(bytes(data))
+    with pytest.raises(SentilensError, match="do not hold a readable model") as err:
+        TextEncoder("all-mpnet-base-v2")
+    assert "\n" not in str(err.value)
+    assert not (tmp_path / "cache" / "embedded" / "all-mpnet-base-v2").exists()
+    monkeypatch.setattr(embedded, "_package_files", lambda package: [])
+    with pytest.raises(SentilensError, match=r"pip install 'sentilens\[mpnet\]'"):
+        TextEncoder("all-mpnet-base-v2")

