@@ -176,16 +176,11 @@ def real_text_cpu() -> str:
         cells = {v: variant(entry, v) for v in names}
         train = f"{entry['posts']['train']:,}"
 
-        def cell(name: str) -> str:
-            v = cells.get(name)
-            return f"{f3(v['weighted_f1'])} {interval(v['weighted_f1_ci'])}" if v else "not measured"
-
-        def diff(baseline: str, name: str) -> str:
-            ci = entry.get(f"minus_{baseline}", {}).get(name)
-            return points(ci["weighted_f1_diff_ci"]) if ci else "-"
-
-        rows.append([SET_NAMES.get(entry["set"], entry["set"]), train, cell("probe"), cell("text"), cell("full"),
-                     diff("probe", "text"), diff("text", "full")])
+        wf1 = [f"{f3(cells[n]['weighted_f1'])} {interval(cells[n]['weighted_f1_ci'])}" if n in cells
+               else "not measured" for n in ("probe", "text", "full")]
+        diffs = [points(entry[f"minus_{b}"][n]["weighted_f1_diff_ci"]) if n in entry.get(f"minus_{b}", {}) else "-"
+                 for b, n in (("probe", "text"), ("text", "full"))]
+        rows.append([SET_NAMES.get(entry["set"], entry["set"]), train, *wf1, *diffs])
         costs.append(f"{SET_NAMES.get(entry['set'], entry['set'])}: " + ", ".join(
             f"{name} {v['train_seconds']:.0f} / {v['train_cpu_seconds']:.0f}" for name, v in cells.items()))
     return (table(["set", "train posts", "probe", "text (frozen MiniLM)", "full, posts without images",
