@@ -92,6 +92,29 @@ def train_tiny_mllm(data: Path, out: Path, epochs: int = 1, model: str = "tiny")
     return out
 
 
+def sweep_every_method(runner, run: Path, data: Path, n: int) -> None:
+    """``sweep --strategy every --ratios 1,0.4,0.2``: each registered method the family can run has its rows,
+    with ceil(r n) visual tokens (an LM-stage method: all n up to its layer K, the budget after it); each one it
+    cannot run is refused with a one-line reason."""
+    from sentilens.mllm.pruning import parse_strategy, showcase_strategies
+
+    result = runner.invoke(app, ["sweep", "--run", str(run), "--data", str(data), "--ratios", "1,0.4,0.2",
+                                 "--strategy", "every", "--repeats", "1", "--json"])
+    assert result.exit_code == 0, result.output
+    sweep = json.loads((run / "sweep.json").read_text())
+    refused = sweep.get("refused_strategies", {})
+    ran = {r["strategy"] for r in sweep["rows"]}
+    assert ran | set(refused) == set(showcase_strategies()) and not ran & set(refused)
+    assert all(reason and "\n" not in reason for reason in refused.values())
+    for row in sweep["rows"]:
+        budget = math.ceil(row["ratio"] * n)
+        assert row["kept_tokens"] == budget, row
+        if parse_strategy(row["strategy"]).stage == "lm":
+            per_layer = row["kept_tokens_per_layer"]
+            k = parse_strategy(row["strategy"]).lm_layer
+            assert per_layer[:k + 1] == [n] * (k + 1) and set(per_layer[k + 1:]) <= {budget}
+
+
 def eval_sweep_predict_explain(runner, run: Path, data: Path, tmp_path: Path) -> None:
     """The commands after ``train mllm`` on a tiny run of any family: eval at r = 0.4; sweep 1,0.4 (fewer kept
     tokens and FLOPs at 0.4); predict at r = 0.2 (ceil(0.2 N) tokens for the image post, 0 for the text-only
@@ -108,6 +131,7 @@ def eval_sweep_predict_explain(runner, run: Path, data: Path, tmp_path: Path) ->
     assert rows[1]["gflops_per_post"] < rows[0]["gflops_per_post"]
     image = next(p.image for p in read_split(data, "test") if p.image)
     n = rows[0]["kept_tokens"]  # an image's visual tokens, unfiltered (the synthetic images share one size)
+    sweep_every_method(runner, run, data, n)
     posts = tmp_path / "posts.jsonl"
     posts.write_text(json.dumps({"id": "a", "text": "what a day", "image": image}) + "\n"
                      + json.dumps({"id": "b", "text": "no picture"}) + "\n")
