@@ -74,6 +74,11 @@ def sweep_row(run: dict, strategy: str, ratio: float) -> dict:
     raise KeyError((strategy, ratio))
 
 
+def commit_of(run: dict) -> str:
+    """``commit abc1234`` of a demo record's ``code`` (which may add a remark in brackets)."""
+    return run["code"].split(" (")[0].split(" with ")[0]
+
+
 def demo_headline() -> str:
     run = result("demo_full")
     bars = run["issue_11_bars"]
@@ -92,8 +97,9 @@ def demo_timing() -> str:
     return (f"`make demo` (the full size, 1,200 posts) took **{minutes(run['wall_seconds'])} wall and "
             f"{run['cpu_seconds']:,.0f} CPU-seconds** on a {run['machine']['device']}, {run['machine']['cpus']} "
             f"cores ({run['machine']['threads']} torch threads; 1-minute load average "
-            f"{load[0]:.2f} before, {load[1]:.2f} after): {stages}. With `--seed 1`: "
-            f"{minutes(seed1['wall_seconds'])} and {seed1['cpu_seconds']:,.0f} CPU-seconds.\n")
+            f"{load[0]:.2f} before, {load[1]:.2f} after): {stages}. With `--seed 1`"
+            + (f" ({commit_of(seed1)}, an earlier run)" if commit_of(seed1) != commit_of(run) else "")
+            + f": {minutes(seed1['wall_seconds'])} and {seed1['cpu_seconds']:,.0f} CPU-seconds.\n")
 
 
 DEMO_COLUMNS = ("all", "random", "inverse", "feature", "all+merge", "all+native", "random+native")
@@ -116,8 +122,11 @@ def demo_sweep() -> str:
 
 def demo_bars() -> str:
     rows = []
-    for name, run in (("seed 0", result("demo_full")), ("seed 1", result("demo_full")["seed_1"])):
+    seed0 = result("demo_full")
+    for name, run in (("seed 0", seed0), ("seed 1", seed0["seed_1"])):
         bars = run["issue_11_bars"]
+        if run is not seed0 and commit_of(run) != commit_of(seed0):
+            name += f" ({commit_of(run)}, an earlier run)"
         rows.append([name, f3(bars["accuracy_r1"]), f3(bars["accuracy_r04"]), f3(bars["all_r02"]),
                      f3(bars["random_r02"]), f3(bars["all_r02"] - bars["random_r02"]),
                      f"{bars['speedup_of_ideal_r02']:.2f}", f"{bars['mass_over_area']:.2f}",
