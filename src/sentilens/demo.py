@@ -36,7 +36,8 @@ from sentilens.runs import read_json, write_json
 
 @dataclass(frozen=True)
 class DemoSize:
-    """How much work each stage does; ``full`` fits in 15 minutes and ``smoke`` in 3 on 2 CPU cores."""
+    """How much work each stage does; ``full`` is sized for 15 minutes and ``smoke`` for 3 on 2 CPU cores (what
+    they took is in docs/benchmarks.md, with the machine)."""
 
     posts: int
     fusion_epochs: int

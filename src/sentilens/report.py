@@ -221,9 +221,13 @@ def plot_methods(sweep: dict, path: Path) -> Path:
 def methods_figure(sweep: dict):
     """Accuracy against measured speedup, one line per method, a point per keep ratio (labelled with it)."""
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
-    for strategy in dict.fromkeys(row.get("strategy", "") for row in sweep["rows"]):
+    # Ten colours, then the same ten with another marker and dashes: fifteen methods stay told apart.
+    colours, styles = plt.get_cmap("tab10").colors, (("o", "-"), ("s", "--"), ("^", ":"))
+    for i, strategy in enumerate(dict.fromkeys(row.get("strategy", "") for row in sweep["rows"])):
         rows = sorted((r for r in sweep["rows"] if r.get("strategy", "") == strategy), key=lambda r: -r["ratio"])
-        line = ax.plot([r["speedup"] for r in rows], [r["accuracy"] for r in rows], marker="o", label=strategy)[0]
+        marker, dashes = styles[(i // len(colours)) % len(styles)]
+        line = ax.plot([r["speedup"] for r in rows], [r["accuracy"] for r in rows], marker=marker, linestyle=dashes,
+                       color=colours[i % len(colours)], label=strategy)[0]
         for row in rows:
             ax.annotate(f"{row['ratio']:g}", (row["speedup"], row["accuracy"]), textcoords="offset points",
                         xytext=(3, 3), fontsize=7, color=line.get_color())
