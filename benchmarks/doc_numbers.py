@@ -212,14 +212,17 @@ def real_text_levers() -> str:
             rows.append([f"`{name}`", v["description"], f"{f3(v['weighted_f1'])} {interval(v['weighted_f1_ci'])}",
                          f3(v["accuracy"]), "(today's default)" if name == "text" else
                          points(against["weighted_f1_diff_ci"]) if against else "-",
-                         minutes(v["train_seconds"]), f"{v['train_cpu_seconds']:,.0f}",
-                         f"{v['machine']['threads']}", f"{load[0]:.1f} / {load[1]:.1f}"])
+                         minutes(v["train_seconds"]) + (f" ({minutes(v['paused_seconds'])} of it paused)"
+                                                        if v.get("paused_seconds") else ""),
+                         f"{v['train_cpu_seconds']:,.0f}",
+                         f"{v['machine']['device']}, {v['machine']['threads']} thread"
+                         f"{'s' if v['machine']['threads'] > 1 else ''}", f"{load[0]:.1f} / {load[1]:.1f}"])
         blocks.append(f"{SET_NAMES.get(entry['set'], entry['set'])}, {entry['posts']['train']:,} train posts"
                       f"{' (a seeded subset)' if entry.get('train_subset') else ''}, "
                       f"{entry['posts']['test']:,} test posts:\n\n"
                       + table(["variant", "what", "test weighted F1 [95 % CI]", "accuracy",
                                "minus today's default (paired 95 % CI)", "train (wall)", "train CPU-s",
-                               "threads", "load before / after"], rows))
+                               "machine", "load before / after"], rows))
     return "\n".join(blocks)
 
 
