@@ -197,6 +197,18 @@ def real_text_cpu() -> str:
             + "\nTrain seconds, wall / CPU: " + "; ".join(costs) + ".\n")
 
 
+def text_predict_rate() -> str:
+    r = result("text_predict_rate")
+    ref = r["reference"]
+    others = ", ".join(f"`{name}` {run['median_posts_per_second']:.1f} posts/s ({run['over_reference']:.2f} of "
+                       f"`{ref}`)" for name, run in r["runs"].items() if name != ref)
+    m = r["machine"]
+    return (f"`predict --input` on the same {r['posts']:,} test posts, the runs interleaved {r['rounds']} times "
+            f"(`benchmarks/results/text_predict_rate.json`; {m['device']}, {m['threads']} thread, load "
+            f"{m['load_average_before'][0]:.1f} before, {m['load_average_after'][0]:.1f} after): `{ref}` "
+            f"{r['runs'][ref]['median_posts_per_second']:.1f} posts/s, {others}.\n")
+
+
 LEVERS = ("probe", "text", "text-balanced", "text-top1", "text-top2", "text-top3", "full")
 
 
@@ -485,7 +497,7 @@ def pruning_methods() -> str:
 GENERATORS: dict[str, Callable[[], str]] = {
     "demo-headline": demo_headline, "demo-timing": demo_timing, "demo-sweep": demo_sweep, "demo-bars": demo_bars,
     "predict-throughput": predict_throughput, "fusion-cache": fusion_cache, "real-text-cpu": real_text_cpu,
-    "real-text-levers": real_text_levers,
+    "real-text-levers": real_text_levers, "text-predict-rate": text_predict_rate,
     "real-text-gpu": real_text_gpu, "token-filtering-gpu": token_filtering_gpu,
     "token-filtering-cpu": token_filtering_cpu, "token-filtering-methods": token_filtering_methods,
     "received-kernel": received_kernel, "mllm-scoring": mllm_scoring,
