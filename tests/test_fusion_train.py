@@ -97,24 +97,30 @@ def test_a_second_run_reads_every_feature_from_the_cache(synth, ablation, tmp_pa
     assert summary["cache"] == {"text_hits": n, "text_encoded": 0, "image_hits": n, "image_encoded": 0}
 
 
+def train_until_interrupted(monkeypatch, at_call: int, config, data, run_dir, cache) -> None:
+    """``train_fusion`` stopped by a KeyboardInterrupt at the head's ``at_call``-th forward pass (as Ctrl-C would)."""
+    forward, calls = FusionModel.forward, {"n": 0}
+
+    def interrupted(model, batch):
+        calls["n"] += 1
+        if calls["n"] == at_call:
+            raise KeyboardInterrupt
+        return forward(model, batch)
+
+    monkeypatch.setattr(FusionModel, "forward", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train_fusion(config, data, run_dir, cache=cache, device="cpu")
+    monkeypatch.setattr(FusionModel, "forward", forward)
+
+
 def test_interrupted_then_resumed_run_equals_an_uninterrupted_one(synth, ablation, tmp_path, monkeypatch):
     cache = FeatureCache(ablation["cache"])
     data = subset_manifest(synth, tmp_path / "small", {"train": 96, "val": 40, "test": 40})
     config = FusionConfig(variant="full", image_size=SIZE, epochs=3, seed=7)
     straight = train_fusion(config, data, tmp_path / "straight", cache=cache, device="cpu")
 
-    forward, calls = FusionModel.forward, {"n": 0}
-
-    def interrupted(model, batch):
-        calls["n"] += 1
-        if calls["n"] == 6:  # in epoch 2 of 3: 3 training batches + 1 validation batch per epoch
-            raise KeyboardInterrupt
-        return forward(model, batch)
-
-    monkeypatch.setattr(FusionModel, "forward", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        train_fusion(config, data, tmp_path / "resumed", cache=cache, device="cpu")
-    monkeypatch.setattr(FusionModel, "forward", forward)
+    # in epoch 2 of 3: 3 training batches + 1 validation batch per epoch
+    train_until_interrupted(monkeypatch, 6, config, data, tmp_path / "resumed", cache)
     assert not (tmp_path / "resumed" / "metrics-test.json").exists()
     assert read_json(tmp_path / "resumed" / "resume" / "state.json")["epochs_done"] == 1
     assert len(read_json(tmp_path / "resumed" / "history.json")) == 1
@@ -275,18 +281,8 @@ def test_text_top_layers_resume_where_they_stopped(synth, tmp_path, monkeypatch)
     cache = FeatureCache(tmp_path / "cache")
     config = FusionConfig(variant="text", epochs=2, seed=3, text_top_layers=1, batch_size=32)
     train_fusion(config, data, tmp_path / "straight", cache=cache, device="cpu")
-    forward, calls = FusionModel.forward, {"n": 0}
-
-    def interrupted(model, batch):
-        calls["n"] += 1
-        if calls["n"] == 4:  # epoch 2: 2 training batches + 1 validation batch per epoch
-            raise KeyboardInterrupt
-        return forward(model, batch)
-
-    monkeypatch.setattr(FusionModel, "forward", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        train_fusion(config, data, tmp_path / "resumed", cache=cache, device="cpu")
-    monkeypatch.setattr(FusionModel, "forward", forward)
+    # epoch 2: 2 training batches + 1 validation batch per epoch
+    train_until_interrupted(monkeypatch, 4, config, data, tmp_path / "resumed", cache)
     resume_fusion(tmp_path / "resumed", data, cache=cache, device="cpu")
     a = load_weights(tmp_path / "straight" / "model.safetensors")
     b = load_weights(tmp_path / "resumed" / "model.safetensors")
