@@ -273,6 +273,10 @@ def test_text_top_layers_train_only_the_top_and_predict_like_their_cached_path(s
     live = torch.tensor([[p.probabilities[label] for label in predictor.labels] for p in predictor.predict(posts)])
     cached = predictor.probabilities(featurize(posts, *predictor.feature_encoders, None)[0], posts)
     assert torch.allclose(live, cached, atol=1e-5)  # one whole-encoder pass == cached lower states + top layers
+    features = featurize(posts, *predictor.feature_encoders, None)[0]
+    predictor.text_top.layers.train()  # as training leaves them when it scores val after an epoch
+    assert torch.equal(predictor.probabilities(features, posts), predictor.probabilities(features, posts))
+    assert torch.allclose(predictor.probabilities(features, posts), cached, atol=1e-6)
     assert evaluate(predictor, posts)["confusion"] == summary["test"]["confusion"]
 
 

@@ -175,6 +175,8 @@ class FusionPredictor:
         for encoder in (live_text, live_image):
             if encoder is not None:
                 encoder.model.eval()
+        if self.text_top is not None:
+            self.text_top.layers.eval()  # training scores val between epochs: no dropout in what it scores
         out = []
         for start in range(0, len(posts), PREDICT_BATCH):
             end = start + PREDICT_BATCH
