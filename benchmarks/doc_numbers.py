@@ -209,7 +209,7 @@ def text_predict_rate() -> str:
             f"{r['runs'][ref]['median_posts_per_second']:.1f} posts/s, {others}.\n")
 
 
-LEVERS = ("probe", "text", "text-balanced", "text-top1", "text-top2", "text-top3", "full")
+LEVERS = ("probe", "text", "text-balanced", "text-top1", "text-top2", "text-top3", "probe-mpnet", "text-mpnet", "full")
 
 
 def real_text_levers() -> str:
@@ -221,7 +221,9 @@ def real_text_levers() -> str:
             v = variant(entry, name)
             against = entry.get("minus_text", {}).get(name)
             load = v["machine"]["load_average_before"][0], v["machine"]["load_average_after"][0]
-            rows.append([f"`{name}`", v["description"], f"{f3(v['weighted_f1'])} {interval(v['weighted_f1_ci'])}",
+            rescored = " (re-scored: see its row's note)" if v.get("rescored") else ""
+            rows.append([f"`{name}`", v["description"],
+                         f"{f3(v['weighted_f1'])} {interval(v['weighted_f1_ci'])}{rescored}",
                          f3(v["accuracy"]), "(today's default)" if name == "text" else
                          points(against["weighted_f1_diff_ci"]) if against else "-",
                          minutes(v["train_seconds"]) + (f" ({minutes(v['paused_seconds'])} of it paused)"
