@@ -183,6 +183,10 @@ def test_top_layers_on_cached_lower_states_give_the_whole_encoders_output(archit
         top_modules = encoder.model.encoder.layer[depth - count:]
         assert len(trained) == sum(1 for layer in top_modules for _ in layer.parameters())
     assert len(fingerprints) == depth and encoder.fingerprint not in fingerprints  # each split caches its own states
+    top = TopLayers(encoder, 1)
+    top.layers.train()
+    top.encode(texts)  # encoding the lower states leaves every module's mode as it found it
+    assert all(m.training for m in top.layers.modules()) and not encoder.model.embeddings.training
     with pytest.raises(SentilensError, match=f"has {depth} layers"):
         TopLayers(encoder, depth + 1)
 

@@ -374,12 +374,13 @@ class TopLayers:
         """Per text: ``states`` T x D, the output of the frozen layers below the top ones (``pooled``: their mean)."""
         input_ids, attention_mask = self.encoder.pad(self.encoder.tokenize(texts))
         device = _device_of(self.encoder.model)
-        was_training = self.encoder.model.training
+        modes = {module: module.training for module in self.encoder.model.modules()}  # each put back as it was
         self.encoder.model.eval()
         lower = torch.nn.ModuleList(self.all_layers[:len(self.all_layers) - self.count])
         with self._only(lower):
             (states,) = self.encoder.hidden(input_ids.to(device), attention_mask.to(device))
-        self.encoder.model.train(was_training)
+        for module, training in modes.items():
+            module.training = training
         mask = attention_mask.bool().to(states.device)
         pooled = self.encoder.pool(states, mask)
         states, mask, pooled = states.float().cpu(), mask.cpu(), pooled.float().cpu()
