@@ -143,19 +143,16 @@ class FusionPredictor:
         weights = load_weights(run_dir / MODEL_WEIGHTS)
         text_encoder, image_encoder = build_encoders(settings, device)
         if text_encoder is not None and settings.fine_tune_text:
-            encoder_weights = {k[len(TEXT_ENCODER_PREFIX):]: weights.pop(k) for k in list(weights)
-                               if k.startswith(TEXT_ENCODER_PREFIX)}
+            encoder_weights = _take(weights, TEXT_ENCODER_PREFIX)
             _load_state(text_encoder.model, encoder_weights, run_dir / MODEL_WEIGHTS)
         if text_encoder is not None and settings.text_top_layers:
             top = TopLayers(text_encoder, settings.text_top_layers)
             expected = top_layer_weights(top)
-            encoder_weights = {k[len(TEXT_ENCODER_PREFIX):]: weights.pop(k) for k in list(weights)
-                               if k.startswith(TEXT_ENCODER_PREFIX)}
+            encoder_weights = _take(weights, TEXT_ENCODER_PREFIX)
             _check_state(expected, encoder_weights, run_dir / MODEL_WEIGHTS)
             text_encoder.model.load_state_dict(encoder_weights, strict=False)  # exactly the top layers' keys
         if image_encoder is not None and settings.fine_tune_image:
-            encoder_weights = {k[len(IMAGE_ENCODER_PREFIX):]: weights.pop(k) for k in list(weights)
-                               if k.startswith(IMAGE_ENCODER_PREFIX)}
+            encoder_weights = _take(weights, IMAGE_ENCODER_PREFIX)
             _load_state(image_encoder.model, encoder_weights, run_dir / MODEL_WEIGHTS)
         model = build_model(settings, *settings.feature_dims)
         _load_state(model, weights, run_dir / MODEL_WEIGHTS)
@@ -255,6 +252,11 @@ class FusionPredictor:
                     future.cancel()
                 pool.shutdown(wait=True)
         return result
+
+
+def _take(weights: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The tensors named ``prefix...``, removed from ``weights``, without the prefix."""
+    return {k[len(prefix):]: weights.pop(k) for k in list(weights) if k.startswith(prefix)}
 
 
 def _load_state(module: torch.nn.Module, weights: dict[str, torch.Tensor], path: Path) -> None:
