@@ -6,8 +6,9 @@ stage (``stages.json``), the tower's held-out accuracy, the test metrics, the wh
 (``runs/*/sweep.json``), the attention on the cue, and the bars the README quotes (accuracy at r = 1
 and 0.4, ``all`` against ``random`` at r = 0.2, the speedup there against its FLOP-ideal, the cue's
 attention mass over its area). Seed 0 is the file's top level, every other seed sits under
-``seed_N``. A seed whose folder already holds a finished demo and its time file is read, not rerun,
-so a run stopped half-way loses only the seed it was in.
+``seed_N``; an earlier seed-0 timing from another machine is kept under ``other_machines``. A seed whose
+folder already holds a finished demo and its time file is read, not rerun, so a run stopped half-way loses
+only the seed it was in.
 
 Usage::
 
@@ -92,6 +93,22 @@ def code_version() -> str:
     return f"commit {head}" + (" with uncommitted changes under src/" if dirty else "")
 
 
+OTHER_MACHINE_KEYS = ("code", "machine", "wall_seconds", "cpu_seconds", "load_average_before_after", "issue_11_bars")
+
+
+def other_machines(earlier: dict, machine: dict) -> list[dict]:
+    """The earlier file's seed-0 timings from machines other than ``machine`` (a demo's wall time depends on the
+    CPU far more than on its seed), with those it already kept; one per machine and commit."""
+    kept = list(earlier.get("other_machines", []))
+    if earlier.get("machine") and earlier["machine"].get("device") != machine.get("device"):
+        record = {key: earlier[key] for key in OTHER_MACHINE_KEYS if key in earlier}
+        record["stage_seconds"] = {name: round(stage["seconds"], 1) for name, stage in earlier["stages"].items()}
+        record["sweep_repeats"] = earlier["sweep"]["repeats"]
+        kept.append(record)
+    unique = {(r["machine"].get("device"), r["code"]): r for r in kept}
+    return [r for r in unique.values() if r["machine"].get("device") != machine.get("device")]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, required=True, help="one demo folder per seed goes here")
@@ -119,6 +136,7 @@ def main() -> None:
     for key, value in earlier.items():  # a seed not rerun now keeps its earlier record
         if key.startswith("seed_") and key not in out:
             out[key] = value
+    out["other_machines"] = other_machines(earlier, machine)
     write_json(args.out, out)
     print(f"written to {args.out}")
 

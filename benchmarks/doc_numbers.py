@@ -99,7 +99,17 @@ def demo_timing() -> str:
             f"cores ({run['machine']['threads']} torch threads; 1-minute load average "
             f"{load[0]:.2f} before, {load[1]:.2f} after): {stages}. With `--seed 1`"
             + (f" ({commit_of(seed1)}, an earlier run)" if commit_of(seed1) != commit_of(run) else "")
-            + f": {minutes(seed1['wall_seconds'])} and {seed1['cpu_seconds']:,.0f} CPU-seconds.\n")
+            + f": {minutes(seed1['wall_seconds'])} and {seed1['cpu_seconds']:,.0f} CPU-seconds."
+            + "".join(other_machine(other) for other in run.get("other_machines", []))
+            + "\n")
+
+
+def other_machine(other: dict) -> str:
+    """A sentence on an earlier seed-0 demo timed on another machine."""
+    load = other["load_average_before_after"]
+    return (f" Seed 0 on a {other['machine']['device']}, {other['machine']['cpus']} cores ({commit_of(other)}, "
+            f"{other['sweep_repeats']} timed sweep passes; load {load[0]:.2f} before, {load[1]:.2f} after): "
+            f"{minutes(other['wall_seconds'])}.")
 
 
 DEMO_COLUMNS = ("all", "random", "inverse", "feature", "all+merge", "all+native", "random+native")

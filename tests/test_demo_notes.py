@@ -23,6 +23,16 @@ def test_the_note_names_the_best_method_of_each_budget_from_the_rows():
     assert ("At r = 0.05, the best of each kind of method: the tower's attention 0.900 (`visionzip`); "
             "chance 0.720 (`random`); diversity 0.700 (`divprune`); pooling 0.650 (`downsample`).") in note
     assert "7.1x the box's share" in note and "evidence sits in one small box" in note
+    assert "so at small budgets the box can go" in note and "held level" not in note  # divprune 0.70 < 0.90
+
+
+def test_the_note_says_diversity_held_level_only_when_its_rows_do():
+    rows = [row("all", 1.0, 0.96, 144), row("all", 0.05, 0.958, 8), row("dpp", 1.0, 0.96, 144),
+            row("dpp", 0.05, 0.95, 8)]
+    note = methods_note({"n": 120, "rows": rows}, CUE)
+    assert "held level with it here" in note and "the box can go" not in note
+    below = methods_note({"n": 120, "rows": [*rows[:3], row("dpp", 0.05, 0.94, 8)]}, CUE)
+    assert "the box can go" in below and "held level" not in below
 
 
 def test_one_method_gets_no_note():

@@ -367,16 +367,28 @@ def methods_note(sweep: dict, cue: dict) -> str:
         "**Why that ranking belongs to this task.** Here the evidence sits in one small box: a drawn cue (a sky, "
         "a face, a storm, objects) on a backdrop that says nothing about the label, and the tower was pretrained "
         f"to find it (its CLS attention puts {cue['mass_over_area']:.1f}x the box's share of the frame on it). A "
-        "method guided by that attention can keep the box's few patches down to small budgets. A diversity "
-        "method (DivPrune's max-min distance, a DPP) spends the budget on covering the image's variety, and the "
-        "backdrop, bars and borders are varied too, so at small budgets the box can go; pooling averages the box "
-        "into its surroundings; a random draw misses it by chance. On real posts the evidence is spread over the "
+        f"method guided by that attention can keep the box's few patches down to small budgets. {diversity_note(kinds)}"
+        "Pooling averages the box into its surroundings; a random draw misses it by chance. On real posts the "
+        "evidence is spread over the "
         "scene, several objects or text in the image, where covering the image is worth more: the published "
         "LLaVA-1.5-7B comparisons at 64 tokens (README, \"Choosing a pruning method\", with their sources) find "
         "DivPrune, a diversity method, level with attention-guided VisionZip. Which method to deploy is for a "
         "sweep on the user's own val split to say (`sentilens sweep --strategy every --select-on val`), not "
         "this demo.\n\n"
     )
+
+
+def diversity_note(kinds: dict[str, tuple[float, str]]) -> str:
+    """How the diversity methods fared against the attention-guided ones at the smallest budget, and why."""
+    diversity, attention = kinds.get("diversity"), kinds.get("the tower's attention")
+    if diversity is None or attention is None:
+        return ""
+    if diversity[0] >= attention[0] - 0.01:
+        return ("A diversity method (DivPrune's max-min distance, a DPP) held level with it here, which suggests "
+                "that the cue's patches stand out from a backdrop whose patches resemble each other, so covering "
+                "the image's variety reaches them early. ")
+    return ("A diversity method (DivPrune's max-min distance, a DPP) spends the budget on covering the image's "
+            "variety, and the backdrop, bars and borders are varied too, so at small budgets the box can go. ")
 
 
 def dropout_note(spec: DemoSize) -> str:
