@@ -286,6 +286,37 @@ def test_greedy_map_gains_are_the_determinant_ratios_of_the_kernel():
     assert greedy_map(features, quality, 6).tolist() == order
 
 
+def test_the_greedy_selections_of_a_batch_are_each_image_s_own():
+    # the images of one call are chosen together; each must get the order it gets alone (with duplicates
+    # and a zero row in the mix, where ties decide), under a batch of any size and at the whole-matrix bound
+    from sentilens.mllm.pruning import divprune
+    from sentilens.mllm.pruning.cdpruner import ConditionalDpp, greedy_map, greedy_maps
+    from sentilens.mllm.pruning.divprune import max_min_orders
+
+    generator = torch.Generator().manual_seed(3)
+    features = torch.randn(5, 40, 6, generator=generator)
+    features[1, 7] = features[1, 3]  # a duplicate token
+    features[2, :10] = features[2, 0]  # a flat region
+    features[3, 5] = 0  # a blank block
+    quality = torch.rand(5, 40, generator=generator) + 0.5
+    assert max_min_orders(features, 12).tolist() == [max_min_order(image, 12).tolist() for image in features]
+    assert greedy_maps(features, quality, 12).tolist() == [greedy_map(image, q, 12).tolist()
+                                                           for image, q in zip(features, quality, strict=True)]
+    units = [UnitInputs(torch.zeros(1), 40, 12, image) for image in features]
+    for strategy in (DiversityPrune("divprune"), ConditionalDpp("dpp")):
+        together = strategy.batch_unit_scores(units)
+        assert [t.tolist() for t in together] == [strategy.unit_scores(unit).tolist() for unit in units]
+    # images of another size or budget, and one with candidates, are grouped apart and still get their own
+    mixed = [*units[:2], UnitInputs(torch.zeros(1), 20, 5, features[2, :20]),
+             UnitInputs(torch.zeros(1), 40, 12, features[3], candidates=torch.arange(40) % 4 != 0)]
+    assert [t.tolist() for t in DiversityPrune("divprune").batch_unit_scores(mixed)] == [
+        DiversityPrune("divprune").unit_scores(unit).tolist() for unit in mixed]
+    # a group holds no more similarity numbers than one image at the bound
+    assert [len(g) for g in divprune.image_groups([units[0]] * 3)] == [3]
+    big = UnitInputs(torch.zeros(1), divprune.WHOLE_MATRIX_MAX_TOKENS, 2, torch.zeros(1, 1))
+    assert [len(g) for g in divprune.image_groups([big] * 3)] == [1, 1, 1]
+
+
 def test_text_relevance_is_the_min_max_normalised_mean_cosine_with_the_text():
     from sentilens.mllm.pruning.cdpruner import text_relevance
 

@@ -265,17 +265,17 @@ def test_sweep_selection_cost_times_the_method_s_own_choosing(full_run, manifest
     from sentilens.mllm.pruning import DiversityPrune, parse_strategy
     from sentilens.mllm.sweep import run_sweep
 
-    plain = DiversityPrune.unit_scores
+    plain = DiversityPrune.batch_unit_scores
 
-    def slow(self, units):
-        time.sleep(0.02)
+    def slow(self, units):  # the family hands the call's images over together: 20 ms for each
+        time.sleep(0.02 * len(units))
         return plain(self, units)
 
     posts = read_split(manifest, "test")
     images = sum(1 for p in posts if p.image)
     predictor = load_predictor(full_run)
     before = {r["ratio"]: r for r in run_sweep(predictor, posts, [0.5], [parse_strategy("divprune")], 1)["rows"]}
-    monkeypatch.setattr(DiversityPrune, "unit_scores", slow)
+    monkeypatch.setattr(DiversityPrune, "batch_unit_scores", slow)
     after = {r["ratio"]: r for r in run_sweep(predictor, posts, [0.5], [parse_strategy("divprune")], 1)["rows"]}
     for ratio in (1.0, 0.5):
         added = after[ratio]["selection_ms"] - before[ratio]["selection_ms"]

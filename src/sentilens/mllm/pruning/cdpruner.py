@@ -38,9 +38,10 @@ What the paper leaves open (or sets for towers with a text encoder), and the cho
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from sentilens.mllm.pruning.divprune import order_priorities
+from sentilens.mllm.pruning.divprune import grouped_priorities
 from sentilens.mllm.pruning.strategy import Strategy, UnitInputs
 
 if TYPE_CHECKING:
@@ -55,38 +56,48 @@ REFUSALS = "its filter is not given the prompt's text nor projects the tokens it
 
 def greedy_map(features: torch.Tensor, quality: torch.Tensor, k: int) -> torch.Tensor:
     """The first ``k`` tokens of the greedy MAP order of ``L = diag(q) S diag(q)`` (``S``: cosine of ``features``
-    ``(N, D)``, ``q``: ``quality`` ``(N,)``), by the incremental Cholesky updates of the module docstring.
+    ``(N, D)``, ``q``: ``quality`` ``(N,)``), by the incremental Cholesky updates of the module docstring:
+    :func:`greedy_maps` of one image."""
+    return greedy_maps(features[None], quality[None], k)[0]
 
-    Each step reads one row of ``S`` (:class:`~sentilens.mllm.pruning.divprune.CosineRows`: one matrix product
-    for the whole selection) and updates every gain at once, ``O(N step)``; a chosen token's gain is set to
-    ``-inf``, which later updates keep, so no mask is rebuilt and no index leaves the device until the end."""
+
+def greedy_maps(features: torch.Tensor, quality: torch.Tensor, k: int) -> torch.Tensor:
+    """``(B, k)``: :func:`greedy_map` of each of ``B`` images of as many tokens (``features`` ``(B, N, D)``,
+    ``quality`` ``(B, N)``), all at once.
+
+    Each step reads one row of each image's ``S`` (:class:`~sentilens.mllm.pruning.divprune.CosineRows`: one
+    matrix product per image for the whole selection) and updates every gain at once, ``O(N step)``; a chosen
+    token's gain is set to ``-inf``, which later updates keep, so no mask is rebuilt and no index leaves the
+    device until the end. The inner products with the earlier Cholesky rows are elementwise products summed
+    over the steps, per image, so an image's order does not depend on the others in its batch."""
     import torch
 
     from sentilens.mllm.pruning.divprune import CosineRows
 
-    n = features.shape[0]
+    batch, n = features.shape[:2]
     k = min(k, n)
     if k == 0:
-        return torch.zeros(0, dtype=torch.long)
+        return torch.zeros(batch, 0, dtype=torch.long)
     cosine = CosineRows(features)
+    images = cosine.images
     q = quality.detach().float().to(cosine.unit.device)
-    rows = torch.zeros(k, n, dtype=torch.float32, device=q.device)  # the Cholesky rows c_j, one per step
+    rows = torch.zeros(batch, k, n, dtype=torch.float32, device=q.device)  # the Cholesky rows c_j, one per step
     gain = q * q  # d_j^2 = L_jj for the empty set (S_jj = 1)
     order = []
     for step in range(k):
-        pick = torch.argmax(gain)
+        pick = torch.argmax(gain, dim=1)
         order.append(pick)
         if step == k - 1:
             break
-        at = pick.view(1)
-        kernel_row = q.index_select(0, at) * q * cosine.row(pick)  # L_{pick, j}
-        scale = gain.index_select(0, at).clamp(min=0).sqrt()
-        update = kernel_row - rows[:step].index_select(1, at)[:, 0] @ rows[:step]
+        kernel_row = q[images, pick][:, None] * q * cosine.row(pick)  # L_{pick, j}
+        scale = gain[images, pick].clamp(min=0).sqrt()[:, None]
+        earlier = rows[:, :step]
+        update = kernel_row - (earlier[images, :, pick][:, :, None] * earlier).sum(dim=1)
         update = torch.where(scale > 1e-12, update / scale.clamp(min=1e-12), torch.zeros_like(update))
-        rows[step] = update
+        rows[:, step] = update
         gain = gain - update * update
-        gain.index_fill_(0, at, float("-inf"))
-    return torch.stack(order).cpu()
+        gain[images, pick] = float("-inf")
+    return torch.stack(order, dim=1).cpu()
 
 
 def text_relevance(projected: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
@@ -125,21 +136,18 @@ class ConditionalDpp(Strategy):
         return super().unsupported(family)
 
     def unit_scores(self, units: UnitInputs) -> torch.Tensor:
+        return self.batch_unit_scores([units])[0]
+
+    def batch_unit_scores(self, units: Sequence[UnitInputs]) -> list[torch.Tensor]:
+        return grouped_priorities(self, units, self._orders)
+
+    def _orders(self, stacked: torch.Tensor, group: list[UnitInputs], candidates: torch.Tensor) -> torch.Tensor:
         import torch
 
-        if units.features is None:
-            raise RuntimeError(f"strategy '{self}' was given no features to choose by")
-        if units.budget >= units.count:
-            return torch.ones(units.count)
-        candidates = (torch.arange(units.count) if units.candidates is None
-                      else units.candidates.cpu().nonzero().flatten())
-        quality = torch.ones(len(candidates))
+        quality = torch.ones(stacked.shape[:2])
         if self.conditional:
-            if units.relevance is None:
+            if any(unit.relevance is None for unit in group):
                 raise RuntimeError("strategy 'cdpruner' was given no relevance to the post's text")
             alpha = THETA / (2 * (1 - THETA))
-            quality = torch.exp(alpha * units.relevance.float().cpu()[candidates])
-        device = units.features.device
-        order = greedy_map(units.features[candidates.to(device)], quality, units.budget)
-        return order_priorities(candidates[order], units.count)
-
+            quality = torch.exp(alpha * torch.stack([unit.relevance.float().cpu()[candidates] for unit in group]))
+        return greedy_maps(stacked, quality, group[0].budget)

@@ -40,6 +40,7 @@ What the paper leaves open, and the choice made:
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, ClassVar
 
 from sentilens.mllm.pruning.strategy import Strategy, UnitInputs
@@ -56,76 +57,135 @@ each greedy step reads one of its rows; above it each step computes its row agai
 
 
 class CosineRows:
-    """The rows of the cosine similarity of ``features`` ``(N, D)`` (each row normalised with an epsilon, so a zero
-    row's cosine with anything is 0), for the greedy selections of :mod:`.divprune` and :mod:`.cdpruner`.
+    """The rows of the cosine similarity of each image's ``features`` ``(B, N, D)`` (each row normalised with an
+    epsilon, so a zero row's cosine with anything is 0), for the greedy selections of :mod:`.divprune` and
+    :mod:`.cdpruner`, which take the ``B`` images of a call together.
 
-    Up to :data:`WHOLE_MATRIX_MAX_TOKENS` tokens the matrix is computed once, in blocks of
+    Up to :data:`WHOLE_MATRIX_MAX_TOKENS` tokens each image's matrix is computed once, in blocks of
     :data:`SIMILARITY_BLOCK_ROWS` rows, and kept: a greedy step is then an ``O(N)`` read instead of an ``O(N D)``
     product, which is what makes a selection of ``k`` tokens cost one matrix product and ``k`` cheap steps.
-    Whether the matrix is kept depends on ``N`` only, so for a given ``N`` a row is always the same numbers and
-    a greedy order never depends on ``k``."""
+    Whether the matrix is kept depends on ``N`` only, and each image's is its own two-dimensional product, so for
+    a given ``N`` a row is always the same numbers: a greedy order depends neither on ``k`` nor on the batch."""
 
     def __init__(self, features: torch.Tensor, keep: bool | None = None):
         import torch
         from torch import nn
 
         self.unit = nn.functional.normalize(features.detach().float(), dim=-1)
-        self.n = self.unit.shape[0]
+        self.batch, self.n = self.unit.shape[:2]
+        self.images = torch.arange(self.batch, device=self.unit.device)
         keep = self.n <= WHOLE_MATRIX_MAX_TOKENS if keep is None else keep
         self.matrix: torch.Tensor | None = None
         if keep:
-            self.matrix = torch.empty(self.n, self.n, dtype=torch.float32, device=self.unit.device)
-            for start in range(0, self.n, SIMILARITY_BLOCK_ROWS):
-                stop = min(self.n, start + SIMILARITY_BLOCK_ROWS)
-                torch.matmul(self.unit[start:stop], self.unit.T, out=self.matrix[start:stop])
+            self.matrix = torch.empty(self.batch, self.n, self.n, dtype=torch.float32, device=self.unit.device)
+            for image in range(self.batch):
+                for start in range(0, self.n, SIMILARITY_BLOCK_ROWS):
+                    stop = min(self.n, start + SIMILARITY_BLOCK_ROWS)
+                    torch.matmul(self.unit[image, start:stop], self.unit[image].T, out=self.matrix[image, start:stop])
 
     def blocks(self):
-        """``(rows, similarity)`` for consecutive row blocks covering every token (views of the kept matrix)."""
+        """``(rows, similarity (B, len(rows), N))`` for consecutive row blocks covering every token (views of the
+        kept matrices)."""
         import torch
 
         for start in range(0, self.n, SIMILARITY_BLOCK_ROWS):
             stop = min(self.n, start + SIMILARITY_BLOCK_ROWS)
             rows = torch.arange(start, stop, device=self.unit.device)
-            yield rows, (self.unit[start:stop] @ self.unit.T if self.matrix is None else self.matrix[start:stop])
+            if self.matrix is not None:
+                yield rows, self.matrix[:, start:stop]
+            else:
+                yield rows, torch.stack([self.unit[i, start:stop] @ self.unit[i].T for i in range(self.batch)])
 
     def row(self, index: torch.Tensor) -> torch.Tensor:
-        """``(N,)`` cosine of token ``index`` (a 0-d long tensor: no host round trip) with every token."""
+        """``(B, N)``: the cosine of each image's token ``index[b]`` (``(B,)`` long: no host round trip) with every
+        token of that image."""
+        import torch
+
         if self.matrix is not None:
-            return self.matrix.index_select(0, index.view(1))[0]
-        return (self.unit.index_select(0, index.view(1)) @ self.unit.T)[0]
+            return self.matrix[self.images, index]
+        return torch.stack([self.unit[i].index_select(0, index[i].view(1))[0] @ self.unit[i].T
+                            for i in range(self.batch)])
 
 
 def max_min_order(features: torch.Tensor, k: int) -> torch.Tensor:
     """The first ``k`` tokens of the greedy max-min order of ``features`` ``(N, D)`` under cosine distance
-    (module docstring), as indices in the order they are chosen.
+    (module docstring), as indices in the order they are chosen: :func:`max_min_orders` of one image."""
+    return max_min_orders(features[None], k)[0]
 
-    One similarity row per step (:class:`CosineRows`) and an elementwise minimum; a chosen token's distance is
-    set to ``-inf``, which every later minimum keeps, so it is never chosen again and no mask is rebuilt."""
+
+def max_min_orders(features: torch.Tensor, k: int) -> torch.Tensor:
+    """``(B, k)``: :func:`max_min_order` of each of ``B`` images of as many tokens, ``features`` ``(B, N, D)``.
+
+    One similarity row per image and step (:class:`CosineRows`) and an elementwise minimum, for all the images
+    at once; a chosen token's distance is set to ``-inf``, which every later minimum keeps, so it is never chosen
+    again and no mask is rebuilt."""
     import torch
 
-    n = features.shape[0]
+    batch, n = features.shape[:2]
     k = min(k, n)
-    if k == 0:
-        return torch.zeros(0, dtype=torch.long)
-    if n == 1:
-        return torch.zeros(1, dtype=torch.long)
+    if k == 0 or n == 1:
+        return torch.zeros(batch, k, dtype=torch.long)
     cosine = CosineRows(features)
-    device = cosine.unit.device
-    nearest = torch.empty(n, dtype=torch.float32, device=device)  # each token's distance to its nearest other
+    device, images = cosine.unit.device, cosine.images
+    nearest = torch.empty(batch, n, dtype=torch.float32, device=device)  # each token's distance to its nearest other
     for rows, similar in cosine.blocks():
         similar = similar.clone()
-        similar[torch.arange(len(rows), device=device), rows] = float("-inf")  # not its own neighbour
-        nearest[rows] = 1.0 - similar.max(dim=1).values
-    pick = torch.argmax(nearest)
+        similar[:, torch.arange(len(rows), device=device), rows] = float("-inf")  # not its own neighbour
+        nearest[:, rows] = 1.0 - similar.max(dim=2).values
+    pick = torch.argmax(nearest, dim=1)
     order = [pick]
     to_set = 1.0 - cosine.row(pick)  # each token's distance to its nearest chosen token (-inf: chosen)
-    to_set.index_fill_(0, pick.view(1), float("-inf"))
+    to_set[images, pick] = float("-inf")
     for _ in range(1, k):
-        pick = torch.argmax(to_set)
+        pick = torch.argmax(to_set, dim=1)
         order.append(pick)
         torch.minimum(to_set, 1.0 - cosine.row(pick), out=to_set)
-        to_set.index_fill_(0, pick.view(1), float("-inf"))
-    return torch.stack(order).cpu()
+        to_set[images, pick] = float("-inf")
+    return torch.stack(order, dim=1).cpu()
+
+
+def image_groups(units: Sequence[UnitInputs]) -> list[list[int]]:
+    """The indices of ``units`` in groups a batched greedy selection can take together: images with the same
+    count, budget and feature width, every unit a candidate; an image with candidates (LLaVA-NeXT's newline
+    slots) or nothing to choose (``budget >= count``) is a group of its own. Each group is bounded so that its
+    kept similarity matrices hold at most as many numbers as one image of :data:`WHOLE_MATRIX_MAX_TOKENS`."""
+    groups: dict[tuple, list[int]] = {}
+    for i, unit in enumerate(units):
+        alone = unit.candidates is not None or unit.features is None or unit.budget >= unit.count
+        key = ("alone", i) if alone else (unit.count, unit.budget, tuple(unit.features.shape),
+                                          unit.features.dtype, unit.features.device)
+        groups.setdefault(key, []).append(i)
+    bounded = []
+    for (first, *_), members in groups.items():
+        size = 1 if first == "alone" else max(1, WHOLE_MATRIX_MAX_TOKENS ** 2 // max(1, units[members[0]].count) ** 2)
+        bounded += [members[i:i + size] for i in range(0, len(members), size)]
+    return bounded
+
+
+def grouped_priorities(strategy: Strategy, units: Sequence[UnitInputs],
+                       orders: Callable[[torch.Tensor, list[UnitInputs], torch.Tensor], torch.Tensor]
+                       ) -> list[torch.Tensor]:
+    """Each image's priorities (:func:`order_priorities`) from a greedy selection run on the images of a group
+    (:func:`image_groups`) together: ``orders(features (B, C, D) of the C candidates, the group's units, the
+    candidates' indices)`` gives each image's first ``budget`` candidates in the order chosen."""
+    import torch
+
+    scores: list = [None] * len(units)
+    for members in image_groups(units):
+        group = [units[i] for i in members]
+        first = group[0]
+        if first.features is None:
+            raise RuntimeError(f"strategy '{strategy}' was given no features to choose by")
+        if first.budget >= first.count:
+            scores[members[0]] = torch.ones(first.count)
+            continue
+        candidates = (torch.arange(first.count) if first.candidates is None
+                      else first.candidates.cpu().nonzero().flatten())
+        chosen = candidates.to(first.features.device)
+        stacked = torch.stack([unit.features[chosen] for unit in group])
+        for i, order in zip(members, orders(stacked, group, candidates), strict=True):
+            scores[i] = order_priorities(candidates[order], first.count)
+    return scores
 
 
 def order_priorities(order: torch.Tensor, count: int) -> torch.Tensor:
@@ -148,13 +208,8 @@ class DiversityPrune(Strategy):
     showcase = ("divprune",)
 
     def unit_scores(self, units: UnitInputs) -> torch.Tensor:
-        import torch
+        return self.batch_unit_scores([units])[0]
 
-        if units.features is None:
-            raise RuntimeError(f"strategy '{self}' was given no features to choose by")
-        candidates = (torch.arange(units.count) if units.candidates is None
-                      else units.candidates.cpu().nonzero().flatten())
-        if units.budget >= units.count:
-            return torch.ones(units.count)
-        order = max_min_order(units.features[candidates.to(units.features.device)], units.budget)
-        return order_priorities(candidates[order], units.count)
+    def batch_unit_scores(self, units: Sequence[UnitInputs]) -> list[torch.Tensor]:
+        return grouped_priorities(self, units, lambda stacked, group, candidates: max_min_orders(
+            stacked, group[0].budget))

@@ -16,6 +16,7 @@ tokens are kept in). The families call :func:`sentilens.mllm.pruning.select.choo
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
@@ -163,6 +164,12 @@ class Strategy:
         # Families call this only when ``scored`` is False; an attention-reading strategy gets its scores
         # from the tower's hooked pass instead, so reaching here is a caller's bug, not a user's mistake.
         raise TypeError(f"strategy '{self}' scores tokens by the tower's attention, not by unit_scores")
+
+    def batch_unit_scores(self, units: Sequence[UnitInputs]) -> list[torch.Tensor]:
+        """:meth:`unit_scores` of each image of one call, for a family that has them all at once; a strategy
+        whose selection is a loop of small steps per image (the greedy ones) overrides it to run the images'
+        loops together, giving each image the scores :meth:`unit_scores` would."""
+        return [self.unit_scores(unit) for unit in units]
 
     def ranking(self, scores: torch.Tensor) -> torch.Tensor:
         """The priorities tokens are kept by (highest first) given their ``scores``: the scores themselves."""

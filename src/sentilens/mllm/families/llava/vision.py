@@ -113,11 +113,12 @@ class TokenFilter:
             budget = keep_count(count, self.keep_ratio)
             self.last = []
             with timed_selection():
-                for i in range(features.shape[0]):
-                    relevance, projected = self.relevance(i, features[i], budget)
-                    selection = reduce_image(features[i], strategy.unit_scores(UnitInputs(
-                        pixel_values[i], count, budget, features[i], relevance=relevance)).to(features.device),
-                                             self.keep_ratio, strategy)
+                measured = [self.relevance(i, features[i], budget) for i in range(features.shape[0])]
+                scores = strategy.batch_unit_scores([  # the images of the call chosen together
+                    UnitInputs(pixel_values[i], count, budget, features[i], relevance=relevance)
+                    for i, (relevance, _) in enumerate(measured)])
+                for i, (image_scores, (_, projected)) in enumerate(zip(scores, measured, strict=True)):
+                    selection = reduce_image(features[i], image_scores.to(features.device), self.keep_ratio, strategy)
                     if projected is not None:  # every patch was projected to measure relevance: keep the chosen ones
                         selection.projected = projected[selection.kept.to(projected.device)]
                     self.last.append(selection)
