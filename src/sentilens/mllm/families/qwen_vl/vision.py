@@ -240,15 +240,16 @@ class QwenTokenFilter:
         """Kept raster indices of each image, increasing."""
         self.last = []
         starts = [0, *torch.tensor(images.patch_counts()).cumsum(0).tolist()]
-        for i, blocks in enumerate(tower.blocks):
+        if self.scorer is None:  # a unit's row is the merger's input: its 2 x 2 block, concatenated
+            with timed_selection():  # the call's images chosen together
+                all_scores = self.strategy.batch_unit_scores([
+                    UnitInputs(images.pixel_values[starts[i]:starts[i + 1]], blocks.shape[0],
+                               keep_count(blocks.shape[0], self.keep_ratio), blocks.reshape(blocks.shape[0], -1))
+                    for i, blocks in enumerate(tower.blocks)])
+        else:
+            all_scores = [self.scorer.scores[i].float().cpu() for i in range(len(tower.blocks))]
+        for blocks, scores in zip(tower.blocks, all_scores, strict=True):
             n = blocks.shape[0]
-            if self.scorer is None:  # a unit's row is the merger's input: its 2 x 2 block, concatenated
-                with timed_selection():
-                    scores = self.strategy.unit_scores(UnitInputs(images.pixel_values[starts[i]:starts[i + 1]], n,
-                                                                  keep_count(n, self.keep_ratio),
-                                                                  blocks.reshape(n, -1)))
-            else:
-                scores = self.scorer.scores[i].float().cpu()
             self.last.append(choose(FlatUnits(n), scores, keep_count(n, self.keep_ratio), self.strategy,
                                     blocks.reshape(n, -1)))
         return [k.kept for k in self.last]

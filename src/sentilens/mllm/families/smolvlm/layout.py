@@ -50,9 +50,9 @@ class ShuffleTokenFilter(TiledTokenFilter):
         ``features`` each image's ``(tokens, s^2 Dv)`` pixel-shuffled rows (for a strategy that chooses by them)."""
         per_tile = groups.shape[0]
         if not self.strategy.scored:
-            token_scores = [self.strategy.unit_scores(UnitInputs(
-                p, n * per_tile, keep_count(n * per_tile, self.keep_ratio), None if features is None else features[i]))
-                for i, (p, n) in enumerate(zip(pixels, tiles, strict=True))]
+            token_scores = self.strategy.batch_unit_scores([UnitInputs(  # the call's images chosen together
+                p, n * per_tile, keep_count(n * per_tile, self.keep_ratio), None if features is None else features[i])
+                for i, (p, n) in enumerate(zip(pixels, tiles, strict=True))])
         else:
             patch_scores = self.tile_scores()  # (all tiles, patches)
             block = patch_scores[:, groups].mean(dim=-1)  # (all tiles, tokens per tile)
