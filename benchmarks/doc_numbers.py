@@ -219,7 +219,8 @@ def text_predict_rate() -> str:
             f"{r['runs'][ref]['median_posts_per_second']:.1f} posts/s, {others}.\n")
 
 
-LEVERS = ("probe", "text", "text-balanced", "text-top1", "text-top2", "text-top3", "probe-mpnet", "text-mpnet", "full")
+LEVERS = ("probe", "text", "text-balanced", "text-top1", "text-top2", "text-top3", "probe-mpnet", "text-mpnet",
+          "text-mpnet-top1", "full")
 
 
 def real_text_levers() -> str:
