@@ -38,11 +38,10 @@ What the paper leaves open (or sets for towers with a text encoder), and the cho
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from sentilens.mllm.pruning.divprune import grouped_priorities
-from sentilens.mllm.pruning.strategy import Strategy, UnitInputs
+from sentilens.mllm.pruning.divprune import GreedyStrategy
+from sentilens.mllm.pruning.strategy import UnitInputs
 
 if TYPE_CHECKING:
     import torch
@@ -111,7 +110,7 @@ def text_relevance(projected: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
     return (relevance - relevance.min()) / spread if float(spread) > 0 else relevance * 0
 
 
-class ConditionalDpp(Strategy):
+class ConditionalDpp(GreedyStrategy):
     """``cdpruner`` (relevance-conditioned) or ``dpp`` (relevance-free): greedy MAP of a DPP over the tokens."""
 
     name = "dpp"
@@ -135,13 +134,7 @@ class ConditionalDpp(Strategy):
             return f"'cdpruner' is not available for {TITLES.get(family, family)}: {REFUSALS}"
         return super().unsupported(family)
 
-    def unit_scores(self, units: UnitInputs) -> torch.Tensor:
-        return self.batch_unit_scores([units])[0]
-
-    def batch_unit_scores(self, units: Sequence[UnitInputs]) -> list[torch.Tensor]:
-        return grouped_priorities(self, units, self._orders)
-
-    def _orders(self, stacked: torch.Tensor, group: list[UnitInputs], candidates: torch.Tensor) -> torch.Tensor:
+    def greedy_orders(self, stacked: torch.Tensor, group: list[UnitInputs], candidates: torch.Tensor) -> torch.Tensor:
         import torch
 
         quality = torch.ones(stacked.shape[:2])

@@ -40,7 +40,7 @@ What the paper leaves open, and the choice made:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, ClassVar
 
 from sentilens.mllm.pruning.strategy import Strategy, UnitInputs
@@ -162,32 +162,6 @@ def image_groups(units: Sequence[UnitInputs]) -> list[list[int]]:
     return bounded
 
 
-def grouped_priorities(strategy: Strategy, units: Sequence[UnitInputs],
-                       orders: Callable[[torch.Tensor, list[UnitInputs], torch.Tensor], torch.Tensor]
-                       ) -> list[torch.Tensor]:
-    """Each image's priorities (:func:`order_priorities`) from a greedy selection run on the images of a group
-    (:func:`image_groups`) together: ``orders(features (B, C, D) of the C candidates, the group's units, the
-    candidates' indices)`` gives each image's first ``budget`` candidates in the order chosen."""
-    import torch
-
-    scores: list = [None] * len(units)
-    for members in image_groups(units):
-        group = [units[i] for i in members]
-        first = group[0]
-        if first.features is None:
-            raise RuntimeError(f"strategy '{strategy}' was given no features to choose by")
-        if first.budget >= first.count:
-            scores[members[0]] = torch.ones(first.count)
-            continue
-        candidates = (torch.arange(first.count) if first.candidates is None
-                      else first.candidates.cpu().nonzero().flatten())
-        chosen = candidates.to(first.features.device)
-        stacked = torch.stack([unit.features[chosen] for unit in group])
-        for i, order in zip(members, orders(stacked, group, candidates), strict=True):
-            scores[i] = order_priorities(candidates[order], first.count)
-    return scores
-
-
 def order_priorities(order: torch.Tensor, count: int) -> torch.Tensor:
     """``(count,)`` priorities: the ``i``-th token of ``order`` gets ``len(order) - i``, every other 0."""
     import torch
@@ -197,7 +171,41 @@ def order_priorities(order: torch.Tensor, count: int) -> torch.Tensor:
     return priorities
 
 
-class DiversityPrune(Strategy):
+class GreedyStrategy(Strategy):
+    """A strategy whose choice is a greedy order over each image's candidate rows (``divprune``, ``dpp``,
+    ``cdpruner``): the images of a call that :func:`image_groups` puts together run their greedy steps as one
+    (:meth:`greedy_orders`), and one image alone is a group of one."""
+
+    def greedy_orders(self, stacked: torch.Tensor, group: list[UnitInputs], candidates: torch.Tensor) -> torch.Tensor:
+        """``(B, budget)``: each image's first ``budget`` candidates in the order chosen, from ``stacked`` ``(B, C,
+        D)``, the rows of the ``C`` candidates (indices ``candidates``) of the group's ``B`` images."""
+        raise NotImplementedError
+
+    def unit_scores(self, units: UnitInputs) -> torch.Tensor:
+        return self.batch_unit_scores([units])[0]
+
+    def batch_unit_scores(self, units: Sequence[UnitInputs]) -> list[torch.Tensor]:
+        import torch
+
+        scores: list = [None] * len(units)
+        for members in image_groups(units):
+            group = [units[i] for i in members]
+            first = group[0]
+            if first.features is None:
+                raise RuntimeError(f"strategy '{self}' was given no features to choose by")
+            if first.budget >= first.count:
+                scores[members[0]] = torch.ones(first.count)
+                continue
+            candidates = (torch.arange(first.count) if first.candidates is None
+                          else first.candidates.cpu().nonzero().flatten())
+            chosen = candidates.to(first.features.device)
+            stacked = torch.stack([unit.features[chosen] for unit in group])
+            for i, order in zip(members, self.greedy_orders(stacked, group, candidates), strict=True):
+                scores[i] = order_priorities(candidates[order], first.count)
+        return scores
+
+
+class DiversityPrune(GreedyStrategy):
     """``divprune``: the ``ceil(r N)`` tokens of the greedy max-min cosine diversity order."""
 
     name = "divprune"
@@ -207,9 +215,5 @@ class DiversityPrune(Strategy):
     needs: ClassVar[frozenset[str]] = frozenset({"features"})
     showcase = ("divprune",)
 
-    def unit_scores(self, units: UnitInputs) -> torch.Tensor:
-        return self.batch_unit_scores([units])[0]
-
-    def batch_unit_scores(self, units: Sequence[UnitInputs]) -> list[torch.Tensor]:
-        return grouped_priorities(self, units, lambda stacked, group, candidates: max_min_orders(
-            stacked, group[0].budget))
+    def greedy_orders(self, stacked: torch.Tensor, group: list[UnitInputs], candidates: torch.Tensor) -> torch.Tensor:
+        return max_min_orders(stacked, group[0].budget)
