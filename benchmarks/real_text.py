@@ -49,7 +49,7 @@ from sentilens.fusion.cache import FeatureCache, featurize
 from sentilens.fusion.config import FusionConfig
 from sentilens.fusion.encoders import build_encoders
 from sentilens.fusion.predictor import FusionPredictor
-from sentilens.fusion.train import featurize_splits, train_fusion
+from sentilens.fusion.train import featurize_splits, train_fusion, tune_run_decision
 from sentilens.machine import environment
 from sentilens.metrics import classification_metrics, paired_difference_interval
 from sentilens.runs import read_json, write_json
@@ -77,6 +77,12 @@ VARIANTS = {
                         "text head + all-mpnet-base-v2's top layer trained on cached states (lr 1e-4), best val "
                         "epoch of 3"),
 }
+DECIDED = {f"{base}+decision": base for base in ("probe", "text", "text-top2", "probe-mpnet", "text-mpnet-top1")}
+"""Variants that are another variant's run given decision offsets chosen on val (``--tune-decision``): the
+finished run is copied and ``tune_run_decision`` runs on the copy, so both rows score the same trained model."""
+VARIANTS.update({name: ({**VARIANTS[base][0], "tune_decision": True},
+                        f"{VARIANTS[base][1]}; decision offsets chosen on val")
+                 for name, base in DECIDED.items()})
 BASELINES = ("probe", "text")
 """Every variant is compared (paired bootstrap) with each of these: the probe, and today's default head."""
 DEFAULT_VARIANTS = "probe,text,text-balanced,full"
@@ -118,8 +124,25 @@ def encoder_cost(texts: list[str], n_train: int, batch_size: int = 32) -> dict:
             "fine_tune_epoch_cpu_seconds_estimate": n_train * ft_cpu / len(texts)}
 
 
+def decided_base(name: str, base: str, work: Path, rows: list[dict], earlier_rows: list[dict]) -> dict:
+    """The row of the run a ``+decision`` variant starts from: measured earlier in this process, or by an
+    earlier one into the results file (its run still in ``work``, checked against its recorded score)."""
+    run = work / name / "runs" / base
+    row = next((r for r in rows if r["variant"] == base), None) or \
+        next((r for r in earlier_rows if r["variant"] == base), None)
+    if row is None or not (run / "metrics-test.json").is_file():
+        raise SystemExit(f"[{name}] {base}+decision needs a finished {base} run in {run} and its row (list {base} "
+                         "before it in --variants, or measure it first into the same --out)")
+    recorded = read_json(run / "metrics-test.json")["weighted_f1"]
+    if abs(recorded - row["weighted_f1"]) > 1e-9:
+        raise SystemExit(f"[{name}] the {base} run in {run} is not the one its row describes "
+                         f"(weighted F1 {recorded:.4f} against {row['weighted_f1']:.4f})")
+    return row
+
+
 def run_set(name: str, file: Path, work: Path, cache: FeatureCache, variants: list[str], cost_posts: int,
-            max_train: int | None = None, device: str = "cpu") -> dict:
+            max_train: int | None = None, device: str = "cpu", earlier_rows: list[dict] | None = None) -> dict:
+    earlier_rows = earlier_rows or []
     data = work / name / "data"
     if not (data / "stats.json").is_file():
         prepare("table", file, data, show_progress=False)
@@ -152,8 +175,18 @@ def run_set(name: str, file: Path, work: Path, cache: FeatureCache, variants: li
             row_features, _ = featurize_splits(splits, config, row_encoders, cache)
         out = work / name / "runs" / variant
         shutil.rmtree(out, ignore_errors=True)
-        summary, wall, cpu = timed(lambda config=config, out=out, e=row_encoders, f=row_features: train_fusion(
-            config, data, out, cache=cache, encoders=e, features=f, device=device))
+        if variant in DECIDED:
+            base = decided_base(name, DECIDED[variant], work, rows, earlier_rows)
+            shutil.copytree(work / name / "runs" / DECIDED[variant], out)
+            summary, wall, cpu = timed(lambda out=out: tune_run_decision(out, data, cache, device=device))
+            summary.update(epochs=base["epochs_run"], best_epoch=base["best_epoch"], decision_seconds=wall,
+                           decision_cpu_seconds=cpu, base_train_seconds=base["train_seconds"])
+            if base.get("probe_C") is not None:
+                summary["probe"] = {"C": base["probe_C"]}
+            wall, cpu = base["train_seconds"] + wall, base["train_cpu_seconds"] + cpu
+        else:
+            summary, wall, cpu = timed(lambda config=config, out=out, e=row_encoders, f=row_features: train_fusion(
+                config, data, out, cache=cache, encoders=e, features=f, device=device))
         predictor = FusionPredictor.from_run(out, device=device)
         test = splits["test"]
         probs, p_wall, p_cpu = timed(lambda p=predictor, f=row_features, t=test: p.probabilities(f["test"], t))
@@ -167,6 +200,10 @@ def run_set(name: str, file: Path, work: Path, cache: FeatureCache, variants: li
                "train_posts_per_second": len(splits["train"]) * (summary["epochs"] or 1) / wall,
                "predict_posts_per_second": len(test) / p_wall,
                "predict_posts_per_cpu_second": len(test) / max(p_cpu, 1e-9)}
+        if "decision" in summary:
+            row["decision"] = summary["decision"]
+            row.update({k: summary[k] for k in ("decision_seconds", "decision_cpu_seconds", "base_train_seconds")
+                        if k in summary})
         rows.append(row)
         print(f"[{name}] {variant}: acc {row['accuracy']:.4f} wF1 {row['weighted_f1']:.4f} "
               f"{row['weighted_f1_ci']} macro {row['macro_f1']:.4f} ({wall:.0f} s)", flush=True)
@@ -228,8 +265,10 @@ def main() -> None:
     max_train = {name: int(n) for name, _, n in (spec.partition("=") for spec in args.max_train)}
     for spec in args.set:
         name, _, file = spec.partition("=")
+        earlier = next((entry["variants"] for entry in (read_json(args.out)["sets"] if args.out.is_file() else [])
+                        if entry["set"] == name), [])
         sets.append(run_set(name, Path(file), args.work, cache, variants, args.cost_posts, max_train.get(name),
-                            args.device))
+                            args.device, earlier))
         machine = {**environment(), "load_average_before": load_before, "load_average_after": os.getloadavg(),
                    "seconds": time.perf_counter() - started}
         write_json(args.out, merged(args.out, sets[-1:], machine))  # each set as soon as it is done

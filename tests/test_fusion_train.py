@@ -301,3 +301,58 @@ def test_text_top_layers_refuse_what_they_cannot_do():
                    {"variant": "text", "text_top_layers": 1, "fine_tune_text": True}):
         with pytest.raises(ValidationError):
             FusionConfig(**fields)
+
+
+def test_tuned_decision_offsets_are_saved_and_every_prediction_path_applies_them(synth, ablation, tmp_path):
+    import numpy as np
+
+    data = subset_manifest(synth, tmp_path / "small", {"train": 96, "val": 60, "test": 60}, drop_images=True)
+    # one epoch at a low rate: a weak head, whose plain argmax leaves room for the offsets
+    args = ["train", "fusion", "--data", str(data), "--variant", "text", "--epochs", "1", "--lr", "1e-4",
+            "--cache", str(ablation["cache"]), "--json"]
+    result = runner.invoke(app, [*args, "--out", str(tmp_path / "tuned"), "--tune-decision"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    labels = read_stats(data)["labels"]
+    offsets = read_json(tmp_path / "tuned" / "config.json")["decision_offsets"]
+    assert list(summary["decision"]["offsets"]) == labels and list(summary["decision"]["offsets"].values()) == offsets
+    assert any(offsets), "the weak head should leave something for the offsets to fix"
+    assert summary["decision"]["val_weighted_f1_tuned"] > summary["decision"]["val_weighted_f1_argmax"]
+    assert summary["val"]["weighted_f1"] == pytest.approx(summary["decision"]["val_weighted_f1_tuned"])
+
+    # Independent of the predictor's own rule: the untuned probabilities, shifted by hand.
+    posts = read_split(data, "test")
+    predictor = load_predictor(tmp_path / "tuned", device="cpu")
+    live = predictor.predict(posts)
+    predictor.set_decision_offsets(None)
+    plain = np.array([[p.probabilities[label] for label in labels] for p in predictor.predict(posts)])
+    expected = [labels[i] for i in (np.log(plain) + np.array(offsets)).argmax(axis=1)]
+    assert [p.label for p in live] == expected
+    shifted = np.exp(np.log(plain) + offsets)
+    assert np.allclose([[p.probabilities[label] for label in labels] for p in live],
+                       shifted / shifted.sum(axis=1, keepdims=True), atol=1e-5)
+    result = runner.invoke(app, ["eval", "--run", str(tmp_path / "tuned"), "--data", str(data), "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["confusion"] == summary["test"]["confusion"]
+
+    # The same run trained without the flag, given its offsets afterwards, is the same model.
+    from sentilens.fusion.train import tune_run_decision
+
+    result = runner.invoke(app, [*args, "--out", str(tmp_path / "later")])
+    assert result.exit_code == 0, result.output
+    assert read_json(tmp_path / "later" / "config.json")["decision_offsets"] is None
+    later = tune_run_decision(tmp_path / "later", data, FeatureCache(ablation["cache"]), device="cpu")
+    assert read_json(tmp_path / "later" / "config.json")["decision_offsets"] == offsets
+    assert later["test"]["confusion"] == summary["test"]["confusion"]
+    assert read_json(tmp_path / "later" / "metrics-test.json")["confusion"] == summary["test"]["confusion"]
+
+
+def test_offsets_written_by_hand_decide_every_label(synth, ablation, tmp_path):
+    data = subset_manifest(synth, tmp_path / "small", {"train": 64, "val": 16, "test": 16}, drop_images=True)
+    config = FusionConfig(variant="text", epochs=1)
+    train_fusion(config, data, tmp_path / "run", cache=FeatureCache(ablation["cache"]), device="cpu")
+    saved = read_json(tmp_path / "run" / "config.json")
+    labels = saved["labels"]
+    (tmp_path / "run" / "config.json").write_text(json.dumps({**saved, "decision_offsets": [0.0, 50.0, 0.0]}))
+    predictions = load_predictor(tmp_path / "run", device="cpu").predict(read_split(data, "test"))
+    assert {p.label for p in predictions} == {labels[1]}

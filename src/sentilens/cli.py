@@ -258,6 +258,9 @@ def train_fusion_cmd(
     text_top_layers: Annotated[int | None, typer.Option("--text-top-layers", min=0, help="Train the top N layers "
                                "of the text encoder on the cached states of the frozen layers below (0: none); "
                                "default: the recipe's, else 0.")] = None,
+    tune_decision: Annotated[bool | None, typer.Option("--tune-decision/--no-tune-decision", help="After "
+                             "training, choose per-label offsets on the logits for the best val weighted F1 instead "
+                             "of predicting the most probable label; default: the recipe's, else no.")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its checkpoint.")] = False,
     cache: CacheOpt = None,
     no_cache: NoCacheOpt = False,
@@ -283,7 +286,7 @@ def train_fusion_cmd(
             "variant": variant, "text_encoder": text_encoder, "image_encoder": image_encoder, "prompt": prompt,
             "epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed, "image_size": image_size,
             "rnn": rnn, "fine_tune_text": fine_tune_text, "fine_tune_image": fine_tune_image,
-            "text_top_layers": text_top_layers})
+            "text_top_layers": text_top_layers, "tune_decision": tune_decision})
         summary = train_fusion(config, data, out_dir, cache=feature_cache, device=device, log_with=log_with)
     if as_json:
         emit(summary, True)

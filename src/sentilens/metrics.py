@@ -75,6 +75,12 @@ def paired_difference_interval(y_true: Sequence[str], y_pred_a: Sequence[str], y
             "weighted_f1_diff_ci": _percentiles(wf1_a - wf1_b, confidence)}
 
 
+def weighted_f1_of_indices(t: np.ndarray, p: np.ndarray, k: int) -> float:
+    """Weighted F1 of label indices ``p`` against ``t`` over ``k`` labels, counted on the confusion cells
+    (what :func:`classification_metrics` gives, without its string labels: for tight loops)."""
+    return float(_resampled_scores(np.asarray(t), np.asarray(p), np.arange(len(t))[None, :], k)[1][0])
+
+
 def _indices(y: Sequence[str], labels: Sequence[str]) -> np.ndarray:
     index = {label: i for i, label in enumerate(labels)}
     return np.array([index[v] for v in y])

@@ -116,6 +116,11 @@ class FusionConfig(BaseModel):
     class_weight: Literal["none", "balanced"] = "none"
     """``balanced`` weighs each label's loss by n / (labels x its count) in the training split, so rare
     labels weigh as much as common ones (raises macro F1 at some cost in weighted F1 on skewed sets)."""
+    tune_decision: bool = False
+    """After training, choose per-label offsets on the head's logits for the best validation weighted F1
+    (:mod:`sentilens.fusion.decision`), instead of predicting the most probable label."""
+    decision_offsets: list[float] | None = None
+    """The offsets chosen (one per label, in ``labels``' order), written by training; ``None``: plain argmax."""
     seed: int = 0
     labels: list[str] = Field(default_factory=list)
 
@@ -134,6 +139,8 @@ class FusionConfig(BaseModel):
                              "them: choose one")
         if self.text_top_layers and not self.uses_text:
             raise ValueError(f"text_top_layers: the {self.variant} variant reads no text")
+        if self.decision_offsets is not None and len(self.decision_offsets) != len(self.labels):
+            raise ValueError(f"decision_offsets has {len(self.decision_offsets)} values for {len(self.labels)} labels")
         return self
 
     @model_validator(mode="after")

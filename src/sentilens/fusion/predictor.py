@@ -107,6 +107,21 @@ class FusionPredictor:
         # reads those features and runs the top layers; prediction runs the whole encoder once.
         self.text_top = TopLayers(text_encoder, settings.text_top_layers) \
             if text_encoder is not None and settings.text_top_layers else None
+        self.set_decision_offsets(settings.decision_offsets)
+
+    def set_decision_offsets(self, offsets: Sequence[float] | None) -> None:
+        """Offsets added to the head's logits before the softmax (:mod:`sentilens.fusion.decision`); ``None``: none."""
+        offsets = None if offsets is None else [float(v) for v in offsets]
+        if offsets is not None and len(offsets) != len(self.labels):
+            raise ValueError(f"{len(offsets)} decision offsets for {len(self.labels)} labels")
+        self.settings = self.settings.model_copy(update={"decision_offsets": offsets})
+        self.config = self.settings.model_dump()
+        self.decision_offsets = None if offsets is None else torch.tensor(offsets, dtype=torch.float32)
+
+    def _softmax(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.decision_offsets is not None:
+            logits = logits.float() + self.decision_offsets.to(logits.device)
+        return torch.softmax(logits, dim=-1)
 
     @property
     def feature_encoders(self) -> tuple[TextEncoder | TopLayers | None, ImageEncoder | None]:
@@ -179,7 +194,7 @@ class FusionPredictor:
             end = start + PREDICT_BATCH
             batch = collate_features(features[start:end], posts[start:end], *self.settings.feature_dims, live_text,
                                      self.device, live_image, self.text_top)
-            out.append(torch.softmax(self.model(batch), dim=-1).cpu())
+            out.append(self._softmax(self.model(batch)).cpu())
         return torch.cat(out) if out else torch.zeros(0, len(self.labels))
 
     def to_predictions(self, probabilities: torch.Tensor) -> list[Prediction]:
@@ -245,7 +260,7 @@ class FusionPredictor:
                             features[j].image = item
                 with torch_threads(HEAD_THREADS if torch.device(self.device).type == "cpu" else None):
                     batch_input = collate(features, *self.settings.feature_dims).to(self.device)
-                    result[batch] = torch.softmax(self.model(batch_input), dim=-1).float().cpu()
+                    result[batch] = self._softmax(self.model(batch_input)).float().cpu()
         finally:
             if pool is not None:
                 for future in pending:

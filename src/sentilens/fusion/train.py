@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -28,6 +29,7 @@ from sentilens.distributed import resolve_device
 from sentilens.errors import SentilensError
 from sentilens.fusion.cache import CacheStats, FeatureCache, PostFeatures, featurize
 from sentilens.fusion.config import FusionConfig, parse_fusion_config
+from sentilens.fusion.decision import tune_offsets
 from sentilens.fusion.encoders import ImageEncoder, TextEncoder, TopLayers, build_encoders
 from sentilens.fusion.model import FusionModel, build_model, collate_features
 from sentilens.fusion.predictor import FusionPredictor, run_weights
@@ -238,6 +240,17 @@ def fit(config: FusionConfig, data_dir: str | Path, run_dir: str | Path, *, resu
         trained[name].copy_(value)
     summary = {"run": str(run_dir), "variant": config.variant, "epochs": state["epochs_done"],
                "best_epoch": state["best_epoch"], "cache": stats.to_dict()}
+    _finish(config, predictor, splits, features, run_dir, summary)
+    clear_training_state(run_dir)
+    summary["seconds"] = time.perf_counter() - started
+    return summary
+
+
+def _finish(config: FusionConfig, predictor: FusionPredictor, splits: dict[str, list[Post]], features: SplitFeatures,
+            run_dir: Path, summary: dict) -> None:
+    """The trained run's last steps: its decision offsets when asked for, then val and test scored and saved."""
+    if config.tune_decision and splits["val"]:
+        summary["decision"] = tune_decision(config, predictor, splits["val"], features["val"], run_dir)
     for split in ("val", "test"):
         posts = splits[split]
         if posts and all(p.label is not None for p in posts):
@@ -246,8 +259,39 @@ def fit(config: FusionConfig, data_dir: str | Path, run_dir: str | Path, *, resu
             if split == "val":
                 save_predictions(run_dir, split, [p.id for p in posts], predictions)
             summary[split] = metrics
-    clear_training_state(run_dir)
-    summary["seconds"] = time.perf_counter() - started
+
+
+def tune_decision(config: FusionConfig, predictor: FusionPredictor, posts: Sequence[Post],
+                  features: Sequence[PostFeatures], run_dir: Path) -> dict:
+    """Choose the decision offsets on the validation ``posts`` (:func:`sentilens.fusion.decision.tune_offsets`),
+    write them into the run's ``config.json`` and give them to ``predictor``; returns what was chosen."""
+    predictor.set_decision_offsets(None)
+    probabilities = predictor.probabilities(features, posts).numpy()
+    truth = np.array([predictor.labels.index(p.label) for p in posts])
+    offsets, before, after = tune_offsets(probabilities, truth)
+    save_config(run_dir, config.model_copy(update={"decision_offsets": offsets}))
+    predictor.set_decision_offsets(offsets)
+    return {"offsets": dict(zip(predictor.labels, offsets, strict=True)),
+            "val_weighted_f1_argmax": before, "val_weighted_f1_tuned": after}
+
+
+def tune_run_decision(run_dir: str | Path, data_dir: str | Path, cache: FeatureCache | None = None,
+                      device: str | None = None) -> dict:
+    """Give a trained run decision offsets chosen on ``data_dir``'s val split, re-scoring its val and test
+    metrics with them: what ``tune_decision`` does at the end of training, for a run trained without it."""
+    run_dir, data_dir = Path(run_dir), Path(data_dir)
+    predictor = FusionPredictor.from_run(run_dir, device=device)
+    splits = read_manifest(data_dir)
+    if read_labels(data_dir) != predictor.labels:
+        raise SentilensError(f"this run was trained on labels {predictor.labels}, the data has "
+                             f"{read_labels(data_dir)}", data_dir)
+    _check_labelled(splits["val"], "val", data_dir)
+    if not splits["val"]:
+        raise SentilensError("the val split is empty: decision offsets are chosen on it", data_dir)
+    features = {split: featurize(splits[split], *predictor.feature_encoders, cache)[0] for split in ("val", "test")}
+    config = predictor.settings.model_copy(update={"tune_decision": True})
+    summary: dict = {"run": str(run_dir)}
+    _finish(config, predictor, splits, features, run_dir, summary)
     return summary
 
 
@@ -263,14 +307,7 @@ def _fit_probe(config: FusionConfig, splits: dict[str, list[Post]], features: Sp
     predictor = FusionPredictor(config, model, *encoders, device=device)
     summary = {"run": str(run_dir), "variant": config.variant, "epochs": None, "best_epoch": None,
                "probe": search, "cache": stats.to_dict()}
-    for split in ("val", "test"):
-        posts = splits[split]
-        if posts and all(p.label is not None for p in posts):
-            metrics, predictions = _score(predictor, posts, features[split])
-            save_metrics(run_dir, split, metrics)
-            if split == "val":
-                save_predictions(run_dir, split, [p.id for p in posts], predictions)
-            summary[split] = metrics
+    _finish(config, predictor, splits, features, run_dir, summary)
     summary["seconds"] = time.perf_counter() - started
     return summary
 
