@@ -49,7 +49,7 @@ from sentilens.fusion.cache import FeatureCache, featurize
 from sentilens.fusion.config import FusionConfig
 from sentilens.fusion.encoders import build_encoders
 from sentilens.fusion.predictor import FusionPredictor
-from sentilens.fusion.train import featurize_splits, train_fusion, tune_run_decision
+from sentilens.fusion.train import choose_run_decision_offsets, featurize_splits, train_fusion
 from sentilens.machine import environment
 from sentilens.metrics import classification_metrics, paired_difference_interval
 from sentilens.runs import read_json, write_json
@@ -79,7 +79,7 @@ VARIANTS = {
 }
 DECIDED = {f"{base}+decision": base for base in ("probe", "text", "text-top2", "probe-mpnet", "text-mpnet-top1")}
 """Variants that are another variant's run given decision offsets chosen on val (``--tune-decision``): the
-finished run is copied and ``tune_run_decision`` runs on the copy, so both rows score the same trained model."""
+finished run is copied and ``choose_run_decision_offsets`` runs on the copy, so both rows score one trained model."""
 VARIANTS.update({name: ({**VARIANTS[base][0], "tune_decision": True},
                         f"{VARIANTS[base][1]}; decision offsets chosen on val")
                  for name, base in DECIDED.items()})
@@ -178,7 +178,7 @@ def run_set(name: str, file: Path, work: Path, cache: FeatureCache, variants: li
         if variant in DECIDED:
             base = decided_base(name, DECIDED[variant], work, rows, earlier_rows)
             shutil.copytree(work / name / "runs" / DECIDED[variant], out)
-            summary, wall, cpu = timed(lambda out=out: tune_run_decision(out, data, cache, device=device))
+            summary, wall, cpu = timed(lambda out=out: choose_run_decision_offsets(out, data, cache, device=device))
             summary.update(epochs=base["epochs_run"], best_epoch=base["best_epoch"], decision_seconds=wall,
                            decision_cpu_seconds=cpu, base_train_seconds=base["train_seconds"])
             if base.get("probe_C") is not None:

@@ -336,12 +336,12 @@ def test_tuned_decision_offsets_are_saved_and_every_prediction_path_applies_them
     assert json.loads(result.stdout)["confusion"] == summary["test"]["confusion"]
 
     # The same run trained without the flag, given its offsets afterwards, is the same model.
-    from sentilens.fusion.train import tune_run_decision
+    from sentilens.fusion.train import choose_run_decision_offsets
 
     result = runner.invoke(app, [*args, "--out", str(tmp_path / "later")])
     assert result.exit_code == 0, result.output
     assert read_json(tmp_path / "later" / "config.json")["decision_offsets"] is None
-    later = tune_run_decision(tmp_path / "later", data, FeatureCache(ablation["cache"]), device="cpu")
+    later = choose_run_decision_offsets(tmp_path / "later", data, FeatureCache(ablation["cache"]), device="cpu")
     assert read_json(tmp_path / "later" / "config.json")["decision_offsets"] == offsets
     assert later["test"]["confusion"] == summary["test"]["confusion"]
     assert read_json(tmp_path / "later" / "metrics-test.json")["confusion"] == summary["test"]["confusion"]

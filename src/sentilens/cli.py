@@ -294,6 +294,11 @@ def train_fusion_cmd(
     for split in ("val", "test"):
         if split in summary:
             out.print(metrics_table(summary[split], f"{out_dir} on {split} (best epoch {summary['best_epoch']})"))
+    if "decision" in summary:
+        d = summary["decision"]
+        offsets = ", ".join(f"{label} {v:+.1f}" for label, v in d["offsets"].items())
+        out.print(f"decision offsets chosen on val: {offsets} (val weighted F1 {d['val_weighted_f1_argmax']:.3f} -> "
+                  f"{d['val_weighted_f1_tuned']:.3f})")
     c = summary["cache"]
     out.print(f"features: {c['text_hits'] + c['image_hits']} from the cache, "
               f"{c['text_encoded'] + c['image_encoded']} encoded; run saved in {out_dir}")

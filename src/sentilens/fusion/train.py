@@ -250,7 +250,7 @@ def _finish(config: FusionConfig, predictor: FusionPredictor, splits: dict[str, 
             run_dir: Path, summary: dict) -> None:
     """The trained run's last steps: its decision offsets when asked for, then val and test scored and saved."""
     if config.tune_decision and splits["val"]:
-        summary["decision"] = tune_decision(config, predictor, splits["val"], features["val"], run_dir)
+        summary["decision"] = choose_decision_offsets(config, predictor, splits["val"], features["val"], run_dir)
     for split in ("val", "test"):
         posts = splits[split]
         if posts and all(p.label is not None for p in posts):
@@ -261,7 +261,7 @@ def _finish(config: FusionConfig, predictor: FusionPredictor, splits: dict[str, 
             summary[split] = metrics
 
 
-def tune_decision(config: FusionConfig, predictor: FusionPredictor, posts: Sequence[Post],
+def choose_decision_offsets(config: FusionConfig, predictor: FusionPredictor, posts: Sequence[Post],
                   features: Sequence[PostFeatures], run_dir: Path) -> dict:
     """Choose the decision offsets on the validation ``posts`` (:func:`sentilens.fusion.decision.tune_offsets`),
     write them into the run's ``config.json`` and give them to ``predictor``; returns what was chosen."""
@@ -275,10 +275,10 @@ def tune_decision(config: FusionConfig, predictor: FusionPredictor, posts: Seque
             "val_weighted_f1_argmax": before, "val_weighted_f1_tuned": after}
 
 
-def tune_run_decision(run_dir: str | Path, data_dir: str | Path, cache: FeatureCache | None = None,
+def choose_run_decision_offsets(run_dir: str | Path, data_dir: str | Path, cache: FeatureCache | None = None,
                       device: str | None = None) -> dict:
     """Give a trained run decision offsets chosen on ``data_dir``'s val split, re-scoring its val and test
-    metrics with them: what ``tune_decision`` does at the end of training, for a run trained without it."""
+    metrics with them: what ``choose_decision_offsets`` does at the end of training, for a run trained without it."""
     run_dir, data_dir = Path(run_dir), Path(data_dir)
     predictor = FusionPredictor.from_run(run_dir, device=device)
     splits = read_manifest(data_dir)
