@@ -213,14 +213,17 @@ def text_predict_rate() -> str:
     others = ", ".join(f"`{name}` {run['median_posts_per_second']:.1f} posts/s ({run['over_reference']:.2f} of "
                        f"`{ref}`)" for name, run in r["runs"].items() if name != ref)
     m = r["machine"]
-    return (f"`predict --input` on the same {r['posts']:,} test posts, the runs interleaved {r['rounds']} times "
+    data = Path(r["data"]).parent.name
+    return (f"`predict --input` on the same {r['posts']:,} {SET_NAMES.get(data, data)} test posts, the runs "
+            f"interleaved {r['rounds']} times "
             f"(`benchmarks/results/text_predict_rate.json`; {m['device']}, {m['threads']} thread, load "
             f"{m['load_average_before'][0]:.1f} before, {m['load_average_after'][0]:.1f} after): `{ref}` "
             f"{r['runs'][ref]['median_posts_per_second']:.1f} posts/s, {others}.\n")
 
 
-LEVERS = ("probe", "text", "text-balanced", "text-top1", "text-top2", "text-top3", "probe-mpnet", "text-mpnet",
-          "text-mpnet-top1", "full")
+LEVERS = ("probe", "probe+decision", "text", "text+decision", "text-balanced", "text-top1", "text-top2",
+          "text-top2+decision", "text-top3", "probe-mpnet", "probe-mpnet+decision", "text-mpnet",
+          "text-mpnet+decision", "text-mpnet-top1", "text-mpnet-top1+decision", "full")
 
 
 def real_text_levers() -> str:
@@ -237,6 +240,8 @@ def real_text_levers() -> str:
                          f"{f3(v['weighted_f1'])} {interval(v['weighted_f1_ci'])}{rescored}",
                          f3(v["accuracy"]), "(today's default)" if name == "text" else
                          points(against["weighted_f1_diff_ci"]) if against else "-",
+                         f"{minutes(v['base_train_seconds'])} + {v['decision_seconds']:.0f} s for the offsets"
+                         if "decision_seconds" in v else
                          minutes(v["train_seconds"]) + (f" ({minutes(v['paused_seconds'])} of it paused)"
                                                         if v.get("paused_seconds") else ""),
                          f"{v['train_cpu_seconds']:,.0f}",

@@ -77,7 +77,8 @@ VARIANTS = {
                         "text head + all-mpnet-base-v2's top layer trained on cached states (lr 1e-4), best val "
                         "epoch of 3"),
 }
-DECIDED = {f"{base}+decision": base for base in ("probe", "text", "text-top2", "probe-mpnet", "text-mpnet-top1")}
+DECIDED = {f"{base}+decision": base
+           for base in ("probe", "text", "text-top2", "probe-mpnet", "text-mpnet", "text-mpnet-top1")}
 """Variants that are another variant's run given decision offsets chosen on val (``--tune-decision``): the
 finished run is copied and ``choose_run_decision_offsets`` runs on the copy, so both rows score one trained model."""
 VARIANTS.update({name: ({**VARIANTS[base][0], "tune_decision": True},

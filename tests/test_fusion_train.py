@@ -223,6 +223,20 @@ def test_the_papers_recipe_is_a_valid_config():
     assert config.fine_tune_text and config.fine_tune_image and config.text_lr < config.image_lr < config.lr
 
 
+def test_every_fusion_recipe_is_a_valid_config():
+    from pathlib import Path
+
+    from sentilens.fusion.config import recipe_config
+
+    recipes = sorted((Path(__file__).resolve().parents[1] / "configs").glob("fusion_*.yaml"))
+    assert len(recipes) >= 3
+    for recipe in recipes:
+        recipe_config(recipe, {})  # raises with the recipe's name on a bad field
+    tweets = recipe_config("configs/fusion_tweets_mpnet.yaml", {"epochs": 1})
+    assert (tweets.text_encoder, tweets.text_top_layers, tweets.tune_decision, tweets.epochs) == (
+        "all-mpnet-base-v2", 1, True, 1)
+
+
 def test_balanced_class_weights_are_n_over_k_times_count():
     from sentilens.data.records import Post
     from sentilens.fusion.train import _class_weights
