@@ -159,21 +159,23 @@ def run_set(name: str, file: Path, work: Path, cache: FeatureCache, variants: li
     print(f"[{name}] {', '.join(f'{s} {len(p)}' for s, p in splits.items())}", flush=True)
     shared = FusionConfig(variant="full")
     encoders = build_encoders(shared, device)
-    features, stats = featurize_splits(splits, shared, encoders, cache)
+    (features, stats), shared_seconds, _ = timed(lambda: featurize_splits(splits, shared, encoders, cache))
     rows, predictions = [], {}
     for variant in variants:
         overrides, description = VARIANTS[variant]
         config = FusionConfig(**overrides)
-        row_encoders, row_features = encoders, features
+        row_encoders, row_features, row_stats, features_seconds = encoders, features, stats, shared_seconds
         if config.fine_tune_text:  # the run trains its own copy of the encoder; the shared one stays frozen
             row_encoders = build_encoders(config, device)
         elif config.text_top_layers:  # its own copy too (the top layers train in place), on the states below them
             row_encoders = build_encoders(config, device)
-            row_features, _ = featurize_splits(splits, config, row_encoders, cache)
+            (row_features, row_stats), features_seconds, _ = timed(
+                lambda c=config, e=row_encoders: featurize_splits(splits, c, e, cache))
         elif config.prompt != shared.prompt or config.text_encoder != shared.text_encoder:
             # another prompt or encoder: other text features (cached under their own key)
             row_encoders = build_encoders(config.model_copy(update={"variant": "full"}), device)
-            row_features, _ = featurize_splits(splits, config, row_encoders, cache)
+            (row_features, row_stats), features_seconds, _ = timed(
+                lambda c=config, e=row_encoders: featurize_splits(splits, c, e, cache))
         out = work / name / "runs" / variant
         shutil.rmtree(out, ignore_errors=True)
         if variant in DECIDED:
@@ -200,7 +202,10 @@ def run_set(name: str, file: Path, work: Path, cache: FeatureCache, variants: li
                "train_seconds": wall, "train_cpu_seconds": cpu,
                "train_posts_per_second": len(splits["train"]) * (summary["epochs"] or 1) / wall,
                "predict_posts_per_second": len(test) / p_wall,
-               "predict_posts_per_cpu_second": len(test) / max(p_cpu, 1e-9)}
+               "predict_posts_per_cpu_second": len(test) / max(p_cpu, 1e-9),
+               # the features this row read, outside the train time: encoded now, or read from the cache
+               "features_seconds": features_seconds,
+               "features_encoded": row_stats.text_encoded + row_stats.image_encoded}
         if "decision" in summary:
             row["decision"] = summary["decision"]
             row.update({k: summary[k] for k in ("decision_seconds", "decision_cpu_seconds", "base_train_seconds")
