@@ -223,7 +223,8 @@ def text_predict_rate() -> str:
 
 LEVERS = ("probe", "probe+decision", "text", "text+decision", "text-balanced", "text-top1", "text-top2",
           "text-top2+decision", "text-top3", "probe-mpnet", "probe-mpnet+decision", "text-mpnet",
-          "text-mpnet+decision", "text-mpnet-top1", "text-mpnet-top1+decision", "full")
+          "text-mpnet+decision", "text-mpnet-top1", "text-mpnet-top1+decision",
+          "text-mpnet-top2", "text-mpnet-top2+decision", "full")
 
 
 def real_text_levers() -> str:

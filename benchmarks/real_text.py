@@ -76,9 +76,12 @@ VARIANTS = {
     "text-mpnet-top1": ({"variant": "text", "text_encoder": "all-mpnet-base-v2", "text_top_layers": 1, "epochs": 3},
                         "text head + all-mpnet-base-v2's top layer trained on cached states (lr 1e-4), best val "
                         "epoch of 3"),
+    "text-mpnet-top2": ({"variant": "text", "text_encoder": "all-mpnet-base-v2", "text_top_layers": 2, "epochs": 3},
+                        "text head + all-mpnet-base-v2's top 2 layers trained on cached states (lr 1e-4), best val "
+                        "epoch of 3"),
 }
-DECIDED = {f"{base}+decision": base
-           for base in ("probe", "text", "text-top2", "probe-mpnet", "text-mpnet", "text-mpnet-top1")}
+DECIDED = {f"{base}+decision": base for base in ("probe", "text", "text-top2", "probe-mpnet", "text-mpnet",
+                                                  "text-mpnet-top1", "text-mpnet-top2")}
 """Variants that are another variant's run given decision offsets chosen on val (``--tune-decision``): the
 finished run is copied and ``choose_run_decision_offsets`` runs on the copy, so both rows score one trained model."""
 VARIANTS.update({name: ({**VARIANTS[base][0], "tune_decision": True},
