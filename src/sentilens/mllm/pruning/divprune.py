@@ -40,6 +40,7 @@ What the paper leaves open, and the choice made:
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, ClassVar
 
@@ -171,15 +172,15 @@ def order_priorities(order: torch.Tensor, count: int) -> torch.Tensor:
     return priorities
 
 
-class GreedyStrategy(Strategy):
+class GreedyStrategy(Strategy, ABC):
     """A strategy whose choice is a greedy order over each image's candidate rows (``divprune``, ``dpp``,
     ``cdpruner``): the images of a call that :func:`image_groups` puts together run their greedy steps as one
     (:meth:`greedy_orders`), and one image alone is a group of one."""
 
+    @abstractmethod
     def greedy_orders(self, stacked: torch.Tensor, group: list[UnitInputs], candidates: torch.Tensor) -> torch.Tensor:
         """``(B, budget)``: each image's first ``budget`` candidates in the order chosen, from ``stacked`` ``(B, C,
         D)``, the rows of the ``C`` candidates (indices ``candidates``) of the group's ``B`` images."""
-        raise NotImplementedError
 
     def unit_scores(self, units: UnitInputs) -> torch.Tensor:
         return self.batch_unit_scores([units])[0]
