@@ -281,10 +281,9 @@ def choose_run_decision_offsets(run_dir: str | Path, data_dir: str | Path, cache
     metrics with them: what ``choose_decision_offsets`` does at the end of training, for a run trained without it."""
     run_dir, data_dir = Path(run_dir), Path(data_dir)
     predictor = FusionPredictor.from_run(run_dir, device=device)
-    splits = read_manifest(data_dir)
-    if read_labels(data_dir) != predictor.labels:
-        raise SentilensError(f"this run was trained on labels {predictor.labels}, the data has "
-                             f"{read_labels(data_dir)}", data_dir)
+    splits, labels = read_manifest(data_dir), read_labels(data_dir)
+    if labels != predictor.labels:
+        raise SentilensError(f"this run was trained on labels {predictor.labels}, the data has {labels}", data_dir)
     _check_labelled(splits["val"], "val", data_dir)
     if not splits["val"]:
         raise SentilensError("the val split is empty: decision offsets are chosen on it", data_dir)
