@@ -15,7 +15,8 @@ SRC = Path(__file__).resolve().parent.parent / "src"
 PACKAGE = SRC / "sentilens"
 
 LAYERS = {
-    "foundation": 0, "data": 1, "runs": 1, "metrics": 1, "predict": 2, "mllm": 3, "fusion": 3,
+    "foundation": 0, "data": 1, "runs": 1, "metrics": 1, "decision": 1, "predict": 2, "mllm": 3, "fusion": 3,
+    "ensemble": 3,
     "cli": 4, "serve": 4, "report": 4, "demo": 4, "__main__": 5, "__init__": 0,
 }
 FOUNDATION = {"errors", "progress", "machine", "recipes", "distributed", "tables", "cache", "stages", "training_log",

@@ -1,12 +1,12 @@
-"""Decision offsets (``fusion/decision.py``): the weighted-F1 rule chosen on val, against hand-worked cases."""
+"""Decision offsets (``decision.py``): the weighted-F1 rule chosen on val, against hand-worked cases."""
 
 import numpy as np
 import pytest
 from sklearn.metrics import f1_score
 
+from sentilens.decision import tune_offsets
 from sentilens.errors import SentilensError
 from sentilens.fusion.config import parse_fusion_config
-from sentilens.fusion.decision import tune_offsets
 from sentilens.metrics import weighted_f1_of_indices
 
 

@@ -226,6 +226,13 @@ LogWithOpt = Annotated[str | None, typer.Option(
                        "(each an optional extra: pip install 'sentilens[tensorboard]').")]
 
 
+def decision_line(decision: dict) -> str:
+    """What ``train fusion --tune-decision`` and ``ensemble --tune-decision`` print of the offsets they chose."""
+    offsets = ", ".join(f"{printable(label)} {v:+.1f}" for label, v in decision["offsets"].items())
+    return (f"decision offsets chosen on val: {offsets} (val weighted F1 {decision['val_weighted_f1_argmax']:.3f} "
+            f"-> {decision['val_weighted_f1_tuned']:.3f})")
+
+
 def _fusion_cache(cache: Path | None, no_cache: bool):
     from sentilens.fusion.cache import FeatureCache, default_cache_dir
 
@@ -295,10 +302,7 @@ def train_fusion_cmd(
         if split in summary:
             out.print(metrics_table(summary[split], f"{out_dir} on {split} (best epoch {summary['best_epoch']})"))
     if "decision" in summary:
-        d = summary["decision"]
-        offsets = ", ".join(f"{label} {v:+.1f}" for label, v in d["offsets"].items())
-        out.print(f"decision offsets chosen on val: {offsets} (val weighted F1 {d['val_weighted_f1_argmax']:.3f} -> "
-                  f"{d['val_weighted_f1_tuned']:.3f})")
+        out.print(decision_line(summary["decision"]))
     c = summary["cache"]
     out.print(f"features: {c['text_hits'] + c['image_hits']} from the cache, "
               f"{c['text_encoded'] + c['image_encoded']} encoded; run saved in {out_dir}")
@@ -433,6 +437,38 @@ def train_mllm_cmd(
         out.print(metrics_table(summary["val"], f"{summary['run']} on val (best epoch {summary['best_epoch']})"))
     else:
         out.print(f"run saved in {summary['run']} (no val split: last epoch kept)")
+
+
+@app.command("ensemble")
+def ensemble_cmd(
+    runs: Annotated[list[Path], typer.Option("--run", help="A trained run to combine (repeat, two at least).")],
+    out_dir: Annotated[Path, typer.Option("--out", help="Ensemble run directory to create (new or empty).",
+        callback=folder_path)],
+    weights: Annotated[list[float] | None, typer.Option("--weight", help="One per --run, in their order (default: "
+                                                        "equal); each member's probabilities count by its weight.")]
+    = None,
+    data: Annotated[Path | None, typer.Option("--data", help="Manifest folder: score its val and test splits "
+                                              "(and choose the offsets on val).")] = None,
+    tune_decision: Annotated[bool, typer.Option("--tune-decision", help="Choose per-label offsets on the combined "
+                             "probabilities for the best val weighted F1 of --data.")] = False,
+    device: DeviceOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Combine trained runs into one that averages their label probabilities; it predicts, evaluates and serves
+    like any run."""
+    from sentilens.ensemble.build import build_ensemble
+
+    summary = build_ensemble(runs, out_dir, weights=weights, data_dir=data, tune_decision=tune_decision,
+                             device=device)
+    if as_json:
+        emit(summary, True)
+        return
+    for split in ("val", "test"):
+        if split in summary:
+            out.print(metrics_table(summary[split], f"{out_dir} on {split}"))
+    if "decision" in summary:
+        out.print(decision_line(summary["decision"]))
+    out.print(f"ensemble of {len(summary['members'])} runs saved in {out_dir}")
 
 
 @app.command("eval")

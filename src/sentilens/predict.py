@@ -34,12 +34,14 @@ if TYPE_CHECKING:
 FAMILIES = {
     "fusion": "sentilens.fusion.predictor:FusionPredictor",
     "mllm": "sentilens.mllm.predictor:MllmPredictor",
+    "ensemble": "sentilens.ensemble.predictor:EnsemblePredictor",
 }
 """Model family -> ``module:class`` of its predictor (imported only when a run of that family is loaded)."""
 
 RUN_DESCRIBERS = {
     "fusion": "sentilens.fusion.config:describe_run",
     "mllm": "sentilens.mllm.config:describe_run",
+    "ensemble": "sentilens.ensemble.config:describe_run",
 }
 """Model family -> ``module:function`` describing a run from its ``config.json`` alone (no model loaded)."""
 

@@ -118,7 +118,7 @@ class FusionConfig(BaseModel):
     labels weigh as much as common ones (raises macro F1 at some cost in weighted F1 on skewed sets)."""
     tune_decision: bool = False
     """After training, choose per-label offsets on the head's logits for the best validation weighted F1
-    (:mod:`sentilens.fusion.decision`), instead of predicting the most probable label."""
+    (:mod:`sentilens.decision`), instead of predicting the most probable label."""
     decision_offsets: list[float] | None = None
     """The offsets chosen (one per label, in ``labels``' order), written by training; ``None``: plain argmax."""
     seed: int = 0

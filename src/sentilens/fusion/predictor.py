@@ -110,7 +110,7 @@ class FusionPredictor:
         self.set_decision_offsets(settings.decision_offsets)
 
     def set_decision_offsets(self, offsets: Sequence[float] | None) -> None:
-        """Offsets added to the head's logits before the softmax (:mod:`sentilens.fusion.decision`); ``None``: none."""
+        """Offsets added to the head's logits before the softmax (:mod:`sentilens.decision`); ``None``: none."""
         offsets = None if offsets is None else [float(v) for v in offsets]
         if offsets is not None and len(offsets) != len(self.labels):
             raise ValueError(f"{len(offsets)} decision offsets for {len(self.labels)} labels")

@@ -25,11 +25,11 @@ import torch
 import torch.nn.functional as F
 
 from sentilens.data.records import SPLITS, Post, read_labels, read_manifest
+from sentilens.decision import tune_offsets
 from sentilens.distributed import resolve_device
 from sentilens.errors import SentilensError
 from sentilens.fusion.cache import CacheStats, FeatureCache, PostFeatures, featurize
 from sentilens.fusion.config import FusionConfig, parse_fusion_config
-from sentilens.fusion.decision import tune_offsets
 from sentilens.fusion.encoders import ImageEncoder, TextEncoder, TopLayers, build_encoders
 from sentilens.fusion.model import FusionModel, build_model, collate_features
 from sentilens.fusion.predictor import FusionPredictor, run_weights
@@ -263,7 +263,7 @@ def _finish(config: FusionConfig, predictor: FusionPredictor, splits: dict[str, 
 
 def choose_decision_offsets(config: FusionConfig, predictor: FusionPredictor, posts: Sequence[Post],
                   features: Sequence[PostFeatures], run_dir: Path) -> dict:
-    """Choose the decision offsets on the validation ``posts`` (:func:`sentilens.fusion.decision.tune_offsets`),
+    """Choose the decision offsets on the validation ``posts`` (:func:`sentilens.decision.tune_offsets`),
     write them into the run's ``config.json`` and give them to ``predictor``; returns what was chosen."""
     predictor.set_decision_offsets(None)
     probabilities = predictor.probabilities(features, posts).numpy()

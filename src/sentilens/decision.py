@@ -7,8 +7,9 @@ weighted-F1-optimal one. The rule here adds one offset per label to the head's l
 
     label = argmax_c (z_c + b_c),    b_0 = 0,
 
-which is Bayes' rule under other label priors (``b_c = log(prior'_c / prior_c)``): the probabilities
-the run reports are ``softmax(z + b)``, so the label stays their argmax. The offsets ``b`` are chosen
+(``z``: the fusion head's logits, or the log of an ensemble's averaged probabilities), which is
+Bayes' rule under other label priors (``b_c = log(prior'_c / prior_c)``): the probabilities
+a run reports are ``softmax(z + b)``, so the label stays their argmax. The offsets ``b`` are chosen
 on the validation split, after the epoch is chosen, by coordinate ascent over :data:`OFFSET_GRID`
 (each label but the first in turn, :data:`ROUNDS` passes), keeping a change only where it raises
 validation weighted F1 and, among equal scores, the offset nearest zero. The test split is never read.
@@ -53,3 +54,15 @@ def tune_offsets(probabilities: np.ndarray, truth: np.ndarray) -> tuple[list[flo
         if not changed:
             break
     return [float(v) for v in offsets], float(before), float(best)
+
+
+def apply_offsets(probabilities: np.ndarray, offsets: list[float] | None) -> np.ndarray:
+    """``softmax(log p + b)`` row by row: the probabilities under the offsets' label rule (``p`` itself for
+    ``None``), for a predictor that combines probabilities rather than logits."""
+    probabilities = np.asarray(probabilities, dtype=np.float64)
+    if offsets is None:
+        return probabilities
+    scores = np.log(np.clip(probabilities, 1e-12, None)) + np.asarray(offsets, dtype=np.float64)
+    scores -= scores.max(axis=1, keepdims=True)
+    shifted = np.exp(scores)
+    return shifted / shifted.sum(axis=1, keepdims=True)
