@@ -224,7 +224,9 @@ def text_predict_rate() -> str:
 LEVERS = ("probe", "probe+decision", "text", "text+decision", "text-balanced", "text-top1", "text-top2",
           "text-top2+decision", "text-top3", "probe-mpnet", "probe-mpnet+decision", "text-mpnet",
           "text-mpnet+decision", "text-mpnet-top1", "text-mpnet-top1+decision",
-          "text-mpnet-top2", "text-mpnet-top2+decision", "full")
+          "text-mpnet-top2", "text-mpnet-top2+decision", "ensemble-probe-text", "ensemble-probe-text+decision",
+          "ensemble-top2-mpnet1", "ensemble-top2-mpnet1+decision", "ensemble-text-top2-mpnet1",
+          "ensemble-text-top2-mpnet1+decision", "full")
 
 
 def real_text_levers() -> str:
@@ -243,6 +245,8 @@ def real_text_levers() -> str:
                          points(against["weighted_f1_diff_ci"]) if against else "-",
                          f"{minutes(v['base_train_seconds'])} + {v['decision_seconds']:.0f} s for the offsets"
                          if "decision_seconds" in v else
+                         f"{minutes(v['members_train_seconds'])} (its members) + {v['ensemble_seconds']:.0f} s to "
+                         "combine" if "ensemble_seconds" in v else
                          minutes(v["train_seconds"]) + (f" ({minutes(v['paused_seconds'])} of it paused)"
                                                         if v.get("paused_seconds") else ""),
                          f"{v['train_cpu_seconds']:,.0f}",

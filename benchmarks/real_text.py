@@ -45,6 +45,7 @@ import torch
 
 from sentilens.data.prepare import prepare
 from sentilens.data.records import read_labels, read_manifest, write_manifest
+from sentilens.ensemble.build import build_ensemble
 from sentilens.fusion.cache import FeatureCache, featurize
 from sentilens.fusion.config import FusionConfig
 from sentilens.fusion.encoders import build_encoders
@@ -52,6 +53,7 @@ from sentilens.fusion.predictor import FusionPredictor
 from sentilens.fusion.train import choose_run_decision_offsets, featurize_splits, train_fusion
 from sentilens.machine import environment
 from sentilens.metrics import classification_metrics, paired_difference_interval
+from sentilens.predict import load_predictor
 from sentilens.runs import read_json, write_json
 
 VARIANTS = {
@@ -87,6 +89,15 @@ finished run is copied and ``choose_run_decision_offsets`` runs on the copy, so 
 VARIANTS.update({name: ({**VARIANTS[base][0], "tune_decision": True},
                         f"{VARIANTS[base][1]}; decision offsets chosen on val")
                  for name, base in DECIDED.items()})
+ENSEMBLES = {"ensemble-probe-text": ("probe", "text"), "ensemble-top2-mpnet1": ("text-top2", "text-mpnet-top1"),
+             "ensemble-text-top2-mpnet1": ("text", "text-top2", "text-mpnet-top1")}
+"""Ensemble variants -> their members (variants measured first, their runs left in WORK), equally weighted."""
+ENSEMBLES.update({f"{name}+decision": members for name, members in list(ENSEMBLES.items())})
+VARIANTS.update({name: ({"members": list(members), "tune_decision": name.endswith("+decision")},
+                        f"ensemble of {' + '.join(members)} (mean of their probabilities)"
+                        + ("; decision offsets chosen on val" if name.endswith("+decision") else ""))
+                 for name, members in ENSEMBLES.items()})
+
 BASELINES = ("probe", "text")
 """Every variant is compared (paired bootstrap) with each of these: the probe, and today's default head."""
 DEFAULT_VARIANTS = "probe,text,text-balanced,full"
@@ -144,6 +155,42 @@ def decided_base(name: str, base: str, work: Path, rows: list[dict], earlier_row
     return row
 
 
+def ensemble_row(name: str, variant: str, work: Path, data: Path, test: list, rows: list[dict],
+                 earlier_rows: list[dict], device: str) -> tuple[dict, list[str]]:
+    """Combine finished member runs (``sentilens ensemble``), then predict the test posts end to end with it."""
+    members = ENSEMBLES[variant]
+    bases = [decided_base(name, member, work, rows, earlier_rows) for member in members]
+    out = work / name / "runs" / variant
+    shutil.rmtree(out, ignore_errors=True)
+    summary, wall, cpu = timed(lambda: build_ensemble([work / name / "runs" / m for m in members], out,
+                                                      data_dir=data, tune_decision=variant.endswith("+decision"),
+                                                      device=device))
+    predictor = load_predictor(out, device=device)
+    predicted, p_wall, p_cpu = timed(lambda: predictor.predict(test))
+    labels = [p.label for p in predicted]
+    metrics = summary["test"]
+    again = classification_metrics([p.label for p in test], labels, predictor.labels, intervals=False)
+    if abs(again["weighted_f1"] - metrics["weighted_f1"]) > 1e-9:
+        raise SystemExit(f"[{name}] {variant} predicts otherwise than when it was built")
+    row = {"variant": variant, "description": VARIANTS[variant][1], "config": VARIANTS[variant][0],
+           **{k: metrics[k] for k in METRIC_KEYS if k in metrics},
+           "val_weighted_f1": summary["val"]["weighted_f1"], "best_epoch": None, "epochs_run": None,
+           "probe_C": None,
+           # training an ensemble is training its members, then one prediction pass over val and test
+           "train_seconds": sum(b["train_seconds"] for b in bases) + wall,
+           "train_cpu_seconds": sum(b["train_cpu_seconds"] for b in bases) + cpu,
+           "members_train_seconds": sum(b["train_seconds"] for b in bases), "ensemble_seconds": wall,
+           "ensemble_cpu_seconds": cpu,
+           # unlike the other rows (the head on cached features), the whole path: every member's encoders
+           "predict_posts_per_second": len(test) / p_wall, "predict_posts_per_cpu_second": len(test) / p_cpu,
+           "predict_end_to_end": True, "features_seconds": None, "features_encoded": None}
+    if "decision" in summary:
+        row["decision"] = summary["decision"]
+    print(f"[{name}] {variant}: acc {row['accuracy']:.4f} wF1 {row['weighted_f1']:.4f} {row['weighted_f1_ci']} "
+          f"({wall:.0f} s to combine)", flush=True)
+    return row, labels
+
+
 def run_set(name: str, file: Path, work: Path, cache: FeatureCache, variants: list[str], cost_posts: int,
             max_train: int | None = None, device: str = "cpu", earlier_rows: list[dict] | None = None) -> dict:
     earlier_rows = earlier_rows or []
@@ -166,6 +213,11 @@ def run_set(name: str, file: Path, work: Path, cache: FeatureCache, variants: li
     rows, predictions = [], {}
     for variant in variants:
         overrides, description = VARIANTS[variant]
+        if variant in ENSEMBLES:
+            row, predictions[variant] = ensemble_row(name, variant, work, data, splits["test"], rows, earlier_rows,
+                                                     device)
+            rows.append(row)
+            continue
         config = FusionConfig(**overrides)
         row_encoders, row_features, row_stats, features_seconds = encoders, features, stats, shared_seconds
         if config.fine_tune_text:  # the run trains its own copy of the encoder; the shared one stays frozen
@@ -223,10 +275,13 @@ def run_set(name: str, file: Path, work: Path, cache: FeatureCache, variants: li
         run = work / name / "runs" / variant
         if variant in predictions or not (run / "metrics-test.json").is_file():
             continue
-        predictor = FusionPredictor.from_run(run, device=device)
-        run_features = featurize(splits["test"], *predictor.feature_encoders, cache)[0]
-        labels_now = [p.label for p in predictor.to_predictions(
-            predictor.probabilities(run_features, splits["test"]))]
+        if variant in ENSEMBLES:
+            labels_now = [p.label for p in load_predictor(run, device=device).predict(splits["test"])]
+        else:
+            predictor = FusionPredictor.from_run(run, device=device)
+            run_features = featurize(splits["test"], *predictor.feature_encoders, cache)[0]
+            labels_now = [p.label for p in predictor.to_predictions(
+                predictor.probabilities(run_features, splits["test"]))]
         recorded = read_json(run / "metrics-test.json")["weighted_f1"]
         truth = [p.label for p in splits["test"]]
         again = classification_metrics(truth, labels_now, labels, intervals=False)["weighted_f1"]
@@ -285,6 +340,13 @@ def main() -> None:
         print(f"[{name}] written to {args.out}", flush=True)
 
 
+def same_scores(rows: list[dict], old_rows: list[dict], variant: str) -> bool:
+    """Whether ``variant`` scores on the test split exactly as its earlier row did (a rerun of a seeded run)."""
+    now = next(r for r in rows if r["variant"] == variant)
+    before = next((r for r in old_rows if r["variant"] == variant), None)
+    return before is not None and all(now.get(k) == before.get(k) for k in ("accuracy", "weighted_f1", "macro_f1"))
+
+
 def merged(out: Path, sets: list[dict], machine: dict) -> dict:
     """The results file with ``sets`` in it: sets measured by an earlier run under other names are kept
     (so each set can be measured in its own process), each set recording the machine and load it ran on."""
@@ -299,6 +361,11 @@ def merged(out: Path, sets: list[dict], machine: dict) -> dict:
             done = {row["variant"] for row in entry["variants"]}
             entry["variants"] = [*[dict(row, machine=row.get("machine", old["machine"])) for row in old["variants"]
                                    if row["variant"] not in done], *entry["variants"]]
+            for key in (k for k in old if k.startswith("minus_")):
+                # an earlier run's paired comparisons stay while their baseline scores as it did then
+                if same_scores(entry["variants"], old["variants"], key.removeprefix("minus_")):
+                    for name, diff in old[key].items():
+                        entry.setdefault(key, {}).setdefault(name, diff)
     kept = list(previous.values())
     return {"benchmark": "real_text",
             "encoders": {"text": FusionConfig().text_encoder, "image": FusionConfig().image_encoder},

@@ -41,3 +41,30 @@ def test_text_variant_beats_chance_and_the_probe_row_is_produced(tmp_path):
     markdown = (tmp_path / "ablation" / "ablation.md").read_text()
     assert "| probe |" in markdown and "F1 of sarcastic" in markdown
     assert read_json(tmp_path / "ablation" / "probe" / "metrics-test.json")["n"] == 120
+
+
+def test_the_real_text_benchmark_measures_an_ensemble_of_its_runs(tmp_path, monkeypatch):
+    """``benchmarks/real_text.py`` on the sample: the probe, the head, and their ensemble with offsets, whose
+    row adds the members' training to the combining pass and is compared, paired, with today's default."""
+    import sys
+
+    monkeypatch.syspath_prepend(str(Path(__file__).parent.parent / "benchmarks"))
+    import real_text
+
+    out = tmp_path / "real_text.json"
+    monkeypatch.setattr(sys, "argv", ["real_text.py", "--set", f"sample={SAMPLE}", "--work", str(tmp_path / "work"),
+                                      "--variants", "probe,text,ensemble-probe-text+decision", "--cost-posts", "0",
+                                      "--out", str(out)])
+    real_text.main()
+    entry = read_json(out)["sets"][0]
+    rows = {row["variant"]: row for row in entry["variants"]}
+    ensemble = rows["ensemble-probe-text+decision"]
+    assert ensemble["config"] == {"members": ["probe", "text"], "tune_decision": True}
+    assert ensemble["members_train_seconds"] == rows["probe"]["train_seconds"] + rows["text"]["train_seconds"]
+    assert ensemble["train_seconds"] == ensemble["members_train_seconds"] + ensemble["ensemble_seconds"]
+    assert set(ensemble["decision"]["offsets"]) == {"sarcastic", "not_sarcastic"} and ensemble["predict_end_to_end"]
+    run = tmp_path / "work" / "sample" / "runs" / "ensemble-probe-text+decision"
+    assert read_json(run / "metrics-test.json")["weighted_f1"] == ensemble["weighted_f1"]
+    assert read_json(run / "config.json")["members"] == ["1-probe", "2-text"]
+    low, high = entry["minus_text"]["ensemble-probe-text+decision"]["weighted_f1_diff_ci"]
+    assert low <= high and "ensemble-probe-text+decision" in entry["minus_probe"]
