@@ -199,3 +199,24 @@ def test_a_damaged_ensemble_names_the_member(made, tmp_path):
     shutil.rmtree(members / "2-text")
     with pytest.raises(SentilensError, match="member '2-text' is missing"):
         load_predictor(tmp_path / "ens", device="cpu")
+
+
+def test_the_service_serves_an_ensemble_as_any_run(made, tmp_path):
+    from fastapi.testclient import TestClient
+
+    from sentilens.data.records import Post
+    from sentilens.serve.app import create_app
+
+    data, runs = made
+    build_ensemble(runs, tmp_path / "ens")
+    text = "worst day ever, everything went wrong"
+    expected = load_predictor(tmp_path / "ens", device="cpu").predict([Post("p", text, None)])[0]
+    with TestClient(create_app(tmp_path / "ens"), base_url="http://127.0.0.1") as client:
+        info = client.get("/v1/model").json()
+        assert info["family"] == "ensemble" and info["run"] == "ens" and info["supports_keep_ratio"] is False
+        answer = client.post("/v1/predict", json={"text": text})
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["label"] == expected.label
+        assert answer.json()["probabilities"] == pytest.approx(expected.probabilities, abs=1e-6)
+        refused = client.post("/v1/predict", json={"text": text, "keep_ratio": 0.5})
+        assert refused.status_code == 422 and "keep" in refused.text, refused.text

@@ -147,10 +147,11 @@ class ExplainResponse(PredictResponse):
 
 
 class ModelInfo(BaseModel):
-    family: str = Field(description="mllm or fusion.")
+    family: str = Field(description="mllm, fusion or ensemble.")
     run: str = Field(description="Name of the run directory.")
     labels: list[str]
-    base_model: str = Field(description="MLLM: the LLaVA checkpoint; fusion: text encoder + image encoder.")
+    base_model: str = Field(description="MLLM: the LLaVA checkpoint; fusion: text encoder + image encoder; "
+                                        "ensemble: its members' base models, joined by ' | '.")
     supports_keep_ratio: bool
     supports_explain: bool
     strategies: list[str] = Field(default_factory=list, description="The token-pruning strategies the run takes "
