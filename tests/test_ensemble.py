@@ -99,6 +99,10 @@ def test_offsets_chosen_on_val_are_the_rule_applied_to_the_mean_and_eval_agrees(
     assert result.exit_code == 0, result.output
     rows = [json.loads(line) for line in output.read_text().splitlines()]
     np.testing.assert_allclose([[r["probabilities"][label] for label in labels] for r in rows], by_hand, atol=1e-6)
+    result = CliRunner().invoke(app, ["report", "--runs", str(tmp_path / "ens"), "--runs", str(runs[0]),
+                                      "--out", str(tmp_path / "report")])
+    assert result.exit_code == 0, result.output
+    assert "ensemble of 2 runs" in (tmp_path / "report" / "report.md").read_text()
 
 
 def test_the_ensemble_folder_stands_alone(made, tmp_path):
