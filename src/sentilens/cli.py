@@ -226,11 +226,17 @@ LogWithOpt = Annotated[str | None, typer.Option(
                        "(each an optional extra: pip install 'sentilens[tensorboard]').")]
 
 
-def decision_line(decision: dict) -> str:
-    """What ``train fusion --tune-decision`` and ``ensemble --tune-decision`` print of the offsets they chose."""
-    offsets = ", ".join(f"{printable(label)} {v:+.1f}" for label, v in decision["offsets"].items())
-    return (f"decision offsets chosen on val: {offsets} (val weighted F1 {decision['val_weighted_f1_argmax']:.3f} "
-            f"-> {decision['val_weighted_f1_tuned']:.3f})")
+def print_scores(summary: dict, run: Path, note: str = "") -> None:
+    """The val and test tables of the run ``train fusion`` or ``ensemble`` made, and the decision offsets they
+    chose."""
+    for split in ("val", "test"):
+        if split in summary:
+            out.print(metrics_table(summary[split], f"{run} on {split}{note}"))
+    if "decision" in summary:
+        decision = summary["decision"]
+        offsets = ", ".join(f"{printable(label)} {v:+.1f}" for label, v in decision["offsets"].items())
+        out.print(f"decision offsets chosen on val: {offsets} (val weighted F1 "
+                  f"{decision['val_weighted_f1_argmax']:.3f} -> {decision['val_weighted_f1_tuned']:.3f})")
 
 
 def _fusion_cache(cache: Path | None, no_cache: bool):
@@ -298,11 +304,7 @@ def train_fusion_cmd(
     if as_json:
         emit(summary, True)
         return
-    for split in ("val", "test"):
-        if split in summary:
-            out.print(metrics_table(summary[split], f"{out_dir} on {split} (best epoch {summary['best_epoch']})"))
-    if "decision" in summary:
-        out.print(decision_line(summary["decision"]))
+    print_scores(summary, out_dir, f" (best epoch {summary['best_epoch']})")
     c = summary["cache"]
     out.print(f"features: {c['text_hits'] + c['image_hits']} from the cache, "
               f"{c['text_encoded'] + c['image_encoded']} encoded; run saved in {out_dir}")
@@ -463,11 +465,7 @@ def ensemble_cmd(
     if as_json:
         emit(summary, True)
         return
-    for split in ("val", "test"):
-        if split in summary:
-            out.print(metrics_table(summary[split], f"{out_dir} on {split}"))
-    if "decision" in summary:
-        out.print(decision_line(summary["decision"]))
+    print_scores(summary, out_dir)
     out.print(f"ensemble of {len(summary['members'])} runs saved in {out_dir}")
 
 

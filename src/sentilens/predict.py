@@ -175,6 +175,28 @@ def unsupported(option: str, predictor: Predictor) -> SentilensError:
     return SentilensError(f"{option} is not supported by this {predictor.family} run")
 
 
+class LabelProbabilitiesOnly:
+    """The protocol's options for a predictor that gives label probabilities and nothing else: one decoding,
+    no token filtering, no heatmap (the fusion and ensemble families)."""
+
+    family: str
+    capabilities: Capabilities
+
+    def with_options(self, *, decode: str | None = None, strategy: str | None = None):
+        if decode is not None and decode not in self.capabilities.decodings:
+            raise unsupported(f"--decode {decode}", self)
+        if strategy is not None:
+            raise unsupported("--strategy (visual token filtering)", self)
+        return self
+
+    def explain(self, post: Post, keep_ratio: float) -> Explanation:
+        raise unsupported("explain (a heatmap of visual tokens)", self)
+
+    def refuse_keep_ratio(self, keep_ratio: float | None) -> None:
+        if keep_ratio is not None:
+            raise unsupported("--keep-ratio (visual token filtering, for MLLM runs)", self)
+
+
 def check_keep_ratio(keep_ratio: float | None) -> None:
     if keep_ratio is not None and not 0.0 < keep_ratio <= 1.0:
         raise SentilensError(f"keep ratio must be in (0, 1], got {keep_ratio}")

@@ -18,11 +18,11 @@ from sentilens.data.records import Post
 from sentilens.decision import apply_offsets
 from sentilens.ensemble.config import MEMBERS, EnsembleConfig, describe_members, parse_ensemble_config
 from sentilens.errors import SentilensError
-from sentilens.predict import Capabilities, Explanation, Prediction, Predictor, load_predictor, unsupported
+from sentilens.predict import Capabilities, LabelProbabilitiesOnly, Prediction, Predictor, load_predictor
 from sentilens.runs import CONFIG, load_config
 
 
-class EnsemblePredictor:
+class EnsemblePredictor(LabelProbabilitiesOnly):
     """Several runs' predictors behind the one protocol."""
 
     family = "ensemble"
@@ -71,8 +71,7 @@ class EnsemblePredictor:
                 for row in probabilities]
 
     def predict(self, posts: Sequence[Post], keep_ratio: float | None = None) -> list[Prediction]:
-        if keep_ratio is not None:
-            raise unsupported("--keep-ratio (visual token filtering, for MLLM runs)", self)
+        self.refuse_keep_ratio(keep_ratio)
         if not posts:
             return []
         return self.to_predictions(self.combine(self.member_probabilities(posts)))
@@ -80,12 +79,3 @@ class EnsemblePredictor:
     def describe(self) -> dict:
         return describe_members(self.settings, [member.describe() for member in self.members])
 
-    def with_options(self, *, decode: str | None = None, strategy: str | None = None) -> EnsemblePredictor:
-        if decode not in (None, *self.capabilities.decodings):
-            raise unsupported(f"--decode {decode}", self)
-        if strategy is not None:
-            raise unsupported("--strategy (visual token filtering)", self)
-        return self
-
-    def explain(self, post: Post, keep_ratio: float) -> Explanation:
-        raise unsupported("explain (a heatmap of visual tokens)", self)

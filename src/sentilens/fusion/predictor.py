@@ -35,7 +35,7 @@ from sentilens.fusion.config import FusionConfig, describe_run, parse_fusion_con
 from sentilens.fusion.encoders import ImageEncoder, TextEncoder, TopLayers, build_encoders, stack_pixels
 from sentilens.fusion.model import FusionModel, build_model, collate, collate_features
 from sentilens.fusion.runtime import RUNTIMES, resolve_runtime
-from sentilens.predict import Capabilities, Explanation, Prediction, unsupported
+from sentilens.predict import Capabilities, LabelProbabilitiesOnly, Prediction
 from sentilens.runs import CONFIG, MODEL_WEIGHTS, load_config, load_weights
 
 TEXT_ENCODER_PREFIX = "text_encoder."
@@ -86,7 +86,7 @@ def run_weights(model: FusionModel, text_encoder: TextEncoder | None, image_enco
     return weights
 
 
-class FusionPredictor:
+class FusionPredictor(LabelProbabilitiesOnly):
     """Posts -> :class:`Prediction` with a fusion model and its encoders."""
 
     family = "fusion"
@@ -205,19 +205,8 @@ class FusionPredictor:
     def describe(self) -> dict:
         return describe_run(self.config)
 
-    def with_options(self, *, decode: str | None = None, strategy: str | None = None) -> FusionPredictor:
-        if decode is not None and decode not in self.capabilities.decodings:
-            raise unsupported(f"--decode {decode}", self)
-        if strategy is not None:
-            raise unsupported("--strategy (visual token filtering)", self)
-        return self
-
-    def explain(self, post: Post, keep_ratio: float) -> Explanation:
-        raise unsupported("explain (a heatmap of visual tokens)", self)
-
     def predict(self, posts: Sequence[Post], keep_ratio: float | None = None) -> list[Prediction]:
-        if keep_ratio is not None:
-            raise unsupported("--keep-ratio (visual token filtering, for MLLM runs)", self)
+        self.refuse_keep_ratio(keep_ratio)
         return self.to_predictions(self.live_probabilities(posts))
 
     def _decode(self, posts: Sequence[Post]) -> list[np.ndarray | None]:
