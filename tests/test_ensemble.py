@@ -224,3 +224,20 @@ def test_the_service_serves_an_ensemble_as_any_run(made, tmp_path):
         assert answer.json()["probabilities"] == pytest.approx(expected.probabilities, abs=1e-6)
         refused = client.post("/v1/predict", json={"text": text, "keep_ratio": 0.5})
         assert refused.status_code == 422 and "keep" in refused.text, refused.text
+
+
+def test_the_ensemble_command_prints_the_scores_and_the_offsets(made, tmp_path):
+    data, runs = made
+    result = CliRunner().invoke(app, ["ensemble", "--run", str(runs[0]), "--run", str(runs[1]), "--weight", "2",
+                                      "--weight", "1", "--out", str(tmp_path / "ens"), "--data", str(data),
+                                      "--tune-decision"])
+    assert result.exit_code == 0, result.output
+    assert "on val" in result.stdout and "on test" in result.stdout
+    assert "decision offsets chosen on val: positive +0.0" in result.stdout
+    assert "ensemble of 2 runs saved in" in result.stdout
+    config = json.loads((tmp_path / "ens" / "config.json").read_text())
+    assert config["weights"] == [2.0, 1.0] and len(config["decision_offsets"]) == 3
+    result = CliRunner().invoke(app, ["ensemble", "--run", str(runs[0]), "--run", str(runs[1]), "--out",
+                                      str(tmp_path / "plain"), "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["members"] == {"1-full": str(runs[0]), "2-text": str(runs[1])}
