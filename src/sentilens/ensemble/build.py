@@ -68,10 +68,9 @@ def build_ensemble(runs: Sequence[str | Path], out_dir: str | Path, weights: Seq
     splits = {}
     if data_dir is not None:
         data_dir = Path(data_dir)
-        manifest = read_manifest(data_dir)
-        if read_labels(data_dir) != labels:
-            raise SentilensError(f"the runs were trained on labels {labels}, the data has {read_labels(data_dir)}",
-                                 data_dir)
+        manifest, data_labels = read_manifest(data_dir), read_labels(data_dir)
+        if data_labels != labels:
+            raise SentilensError(f"the runs were trained on labels {labels}, the data has {data_labels}", data_dir)
         splits = {split: manifest[split] for split in ("val", "test") if manifest.get(split)}
         for posts in splits.values():
             check_labelled(posts)
